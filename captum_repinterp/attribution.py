@@ -1,0 +1,605 @@
+"""The Captum facade: :class:`RepresentativeInterpretation`.
+
+A thin layer that formats inputs and targets with Captum's helpers, then calls the
+pipeline stages in order::
+
+    fit:        references --features--> psi (N x D), predictions
+    interpret:  seed --features--> psi(x) --sampler--> (W, b) --match--> N x m bool
+                --solver--> selected boundaries --> Interpretation
+    attribute:  interpret, then the interpretation's heat map on the seed itself
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._captum_compat import (
+    GradientAttribution,
+    LayerAttribution,
+    TargetType,
+    _format_additional_forward_args,
+    _format_output,
+    _select_targets,
+    log_usage,
+)
+from .features import (
+    HookHead,
+    LayerLayout,
+    UserHead,
+    _slice_args,
+    eval_mode,
+    extract_features,
+    format_inputs,
+    forward_with_layer,
+    model_device,
+)
+from .heatmap import COMBINE_RULES, HEATMAP_RULES, layer_heatmap
+from .interpretation import Interpretation
+from .match import margins, semantic_distance
+from .sampler import choose_candidates, sample_boundaries
+from .solver import greedy_cover
+
+__all__ = ["RepresentativeInterpretation", "NotFittedError"]
+
+_REFINE = ("tighten", "prune", "none")
+
+
+class NotFittedError(RuntimeError):
+    """Raised when ``attribute``/``interpret`` is called before ``fit``."""
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def resolve_targets(output: Tensor, target: TargetType) -> Tensor:
+    """Flat class index per example for any Captum target form.
+
+    ``None`` selects the predicted class. Otherwise Captum's own ``_select_targets`` is
+    applied to a tensor of flat indices shaped like ``output``, so every form Captum
+    accepts (int, 0-d/one-element tensor, list, 1-D tensor, tuples for outputs with more
+    than two dimensions) means here what it means for ``LayerGradCam``.
+    """
+    n = output.shape[0]
+    flat = output.reshape(n, -1)
+    if target is None:
+        return flat.argmax(dim=1).cpu()
+    if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
+        raise TypeError("target must be an int, a tuple, a list or an integer tensor, not bool")
+    if isinstance(target, Tensor) and target.is_floating_point():
+        raise TypeError(f"target must be an integer tensor, got dtype {target.dtype}")
+    if isinstance(target, list) and len(target) != n:
+        raise ValueError(f"target: list of length {len(target)} for {n} inputs")
+    if isinstance(target, Tensor) and target.numel() not in (1, n):
+        raise ValueError(
+            f"target: tensor with {target.numel()} elements for {n} inputs (expected 1 or {n})"
+        )
+    index = torch.arange(flat.shape[1]).reshape(output.shape[1:]).expand(output.shape)
+    if isinstance(target, Tensor):
+        target = target.cpu()
+    try:
+        selected = _select_targets(index, target)
+    except (AssertionError, IndexError, RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"target {target!r} does not select one class per example of an output shaped "
+            f"{tuple(output.shape)}: {exc}"
+        ) from None
+    if selected.shape != (n,):
+        raise ValueError(
+            f"target {target!r} must select exactly one class per example of an output "
+            f"shaped {tuple(output.shape)}"
+        )
+    return selected.long()
+
+
+class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
+    r"""Representative interpretations (Lam, Chu et al., ICCV 2021) as a Captum method.
+
+    The network is split at ``layer``; the head from that layer to the logits is
+    piecewise linear. For a seed image, linear pieces of the head's decision boundary are
+    sampled between the seed and references of other classes, and a few are chosen by
+    greedy submodular-cost submodular cover so that the convex region they bound holds as
+    many references of the seed's class as possible and (almost) none of others. The
+    attribution is the region's heat map on the seed; :meth:`interpret` returns the whole
+    region (members ranked by semantic distance, membership test, reusable heat map).
+
+    Usage mirrors ``LayerGradCam`` plus one :meth:`fit` over reference images::
+
+        >>> ri = RepresentativeInterpretation(model, model.features[-1])
+        >>> ri.fit(reference_images)
+        >>> attr = ri.attribute(images)            # N x 1 x h x w, like LayerGradCam
+        >>> up = LayerAttribution.interpolate(attr, images.shape[-2:], "bilinear")
+        >>> region = ri.interpret(images[0])
+        >>> region.similar(5), region.purity, region.contains(new_images)
+
+    Parameters
+    ----------
+    forward_func : callable or nn.Module
+        The model, returning class scores (``N x C``; outputs with more dimensions are
+        flattened and ``target`` tuples index them as in Captum).
+    layer : nn.Module
+        The layer to split at, usually the last convolutional block. It must be called
+        exactly once per forward pass.
+    device_ids : list of int, optional
+        As in Captum's layer methods (kept for signature compatibility; features are
+        gathered through a hook on ``layer``).
+    head : callable, optional
+        ``head(layer_output) -> logits`` mapping the layer's output (a tensor, or a tuple
+        for a layer with several outputs) to the model's output. Faster than the default,
+        which re-runs the model on the seed with the layer's output replaced through a
+        forward hook (exact also for heads that reuse earlier activations).
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: nn.Module,
+        device_ids: list[int] | None = None,
+        head: Callable | None = None,
+    ) -> None:
+        if not callable(forward_func):
+            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+        if isinstance(forward_func, nn.Module) and not any(
+            m is layer for m in forward_func.modules()
+        ):
+            raise ValueError(
+                "layer: the given module is not a submodule of forward_func; pass e.g. "
+                "model.features[-1] of the same model instance"
+            )
+        if head is not None and not callable(head):
+            raise TypeError(f"head must be callable or None, got {type(head).__name__}")
+        LayerAttribution.__init__(self, forward_func, layer, device_ids)
+        GradientAttribution.__init__(self, forward_func)
+        self.head = head
+
+    # ------------------------------------------------------------------ Captum flags
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        references: Any,
+        batch_size: int = 128,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        progress: bool = True,
+    ) -> RepresentativeInterpretation:
+        r"""Compute and store the layer features and predictions of the references.
+
+        Parameters
+        ----------
+        references : Tensor, tuple of Tensor, Dataset or DataLoader
+            Reference images (unlabelled: the model's predictions are used). Dataset
+            items and DataLoader batches may be ``(inputs, label, ...)``; labels are
+            ignored.
+        batch_size : int
+            Batch size for tensors and Datasets (a DataLoader keeps its own).
+        additional_forward_args : any, optional
+            As in ``attribute``; tensors whose first dimension is the number of
+            references are sliced with each batch.
+        attribute_to_layer_input : bool
+            Split at the layer's input instead of its output.
+        progress : bool
+            Show a tqdm progress bar.
+
+        Returns
+        -------
+        self
+            With ``features_`` (``N x D`` float32, CPU), ``predictions_`` (``N`` int64),
+            ``layout_`` and ``n_references_`` set.
+        """
+        if not isinstance(attribute_to_layer_input, bool):
+            raise TypeError("attribute_to_layer_input must be a bool")
+        device = model_device(self.forward_func, self.layer)
+        with eval_mode(self.forward_func, self.layer) as was_training:
+            if was_training:
+                _warn_training()
+            features, predictions, layout = extract_features(
+                self.forward_func,
+                self.layer,
+                references,
+                batch_size=batch_size,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
+                device=device,
+                progress=progress,
+            )
+        if predictions.unique().numel() < 2:
+            raise ValueError(
+                "references: the model predicts a single class "
+                f"({int(predictions[0])}) for every reference; representative "
+                "interpretations need references of at least two predicted classes"
+            )
+        self.features_ = features
+        self.predictions_ = predictions
+        self.layout_ = layout
+        self.attribute_to_layer_input_ = attribute_to_layer_input
+        self.n_references_ = int(features.shape[0])
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "features_"):
+            raise NotFittedError(
+                "This RepresentativeInterpretation is not fitted yet: call "
+                "fit(reference_images) before attribute() or interpret()"
+            )
+
+    # ------------------------------------------------------------------ helpers
+    def _layer_activations(
+        self, inputs: Any, additional_forward_args: Any = None
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Layer tensors and model output of new inputs, one example at a time.
+
+        One example per forward pass, so that an example's features (and everything
+        decided from them) do not depend on which batch it came in.
+        """
+        self._check_fitted()
+        inputs_t = format_inputs(inputs)
+        extra = _format_additional_forward_args(additional_forward_args)
+        device = model_device(self.forward_func, self.layer)
+        n = inputs_t[0].shape[0]
+        acts: list[tuple[Tensor, ...]] = []
+        outs: list[Tensor] = []
+        with eval_mode(self.forward_func, self.layer) as was_training, torch.no_grad():
+            if was_training:
+                _warn_training()
+            for i in range(n):
+                one = tuple(t[i : i + 1].detach() for t in inputs_t)
+                if device is not None:
+                    one = tuple(t.to(device) for t in one)
+                tensors, was_tuple, out = forward_with_layer(
+                    self.forward_func,
+                    self.layer,
+                    one,
+                    _slice_args(extra, n, i, i + 1),
+                    self.attribute_to_layer_input_,
+                )
+                layout = LayerLayout.from_outputs(tensors, was_tuple)
+                if layout != self.layout_:
+                    raise ValueError(
+                        f"inputs: the layer's output for these inputs has shapes "
+                        f"{layout.shapes}, but the references gave {self.layout_.shapes}; "
+                        "use inputs shaped like the references"
+                    )
+                acts.append(tensors)
+                outs.append(out)
+        activations = tuple(torch.cat(parts) for parts in zip(*acts))
+        return activations, torch.cat(outs)
+
+    def transform(
+        self,
+        inputs: Any,
+        batch_size: int = 128,
+        additional_forward_args: Any = None,
+        progress: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Layer features (``N x D`` float32, CPU) and predictions of new inputs, batched.
+
+        For scoring interpretations on many held-out images with
+        :meth:`Interpretation.contains_features`; accepts what :meth:`fit` accepts.
+        """
+        self._check_fitted()
+        device = model_device(self.forward_func, self.layer)
+        with eval_mode(self.forward_func, self.layer):
+            features, predictions, layout = extract_features(
+                self.forward_func,
+                self.layer,
+                inputs,
+                batch_size=batch_size,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=self.attribute_to_layer_input_,
+                device=device,
+                progress=progress,
+            )
+        if layout != self.layout_:
+            raise ValueError(
+                f"inputs: layer shapes {layout.shapes} differ from the references' "
+                f"{self.layout_.shapes}"
+            )
+        return features, predictions
+
+    # ------------------------------------------------------------------ interpret
+    def interpret(
+        self,
+        inputs: Any,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        n_boundaries: int = 50,
+        delta: int | float | None = None,
+        seed: int = 0,
+        refine: str = "tighten",
+        heatmap_rule: str = "elementwise",
+        combine: str = "sum",
+        bisection_steps: int = 20,
+        progress: bool = False,
+    ) -> Interpretation | list[Interpretation]:
+        r"""Representative interpretation(s) of seed image(s).
+
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensor
+            Seed image(s), batch first (``x[None]`` for a single image). A batch of one
+            gives one :class:`Interpretation`, a larger batch a list.
+        target : int, tuple, Tensor or list, optional
+            The class to explain per seed, in any Captum form. Default: the predicted
+            class. When it differs from the prediction, the region is the class-``c``
+            side of the sampled boundaries and does not contain the seed.
+        additional_forward_args : any, optional
+            Extra arguments of ``forward_func``.
+        n_boundaries : int
+            Candidate boundaries sampled per seed (``|Q|``, 50 in the paper).
+        delta : int, float or None
+            Negatives allowed inside the region. ``None`` (default): the smallest value
+            that keeps the sampled problem feasible (negatives no sampled boundary
+            separates from the seed). An int is a count, a float in ``[0, 1)`` a share of
+            the negatives. ``delta=0`` selects the same boundaries as ``None`` but reports
+            ``reached=False`` when some negatives cannot be cut off.
+        seed : int
+            Seed of the random choice of candidate references. Each seed image uses the
+            same generator state, so a batch gives what its images give one at a time.
+        refine : {"tighten", "prune", "none"}
+            After the greedy loop: add every zero-cost boundary (``tighten``, default),
+            drop boundaries that change neither count (``prune``), or nothing.
+        heatmap_rule : {"elementwise", "channel"}
+            See :mod:`captum_repinterp.heatmap`.
+        combine : {"sum", "unit"}
+            How the selected normals are combined into the heat-map direction.
+        bisection_steps : int
+            Bisection steps per candidate (bracket width ``2 ** -steps``).
+        progress : bool
+            Progress bar over seeds.
+        """
+        results, _ = self._interpret_batch(
+            inputs,
+            target,
+            additional_forward_args,
+            n_boundaries,
+            delta,
+            seed,
+            refine,
+            heatmap_rule,
+            combine,
+            bisection_steps,
+            progress,
+        )
+        return results[0] if len(results) == 1 else results
+
+    def _interpret_batch(
+        self,
+        inputs: Any,
+        target: TargetType,
+        additional_forward_args: Any,
+        n_boundaries: int,
+        delta: int | float | None,
+        seed: int,
+        refine: str,
+        heatmap_rule: str,
+        combine: str,
+        bisection_steps: int,
+        progress: bool,
+    ) -> tuple[list[Interpretation], tuple[Tensor, ...]]:
+        self._check_fitted()
+        n_boundaries = _check_positive_int(n_boundaries, "n_boundaries")
+        bisection_steps = _check_positive_int(bisection_steps, "bisection_steps")
+        _check_choice(refine, "refine", _REFINE)
+        _check_choice(heatmap_rule, "heatmap_rule", HEATMAP_RULES)
+        _check_choice(combine, "combine", COMBINE_RULES)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        inputs_t = format_inputs(inputs)
+        activations, outputs = self._layer_activations(inputs_t, additional_forward_args)
+        targets = resolve_targets(outputs, target)
+        extra = _format_additional_forward_args(additional_forward_args)
+        device = model_device(self.forward_func, self.layer)
+        psi = self.layout_.flatten(activations)
+        n = psi.shape[0]
+        results = []
+        with eval_mode(self.forward_func, self.layer):
+            for i in tqdm(range(n), desc="interpret", disable=not progress):
+                one = tuple(t[i : i + 1].detach() for t in inputs_t)
+                if device is not None:
+                    one = tuple(t.to(device) for t in one)
+                head = self._head_for(one, _slice_args(extra, n, i, i + 1))
+                results.append(
+                    self._interpret_one(
+                        head,
+                        psi[i],
+                        outputs[i : i + 1].reshape(1, -1),
+                        int(targets[i]),
+                        n_boundaries,
+                        delta,
+                        seed,
+                        refine,
+                        heatmap_rule,
+                        combine,
+                        bisection_steps,
+                    )
+                )
+        return results, activations
+
+    def _head_for(self, one: tuple[Tensor, ...], extra: tuple | None) -> Callable:
+        if self.head is not None:
+            return UserHead(self.head, self.layout_)
+        return HookHead(
+            self.forward_func,
+            self.layer,
+            one,
+            extra,
+            self.layout_,
+            self.attribute_to_layer_input_,
+        )
+
+    def _interpret_one(
+        self,
+        head: Callable,
+        psi_x: Tensor,
+        logits_x: Tensor,
+        target: int,
+        n_boundaries: int,
+        delta: int | float | None,
+        seed: int,
+        refine: str,
+        heatmap_rule: str,
+        combine: str,
+        bisection_steps: int,
+    ) -> Interpretation:
+        n_classes = logits_x.shape[1]
+        if not 0 <= target < n_classes:
+            raise ValueError(f"target {target} is out of range for {n_classes} classes")
+        seed_in_class = int(logits_x.argmax(dim=1)[0]) == target
+        preds = self.predictions_
+        cand = choose_candidates(preds, target, seed_in_class, n_boundaries, seed)
+        cand_feats = self.features_[cand].to(psi_x.device, psi_x.dtype)
+        bounds = sample_boundaries(head, psi_x, cand_feats, target, n_steps=bisection_steps)
+        weight = bounds.weight.to("cpu", torch.float32)
+        bias = bounds.bias.to("cpu", torch.float32)
+        match = margins(self.features_, weight, bias) > 0
+        positive = preds == target
+        cover = greedy_cover(match, positive, delta=delta, refine=refine)
+        sel = cover.selected
+        w_sel, b_sel = weight[sel], bias[sel]
+        inside = cover.inside
+        members = torch.nonzero(inside, as_tuple=False).flatten()
+        seed_m = (w_sel.double() @ psi_x.detach().cpu().double()) + b_sel.double()
+        if sel.numel() > 0:
+            member_m = margins(self.features_[members], w_sel, b_sel)
+            dist = semantic_distance(seed_m, member_m)
+        else:
+            dist = (self.features_[members].double() - psi_x.cpu().double()).abs().sum(1)
+        order = torch.argsort(dist, stable=True)
+        n_inside = int(members.numel())
+        n_pos_inside = int(positive[members].sum())
+        n_pos = int(positive.sum())
+        return Interpretation(
+            target=target,
+            seed_in_class=seed_in_class,
+            weight=w_sel,
+            bias=b_sel,
+            runner_up=bounds.runner_up[sel],
+            members=members[order],
+            member_distances=dist[order],
+            purity=n_pos_inside / n_inside if n_inside else 1.0,
+            coverage=n_pos_inside / n_pos if n_pos else 0.0,
+            delta=cover.delta,
+            reached=cover.reached,
+            n_sampled=len(bounds),
+            seed_margins=seed_m,
+            layout=self.layout_,
+            heatmap_rule=heatmap_rule,
+            combine=combine,
+            explainer=self,
+        )
+
+    # ------------------------------------------------------------------ attribute
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool | None = None,
+        relu_attributions: bool = True,
+        attr_dim_summation: bool = True,
+        n_boundaries: int = 50,
+        delta: int | float | None = None,
+        seed: int = 0,
+        refine: str = "tighten",
+        heatmap_rule: str = "elementwise",
+        combine: str = "sum",
+        bisection_steps: int = 20,
+        progress: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
+        r"""Heat map of each seed's representative interpretation, on the seed itself.
+
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensor
+            Seed images, batch first (as for every Captum method).
+        target : int, tuple, Tensor or list, optional
+            Class per example in any Captum form; default the predicted class.
+        additional_forward_args : any, optional
+            Extra arguments of ``forward_func``, as in Captum.
+        attribute_to_layer_input : bool, optional
+            Must match what ``fit`` used (``None``: use that).
+        relu_attributions : bool
+            Keep only positive evidence (default True, as in Grad-CAM).
+        attr_dim_summation : bool
+            Sum over dimension 1 (channels), as ``LayerGradCam`` does.
+        n_boundaries, delta, seed, refine, heatmap_rule, combine, bisection_steps, progress
+            See :meth:`interpret`.
+
+        Returns
+        -------
+        Tensor or tuple of Tensor
+            Shaped like ``LayerGradCam.attribute`` on the same layer: ``N x 1 x h x w``
+            for a convolutional layer, ``N x 1`` for an ``N x D`` layer, a tuple for a
+            layer with several outputs. Raw values (not min-max scaled).
+
+        Examples
+        --------
+        >>> ri = RepresentativeInterpretation(model, model.features[-1]).fit(refs)
+        >>> attr = ri.attribute(images)
+        >>> up = LayerAttribution.interpolate(attr, images.shape[-2:], "bilinear")
+        """
+        self._check_fitted()
+        if attribute_to_layer_input is not None and (
+            attribute_to_layer_input != self.attribute_to_layer_input_
+        ):
+            raise ValueError(
+                f"attribute_to_layer_input={attribute_to_layer_input} but fit used "
+                f"{self.attribute_to_layer_input_}; refit with the same value"
+            )
+        interps, activations = self._interpret_batch(
+            inputs,
+            target,
+            additional_forward_args,
+            n_boundaries,
+            delta,
+            seed,
+            refine,
+            heatmap_rule,
+            combine,
+            bisection_steps,
+            progress,
+        )
+        directions = torch.stack([it.direction for it in interps])
+        maps = layer_heatmap(
+            directions,
+            activations,
+            self.layout_,
+            heatmap_rule,
+            relu_attributions,
+            attr_dim_summation,
+        )
+        return _format_output(len(maps) > 1, maps)
+
+
+def _warn_training() -> None:
+    warnings.warn(
+        "the model is in training mode; RepresentativeInterpretation runs it in eval "
+        "mode for the duration of the call (dropout off, batch-norm running statistics) "
+        "and restores every module's mode afterwards",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -1,0 +1,283 @@
+"""Stage 5: the interpretation object a user keeps.
+
+An :class:`Interpretation` is a decision region of feature space (the intersection of the
+selected half-spaces), the reference images inside it ranked by semantic distance to the
+seed, and a heat-map direction that is reused on any image. It is plain tensors plus a
+little metadata, saved as one ``.npz`` file (no pickled code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._captum_compat import _format_output
+from .features import LayerLayout
+from .heatmap import combine_normals, layer_heatmap
+from .match import margins, semantic_distance
+
+__all__ = ["Interpretation"]
+
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class Interpretation:
+    """A representative interpretation of one seed image.
+
+    Attributes
+    ----------
+    target : int
+        The class ``c`` explained (index into the flattened model output).
+    seed_in_class : bool
+        Whether the model predicts ``c`` for the seed (False only for an explicit other
+        target; then the region is the class-``c`` side and does not contain the seed).
+    weight, bias : Tensor
+        ``k x D`` and ``k``: the selected boundaries ``h_j(psi) = w_j . psi + b_j``,
+        oriented so that the region is ``{h_j > 0 for all j}``.
+    runner_up : Tensor
+        ``k``: the class on the other side of each selected boundary.
+    members : Tensor
+        Indices into the reference set of the references inside the region, in
+        ascending semantic distance to the seed.
+    member_distances : Tensor
+        Their semantic distances (float64).
+    purity : float
+        Share of members predicted as ``target`` (1.0 for an empty region).
+    coverage : float
+        Share of the references predicted as ``target`` that are members.
+    delta : int
+        Negatives allowed inside (the resolved value).
+    reached : bool
+        Whether the cover constraint (at most ``delta`` negatives inside) was reached.
+    n_sampled : int
+        Candidate boundaries the solver chose from (after dropping duplicates).
+    seed_margins : Tensor
+        ``k``: ``h_j(psi(x))`` of the seed.
+    layout : LayerLayout
+        Shapes of the layer's tensors.
+    heatmap_rule, combine : str
+        How the heat map is drawn (see :mod:`captum_repinterp.heatmap`).
+    """
+
+    target: int
+    seed_in_class: bool
+    weight: Tensor
+    bias: Tensor
+    runner_up: Tensor
+    members: Tensor
+    member_distances: Tensor
+    purity: float
+    coverage: float
+    delta: int
+    reached: bool
+    n_sampled: int
+    seed_margins: Tensor
+    layout: LayerLayout
+    heatmap_rule: str = "elementwise"
+    combine: str = "sum"
+    explainer: Any = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_boundaries(self) -> int:
+        """Number of selected boundaries."""
+        return int(self.weight.shape[0])
+
+    @property
+    def direction(self) -> Tensor:
+        """The heat-map direction ``v`` (``D``): the combined selected normals."""
+        return combine_normals(self.weight, self.combine)
+
+    def __len__(self) -> int:
+        return int(self.members.numel())
+
+    def __repr__(self) -> str:
+        return (
+            f"Interpretation(target={self.target}, boundaries={self.n_boundaries}, "
+            f"members={len(self)}, purity={self.purity:.3f}, coverage={self.coverage:.3f}, "
+            f"delta={self.delta}, reached={self.reached})"
+        )
+
+    # ------------------------------------------------------------------ ranking
+    def ranking(self) -> tuple[Tensor, Tensor]:
+        """Members and their semantic distances to the seed, nearest first."""
+        return self.members, self.member_distances
+
+    def similar(self, k: int = 5) -> Tensor:
+        """Indices of the ``k`` members nearest to the seed by semantic distance."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be a non-negative int, got {k!r}")
+        return self.members[:k]
+
+    # ------------------------------------------------------------------ features
+    def contains_features(self, features: Tensor) -> Tensor:
+        """Membership of feature rows (``n x D``) in the region, as a bool tensor."""
+        features = self._check_features(features)
+        if self.n_boundaries == 0:
+            return torch.isfinite(features).all(dim=1)
+        return (margins(features, self.weight, self.bias) > 0).all(dim=1)
+
+    def distance_features(self, features: Tensor) -> Tensor:
+        """Semantic distance of feature rows (``n x D``) to the seed (float64)."""
+        features = self._check_features(features)
+        if self.n_boundaries == 0:
+            return torch.zeros(features.shape[0], dtype=torch.float64)
+        return semantic_distance(self.seed_margins, margins(features, self.weight, self.bias))
+
+    def evaluate_features(self, features: Tensor, predictions: Tensor) -> dict[str, float]:
+        """The region used as a rule, scored on (held-out) feature rows.
+
+        Returns
+        -------
+        dict
+            ``n_inside``; ``precision``: share of the rows inside whose prediction is
+            ``target`` (NaN when none is inside); ``coverage``: share of the rows predicted
+            as ``target`` that are inside (NaN when there are none).
+        """
+        inside = self.contains_features(features)
+        pos = predictions.to(inside.device) == self.target
+        n_in = int(inside.sum())
+        n_pos = int(pos.sum())
+        hit = int((inside & pos).sum())
+        return {
+            "n_inside": n_in,
+            "precision": hit / n_in if n_in else float("nan"),
+            "coverage": hit / n_pos if n_pos else float("nan"),
+        }
+
+    def _check_features(self, features: Tensor) -> Tensor:
+        if not isinstance(features, Tensor):
+            raise TypeError(f"features must be a tensor, got {type(features).__name__}")
+        if features.dim() == 1:
+            features = features[None]
+        if features.dim() != 2 or features.shape[1] != self.layout.dim:
+            raise ValueError(
+                f"features must be n x {self.layout.dim}, got {tuple(features.shape)}"
+            )
+        return features
+
+    # ------------------------------------------------------------------ on new inputs
+    def _need_explainer(self, what: str) -> Any:
+        if self.explainer is None:
+            raise RuntimeError(
+                f"{what} needs the model: load the interpretation with "
+                "Interpretation.load(path, explainer=ri) or use the *_features methods"
+            )
+        return self.explainer
+
+    def contains(self, inputs: Any, additional_forward_args: Any = None) -> Tensor:
+        """Whether each new input lies in the decision region (bool, one per example).
+
+        This is the interpretation used as a rule: the model should predict ``target``
+        for the images it contains (its precision is measured on held-out images).
+        """
+        ri = self._need_explainer("contains")
+        activations, _ = ri._layer_activations(inputs, additional_forward_args)
+        return self.contains_features(self.layout.flatten(activations).cpu())
+
+    def distance(self, inputs: Any, additional_forward_args: Any = None) -> Tensor:
+        """Semantic distance of each new input to the seed (float64)."""
+        ri = self._need_explainer("distance")
+        activations, _ = ri._layer_activations(inputs, additional_forward_args)
+        return self.distance_features(self.layout.flatten(activations).cpu())
+
+    def heatmap(
+        self,
+        inputs: Any,
+        additional_forward_args: Any = None,
+        relu_attributions: bool = True,
+        attr_dim_summation: bool = True,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """The representative heat map reused on new inputs, shaped like ``LayerGradCam``.
+
+        The same direction ``v`` (from the seed's selected boundaries) is applied to every
+        input's layer activations.
+        """
+        ri = self._need_explainer("heatmap")
+        activations, _ = ri._layer_activations(inputs, additional_forward_args)
+        maps = self.heatmap_from_activations(activations, relu_attributions, attr_dim_summation)
+        return _format_output(len(maps) > 1, maps)
+
+    attribute = heatmap
+
+    def heatmap_from_activations(
+        self,
+        activations: tuple[Tensor, ...],
+        relu_attributions: bool = True,
+        attr_dim_summation: bool = True,
+    ) -> tuple[Tensor, ...]:
+        """Heat maps of the shared direction on given layer activations."""
+        return layer_heatmap(
+            self.direction,
+            activations,
+            self.layout,
+            self.heatmap_rule,
+            relu_attributions,
+            attr_dim_summation,
+        )
+
+    # ------------------------------------------------------------------ persistence
+    _TENSORS = ("weight", "bias", "runner_up", "members", "member_distances", "seed_margins")
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serialisable description (everything but the tensors)."""
+        return {
+            "format_version": _FORMAT_VERSION,
+            "target": self.target,
+            "seed_in_class": self.seed_in_class,
+            "purity": self.purity,
+            "coverage": self.coverage,
+            "delta": self.delta,
+            "reached": self.reached,
+            "n_sampled": self.n_sampled,
+            "n_boundaries": self.n_boundaries,
+            "n_members": len(self),
+            "layout": {"shapes": [list(s) for s in self.layout.shapes],
+                       "is_tuple": self.layout.is_tuple},
+            "heatmap_rule": self.heatmap_rule,
+            "combine": self.combine,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as one ``.npz`` file: the tensors as arrays and the metadata as JSON."""
+        arrays = {name: getattr(self, name).detach().cpu().numpy() for name in self._TENSORS}
+        arrays["metadata"] = np.array(json.dumps(self.metadata()))
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, explainer: Any = None) -> Interpretation:
+        """Load a saved interpretation (``allow_pickle=False``: no code is executed).
+
+        Pass the fitted :class:`RepresentativeInterpretation` as ``explainer`` to use the
+        methods that need the model (``contains``, ``heatmap``, ``distance``).
+        """
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["metadata"]))
+            tensors = {name: torch.from_numpy(data[name].copy()) for name in cls._TENSORS}
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"path: unsupported format version {meta.get('format_version')}")
+        layout = LayerLayout(
+            tuple(tuple(s) for s in meta["layout"]["shapes"]), bool(meta["layout"]["is_tuple"])
+        )
+        return cls(
+            target=int(meta["target"]),
+            seed_in_class=bool(meta["seed_in_class"]),
+            purity=float(meta["purity"]),
+            coverage=float(meta["coverage"]),
+            delta=int(meta["delta"]),
+            reached=bool(meta["reached"]),
+            n_sampled=int(meta["n_sampled"]),
+            layout=layout,
+            heatmap_rule=meta["heatmap_rule"],
+            combine=meta["combine"],
+            explainer=explainer,
+            **tensors,
+        )

@@ -1,0 +1,58 @@
+"""Stage 3: which references lie on the seed's side of each boundary.
+
+``margins`` is one ``N x D`` by ``D x k`` product computed in chunks of references, so
+memory stays bounded for large ``N``; the match matrix is its sign. The semantic distance
+of the paper, ``sum_j |w_j . psi(x) - w_j . psi(r)|``, is a sum of margin differences.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["margins", "match_matrix", "semantic_distance"]
+
+DEFAULT_CHUNK = 8192
+
+
+def margins(
+    features: Tensor, weight: Tensor, bias: Tensor, chunk_size: int = DEFAULT_CHUNK
+) -> Tensor:
+    """``features @ weight.T + bias`` (``N x k``, float32), computed in row chunks.
+
+    ``features`` may live on another device than ``weight`` (e.g. references on the CPU,
+    boundaries on a GPU): the boundaries are moved to the features' device.
+    """
+    if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"features ({tuple(features.shape)}) and weight ({tuple(weight.shape)}) must be "
+            "N x D and k x D"
+        )
+    w = weight.to(features.device, torch.float32)
+    b = bias.to(features.device, torch.float32)
+    n = features.shape[0]
+    out = torch.empty(n, w.shape[0], dtype=torch.float32, device=features.device)
+    for s in range(0, n, chunk_size):
+        chunk = features[s : s + chunk_size].to(torch.float32)
+        torch.addmm(b, chunk, w.T, out=out[s : s + chunk_size])
+    return out
+
+
+def match_matrix(
+    features: Tensor, weight: Tensor, bias: Tensor, chunk_size: int = DEFAULT_CHUNK
+) -> Tensor:
+    """``N x k`` bool: reference ``r`` is on the positive side of boundary ``j``.
+
+    Boundaries are oriented so that the positive side is the seed's (see
+    :class:`~captum_repinterp.sampler.Boundaries`); NaN features match nothing.
+    """
+    return margins(features, weight, bias, chunk_size) > 0
+
+
+def semantic_distance(seed_margins: Tensor, other_margins: Tensor) -> Tensor:
+    """``sum_j |h_j(x) - h_j(x')|`` for each row of ``other_margins`` (``n x k``).
+
+    Equal to ``sum_j |w_j . psi(x) - w_j . psi(x')|`` since the biases cancel.
+    """
+    diff = other_margins.double() - seed_margins.double().to(other_margins.device)[None]
+    return diff.abs().sum(dim=1)

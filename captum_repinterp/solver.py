@@ -1,0 +1,326 @@
+"""Stage 4: choose boundaries by greedy submodular-cost submodular cover (SCSC).
+
+The solver sees only a boolean ``N x m`` match matrix (``match[r, j]``: reference ``r``
+is on the seed's side of candidate boundary ``j``) and a boolean ``N`` vector
+``positive`` (reference predicted as the seed's class). For a set ``S`` of columns,
+``region(S)`` is the set of rows that match every column of ``S`` (all rows when ``S``
+is empty), and
+
+- cost ``f(S) = |P \\ region(S)|``: positives pushed out of the region (minimised);
+- cover ``g(S) = |Ng \\ region(S)|``: negatives pushed out (must reach ``|Ng| - delta``).
+
+The greedy of Wan, Du, Pardalos and Wu adds, while the cover constraint is not met, the
+candidate ``j`` minimising ``(df_j + eps) / dg_j`` among those with ``dg_j > 0``, where
+``df_j`` / ``dg_j`` are the positives / negatives still inside that ``j`` pushes out.
+
+Everything that decides the selection is an exact integer count of the match matrix, so
+the selection does not depend on float noise in the features beyond the signs in
+``match``, nor on the order of the rows. Ratios are compared with a relative tolerance
+and near-ties are broken by a fixed rule (smaller ``df``, then smaller index).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["REFINE_MODES", "CoverResult", "greedy_cover", "region_mask", "resolve_delta"]
+
+REFINE_MODES = ("tighten", "prune", "none")
+
+#: Relative tolerance under which two ratios ``(df + eps) / dg`` count as tied.
+RATIO_RTOL = 1e-9
+
+# float32 sums of 0/1 values are exact while every partial sum is below 2**24.
+_FLOAT32_EXACT = 2**24
+
+
+@dataclass(frozen=True)
+class CoverResult:
+    """Outcome of :func:`greedy_cover`.
+
+    Attributes
+    ----------
+    selected : Tensor
+        int64 indices into the ``m`` candidates: the greedy picks in the order they were
+        made (after ``prune``: the kept ones, same order), then the ``tighten`` additions
+        in ascending order.
+    inside : Tensor
+        bool ``(N,)``: references inside ``region(selected)``.
+    reached : bool
+        Whether the cover constraint ``g(S) >= |Ng| - delta`` holds.
+    delta : int
+        Negatives allowed inside the region (the resolved count).
+    cost : int
+        ``f(S)``: positives outside the region.
+    cover : int
+        ``g(S)``: negatives outside the region.
+    """
+
+    selected: Tensor
+    inside: Tensor
+    reached: bool
+    delta: int
+    cost: int
+    cover: int
+
+
+def _check_match(match: object) -> Tensor:
+    if not isinstance(match, Tensor):
+        raise TypeError(f"match must be a torch.Tensor, got {type(match).__name__}")
+    if match.dtype != torch.bool:
+        raise TypeError(f"match must be a bool tensor, got dtype {match.dtype}")
+    if match.dim() != 2:
+        raise ValueError(f"match must be 2-D (N x m), got shape {tuple(match.shape)}")
+    return match
+
+
+def _check_inputs(match: object, positive: object) -> tuple[Tensor, Tensor]:
+    match = _check_match(match)
+    if not isinstance(positive, Tensor):
+        raise TypeError(f"positive must be a torch.Tensor, got {type(positive).__name__}")
+    if positive.dtype != torch.bool:
+        raise TypeError(f"positive must be a bool tensor, got dtype {positive.dtype}")
+    if positive.dim() != 1 or positive.shape[0] != match.shape[0]:
+        raise ValueError(
+            f"positive must be 1-D with one entry per row of match ({match.shape[0]}), "
+            f"got shape {tuple(positive.shape)}"
+        )
+    return match, positive.to(match.device)
+
+
+def region_mask(match: Tensor, selected: Tensor | Sequence[int]) -> Tensor:
+    """Rows inside ``region(selected)``: those matching every selected column.
+
+    Parameters
+    ----------
+    match : Tensor
+        bool ``N x m`` match matrix.
+    selected : Tensor or sequence of int
+        Column indices (any order, repeats allowed). Empty: every row is inside.
+
+    Returns
+    -------
+    Tensor
+        bool ``(N,)`` on ``match``'s device.
+    """
+    match = _check_match(match)
+    cols = torch.as_tensor(selected, dtype=torch.long, device=match.device).reshape(-1)
+    return match.index_select(1, cols).all(dim=1)
+
+
+def resolve_delta(match: Tensor, positive: Tensor, delta: int | float | None) -> int:
+    """Number of negatives allowed inside the region.
+
+    Parameters
+    ----------
+    match : Tensor
+        bool ``N x m`` match matrix.
+    positive : Tensor
+        bool ``(N,)``: reference predicted as the seed's class.
+    delta : int, float or None
+        ``None`` ("auto"): the negatives inside ``region(all m columns)``, i.e. those no
+        candidate separates from the seed; the smallest value that keeps the sampled
+        problem feasible. An int in ``[0, |Ng|]``: that count. A float in ``[0, 1)``:
+        that share of ``|Ng|``, rounded down.
+
+    Returns
+    -------
+    int
+        The resolved count.
+
+    Raises
+    ------
+    ValueError
+        For negative values, ints above ``|Ng|``, floats outside ``[0, 1)`` (NaN
+        included) and bools; or for badly shaped ``match`` / ``positive``.
+    TypeError
+        For any other type of ``delta``, or non-bool / non-tensor ``match`` /
+        ``positive``.
+    """
+    match, positive = _check_inputs(match, positive)
+    negative = ~positive
+    n_neg = int(negative.sum())
+    if delta is None:
+        return int((match.all(dim=1) & negative).sum())
+    if isinstance(delta, (bool, np.bool_)):
+        # bool is an int subclass: refuse it rather than read True as a count of 1
+        raise ValueError(f"delta must be an int, a float or None, got {delta!r}")
+    if isinstance(delta, numbers.Integral):
+        value = int(delta)
+        if not 0 <= value <= n_neg:
+            raise ValueError(
+                f"delta must be a count in [0, {n_neg}] (the number of negatives), got {value}"
+            )
+        return value
+    if isinstance(delta, numbers.Real):
+        share = float(delta)
+        if math.isnan(share) or not 0.0 <= share < 1.0:
+            raise ValueError(f"delta as a float must be a share in [0, 1), got {share}")
+        return min(int(math.floor(share * n_neg)), n_neg)
+    raise TypeError(f"delta must be an int, a float or None, got {type(delta).__name__}")
+
+
+def _check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    value = float(eps)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {value}")
+    return value
+
+
+def _pick(df: Tensor, dg: Tensor, available: Tensor, eps: float) -> int | None:
+    """Index of the best candidate, or ``None`` when no candidate removes a negative.
+
+    ``df`` and ``dg`` are exact int64 counts. Ratios within ``RATIO_RTOL`` (relative) of
+    the smallest count as tied; ties go to the smaller ``df``, then the smaller index.
+    """
+    valid = available & (dg > 0)
+    if not bool(valid.any()):
+        return None
+    ratio = (df.double() + eps) / dg.double().clamp_min(1)
+    ratio = torch.where(valid, ratio, torch.full_like(ratio, math.inf))
+    best = ratio.min()
+    tied = valid & (ratio - best <= RATIO_RTOL * ratio)
+    df_tied = torch.where(tied, df, torch.full_like(df, torch.iinfo(torch.int64).max))
+    winners = torch.nonzero(tied & (df == df_tied.min()), as_tuple=False)
+    return int(winners[0, 0])
+
+
+def _prune(match: Tensor, picks: list[int]) -> list[int]:
+    """Drop picks whose removal changes neither ``f`` nor ``g``, latest first.
+
+    Removing ``j`` from ``S`` can only let rows back into the region, so ``f`` and ``g``
+    are both unchanged iff no row is kept out by ``j`` alone: no row with ``match[r, j]``
+    False and exactly one failing selected column. ``violations[r]`` counts the failing
+    columns of the current selection and is updated after each removal, so every pick
+    is checked once in O(N). (Removals only lower the counts, so a pick found necessary
+    stays necessary: a single reverse pass is the fixed point.)
+    """
+    if not picks:
+        return []
+    failing = ~match[:, picks]
+    violations = failing.sum(dim=1)
+    keep = [True] * len(picks)
+    for pos in range(len(picks) - 1, -1, -1):
+        col = failing[:, pos]
+        if not bool((col & (violations == 1)).any()):
+            keep[pos] = False
+            violations = violations - col.long()
+    return [j for j, k in zip(picks, keep) if k]
+
+
+def greedy_cover(
+    match: Tensor,
+    positive: Tensor,
+    delta: int | float | None = None,
+    refine: str = "tighten",
+    eps: float = 1e-3,
+) -> CoverResult:
+    """Greedy SCSC: few positives lost, at most ``delta`` negatives left inside.
+
+    Parameters
+    ----------
+    match : Tensor
+        bool ``N x m``: ``match[r, j]`` is True when reference ``r`` is on the seed's
+        side of candidate boundary ``j``.
+    positive : Tensor
+        bool ``(N,)``: reference predicted as the seed's class (the rest are negatives).
+    delta : int, float or None
+        Negatives allowed inside the region, see :func:`resolve_delta`. Default ``None``:
+        the negatives no candidate separates from the seed, so the constraint is always
+        reached.
+    refine : {"tighten", "prune", "none"}
+        What to do after the greedy loop.
+
+        - ``"tighten"`` (default): add every candidate not selected whose ``df`` on the
+          final greedy region is 0 (it costs no positive; it may remove negatives, or
+          nothing). Adding such a candidate never changes which positives are inside,
+          and every ``df`` depends only on those, so adding them one at a time (in any
+          order) or all at once gives the same set; they are added at once, in
+          ascending index order.
+        - ``"prune"``: walk the greedy picks from the last to the first and drop each
+          one whose removal changes neither ``f`` nor ``g`` (i.e. leaves the region
+          unchanged). The result is a shorter description of the same region.
+        - ``"none"``: the greedy loop alone (the paper's Algorithm 1).
+    eps : float
+        ``eps_f`` in the ratio ``(df_j + eps) / dg_j``; it makes zero-cost candidates
+        with a larger ``dg`` win.
+
+    Returns
+    -------
+    CoverResult
+        Selection, region, and its counts.
+
+    Notes
+    -----
+    Each step counts, for all candidates at once, the positives and negatives still
+    inside that each would push out: one ``2 x n_inside`` by ``n_inside x m`` float
+    product of the inside-positive / inside-negative indicators with ``~match`` (exact
+    integer sums), after which the rows pushed out are dropped from the working set.
+    The loop runs once per pick, at most ``m`` times, plus once to find that nothing is
+    left to pick. Ratios are compared with a relative tolerance ``RATIO_RTOL`` and
+    near-ties go to the smaller ``df_j``, then the smaller index, so the selection is
+    a deterministic function of the match matrix, independent of the row order.
+    """
+    match, positive = _check_inputs(match, positive)
+    if not isinstance(refine, str) or refine not in REFINE_MODES:
+        raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
+    eps = _check_eps(eps)
+    d = resolve_delta(match, positive, delta)
+
+    n, m = match.shape
+    device = match.device
+    negative = ~positive
+    n_neg = int(negative.sum())
+    need = n_neg - d  # negatives that must be pushed out
+
+    dtype = torch.float32 if n < _FLOAT32_EXACT else torch.float64
+    out_in = (~match).to(dtype)  # rows still inside x candidates: 1 = pushed out
+    ind_in = torch.stack([positive, negative]).to(dtype)  # 2 x rows still inside
+    available = torch.ones(m, dtype=torch.bool, device=device)
+    picks: list[int] = []
+    covered = 0
+
+    def counts() -> tuple[Tensor, Tensor]:
+        both = (ind_in @ out_in).round().to(torch.int64)
+        return both[0], both[1]
+
+    while covered < need:
+        df, dg = counts()
+        j = _pick(df, dg, available, eps)
+        if j is None:
+            break
+        picks.append(j)
+        available[j] = False
+        covered += int(dg[j])
+        stay = out_in[:, j] == 0
+        out_in = out_in[stay]
+        ind_in = ind_in[:, stay]
+
+    if refine == "tighten":
+        df, _ = counts()
+        extra = torch.nonzero(available & (df == 0), as_tuple=False).flatten().tolist()
+        picks = picks + extra
+    elif refine == "prune":
+        picks = _prune(match, picks)
+
+    selected = torch.tensor(picks, dtype=torch.long, device=device)
+    inside = region_mask(match, selected)
+    cost = int((positive & ~inside).sum())
+    cover = int((negative & ~inside).sum())
+    return CoverResult(
+        selected=selected,
+        inside=inside,
+        reached=cover >= need,
+        delta=d,
+        cost=cost,
+        cover=cover,
+    )

