@@ -11,6 +11,7 @@ pipeline stages in order::
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ from .features import (
     LayerLayout,
     UserHead,
     _slice_args,
+    check_against_references,
     eval_mode,
     extract_features,
     format_inputs,
@@ -41,9 +43,11 @@ from .features import (
 )
 from .heatmap import COMBINE_RULES, HEATMAP_RULES, layer_heatmap
 from .interpretation import Interpretation
+from .layers import nonlinear_ops_after, nonlinear_ops_in, warn_nonlinear_head
 from .match import margins, semantic_distance
 from .sampler import choose_candidates, sample_boundaries
 from .solver import greedy_cover
+from .store import fit_to_store
 
 __all__ = ["RepresentativeInterpretation", "NotFittedError"]
 
@@ -154,7 +158,10 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         if not callable(forward_func):
             raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
         if not isinstance(layer, nn.Module):
-            raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+            raise TypeError(
+                f"layer must be a torch.nn.Module, got {type(layer).__name__}; to choose one "
+                "automatically use captum_repinterp.layers.find_layer(model, example_input)"
+            )
         if isinstance(forward_func, nn.Module) and not any(
             m is layer for m in forward_func.modules()
         ):
@@ -184,6 +191,8 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         progress: bool = True,
+        store: str | os.PathLike | None = None,
+        append: bool = False,
     ) -> RepresentativeInterpretation:
         r"""Compute and store the layer features and predictions of the references.
 
@@ -202,6 +211,16 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             Split at the layer's input instead of its output.
         progress : bool
             Show a tqdm progress bar.
+        store : str or os.PathLike, optional
+            A directory for an on-disk reference store (see
+            :mod:`captum_repinterp.store`). Features and predictions are written batch by
+            batch to memory-mapped ``.npy`` files and ``features_`` / ``predictions_``
+            become read-only tensors backed by them, so ``N x D`` never has to fit in
+            RAM. An interrupted fit is resumed by calling ``fit`` again with the same
+            references and ``store``; a finished store of as many rows as references is
+            reused without recomputation.
+        append : bool
+            With ``store``: add these references after the ones already stored.
 
         Returns
         -------
@@ -211,7 +230,25 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         """
         if not isinstance(attribute_to_layer_input, bool):
             raise TypeError("attribute_to_layer_input must be a bool")
+        if store is not None and not isinstance(store, (str, os.PathLike)):
+            raise TypeError(f"store must be a path or None, got {type(store).__name__}")
+        if not isinstance(append, bool):
+            raise TypeError(f"append must be a bool, got {type(append).__name__}")
+        if append and store is None:
+            raise ValueError("append=True needs a store path (store=...)")
         device = model_device(self.forward_func, self.layer)
+        if store is not None:
+            return self._fit_store(
+                references,
+                store,
+                append,
+                batch_size,
+                additional_forward_args,
+                attribute_to_layer_input,
+                device,
+                progress,
+            )
+        info: dict = {}
         with eval_mode(self.forward_func, self.layer) as was_training:
             if was_training:
                 _warn_training()
@@ -224,7 +261,9 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
                 attribute_to_layer_input=attribute_to_layer_input,
                 device=device,
                 progress=progress,
+                info=info,
             )
+            nonlinear = self._scan_head(info, features, layout, attribute_to_layer_input)
         if predictions.unique().numel() < 2:
             raise ValueError(
                 "references: the model predicts a single class "
@@ -236,6 +275,73 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         self.layout_ = layout
         self.attribute_to_layer_input_ = attribute_to_layer_input
         self.n_references_ = int(features.shape[0])
+        self.input_spec_ = info.get("input_spec")
+        self.head_nonlinear_ = tuple(nonlinear)
+        warn_nonlinear_head(self.head_nonlinear_)
+        return self
+
+    def _scan_head(
+        self, info: dict, features: Tensor, layout: LayerLayout, to_input: bool
+    ) -> list[str]:
+        """Non-piecewise-linear operations of the head, traced on the first reference."""
+        if self.head is not None:
+            p = model_device(self.forward_func, self.layer)
+            dtype = info["example"][0].dtype if info.get("example") else torch.float32
+            if not dtype.is_floating_point:
+                dtype = torch.float32
+            parts = layout.unflatten(features[:1].to(p or "cpu", dtype))
+            return nonlinear_ops_in(self.head, parts if layout.is_tuple else parts[0])
+        if "example" not in info:
+            return []
+        return nonlinear_ops_after(
+            self.forward_func, self.layer, info["example"], info["example_args"], to_input
+        )
+
+    def _fit_store(
+        self,
+        references: Any,
+        path: str | os.PathLike,
+        append: bool,
+        batch_size: int,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+        device: Any,
+        progress: bool,
+    ) -> RepresentativeInterpretation:
+        with eval_mode(self.forward_func, self.layer) as was_training:
+            if was_training:
+                _warn_training()
+            ref_store = fit_to_store(
+                self.forward_func,
+                self.layer,
+                references,
+                path,
+                append=append,
+                batch_size=batch_size,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
+                device=device,
+                progress=progress,
+            )
+        if ref_store.n_classes_present() < 2:
+            raise ValueError(
+                "references: the model predicts a single class for every reference; "
+                "representative interpretations need references of at least two "
+                "predicted classes"
+            )
+        if not ref_store.all_finite():
+            warnings.warn(
+                "fit: some reference features are NaN or inf; they are kept but can never "
+                "be members of a region",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.features_ = ref_store.features()
+        self.predictions_ = ref_store.predictions()
+        self.layout_ = ref_store.layout
+        self.attribute_to_layer_input_ = attribute_to_layer_input
+        self.n_references_ = ref_store.n
+        self.store_ = ref_store
         return self
 
     def _check_fitted(self) -> None:
@@ -259,6 +365,8 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         extra = _format_additional_forward_args(additional_forward_args)
         device = model_device(self.forward_func, self.layer)
         n = inputs_t[0].shape[0]
+        spec = getattr(self, "input_spec_", None)
+        check_against_references(inputs_t, spec, "inputs")
         acts: list[tuple[Tensor, ...]] = []
         outs: list[Tensor] = []
         with eval_mode(self.forward_func, self.layer) as was_training, torch.no_grad():
@@ -274,6 +382,8 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
                     one,
                     _slice_args(extra, n, i, i + 1),
                     self.attribute_to_layer_input_,
+                    name="inputs",
+                    expected=spec,
                 )
                 layout = LayerLayout.from_outputs(tensors, was_tuple)
                 if layout != self.layout_:
@@ -311,6 +421,8 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
                 attribute_to_layer_input=self.attribute_to_layer_input_,
                 device=device,
                 progress=progress,
+                name="inputs",
+                expected=getattr(self, "input_spec_", None),
             )
         if layout != self.layout_:
             raise ValueError(
@@ -410,6 +522,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         inputs_t = format_inputs(inputs)
         activations, outputs = self._layer_activations(inputs_t, additional_forward_args)
         targets = resolve_targets(outputs, target)
+        warn_nonlinear_head(getattr(self, "head_nonlinear_", ()), stacklevel=5)
         extra = _format_additional_forward_args(additional_forward_args)
         device = model_device(self.forward_func, self.layer)
         psi = self.layout_.flatten(activations)
@@ -474,7 +587,9 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         bounds = sample_boundaries(head, psi_x, cand_feats, target, n_steps=bisection_steps)
         weight = bounds.weight.to("cpu", torch.float32)
         bias = bounds.bias.to("cpu", torch.float32)
-        match = margins(self.features_, weight, bias) > 0
+        # one chunked pass over the references; the members' margins are read from it
+        all_margins = margins(self.features_, weight, bias)
+        match = all_margins > 0
         positive = preds == target
         cover = greedy_cover(match, positive, delta=delta, refine=refine)
         sel = cover.selected
@@ -483,10 +598,10 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         members = torch.nonzero(inside, as_tuple=False).flatten()
         seed_m = (w_sel.double() @ psi_x.detach().cpu().double()) + b_sel.double()
         if sel.numel() > 0:
-            member_m = margins(self.features_[members], w_sel, b_sel)
-            dist = semantic_distance(seed_m, member_m)
+            dist = semantic_distance(seed_m, all_margins[members][:, sel])
         else:
-            dist = (self.features_[members].double() - psi_x.cpu().double()).abs().sum(1)
+            dist = _l1_to_rows(self.features_, members, psi_x.detach().cpu())
+        del all_margins, match
         order = torch.argsort(dist, stable=True)
         n_inside = int(members.numel())
         n_pos_inside = int(positive[members].sum())
@@ -593,6 +708,16 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             attr_dim_summation,
         )
         return _format_output(len(maps) > 1, maps)
+
+
+def _l1_to_rows(features: Tensor, rows: Tensor, point: Tensor, chunk: int = 8192) -> Tensor:
+    """``sum |features[r] - point|`` for the given rows, gathered in chunks (float64)."""
+    out = torch.empty(rows.numel(), dtype=torch.float64)
+    p = point.double()
+    for s in range(0, rows.numel(), chunk):
+        part = features[rows[s : s + chunk]].double()
+        out[s : s + chunk] = (part - p).abs().sum(1)
+    return out
 
 
 def _warn_training() -> None:

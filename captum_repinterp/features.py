@@ -40,6 +40,10 @@ __all__ = [
     "extract_features",
     "iter_reference_batches",
     "model_device",
+    "InputSpec",
+    "input_spec",
+    "check_against_references",
+    "translate_forward_error",
 ]
 
 
@@ -117,6 +121,100 @@ def model_device(forward_func: Callable, layer: nn.Module) -> torch.device | Non
     return None
 
 
+InputSpec = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+"""Per-example shape and dtype of each input tensor (what the model ran on in ``fit``)."""
+
+
+def input_spec(inputs: Sequence[Tensor]) -> InputSpec:
+    """Per-example shapes and dtypes of a tuple of batch-first tensors."""
+    return tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
+
+
+def _detached_copy(t: Any) -> Any:
+    return t.detach().clone() if isinstance(t, Tensor) else t
+
+
+def _shapes(inputs: Sequence[Tensor]) -> str:
+    return ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+
+
+def _spec_shapes(expected: InputSpec) -> str:
+    return ", ".join(f"(N, {', '.join(map(str, s))}) {d}" for s, d in expected)
+
+
+def check_against_references(
+    inputs: Sequence[Tensor], expected: InputSpec | None, name: str = "inputs"
+) -> None:
+    """Catch a missing batch dimension (or a wrong number of tensors) before the model runs.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` with the shape it got and the references' shape.
+    """
+    if expected is None:
+        return
+    if len(inputs) != len(expected):
+        raise ValueError(
+            f"{name}: got {len(inputs)} tensor(s), but the references had {len(expected)} "
+            f"({_spec_shapes(expected)}); pass inputs in the same form as the references"
+        )
+    for t, (shape, _) in zip(inputs, expected):
+        if t.dim() != len(shape) + 1:
+            hint = (
+                "; add the batch dimension first (x.unsqueeze(0) or x[None] for one image)"
+                if t.dim() == len(shape)
+                else ""
+            )
+            raise ValueError(
+                f"{name}: got a tensor of shape {tuple(t.shape)}, but the references had "
+                f"shape {_spec_shapes(expected)} ({len(shape) + 1}-D, batch first){hint}"
+            )
+
+
+def translate_forward_error(
+    exc: BaseException, inputs: Sequence[Tensor], name: str, expected: InputSpec | None
+) -> Exception | None:
+    """A clear ValueError/TypeError for a model failure, or ``None`` to re-raise it as is.
+
+    With ``expected`` (the references' per-example shapes and dtypes, on which the model
+    ran): tensors shaped differently give a ValueError, of another dtype a TypeError, and a
+    failure on tensors like the references is the model's own (``None``). Without
+    ``expected`` (``fit``'s first batch): integer tensors give a TypeError asking for
+    floats, anything else a ValueError describing the batch. Out-of-memory errors are
+    never translated.
+    """
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return None
+    said = f"forward_func raised {type(exc).__name__}: {exc}"
+    if expected is not None:
+        got = input_spec(inputs)
+        if [s for s, _ in got] != [s for s, _ in expected]:
+            return ValueError(
+                f"{name}: the model failed on tensor(s) of shape {_shapes(inputs)}, but the "
+                f"references had shape {_spec_shapes(expected)}; give {name} the references' "
+                f"shape (channels, size). {said}"
+            )
+        if [d for _, d in got] != [d for _, d in expected]:
+            return TypeError(
+                f"{name}: the model failed on dtype {[str(d) for _, d in got]}, but the "
+                f"references were {[str(d) for _, d in expected]}; convert {name} to the "
+                f"references' dtype (integer images: x.float() / 255, or the scaling the "
+                f"model was trained with). {said}"
+            )
+        return None
+    if any(not (t.is_floating_point() or t.is_complex()) for t in inputs):
+        return TypeError(
+            f"{name}: the model failed on tensor(s) {_shapes(inputs)}; integer images are "
+            "passed to the model unchanged, so convert them to floating point first "
+            f"(x.float() / 255, or the scaling the model was trained with). {said}"
+        )
+    return ValueError(
+        f"{name}: the model failed on a batch {_shapes(inputs)}; check that {name} have "
+        f"the shape (channels, size) and dtype the model expects. {said}"
+    )
+
+
 def forward_with_layer(
     forward_func: Callable,
     layer: nn.Module,
@@ -125,8 +223,15 @@ def forward_with_layer(
     attribute_to_layer_input: bool = False,
     replace: Tensor | None = None,
     layout: LayerLayout | None = None,
+    name: str | None = None,
+    expected: InputSpec | None = None,
 ) -> tuple[tuple[Tensor, ...], bool, Tensor]:
     """Run the model once with a hook on ``layer``.
+
+    With ``name`` (``"inputs"`` or ``"references"``), an exception raised by the model is
+    translated by :func:`translate_forward_error` into a ValueError/TypeError naming that
+    argument (chained with ``from``) when the tensors differ from ``expected`` (the
+    references' per-example shapes and dtypes) or, without ``expected``, always.
 
     Without ``replace`` the hook records (clones of) the layer's tensors. With ``replace``
     (``B x D``) the layer's tensors are replaced by ``layout.unflatten(replace)``, so the
@@ -157,18 +262,24 @@ def forward_with_layer(
             return kind(parts)
         return parts[0]
 
+    own_errors: list[BaseException] = []
+
     def fwd_hook(module: nn.Module, inp: Any, out: Any) -> Any:
         tensors, was_tuple = _as_tuple(out)
-        seen.append((tuple(t.detach().clone() for t in tensors), was_tuple))
+        seen.append((tuple(_detached_copy(t) for t in tensors), was_tuple))
         if replace is not None:
-            return _replacement(tensors, was_tuple, type(out))
+            try:
+                return _replacement(tensors, was_tuple, type(out))
+            except Exception as exc:
+                own_errors.append(exc)
+                raise
         return None
 
     def pre_hook(module: nn.Module, args: tuple) -> Any:
         tensors, was_tuple = _as_tuple(args)
         # forward_pre_hook always receives a tuple of positional args
         was_tuple = len(tensors) > 1
-        seen.append((tuple(t.detach().clone() for t in tensors), was_tuple))
+        seen.append((tuple(_detached_copy(t) for t in tensors), was_tuple))
         if replace is not None:
             return tuple(p.clone() for p in layout.unflatten(replace))  # type: ignore[union-attr]
         return None
@@ -179,7 +290,15 @@ def forward_with_layer(
         handle = layer.register_forward_hook(fwd_hook)
     try:
         args = inputs if additional_forward_args is None else (*inputs, *additional_forward_args)
-        output = forward_func(*args)
+        try:
+            output = forward_func(*args)
+        except Exception as exc:
+            if name is None or any(exc is e for e in own_errors):
+                raise
+            translated = translate_forward_error(exc, inputs, name, expected)
+            if translated is None:
+                raise
+            raise translated from exc
     finally:
         handle.remove()
     if not seen:
@@ -215,10 +334,16 @@ def _flatten_logits(output: Tensor, batch: int) -> Tensor:
 class HookHead:
     """The head ``psi -> logits`` derived from the model by replacing the layer's output.
 
-    The part of the model before the layer is run on ``inputs`` (one example, expanded to
-    the batch of points); the layer's output is replaced by the points. When the model
-    uses its input again after the layer (a skip connection around the layer), the head
-    is the one *at that input*, which is what the method needs for that seed.
+    The part of the model before the layer is run on ``inputs`` (one example); the
+    layer's output is replaced by the batch of points. When the model uses its input
+    again after the layer (a skip connection around the layer), the head is the one *at
+    that input*, which is what the method needs for that seed.
+
+    Speed: the part before the layer is run on the single example and only the layer's
+    output carries the batch (the rest of the model broadcasts or never looks at the
+    input again). Whether that gives the same logits as running the model on the
+    example repeated ``B`` times is checked on the first call with ``B > 1``; if it does
+    not (or fails), every call runs the repeated batch.
     """
 
     def __init__(
@@ -238,11 +363,14 @@ class HookHead:
         self.additional_forward_args = additional_forward_args
         self.layout = layout
         self.attribute_to_layer_input = attribute_to_layer_input
+        self.broadcast: bool | None = None  # decided on the first call with B > 1
 
-    def __call__(self, psi: Tensor) -> Tensor:
+    def _run(self, psi: Tensor, repeat: bool) -> Tensor:
         b = psi.shape[0]
-        inputs = tuple(t.expand(b, *t.shape[1:]).contiguous() for t in self.inputs)
-        extra = _expand_additional_forward_args(self.additional_forward_args, b)
+        inputs, extra = self.inputs, self.additional_forward_args
+        if repeat:
+            inputs = tuple(t.expand(b, *t.shape[1:]).contiguous() for t in inputs)
+            extra = _expand_additional_forward_args(extra, b)
         _, _, out = forward_with_layer(
             self.forward_func,
             self.layer,
@@ -253,6 +381,22 @@ class HookHead:
             layout=self.layout,
         )
         return _flatten_logits(out, b)
+
+    def __call__(self, psi: Tensor) -> Tensor:
+        if psi.shape[0] == 1 or self.broadcast is False:
+            return self._run(psi, repeat=True)
+        if self.broadcast:
+            return self._run(psi, repeat=False)
+        full = self._run(psi, repeat=True)
+        try:
+            with torch.no_grad():
+                fast = self._run(psi.detach(), repeat=False)
+            self.broadcast = fast.shape == full.shape and torch.allclose(
+                fast, full.detach(), rtol=1e-5, atol=1e-6
+            )
+        except (RuntimeError, ValueError):
+            self.broadcast = False
+        return full
 
 
 class UserHead:
@@ -396,8 +540,16 @@ def extract_features(
     attribute_to_layer_input: bool = False,
     device: torch.device | None = None,
     progress: bool = True,
+    name: str = "references",
+    expected: InputSpec | None = None,
+    info: dict | None = None,
 ) -> tuple[Tensor, Tensor, LayerLayout]:
     """Layer features and predicted classes of every reference.
+
+    ``name`` is the argument named in errors; ``expected`` the per-example input shapes
+    and dtypes to compare with when the model fails (default: the first batch's); when
+    ``info`` is a dict, ``info["input_spec"]`` is set to the first batch's
+    :func:`input_spec`.
 
     Returns
     -------
@@ -418,25 +570,39 @@ def extract_features(
         for inputs, args in tqdm(
             batches, total=total, desc="fit: reference features", disable=not progress
         ):
-            check_inputs(inputs, "references")
+            check_inputs(inputs, name)
+            check_against_references(inputs, expected, name)
+            spec = input_spec(inputs)
             if device is not None:
                 inputs = tuple(t.to(device) for t in inputs)
             tensors, was_tuple, out = forward_with_layer(
-                forward_func, layer, inputs, args, attribute_to_layer_input
+                forward_func,
+                layer,
+                inputs,
+                args,
+                attribute_to_layer_input,
+                name=name,
+                expected=expected,
             )
+            if expected is None:
+                expected = spec
+            if info is not None and "input_spec" not in info:
+                info["input_spec"] = spec
+                info["example"] = tuple(t[:1] for t in inputs)
+                info["example_args"] = _slice_args(args, inputs[0].shape[0], 0, 1)
             b = inputs[0].shape[0]
             this_layout = LayerLayout.from_outputs(tensors, was_tuple)
             if layout is None:
                 layout = this_layout
             elif this_layout != layout:
                 raise ValueError(
-                    "references: the layer's output shape changes between batches "
+                    f"{name}: the layer's output shape changes between batches "
                     f"({layout.shapes} vs {this_layout.shapes}); use inputs of one size"
                 )
             feats.append(layout.flatten(tensors).to("cpu", torch.float32))
             preds.append(_flatten_logits(out, b).argmax(dim=1).cpu())
     if layout is None or sum(f.shape[0] for f in feats) == 0:
-        raise ValueError("references: the reference set is empty")
+        raise ValueError(f"{name}: the reference set is empty (no examples)")
     features = torch.cat(feats)
     if not torch.isfinite(features).all():
         warnings.warn(

@@ -27,6 +27,7 @@ __all__ = [
     "plot_region",
     "plot_comparison",
     "compare_methods",
+    "plot_audit",
 ]
 
 
@@ -65,9 +66,10 @@ def _draw(
 ) -> None:
     img = to_hwc(image)
     if attr is None or not np.any(attribution_to_hwc(attr, img.shape[:2])):
-        viz.visualize_image_attr(
-            None, img, method="original_image", plt_fig_axis=(fig, ax), use_pyplot=False
-        )
+        # captum 0.9's visualize_image_attr reads attr.shape even for "original_image"
+        ax.imshow(img)
+        ax.set_xticks([])
+        ax.set_yticks([])
     else:
         viz.visualize_image_attr(
             attribution_to_hwc(attr, img.shape[:2]),
@@ -185,3 +187,77 @@ def compare_methods(
     }
     titles = [f"pred {int(p)}" for p in preds]
     return plot_comparison(images, attrs, titles), attrs
+
+
+def _show(ax: Any, image: Tensor, title: str) -> None:
+    ax.imshow(to_hwc(image))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+
+
+def plot_audit(
+    class_audit: Any,
+    images: Tensor,
+    n_exemplars: int = 6,
+    subgroups: bool = True,
+    class_names: Sequence[str] | None = None,
+    panel_size: float = 1.6,
+) -> Figure:
+    """An audit of one class: one row per region (or per sub-group of a region).
+
+    Each row starts with the group's mean heat map drawn over the mean of its members'
+    images, followed by its exemplars (nearest to the group's centre first).
+
+    Parameters
+    ----------
+    class_audit : ClassAudit
+        ``audit(ri, images, ...)[c]`` (see :mod:`captum_repinterp.audit`).
+    images : Tensor
+        The audited images (indexed by the groups' members).
+    n_exemplars : int
+        Exemplars per row (at most the group's stored exemplars).
+    subgroups : bool
+        One row per sub-group (True) or per region (False).
+    """
+    if isinstance(n_exemplars, bool) or not isinstance(n_exemplars, int) or n_exemplars < 0:
+        raise ValueError(f"n_exemplars must be a non-negative int, got {n_exemplars!r}")
+    rows = []
+    for i, region in enumerate(class_audit.regions):
+        groups = region.subgroups if subgroups and len(region.subgroups) > 1 else [region]
+        for j, group in enumerate(groups):
+            label = f"region {i + 1}" + (f".{j + 1}" if group is not region else "")
+            rows.append((label, region, group))
+    if not rows:
+        raise ValueError("class_audit has no regions to plot")
+    name = class_names[class_audit.target] if class_names is not None else str(
+        class_audit.target
+    )
+    n_class = max(int(class_audit.indices.numel()), 1)
+    cols = 1 + n_exemplars
+    fig = Figure(figsize=(panel_size * cols, panel_size * 1.2 * len(rows)))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for r, (label, region, group) in enumerate(rows):
+        hm = group.mean_heatmap[0] if isinstance(group.mean_heatmap, tuple) else group.mean_heatmap
+        mean_img = images[group.members].mean(dim=0) if group.size else images[0] * 0
+        title = f"{label}: {group.size} ({group.size / n_class:.0%})"
+        if group is region:
+            title += f"\npurity {region.purity:.2f}"
+        if hm.dim() >= 2 and bool((hm > 0).any()):
+            _draw(fig, axes[r][0], mean_img, hm, title)
+        else:
+            _show(axes[r][0], mean_img, title)
+        for c in range(1, cols):
+            ax = axes[r][c]
+            if c - 1 < len(group.exemplars):
+                idx = int(group.exemplars[c - 1])
+                _show(ax, images[idx], f"#{idx}")
+            else:
+                ax.axis("off")
+    fig.suptitle(
+        f"audit of class {name}: {len(class_audit.regions)} region(s), "
+        f"{class_audit.uncovered_share:.0%} uncovered",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return fig

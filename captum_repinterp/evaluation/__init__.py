@@ -1,0 +1,40 @@
+"""Evaluation of representative interpretations against CAM baselines (``EVALUATION.md``).
+
+- :mod:`.metrics`: top-20% masks, average drop / increase, rank correlation;
+- :mod:`.methods`: Grad-CAM (Captum), Grad-CAM++, Score-CAM, HiResCAM (``grad-cam``
+  package, optional), Integrated Gradients;
+- :mod:`.protocol`: :func:`evaluate_setup` runs the whole protocol on one setup;
+- :mod:`.setups`: the real setups (MNIST-5k, faces, digits) and the report.
+"""
+
+from .methods import ChannelWeightMethod, channel_weight_methods, gradcam_package_available
+from .metrics import (
+    average_drop_increase,
+    drop_increase,
+    mask_images,
+    rank_correlation,
+    top_fraction_mask,
+    upsample,
+)
+from .protocol import EvalConfig, Setup, evaluate_setup, randomise
+from .setups import SETUPS, load_setup, markdown_report, run_evaluation
+
+__all__ = [
+    "SETUPS",
+    "ChannelWeightMethod",
+    "EvalConfig",
+    "Setup",
+    "average_drop_increase",
+    "channel_weight_methods",
+    "drop_increase",
+    "evaluate_setup",
+    "gradcam_package_available",
+    "load_setup",
+    "markdown_report",
+    "mask_images",
+    "randomise",
+    "rank_correlation",
+    "run_evaluation",
+    "top_fraction_mask",
+    "upsample",
+]

@@ -1,0 +1,442 @@
+"""The evaluation protocol of ``EVALUATION.md`` on one setup (model, layer, data).
+
+:func:`evaluate_setup` runs, with every random choice seeded:
+
+1. the reuse protocol (mAD, mAI) for RI and the channel-weight baselines;
+2. the same masking metrics without reuse (each method explains the image itself), with
+   Integrated Gradients added;
+3. precision and coverage of the RI regions on held-out images;
+4. the cascading parameter-randomisation sanity check (Adebayo et al. 2018);
+5. Captum's ``infidelity`` and ``sensitivity_max`` on a small sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from captum.metrics import infidelity, sensitivity_max
+from torch import Tensor, nn
+
+from ..attribution import RepresentativeInterpretation
+from ..interpretation import Interpretation
+from .methods import (
+    ChannelWeightMethod,
+    acts_and_grads,
+    channel_weight_methods,
+    integrated_gradients_maps,
+)
+from .metrics import average_drop_increase, rank_correlation, upsample
+
+__all__ = ["EvalConfig", "Setup", "evaluate_setup", "randomise"]
+
+
+@dataclass
+class Setup:
+    """A model split at ``layer`` with reference (fit) and unseen (held-out) images.
+
+    ``cascade`` lists the blocks to randomise in order, head first, as
+    ``(name, module)`` pairs.
+    """
+
+    name: str
+    model: nn.Module
+    layer: nn.Module
+    references: Tensor
+    unseen: Tensor
+    head: Any = None
+    cascade: Sequence[tuple[str, nn.Module]] = ()
+    class_names: Sequence[str] | None = None
+    notes: str = ""
+
+
+@dataclass
+class EvalConfig:
+    """Parameters of the evaluation (recorded with the results).
+
+    ``ri_variants`` maps a variant name to RI ``interpret`` keyword arguments that differ
+    from ``ri_kwargs``; variants that only change ``heatmap_rule``/``combine`` reuse the
+    regions. ``baseline`` is the value masked pixels get, in the model's input space.
+    """
+
+    seeds_per_class: int = 3
+    k: int = 10
+    fraction: float = 0.2
+    baseline: float = 0.0
+    n_explain_per_class: int = 3
+    n_sanity: int = 6
+    n_fidelity: int = 5
+    n_perturb: int = 5
+    perturb_std: float = 0.1
+    sensitivity_radius: float = 0.02
+    ig_steps: int = 32
+    seed: int = 0
+    ri_kwargs: dict[str, Any] = field(
+        default_factory=lambda: {
+            "n_boundaries": 50, "delta": None, "refine": "tighten",
+            "heatmap_rule": "elementwise", "combine": "sum",
+        }
+    )
+    ri_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    include_package: bool = True
+    sanity: bool = True
+    fidelity: bool = True
+
+
+def _mean(values: Sequence[float] | Tensor) -> float:
+    arr = np.asarray(values, dtype=float).ravel()
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def _pick_seeds(preds: Tensor, per_class: int, gen: torch.Generator) -> list[int]:
+    """``per_class`` random indices per predicted class (sorted within the class)."""
+    out = []
+    for c in preds.unique().tolist():
+        idx = torch.nonzero(preds == c).flatten()
+        take = idx[torch.randperm(idx.numel(), generator=gen)[:per_class]]
+        out += sorted(take.tolist())
+    return out
+
+
+def _ri_variant(region: Interpretation, kw: dict[str, Any]) -> Interpretation:
+    return dataclasses.replace(
+        region, heatmap_rule=kw["heatmap_rule"], combine=kw["combine"], explainer=None
+    )
+
+
+def _region_key(kw: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, v) for k, v in kw.items() if k not in ("heatmap_rule", "combine")))
+
+
+class _Runner:
+    def __init__(self, setup: Setup, cfg: EvalConfig) -> None:
+        self.s, self.cfg = setup, cfg
+        self.model = setup.model.eval()
+        self.size = tuple(setup.references.shape[-2:])
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.ri_configs = {"ri": dict(cfg.ri_kwargs)}
+        for name, kw in cfg.ri_variants.items():
+            self.ri_configs[name] = {**cfg.ri_kwargs, **kw}
+        self.timings: dict[str, float] = {}
+
+    def fit(self, model: nn.Module, layer: nn.Module, head: Any) -> RepresentativeInterpretation:
+        ri = RepresentativeInterpretation(model, layer, head=head)
+        return ri.fit(self.s.references, batch_size=512, progress=False)
+
+    def regions(
+        self, ri: RepresentativeInterpretation, seeds: Tensor, targets: Tensor | None = None
+    ) -> dict[str, list[Interpretation]]:
+        """Interpretations of the seeds for every RI config (shared regions reused)."""
+        cache: dict[tuple, list[Interpretation]] = {}
+        out = {}
+        for name, kw in self.ri_configs.items():
+            key = _region_key(kw)
+            if key not in cache:
+                res = ri.interpret(seeds, target=None if targets is None else targets.tolist(),
+                                   seed=self.cfg.seed, **kw)
+                cache[key] = res if isinstance(res, list) else [res]
+            out[name] = [_ri_variant(r, kw) for r in cache[key]]
+        return out
+
+    # -------------------------------------------------------------- 1 + 3: reuse
+    def reuse(self, ri: RepresentativeInterpretation, methods: list[ChannelWeightMethod]) -> dict:
+        cfg, s = self.cfg, self.s
+        feats_u, preds_u = ri.transform(s.unseen, batch_size=512)
+        acts_u = ri.layout_.unflatten(feats_u)[0]
+        seed_idx = _pick_seeds(ri.predictions_, cfg.seeds_per_class, self.gen)
+        seeds = s.references[seed_idx]
+        targets = ri.predictions_[seed_idx]
+        t0 = time.perf_counter()
+        regions = self.regions(ri, seeds)
+        self.timings["ri_interpret_seeds"] = time.perf_counter() - t0
+        images, maps, tgts, owner = [], [], [], []  # owner = (method, seed number)
+        rules = []
+        for name, regs in regions.items():
+            for j, reg in enumerate(regs):
+                inside = torch.nonzero(reg.contains_features(feats_u)).flatten()
+                order = torch.argsort(reg.distance_features(feats_u[inside]), stable=True)
+                pick = inside[order[: cfg.k]]
+                if name == "ri" or _region_key(self.ri_configs[name]) != _region_key(
+                    self.ri_configs["ri"]
+                ):
+                    rules.append({"method": name, "seed": seed_idx[j], "target": int(targets[j]),
+                                  "boundaries": reg.n_boundaries, "members": len(reg),
+                                  "purity": reg.purity, "ref_coverage": reg.coverage,
+                                  **reg.evaluate_features(feats_u, preds_u)})
+                if pick.numel():
+                    lm = reg.heatmap_from_activations((acts_u[pick],))[0]
+                    images.append(s.unseen[pick])
+                    maps.append(upsample(lm.float(), self.size))
+                    tgts.append(torch.full((pick.numel(),), int(targets[j])))
+                    owner += [(name, j)] * pick.numel()
+        feats_r = ri.features_[seed_idx]
+        for m in methods:
+            w = m.weights(seeds, targets)
+            for j in range(len(seed_idx)):
+                cand = torch.nonzero(preds_u == targets[j]).flatten()
+                d = (feats_u[cand] - feats_r[j]).norm(dim=1)
+                pick = cand[torch.argsort(d, stable=True)[: cfg.k]]
+                if pick.numel():
+                    images.append(s.unseen[pick])
+                    maps.append(m.reuse(w[j : j + 1].expand(pick.numel(), *w.shape[1:]),
+                                        acts_u[pick], self.size))
+                    tgts.append(torch.full((pick.numel(),), int(targets[j])))
+                    owner += [(m.name, j)] * pick.numel()
+        ad, ai = average_drop_increase(self.model, torch.cat(images), torch.cat(maps),
+                                       torch.cat(tgts), cfg.fraction, cfg.baseline)
+        table = _aggregate(owner, ad, ai, len(seed_idx))
+        return {"seeds": seed_idx, "seed_targets": targets.tolist(), "metrics": table,
+                "rules": rules, "rule_summary": _rule_summary(rules)}
+
+    # -------------------------------------------------------------- 2: no reuse
+    def explain_all(self, ri: RepresentativeInterpretation | None,
+                    methods: list[ChannelWeightMethod], images: Tensor, targets: Tensor,
+                    ri_names: Sequence[str] = ("ri",), with_ig: bool = True) -> dict[str, Tensor]:
+        maps = {}
+        if ri is not None:
+            regions = self.regions(ri, images, targets)
+            acts, _ = acts_and_grads(ri.forward_func, ri.layer, images, targets)
+            for name in ri_names:
+                lm = torch.cat([r.heatmap_from_activations((acts[i : i + 1],))[0]
+                                for i, r in enumerate(regions[name])])
+                maps[name] = upsample(lm.float(), self.size)
+        for m in methods:
+            maps[m.name] = m.explain(images, targets)
+        if with_ig:
+            maps["ig"] = integrated_gradients_maps(self.model if ri is None else ri.forward_func,
+                                                   images, targets, self.cfg.ig_steps)
+        return maps
+
+    def no_reuse(
+        self, ri: RepresentativeInterpretation, methods: list[ChannelWeightMethod]
+    ) -> dict:
+        cfg = self.cfg
+        _, preds_u = ri.transform(self.s.unseen, batch_size=512)
+        idx = _pick_seeds(preds_u, cfg.n_explain_per_class, self.gen)
+        images, targets = self.s.unseen[idx], preds_u[idx]
+        t0 = time.perf_counter()
+        maps = self.explain_all(ri, methods, images, targets, tuple(self.ri_configs))
+        self.timings["explain_no_reuse"] = time.perf_counter() - t0
+        n = len(idx)
+        names = list(maps)
+        ad, ai = average_drop_increase(
+            self.model, images.repeat(len(names), 1, 1, 1), torch.cat([maps[k] for k in names]),
+            targets.repeat(len(names)), cfg.fraction, cfg.baseline)
+        owner = [(k, i) for k in names for i in range(n)]
+        return {"images": idx, "metrics": _aggregate(owner, ad, ai, n)}
+
+    # -------------------------------------------------------------- 4: sanity check
+    def sanity(self) -> dict:
+        cfg, s = self.cfg, self.s
+        ri0 = self.fit(self.model, s.layer, s.head)
+        feats_u, preds_u = ri0.transform(s.unseen, batch_size=512)
+        idx = _pick_seeds(preds_u, max(1, cfg.n_sanity // max(1, preds_u.unique().numel())),
+                          self.gen)[: cfg.n_sanity]
+        images, targets = s.unseen[idx], preds_u[idx]
+        base = self.explain_all(ri0, channel_weight_methods(self.model, s.layer,
+                                                            cfg.include_package),
+                                images, targets)
+        stages = []
+        names = [name for name, _ in s.cascade]
+        for depth in range(1, len(s.cascade) + 1):
+            model, layer, head = randomise(self.model, s, names[:depth], seed=cfg.seed + depth)
+            row: dict[str, Any] = {"randomised": "+".join(names[:depth])}
+            note = ""
+            try:
+                ri = self.fit(model, layer, head)
+            except ValueError as exc:  # one predicted class left: RI is undefined
+                ri, note = None, str(exc).split(";")[0]
+            methods = channel_weight_methods(model, layer, cfg.include_package)
+            maps = {}
+            if ri is not None:
+                try:
+                    maps.update(self.explain_all(ri, [], images, targets, ("ri",), False))
+                except (ValueError, RuntimeError) as exc:
+                    note = str(exc)[:120]
+            maps.update(self.explain_all(None, methods, images, targets, (), True))
+            for name in base:
+                if name in maps:
+                    rho = rank_correlation(base[name], maps[name])
+                    row[name] = _mean(rho)
+                else:
+                    row[name] = float("nan")
+            if note:
+                row["note"] = note
+            stages.append(row)
+        return {"images": idx, "stages": stages}
+
+    # -------------------------------------------------------------- 5: fidelity
+    def fidelity(self, ri: RepresentativeInterpretation,
+                 methods: list[ChannelWeightMethod]) -> dict:
+        cfg, s = self.cfg, self.s
+        _, preds_u = ri.transform(s.unseen, batch_size=512)
+        idx = _pick_seeds(preds_u, max(1, cfg.n_fidelity // preds_u.unique().numel()),
+                          self.gen)[: cfg.n_fidelity]
+        images, targets = s.unseen[idx], preds_u[idx]
+        channels = images.shape[1]
+        out: dict[str, dict[str, float]] = {}
+        explainers = {"ri": lambda x, t: self._ri_maps(ri, x, t)}
+        for m in methods:
+            explainers[m.name] = m.explain
+        explainers["ig"] = lambda x, t: integrated_gradients_maps(self.model, x, t, cfg.ig_steps)
+
+        def perturb(x: Tensor) -> tuple[Tensor, Tensor]:
+            noise = torch.randn(x.shape, generator=pgen) * cfg.perturb_std
+            return noise, x - noise
+
+        def sens_perturb(x: Tensor, radius: float) -> Tensor:
+            return x + (torch.rand(x.shape, generator=pgen) * 2 - 1) * radius
+
+        for name, fn in explainers.items():
+            pgen = torch.Generator().manual_seed(cfg.seed)
+            attr = fn(images, targets).expand(-1, channels, -1, -1).contiguous()
+            infid = infidelity(self.model, perturb, images, attr, target=targets,
+                               n_perturb_samples=cfg.n_perturb, normalize=True)
+
+            def expl(x: Tensor, target: Tensor, _fn: Any = fn) -> Tensor:
+                return _fn(x, target).expand(-1, channels, -1, -1).contiguous()
+
+            sens = sensitivity_max(expl, images, perturb_func=sens_perturb,
+                                   perturb_radius=cfg.sensitivity_radius,
+                                   n_perturb_samples=cfg.n_perturb, target=targets)
+            out[name] = {"infidelity": _mean(infid.detach()),
+                         "sensitivity_max": _mean(sens.detach())}
+        return {"images": idx, "n_images": len(idx), "n_perturb": cfg.n_perturb,
+                "perturb_std": cfg.perturb_std, "sensitivity_radius": cfg.sensitivity_radius,
+                "metrics": out}
+
+    def _ri_maps(self, ri: RepresentativeInterpretation, x: Tensor, t: Tensor) -> Tensor:
+        kw = self.ri_configs["ri"]
+        maps = ri.attribute(x, target=t.tolist(), seed=self.cfg.seed, **kw)
+        return upsample(maps.detach().float(), self.size)
+
+
+def _aggregate(owner: list[tuple[str, int]], ad: Tensor, ai: Tensor, n_seeds: int) -> dict:
+    """mAD/mAI per method: mean over images of each seed, then over seeds with images."""
+    table: dict[str, dict[str, Any]] = {}
+    names = list(dict.fromkeys(o[0] for o in owner))
+    for name in names:
+        per_seed_ad, per_seed_ai, n_img = [], [], 0
+        for j in range(n_seeds):
+            sel = [i for i, o in enumerate(owner) if o == (name, j)]
+            if sel:
+                per_seed_ad.append(float(ad[sel].mean()))
+                per_seed_ai.append(float(ai[sel].mean()))
+                n_img += len(sel)
+        table[name] = {"mAD": _mean(per_seed_ad), "mAI": _mean(per_seed_ai),
+                       "n_seeds": len(per_seed_ad), "n_images": n_img}
+    return table
+
+
+def _rule_summary(rules: list[dict]) -> dict:
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in rules):
+        rows = [r for r in rules if r["method"] == name]
+        out[name] = {
+            "precision": _mean([r["precision"] for r in rows]),
+            "coverage": _mean([r["coverage"] for r in rows]),
+            "n_inside": _mean([r["n_inside"] for r in rows]),
+            "seeds_with_images_inside": sum(r["n_inside"] > 0 for r in rows),
+            "boundaries": _mean([r["boundaries"] for r in rows]),
+            "ref_purity": _mean([r["purity"] for r in rows]),
+            "ref_coverage": _mean([r["ref_coverage"] for r in rows]),
+            "n_seeds": len(rows),
+        }
+    return out
+
+
+def randomise(
+    model: nn.Module, setup: Setup, names: Sequence[str], seed: int = 0
+) -> tuple[nn.Module, nn.Module, Any]:
+    """A deep copy of ``model`` with the named ``setup.cascade`` blocks re-initialised.
+
+    Every submodule with ``reset_parameters`` in those blocks is reset under
+    ``torch.manual_seed(seed)``. Returns the copy, its ``layer`` and its ``head`` (the
+    copies of ``setup.layer`` / ``setup.head`` when they are submodules, else ``None``).
+    """
+    by_name = dict(setup.cascade)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"names: {unknown} are not in the setup's cascade {list(by_name)}")
+    memo: dict[int, Any] = {}
+    clone = copy.deepcopy(model, memo)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for n in names:
+            block = memo[id(by_name[n])]
+            for mod in block.modules():
+                if hasattr(mod, "reset_parameters"):
+                    mod.reset_parameters()
+    finally:
+        torch.random.set_rng_state(state)
+    layer = memo[id(setup.layer)]
+    head = memo.get(id(setup.head)) if isinstance(setup.head, nn.Module) else None
+    return clone.eval(), layer, head
+
+
+def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, Any]:
+    """Run the whole protocol on one setup; return a JSON-serialisable dict of results."""
+    if not isinstance(setup, Setup):
+        raise TypeError(f"setup must be a Setup, got {type(setup).__name__}")
+    cfg = config or EvalConfig()
+    if not isinstance(cfg, EvalConfig):
+        raise TypeError(f"config must be an EvalConfig, got {type(cfg).__name__}")
+    if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or cfg.k <= 0:
+        raise ValueError(f"config.k must be a positive int, got {cfg.k!r}")
+    run = _Runner(setup, cfg)
+    t_start = time.perf_counter()
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        ri = run.fit(run.model, setup.layer, setup.head)
+        run.timings["ri_fit"] = time.perf_counter() - t0
+        methods = channel_weight_methods(run.model, setup.layer, cfg.include_package)
+        result: dict[str, Any] = {
+            "setup": setup.name,
+            "notes": setup.notes,
+            "n_references": int(setup.references.shape[0]),
+            "n_unseen": int(setup.unseen.shape[0]),
+            "config": dataclasses.asdict(cfg),
+            "methods": ["ri", *[m.name for m in methods]],
+        }
+        t0 = time.perf_counter()
+        result["reuse"] = run.reuse(ri, methods)
+        run.timings["reuse_total"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result["no_reuse"] = run.no_reuse(ri, methods)
+        run.timings["no_reuse_total"] = time.perf_counter() - t0
+        if cfg.sanity and setup.cascade:
+            t0 = time.perf_counter()
+            result["sanity"] = run.sanity()
+            run.timings["sanity_total"] = time.perf_counter() - t0
+        if cfg.fidelity:
+            t0 = time.perf_counter()
+            result["fidelity"] = run.fidelity(ri, methods)
+            run.timings["fidelity_total"] = time.perf_counter() - t0
+    run.timings["total"] = time.perf_counter() - t_start
+    result["timings_s"] = {k: round(v, 2) for k, v in run.timings.items()}
+    return _clean(result)
+
+
+def _clean(obj: Any) -> Any:
+    """Make results JSON-friendly (NaN -> None, tensors -> lists)."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return _clean(obj.tolist())
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, (np.floating, np.integer)):
+        return _clean(obj.item())
+    return obj

@@ -1,0 +1,177 @@
+"""The real setups of the evaluation and the JSON / markdown report.
+
+================  =====================================  ==================================
+setup             model, layer                           references / unseen
+================  =====================================  ==================================
+``mnist``         ``SmallCNN`` trained on MNIST-5k's      the 80% train split / the 20% test
+                  train split (seed 0), ``features[-1]``  split (stratified, seed 0)
+``faces``         pretrained MTCNN ONet (facenet-        70% of ``lfw_subset`` / the other
+                  pytorch weights), ``features[-1]``      30% (stratified, seed 0)
+``digits``        ``SmallCNN`` on scikit-learn digits     80% / 20%
+================  =====================================  ==================================
+
+Masked pixels are set to 0 **in the model's input space**: black for the digit setups
+(inputs in [0, 1]) and mid grey (raw value 127.5) for the MTCNN-scaled faces, whose
+inputs are ``(x * 255 - 127.5) / 128``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .protocol import EvalConfig, Setup, evaluate_setup
+
+__all__ = ["SETUPS", "load_setup", "markdown_report", "run_evaluation"]
+
+SETUPS = ("mnist", "faces", "digits")
+
+
+def load_setup(name: str, seed: int = 0) -> Setup:
+    """Build one of :data:`SETUPS` (data and models come from installed packages)."""
+    from .. import datasets, models
+
+    if name in ("mnist", "digits"):
+        x, y = datasets.load_mnist5k() if name == "mnist" else datasets.load_digits(28)
+        train, test = datasets.split_indices(len(y), 0.2, seed=seed, stratify=y)
+        model = models.train_small_cnn(x[train], y[train], seed=seed).eval()
+        f = model.features
+        cascade = [("head", model.head), ("features[2]", f[2]), ("features[1]", f[1]),
+                   ("features[0]", f[0])]
+        label = "MNIST-5k" if name == "mnist" else "scikit-learn digits (28x28)"
+        return Setup(name, model, f[-1], x[train], x[test], head=model.head, cascade=cascade,
+                     notes=f"SmallCNN on {label}; references = train split "
+                           f"({len(train)}), unseen = test split ({len(test)}); "
+                           "masked pixels = 0 (black)")
+    if name == "faces":
+        x, y = datasets.load_faces(48)
+        train, test = datasets.split_indices(len(y), 0.3, seed=seed, stratify=y)
+        model = models.load_onet().eval()
+        f = model.features
+        cascade = [("head", model.head)] + [
+            (f"features[{i}]", f[i]) for i in reversed(range(len(f)))
+        ]
+        return Setup(name, model, f[-1], x[train], x[test], head=model.head, cascade=cascade,
+                     class_names=["non-face", "face"],
+                     notes=f"pretrained MTCNN ONet (facenet-pytorch) on lfw_subset; references "
+                           f"= train split ({len(train)}), unseen = test split ({len(test)}); "
+                           "masked pixels = 0 in input space (mid grey)")
+    raise ValueError(f"name must be one of {SETUPS}, got {name!r}")
+
+
+def default_config(name: str, quick: bool = False) -> EvalConfig:
+    """The configuration used for each setup by the benchmark (recorded in the results)."""
+    cfg = EvalConfig(seeds_per_class=2, n_explain_per_class=2, n_sanity=4, n_fidelity=4,
+                     n_perturb=4)
+    cfg.ri_variants = {
+        "ri[channel]": {"heatmap_rule": "channel"},
+        "ri[unit]": {"combine": "unit"},
+        "ri[channel,unit]": {"heatmap_rule": "channel", "combine": "unit"},
+    }
+    if name == "faces":
+        cfg.seeds_per_class = 8
+        cfg.n_explain_per_class = 6
+    if quick:
+        cfg.seeds_per_class, cfg.k, cfg.n_explain_per_class = 1, 4, 1
+        cfg.n_sanity, cfg.n_fidelity, cfg.n_perturb = 2, 2, 2
+    return cfg
+
+
+def run_evaluation(
+    setups: list[str], out: str | Path, seed: int = 0, quick: bool = False,
+    ri_variants: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Evaluate each named setup; write ``results.json`` and ``evaluation.md`` to ``out``."""
+    for s in setups:
+        if s not in SETUPS:
+            raise ValueError(f"setups: {s!r} is not one of {SETUPS}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = {}
+    for name in setups:
+        cfg = default_config(name, quick)
+        cfg.seed = seed
+        if ri_variants is not None:
+            cfg.ri_variants = dict(ri_variants)
+        t0 = time.perf_counter()
+        setup = load_setup(name, seed)
+        load_s = time.perf_counter() - t0
+        res = evaluate_setup(setup, cfg)
+        res["timings_s"]["load"] = round(load_s, 2)
+        results[name] = res
+        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+    report = {"setups": results, "total_seconds": round(time.perf_counter() - start, 1)}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "evaluation.md").write_text(markdown_report(report))
+    return report
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The results as markdown tables (one section per setup)."""
+    lines = ["# Evaluation results", "",
+             "Written by `benchmarks/evaluate.py` (`captum-repinterp evaluate`); do not edit "
+             "by hand. Protocol: `EVALUATION.md`, code: `captum_repinterp/evaluation/`.", ""]
+    for name, res in report["setups"].items():
+        cfg = res["config"]
+        ri = cfg["ri_kwargs"]
+        lines += [f"## {name}", "", res["notes"] + ".", "",
+                  f"Seeds: {cfg['seeds_per_class']} per predicted class (random, seed "
+                  f"{cfg['seed']}) from the references; k = {cfg['k']} unseen images per seed; "
+                  f"top {cfg['fraction']:.0%} pixels kept, the rest set to {cfg['baseline']}; "
+                  f"RI: n_boundaries = {ri['n_boundaries']}, delta = {ri['delta']}, refine = "
+                  f"{ri['refine']}, heatmap_rule = {ri['heatmap_rule']}, combine = "
+                  f"{ri['combine']}.", ""]
+        lines += ["### Reuse protocol (mAD lower is better, mAI higher is better)", "",
+                  "| method | mAD | mAI | seeds | images |", "|---|---|---|---|---|"]
+        for m, row in res["reuse"]["metrics"].items():
+            lines.append(f"| {m} | {_f(row['mAD'])} | {_f(row['mAI'])} | {row['n_seeds']} | "
+                         f"{row['n_images']} |")
+        lines += ["", "### Without reuse (each method explains the image itself)", "",
+                  "| method | mAD | mAI | images |", "|---|---|---|---|"]
+        for m, row in res["no_reuse"]["metrics"].items():
+            lines.append(f"| {m} | {_f(row['mAD'])} | {_f(row['mAI'])} | {row['n_seeds']} |")
+        lines += ["", "### RI regions as rules on unseen images", "",
+                  "| config | precision | coverage | inside (mean) | seeds with images inside "
+                  "| boundaries | purity (refs) | coverage (refs) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m, r in res["reuse"]["rule_summary"].items():
+            lines.append(f"| {m} | {_f(r['precision'])} | {_f(r['coverage'])} | "
+                         f"{_f(r['n_inside'], 1)} | {r['seeds_with_images_inside']}/"
+                         f"{r['n_seeds']} | {_f(r['boundaries'], 1)} | {_f(r['ref_purity'])} | "
+                         f"{_f(r['ref_coverage'])} |")
+        if "sanity" in res:
+            stages = res["sanity"]["stages"]
+            names = [k for k in stages[0] if k not in ("randomised", "note")]
+            lines += ["", "### Sanity check: Spearman correlation with the original maps "
+                      f"({len(res['sanity']['images'])} images; lower = the map depends more "
+                      "on the weights)", "",
+                      "| randomised (cascading) | " + " | ".join(names) + " | note |",
+                      "|---" * (len(names) + 2) + "|"]
+            for st in stages:
+                lines.append(f"| {st['randomised']} | " + " | ".join(_f(st[n]) for n in names)
+                             + f" | {st.get('note', '')} |")
+        if "fidelity" in res:
+            fid = res["fidelity"]
+            lines += ["", f"### Infidelity and max-sensitivity (n = {fid['n_images']} images, "
+                      f"{fid['n_perturb']} perturbations each; Gaussian noise std "
+                      f"{fid['perturb_std']} for infidelity with `normalize=True`, uniform "
+                      f"radius {fid['sensitivity_radius']} for sensitivity; lower is better)",
+                      "", "| method | infidelity | sensitivity_max |", "|---|---|---|"]
+            for m, r in fid["metrics"].items():
+                lines.append(f"| {m} | {_f(r['infidelity'], 4)} | {_f(r['sensitivity_max'])} |")
+        t = res["timings_s"]
+        lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in t.items()), ""]
+    lines += [f"Total run time: {report['total_seconds']} s.", ""]
+    return "\n".join(lines)

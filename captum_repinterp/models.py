@@ -1,0 +1,451 @@
+"""CNNs for tests, tutorials and benchmarks that run offline on a CPU.
+
+Every model is split as ``forward(x) = head(features(x))``, where ``features[-1]`` is
+the last convolutional block (the layer that is interpreted) and ``head`` is piecewise
+linear (ReLU / PReLU and linear layers only), as representative interpretations need.
+
+* :class:`SmallCNN`, trained on the fly by :func:`train_small_cnn` in seconds, with the
+  trained weights cached under ``cache_dir() / "models"``.
+* :class:`ONet` and :class:`RNet`, re-implementations of the face / non-face networks of
+  MTCNN (K. Zhang, Z. Zhang, Z. Li and Y. Qiao, "Joint Face Detection and Alignment
+  using Multitask Cascaded Convolutional Networks", IEEE Signal Processing Letters, 2016),
+  loaded by :func:`load_onet` and :func:`load_rnet` with the pretrained weights shipped in
+  the ``facenet-pytorch`` wheel (https://github.com/timesler/facenet-pytorch, MIT licence,
+  Copyright (c) 2019 Timothy Esler; weights converted from D. Sandberg's facenet port of
+  the original MTCNN).  The layer layout follows facenet-pytorch's ``models/mtcnn.py``;
+  the package itself is never imported, only its ``data/onet.pt`` and ``data/rnet.pt``
+  state dicts are read (``pip install --no-deps facenet-pytorch==2.6.0``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .datasets import cache_dir
+
+__all__ = [
+    "ONet",
+    "RNet",
+    "SmallCNN",
+    "load_onet",
+    "load_rnet",
+    "train_small_cnn",
+]
+
+
+# --------------------------------------------------------------------------- SmallCNN
+class SmallCNN(nn.Module):
+    """A small CNN for 28x28 digit images, ``forward(x) = head(features(x))``.
+
+    Architecture (for a ``1 x 28 x 28`` input; 89,850 parameters with the defaults)::
+
+        features[0]: Conv2d(in, 16, 3, padding=1) - ReLU - MaxPool2d(2)    -> 16 x 14 x 14
+        features[1]: Conv2d(16, 32, 3, padding=1) - ReLU - MaxPool2d(2)    -> 32 x 7 x 7
+        features[2]: Conv2d(32, 32, 3, padding=1) - ReLU  (no pooling)     -> 32 x 7 x 7
+        head:        Flatten - Linear(32 * 7 * 7, 48) - ReLU - Linear(48, n_classes)
+
+    The head is piecewise linear, so ``model.features[-1]`` can be interpreted with
+    ``model.head`` as the rest of the network.  No ReLU is in-place.
+
+    Parameters
+    ----------
+    in_channels : int, default 1
+        Number of input channels.
+    n_classes : int, default 10
+        Number of output logits.
+    image_size : int, default 28
+        Side of the (square) input images; must be divisible by 4.
+    channels : tuple of int, default (16, 32, 32)
+        Output channels of the three convolutional blocks.
+    hidden : int, default 48
+        Width of the hidden linear layer of the head.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        n_classes: int = 10,
+        image_size: int = 28,
+        channels: tuple[int, int, int] = (16, 32, 32),
+        hidden: int = 48,
+    ) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be divisible by 4, got {image_size}")
+        c1, c2, c3 = channels
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU()),
+        )
+        side = image_size // 4
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c3 * side * side, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the logits, ``head(features(x))``."""
+        return self.head(self.features(x))
+
+
+def _tensor_sha1(t: Tensor) -> str:
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def train_small_cnn(
+    images: Tensor,
+    labels: Tensor,
+    seed: int = 0,
+    epochs: int = 8,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    cache: bool = True,
+    n_classes: int | None = None,
+) -> SmallCNN:
+    """Train a :class:`SmallCNN` deterministically on the CPU (or load it from the cache).
+
+    Weights are initialised with ``torch.manual_seed(seed)`` inside
+    ``torch.random.fork_rng`` (the caller's global RNG is left untouched) and batches
+    are shuffled by a ``torch.Generator`` seeded with ``seed``; Adam with a one-cycle
+    learning-rate schedule.  Two calls with the same arguments give bitwise-identical
+    weights on the same machine and thread count.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``N x C x H x W`` float images (``H == W``, divisible by 4).
+    labels : torch.Tensor
+        ``N`` integer labels in ``0 .. n_classes - 1``.
+    seed : int, default 0
+        Seed of the initialisation and of the batch order.
+    epochs : int, default 8
+        Passes over the data.
+    batch_size : int, default 64
+        Mini-batch size.
+    lr : float, default 3e-3
+        Peak learning rate of the one-cycle schedule.
+    cache : bool, default True
+        Load the state dict from ``cache_dir() / "models"`` if a model with the same seed,
+        hyperparameters and data (SHA-1 of the tensors' bytes) was trained before, and
+        save it there after training.
+    n_classes : int, optional
+        Number of classes; ``labels.max() + 1`` by default.
+
+    Returns
+    -------
+    SmallCNN
+        The trained model, on the CPU and in eval mode.
+    """
+    images = images.detach().to("cpu", torch.float32).contiguous()
+    labels = labels.detach().to("cpu", torch.int64).reshape(-1).contiguous()
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"images must be N x C x H x H, got shape {tuple(images.shape)}")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if n_classes is None:
+        n_classes = int(labels.max()) + 1
+    config = {
+        "arch": "SmallCNN-v1",
+        "in_channels": int(images.shape[1]),
+        "n_classes": int(n_classes),
+        "image_size": int(images.shape[-1]),
+        "seed": int(seed),
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "optimizer": "adam-onecycle",
+    }
+
+    def build() -> SmallCNN:
+        return SmallCNN(config["in_channels"], config["n_classes"], config["image_size"])
+
+    path = None
+    if cache:
+        key_src = json.dumps(config, sort_keys=True) + _tensor_sha1(images) + _tensor_sha1(labels)
+        key = hashlib.sha1(key_src.encode()).hexdigest()[:20]
+        path = cache_dir() / "models" / f"smallcnn-{key}.pt"
+        if path.is_file():
+            model = build()
+            try:
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                return model.eval()
+            except (RuntimeError, OSError, EOFError, ValueError):
+                pass  # corrupt or stale file: retrain and overwrite
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    n = len(images)
+    steps_per_epoch = (n + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch)
+    )
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(model.state_dict(), f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return model
+
+
+# ------------------------------------------------------------------------ MTCNN nets
+class Permute(nn.Module):
+    """Permute the dimensions of a tensor (a module, so that it can sit in a Sequential)."""
+
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = tuple(dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return ``x.permute(*dims)``."""
+        return x.permute(*self.dims)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
+
+
+def _block(*named: tuple[str, nn.Module]) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(named))
+
+
+def _mtcnn_head(in_features: int, hidden: int, dense: str, prelu: str, out: str) -> nn.Sequential:
+    # The converted Caffe/TensorFlow weights expect the conv output flattened in
+    # (N, W, H, C) order: facenet-pytorch does ``x.permute(0, 3, 2, 1)`` before ``view``.
+    return _block(
+        ("permute", Permute(0, 3, 2, 1)),
+        ("flatten", nn.Flatten()),
+        (dense, nn.Linear(in_features, hidden)),
+        (prelu, nn.PReLU(hidden)),
+        (out, nn.Linear(hidden, 2)),
+    )
+
+
+class _MTCNNNet(nn.Module):
+    """Shared code of :class:`ONet` and :class:`RNet`."""
+
+    #: Keys of the facenet-pytorch state dict that belong to the dropped outputs.
+    _unused_keys: tuple[str, ...] = ()
+
+    features: nn.Sequential
+    head: nn.Sequential
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the 2 face-classification logits (index 1 = face), no softmax."""
+        return self.head(self.features(x))
+
+    def _facenet_key_map(self) -> dict[str, str]:
+        """Map facenet-pytorch key names (``conv1.weight``) to this module's names."""
+        return {".".join(k.split(".")[-2:]): k for k in self.state_dict()}
+
+    def load_facenet_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Load a facenet-pytorch state dict (original key names such as ``conv1.weight``).
+
+        The keys of the bounding-box and landmark outputs are ignored; every key this
+        module needs must be present (strict loading of the kept keys), and unknown keys
+        raise an error too.
+
+        Parameters
+        ----------
+        state_dict : Mapping[str, torch.Tensor]
+            The state dict of facenet-pytorch's ``ONet`` / ``RNet``; a state dict with
+            this module's own key names is accepted as well.
+        """
+        own = self.state_dict()
+        key_map = self._facenet_key_map()
+        renamed: dict[str, Tensor] = {}
+        unknown = []
+        for key, value in state_dict.items():
+            if key in own:
+                renamed[key] = value
+            elif key in key_map:
+                renamed[key_map[key]] = value
+            elif key not in self._unused_keys:
+                unknown.append(key)
+        if unknown:
+            raise KeyError(f"unexpected keys in the {type(self).__name__} state dict: {unknown}")
+        missing = [k for k in own if k not in renamed]
+        if missing:
+            raise KeyError(f"keys missing from the {type(self).__name__} state dict: {missing}")
+        self.load_state_dict(renamed, strict=True)
+
+
+class ONet(_MTCNNNet):
+    """MTCNN's output network (48x48 RGB input), classification branch only.
+
+    ``features`` (for a ``3 x 48 x 48`` input)::
+
+        block1: conv1 Conv2d(3, 32, 3) - prelu1 - pool1 MaxPool2d(3, 2, ceil)  -> 32 x 23 x 23
+        block2: conv2 Conv2d(32, 64, 3) - prelu2 - pool2 MaxPool2d(3, 2, ceil) -> 64 x 10 x 10
+        block3: conv3 Conv2d(64, 64, 3) - prelu3 - pool3 MaxPool2d(2, 2, ceil) -> 64 x 4 x 4
+        block4: conv4 Conv2d(64, 128, 2) - prelu4                               -> 128 x 3 x 3
+
+    ``head``: permute ``(0, 3, 2, 1)`` - flatten - dense5 Linear(1152, 256) - prelu5 -
+    dense6_1 Linear(256, 2).  The output is the pair of logits (index 1 = face); the
+    bounding-box (``dense6_2``) and landmark (``dense6_3``) outputs are dropped.
+    Inputs are scaled as ``(x * 255 - 127.5) * 0.0078125`` for ``x`` in ``[0, 1]``.
+    Layer names are those of facenet-pytorch, nested as ``features.block1.conv1`` and
+    ``head.dense5``.  Use :func:`load_onet` for the pretrained network.
+    """
+
+    _unused_keys = (
+        "dense6_2.weight",
+        "dense6_2.bias",
+        "dense6_3.weight",
+        "dense6_3.bias",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            OrderedDict(
+                block1=_block(
+                    ("conv1", nn.Conv2d(3, 32, 3)),
+                    ("prelu1", nn.PReLU(32)),
+                    ("pool1", nn.MaxPool2d(3, 2, ceil_mode=True)),
+                ),
+                block2=_block(
+                    ("conv2", nn.Conv2d(32, 64, 3)),
+                    ("prelu2", nn.PReLU(64)),
+                    ("pool2", nn.MaxPool2d(3, 2, ceil_mode=True)),
+                ),
+                block3=_block(
+                    ("conv3", nn.Conv2d(64, 64, 3)),
+                    ("prelu3", nn.PReLU(64)),
+                    ("pool3", nn.MaxPool2d(2, 2, ceil_mode=True)),
+                ),
+                block4=_block(("conv4", nn.Conv2d(64, 128, 2)), ("prelu4", nn.PReLU(128))),
+            )
+        )
+        self.head = _mtcnn_head(1152, 256, "dense5", "prelu5", "dense6_1")
+
+
+class RNet(_MTCNNNet):
+    """MTCNN's refinement network (24x24 RGB input), classification branch only.
+
+    ``features`` (for a ``3 x 24 x 24`` input)::
+
+        block1: conv1 Conv2d(3, 28, 3) - prelu1 - pool1 MaxPool2d(3, 2, ceil)  -> 28 x 11 x 11
+        block2: conv2 Conv2d(28, 48, 3) - prelu2 - pool2 MaxPool2d(3, 2, ceil) -> 48 x 4 x 4
+        block3: conv3 Conv2d(48, 64, 2) - prelu3                                -> 64 x 3 x 3
+
+    ``head``: permute ``(0, 3, 2, 1)`` - flatten - dense4 Linear(576, 128) - prelu4 -
+    dense5_1 Linear(128, 2).  The output is the pair of logits (index 1 = face); the
+    bounding-box output (``dense5_2``) is dropped.  Inputs are scaled as for
+    :class:`ONet`.  Use :func:`load_rnet` for the pretrained network.
+    """
+
+    _unused_keys = ("dense5_2.weight", "dense5_2.bias")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            OrderedDict(
+                block1=_block(
+                    ("conv1", nn.Conv2d(3, 28, 3)),
+                    ("prelu1", nn.PReLU(28)),
+                    ("pool1", nn.MaxPool2d(3, 2, ceil_mode=True)),
+                ),
+                block2=_block(
+                    ("conv2", nn.Conv2d(28, 48, 3)),
+                    ("prelu2", nn.PReLU(48)),
+                    ("pool2", nn.MaxPool2d(3, 2, ceil_mode=True)),
+                ),
+                block3=_block(("conv3", nn.Conv2d(48, 64, 2)), ("prelu3", nn.PReLU(64))),
+            )
+        )
+        self.head = _mtcnn_head(576, 128, "dense4", "prelu4", "dense5_1")
+
+
+def _facenet_weights(name: str) -> Path:
+    install = "pip install --no-deps facenet-pytorch==2.6.0"
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"The pretrained MTCNN weights come from the optional package 'facenet-pytorch', "
+            f"which is not installed. Install it with `{install}`."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"{name}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"facenet-pytorch is installed but its weight file {path} is missing; "
+            f"reinstall it with `{install} --force-reinstall`."
+        )
+    return path
+
+
+def load_onet() -> ONet:
+    """Build :class:`ONet` with facenet-pytorch's pretrained weights, in eval mode.
+
+    Returns
+    -------
+    ONet
+        The pretrained network (``facenet_pytorch/data/onet.pt``), on the CPU.
+
+    Raises
+    ------
+    ImportError
+        If facenet-pytorch is not installed.
+    FileNotFoundError
+        If its weight file is missing.
+    """
+    model = ONet()
+    state = torch.load(_facenet_weights("onet"), map_location="cpu", weights_only=True)
+    model.load_facenet_state_dict(state)
+    return model.eval()
+
+
+def load_rnet() -> RNet:
+    """Build :class:`RNet` with facenet-pytorch's pretrained weights, in eval mode.
+
+    Returns
+    -------
+    RNet
+        The pretrained network (``facenet_pytorch/data/rnet.pt``), on the CPU.
+
+    Raises
+    ------
+    ImportError
+        If facenet-pytorch is not installed.
+    FileNotFoundError
+        If its weight file is missing.
+    """
+    model = RNet()
+    state = torch.load(_facenet_weights("rnet"), map_location="cpu", weights_only=True)
+    model.load_facenet_state_dict(state)
+    return model.eval()

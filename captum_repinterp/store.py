@@ -1,0 +1,373 @@
+"""An on-disk reference store: features and predictions as memory-mapped ``.npy`` files.
+
+``RepresentativeInterpretation.fit(references, store=path)`` writes the layer features
+(``N x D`` float32) and predictions (``N`` int64) of the references batch by batch into a
+directory::
+
+    path/
+        meta.json          {"n": rows written, "capacity": rows allocated, "dim": D,
+                            "layout": ..., "attribute_to_layer_input": ..., "complete": ...}
+        features.npy       capacity x D float32  (numpy.lib.format.open_memmap)
+        predictions.npy    capacity int64
+
+Only ``meta["n"]`` rows are valid; ``meta.json`` is rewritten (atomically) after every
+batch, once that batch's rows are flushed, so an interrupted fit leaves a consistent
+store whose ``n`` rows can be trusted.
+
+Afterwards ``features_`` / ``predictions_`` are read-only tensors backed by the memory
+maps (no copy in RAM); every later step reads them in row chunks
+(:func:`captum_repinterp.match.margins`), so the resident memory does not grow with
+``N x D``: the operating system pages the file in and out as needed.
+
+Resume and append (see :meth:`RepresentativeInterpretation.fit`):
+
+- resume: ``fit(references, store=path)`` on an incomplete store (an interrupted fit)
+  skips the ``n`` references already written and continues with the rest; the
+  references must be the same sequence as in the interrupted call.
+- append: ``fit(more, store=path, append=True)`` adds ``more`` after the rows already
+  stored (the file grows by doubling its capacity, copied in chunks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+from torch import Tensor
+
+from .features import LayerLayout
+
+__all__ = ["ReferenceStore", "STORE_FORMAT"]
+
+STORE_FORMAT = "captum_repinterp.reference_store/1"
+_COPY_CHUNK = 16384
+
+
+def _layout_to_json(layout: LayerLayout) -> dict[str, Any]:
+    return {"shapes": [list(s) for s in layout.shapes], "is_tuple": bool(layout.is_tuple)}
+
+
+def _layout_from_json(obj: dict[str, Any]) -> LayerLayout:
+    return LayerLayout(tuple(tuple(int(v) for v in s) for s in obj["shapes"]), bool(obj["is_tuple"]))
+
+
+def _readonly_tensor(array: np.ndarray) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(array)
+
+
+class ReferenceStore:
+    """Features and predictions of references in memory-mapped ``.npy`` files.
+
+    Use :meth:`create` or :meth:`open`; :meth:`write` appends rows.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store's directory.
+    meta : dict
+        Its ``meta.json`` content.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self._features: np.memmap | None = None
+        self._predictions: np.memmap | None = None
+
+    # ------------------------------------------------------------------ files
+    @property
+    def _meta_path(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def _feat_path(self) -> Path:
+        return self.path / "features.npy"
+
+    @property
+    def _pred_path(self) -> Path:
+        return self.path / "predictions.npy"
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """Whether ``path`` holds a store (a ``meta.json`` of this format)."""
+        return (Path(path) / "meta.json").is_file()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ReferenceStore:
+        """Open an existing store.
+
+        Raises
+        ------
+        ValueError
+            When ``path`` holds no store of this format.
+        """
+        meta_path = Path(path) / "meta.json"
+        if not meta_path.is_file():
+            raise ValueError(f"store: no reference store at {os.fspath(path)!r}")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != STORE_FORMAT:
+            raise ValueError(
+                f"store: {os.fspath(path)!r} has format {meta.get('format')!r}, "
+                f"expected {STORE_FORMAT!r}"
+            )
+        return cls(path, meta)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        layout: LayerLayout,
+        capacity: int,
+        attribute_to_layer_input: bool = False,
+    ) -> ReferenceStore:
+        """Create an empty store with room for ``capacity`` rows (it grows if needed)."""
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"store: {os.fspath(path)!r} exists and is not a directory")
+        p.mkdir(parents=True, exist_ok=True)
+        if cls.exists(p):
+            raise ValueError(f"store: {os.fspath(path)!r} already holds a reference store")
+        capacity = max(int(capacity), 1)
+        meta = {
+            "format": STORE_FORMAT,
+            "n": 0,
+            "capacity": capacity,
+            "dim": int(layout.dim),
+            "layout": _layout_to_json(layout),
+            "attribute_to_layer_input": bool(attribute_to_layer_input),
+            "complete": False,
+        }
+        store = cls(p, meta)
+        open_memmap(store._feat_path, mode="w+", dtype=np.float32, shape=(capacity, layout.dim))
+        open_memmap(store._pred_path, mode="w+", dtype=np.int64, shape=(capacity,))
+        store._save_meta()
+        return store
+
+    def _save_meta(self) -> None:
+        tmp = self._meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.meta, indent=1))
+        os.replace(tmp, self._meta_path)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n(self) -> int:
+        """Rows written (valid)."""
+        return int(self.meta["n"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def layout(self) -> LayerLayout:
+        return _layout_from_json(self.meta["layout"])
+
+    @property
+    def attribute_to_layer_input(self) -> bool:
+        return bool(self.meta["attribute_to_layer_input"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta["complete"])
+
+    def __len__(self) -> int:
+        return self.n
+
+    # ------------------------------------------------------------------ writing
+    def _writable(self) -> tuple[np.memmap, np.memmap]:
+        if self._features is None or self._features.mode != "r+":
+            self._close()
+            self._features = open_memmap(self._feat_path, mode="r+")
+            self._predictions = open_memmap(self._pred_path, mode="r+")
+        return self._features, self._predictions  # type: ignore[return-value]
+
+    def _close(self) -> None:
+        for arr in (self._features, self._predictions):
+            if arr is not None and isinstance(arr, np.memmap) and arr.mode == "r+":
+                arr.flush()
+        self._features = None
+        self._predictions = None
+
+    def _grow(self, needed: int) -> None:
+        """Reallocate both files with room for ``needed`` rows, copying in chunks."""
+        new_cap = max(needed, 2 * int(self.meta["capacity"]), 1024)
+        self._close()
+        for src_path, dtype, shape in (
+            (self._feat_path, np.float32, (new_cap, self.dim)),
+            (self._pred_path, np.int64, (new_cap,)),
+        ):
+            tmp = src_path.with_suffix(".tmp.npy")
+            dst = open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            src = open_memmap(src_path, mode="r")
+            for s in range(0, self.n, _COPY_CHUNK):
+                dst[s : min(s + _COPY_CHUNK, self.n)] = src[s : min(s + _COPY_CHUNK, self.n)]
+            dst.flush()
+            del dst, src
+            os.replace(tmp, src_path)
+        self.meta["capacity"] = new_cap
+        self._save_meta()
+
+    def write(self, features: Tensor, predictions: Tensor) -> None:
+        """Append rows (``B x D`` features, ``B`` predictions); flushed, then counted."""
+        b = int(features.shape[0])
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise ValueError(
+                f"features must be B x {self.dim}, got shape {tuple(features.shape)}"
+            )
+        if predictions.shape != (b,):
+            raise ValueError(f"predictions must have shape ({b},), got {tuple(predictions.shape)}")
+        if self.n + b > int(self.meta["capacity"]):
+            self._grow(self.n + b)
+        feats, preds = self._writable()
+        s = self.n
+        feats[s : s + b] = features.detach().to("cpu", torch.float32).numpy()
+        preds[s : s + b] = predictions.detach().to("cpu", torch.int64).numpy()
+        feats.flush()
+        preds.flush()
+        self.meta["n"] = s + b
+        self.meta["complete"] = False
+        self._save_meta()
+
+    def mark_complete(self) -> None:
+        """Record that the fit that wrote this store finished."""
+        self._close()
+        self.meta["complete"] = True
+        self._save_meta()
+
+    # ------------------------------------------------------------------ reading
+    def features(self) -> Tensor:
+        """``n x D`` float32 read-only tensor backed by the memory map (no copy)."""
+        self._close()
+        arr = open_memmap(self._feat_path, mode="r")
+        return _readonly_tensor(arr[: self.n])
+
+    def predictions(self) -> Tensor:
+        """``n`` int64 read-only tensor backed by the memory map (no copy)."""
+        arr = open_memmap(self._pred_path, mode="r")
+        return _readonly_tensor(arr[: self.n])
+
+    def all_finite(self, chunk_size: int = _COPY_CHUNK) -> bool:
+        """Whether every stored feature is finite (streamed in chunks)."""
+        feats = self.features()
+        return all(
+            bool(torch.isfinite(feats[s : s + chunk_size]).all())
+            for s in range(0, self.n, chunk_size)
+        )
+
+    def n_classes_present(self) -> int:
+        """Number of distinct predicted classes (streamed; stops counting at 2)."""
+        preds = self.predictions()
+        seen: set[int] = set()
+        for s in range(0, self.n, _COPY_CHUNK):
+            seen.update(torch.unique(preds[s : s + _COPY_CHUNK]).tolist())
+            if len(seen) >= 2:
+                return len(seen)
+        return len(seen)
+
+
+def fit_to_store(
+    forward_func: Any,
+    layer: Any,
+    references: Any,
+    path: str | os.PathLike,
+    append: bool = False,
+    batch_size: int = 128,
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: bool = False,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> ReferenceStore:
+    """Stream the references' features and predictions into the store at ``path``.
+
+    - no store at ``path``: create one and write every reference;
+    - an incomplete store (interrupted fit) and ``append=False``: resume, skipping the
+      ``n`` references already written (same reference sequence expected);
+    - a complete store and ``append=False``: nothing is recomputed when it holds as many
+      rows as there are references (a finished fit of the same references), otherwise
+      ``ValueError``;
+    - ``append=True``: write all references after the rows already stored.
+
+    Only one batch of features is in memory at a time.
+    """
+    from tqdm.auto import tqdm
+
+    from ._captum_compat import _format_additional_forward_args
+    from .features import (
+        _flatten_logits,
+        _slice_args,
+        check_inputs,
+        forward_with_layer,
+        iter_reference_batches,
+    )
+
+    if not isinstance(append, bool):
+        raise TypeError(f"append must be a bool, got {type(append).__name__}")
+    extra = _format_additional_forward_args(additional_forward_args)
+    n, batches = iter_reference_batches(references, batch_size, extra)
+    store = ReferenceStore.open(path) if ReferenceStore.exists(path) else None
+    skip = 0
+    if store is not None:
+        if store.attribute_to_layer_input != attribute_to_layer_input:
+            raise ValueError(
+                f"store: {os.fspath(path)!r} was fitted with attribute_to_layer_input="
+                f"{store.attribute_to_layer_input}"
+            )
+        if not append:
+            if store.complete:
+                if n is not None and n == store.n:
+                    return store
+                raise ValueError(
+                    f"store: {os.fspath(path)!r} already holds a finished fit of {store.n} "
+                    "references; pass append=True to add these, or use a new path"
+                )
+            skip = store.n  # resume
+            if n is not None and skip > n:
+                raise ValueError(
+                    f"store: {os.fspath(path)!r} holds {skip} rows but only {n} references "
+                    "were given to resume with"
+                )
+    start = 0
+    total = None if n is None else math.ceil(n / batch_size)
+    with torch.no_grad():
+        for inputs, args in tqdm(
+            batches, total=total, desc="fit: reference features (store)", disable=not progress
+        ):
+            b = int(inputs[0].shape[0])
+            stop = start + b
+            if stop <= skip:
+                start = stop
+                continue
+            if start < skip:  # resume inside a batch
+                k = skip - start
+                inputs = tuple(t[k:] for t in inputs)
+                args = _slice_args(args, b, k, b)
+            check_inputs(inputs, "references")
+            if device is not None:
+                inputs = tuple(t.to(device) for t in inputs)
+            tensors, was_tuple, out = forward_with_layer(
+                forward_func, layer, inputs, args, attribute_to_layer_input
+            )
+            layout = LayerLayout.from_outputs(tensors, was_tuple)
+            if store is None:
+                store = ReferenceStore.create(path, layout, n or 1024, attribute_to_layer_input)
+            elif layout != store.layout:
+                raise ValueError(
+                    f"references: the layer's output shapes {layout.shapes} differ from the "
+                    f"store's {store.layout.shapes}"
+                )
+            feats = layout.flatten(tensors).to("cpu", torch.float32)
+            store.write(feats, _flatten_logits(out, inputs[0].shape[0]).argmax(dim=1).cpu())
+            start = stop
+    if store is None or store.n == 0:
+        raise ValueError("references: the reference set is empty")
+    store.mark_complete()
+    return store
