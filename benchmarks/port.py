@@ -26,7 +26,9 @@ from torch import Tensor
 RATIO_RTOL = 1e-9
 
 
-def bisect_one(head: Callable, start: Tensor, end: Tensor, target: int, n_steps: int) -> float | None:
+def bisect_one(
+    head: Callable, start: Tensor, end: Tensor, target: int, n_steps: int
+) -> float | None:
     """Bisect one segment; ``None`` when its ends are on the same side."""
     with torch.no_grad():
         seed_in = int(head(start[None]).argmax(1)[0]) == target
@@ -58,7 +60,7 @@ def piece_one(head: Callable, point: Tensor, target: int) -> tuple[Tensor, float
     others[target] = -torch.inf
     runner = int(others.argmax())
     w = grads[target] - grads[runner]
-    diff = float(logits[target] - logits[runner])
+    diff = float((logits[target] - logits[runner]).detach())
     b = diff - float((w * p.detach()).sum())
     return w.detach(), b
 

@@ -24,9 +24,17 @@ fresh subprocess per configuration; memory-mapped file pages are not anonymous m
 (the OS can drop them), which is the point of the store.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
 
-import argparse
+import os
+
+# one BLAS / OpenMP thread for every library, so the port (numpy) and the package (torch)
+# run under the same conditions and spinning worker threads do not distort a loaded machine
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
 import json
 import os
 import statistics
@@ -136,8 +144,10 @@ def per_seed_and_fit(n_seeds: int, m: int) -> dict[str, float]:
     gc = LayerGradCam(model, layer)
     rows = []
     print(f"\n== per seed, N = {len(refs)}, m = {m} (seconds) ==")
-    print(f"{'seed':>5} {'ours':>8} {'port':>8} {'port/ours':>9} {'gradcam':>8} "
-          f"{'ours/gc':>8} {'|Q|':>4} {'|S|':>4} same")
+    print(
+        f"{'seed':>5} {'ours':>8} {'port':>8} {'port/ours':>9} {'gradcam':>8} "
+        f"{'ours/gc':>8} {'|Q|':>4} {'|S|':>4} same"
+    )
     for i in seeds_idx.tolist():
         x = images[i : i + 1]
         # ours, the whole public call (features, sampler, match, cover, members)
@@ -159,8 +169,10 @@ def per_seed_and_fit(n_seeds: int, m: int) -> dict[str, float]:
         assert same, f"solvers disagree on seed {i}: {sel_ours} vs {sel_port}"
         t_gc, _ = timed(gc.attribute, x, target=target)
         rows.append((t_ours, t_port, t_gc))
-        print(f"{i:>5} {t_ours:8.3f} {t_port:8.3f} {t_port / t_ours:8.1f}x {t_gc:8.4f} "
-              f"{t_ours / t_gc:7.1f}x {len(wp):>4} {len(sel_port):>4} {same}")
+        print(
+            f"{i:>5} {t_ours:8.3f} {t_port:8.3f} {t_port / t_ours:8.1f}x {t_gc:8.4f} "
+            f"{t_ours / t_gc:7.1f}x {len(wp):>4} {len(sel_port):>4} {same}"
+        )
     med = [statistics.median(c) for c in zip(*rows)]
     print(
         f"median: ours {med[0]:.3f} s, port {med[1]:.3f} s -> port / ours = "
@@ -201,8 +213,13 @@ def scale_child(n: int, mode: str, m: int, workdir: str) -> dict[str, float]:
         else:
             path = os.path.join(workdir, f"store_{n}")
             for s in range(0, n, chunk):
-                ri.fit(synth(min(chunk, n - s)), batch_size=1024, progress=False, store=path,
-                       append=True)
+                ri.fit(
+                    synth(min(chunk, n - s)),
+                    batch_size=1024,
+                    progress=False,
+                    store=path,
+                    append=True,
+                )
         t_fit = time.perf_counter() - t
     with torch.no_grad():
         psi = model.features(seed_x).reshape(1, -1)
@@ -225,8 +242,10 @@ def scale_child(n: int, mode: str, m: int, workdir: str) -> dict[str, float]:
 
 def scaling(sizes: list[int], m: int) -> None:
     print(f"\n== scaling with N (D = 1568, m = {m}; synthetic features) ==")
-    print(f"{'N':>9} {'store':>5} {'features MB':>11} {'fit s':>7} {'fit peak MB':>11} "
-          f"{'seed s':>7} {'s per 1M refs':>13} {'seed peak MB':>12}")
+    print(
+        f"{'N':>9} {'store':>5} {'features MB':>11} {'fit s':>7} {'fit peak MB':>11} "
+        f"{'seed s':>7} {'s per 1M refs':>13} {'seed peak MB':>12}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             for mode in ("ram", "disk"):
@@ -234,13 +253,17 @@ def scaling(sizes: list[int], m: int) -> None:
                     continue
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", str(n), mode, str(m), tmp],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"{r['n']:>9,} {r['mode']:>5} {r['features_mb']:>11.0f} {r['fit_s']:>7.2f} "
-                      f"{r['fit_peak_mb']:>11.0f} {r['seed_s']:>7.3f} "
-                      f"{r['seed_s'] / r['n'] * 1e6:>13.1f} {r['seed_peak_mb']:>12.0f}",
-                      flush=True)
+                print(
+                    f"{r['n']:>9,} {r['mode']:>5} {r['features_mb']:>11.0f} {r['fit_s']:>7.2f} "
+                    f"{r['fit_peak_mb']:>11.0f} {r['seed_s']:>7.3f} "
+                    f"{r['seed_s'] / r['n'] * 1e6:>13.1f} {r['seed_peak_mb']:>12.0f}",
+                    flush=True,
+                )
 
 
 def main() -> None:

@@ -9,13 +9,23 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["Interpretation", "NotFittedError", "RepresentativeInterpretation"]
+__all__ = [
+    "Interpretation",
+    "NonPiecewiseLinearWarning",
+    "NotFittedError",
+    "RepresentativeInterpretation",
+    "audit",
+    "find_layer",
+]
 __version__ = "0.1.0"
 
 _LAZY = {
     "RepresentativeInterpretation": "attribution",
     "NotFittedError": "attribution",
     "Interpretation": "interpretation",
+    "audit": "audit",
+    "find_layer": "layers",
+    "NonPiecewiseLinearWarning": "layers",
 }
 
 

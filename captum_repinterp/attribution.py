@@ -146,6 +146,27 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         for a layer with several outputs) to the model's output. Faster than the default,
         which re-runs the model on the seed with the layer's output replaced through a
         forward hook (exact also for heads that reuse earlier activations).
+
+    Notes
+    -----
+    To choose ``layer`` automatically, pass
+    ``captum_repinterp.layers.find_layer(model, example_input)``: the last convolutional
+    block whose head is piecewise linear.
+
+    Bad input gets a ValueError or TypeError naming the argument: inputs without a batch
+    dimension are caught before the model runs; when the model fails on inputs whose
+    shape or dtype differs from the references', the model's exception is re-raised as a
+    ValueError (shape) or TypeError (dtype) naming ``inputs``, with both shapes, chained
+    with ``from``; a failure on inputs like the references is the model's own and
+    propagates unchanged. Integer tensors (e.g. ``uint8`` images) are passed to the model
+    as they are (the method differentiates with respect to layer features, never inputs),
+    so a model that converts them itself works; otherwise the error asks for
+    ``x.float() / 255``. If the head after ``layer`` is not piecewise linear (Sigmoid,
+    Tanh, GELU, SiLU, ELU, Softmax, Softplus, Mish, Hardswish, layer norm, ..., as modules
+    or functional calls), a :class:`~captum_repinterp.layers.NonPiecewiseLinearWarning`
+    is given in ``fit`` and once per ``attribute``/``interpret`` call: boundaries are then
+    local linear approximations. A model in training mode is run in eval mode for the
+    duration of each call, with a warning, and every module's flag is restored.
     """
 
     def __init__(
@@ -215,7 +236,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             A directory for an on-disk reference store (see
             :mod:`captum_repinterp.store`). Features and predictions are written batch by
             batch to memory-mapped ``.npy`` files and ``features_`` / ``predictions_``
-            become read-only tensors backed by them, so ``N x D`` never has to fit in
+            become tensors backed by them (copy-on-write), so ``N x D`` never has to fit in
             RAM. An interrupted fit is resumed by calling ``fit`` again with the same
             references and ``store``; a finished store of as many rows as references is
             reused without recomputation.
@@ -277,6 +298,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         self.n_references_ = int(features.shape[0])
         self.input_spec_ = info.get("input_spec")
         self.head_nonlinear_ = tuple(nonlinear)
+        self.store_ = None
         warn_nonlinear_head(self.head_nonlinear_)
         return self
 
@@ -308,6 +330,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         device: Any,
         progress: bool,
     ) -> RepresentativeInterpretation:
+        info: dict = {}
         with eval_mode(self.forward_func, self.layer) as was_training:
             if was_training:
                 _warn_training()
@@ -322,7 +345,10 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
                 attribute_to_layer_input=attribute_to_layer_input,
                 device=device,
                 progress=progress,
+                info=info,
             )
+            features = ref_store.features()
+            nonlinear = self._scan_head(info, features, ref_store.layout, attribute_to_layer_input)
         if ref_store.n_classes_present() < 2:
             raise ValueError(
                 "references: the model predicts a single class for every reference; "
@@ -336,12 +362,15 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self.features_ = ref_store.features()
+        self.features_ = features
         self.predictions_ = ref_store.predictions()
         self.layout_ = ref_store.layout
         self.attribute_to_layer_input_ = attribute_to_layer_input
         self.n_references_ = ref_store.n
         self.store_ = ref_store
+        self.input_spec_ = info.get("input_spec")
+        self.head_nonlinear_ = tuple(nonlinear)
+        warn_nonlinear_head(self.head_nonlinear_)
         return self
 
     def _check_fitted(self) -> None:
@@ -708,6 +737,16 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             attr_dim_summation,
         )
         return _format_output(len(maps) > 1, maps)
+
+    # ------------------------------------------------------------------ audit
+    def audit(self, images: Tensor, target: int | None = None, **kwargs: Any) -> Any:
+        """Audit the decision logics used for a class: see :func:`captum_repinterp.audit.audit`.
+
+        ``ri.audit(images, target, **kwargs)`` is ``audit(ri, images, target, **kwargs)``.
+        """
+        from .audit import audit
+
+        return audit(self, images, target, **kwargs)
 
 
 def _l1_to_rows(features: Tensor, rows: Tensor, point: Tensor, chunk: int = 8192) -> Tensor:

@@ -22,8 +22,10 @@ import gzip
 import hashlib
 import importlib.util
 import os
-import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -154,16 +156,22 @@ def load_mnist5k() -> tuple[Tensor, Tensor]:
     return images, torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
 
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    """Write an ``.npz`` file via a temporary file so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temporary file in the same directory, then rename it, so
+    that concurrent readers never see a partial file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    """Save arrays as an ``.npz`` file with :func:`_atomic_write`."""
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_faces(size: int = 48) -> tuple[Tensor, Tensor]:

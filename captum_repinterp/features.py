@@ -431,6 +431,7 @@ def iter_reference_batches(
     references: Any,
     batch_size: int,
     additional_forward_args: tuple | None = None,
+    name: str = "references",
 ) -> tuple[int | None, Iterator[tuple[tuple[Tensor, ...], tuple | None]]]:
     """Batches of reference inputs, as Captum-style tuples.
 
@@ -449,12 +450,12 @@ def iter_reference_batches(
     if isinstance(references, (Tensor, tuple)):
         refs = _format_tensor_into_tuples(references)
         if len(refs) == 0 or not all(isinstance(t, Tensor) for t in refs):
-            raise TypeError("references: expected a tensor or a tuple of tensors")
+            raise TypeError(f"{name}: expected a tensor or a tuple of tensors")
         if any(t.dim() == 0 for t in refs):
-            raise ValueError("references: tensors need a batch dimension")
+            raise ValueError(f"{name}: tensors need a batch dimension")
         n = refs[0].shape[0]
         if any(t.shape[0] != n for t in refs):
-            raise ValueError("references: all tensors must have the same batch size")
+            raise ValueError(f"{name}: all tensors must have the same batch size")
 
         def gen_tensor() -> Iterator[tuple[tuple[Tensor, ...], tuple | None]]:
             for s in range(0, n, batch_size):
@@ -475,7 +476,7 @@ def iter_reference_batches(
             n = None
     else:
         raise TypeError(
-            "references must be a Tensor, a tuple of Tensors, a torch Dataset or a "
+            f"{name} must be a Tensor, a tuple of Tensors, a torch Dataset or a "
             f"DataLoader, got {type(references).__name__}"
         )
 
@@ -561,7 +562,7 @@ def extract_features(
         Shapes of the layer's tensors.
     """
     extra = _format_additional_forward_args(additional_forward_args)
-    n, batches = iter_reference_batches(references, batch_size, extra)
+    n, batches = iter_reference_batches(references, batch_size, extra, name)
     feats: list[Tensor] = []
     preds: list[Tensor] = []
     layout: LayerLayout | None = None

@@ -104,7 +104,8 @@ class _Tracer(TorchFunctionMode):
         self.counter += 1
         self.starts.setdefault(id(m), []).append(self.counter)
         self.modules[id(m)] = m
-        self.stack.append(f"{self.name_of(m)} ({type(m).__name__})")
+        name = self.name_of(m)
+        self.stack.append(f"{name} ({type(m).__name__})" if name else "")
 
     def post(self, m: nn.Module, args: Any, out: Any) -> None:
         self.counter += 1
@@ -116,7 +117,7 @@ class _Tracer(TorchFunctionMode):
 
 def _trace(fn: Callable, args: tuple, root: Any) -> _Tracer:
     names = (
-        {id(m): (n or type(m).__name__) for n, m in root.named_modules()}
+        {id(m): n for n, m in root.named_modules()}
         if isinstance(root, nn.Module)
         else {}
     )

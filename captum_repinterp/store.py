@@ -14,7 +14,7 @@ Only ``meta["n"]`` rows are valid; ``meta.json`` is rewritten (atomically) after
 batch, once that batch's rows are flushed, so an interrupted fit leaves a consistent
 store whose ``n`` rows can be trusted.
 
-Afterwards ``features_`` / ``predictions_`` are read-only tensors backed by the memory
+Afterwards ``features_`` / ``predictions_`` are copy-on-write tensors backed by the memory
 maps (no copy in RAM); every later step reads them in row chunks
 (:func:`captum_repinterp.match.margins`), so the resident memory does not grow with
 ``N x D``: the operating system pages the file in and out as needed.
@@ -55,7 +55,9 @@ def _layout_to_json(layout: LayerLayout) -> dict[str, Any]:
 
 
 def _layout_from_json(obj: dict[str, Any]) -> LayerLayout:
-    return LayerLayout(tuple(tuple(int(v) for v in s) for s in obj["shapes"]), bool(obj["is_tuple"]))
+    return LayerLayout(
+        tuple(tuple(int(v) for v in s) for s in obj["shapes"]), bool(obj["is_tuple"])
+    )
 
 
 def _readonly_tensor(array: np.ndarray) -> Tensor:
@@ -220,9 +222,7 @@ class ReferenceStore:
         """Append rows (``B x D`` features, ``B`` predictions); flushed, then counted."""
         b = int(features.shape[0])
         if features.dim() != 2 or features.shape[1] != self.dim:
-            raise ValueError(
-                f"features must be B x {self.dim}, got shape {tuple(features.shape)}"
-            )
+            raise ValueError(f"features must be B x {self.dim}, got shape {tuple(features.shape)}")
         if predictions.shape != (b,):
             raise ValueError(f"predictions must have shape ({b},), got {tuple(predictions.shape)}")
         if self.n + b > int(self.meta["capacity"]):
@@ -245,14 +245,18 @@ class ReferenceStore:
 
     # ------------------------------------------------------------------ reading
     def features(self) -> Tensor:
-        """``n x D`` float32 read-only tensor backed by the memory map (no copy)."""
+        """``n x D`` float32 tensor backed by the memory map (no copy).
+
+        Mapped copy-on-write: in-place changes stay in this process's memory and never
+        reach the file.
+        """
         self._close()
-        arr = open_memmap(self._feat_path, mode="r")
+        arr = open_memmap(self._feat_path, mode="c")
         return _readonly_tensor(arr[: self.n])
 
     def predictions(self) -> Tensor:
-        """``n`` int64 read-only tensor backed by the memory map (no copy)."""
-        arr = open_memmap(self._pred_path, mode="r")
+        """``n`` int64 tensor backed by the memory map (no copy; copy-on-write)."""
+        arr = open_memmap(self._pred_path, mode="c")
         return _readonly_tensor(arr[: self.n])
 
     def all_finite(self, chunk_size: int = _COPY_CHUNK) -> bool:
@@ -285,6 +289,7 @@ def fit_to_store(
     attribute_to_layer_input: bool = False,
     device: torch.device | None = None,
     progress: bool = True,
+    info: dict | None = None,
 ) -> ReferenceStore:
     """Stream the references' features and predictions into the store at ``path``.
 
@@ -296,7 +301,9 @@ def fit_to_store(
       ``ValueError``;
     - ``append=True``: write all references after the rows already stored.
 
-    Only one batch of features is in memory at a time.
+    Only one batch of features is in memory at a time. When ``info`` is a dict it
+    receives ``input_spec``, ``example`` and ``example_args`` of the first batch, as
+    :func:`~captum_repinterp.features.extract_features` gives them.
     """
     from tqdm.auto import tqdm
 
@@ -306,6 +313,7 @@ def fit_to_store(
         _slice_args,
         check_inputs,
         forward_with_layer,
+        input_spec,
         iter_reference_batches,
     )
 
@@ -342,6 +350,11 @@ def fit_to_store(
             batches, total=total, desc="fit: reference features (store)", disable=not progress
         ):
             b = int(inputs[0].shape[0])
+            if info is not None and "input_spec" not in info and b > 0:
+                info["input_spec"] = input_spec(inputs)
+                first = tuple(t[:1] for t in inputs)
+                info["example"] = tuple(t.to(device) for t in first) if device else first
+                info["example_args"] = _slice_args(args, b, 0, 1)
             stop = start + b
             if stop <= skip:
                 start = stop

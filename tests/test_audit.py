@@ -283,3 +283,11 @@ def test_audit_separates_the_shortcut(shortcut):
         assert r.purity >= 0.95 and r.heldout["precision"] >= 0.95
     # the exemplars of the shortcut group carry the patch
     assert bool(is_patched[groups[s].exemplars].all())
+
+
+def test_method_is_the_function(fitted):
+    ri, x = fitted
+    c = int(ri.predictions_[0])
+    a = ri.audit(x, c, max_regions=2, **FAST)[c]
+    b = audit(ri, x, c, max_regions=2, **FAST)[c]
+    assert [r.members.tolist() for r in a.regions] == [r.members.tolist() for r in b.regions]

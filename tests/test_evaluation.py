@@ -164,7 +164,8 @@ def test_randomise_resets_only_the_cascade_and_is_seeded(tiny):
 
 
 # ---------------------------------------------------------------- the pipeline
-def test_small_pipeline_on_the_tiny_model(tiny, tmp_path):
+@pytest.mark.slow
+def test_small_pipeline_on_the_tiny_model(tiny):
     model, x = tiny
     f = model.features
     setup = Setup("tiny", model, f[-1], x[:200], x[200:], head=model.head,

@@ -82,7 +82,7 @@ def test_relu_head_boundary_points_and_normals() -> None:
         ]).squeeze(1).detach()
         torch.testing.assert_close(w[i], fd, rtol=1e-5, atol=1e-6)
         # and the piece passes through the boundary point
-        assert abs(float(w[i] @ p[i] + b[i]) - float(f(p[i][None]))) < 1e-10
+        assert abs(float(w[i] @ p[i] + b[i]) - float(f(p[i][None]).detach())) < 1e-10
 
 
 def test_bisection_is_batched_one_call_per_step() -> None:

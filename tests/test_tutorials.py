@@ -1,4 +1,9 @@
-"""The tutorials run from top to bottom in a fresh kernel (and stay committed with outputs)."""
+"""The tutorials run from top to bottom in a fresh kernel (and stay committed with outputs).
+
+Each notebook is executed with nbclient in the kernel ``python3`` of this interpreter's
+``ipykernel`` (no user-level kernel spec needed), importing the package from this
+checkout; executing them takes about 25-60 s each on 2 idle cores.
+"""
 
 import os
 import sys
@@ -9,8 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
-
-pytestmark = pytest.mark.slow
 
 
 def test_there_are_three_tutorials_with_outputs():
@@ -31,6 +34,7 @@ def test_there_are_three_tutorials_with_outputs():
         assert not any(out.get("output_type") == "error" for c in code for out in c.outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_tutorial_executes(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="pip install nbformat (the dev extra)")

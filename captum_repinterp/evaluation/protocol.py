@@ -301,8 +301,13 @@ class _Runner:
             infid = infidelity(self.model, perturb, images, attr, target=targets,
                                n_perturb_samples=cfg.n_perturb, normalize=True)
 
-            def expl(x: Tensor, target: Tensor, _fn: Any = fn) -> Tensor:
-                return _fn(x, target).expand(-1, channels, -1, -1).contiguous()
+            def expl(x: Tensor | tuple, target: Tensor, _fn: Any = fn) -> Tensor | tuple:
+                # Captum passes the unperturbed inputs as a tuple and expects a tuple back
+                was_tuple = isinstance(x, tuple)
+                with torch.enable_grad():
+                    out = _fn(x[0] if was_tuple else x, target)
+                out = out.expand(-1, channels, -1, -1).contiguous()
+                return (out,) if was_tuple else out
 
             sens = sensitivity_max(expl, images, perturb_func=sens_perturb,
                                    perturb_radius=cfg.sensitivity_radius,

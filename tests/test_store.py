@@ -1,0 +1,199 @@
+"""On-disk reference store: same results as in RAM, append / resume, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.match import margins
+from captum_repinterp.store import ReferenceStore
+
+
+def _rss_anon_kb() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class PeakAnon:
+    """Peak anonymous resident memory (MB) above the level at entry, sampled every ms."""
+
+    def __enter__(self) -> PeakAnon:
+        self.base = self.peak = _rss_anon_kb()
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, _rss_anon_kb())
+                self._stop.wait(0.001)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_anon_kb())
+        self.mb = (self.peak - self.base) / 1024
+
+
+def _model(d: int = 24, hidden: int = 16, classes: int = 3, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Identity(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+    ).eval()
+
+
+def _refs(n: int, d: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_store_matches_ram(tmp_path):
+    model = _model()
+    refs = _refs(600)
+    seeds = _refs(4, seed=2)
+    ram = RepresentativeInterpretation(model, model[0]).fit(refs, batch_size=64, progress=False)
+    disk = RepresentativeInterpretation(model, model[0]).fit(
+        refs, batch_size=64, progress=False, store=tmp_path / "s"
+    )
+    assert isinstance(disk.features_, torch.Tensor)
+    assert torch.equal(disk.features_, ram.features_)
+    assert torch.equal(disk.predictions_, ram.predictions_)
+    a = ram.interpret(seeds, n_boundaries=20)
+    b = disk.interpret(seeds, n_boundaries=20)
+    for x, y in zip(a, b):
+        assert torch.equal(x.weight, y.weight) and torch.equal(x.bias, y.bias)
+        assert torch.equal(x.members, y.members)
+        assert torch.equal(x.member_distances, y.member_distances)
+        assert x.purity == y.purity and x.coverage == y.coverage
+    assert torch.equal(
+        ram.attribute(seeds, n_boundaries=20), disk.attribute(seeds, n_boundaries=20)
+    )
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["n"] == 600 and meta["dim"] == 24 and meta["complete"] is True
+    assert np.load(tmp_path / "s" / "features.npy", mmap_mode="r").shape == (600, 24)
+    # the tensors are copy-on-write views of the files: changing them never changes the store
+    disk.features_[0, 0] = 123.0
+    assert np.load(tmp_path / "s" / "features.npy", mmap_mode="r")[0, 0] != 123.0
+
+
+def test_append_equals_one_fit(tmp_path):
+    model = _model()
+    refs = _refs(700)
+    one = RepresentativeInterpretation(model, model[0]).fit(refs, progress=False)
+    ri = RepresentativeInterpretation(model, model[0])
+    for s in range(0, 700, 150):  # grows past the first capacity (150 rows)
+        ri.fit(refs[s : s + 150], batch_size=64, progress=False, store=tmp_path / "a", append=True)
+    assert ri.n_references_ == 700
+    assert torch.equal(ri.features_, one.features_)
+    assert torch.equal(ri.predictions_, one.predictions_)
+    reopened = ReferenceStore.open(tmp_path / "a")
+    assert reopened.n == 700 and reopened.complete
+
+
+def test_resume_after_interruption(tmp_path):
+    model = _model()
+    refs = _refs(500)
+    calls = {"n": 0}
+
+    class Boom(RuntimeError):
+        pass
+
+    def hook(_m, _inp, _out):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Boom
+
+    handle = model[0].register_forward_hook(hook)
+    ri = RepresentativeInterpretation(model, model[0])
+    with pytest.raises(Boom):
+        ri.fit(refs, batch_size=64, progress=False, store=tmp_path / "r")
+    handle.remove()
+    partial = ReferenceStore.open(tmp_path / "r")
+    assert partial.n == 3 * 64 and not partial.complete
+    # resume: only the remaining rows are computed
+    seen = []
+    handle = model[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[0]))
+    ri.fit(refs, batch_size=64, progress=False, store=tmp_path / "r")
+    handle.remove()
+    # (one-row calls are fit's trace of the head on the first example)
+    assert sum(k for k in seen if k > 1) == 500 - 3 * 64
+    full = RepresentativeInterpretation(model, model[0]).fit(refs, progress=False)
+    assert torch.equal(ri.features_, full.features_)
+    assert torch.equal(ri.predictions_, full.predictions_)
+    # a finished store of the same size is reused; a different one needs append=True
+    seen.clear()
+    handle = model[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[0]))
+    ri.fit(refs, progress=False, store=tmp_path / "r")
+    handle.remove()
+    assert all(k == 1 for k in seen)
+    with pytest.raises(ValueError, match="append=True"):
+        ri.fit(refs[:10], progress=False, store=tmp_path / "r")
+
+
+def test_bad_arguments(tmp_path):
+    model = _model()
+    ri = RepresentativeInterpretation(model, model[0])
+    with pytest.raises(ValueError, match="append"):
+        ri.fit(_refs(10), append=True, progress=False)
+    with pytest.raises(TypeError, match="store"):
+        ri.fit(_refs(10), store=3, progress=False)
+    with pytest.raises(ValueError, match="store"):
+        ReferenceStore.open(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_interpret_memory_bounded_with_store(tmp_path):
+    """Per-seed work on a 160 MB store stays far below N x D in anonymous memory."""
+    d, n, chunk = 512, 80_000, 10_000
+    model = _model(d=d, hidden=32, classes=4)
+    ri = RepresentativeInterpretation(model, model[0])
+    for s in range(0, n, chunk):
+        ri.fit(
+            _refs(chunk, d=d, seed=10 + s),
+            batch_size=2048,
+            progress=False,
+            store=tmp_path / "big",
+            append=True,
+        )
+    feature_mb = n * d * 4 / 2**20
+    x = _refs(1, d=d, seed=3)
+    with PeakAnon() as mem:
+        it = ri.interpret(x, n_boundaries=30)
+    assert len(it.members) > 0
+    assert mem.mb < 0.25 * feature_mb, (mem.mb, feature_mb)
+
+
+def test_margins_reads_in_chunks():
+    """``margins`` touches at most ``chunk_size`` rows at a time and matches one product."""
+    feats = _refs(1000, d=8)
+    w, b = _refs(5, d=8, seed=4), _refs(1, d=5, seed=5)[0]
+    sizes = []
+
+    class Spy:
+        shape = feats.shape
+        device = feats.device
+
+        def dim(self) -> int:
+            return 2
+
+        def __getitem__(self, key):  # noqa: ANN001
+            part = feats[key]
+            sizes.append(part.shape[0])
+            return part
+
+    out = margins(Spy(), w, b, chunk_size=128)  # type: ignore[arg-type]
+    assert max(sizes) <= 128 and sum(sizes) == 1000
+    ref = feats.double() @ w.double().T + b.double()
+    assert torch.allclose(out.double(), ref, atol=1e-5)
