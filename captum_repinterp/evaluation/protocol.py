@@ -199,7 +199,8 @@ class _Runner:
     # -------------------------------------------------------------- 2: no reuse
     def explain_all(self, ri: RepresentativeInterpretation | None,
                     methods: list[ChannelWeightMethod], images: Tensor, targets: Tensor,
-                    ri_names: Sequence[str] = ("ri",), with_ig: bool = True) -> dict[str, Tensor]:
+                    ri_names: Sequence[str] = ("ri",), with_ig: bool = True,
+                    model: nn.Module | None = None) -> dict[str, Tensor]:
         maps = {}
         if ri is not None:
             regions = self.regions(ri, images, targets)
@@ -211,8 +212,8 @@ class _Runner:
         for m in methods:
             maps[m.name] = m.explain(images, targets)
         if with_ig:
-            maps["ig"] = integrated_gradients_maps(self.model if ri is None else ri.forward_func,
-                                                   images, targets, self.cfg.ig_steps)
+            ig_model = model if model is not None else self.model
+            maps["ig"] = integrated_gradients_maps(ig_model, images, targets, self.cfg.ig_steps)
         return maps
 
     def no_reuse(
@@ -261,7 +262,7 @@ class _Runner:
                     maps.update(self.explain_all(ri, [], images, targets, ("ri",), False))
                 except (ValueError, RuntimeError) as exc:
                     note = str(exc)[:120]
-            maps.update(self.explain_all(None, methods, images, targets, (), True))
+            maps.update(self.explain_all(None, methods, images, targets, (), True, model=model))
             for name in base:
                 if name in maps:
                     rho = rank_correlation(base[name], maps[name])
@@ -416,17 +417,21 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
         t0 = time.perf_counter()
         result["reuse"] = run.reuse(ri, methods)
         run.timings["reuse_total"] = time.perf_counter() - t0
+        print(f"[{setup.name}] reuse: {run.timings['reuse_total']:.1f} s", flush=True)
         t0 = time.perf_counter()
         result["no_reuse"] = run.no_reuse(ri, methods)
         run.timings["no_reuse_total"] = time.perf_counter() - t0
+        print(f"[{setup.name}] no_reuse: {run.timings['no_reuse_total']:.1f} s", flush=True)
         if cfg.sanity and setup.cascade:
             t0 = time.perf_counter()
             result["sanity"] = run.sanity()
             run.timings["sanity_total"] = time.perf_counter() - t0
+            print(f"[{setup.name}] sanity: {run.timings['sanity_total']:.1f} s", flush=True)
         if cfg.fidelity:
             t0 = time.perf_counter()
             result["fidelity"] = run.fidelity(ri, methods)
             run.timings["fidelity_total"] = time.perf_counter() - t0
+            print(f"[{setup.name}] fidelity: {run.timings['fidelity_total']:.1f} s", flush=True)
     run.timings["total"] = time.perf_counter() - t_start
     result["timings_s"] = {k: round(v, 2) for k, v in run.timings.items()}
     return _clean(result)
