@@ -97,12 +97,20 @@ def port_greedy(
     positive: np.ndarray,
     eps: float = 1e-3,
 ) -> list[int]:
-    """Greedy SCSC with ``delta`` = auto and ``tighten``; match matrix recomputed per pick."""
+    """Greedy SCSC with ``delta`` = auto and ``tighten``; match matrix recomputed per pick.
+
+    Ratios ``(df_j + eps) / dg_j`` are compared with the package's rule: only candidates
+    not yet selected and with ``dg_j > 0`` compete; ratios within ``RATIO_RTOL``
+    (relative) of the smallest are tied, and ties go to the smaller ``df_j``, then the
+    smaller index.
+    """
     m = weight.shape[0]
     negative = ~positive
+    w32 = np.ascontiguousarray(weight, dtype=np.float32)
+    b32 = bias.astype(np.float32)
 
     def match_now() -> np.ndarray:
-        return features @ weight.T.astype(np.float32) + bias.astype(np.float32) > 0
+        return features @ w32.T + b32 > 0
 
     match = match_now()
     delta = int((match.all(axis=1) & negative).sum())
@@ -115,20 +123,17 @@ def port_greedy(
         out = ~match[inside]
         df = (out & positive[inside, None]).sum(axis=0)
         dg = (out & negative[inside, None]).sum(axis=0)
-        best, best_ratio = None, np.inf
+        ratios = np.full(m, np.inf)
         for j in range(m):
-            if j in selected or dg[j] <= 0:
-                continue
-            r = (df[j] + eps) / dg[j]
-            if best is None or r < best_ratio - RATIO_RTOL * best_ratio:
-                best, best_ratio = j, r
-        if best is None:
+            if j not in selected and dg[j] > 0:
+                ratios[j] = (df[j] + eps) / dg[j]
+        valid = np.isfinite(ratios)
+        if not valid.any():
             break
-        # tie rule: among ratios within RATIO_RTOL of the smallest, smaller df, then index
-        ratios = np.where(dg > 0, (df + eps) / np.maximum(dg, 1), np.inf)
-        ratios[selected] = np.inf
-        lo = ratios.min()
-        tied = np.nonzero(ratios - lo <= RATIO_RTOL * ratios)[0]
+        lo = ratios[valid].min()
+        # only valid candidates can tie (inf - lo <= RTOL * inf would let every
+        # excluded candidate, already selected ones included, into the tie)
+        tied = np.nonzero(valid & (ratios - lo <= RATIO_RTOL * ratios))[0]
         best = int(min(tied, key=lambda k: (df[k], k)))
         selected.append(best)
         covered += int(dg[best])

@@ -1,16 +1,17 @@
-"""Speed and scale benchmark: ``python benchmarks/speed.py`` (about 5-10 minutes, CPU).
+"""Speed and scale benchmark: ``python benchmarks/speed.py`` (about 2-4 minutes, one thread).
 
 One run on one model and one data set (SmallCNN trained on MNIST-5k, split at
 ``features[-1]``, D = 32 x 7 x 7 = 1568) prints
 
-1. per-seed time of the package (batched sampler + chunked match matrix + greedy cover)
-   against a straightforward port of the reference implementation
-   (``benchmarks/port.py``), on the same candidates, and asserts that both solvers select
-   the same boundaries when given the same ``W, b`` (the port's);
-2. per-seed time against Captum's ``LayerGradCam`` on the same images;
-3. fit throughput against plain inference of the model over the same references;
-4. time and peak memory as the reference set grows (synthetic features beyond 10k), with
-   the in-RAM features and with the on-disk store (``fit(..., store=path)``).
+1. fit throughput against plain inference of the model over the same references;
+2. per-seed time of the package (``ri.interpret``: batched sampler + chunked match matrix +
+   greedy cover + ranked members) against a straightforward port of the reference
+   implementation (``benchmarks/port.py``) on the same candidates, and asserts that both
+   pipelines (match matrix + greedy) select the same boundaries when given the same
+   ``W, b``: once with the port's sampled boundaries, once with the package's;
+3. per-seed time against Captum's ``LayerGradCam`` on the same images;
+4. time and peak memory as the reference set grows (synthetic features), with the in-RAM
+   features and with the on-disk store (``fit(..., store=path, append=True)``).
 
 N = 10k real references: the 5000 MNIST-5k images plus a copy of each shifted by one
 pixel (right for even indices, down for odd ones; ``torch.roll``). Synthetic features
@@ -36,7 +37,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json
-import os
+import math
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ from port import port_greedy, port_sample  # noqa: E402
 
 from captum_repinterp import RepresentativeInterpretation  # noqa: E402
 from captum_repinterp.match import margins  # noqa: E402
-from captum_repinterp.sampler import choose_candidates  # noqa: E402
+from captum_repinterp.sampler import choose_candidates, sample_boundaries  # noqa: E402
 from captum_repinterp.solver import greedy_cover  # noqa: E402
 
 torch.manual_seed(0)
@@ -118,7 +119,27 @@ def timed(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
 
 
 # ---------------------------------------------------------------------- parts 1-3
-def per_seed_and_fit(n_seeds: int, m: int) -> dict[str, float]:
+def _selections_agree(
+    feats: torch.Tensor, preds: torch.Tensor, target: int, w: torch.Tensor, b: torch.Tensor
+) -> tuple[list[int], list[int], int]:
+    """Both pipelines (match matrix + greedy) on the same ``W, b``.
+
+    Ours: chunked torch ``margins`` then ``greedy_cover``; the port: its numpy match
+    matrix and greedy. Returns both selections and the number of match entries whose
+    sign differs between the two match computations.
+    """
+    positive = preds == target
+    match_ours = margins(feats, w, b) > 0
+    sel_ours = greedy_cover(match_ours, positive).selected.tolist()
+    feats_np = feats.numpy()
+    w_np, b_np = w.numpy(), b.numpy()
+    sel_port = port_greedy(feats_np, w_np, b_np, positive.numpy())
+    match_port = feats_np @ np.ascontiguousarray(w_np, dtype=np.float32).T + b_np > 0
+    n_diff = int((match_ours.numpy() != match_port).sum())
+    return sel_ours, sel_port, n_diff
+
+
+def per_seed_and_fit(n_seeds: int, n_port: int, m: int) -> dict[str, float]:
     from captum.attr import LayerGradCam
 
     model, images, _ = load_setup()
@@ -127,7 +148,7 @@ def per_seed_and_fit(n_seeds: int, m: int) -> dict[str, float]:
     head = model.head
     ri = RepresentativeInterpretation(model, layer, head=head)
 
-    print("== fit throughput (N = 10000 references, batch 128) ==")
+    print(f"== fit throughput (N = {len(refs)} references, batch 128) ==")
     t_fit, _ = timed(ri.fit, refs, batch_size=128, progress=False)
     with torch.no_grad():
         t_inf, _ = timed(lambda: [model(refs[s : s + 128]) for s in range(0, len(refs), 128)])
@@ -138,48 +159,80 @@ def per_seed_and_fit(n_seeds: int, m: int) -> dict[str, float]:
     )
 
     feats, preds = ri.features_, ri.predictions_
-    feats_np = feats.numpy()
     gen = torch.Generator().manual_seed(1)
-    seeds_idx = torch.randperm(len(images), generator=gen)[:n_seeds]
+    seeds_idx = torch.randperm(len(images), generator=gen)[:n_seeds].tolist()
     gc = LayerGradCam(model, layer)
+    gc.attribute(images[:1], target=0)  # warm-up (first call pays one-off costs)
+    ri.interpret(images[:1], n_boundaries=m, seed=0)
     rows = []
-    print(f"\n== per seed, N = {len(refs)}, m = {m} (seconds) ==")
+    print(f"\n== per seed, N = {len(refs)}, m = {m} candidates (seconds) ==")
     print(
-        f"{'seed':>5} {'ours':>8} {'port':>8} {'port/ours':>9} {'gradcam':>8} "
-        f"{'ours/gc':>8} {'|Q|':>4} {'|S|':>4} same"
+        "ours = ri.interpret(x) (seed features, batched sampler, chunked match, greedy, "
+        "ranked members)\nport = port_sample + port_greedy on the same candidates; "
+        "gc = LayerGradCam.attribute(x)\n"
+        "same(port W,b) / same(our W,b): both pipelines (match matrix + greedy) given the "
+        "same boundaries select the same ones (asserted); |dM| = match entries whose sign "
+        "differs between torch and numpy"
     )
-    for i in seeds_idx.tolist():
+    print(
+        f"{'seed':>5} {'cls':>3} {'ours':>7} {'port':>8} {'port/ours':>9} {'gc':>7} "
+        f"{'ours/gc':>8} {'|Q|':>4} {'|S|':>4} {'|dM|':>4} same(port W,b) same(our W,b)"
+    )
+    for k, i in enumerate(seeds_idx):
         x = images[i : i + 1]
         # ours, the whole public call (features, sampler, match, cover, members)
         t_ours, interp = timed(ri.interpret, x, n_boundaries=m, seed=0)
-        # the port on the same candidates
+        target = interp.target
+        t_gc, _ = timed(gc.attribute, x, target=target)
         psi_x, _ = ri.transform(x)
         psi_x = psi_x[0]
-        target = interp.target
         cand = choose_candidates(preds, target, True, m, 0)
-        t0 = time.perf_counter()
-        wp, bp = port_sample(head, psi_x, feats[cand], target)
-        positive = (preds == target).numpy()
-        sel_port = port_greedy(feats_np, wp.numpy(), bp.numpy(), positive)
-        t_port = time.perf_counter() - t0
-        # exactness: both solvers on the port's W, b
-        match = margins(feats, wp, bp) > 0
-        sel_ours = greedy_cover(match, preds == target).selected.tolist()
-        same = sel_ours == sel_port
-        assert same, f"solvers disagree on seed {i}: {sel_ours} vs {sel_port}"
-        t_gc, _ = timed(gc.attribute, x, target=target)
+        # our sampler alone on the same candidates (for the second exactness check)
+        ours_b = sample_boundaries(head, psi_x, feats[cand], target)
+        if k < n_port:
+            t0 = time.perf_counter()
+            wp, bp = port_sample(head, psi_x, feats[cand], target)
+            sel_port_run = port_greedy(
+                feats.numpy(), wp.numpy(), bp.numpy(), (preds == target).numpy()
+            )
+            t_port = time.perf_counter() - t0
+            # exactness 1: both pipelines on the port's W, b
+            sel_o, sel_p, n_diff = _selections_agree(feats, preds, target, wp, bp)
+            assert sel_p == sel_port_run
+            same_port = sel_o == sel_p
+            assert same_port, f"seed {i}, port's W, b: ours {sel_o} vs port {sel_p}"
+            q, s_len = len(wp), len(sel_p)
+        else:
+            t_port, same_port, n_diff, q, s_len = math.nan, None, -1, len(ours_b), -1
+        # exactness 2: both pipelines on our sampler's W, b
+        sel_o2, sel_p2, n_diff2 = _selections_agree(
+            feats, preds, target, ours_b.weight, ours_b.bias
+        )
+        same_ours = sel_o2 == sel_p2
+        assert same_ours, f"seed {i}, our W, b: ours {sel_o2} vs port {sel_p2}"
         rows.append((t_ours, t_port, t_gc))
         print(
-            f"{i:>5} {t_ours:8.3f} {t_port:8.3f} {t_port / t_ours:8.1f}x {t_gc:8.4f} "
-            f"{t_ours / t_gc:7.1f}x {len(wp):>4} {len(sel_port):>4} {same}"
+            f"{i:>5} {target:>3} {t_ours:7.3f} {t_port:8.3f} {t_port / t_ours:8.1f}x "
+            f"{t_gc:7.4f} {t_ours / t_gc:7.1f}x {q:>4} {s_len:>4} {max(n_diff, n_diff2):>4} "
+            f"{'-' if same_port is None else str(same_port):>14} {str(same_ours):>13}"
         )
-    med = [statistics.median(c) for c in zip(*rows)]
+    ours_t = [r[0] for r in rows]
+    port_t = [r[1] for r in rows if not math.isnan(r[1])]
+    ours_p = ours_t[: len(port_t)]
+    gc_t = [r[2] for r in rows]
+    mean = statistics.fmean
     print(
-        f"median: ours {med[0]:.3f} s, port {med[1]:.3f} s -> port / ours = "
-        f"{med[1] / med[0]:.1f}x; LayerGradCam {med[2]:.4f} s -> ours / LayerGradCam = "
-        f"{med[0] / med[2]:.1f}x"
+        f"mean over {len(ours_t)} seeds: ours {mean(ours_t):.3f} s, LayerGradCam "
+        f"{mean(gc_t):.4f} s -> ours / LayerGradCam = {mean(ours_t) / mean(gc_t):.1f}x"
     )
-    return {"port_over_ours": med[1] / med[0], "ours_over_gc": med[0] / med[2]}
+    print(
+        f"mean over the {len(port_t)} seeds with the port: port {mean(port_t):.3f} s, ours "
+        f"{mean(ours_p):.3f} s -> port / ours = {mean(port_t) / mean(ours_p):.1f}x"
+    )
+    return {
+        "port_over_ours": mean(port_t) / mean(ours_p),
+        "ours_over_gc": mean(ours_t) / mean(gc_t),
+    }
 
 
 # ---------------------------------------------------------------------- part 4
@@ -240,48 +293,77 @@ def scale_child(n: int, mode: str, m: int, workdir: str) -> dict[str, float]:
     }
 
 
-def scaling(sizes: list[int], m: int) -> None:
+def scaling(configs: list[tuple[int, str]], m: int) -> None:
     print(f"\n== scaling with N (D = 1568, m = {m}; synthetic features) ==")
     print(
+        "peak MB = peak RssAnon (anonymous resident memory, /proc/self/status, sampled every "
+        "2 ms) above its level before the step;\none fresh subprocess per row; seed s = best "
+        "of 2 calls of ri.interpret on one seed"
+    )
+    print(
         f"{'N':>9} {'store':>5} {'features MB':>11} {'fit s':>7} {'fit peak MB':>11} "
-        f"{'seed s':>7} {'s per 1M refs':>13} {'seed peak MB':>12}"
+        f"{'seed s':>7} {'s per 1M refs':>13} {'seed peak MB':>12} {'peak/features':>13}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:
-            for mode in ("ram", "disk"):
-                if mode == "ram" and n > 300_000:
-                    continue
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", str(n), mode, str(m), tmp],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                print(
-                    f"{r['n']:>9,} {r['mode']:>5} {r['features_mb']:>11.0f} {r['fit_s']:>7.2f} "
-                    f"{r['fit_peak_mb']:>11.0f} {r['seed_s']:>7.3f} "
-                    f"{r['seed_s'] / r['n'] * 1e6:>13.1f} {r['seed_peak_mb']:>12.0f}",
-                    flush=True,
-                )
+        for n, mode in configs:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(n), mode, str(m), tmp],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            peak = max(r["fit_peak_mb"], r["seed_peak_mb"])
+            print(
+                f"{r['n']:>9,} {r['mode']:>5} {r['features_mb']:>11.0f} {r['fit_s']:>7.2f} "
+                f"{r['fit_peak_mb']:>11.0f} {r['seed_s']:>7.3f} "
+                f"{r['seed_s'] / r['n'] * 1e6:>13.1f} {r['seed_peak_mb']:>12.0f} "
+                f"{peak / r['features_mb']:>12.2f}x",
+                flush=True,
+            )
+
+
+def _parse_configs(text: str) -> list[tuple[int, str]]:
+    configs = []
+    for item in text.split(","):
+        n, _, mode = item.strip().partition(":")
+        mode = mode or "ram"
+        if mode not in ("ram", "disk"):
+            raise ValueError(f"--sizes: store must be ram or disk, got {mode!r} in {item!r}")
+        configs.append((int(n), mode))
+    return configs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for ours and LayerGradCam")
+    parser.add_argument(
+        "--port-seeds", type=int, default=3, help="of those, seeds also run with the port"
+    )
     parser.add_argument("--m", type=int, default=50)
-    parser.add_argument("--sizes", type=str, default="1000,10000,100000,300000")
+    parser.add_argument(
+        "--sizes",
+        type=str,
+        default="1000:ram,10000:ram,100000:ram,100000:disk,300000:disk",
+        help="comma-separated N:store, store = ram (in RAM) or disk (fit(..., store=path))",
+    )
     parser.add_argument("--skip-per-seed", action="store_true")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     if args.child:
         n, mode, m, workdir = args.child
         print(json.dumps(scale_child(int(n), mode, int(m), workdir)))
         return
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, numpy {np.__version__}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, numpy {np.__version__}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    )
+    t0 = time.perf_counter()
     if not args.skip_per_seed:
-        per_seed_and_fit(args.seeds, args.m)
-    scaling([int(s) for s in args.sizes.split(",")], args.m)
+        per_seed_and_fit(args.seeds, min(args.port_seeds, args.seeds), args.m)
+    scaling(_parse_configs(args.sizes), args.m)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
