@@ -37,3 +37,12 @@ def tiny() -> tuple[TinyCNN, torch.Tensor]:
         model.head[3].weight.copy_(sol[:-1].T)
         model.head[3].bias.copy_(sol[-1])
     return model, x
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

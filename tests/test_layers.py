@@ -14,13 +14,7 @@ from captum_repinterp.layers import (
     nonlinear_ops_in,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _no_hooks(model: nn.Module) -> bool:
