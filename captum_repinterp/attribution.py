@@ -24,6 +24,7 @@ from ._captum_compat import (
     GradientAttribution,
     LayerAttribution,
     TargetType,
+    _expand_additional_forward_args,
     _format_additional_forward_args,
     _format_output,
     _select_targets,
@@ -41,7 +42,7 @@ from .features import (
     forward_with_layer,
     model_device,
 )
-from .heatmap import COMBINE_RULES, HEATMAP_RULES, layer_heatmap
+from .heatmap import COMBINE_RULES, HEATMAP_RULES, layer_heatmap, region_score_weights
 from .interpretation import Interpretation
 from .layers import nonlinear_ops_after, nonlinear_ops_in, warn_nonlinear_head
 from .match import margins, semantic_distance
@@ -502,8 +503,10 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         refine : {"tighten", "prune", "none"}
             After the greedy loop: add every zero-cost boundary (``tighten``, default),
             drop boundaries that change neither count (``prune``), or nothing.
-        heatmap_rule : {"elementwise", "channel"}
-            See :mod:`captum_repinterp.heatmap`.
+        heatmap_rule : {"elementwise", "channel", "region-score"}
+            See :mod:`captum_repinterp.heatmap`. ``"region-score"`` needs one image input
+            and a convolutional layer with one output; it costs one extra forward pass of
+            ``K`` masked copies of the seed.
         combine : {"sum", "unit"}
             How the selected normals are combined into the heat-map direction.
         bisection_steps : int
@@ -562,9 +565,9 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
                 one = tuple(t[i : i + 1].detach() for t in inputs_t)
                 if device is not None:
                     one = tuple(t.to(device) for t in one)
-                head = self._head_for(one, _slice_args(extra, n, i, i + 1))
-                results.append(
-                    self._interpret_one(
+                extra_i = _slice_args(extra, n, i, i + 1)
+                head = self._head_for(one, extra_i)
+                region = self._interpret_one(
                         head,
                         psi[i],
                         outputs[i : i + 1].reshape(1, -1),
@@ -577,8 +580,40 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
                         combine,
                         bisection_steps,
                     )
-                )
+                if heatmap_rule == "region-score":
+                    region.channel_weights = self._region_score(
+                        region, one, extra_i, tuple(a[i] for a in activations)
+                    )
+                results.append(region)
         return results, activations
+
+    def _region_score(
+        self,
+        region: Interpretation,
+        one: tuple[Tensor, ...],
+        extra: tuple | None,
+        seed_acts: tuple[Tensor, ...],
+    ) -> Tensor:
+        """Channel weights of the ``"region-score"`` heat-map rule for one seed."""
+        if len(one) != 1 or one[0].dim() != 4 or len(seed_acts) != 1 or seed_acts[0].dim() != 3:
+            raise ValueError(
+                "heatmap_rule='region-score' needs one image input (1 x C x H x W) and a "
+                "convolutional layer with one output (K x h x w); use 'elementwise'"
+            )
+
+        def features_of(batch: Tensor) -> Tensor:
+            args = _expand_additional_forward_args(extra, batch.shape[0])
+            with torch.no_grad():
+                tensors, _, _ = forward_with_layer(
+                    self.forward_func,
+                    self.layer,
+                    (batch,),
+                    args,
+                    self.attribute_to_layer_input_,
+                )
+            return self.layout_.flatten(tensors)
+
+        return region_score_weights(one[0], seed_acts[0], features_of, region.weight, region.bias)
 
     def _head_for(self, one: tuple[Tensor, ...], extra: tuple | None) -> Callable:
         if self.head is not None:
@@ -728,6 +763,11 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             progress,
         )
         directions = torch.stack([it.direction for it in interps])
+        channel_weights = (
+            torch.stack([it.channel_weights for it in interps])
+            if heatmap_rule == "region-score"
+            else None
+        )
         maps = layer_heatmap(
             directions,
             activations,
@@ -735,6 +775,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             heatmap_rule,
             relu_attributions,
             attr_dim_summation,
+            channel_weights,
         )
         return _format_output(len(maps) > 1, maps)
 

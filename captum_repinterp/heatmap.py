@@ -5,13 +5,20 @@ like the layer's output. Two rules, chosen by name:
 
 - ``"elementwise"`` (default): ``sum_k v[k, p] * A_k(x')[p]`` at every position ``p``, the
   rule the authors' code uses to draw one boundary;
-- ``"channel"``: Grad-CAM-like, ``alpha_k = mean_p v[k, p]`` and ``sum_k alpha_k A_k(x')``.
+- ``"channel"``: Grad-CAM-like, ``alpha_k = mean_p v[k, p]`` and ``sum_k alpha_k A_k(x')``;
+- ``"region-score"``: Score-CAM-like channel weights scored by the *region*: each channel's
+  activation on the seed, upsampled and min-max scaled, masks the seed; ``s_k`` is how far
+  the masked seed lies inside the region (the smallest signed distance
+  ``h_j / ||w_j||`` over the selected boundaries) and ``alpha = softmax(s)``. The map is
+  ``sum_k alpha_k A_k(x')``; the weights are computed once on the seed and reused.
 
 Outputs follow ``LayerGradCam``'s layout: the layer's shape with dimension 1 summed to 1
 (``attr_dim_summation=True``), one tensor per layer output.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +28,7 @@ from .features import LayerLayout
 
 __all__ = ["HEATMAP_RULES", "combine_normals", "layer_heatmap"]
 
-HEATMAP_RULES = ("elementwise", "channel")
+HEATMAP_RULES = ("elementwise", "channel", "region-score")
 COMBINE_RULES = ("sum", "unit")
 
 
@@ -41,6 +48,49 @@ def combine_normals(weight: Tensor, rule: str = "sum") -> Tensor:
     return w.sum(dim=0)
 
 
+def region_score_weights(
+    seed_inputs: Tensor,
+    seed_activation: Tensor,
+    features_of: Callable[[Tensor], Tensor],
+    weight: Tensor,
+    bias: Tensor,
+) -> Tensor:
+    """Channel weights of the ``"region-score"`` rule (one forward pass of ``K`` images).
+
+    Parameters
+    ----------
+    seed_inputs : Tensor
+        ``1 x C x H x W``: the seed image.
+    seed_activation : Tensor
+        ``K x h x w``: the seed's activations at the layer.
+    features_of : callable
+        Maps a batch of inputs (``B x C x H x W``) to layer features (``B x D``).
+    weight, bias : Tensor
+        The selected boundaries (``k x D``, ``k``), oriented so the region is ``h > 0``.
+
+    Returns
+    -------
+    Tensor
+        ``K`` weights ``softmax_k(min_j h_j(psi(x * M_k)) / ||w_j||)``, float32 on the CPU;
+        uniform when no boundary is selected.
+    """
+    k_channels = seed_activation.shape[0]
+    if weight.shape[0] == 0:
+        return torch.full((k_channels,), 1.0 / k_channels)
+    masks = F.interpolate(
+        seed_activation[:, None].float(), size=tuple(seed_inputs.shape[-2:]), mode="bilinear",
+        align_corners=False,
+    )[:, 0]
+    lo = masks.flatten(1).min(dim=1).values[:, None, None]
+    hi = masks.flatten(1).max(dim=1).values[:, None, None]
+    masks = (masks - lo) / (hi - lo).clamp_min(1e-12)
+    masked = seed_inputs * masks[:, None].to(seed_inputs.dtype)
+    feats = features_of(masked).to("cpu", torch.float32)
+    w = weight.to("cpu", torch.float32)
+    dist = (feats @ w.T + bias.to("cpu", torch.float32)[None]) / w.norm(dim=1)[None]
+    return torch.softmax(dist.min(dim=1).values.double(), dim=0).float()
+
+
 def layer_heatmap(
     direction: Tensor,
     activations: tuple[Tensor, ...],
@@ -48,6 +98,7 @@ def layer_heatmap(
     rule: str = "elementwise",
     relu: bool = True,
     attr_dim_summation: bool = True,
+    channel_weights: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Heat maps of ``direction`` on a batch of layer activations.
 
@@ -65,6 +116,8 @@ def layer_heatmap(
         Apply a ReLU to the result (``relu_attributions``).
     attr_dim_summation : bool
         Sum over dimension 1 (channels), as ``LayerGradCam`` does.
+    channel_weights : Tensor, optional
+        ``K`` or ``n x K`` weights of the ``"region-score"`` rule (required by it).
 
     Returns
     -------
@@ -74,6 +127,18 @@ def layer_heatmap(
     if rule not in HEATMAP_RULES:
         raise ValueError(f"heatmap_rule must be one of {HEATMAP_RULES}, got {rule!r}")
     n = activations[0].shape[0]
+    if rule == "region-score":
+        if channel_weights is None or len(activations) != 1:
+            raise ValueError(
+                "heatmap_rule='region-score' needs channel weights and a layer with one output"
+            )
+        a = activations[0]
+        cw = channel_weights if channel_weights.dim() == 2 else channel_weights[None].expand(n, -1)
+        cw = cw.to(a.device, a.dtype).reshape(n, -1, *([1] * (a.dim() - 2)))
+        scaled = cw * a
+        if attr_dim_summation:
+            scaled = scaled.sum(dim=1, keepdim=True)
+        return (F.relu(scaled) if relu else scaled,)
     if direction.dim() == 1:
         direction = direction[None].expand(n, -1)
     parts = layout.unflatten(direction.to(activations[0].device, activations[0].dtype))

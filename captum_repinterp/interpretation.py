@@ -64,6 +64,8 @@ class Interpretation:
         Shapes of the layer's tensors.
     heatmap_rule, combine : str
         How the heat map is drawn (see :mod:`captum_repinterp.heatmap`).
+    channel_weights : Tensor or None
+        ``K`` channel weights of the ``"region-score"`` rule (None for the other rules).
     """
 
     target: int
@@ -82,6 +84,7 @@ class Interpretation:
     layout: LayerLayout
     heatmap_rule: str = "elementwise"
     combine: str = "sum"
+    channel_weights: Tensor | None = None
     explainer: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ properties
@@ -221,6 +224,7 @@ class Interpretation:
             self.heatmap_rule,
             relu_attributions,
             attr_dim_summation,
+            self.channel_weights,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -248,6 +252,8 @@ class Interpretation:
     def save(self, path: str | os.PathLike) -> None:
         """Save as one ``.npz`` file: the tensors as arrays and the metadata as JSON."""
         arrays = {name: getattr(self, name).detach().cpu().numpy() for name in self._TENSORS}
+        if self.channel_weights is not None:
+            arrays["channel_weights"] = self.channel_weights.detach().cpu().numpy()
         arrays["metadata"] = np.array(json.dumps(self.metadata()))
         with open(path, "wb") as fh:
             np.savez(fh, **arrays)
@@ -262,6 +268,8 @@ class Interpretation:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["metadata"]))
             tensors = {name: torch.from_numpy(data[name].copy()) for name in cls._TENSORS}
+            if "channel_weights" in data.files:
+                tensors["channel_weights"] = torch.from_numpy(data["channel_weights"].copy())
         if meta.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"path: unsupported format version {meta.get('format_version')}")
         layout = LayerLayout(

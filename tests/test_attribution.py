@@ -279,3 +279,43 @@ def test_errors_before_fit_and_for_bad_arguments(tiny):
         RepresentativeInterpretation(model, model.features[-1]).fit(
             x[:1].repeat(10, 1, 1, 1), progress=False
         )
+
+
+def test_region_score_rule_against_hand_computation(fitted, tmp_path):
+    ri, model, x = fitted
+    seed = x[244:245]
+    reg = ri.interpret(seed, heatmap_rule="region-score")
+    assert reg.channel_weights is not None and reg.channel_weights.shape == (8,)
+    # by hand: mask the seed with each channel's upsampled, min-max scaled activation
+    acts = model.features(seed).detach()[0]
+    scores = []
+    for k in range(8):
+        m = torch.nn.functional.interpolate(acts[k][None, None], size=(12, 12),
+                                            mode="bilinear", align_corners=False)[0, 0]
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+        f = model.features(seed * m).detach().reshape(-1)
+        h = (reg.weight @ f + reg.bias) / reg.weight.norm(dim=1)
+        scores.append(float(h.min()))
+    alpha = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).float()
+    torch.testing.assert_close(reg.channel_weights, alpha, rtol=1e-4, atol=1e-6)
+    # reused on other images: relu(sum_k alpha_k A_k)
+    maps = reg.heatmap(x[:3])
+    expect = (alpha[None, :, None, None] * model.features(x[:3]).detach()).sum(1, keepdim=True)
+    torch.testing.assert_close(maps, expect.clamp_min(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ri.attribute(seed, heatmap_rule="region-score"), reg.heatmap(seed))
+    # batch equals per sample
+    batch = ri.attribute(x[244:247], heatmap_rule="region-score")
+    single = torch.cat([ri.attribute(x[i : i + 1], heatmap_rule="region-score")
+                        for i in range(244, 247)])
+    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-6)
+    reg.save(tmp_path / "r.npz")
+    back = Interpretation.load(tmp_path / "r.npz", explainer=ri)
+    assert torch.equal(back.channel_weights, reg.channel_weights)
+    torch.testing.assert_close(back.heatmap(x[:3]), maps)
+
+
+def test_region_score_rule_needs_a_conv_layer(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.head[2]).fit(x[:200], progress=False)
+    with pytest.raises(ValueError, match="region-score"):
+        ri.attribute(x[200:201], heatmap_rule="region-score")

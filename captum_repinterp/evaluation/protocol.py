@@ -107,13 +107,19 @@ def _pick_seeds(preds: Tensor, per_class: int, gen: torch.Generator) -> list[int
 
 
 def _ri_variant(region: Interpretation, kw: dict[str, Any]) -> Interpretation:
+    if kw["heatmap_rule"] == "region-score":
+        return dataclasses.replace(region, explainer=None)
     return dataclasses.replace(
-        region, heatmap_rule=kw["heatmap_rule"], combine=kw["combine"], explainer=None
+        region, heatmap_rule=kw["heatmap_rule"], combine=kw["combine"], explainer=None,
+        channel_weights=None,
     )
 
 
 def _region_key(kw: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, v) for k, v in kw.items() if k not in ("heatmap_rule", "combine")))
+    # "region-score" weights are computed while interpreting, so it gets its own regions
+    shared = ("combine",) if kw.get("heatmap_rule") == "region-score" else (
+        "heatmap_rule", "combine")
+    return tuple(sorted((k, v) for k, v in kw.items() if k not in shared))
 
 
 class _Runner:

@@ -70,6 +70,7 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
         "ri[channel]": {"heatmap_rule": "channel"},
         "ri[unit]": {"combine": "unit"},
         "ri[channel,unit]": {"heatmap_rule": "channel", "combine": "unit"},
+        "ri[region-score]": {"heatmap_rule": "region-score"},
     }
     if name == "faces":
         cfg.seeds_per_class = 8
