@@ -565,6 +565,8 @@ def extract_features(
     n, batches = iter_reference_batches(references, batch_size, extra, name)
     feats: list[Tensor] = []
     preds: list[Tensor] = []
+    buffer: Tensor | None = None
+    filled = 0
     layout: LayerLayout | None = None
     total = None if n is None else math.ceil(n / batch_size)
     with torch.no_grad():
@@ -600,11 +602,22 @@ def extract_features(
                     f"{name}: the layer's output shape changes between batches "
                     f"({layout.shapes} vs {this_layout.shapes}); use inputs of one size"
                 )
-            feats.append(layout.flatten(tensors).to("cpu", torch.float32))
+            rows = layout.flatten(tensors)
+            if n is not None and filled + b <= n:
+                # known size: write into one preallocated matrix (peak RAM ~ 1x features)
+                if buffer is None:
+                    buffer = torch.empty(n, layout.dim, dtype=torch.float32)
+                buffer[filled : filled + b] = rows
+            else:
+                if buffer is not None:  # more rows than announced: fall back to a list
+                    feats.append(buffer[:filled])
+                    buffer, n = None, None
+                feats.append(rows.to("cpu", torch.float32))
+            filled += b
             preds.append(_flatten_logits(out, b).argmax(dim=1).cpu())
-    if layout is None or sum(f.shape[0] for f in feats) == 0:
+    if layout is None or filled == 0:
         raise ValueError(f"{name}: the reference set is empty (no examples)")
-    features = torch.cat(feats)
+    features = buffer[:filled] if buffer is not None else torch.cat(feats)
     if not torch.isfinite(features).all():
         warnings.warn(
             "fit: some reference features are NaN or inf; they are kept but can never "

@@ -319,3 +319,13 @@ def test_region_score_rule_needs_a_conv_layer(tiny):
     ri = RepresentativeInterpretation(model, model.head[2]).fit(x[:200], progress=False)
     with pytest.raises(ValueError, match="region-score"):
         ri.attribute(x[200:201], heatmap_rule="region-score")
+
+
+def test_fit_preallocated_and_dataloader_drop_last(fitted):
+    ri, model, x = fitted
+    ds = torch.utils.data.TensorDataset(x[:240])
+    dl = torch.utils.data.DataLoader(ds, batch_size=50, drop_last=True)
+    ri2 = RepresentativeInterpretation(model, model.features[-1]).fit(dl, progress=False)
+    assert ri2.features_.shape[0] == 200
+    torch.testing.assert_close(ri2.features_, ri.features_[:200])
+    assert torch.equal(ri2.predictions_, ri.predictions_[:200])
