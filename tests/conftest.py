@@ -46,3 +46,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class Boom(nn.Module):
+    """Wraps a model; raises inside forward once armed (after the layer has run)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.armed = False
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.inner(z)
+        if self.armed:
+            raise RuntimeError("boom")
+        return out
+
+
+@pytest.fixture(scope="session")
+def boom_cls() -> type[Boom]:
+    """The exploding wrapper class, for side-effect tests."""
+    return Boom

@@ -193,7 +193,7 @@ def test_interpolate_and_visualize(fitted):
     assert out_fig is fig
 
 
-def test_no_side_effects_on_success_and_error(tiny):
+def test_no_side_effects_on_success_and_error(tiny, boom_cls):
     model, x = tiny
     model.train()
     model.features[0].eval()  # a mixed state must come back as it was
@@ -214,19 +214,7 @@ def test_no_side_effects_on_success_and_error(tiny):
     model.head[1].weight.requires_grad_(True)
     model.eval()
 
-    class Boom(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-            self.armed = False
-
-        def forward(self, z: torch.Tensor) -> torch.Tensor:
-            out = self.inner(z)
-            if self.armed:
-                raise RuntimeError("boom")
-            return out
-
-    boom = Boom(model).train()
+    boom = boom_cls(model).train()
     ri = RepresentativeInterpretation(boom, model.features[-1])
     with pytest.warns(UserWarning):
         ri.fit(x[:200], progress=False)

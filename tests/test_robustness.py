@@ -458,24 +458,9 @@ def test_layer_with_several_outputs(tiny):
 
 
 # ---------------------------------------------------------------- side effects
-class Boom(nn.Module):
-    """Wraps a model; raises inside forward once armed (after the layer has run)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.armed = False
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.inner(z)
-        if self.armed:
-            raise RuntimeError("boom")
-        return out
-
-
-def test_no_side_effects_after_errors_in_every_entry_point(tiny):
+def test_no_side_effects_after_errors_in_every_entry_point(tiny, boom_cls):
     model, x = tiny
-    boom = Boom(model)
+    boom = boom_cls(model)
     boom.train()
     model.features[0].eval()
     model.head[3].weight.requires_grad_(False)
