@@ -46,6 +46,7 @@ from .heatmap import COMBINE_RULES, HEATMAP_RULES, layer_heatmap, region_score_w
 from .interpretation import Interpretation
 from .layers import nonlinear_ops_after, nonlinear_ops_in, warn_nonlinear_head
 from .match import margins, semantic_distance
+from .projection import Projection, build_projection
 from .sampler import choose_candidates, sample_boundaries
 from .solver import greedy_cover
 from .store import fit_to_store
@@ -300,8 +301,31 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         self.input_spec_ = info.get("input_spec")
         self.head_nonlinear_ = tuple(nonlinear)
         self.store_ = None
+        self.projection_ = self._build_projection(info)
         warn_nonlinear_head(self.head_nonlinear_)
         return self
+
+    def _build_projection(self, info: dict) -> Projection | None:
+        """Exact per-seed shortcut when the head starts with an affine map (see projection)."""
+        if self.head is not None:
+            head: Callable = UserHead(self.head, self.layout_)
+            modules = self.head if isinstance(self.head, nn.Module) else None
+        elif "example" in info:
+            head = HookHead(
+                self.forward_func,
+                self.layer,
+                info["example"],
+                info.get("example_args"),
+                self.layout_,
+                self.attribute_to_layer_input_,
+            )
+            modules = self.forward_func if isinstance(self.forward_func, nn.Module) else None
+        else:
+            return None
+        if modules is None:
+            return None
+        with eval_mode(self.forward_func, self.layer, modules):
+            return build_projection(head, modules, self.features_)
 
     def _scan_head(
         self, info: dict, features: Tensor, layout: LayerLayout, to_input: bool
@@ -369,6 +393,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         self.attribute_to_layer_input_ = attribute_to_layer_input
         self.n_references_ = ref_store.n
         self.store_ = ref_store
+        self.projection_ = None  # the store streams features; no projection kept in RAM
         self.input_spec_ = info.get("input_spec")
         self.head_nonlinear_ = tuple(nonlinear)
         warn_nonlinear_head(self.head_nonlinear_)
@@ -652,7 +677,10 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         weight = bounds.weight.to("cpu", torch.float32)
         bias = bounds.bias.to("cpu", torch.float32)
         # one chunked pass over the references; the members' margins are read from it
-        all_margins = margins(self.features_, weight, bias)
+        projection = getattr(self, "projection_", None)
+        all_margins = None if projection is None else projection.margins(weight, bias)
+        if all_margins is None:
+            all_margins = margins(self.features_, weight, bias)
         match = all_margins > 0
         positive = preds == target
         cover = greedy_cover(match, positive, delta=delta, refine=refine)
