@@ -20,7 +20,7 @@ fi
 # Headless Chromium for tests/test_report.py (the HTML report checked in a real browser).
 if [ ! -x /usr/bin/chromium ]; then
     if [ "$(id -u)" = 0 ]; then
-        { apt-get update -qq && apt-get install -y -qq chromium; } \
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
             || echo "warning: could not install chromium; browser checks will skip" >&2
     else
         echo "warning: /usr/bin/chromium is missing; browser checks will skip" >&2
