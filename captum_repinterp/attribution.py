@@ -260,34 +260,48 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         if append and store is None:
             raise ValueError("append=True needs a store path (store=...)")
         device = model_device(self.forward_func, self.layer)
-        if store is not None:
-            return self._fit_store(
-                references,
-                store,
-                append,
-                batch_size,
-                additional_forward_args,
-                attribute_to_layer_input,
-                device,
-                progress,
-            )
         info: dict = {}
+        ref_store = None
         with eval_mode(self.forward_func, self.layer) as was_training:
             if was_training:
                 _warn_training()
-            features, predictions, layout = extract_features(
-                self.forward_func,
-                self.layer,
-                references,
-                batch_size=batch_size,
-                additional_forward_args=additional_forward_args,
-                attribute_to_layer_input=attribute_to_layer_input,
-                device=device,
-                progress=progress,
-                info=info,
-            )
+            if store is None:
+                features, predictions, layout = extract_features(
+                    self.forward_func,
+                    self.layer,
+                    references,
+                    batch_size=batch_size,
+                    additional_forward_args=additional_forward_args,
+                    attribute_to_layer_input=attribute_to_layer_input,
+                    device=device,
+                    progress=progress,
+                    info=info,
+                )
+            else:
+                ref_store = fit_to_store(
+                    self.forward_func,
+                    self.layer,
+                    references,
+                    store,
+                    append=append,
+                    batch_size=batch_size,
+                    additional_forward_args=additional_forward_args,
+                    attribute_to_layer_input=attribute_to_layer_input,
+                    device=device,
+                    progress=progress,
+                    info=info,
+                )
+                features, predictions = ref_store.features(), ref_store.predictions()
+                layout = ref_store.layout
+                if not ref_store.all_finite():
+                    warnings.warn(
+                        "fit: some reference features are NaN or inf; they are kept but can "
+                        "never be members of a region",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             nonlinear = self._scan_head(info, features, layout, attribute_to_layer_input)
-        if predictions.unique().numel() < 2:
+        if not bool((predictions != predictions[0]).any()):
             raise ValueError(
                 "references: the model predicts a single class "
                 f"({int(predictions[0])}) for every reference; representative "
@@ -300,30 +314,18 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         self.n_references_ = int(features.shape[0])
         self.input_spec_ = info.get("input_spec")
         self.head_nonlinear_ = tuple(nonlinear)
-        self.store_ = None
-        self.projection_ = self._build_projection(info)
+        self.store_ = ref_store
+        # the store streams its features from disk: no projection is kept in RAM for it
+        self.projection_ = self._build_projection(info) if ref_store is None else None
         warn_nonlinear_head(self.head_nonlinear_)
         return self
 
     def _build_projection(self, info: dict) -> Projection | None:
         """Exact per-seed shortcut when the head starts with an affine map (see projection)."""
-        if self.head is not None:
-            head: Callable = UserHead(self.head, self.layout_)
-            modules = self.head if isinstance(self.head, nn.Module) else None
-        elif "example" in info:
-            head = HookHead(
-                self.forward_func,
-                self.layer,
-                info["example"],
-                info.get("example_args"),
-                self.layout_,
-                self.attribute_to_layer_input_,
-            )
-            modules = self.forward_func if isinstance(self.forward_func, nn.Module) else None
-        else:
+        modules = self.head if self.head is not None else self.forward_func
+        if not isinstance(modules, nn.Module) or (self.head is None and "example" not in info):
             return None
-        if modules is None:
-            return None
+        head = self._head_for(info.get("example", ()), info.get("example_args"))
         with eval_mode(self.forward_func, self.layer, modules):
             return build_projection(head, modules, self.features_)
 
@@ -343,61 +345,6 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         return nonlinear_ops_after(
             self.forward_func, self.layer, info["example"], info["example_args"], to_input
         )
-
-    def _fit_store(
-        self,
-        references: Any,
-        path: str | os.PathLike,
-        append: bool,
-        batch_size: int,
-        additional_forward_args: Any,
-        attribute_to_layer_input: bool,
-        device: Any,
-        progress: bool,
-    ) -> RepresentativeInterpretation:
-        info: dict = {}
-        with eval_mode(self.forward_func, self.layer) as was_training:
-            if was_training:
-                _warn_training()
-            ref_store = fit_to_store(
-                self.forward_func,
-                self.layer,
-                references,
-                path,
-                append=append,
-                batch_size=batch_size,
-                additional_forward_args=additional_forward_args,
-                attribute_to_layer_input=attribute_to_layer_input,
-                device=device,
-                progress=progress,
-                info=info,
-            )
-            features = ref_store.features()
-            nonlinear = self._scan_head(info, features, ref_store.layout, attribute_to_layer_input)
-        if ref_store.n_classes_present() < 2:
-            raise ValueError(
-                "references: the model predicts a single class for every reference; "
-                "representative interpretations need references of at least two "
-                "predicted classes"
-            )
-        if not ref_store.all_finite():
-            warnings.warn(
-                "fit: some reference features are NaN or inf; they are kept but can never "
-                "be members of a region",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        self.features_ = features
-        self.predictions_ = ref_store.predictions()
-        self.layout_ = ref_store.layout
-        self.attribute_to_layer_input_ = attribute_to_layer_input
-        self.n_references_ = ref_store.n
-        self.store_ = ref_store
-        self.projection_ = None  # the store streams features; no projection kept in RAM
-        self.input_spec_ = info.get("input_spec")
-        self.head_nonlinear_ = tuple(nonlinear)
-        warn_nonlinear_head(self.head_nonlinear_)
-        return self
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "features_"):

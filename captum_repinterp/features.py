@@ -38,6 +38,7 @@ __all__ = [
     "eval_mode",
     "forward_with_layer",
     "extract_features",
+    "feature_batches",
     "iter_reference_batches",
     "model_device",
     "InputSpec",
@@ -532,6 +533,91 @@ def check_inputs(inputs: tuple[Tensor, ...], name: str = "inputs") -> None:
         raise ValueError(f"{name}: all tensors must have the same batch size")
 
 
+def feature_batches(
+    forward_func: Callable,
+    layer: nn.Module,
+    references: Any,
+    batch_size: int = 128,
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: bool = False,
+    device: torch.device | None = None,
+    progress: bool = True,
+    name: str = "references",
+    expected: InputSpec | None = None,
+    info: dict | None = None,
+    desc: str = "fit: reference features",
+) -> tuple[int | None, Callable[[int], Iterator[tuple[Tensor, Tensor, LayerLayout]]]]:
+    """The one batch loop over references: validate, run the model, read the layer.
+
+    ``name`` is the argument named in errors; ``expected`` the per-example input shapes
+    and dtypes to compare with when the model fails (default: the first batch's); when
+    ``info`` is a dict, it receives the first batch's :func:`input_spec` and its first
+    example (``"example"``, ``"example_args"``).
+
+    Returns
+    -------
+    (n, run)
+        The number of references when known in advance, and ``run(skip=0)``, which yields
+        ``(rows, predictions, layout)`` per batch: the layer's features (``B x D``, on
+        the model's device), the argmax of the model's flattened output (``B`` int64, CPU)
+        and the layer's layout. The first ``skip`` references are passed over without
+        running the model (to resume an interrupted fit).
+    """
+    extra = _format_additional_forward_args(additional_forward_args)
+    n, batches = iter_reference_batches(references, batch_size, extra, name)
+    total = None if n is None else math.ceil(n / batch_size)
+
+    def run(skip: int = 0) -> Iterator[tuple[Tensor, Tensor, LayerLayout]]:
+        spec_expected = expected
+        layout: LayerLayout | None = None
+        start = 0
+        with torch.no_grad():
+            for inputs, args in tqdm(batches, total=total, desc=desc, disable=not progress):
+                b = int(inputs[0].shape[0])
+                if info is not None and "input_spec" not in info and b > 0:
+                    info["input_spec"] = input_spec(inputs)
+                    first = tuple(t[:1] for t in inputs)
+                    info["example"] = tuple(t.to(device) for t in first) if device else first
+                    info["example_args"] = _slice_args(args, b, 0, 1)
+                stop = start + b
+                if stop <= skip:
+                    start = stop
+                    continue
+                if start < skip:  # resume inside a batch
+                    k = skip - start
+                    inputs = tuple(t[k:] for t in inputs)
+                    args = _slice_args(args, b, k, b)
+                start = stop
+                check_inputs(inputs, name)
+                check_against_references(inputs, spec_expected, name)
+                spec = input_spec(inputs)
+                if device is not None:
+                    inputs = tuple(t.to(device) for t in inputs)
+                tensors, was_tuple, out = forward_with_layer(
+                    forward_func,
+                    layer,
+                    inputs,
+                    args,
+                    attribute_to_layer_input,
+                    name=name,
+                    expected=spec_expected,
+                )
+                if spec_expected is None:
+                    spec_expected = spec
+                this_layout = LayerLayout.from_outputs(tensors, was_tuple)
+                if layout is None:
+                    layout = this_layout
+                elif this_layout != layout:
+                    raise ValueError(
+                        f"{name}: the layer's output shape changes between batches "
+                        f"({layout.shapes} vs {this_layout.shapes}); use inputs of one size"
+                    )
+                rows = layout.flatten(tensors)
+                yield rows, _flatten_logits(out, rows.shape[0]).argmax(dim=1).cpu(), layout
+
+    return n, run
+
+
 def extract_features(
     forward_func: Callable,
     layer: nn.Module,
@@ -545,12 +631,9 @@ def extract_features(
     expected: InputSpec | None = None,
     info: dict | None = None,
 ) -> tuple[Tensor, Tensor, LayerLayout]:
-    """Layer features and predicted classes of every reference.
+    """Layer features and predicted classes of every reference, in RAM.
 
-    ``name`` is the argument named in errors; ``expected`` the per-example input shapes
-    and dtypes to compare with when the model fails (default: the first batch's); when
-    ``info`` is a dict, ``info["input_spec"]`` is set to the first batch's
-    :func:`input_spec`.
+    Arguments as in :func:`feature_batches`.
 
     Returns
     -------
@@ -561,60 +644,38 @@ def extract_features(
     layout : LayerLayout
         Shapes of the layer's tensors.
     """
-    extra = _format_additional_forward_args(additional_forward_args)
-    n, batches = iter_reference_batches(references, batch_size, extra, name)
+    n, run = feature_batches(
+        forward_func,
+        layer,
+        references,
+        batch_size,
+        additional_forward_args,
+        attribute_to_layer_input,
+        device,
+        progress,
+        name,
+        expected,
+        info,
+    )
     feats: list[Tensor] = []
     preds: list[Tensor] = []
     buffer: Tensor | None = None
     filled = 0
     layout: LayerLayout | None = None
-    total = None if n is None else math.ceil(n / batch_size)
-    with torch.no_grad():
-        for inputs, args in tqdm(
-            batches, total=total, desc="fit: reference features", disable=not progress
-        ):
-            check_inputs(inputs, name)
-            check_against_references(inputs, expected, name)
-            spec = input_spec(inputs)
-            if device is not None:
-                inputs = tuple(t.to(device) for t in inputs)
-            tensors, was_tuple, out = forward_with_layer(
-                forward_func,
-                layer,
-                inputs,
-                args,
-                attribute_to_layer_input,
-                name=name,
-                expected=expected,
-            )
-            if expected is None:
-                expected = spec
-            if info is not None and "input_spec" not in info:
-                info["input_spec"] = spec
-                info["example"] = tuple(t[:1] for t in inputs)
-                info["example_args"] = _slice_args(args, inputs[0].shape[0], 0, 1)
-            b = inputs[0].shape[0]
-            this_layout = LayerLayout.from_outputs(tensors, was_tuple)
-            if layout is None:
-                layout = this_layout
-            elif this_layout != layout:
-                raise ValueError(
-                    f"{name}: the layer's output shape changes between batches "
-                    f"({layout.shapes} vs {this_layout.shapes}); use inputs of one size"
-                )
-            rows = layout.flatten(tensors)
-            if n is not None and filled + b <= n:
-                # known size: write into one preallocated matrix (peak RAM ~ 1x features)
-                if buffer is None:
-                    buffer = torch.empty(n, layout.dim, dtype=torch.float32)
-                buffer[filled : filled + b] = rows
-            else:
-                if buffer is not None:  # more rows than announced: fall back to a list
-                    feats.append(buffer[:filled])
-                    buffer, n = None, None
-                feats.append(rows.to("cpu", torch.float32))
-            filled += b
-            preds.append(_flatten_logits(out, b).argmax(dim=1).cpu())
+    for rows, batch_preds, layout in run():
+        b = rows.shape[0]
+        if n is not None and filled + b <= n:
+            # known size: write into one preallocated matrix (peak RAM ~ 1x features)
+            if buffer is None:
+                buffer = torch.empty(n, layout.dim, dtype=torch.float32)
+            buffer[filled : filled + b] = rows
+        else:
+            if buffer is not None:  # more rows than announced: fall back to a list
+                feats.append(buffer[:filled])
+                buffer, n = None, None
+            feats.append(rows.to("cpu", torch.float32))
+        filled += b
+        preds.append(batch_preds)
     if layout is None or filled == 0:
         raise ValueError(f"{name}: the reference set is empty (no examples)")
     features = buffer[:filled] if buffer is not None else torch.cat(feats)

@@ -31,7 +31,6 @@ Resume and append (see :meth:`RepresentativeInterpretation.fit`):
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -267,16 +266,6 @@ class ReferenceStore:
             for s in range(0, self.n, chunk_size)
         )
 
-    def n_classes_present(self) -> int:
-        """Number of distinct predicted classes (streamed; stops counting at 2)."""
-        preds = self.predictions()
-        seen: set[int] = set()
-        for s in range(0, self.n, _COPY_CHUNK):
-            seen.update(torch.unique(preds[s : s + _COPY_CHUNK]).tolist())
-            if len(seen) >= 2:
-                return len(seen)
-        return len(seen)
-
 
 def fit_to_store(
     forward_func: Any,
@@ -305,22 +294,22 @@ def fit_to_store(
     receives ``input_spec``, ``example`` and ``example_args`` of the first batch, as
     :func:`~captum_repinterp.features.extract_features` gives them.
     """
-    from tqdm.auto import tqdm
-
-    from ._captum_compat import _format_additional_forward_args
-    from .features import (
-        _flatten_logits,
-        _slice_args,
-        check_inputs,
-        forward_with_layer,
-        input_spec,
-        iter_reference_batches,
-    )
+    from .features import feature_batches
 
     if not isinstance(append, bool):
         raise TypeError(f"append must be a bool, got {type(append).__name__}")
-    extra = _format_additional_forward_args(additional_forward_args)
-    n, batches = iter_reference_batches(references, batch_size, extra)
+    n, run = feature_batches(
+        forward_func,
+        layer,
+        references,
+        batch_size,
+        additional_forward_args,
+        attribute_to_layer_input,
+        device,
+        progress,
+        info=info,
+        desc="fit: reference features (store)",
+    )
     store = ReferenceStore.open(path) if ReferenceStore.exists(path) else None
     skip = 0
     if store is not None:
@@ -343,43 +332,15 @@ def fit_to_store(
                     f"store: {os.fspath(path)!r} holds {skip} rows but only {n} references "
                     "were given to resume with"
                 )
-    start = 0
-    total = None if n is None else math.ceil(n / batch_size)
-    with torch.no_grad():
-        for inputs, args in tqdm(
-            batches, total=total, desc="fit: reference features (store)", disable=not progress
-        ):
-            b = int(inputs[0].shape[0])
-            if info is not None and "input_spec" not in info and b > 0:
-                info["input_spec"] = input_spec(inputs)
-                first = tuple(t[:1] for t in inputs)
-                info["example"] = tuple(t.to(device) for t in first) if device else first
-                info["example_args"] = _slice_args(args, b, 0, 1)
-            stop = start + b
-            if stop <= skip:
-                start = stop
-                continue
-            if start < skip:  # resume inside a batch
-                k = skip - start
-                inputs = tuple(t[k:] for t in inputs)
-                args = _slice_args(args, b, k, b)
-            check_inputs(inputs, "references")
-            if device is not None:
-                inputs = tuple(t.to(device) for t in inputs)
-            tensors, was_tuple, out = forward_with_layer(
-                forward_func, layer, inputs, args, attribute_to_layer_input
+    for rows, preds, layout in run(skip):
+        if store is None:
+            store = ReferenceStore.create(path, layout, n or 1024, attribute_to_layer_input)
+        elif layout != store.layout:
+            raise ValueError(
+                f"references: the layer's output shapes {layout.shapes} differ from the "
+                f"store's {store.layout.shapes}"
             )
-            layout = LayerLayout.from_outputs(tensors, was_tuple)
-            if store is None:
-                store = ReferenceStore.create(path, layout, n or 1024, attribute_to_layer_input)
-            elif layout != store.layout:
-                raise ValueError(
-                    f"references: the layer's output shapes {layout.shapes} differ from the "
-                    f"store's {store.layout.shapes}"
-                )
-            feats = layout.flatten(tensors).to("cpu", torch.float32)
-            store.write(feats, _flatten_logits(out, inputs[0].shape[0]).argmax(dim=1).cpu())
-            start = stop
+        store.write(rows.to("cpu", torch.float32), preds)
     if store is None or store.n == 0:
         raise ValueError("references: the reference set is empty")
     store.mark_complete()
