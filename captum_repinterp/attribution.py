@@ -47,7 +47,7 @@ from .interpretation import Interpretation
 from .layers import nonlinear_ops_after, nonlinear_ops_in, warn_nonlinear_head
 from .match import margins, semantic_distance
 from .projection import Projection, build_projection
-from .sampler import choose_candidates, sample_boundaries
+from .sampler import Boundaries, choose_candidates, near_duplicates, sample_boundaries
 from .solver import greedy_cover
 from .store import fit_to_store
 
@@ -599,6 +599,38 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             self.attribute_to_layer_input_,
         )
 
+    def _sample(
+        self, head: Callable, psi_x: Tensor, cand: Tensor, target: int, n_steps: int
+    ) -> tuple[Boundaries, Tensor | None]:
+        """Sample the candidate boundaries, and the references' margins when cheap.
+
+        With a projection whose head runs from its leading linear layer's output ``z``
+        (checked on the seed and two candidates), the bisection and the backward pass run
+        on ``r``-dimensional ``z`` instead of ``D``-dimensional features, and the
+        margins are ``P u + b``; the boundaries are the same planes
+        (``w = A^T u``). Otherwise everything runs on the features.
+        """
+        projection = getattr(self, "projection_", None)
+        cand_feats = self.features_[cand].to(psi_x.device, psi_x.dtype)
+        zhead = None
+        if projection is not None:
+            zhead = projection.sampling_head(head, psi_x, cand_feats[:2])
+        if zhead is None:
+            bounds = sample_boundaries(head, psi_x, cand_feats, target, n_steps=n_steps)
+            if projection is None:
+                return bounds, None
+            return bounds, projection.margins(bounds.weight, bounds.bias)
+        z_x = projection.z_of(psi_x[None])[0]
+        z_c = projection.z_of_references(cand, psi_x)
+        # near-duplicates are judged on the features' [w, b], as on the plain path
+        in_z = sample_boundaries(zhead, z_x, z_c, target, n_steps=n_steps, duplicate_tol=-1.0)
+        weight, bias = projection.to_features(in_z.weight, in_z.bias)
+        bias = bias.to(torch.float32)
+        keep = ~near_duplicates(weight, bias)
+        all_margins = projection.margins_of(in_z.weight.cpu()[keep], bias[keep])
+        bounds = Boundaries(weight[keep], bias[keep], in_z.source[keep], in_z.runner_up[keep])
+        return bounds, all_margins
+
     def _interpret_one(
         self,
         head: Callable,
@@ -619,13 +651,10 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         seed_in_class = int(logits_x.argmax(dim=1)[0]) == target
         preds = self.predictions_
         cand = choose_candidates(preds, target, seed_in_class, n_boundaries, seed)
-        cand_feats = self.features_[cand].to(psi_x.device, psi_x.dtype)
-        bounds = sample_boundaries(head, psi_x, cand_feats, target, n_steps=bisection_steps)
+        bounds, all_margins = self._sample(head, psi_x, cand, target, bisection_steps)
         weight = bounds.weight.to("cpu", torch.float32)
         bias = bounds.bias.to("cpu", torch.float32)
         # one chunked pass over the references; the members' margins are read from it
-        projection = getattr(self, "projection_", None)
-        all_margins = None if projection is None else projection.margins(weight, bias)
         if all_margins is None:
             all_margins = margins(self.features_, weight, bias)
         match = all_margins > 0

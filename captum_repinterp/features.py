@@ -366,7 +366,7 @@ class HookHead:
         self.attribute_to_layer_input = attribute_to_layer_input
         self.broadcast: bool | None = None  # decided on the first call with B > 1
 
-    def _run(self, psi: Tensor, repeat: bool) -> Tensor:
+    def _run(self, psi: Tensor, repeat: bool, rows: int | None = None) -> Tensor:
         b = psi.shape[0]
         inputs, extra = self.inputs, self.additional_forward_args
         if repeat:
@@ -381,9 +381,16 @@ class HookHead:
             replace=psi,
             layout=self.layout,
         )
-        return _flatten_logits(out, b)
+        return _flatten_logits(out, b if rows is None else rows)
 
-    def __call__(self, psi: Tensor) -> Tensor:
+    def __call__(self, psi: Tensor, rows: int | None = None) -> Tensor:
+        """Logits ``B x C`` at features ``psi`` (``B x D``).
+
+        ``rows``: the number of output rows to expect when it differs from ``B`` (a
+        hook further down replaces a tensor by a batch, see ``ProjectedHead``).
+        """
+        if rows is not None:
+            return self._run(psi, repeat=True, rows=rows)
         if psi.shape[0] == 1 or self.broadcast is False:
             return self._run(psi, repeat=True)
         if self.broadcast:
@@ -407,12 +414,13 @@ class UserHead:
         self.head = head
         self.layout = layout
 
-    def __call__(self, psi: Tensor) -> Tensor:
+    def __call__(self, psi: Tensor, rows: int | None = None) -> Tensor:
+        """Logits ``B x C`` at features ``psi``; ``rows`` as in :class:`HookHead`."""
         parts = self.layout.unflatten(psi)
         out = self.head(parts if self.layout.is_tuple else parts[0])
         if not isinstance(out, Tensor):
             raise TypeError(f"head must return a tensor, got {type(out).__name__}")
-        return _flatten_logits(out, psi.shape[0])
+        return _flatten_logits(out, psi.shape[0] if rows is None else rows)
 
 
 def _first_element(item: Any) -> Any:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Projection", "leading_affine_basis", "build_projection"]
+__all__ = ["Projection", "ProjectedHead", "leading_affine_basis", "build_projection"]
 
 
 @dataclass
@@ -34,6 +34,11 @@ class Projection:
         ``r x r`` (float64): ``(A A^T)^{-1}``.
     projected : Tensor
         ``N x r`` (float32): ``features @ basis.T``.
+    module : nn.Linear, optional
+        The head's leading linear layer; its output at ``psi`` is
+        ``z = basis @ psi + offset``.
+    offset : Tensor, optional
+        ``r`` (float64), see ``module``.
     tol : float
         Relative residual below which a boundary counts as inside the row space.
     """
@@ -41,7 +46,12 @@ class Projection:
     basis: Tensor
     gram_inv: Tensor
     projected: Tensor
+    module: nn.Module | None = None
+    offset: Tensor | None = None
     tol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        self.basis32 = self.basis.to(torch.float32)
 
     def coefficients(self, weight: Tensor) -> Tensor | None:
         """``u`` with ``A^T u = w`` for every row of ``weight``, or None if one misses."""
@@ -57,7 +67,108 @@ class Projection:
         u = self.coefficients(weight)
         if u is None:
             return None
-        return torch.addmm(bias.to(torch.float32), self.projected, u.to(torch.float32).T)
+        return self.margins_of(u, bias)
+
+    def margins_of(self, u: Tensor, bias: Tensor) -> Tensor:
+        """``N x k`` margins of the boundaries ``w = A^T u`` (``u``: ``k x r``)."""
+        return torch.addmm(
+            bias.to("cpu", torch.float32), self.projected, u.to("cpu", torch.float32).T
+        )
+
+    def sampling_head(
+        self, head: Callable[[Tensor], Tensor], psi: Tensor, probes: Tensor
+    ) -> ProjectedHead | None:
+        """The head as a function of ``z`` (see :class:`ProjectedHead`), or None.
+
+        ``psi`` (``D``) anchors the head; the result is used only when it gives the
+        head's logits at ``psi`` and at every row of ``probes`` (``k x D``) within
+        float32 rounding, so a head that is not ``rest(W1 T(psi))`` is never trusted.
+        """
+        if self.module is None or self.offset is None:
+            return None
+        zhead = ProjectedHead(head, self.module, psi[None])
+        points = torch.cat([psi[None], probes], dim=0)
+        try:
+            with torch.no_grad():
+                full = head(points)
+                fast = zhead(self.z_of(points))
+        except (RuntimeError, ValueError, TypeError):
+            return None
+        scale = float(full.abs().max()) if full.numel() else 0.0
+        if fast.shape != full.shape or not torch.allclose(
+            fast, full, rtol=1e-4, atol=1e-5 * max(scale, 1.0)
+        ):
+            return None
+        return zhead
+
+    def z_of(self, psi: Tensor) -> Tensor:
+        """``basis @ psi + offset`` for rows of ``psi``, in ``psi``'s dtype and device."""
+        assert self.offset is not None
+        z = psi.detach().to("cpu", torch.float64) @ self.basis.T + self.offset
+        return z.to(psi.device, psi.dtype)
+
+    def z_of_references(self, index: Tensor, like: Tensor) -> Tensor:
+        """``z`` of the references at ``index`` (from ``projected``), like ``like``."""
+        assert self.offset is not None
+        z = self.projected[index.cpu()].double() + self.offset
+        return z.to(like.device, like.dtype)
+
+    def to_features(self, u: Tensor, bias_z: Tensor) -> tuple[Tensor, Tensor]:
+        """Boundaries ``u . z + bias_z`` as ``w . psi + b``: ``w = A^T u`` (float32, the
+        precision of the gradients it stands for) and ``b`` (float64)."""
+        assert self.offset is not None
+        u64 = u.detach().to("cpu", torch.float64)
+        weight = u64.to(torch.float32) @ self.basis32
+        return weight, bias_z.detach().to("cpu", torch.float64) + u64 @ self.offset
+
+
+def _sequential_rest(head: object, module: nn.Module) -> nn.Module | None:
+    """``nn.Sequential`` of what follows ``module`` when the user's head is a Sequential
+    with ``module`` as a direct child (then ``z`` is fed to it directly)."""
+    inner = getattr(head, "head", None)
+    if not isinstance(inner, nn.Sequential):
+        return None
+    children = list(inner.children())
+    for i, child in enumerate(children):
+        if child is module:
+            return nn.Sequential(*children[i + 1 :])
+    return None
+
+
+class ProjectedHead:
+    """The head as a function of its leading linear layer's output ``z`` (``B x r``).
+
+    When the user's head is an ``nn.Sequential`` with that layer as a direct child, the
+    layers after it are applied to ``z``. Otherwise ``head`` (a
+    :class:`~captum_repinterp.features.UserHead` or ``HookHead``, which take the expected
+    number of output rows as ``rows=``) runs on one anchor row ``psi`` and a forward hook
+    replaces the linear layer's output by ``z``, so the ``D x r`` product is done on one
+    row instead of ``B``. Either way it is valid only when nothing after that layer reads
+    the features again, which :meth:`Projection.sampling_head` checks before use.
+    """
+
+    def __init__(
+        self, head: Callable[[Tensor], Tensor], module: nn.Module, anchor: Tensor
+    ) -> None:
+        self.head = head
+        self.module = module
+        self.anchor = anchor.detach()
+        self.rest = _sequential_rest(head, module)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        if self.rest is not None:
+            return self.rest(z.to(self.anchor.dtype))
+        def swap(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            return z.to(out.dtype)
+
+        handle = self.module.register_forward_hook(swap)
+        try:
+            out = self.head(self.anchor, rows=z.shape[0])
+        finally:
+            handle.remove()
+        if not isinstance(out, Tensor) or out.shape[0] != z.shape[0]:
+            raise ValueError("the head's output does not follow the batch of z")
+        return out
 
 
 def leading_affine_basis(
@@ -65,11 +176,13 @@ def leading_affine_basis(
     modules: nn.Module,
     psi: Tensor,
     probe: Tensor,
-) -> Tensor | None:
-    """Rows ``A`` (``r x D``) of the first ``nn.Linear`` the head applies to ``psi``.
+) -> tuple[nn.Module, Tensor, Tensor] | None:
+    """The first ``nn.Linear`` the head applies to ``psi``, as an affine map of ``psi``.
 
-    ``A = W1 J_T`` where ``T`` maps ``psi`` to that layer's input. Returned only when
-    ``J_T`` is the same at ``psi`` and at ``probe`` (``T`` affine) and ``r < D``.
+    Returns ``(module, A, offset)``: the layer's output at ``psi`` is ``A @ psi + offset``
+    with ``A = W1 J_T`` (``r x D``, float64) where ``T`` maps ``psi`` to that layer's
+    input. Returned only when ``A`` and ``offset`` are the same at ``psi`` and at
+    ``probe`` (``T`` affine) and ``r < D``.
     """
     calls: list[tuple[nn.Linear, Tensor]] = []
 
@@ -77,7 +190,7 @@ def leading_affine_basis(
         if args and isinstance(args[0], Tensor):
             calls.append((module, args[0]))  # type: ignore[arg-type]
 
-    def rows_at(point: Tensor) -> Tensor | None:
+    def map_at(point: Tensor) -> tuple[nn.Module, Tensor, Tensor, float] | None:
         calls.clear()
         handles = [
             m.register_forward_pre_hook(pre) for m in modules.modules() if isinstance(m, nn.Linear)
@@ -104,20 +217,33 @@ def leading_affine_basis(
                         is_grads_batched=True,
                         retain_graph=True,
                     )[0]
-                    return grads.reshape(w1.shape[0], -1).double()
+                    rows = grads.reshape(w1.shape[0], -1).double()
+                    with torch.no_grad():
+                        out = module(x.detach()).reshape(-1).double()
+                    flat = p.detach().reshape(-1).double()
+                    offset = out - rows @ flat
+                    scale = float(out.abs().max() + (rows.abs() @ flat.abs()).max())
+                    return module, rows, offset, scale
         finally:
             for h in handles:
                 h.remove()
             calls.clear()
         return None
 
-    a = rows_at(psi)
-    if a is None:
+    first = map_at(psi)
+    if first is None:
         return None
-    b = rows_at(probe)
-    if b is None or not torch.allclose(a, b, rtol=1e-6, atol=1e-9 * float(a.abs().max())):
+    second = map_at(probe)
+    if second is None or second[0] is not first[0]:
         return None
-    return a
+    (module, a, off_a, scale_a), (_, b, off_b, scale_b) = first, second
+    if not torch.allclose(a, b, rtol=1e-6, atol=1e-9 * float(a.abs().max())):
+        return None
+    # float32 rounding of the layer's output bounds how well the offsets can agree
+    tol = 1e-5 * max(scale_a, scale_b, 1e-12)
+    if not torch.allclose(off_a, off_b, rtol=0.0, atol=tol):
+        return None
+    return module, a, off_a
 
 
 def build_projection(
@@ -132,10 +258,13 @@ def build_projection(
     try:
         psi = features[:1].to(torch.float32)
         probe = 0.5 * (features[:1] + features[1:2]).to(torch.float32) + 0.1
-        basis = leading_affine_basis(head, modules, psi, probe)
+        found = leading_affine_basis(head, modules, psi, probe)
     except (RuntimeError, ValueError, TypeError):
         return None
-    if basis is None or basis.shape[0] * 4 > basis.shape[1]:
+    if found is None:
+        return None
+    module, basis, offset = found
+    if basis.shape[0] * 4 > basis.shape[1]:
         return None
     gram = basis @ basis.T
     if torch.linalg.matrix_rank(gram) < gram.shape[0]:
@@ -145,4 +274,4 @@ def build_projection(
     projected = torch.empty(features.shape[0], basis.shape[0], dtype=torch.float32)
     for s in range(0, features.shape[0], chunk_size):
         projected[s : s + chunk_size] = features[s : s + chunk_size].to(torch.float32) @ a32.T
-    return Projection(basis, gram_inv, projected)
+    return Projection(basis, gram_inv, projected, module=module, offset=offset)

@@ -176,22 +176,21 @@ def _check_eps(eps: object) -> float:
     return value
 
 
-def _pick(df: Tensor, dg: Tensor, available: Tensor, eps: float) -> int | None:
+def _pick(df: np.ndarray, dg: np.ndarray, available: np.ndarray, eps: float) -> int | None:
     """Index of the best candidate, or ``None`` when no candidate removes a negative.
 
-    ``df`` and ``dg`` are exact int64 counts. Ratios within ``RATIO_RTOL`` (relative) of
-    the smallest count as tied; ties go to the smaller ``df``, then the smaller index.
+    ``df`` and ``dg`` are exact int64 counts (numpy: these vectors are short, and numpy's
+    per-call cost is far below torch's). Ratios within ``RATIO_RTOL`` (relative) of the
+    smallest count as tied; ties go to the smaller ``df``, then the smaller index.
     """
     valid = available & (dg > 0)
-    if not bool(valid.any()):
+    if not valid.any():
         return None
-    ratio = (df.double() + eps) / dg.double().clamp_min(1)
-    ratio = torch.where(valid, ratio, torch.full_like(ratio, math.inf))
+    ratio = (df + eps) / np.maximum(dg, 1)
+    ratio[~valid] = np.inf
     best = ratio.min()
     tied = valid & (ratio - best <= RATIO_RTOL * ratio)
-    df_tied = torch.where(tied, df, torch.full_like(df, torch.iinfo(torch.int64).max))
-    winners = torch.nonzero(tied & (df == df_tied.min()), as_tuple=False)
-    return int(winners[0, 0])
+    return int(np.flatnonzero(tied & (df == df[tied].min()))[0])
 
 
 def _prune(match: Tensor, picks: list[int]) -> list[int]:
@@ -262,35 +261,46 @@ def greedy_cover(
     Notes
     -----
     Each step counts, for all candidates at once, the positives and negatives still
-    inside that each would push out: one ``2 x n_inside`` by ``n_inside x m`` float
-    product of the inside-positive / inside-negative indicators with ``~match`` (exact
-    integer sums), after which the rows pushed out are dropped from the working set.
-    The loop runs once per pick, at most ``m`` times, plus once to find that nothing is
-    left to pick. Ratios are compared with a relative tolerance ``RATIO_RTOL`` and
-    near-ties go to the smaller ``df_j``, then the smaller index, so the selection is
-    a deterministic function of the match matrix, independent of the row order.
+    inside that each would push out: one ``2 x rows`` by ``rows x m`` float product of
+    the inside-positive / inside-negative indicators with ``~match`` (exact integer
+    sums). Rows pushed out get weight 0 and the working rows are compacted whenever at
+    most half of them are still inside. The loop runs once per pick, at most ``m`` times,
+    plus once to find that nothing is left to pick. Ratios are compared with a relative
+    tolerance ``RATIO_RTOL`` and near-ties go to the smaller ``df_j``, then the smaller
+    index, so the selection is a deterministic function of the match matrix, independent
+    of the row order.
     """
     match, positive = _check_inputs(match, positive)
     if not isinstance(refine, str) or refine not in REFINE_MODES:
         raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
     eps = _check_eps(eps)
-    d = resolve_delta(match, positive, delta)
 
     n, m = match.shape
     device = match.device
     negative = ~positive
     n_neg = int(negative.sum())
+    dtype = torch.float32 if max(n, m) < _FLOAT32_EXACT else torch.float64
+    # candidates x working rows: 1 = the row is pushed out by that candidate
+    fail = (~match).T.to(dtype)
+    if delta is None:  # negatives no candidate separates from the seed
+        d = int(((fail.sum(dim=0) == 0) & negative).sum())
+    else:
+        d = resolve_delta(match, positive, delta)
     need = n_neg - d  # negatives that must be pushed out
 
-    dtype = torch.float32 if n < _FLOAT32_EXACT else torch.float64
-    out_in = (~match).to(dtype)  # rows still inside x candidates: 1 = pushed out
-    ind_in = torch.stack([positive, negative]).to(dtype)  # 2 x rows still inside
-    available = torch.ones(m, dtype=torch.bool, device=device)
+    # Working set: ``rows`` (indices into the references) and their columns of ``fail``.
+    # A row pushed out gets weight 0 in ``weights`` (its positive / negative indicator)
+    # and the working set is compacted whenever at most half of it is still inside, so
+    # the loop copies O(N m) in total.
+    rows = torch.arange(n, device=device)
+    weights = torch.stack([positive, negative]).to(dtype)  # 2 x working rows
+    available = np.ones(m, dtype=bool)
     picks: list[int] = []
     covered = 0
+    n_inside = n
 
-    def counts() -> tuple[Tensor, Tensor]:
-        both = (ind_in @ out_in).round().to(torch.int64)
+    def counts() -> tuple[np.ndarray, np.ndarray]:
+        both = np.rint((weights @ fail.T).cpu().numpy()).astype(np.int64)
         return both[0], both[1]
 
     while covered < need:
@@ -301,24 +311,32 @@ def greedy_cover(
         picks.append(j)
         available[j] = False
         covered += int(dg[j])
-        stay = out_in[:, j] == 0
-        out_in = out_in[stay]
-        ind_in = ind_in[:, stay]
+        n_inside -= int(df[j] + dg[j])
+        weights *= 1 - fail[j]
+        if n_inside * 2 <= rows.numel():
+            keep = weights.sum(dim=0) > 0
+            fail, weights, rows = fail[:, keep], weights[:, keep], rows[keep]
 
+    inside = weights.sum(dim=0) > 0
     if refine == "tighten":
         df, _ = counts()
-        extra = torch.nonzero(available & (df == 0), as_tuple=False).flatten().tolist()
+        extra = np.flatnonzero(available & (df == 0)).tolist()
         picks = picks + extra
-    elif refine == "prune":
-        picks = _prune(match, picks)
-
+        if extra:
+            cols = torch.tensor(extra, dtype=torch.long, device=device)
+            inside &= fail.index_select(0, cols).sum(dim=0) == 0
     selected = torch.tensor(picks, dtype=torch.long, device=device)
-    inside = region_mask(match, selected)
-    cost = int((positive & ~inside).sum())
-    cover = int((negative & ~inside).sum())
+    if refine == "prune":
+        selected = torch.tensor(_prune(match, picks), dtype=torch.long, device=device)
+        region = region_mask(match, selected)
+    else:
+        region = torch.zeros(n, dtype=torch.bool, device=device)
+        region[rows[inside]] = True
+    cost = int((positive & ~region).sum())
+    cover = int((negative & ~region).sum())
     return CoverResult(
         selected=selected,
-        inside=inside,
+        inside=region,
         reached=cover >= need,
         delta=d,
         cost=cost,

@@ -1,5 +1,6 @@
 """The exact projection shortcut for heads that start with an affine map."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -48,3 +49,64 @@ def test_no_projection_when_the_head_is_not_affine_first():
     assert proj is not None
     torch.testing.assert_close(proj.projected, feats @ narrow[0].weight.detach().T,
                                rtol=1e-5, atol=1e-5)
+
+
+class _SkipHead(nn.Module):
+    """Affine first, but the features are read again after the first linear layer."""
+
+    def __init__(self, d: int, r: int, c: int) -> None:
+        super().__init__()
+        self.first, self.out, self.skip = nn.Linear(d, r), nn.Linear(r, c), nn.Linear(d, c)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        f = a.flatten(1)
+        return self.out(torch.relu(self.first(f))) + self.skip(f)
+
+
+def _count_z_path(ri):
+    used = []
+    orig = ri.projection_.sampling_head
+
+    def spy(*args, **kwargs):
+        zhead = orig(*args, **kwargs)
+        used.append(zhead is not None)
+        return zhead
+
+    ri.projection_.sampling_head = spy
+    return used
+
+
+@pytest.mark.parametrize("user_head", [False, True])
+def test_sampling_in_z_gives_the_same_interpretations(tiny, user_head):
+    """The bisection and backward in the leading linear layer's output space pick the
+    same boundaries as on the features, for a user Sequential head and a hook head."""
+    model, x = tiny
+    head = model.head if user_head else None
+    ri = RepresentativeInterpretation(model, model.features[-1], head=head)
+    ri.fit(x[:200], progress=False)
+    used = _count_z_path(ri)
+    fast = ri.interpret(x[200:210], target=[i % 4 for i in range(10)])
+    assert used == [True] * 10
+    ri.projection_ = None
+    plain = ri.interpret(x[200:210], target=[i % 4 for i in range(10)])
+    for a, b in zip(fast, plain):
+        assert torch.equal(a.members, b.members)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.bias, b.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_in_z_is_refused_when_the_head_reads_features_again():
+    torch.manual_seed(0)
+    feats = torch.randn(60, 2, 4, 4)
+    head = _SkipHead(32, 6, 3).eval()
+    layer = nn.Identity()
+    model = nn.Sequential(layer, head).eval()
+    ri = RepresentativeInterpretation(model, layer, head=head).fit(feats, progress=False)
+    assert ri.projection_ is not None and ri.projection_.module is head.first
+    used = _count_z_path(ri)
+    regs = ri.interpret(feats[:4])
+    assert used == [False] * 4
+    # and the result is what the plain path gives
+    ri.projection_ = None
+    for a, b in zip(regs, ri.interpret(feats[:4])):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.members, b.members)
