@@ -30,6 +30,7 @@ from ._captum_compat import (
     _select_targets,
     log_usage,
 )
+from ._checks import check_choice, check_int
 from .features import (
     HookHead,
     LayerLayout,
@@ -58,18 +59,6 @@ _REFINE = ("tighten", "prune", "none")
 
 class NotFittedError(RuntimeError):
     """Raised when ``attribute``/``interpret`` is called before ``fit``."""
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
 
 
 def resolve_targets(output: Tensor, target: TargetType) -> Tensor:
@@ -516,11 +505,11 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         progress: bool,
     ) -> tuple[list[Interpretation], tuple[Tensor, ...]]:
         self._check_fitted()
-        n_boundaries = _check_positive_int(n_boundaries, "n_boundaries")
-        bisection_steps = _check_positive_int(bisection_steps, "bisection_steps")
-        _check_choice(refine, "refine", _REFINE)
-        _check_choice(heatmap_rule, "heatmap_rule", HEATMAP_RULES)
-        _check_choice(combine, "combine", COMBINE_RULES)
+        n_boundaries = check_int(n_boundaries, "n_boundaries")
+        bisection_steps = check_int(bisection_steps, "bisection_steps")
+        check_choice(refine, "refine", _REFINE)
+        check_choice(heatmap_rule, "heatmap_rule", HEATMAP_RULES)
+        check_choice(combine, "combine", COMBINE_RULES)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         inputs_t = format_inputs(inputs)

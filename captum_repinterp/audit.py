@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checks import check_int
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
 
@@ -259,12 +260,6 @@ def _check_fraction(value: Any, name: str) -> float:
     return float(value)
 
 
-def _check_count(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------------- audit
 def audit(
     ri: Any,
@@ -368,11 +363,11 @@ def audit(
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a tensor, got {type(images).__name__}")
     coverage_target = _check_fraction(coverage_target, "coverage_target")
-    max_regions = _check_count(max_regions, "max_regions")
-    max_subgroups = _check_count(max_subgroups, "max_subgroups")
-    n_exemplars = _check_count(n_exemplars, "n_exemplars", 0)
+    max_regions = check_int(max_regions, "max_regions")
+    max_subgroups = check_int(max_subgroups, "max_subgroups")
+    n_exemplars = check_int(n_exemplars, "n_exemplars", 0)
     if min_subgroup_size is not None:
-        min_subgroup_size = _check_count(min_subgroup_size, "min_subgroup_size")
+        min_subgroup_size = check_int(min_subgroup_size, "min_subgroup_size")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     if subgroup_by not in _SUBGROUP_BY:

@@ -70,9 +70,7 @@ def run_setup(
         seed = heldout[idx : idx + 1]
         region = ri.interpret(seed, **kwargs)
         # held-out images other than the seed itself
-        keep = torch.ones(heldout.shape[0], dtype=torch.bool)
-        keep[idx] = False
-        score = region.evaluate_features(feats[keep], preds[keep])
+        score = region.evaluate_features(feats, preds, exclude=idx)
         rows.append(
             SeedRow(
                 name,

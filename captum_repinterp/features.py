@@ -30,6 +30,7 @@ from ._captum_compat import (
     _format_additional_forward_args,
     _format_tensor_into_tuples,
 )
+from ._checks import check_int
 
 __all__ = [
     "LayerLayout",
@@ -454,8 +455,7 @@ def iter_reference_batches(
     (n, iterator)
         The number of references when known in advance, and the batches.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     if isinstance(references, (Tensor, tuple)):
         refs = _format_tensor_into_tuples(references)
         if len(refs) == 0 or not all(isinstance(t, Tensor) for t in refs):

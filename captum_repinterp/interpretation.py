@@ -134,8 +134,20 @@ class Interpretation:
             return torch.zeros(features.shape[0], dtype=torch.float64)
         return semantic_distance(self.seed_margins, margins(features, self.weight, self.bias))
 
-    def evaluate_features(self, features: Tensor, predictions: Tensor) -> dict[str, float]:
+    def evaluate_features(
+        self, features: Tensor, predictions: Tensor, exclude: Any = None
+    ) -> dict[str, float]:
         """The region used as a rule, scored on (held-out) feature rows.
+
+        Parameters
+        ----------
+        features : Tensor
+            ``n x D`` features of the images to score on.
+        predictions : Tensor
+            ``n`` predicted classes of those images.
+        exclude : int, sequence of int or Tensor, optional
+            Rows to leave out, e.g. the seed when it is one of the images (it is inside
+            its own region by construction and would inflate the scores).
 
         Returns
         -------
@@ -145,7 +157,21 @@ class Interpretation:
             as ``target`` that are inside (NaN when there are none).
         """
         inside = self.contains_features(features)
-        pos = predictions.to(inside.device) == self.target
+        if predictions.shape[0] != inside.shape[0]:
+            raise ValueError(
+                f"predictions must have one entry per row of features ({inside.shape[0]}), "
+                f"got {predictions.shape[0]}"
+            )
+        keep = torch.ones_like(inside)
+        if exclude is not None:
+            idx = torch.as_tensor(exclude, dtype=torch.long).reshape(-1)
+            if idx.numel() and not bool(((idx >= -len(keep)) & (idx < len(keep))).all()):
+                raise ValueError(
+                    f"exclude: row indices must be in [0, {len(keep)}), got {exclude!r}"
+                )
+            keep[idx.to(keep.device)] = False
+        inside = inside & keep
+        pos = (predictions.to(inside.device) == self.target) & keep
         n_in = int(inside.sum())
         n_pos = int(pos.sum())
         hit = int((inside & pos).sum())

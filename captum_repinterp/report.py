@@ -33,6 +33,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .attribution import RepresentativeInterpretation
 from .interpretation import Interpretation
 from .visualization import plot_region
@@ -158,10 +159,7 @@ def audit_regions(
     list of RegionRow
         By class, then in the order the regions were found.
     """
-    if isinstance(regions_per_class, bool) or not isinstance(regions_per_class, int) or (
-        regions_per_class <= 0
-    ):
-        raise ValueError(f"regions_per_class must be a positive int, got {regions_per_class!r}")
+    check_int(regions_per_class, "regions_per_class")
     feats, preds = ri.transform(heldout)
     if classes is None:
         classes = sorted(preds.unique().tolist())
@@ -179,9 +177,7 @@ def audit_regions(
             assert isinstance(region, Interpretation)
             inside = region.contains_features(feats)
             inside[idx] = True  # the seed is inside by construction
-            keep = torch.ones(len(preds), dtype=torch.bool)
-            keep[idx] = False
-            score = region.evaluate_features(feats[keep], preds[keep])
+            score = region.evaluate_features(feats, preds, exclude=idx)
             new = int((inside & of_class & ~covered).sum())
             covered |= inside & of_class
             rows.append(
@@ -369,10 +365,7 @@ def build_report(
     """
     if not isinstance(references, Tensor) or not isinstance(heldout, Tensor):
         raise TypeError("references and heldout must be tensors of images (batch first)")
-    if isinstance(members_shown, bool) or not isinstance(members_shown, int) or (
-        members_shown <= 0
-    ):
-        raise ValueError(f"members_shown must be a positive int, got {members_shown!r}")
+    check_int(members_shown, "members_shown")
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

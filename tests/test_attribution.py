@@ -317,3 +317,29 @@ def test_fit_preallocated_and_dataloader_drop_last(fitted):
     assert ri2.features_.shape[0] == 200
     torch.testing.assert_close(ri2.features_, ri.features_[:200])
     assert torch.equal(ri2.predictions_, ri.predictions_[:200])
+
+
+def test_evaluate_features_by_hand_and_exclude(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    reg = ri.interpret(x[200:201])
+    feats, preds = ri.transform(x[200:])
+    inside = reg.contains_features(feats)
+    pos = preds == reg.target
+    score = reg.evaluate_features(feats, preds)
+    assert score["n_inside"] == int(inside.sum())
+    assert score["precision"] == int((inside & pos).sum()) / int(inside.sum())
+    assert score["coverage"] == int((inside & pos).sum()) / int(pos.sum())
+    # leaving out row 0 (the seed itself, inside its own region) is the same as slicing
+    assert bool(inside[0])
+    keep = torch.arange(len(preds)) != 0
+    assert reg.evaluate_features(feats, preds, exclude=0) == reg.evaluate_features(
+        feats[keep], preds[keep]
+    )
+    assert reg.evaluate_features(feats, preds, exclude=[0, 1]) == reg.evaluate_features(
+        feats[2:], preds[2:]
+    )
+    with pytest.raises(ValueError, match="exclude"):
+        reg.evaluate_features(feats, preds, exclude=len(preds))
+    with pytest.raises(ValueError, match="predictions"):
+        reg.evaluate_features(feats, preds[1:])

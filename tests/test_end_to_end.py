@@ -31,9 +31,7 @@ def _run(model, references, heldout, per_class, **kwargs):
     regions = ri.interpret(heldout[seeds], delta=0, **kwargs)
     rows = []
     for idx, reg in zip(seeds, regions):
-        keep = torch.ones(len(preds), dtype=torch.bool)
-        keep[idx] = False
-        score = reg.evaluate_features(feats[keep], preds[keep])
+        score = reg.evaluate_features(feats, preds, exclude=idx)
         rows.append((idx, reg.target, len(reg), reg.purity, reg.coverage,
                      score["precision"], score["n_inside"]))
     return rows

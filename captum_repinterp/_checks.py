@@ -1,0 +1,29 @@
+"""Argument checks shared by the public entry points (one message format everywhere)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["check_choice", "check_int"]
+
+
+def check_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``; bools and other types are refused.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``: "must be a positive int" (``minimum == 1``) or "must be an int
+        >= minimum", with the value given.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming ``name``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
