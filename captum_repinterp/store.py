@@ -41,7 +41,7 @@ import torch
 from numpy.lib.format import open_memmap
 from torch import Tensor
 
-from .features import LayerLayout
+from .features import LayerLayout, all_finite
 
 __all__ = ["ReferenceStore", "STORE_FORMAT"]
 
@@ -260,11 +260,7 @@ class ReferenceStore:
 
     def all_finite(self, chunk_size: int = _COPY_CHUNK) -> bool:
         """Whether every stored feature is finite (streamed in chunks)."""
-        feats = self.features()
-        return all(
-            bool(torch.isfinite(feats[s : s + chunk_size]).all())
-            for s in range(0, self.n, chunk_size)
-        )
+        return all_finite(self.features(), chunk_elements=chunk_size * self.layout.dim)
 
 
 def fit_to_store(
