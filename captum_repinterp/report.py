@@ -2,13 +2,14 @@
 
 ``captum-repinterp report --out DIR`` writes ``DIR/index.html`` and one PNG per figure
 next to it (no server, no JavaScript library, nothing downloaded). For every audited
-class the report peels regions off the held-out images predicted as that class: it
-interprets the first held-out image not yet inside a region, scores the region as a rule
-on the held-out images, marks the ones it contains as covered, and repeats (at most
-``regions_per_class`` times). Each region gets its figure (seed and nearest members under
-the shared heat map), its numbers (boundaries, members, purity and coverage on the
-references, precision and coverage on held-out images) and a table of its nearest
-members.
+class the report runs :func:`captum_repinterp.audit.audit` on the held-out images
+predicted as that class: the most central held-out image not yet inside a region is the
+next seed, its region is scored as a rule on the held-out images, the images it contains
+are marked covered, and this repeats (at most ``regions_per_class`` times). Each region
+gets its figure (seed and nearest members under the shared heat map), its numbers
+(boundaries, members, purity and coverage on the references, precision and coverage on
+held-out images, sub-groups) and a table of its nearest members; each class gets the
+audit figure (one row per sub-group: mean heat map and exemplars).
 
 The model and data come from the user (``--model-factory pkg.mod:fn`` returning
 ``model``, ``(model, layer)`` or ``(model, layer, head)``; ``--data pkg.mod:fn``
@@ -35,8 +36,9 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .attribution import RepresentativeInterpretation
+from .audit import AuditRegion, ClassAudit, audit
 from .interpretation import Interpretation
-from .visualization import plot_region
+from .visualization import plot_audit, plot_region
 
 __all__ = ["RegionRow", "audit_regions", "build_report", "load_callable", "resolve_model"]
 
@@ -60,7 +62,10 @@ class RegionRow:
     heldout_coverage : float
         Share of the held-out images predicted as ``target`` (seed excluded) inside.
     newly_covered : int
-        Held-out images of the class that no earlier region of the class contained.
+        Held-out images of the class that no earlier region of the class contained
+        (with the seed).
+    region : AuditRegion
+        The audit's record of the region (members, sub-groups, split score).
     figure : str
         File name of the region's PNG (set by :func:`build_report`).
     """
@@ -72,7 +77,15 @@ class RegionRow:
     heldout_precision: float
     heldout_coverage: float
     newly_covered: int
+    region: AuditRegion | None = field(default=None, repr=False)
     figure: str = field(default="")
+
+    @property
+    def subgroup_sizes(self) -> list[int]:
+        """Sizes of the region's sub-groups (one entry when it was not split)."""
+        if self.region is None:
+            return []
+        return [g.size for g in self.region.subgroups] or [self.region.size]
 
 
 def load_callable(spec: str, name: str) -> Callable[..., Any]:
@@ -134,10 +147,11 @@ def audit_regions(
     heldout: Tensor,
     classes: Sequence[int] | None = None,
     regions_per_class: int = 3,
-    min_uncovered: int = 1,
-    **interpret_kwargs: Any,
-) -> list[RegionRow]:
-    """Peel regions off each class of the held-out images.
+    coverage_target: float = 0.95,
+    seed: int = 0,
+    **kwargs: Any,
+) -> tuple[list[RegionRow], dict[int, ClassAudit]]:
+    """Audit each class of the held-out images and score every region on them.
 
     Parameters
     ----------
@@ -146,47 +160,49 @@ def audit_regions(
     heldout : Tensor
         Held-out images; seeds are taken from them and regions are scored on them.
     classes : sequence of int, optional
-        Predicted classes to audit (default: every class predicted on ``heldout``).
+        Predicted classes to audit (default: every class predicted on ``heldout``);
+        classes not predicted on ``heldout`` are skipped.
     regions_per_class : int
         At most this many regions per class.
-    min_uncovered : int
-        Stop a class when fewer held-out images of it are uncovered.
-    **interpret_kwargs
-        Passed to :meth:`RepresentativeInterpretation.interpret` (e.g. ``seed``).
+    coverage_target : float
+        Stop a class once this share of its held-out images is covered.
+    seed : int
+        Seed of every random choice.
+    **kwargs
+        More options of :func:`captum_repinterp.audit.audit` (``subgroup_by``, ...) and
+        of :meth:`RepresentativeInterpretation.interpret` (``n_boundaries``, ...).
 
     Returns
     -------
-    list of RegionRow
-        By class, then in the order the regions were found.
+    rows : list of RegionRow
+        By class, then in the order the regions were found. Held-out precision and
+        coverage leave the seed out.
+    audits : dict
+        The :class:`~captum_repinterp.audit.ClassAudit` of each audited class.
     """
     check_int(regions_per_class, "regions_per_class")
     feats, preds = ri.transform(heldout)
-    if classes is None:
-        classes = sorted(preds.unique().tolist())
+    present = set(preds.unique().tolist())
+    classes = sorted(present) if classes is None else [int(c) for c in classes if c in present]
     rows: list[RegionRow] = []
+    audits: dict[int, ClassAudit] = {}
     for c in classes:
-        c = int(c)
-        of_class = preds == c
-        covered = torch.zeros_like(of_class)
-        for _ in range(regions_per_class):
-            todo = torch.nonzero(of_class & ~covered, as_tuple=False).flatten()
-            if todo.numel() < min_uncovered or todo.numel() == 0:
-                break
-            idx = int(todo[0])
-            region = ri.interpret(heldout[idx : idx + 1], **interpret_kwargs)
-            assert isinstance(region, Interpretation)
-            inside = region.contains_features(feats)
-            inside[idx] = True  # the seed is inside by construction
-            score = region.evaluate_features(feats, preds, exclude=idx)
-            new = int((inside & of_class & ~covered).sum())
-            covered |= inside & of_class
+        result = audit(
+            ri, heldout, target=c, coverage_target=coverage_target,
+            max_regions=regions_per_class, seed=seed, features=(feats, preds), **kwargs,
+        )
+        audits[c] = result[c]
+        for region in result[c].regions:
+            interp = region.interpretation
+            assert interp is not None
+            score = interp.evaluate_features(feats, preds, exclude=region.seed_index)
             rows.append(
                 RegionRow(
-                    c, idx, region, score["n_inside"], score["precision"], score["coverage"],
-                    new,
+                    c, region.seed_index, interp, score["n_inside"], score["precision"],
+                    score["coverage"], region.size, region,
                 )
             )
-    return rows
+    return rows, audits
 
 
 def _fmt(value: float) -> str:
@@ -217,6 +233,11 @@ window.addEventListener('load', checkImages);
 """
 
 
+def _sizes(row: RegionRow) -> str:
+    sizes = row.subgroup_sizes
+    return "1" if len(sizes) <= 1 else f"{len(sizes)} ({', '.join(map(str, sizes))})"
+
+
 def _class_name(c: int, class_names: Sequence[str] | None) -> str:
     if class_names is not None and 0 <= c < len(class_names):
         return f"{c} ({class_names[c]})"
@@ -232,6 +253,7 @@ def _render_html(
     summary_png: str,
     n_members: int,
     elapsed: float,
+    class_figures: dict[int, str],
 ) -> str:
     e = html.escape
     out = [
@@ -241,17 +263,20 @@ def _render_html(
         f"<h1>{e(title)}</h1>",
         f"<p>{ri.n_references_} reference images, {n_heldout} held-out images, layer "
         f"features D = {ri.layout_.dim}. Regions are peeled off each predicted class of "
-        "the held-out images: the first held-out image outside every earlier region of "
-        "its class is the next seed. Purity and coverage are measured on the references, "
-        "precision and coverage of the region used as a rule on the held-out images "
-        f"(the seed excluded). Built in {elapsed:.1f} s.</p>",
+        "the held-out images: the most central held-out image (nearest the median of the "
+        "layer features) outside every earlier region of its class is the next seed. "
+        "Purity and coverage are measured on the references, precision and coverage of "
+        "the region used as a rule on the held-out images (the seed excluded). A region's "
+        "new members are split into sub-groups when their heat maps cluster clearly "
+        f"(mean silhouette >= 0.25). Built in {elapsed:.1f} s.</p>",
         '<p id="image-status" class="status">images loading...</p>',
         "<h2>Summary</h2>",
         f'<img src="{e(summary_png)}" alt="summary of the regions">',
         "<table><thead><tr><th>region</th><th>class</th><th>seed (held-out index)</th>"
         "<th>boundaries</th><th>members</th><th>purity</th><th>coverage</th>"
         "<th>held-out inside</th><th>held-out precision</th><th>held-out coverage</th>"
-        "<th>newly covered</th><th>delta</th><th>reached</th></tr></thead><tbody>",
+        "<th>newly covered</th><th>sub-groups</th><th>delta</th><th>reached</th>"
+        "</tr></thead><tbody>",
     ]
     for k, r in enumerate(rows):
         it = r.interpretation
@@ -261,9 +286,15 @@ def _render_html(
             f"<td>{it.n_boundaries}</td><td>{len(it)}</td><td>{_fmt(it.purity)}</td>"
             f"<td>{_fmt(it.coverage)}</td><td>{r.heldout_inside}</td>"
             f"<td>{_fmt(r.heldout_precision)}</td><td>{_fmt(r.heldout_coverage)}</td>"
-            f"<td>{r.newly_covered}</td><td>{it.delta}</td><td>{it.reached}</td></tr>"
+            f"<td>{r.newly_covered}</td><td>{_sizes(r)}</td><td>{it.delta}</td>"
+            f"<td>{it.reached}</td></tr>"
         )
     out.append("</tbody></table>")
+    for c, png in class_figures.items():
+        name = e(_class_name(c, class_names))
+        out.append(f'<section id="class-{c}"><h2>Class {name}: regions and sub-groups</h2>')
+        out.append(f'<img src="{e(png)}" alt="class {name}: mean heat maps and exemplars">')
+        out.append("</section>")
     preds = ri.predictions_
     for k, r in enumerate(rows):
         it = r.interpretation
@@ -276,7 +307,8 @@ def _render_html(
         out.append(
             f"<p>{len(it)} members, purity {_fmt(it.purity)}, coverage {_fmt(it.coverage)}, "
             f"{it.n_boundaries} of {it.n_sampled} sampled boundaries; on held-out images "
-            f"{r.heldout_inside} inside, precision {_fmt(r.heldout_precision)}.</p>"
+            f"{r.heldout_inside} inside, precision {_fmt(r.heldout_precision)}; "
+            f"{r.newly_covered} newly covered, sub-groups {_sizes(r)}.</p>"
         )
         out.append(
             "<table><thead><tr><th>rank</th><th>reference index</th>"
@@ -371,11 +403,18 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     ri = RepresentativeInterpretation(model, layer, head=head)
     ri.fit(references, batch_size=256, progress=progress)
-    rows = audit_regions(
+    rows, audits = audit_regions(
         ri, heldout, classes, regions_per_class, seed=seed, **interpret_kwargs
     )
     if not rows:
         raise ValueError("classes: none of the requested classes is predicted on heldout")
+    class_figures = {}
+    for c, class_audit in audits.items():
+        if class_audit.regions:
+            png = f"class{c}_audit.png"
+            plot_audit(class_audit, heldout, n_exemplars=members_shown,
+                       class_names=class_names).savefig(out / png, dpi=80)
+            class_figures[c] = png
     for k, r in enumerate(rows):
         seed_img = heldout[r.seed_index : r.seed_index + 1]
         fig = plot_region(
@@ -387,7 +426,7 @@ def build_report(
     _summary_figure(rows, class_names).savefig(out / summary, dpi=90)
     page = _render_html(
         title, rows, ri, int(heldout.shape[0]), class_names, summary, members_shown,
-        time.perf_counter() - start,
+        time.perf_counter() - start, class_figures,
     )
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")

@@ -57,7 +57,9 @@ def _browser_check(index: Path, tmp_path: Path) -> tuple[str, Path]:
 def _check_page(index: Path, tmp_path: Path, n_regions: int) -> None:
     page = index.read_text()
     srcs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(srcs) == n_regions + 1  # summary + one per region
+    n_classes = len(re.findall(r'<section id="class-', page))
+    assert n_classes >= 1
+    assert len(srcs) == n_regions + n_classes + 1  # summary, one per region and per class
     for src in srcs:
         png = index.parent / src
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,21 +83,31 @@ def fitted(tiny):
     return model, refs, held, ri
 
 
-def test_audit_regions_peels_uncovered_seeds(fitted):
+def test_audit_regions_peels_central_uncovered_seeds(fitted):
     model, refs, held, ri = fitted
-    rows = audit_regions(ri, held, classes=[0, 1], regions_per_class=3, n_boundaries=20)
+    rows, audits = audit_regions(ri, held, classes=[0, 1, 99], regions_per_class=3,
+                                 n_boundaries=20)
+    assert sorted(audits) == [0, 1]  # class 99 is not predicted: skipped
     feats, preds = ri.transform(held)
     for c in (0, 1):
         mine = [r for r in rows if r.target == c]
         assert 1 <= len(mine) <= 3
+        assert [r.region for r in mine] == audits[c].regions
         covered = torch.zeros(len(preds), dtype=torch.bool)
         for r in mine:
-            # the seed is the first held-out image of the class not inside an earlier region
+            # the seed: the uncovered image of the class nearest the median of their features
             todo = torch.nonzero((preds == c) & ~covered).flatten()
-            assert r.seed_index == int(todo[0])
+            med = feats[todo].median(dim=0).values
+            assert r.seed_index == int(todo[torch.argmin(((feats[todo] - med) ** 2).sum(1))])
             inside = r.interpretation.contains_features(feats)
             inside[r.seed_index] = True
-            assert r.newly_covered == int((inside & (preds == c) & ~covered).sum())
+            new = inside & (preds == c) & ~covered
+            assert r.newly_covered == int(new.sum())
+            assert sorted(r.region.members.tolist()) == torch.nonzero(new).flatten().tolist()
+            # sub-groups partition the new members
+            parts = sorted(i for g in r.region.subgroups for i in g.members.tolist())
+            assert parts == sorted(r.region.members.tolist())
+            assert sum(r.subgroup_sizes) == r.newly_covered
             # held-out precision by hand, the seed excluded
             others = inside.clone()
             others[r.seed_index] = False
@@ -105,7 +117,7 @@ def test_audit_regions_peels_uncovered_seeds(fitted):
                 assert r.heldout_precision == pytest.approx(expect)
             else:
                 assert math.isnan(r.heldout_precision)
-            covered |= inside & (preds == c)
+            covered |= new
 
 
 def test_audit_regions_bad_args(fitted):
