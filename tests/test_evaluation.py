@@ -12,6 +12,7 @@ from captum_repinterp.evaluation import (
     EvalConfig,
     Setup,
     average_drop_increase,
+    bootstrap_ci,
     channel_weight_methods,
     drop_increase,
     evaluate_setup,
@@ -23,6 +24,7 @@ from captum_repinterp.evaluation import (
     top_fraction_mask,
 )
 from captum_repinterp.evaluation.methods import acts_and_grads
+from captum_repinterp.evaluation.protocol import _aggregate, _compare
 
 needs_gradcam = pytest.mark.skipif(
     not gradcam_package_available(), reason="grad-cam (pytorch_grad_cam) not installed"
@@ -163,13 +165,63 @@ def test_randomise_resets_only_the_cascade_and_is_seeded(tiny):
         randomise(model, setup, ["nope"])
 
 
+def test_bootstrap_ci_by_hand():
+    # constant values: the interval is the value itself
+    assert bootstrap_ci([0.3] * 7) == pytest.approx((0.3, 0.3, 0.3))
+    # constant within each stratum: every stratified resample has the same mean
+    m, lo, hi = bootstrap_ci([1.0, 1.0, 5.0, 5.0, 5.0], strata=[0, 0, 1, 1, 1])
+    assert (m, lo, hi) == pytest.approx((3.4, 3.4, 3.4))
+    # ... which an unstratified bootstrap of the same values does not have
+    _, lo1, hi1 = bootstrap_ci([1.0, 1.0, 5.0, 5.0, 5.0])
+    assert hi1 - lo1 > 1.0
+    # NaNs are dropped; nothing left gives NaNs
+    assert bootstrap_ci([float("nan"), 2.0, 2.0])[0] == 2.0
+    assert all(math.isnan(v) for v in bootstrap_ci([float("nan")]))
+    # normal data: the 95% interval is close to mean -/+ 1.96 standard errors
+    x = np.random.default_rng(1).normal(0.5, 2.0, 400)
+    m, lo, hi = bootstrap_ci(x, n_boot=4000)
+    se = x.std() / math.sqrt(x.size)
+    assert lo < m < hi
+    assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.1)
+    assert bootstrap_ci(x, n_boot=500, seed=3) == bootstrap_ci(x, n_boot=500, seed=3)
+    with pytest.raises(ValueError, match="strata"):
+        bootstrap_ci([1.0, 2.0], strata=[0])
+
+
+def test_aggregate_and_paired_comparison_by_hand():
+    # two methods, three seeds (classes 0, 1, 1); method "b" has no image for seed 2
+    owner = [("ri", 0), ("ri", 0), ("ri", 1), ("ri", 2), ("b", 0), ("b", 1)]
+    ad = torch.tensor([0.2, 0.4, 0.1, 0.5, 0.6, 0.1])
+    ai = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    cfg = EvalConfig(n_boot=300)
+    table = _aggregate(owner, ad, ai, 3, [0, 1, 1], cfg)
+    assert table["ri"]["per_seed_AD"] == pytest.approx([0.3, 0.1, 0.5])
+    assert table["ri"]["mAD"] == pytest.approx(0.3) and table["ri"]["mAI"] == pytest.approx(0.5)
+    assert table["ri"]["n_images"] == 4 and table["ri"]["n_seeds"] == 3
+    assert table["b"]["n_seeds"] == 2 and math.isnan(table["b"]["per_seed_AD"][2])
+    assert table["b"]["mAD"] == pytest.approx(0.35)
+    lo, hi = table["ri"]["mAD_ci"]
+    assert 0.1 <= lo <= 0.3 <= hi <= 0.5
+    (row,) = _compare(table, ["ri"], ["b"], [0, 1, 1], cfg)
+    # paired over the seeds both have: (0.3 - 0.6, 0.1 - 0.1) -> mean -0.15
+    assert row["dAD"] == pytest.approx(-0.15)
+    assert row["dAI"] == pytest.approx(0.25)  # (0.5 - 0, 0 - 0)
+    # seed 0 (class 0) differs by -0.3, seed 1 (class 1, alone once seed 2 is dropped) by
+    # 0: every stratified resample gives -0.15, so RI is surely better on AD
+    assert row["dAD_ci"] == pytest.approx([-0.15, -0.15]) and row["win_AD"] is True
+    table["b"]["per_seed_AD"] = [0.3, 0.1, float("nan")]
+    (tie,) = _compare(table, ["ri"], ["b"], [0, 1, 1], cfg)
+    assert tie["dAD"] == pytest.approx(0.0, abs=1e-7) and tie["win_AD"] is None
+
+
 # ---------------------------------------------------------------- the pipeline
 @pytest.mark.slow
 def test_small_pipeline_on_the_tiny_model(tiny):
     model, x = tiny
     f = model.features
     setup = Setup("tiny", model, f[-1], x[:200], x[200:], head=model.head,
-                  cascade=[("head", model.head), ("features[1]", f[1])])
+                  cascade=[("head", model.head), ("features[1]", f[1])],
+                  other_layers=[("features[0]", f[0], nn.Sequential(f[1], model.head))])
     cfg = EvalConfig(seeds_per_class=1, k=3, n_explain_per_class=1, n_sanity=2,
                      n_fidelity=2, n_perturb=2, ig_steps=8)
     res = evaluate_setup(setup, cfg)
@@ -193,5 +245,17 @@ def test_small_pipeline_on_the_tiny_model(tiny):
     for s in stages:
         for m in methods:
             assert s[m] is None or -1 <= s[m] <= 1
+    # every RI config is also measured on the baselines' images, with paired comparisons
+    assert "ri @nn" in res["reuse"]["metrics"]
+    for row in res["reuse"]["metrics"].values():
+        lo, hi = row["mAD_ci"]
+        assert lo <= row["mAD"] <= hi
+    pairs = {(c["ri"], c["baseline"]) for c in res["reuse"]["comparisons"]}
+    assert ("ri", "gradcam") in pairs and ("ri @nn", "gradcam") in pairs
+    # the layer sweep reruns the reuse protocol at the other layer, every method there
+    (sweep,) = res["layers"]
+    assert sweep["layer"] == "features[0]" and sweep["shape"][0] == f[0][0].out_channels
+    assert set(methods) <= set(sweep["metrics"])
     md = markdown_report({"setups": {"tiny": res}, "total_seconds": 1.0})
-    assert "| ri |" in md and "Sanity check" in md
+    assert "| ri | RI's |" in md and "Sanity check" in md
+    assert "Reuse protocol at features[0]" in md and "| ri @nn | gradcam |" in md

@@ -10,6 +10,7 @@
 from .methods import ChannelWeightMethod, channel_weight_methods, gradcam_package_available
 from .metrics import (
     average_drop_increase,
+    bootstrap_ci,
     drop_increase,
     mask_images,
     rank_correlation,
@@ -25,6 +26,7 @@ __all__ = [
     "EvalConfig",
     "Setup",
     "average_drop_increase",
+    "bootstrap_ci",
     "channel_weight_methods",
     "drop_increase",
     "evaluate_setup",

@@ -18,6 +18,7 @@ from .._captum_compat import LayerAttribution
 
 __all__ = [
     "average_drop_increase",
+    "bootstrap_ci",
     "drop_increase",
     "mask_images",
     "rank_correlation",
@@ -148,3 +149,54 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
         if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
             out[i] = spearmanr(x[i], y[i]).statistic
     return torch.from_numpy(out)
+
+
+def bootstrap_ci(
+    values: np.ndarray | Tensor | list[float],
+    strata: np.ndarray | Tensor | list[int] | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap confidence interval of the mean, resampling per stratum.
+
+    The evaluation picks the same number of seeds from every predicted class, so the
+    resampling keeps that design: within each stratum (class) the values are drawn with
+    replacement, as many as the stratum has. (``scipy.stats.bootstrap`` has no strata.)
+    NaN values are dropped first.
+
+    Parameters
+    ----------
+    values : array-like
+        One value per seed (e.g. its mean AD), or per-seed paired differences.
+    strata : array-like, optional
+        The stratum (class) of each value; default: one stratum.
+    n_boot : int
+        Bootstrap resamples.
+    level : float
+        Coverage of the interval.
+    seed : int
+        Seed of the resampling (``numpy.random.default_rng``).
+
+    Returns
+    -------
+    (mean, low, high)
+        NaN for all three when no value is left.
+    """
+    x = np.asarray(values, dtype=float).ravel()
+    s = np.zeros(x.shape, dtype=np.int64) if strata is None else np.asarray(strata).ravel()
+    if s.shape != x.shape:
+        raise ValueError(f"strata must have one entry per value ({x.size}), got {s.size}")
+    ok = ~np.isnan(x)
+    x, s = x[ok], s[ok]
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    totals = np.zeros(n_boot)
+    for group in np.unique(s):
+        xs = x[s == group]
+        totals += xs[rng.integers(0, xs.size, (n_boot, xs.size))].sum(axis=1)
+    means = totals / x.size
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(x.mean()), float(low), float(high)

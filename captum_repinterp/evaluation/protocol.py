@@ -33,7 +33,7 @@ from .methods import (
     channel_weight_methods,
     integrated_gradients_maps,
 )
-from .metrics import average_drop_increase, rank_correlation, upsample
+from .metrics import average_drop_increase, bootstrap_ci, rank_correlation, upsample
 
 __all__ = ["EvalConfig", "Setup", "evaluate_setup", "randomise"]
 
@@ -43,7 +43,8 @@ class Setup:
     """A model split at ``layer`` with reference (fit) and unseen (held-out) images.
 
     ``cascade`` lists the blocks to randomise in order, head first, as
-    ``(name, module)`` pairs.
+    ``(name, module)`` pairs. ``other_layers`` lists further splits ``(name, layer, head)``
+    on which the reuse protocol is run again (every method at the same layer).
     """
 
     name: str
@@ -55,6 +56,7 @@ class Setup:
     cascade: Sequence[tuple[str, nn.Module]] = ()
     class_names: Sequence[str] | None = None
     notes: str = ""
+    other_layers: Sequence[tuple[str, nn.Module, Any]] = ()
 
 
 @dataclass
@@ -64,6 +66,9 @@ class EvalConfig:
     ``ri_variants`` maps a variant name to RI ``interpret`` keyword arguments that differ
     from ``ri_kwargs``; variants that only change ``heatmap_rule``/``combine`` reuse the
     regions. ``baseline`` is the value masked pixels get, in the model's input space.
+    Confidence intervals are percentile bootstraps over seeds (``n_boot`` resamples,
+    stratified by class); ``layer_sweep`` reruns the reuse protocol on the setup's
+    ``other_layers`` for the RI configs in ``layer_sweep_variants`` and every baseline.
     """
 
     seeds_per_class: int = 3
@@ -88,6 +93,9 @@ class EvalConfig:
     include_package: bool = True
     sanity: bool = True
     fidelity: bool = True
+    layer_sweep: bool = True
+    layer_sweep_variants: tuple[str, ...] = ("ri", "ri[region-score]")
+    n_boot: int = 2000
 
 
 def _mean(values: Sequence[float] | Tensor) -> float:
@@ -138,12 +146,13 @@ class _Runner:
         return ri.fit(self.s.references, batch_size=512, progress=False)
 
     def regions(
-        self, ri: RepresentativeInterpretation, seeds: Tensor, targets: Tensor | None = None
+        self, ri: RepresentativeInterpretation, seeds: Tensor, targets: Tensor | None = None,
+        configs: dict[str, dict[str, Any]] | None = None,
     ) -> dict[str, list[Interpretation]]:
         """Interpretations of the seeds for every RI config (shared regions reused)."""
         cache: dict[tuple, list[Interpretation]] = {}
         out = {}
-        for name, kw in self.ri_configs.items():
+        for name, kw in (configs if configs is not None else self.ri_configs).items():
             key = _region_key(kw)
             if key not in cache:
                 res = ri.interpret(seeds, target=None if targets is None else targets.tolist(),
@@ -153,54 +162,87 @@ class _Runner:
         return out
 
     # -------------------------------------------------------------- 1 + 3: reuse
-    def reuse(self, ri: RepresentativeInterpretation, methods: list[ChannelWeightMethod]) -> dict:
+    def reuse(self, ri: RepresentativeInterpretation, methods: list[ChannelWeightMethod],
+              configs: dict[str, dict[str, Any]] | None = None) -> dict:
+        """The reuse protocol; every RI config is also measured on the baselines' images.
+
+        RI's images are the unseen images inside the seed's region ranked by semantic
+        distance (the protocol); the baselines' are the ``k`` nearest unseen images in
+        feature space with the seed's prediction. The rows ``"<ri config> @nn"`` reuse the
+        RI map on the baselines' images, so that maps are also compared on the same images.
+        """
         cfg, s = self.cfg, self.s
+        configs = configs if configs is not None else self.ri_configs
         feats_u, preds_u = ri.transform(s.unseen, batch_size=512)
         acts_u = ri.layout_.unflatten(feats_u)[0]
-        seed_idx = _pick_seeds(ri.predictions_, cfg.seeds_per_class, self.gen)
+        seed_idx = _pick_seeds(ri.predictions_, cfg.seeds_per_class,
+                               torch.Generator().manual_seed(cfg.seed))
         seeds = s.references[seed_idx]
         targets = ri.predictions_[seed_idx]
+        feats_r = ri.features_[seed_idx]
+        nearest = []  # the baselines' images of each seed
+        for j in range(len(seed_idx)):
+            cand = torch.nonzero(preds_u == targets[j]).flatten()
+            d = (feats_u[cand] - feats_r[j]).norm(dim=1)
+            nearest.append(cand[torch.argsort(d, stable=True)[: cfg.k]])
         t0 = time.perf_counter()
-        regions = self.regions(ri, seeds)
+        regions = self.regions(ri, seeds, configs=configs)
         self.timings["ri_interpret_seeds"] = time.perf_counter() - t0
         images, maps, tgts, owner = [], [], [], []  # owner = (method, seed number)
+
+        def add(name: str, j: int, pick: Tensor, layer_maps: Tensor) -> None:
+            if pick.numel():
+                images.append(s.unseen[pick])
+                maps.append(layer_maps)
+                tgts.append(torch.full((pick.numel(),), int(targets[j])))
+                owner.extend([(name, j)] * pick.numel())
+
         rules = []
         for name, regs in regions.items():
             for j, reg in enumerate(regs):
                 inside = torch.nonzero(reg.contains_features(feats_u)).flatten()
                 order = torch.argsort(reg.distance_features(feats_u[inside]), stable=True)
                 pick = inside[order[: cfg.k]]
-                if name == "ri" or _region_key(self.ri_configs[name]) != _region_key(
-                    self.ri_configs["ri"]
-                ):
+                if name == "ri" or _region_key(configs[name]) != _region_key(configs["ri"]):
                     rules.append({"method": name, "seed": seed_idx[j], "target": int(targets[j]),
                                   "boundaries": reg.n_boundaries, "members": len(reg),
                                   "purity": reg.purity, "ref_coverage": reg.coverage,
                                   **reg.evaluate_features(feats_u, preds_u)})
-                if pick.numel():
-                    lm = reg.heatmap_from_activations((acts_u[pick],))[0]
-                    images.append(s.unseen[pick])
-                    maps.append(upsample(lm.float(), self.size))
-                    tgts.append(torch.full((pick.numel(),), int(targets[j])))
-                    owner += [(name, j)] * pick.numel()
-        feats_r = ri.features_[seed_idx]
+                for label, idx in ((name, pick), (f"{name} @nn", nearest[j])):
+                    if idx.numel():
+                        lm = reg.heatmap_from_activations((acts_u[idx],))[0]
+                        add(label, j, idx, upsample(lm.float(), self.size))
         for m in methods:
             w = m.weights(seeds, targets)
             for j in range(len(seed_idx)):
-                cand = torch.nonzero(preds_u == targets[j]).flatten()
-                d = (feats_u[cand] - feats_r[j]).norm(dim=1)
-                pick = cand[torch.argsort(d, stable=True)[: cfg.k]]
+                pick = nearest[j]
                 if pick.numel():
-                    images.append(s.unseen[pick])
-                    maps.append(m.reuse(w[j : j + 1].expand(pick.numel(), *w.shape[1:]),
-                                        acts_u[pick], self.size))
-                    tgts.append(torch.full((pick.numel(),), int(targets[j])))
-                    owner += [(m.name, j)] * pick.numel()
+                    add(m.name, j, pick, m.reuse(w[j : j + 1].expand(pick.numel(), *w.shape[1:]),
+                                                 acts_u[pick], self.size))
         ad, ai = average_drop_increase(self.model, torch.cat(images), torch.cat(maps),
                                        torch.cat(tgts), cfg.fraction, cfg.baseline)
-        table = _aggregate(owner, ad, ai, len(seed_idx))
-        return {"seeds": seed_idx, "seed_targets": targets.tolist(), "metrics": table,
+        strata = targets.tolist()
+        table = _aggregate(owner, ad, ai, len(seed_idx), strata, cfg)
+        ri_names = [n for n in table if n.startswith("ri")]
+        base_names = [m.name for m in methods]
+        return {"seeds": seed_idx, "seed_targets": strata, "metrics": table,
+                "comparisons": _compare(table, ri_names, base_names, strata, cfg),
                 "rules": rules, "rule_summary": _rule_summary(rules)}
+
+    def layer_sweep(self) -> list[dict]:
+        """The reuse protocol again at each of the setup's ``other_layers``."""
+        configs = {n: self.ri_configs[n] for n in self.cfg.layer_sweep_variants
+                   if n in self.ri_configs}
+        out = []
+        for name, layer, head in self.s.other_layers:
+            t0 = time.perf_counter()
+            ri = self.fit(self.model, layer, head)
+            methods = channel_weight_methods(self.model, layer, self.cfg.include_package)
+            res = self.reuse(ri, methods, configs)
+            out.append({"layer": name, "shape": list(ri.layout_.shapes[0]),
+                        "metrics": res["metrics"], "comparisons": res["comparisons"],
+                        "seconds": round(time.perf_counter() - t0, 2)})
+        return out
 
     # -------------------------------------------------------------- 2: no reuse
     def explain_all(self, ri: RepresentativeInterpretation | None,
@@ -238,7 +280,7 @@ class _Runner:
             self.model, images.repeat(len(names), 1, 1, 1), torch.cat([maps[k] for k in names]),
             targets.repeat(len(names)), cfg.fraction, cfg.baseline)
         owner = [(k, i) for k in names for i in range(n)]
-        return {"images": idx, "metrics": _aggregate(owner, ad, ai, n)}
+        return {"images": idx, "metrics": _aggregate(owner, ad, ai, n, targets.tolist(), cfg)}
 
     # -------------------------------------------------------------- 4: sanity check
     def sanity(self) -> dict:
@@ -331,21 +373,60 @@ class _Runner:
         return upsample(maps.detach().float(), self.size)
 
 
-def _aggregate(owner: list[tuple[str, int]], ad: Tensor, ai: Tensor, n_seeds: int) -> dict:
-    """mAD/mAI per method: mean over images of each seed, then over seeds with images."""
+def _aggregate(owner: list[tuple[str, int]], ad: Tensor, ai: Tensor, n_seeds: int,
+               strata: Sequence[int], cfg: EvalConfig) -> dict:
+    """mAD/mAI per method: mean over images of each seed, then over seeds with images.
+
+    Each metric also gets a 95% bootstrap interval over seeds (stratified by the seed's
+    class) and the per-seed values (``None`` for a seed without images).
+    """
     table: dict[str, dict[str, Any]] = {}
     names = list(dict.fromkeys(o[0] for o in owner))
     for name in names:
-        per_seed_ad, per_seed_ai, n_img = [], [], 0
+        per_seed_ad = [float("nan")] * n_seeds
+        per_seed_ai = [float("nan")] * n_seeds
+        n_img = 0
         for j in range(n_seeds):
             sel = [i for i, o in enumerate(owner) if o == (name, j)]
             if sel:
-                per_seed_ad.append(float(ad[sel].mean()))
-                per_seed_ai.append(float(ai[sel].mean()))
+                per_seed_ad[j] = float(ad[sel].mean())
+                per_seed_ai[j] = float(ai[sel].mean())
                 n_img += len(sel)
-        table[name] = {"mAD": _mean(per_seed_ad), "mAI": _mean(per_seed_ai),
-                       "n_seeds": len(per_seed_ad), "n_images": n_img}
+        m_ad, lo_ad, hi_ad = bootstrap_ci(per_seed_ad, strata, cfg.n_boot, seed=cfg.seed)
+        m_ai, lo_ai, hi_ai = bootstrap_ci(per_seed_ai, strata, cfg.n_boot, seed=cfg.seed)
+        table[name] = {"mAD": m_ad, "mAD_ci": [lo_ad, hi_ad], "mAI": m_ai,
+                       "mAI_ci": [lo_ai, hi_ai],
+                       "n_seeds": int(sum(not math.isnan(v) for v in per_seed_ad)),
+                       "n_images": n_img, "per_seed_AD": per_seed_ad,
+                       "per_seed_AI": per_seed_ai}
     return table
+
+
+#: Differences of per-seed means below this are float32 round-off, not a difference.
+_TIE = 1e-6
+
+
+def _compare(table: dict, ri_names: Sequence[str], base_names: Sequence[str],
+             strata: Sequence[int], cfg: EvalConfig) -> list[dict]:
+    """Paired per-seed differences (RI config minus baseline) with bootstrap intervals.
+
+    ``win_AD`` / ``win_AI`` is True when the interval shows RI better (lower AD, higher
+    AI), False when it shows it worse, None when it contains 0.
+    """
+    out = []
+    for r in ri_names:
+        for b in base_names:
+            row: dict[str, Any] = {"ri": r, "baseline": b}
+            for metric, better in (("AD", -1.0), ("AI", 1.0)):
+                diff = np.asarray(table[r][f"per_seed_{metric}"]) - np.asarray(
+                    table[b][f"per_seed_{metric}"])
+                mean, lo, hi = bootstrap_ci(diff, strata, cfg.n_boot, seed=cfg.seed)
+                row[f"d{metric}"] = mean
+                row[f"d{metric}_ci"] = [lo, hi]
+                sure = lo > _TIE or hi < -_TIE  # float32 round-off is not a difference
+                row[f"win_{metric}"] = None if not sure else bool(mean * better > 0)
+            out.append(row)
+    return out
 
 
 def _rule_summary(rules: list[dict]) -> dict:
@@ -433,6 +514,12 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
             result["sanity"] = run.sanity()
             run.timings["sanity_total"] = time.perf_counter() - t0
             print(f"[{setup.name}] sanity: {run.timings['sanity_total']:.1f} s", flush=True)
+        if cfg.layer_sweep and setup.other_layers:
+            t0 = time.perf_counter()
+            result["layers"] = run.layer_sweep()
+            run.timings["layer_sweep_total"] = time.perf_counter() - t0
+            print(f"[{setup.name}] layer sweep: {run.timings['layer_sweep_total']:.1f} s",
+                  flush=True)
         if cfg.fidelity:
             t0 = time.perf_counter()
             result["fidelity"] = run.fidelity(ri, methods)

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from .protocol import EvalConfig, Setup, evaluate_setup
 
 __all__ = ["SETUPS", "load_setup", "markdown_report", "run_evaluation"]
@@ -42,7 +44,10 @@ def load_setup(name: str, seed: int = 0) -> Setup:
         cascade = [("head", model.head), ("features[2]", f[2]), ("features[1]", f[1]),
                    ("features[0]", f[0])]
         label = "MNIST-5k" if name == "mnist" else "scikit-learn digits (28x28)"
+        other = [(f"features[{i}]", f[i], nn.Sequential(*f[i + 1 :], model.head).eval())
+                 for i in reversed(range(len(f) - 1))]
         return Setup(name, model, f[-1], x[train], x[test], head=model.head, cascade=cascade,
+                     other_layers=other,
                      notes=f"SmallCNN on {label}; references = train split "
                            f"({len(train)}), unseen = test split ({len(test)}); "
                            "masked pixels = 0 (black)")
@@ -54,8 +59,10 @@ def load_setup(name: str, seed: int = 0) -> Setup:
         cascade = [("head", model.head)] + [
             (f"features[{i}]", f[i]) for i in reversed(range(len(f)))
         ]
+        other = [(f"features[{i}]", f[i], nn.Sequential(*f[i + 1 :], model.head).eval())
+                 for i in (len(f) - 2, len(f) - 3)]
         return Setup(name, model, f[-1], x[train], x[test], head=model.head, cascade=cascade,
-                     class_names=["non-face", "face"],
+                     class_names=["non-face", "face"], other_layers=other,
                      notes=f"pretrained MTCNN ONet (facenet-pytorch) on lfw_subset; references "
                            f"= train split ({len(train)}), unseen = test split ({len(test)}); "
                            "masked pixels = 0 in input space (mid grey)")
@@ -64,20 +71,19 @@ def load_setup(name: str, seed: int = 0) -> Setup:
 
 def default_config(name: str, quick: bool = False) -> EvalConfig:
     """The configuration used for each setup by the benchmark (recorded in the results)."""
-    cfg = EvalConfig(seeds_per_class=2, n_explain_per_class=2, n_sanity=4, n_fidelity=4,
+    cfg = EvalConfig(seeds_per_class=10, n_explain_per_class=5, n_sanity=4, n_fidelity=4,
                      n_perturb=4)
     cfg.ri_variants = {
         "ri[channel]": {"heatmap_rule": "channel"},
-        "ri[unit]": {"combine": "unit"},
-        "ri[channel,unit]": {"heatmap_rule": "channel", "combine": "unit"},
         "ri[region-score]": {"heatmap_rule": "region-score"},
     }
     if name == "faces":
-        cfg.seeds_per_class = 8
-        cfg.n_explain_per_class = 6
+        cfg.seeds_per_class = 15
+        cfg.n_explain_per_class = 10
     if quick:
         cfg.seeds_per_class, cfg.k, cfg.n_explain_per_class = 1, 4, 1
         cfg.n_sanity, cfg.n_fidelity, cfg.n_perturb = 2, 2, 2
+        cfg.n_boot, cfg.layer_sweep = 200, False
     return cfg
 
 
@@ -119,6 +125,41 @@ def _f(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _ci(row: dict[str, Any], key: str) -> str:
+    lo, hi = row.get(f"{key}_ci", (None, None))
+    if lo is None or hi is None:
+        return _f(row[key])
+    return f"{_f(row[key])} [{_f(lo)}, {_f(hi)}]"
+
+
+def _metric_table(metrics: dict[str, Any]) -> list[str]:
+    lines = ["| method | images | mAD [95% CI] | mAI [95% CI] | seeds | images |",
+             "|---|---|---|---|---|---|"]
+    for m, row in metrics.items():
+        kind = "RI's" if m.startswith("ri") and not m.endswith("@nn") else "NN"
+        lines.append(f"| {m} | {kind} | {_ci(row, 'mAD')} | {_ci(row, 'mAI')} | "
+                     f"{row['n_seeds']} | {row['n_images']} |")
+    return lines
+
+
+def _mark(win: bool | None) -> str:
+    return "=" if win is None else ("**better**" if win else "worse")
+
+
+def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
+    shown = ("ri", "ri @nn", "ri[region-score]", "ri[region-score] @nn")
+    rows = [r for r in rows if r["ri"] in shown]
+    if not rows:
+        return []
+    lines = ["", "Paired per-seed differences, RI config minus baseline (95% bootstrap "
+             "interval; better / worse when the interval excludes 0, = otherwise):", "",
+             "| RI config | baseline | dAD | AD | dAI | AI |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['ri']} | {r['baseline']} | {_ci(r, 'dAD')} | "
+                     f"{_mark(r['win_AD'])} | {_ci(r, 'dAI')} | {_mark(r['win_AI'])} |")
+    return lines
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """The results as markdown tables (one section per setup)."""
     lines = ["# Evaluation results", "",
@@ -135,14 +176,23 @@ def markdown_report(report: dict[str, Any]) -> str:
                   f"{ri['refine']}, heatmap_rule = {ri['heatmap_rule']}, combine = "
                   f"{ri['combine']}.", ""]
         lines += ["### Reuse protocol (mAD lower is better, mAI higher is better)", "",
-                  "| method | mAD | mAI | seeds | images |", "|---|---|---|---|---|"]
-        for m, row in res["reuse"]["metrics"].items():
-            lines.append(f"| {m} | {_f(row['mAD'])} | {_f(row['mAI'])} | {row['n_seeds']} | "
-                         f"{row['n_images']} |")
+                  "RI's images: unseen images inside the region, ranked by semantic distance "
+                  "(the protocol). NN images: the k nearest unseen images in feature space "
+                  "with the seed's prediction (the baselines' images; `@nn` rows reuse the "
+                  "RI map on them, so maps are compared on the same images). Brackets: 95% "
+                  "bootstrap interval over seeds, stratified by class.", ""]
+        lines += _metric_table(res["reuse"]["metrics"])
+        lines += _comparison_table(res["reuse"]["comparisons"])
         lines += ["", "### Without reuse (each method explains the image itself)", "",
                   "| method | mAD | mAI | images |", "|---|---|---|---|"]
         for m, row in res["no_reuse"]["metrics"].items():
-            lines.append(f"| {m} | {_f(row['mAD'])} | {_f(row['mAI'])} | {row['n_seeds']} |")
+            lines.append(f"| {m} | {_ci(row, 'mAD')} | {_ci(row, 'mAI')} | {row['n_seeds']} |")
+        for sweep in res.get("layers", []):
+            lines += ["", f"### Reuse protocol at {sweep['layer']} (layer output "
+                      f"{' x '.join(map(str, sweep['shape']))}; every method at this layer; "
+                      f"{sweep['seconds']} s)", ""]
+            lines += _metric_table(sweep["metrics"])
+            lines += _comparison_table(sweep["comparisons"])
         lines += ["", "### RI regions as rules on unseen images", "",
                   "| config | precision | coverage | inside (mean) | seeds with images inside "
                   "| boundaries | purity (refs) | coverage (refs) |",
