@@ -304,19 +304,23 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         self.input_spec_ = info.get("input_spec")
         self.head_nonlinear_ = tuple(nonlinear)
         self.store_ = ref_store
-        # the store streams its features from disk: no projection is kept in RAM for it
-        self.projection_ = self._build_projection(info) if ref_store is None else None
+        # with a store the projection is written next to the features, memory-mapped
+        self.projection_ = self._build_projection(
+            info, None if ref_store is None else ref_store.path / "projected.npy"
+        )
         warn_nonlinear_head(self.head_nonlinear_)
         return self
 
-    def _build_projection(self, info: dict) -> Projection | None:
+    def _build_projection(
+        self, info: dict, out_path: os.PathLike | None = None
+    ) -> Projection | None:
         """Exact per-seed shortcut when the head starts with an affine map (see projection)."""
         modules = self.head if self.head is not None else self.forward_func
         if not isinstance(modules, nn.Module) or (self.head is None and "example" not in info):
             return None
         head = self._head_for(info.get("example", ()), info.get("example_args"))
         with eval_mode(self.forward_func, self.layer, modules):
-            return build_projection(head, modules, self.features_)
+            return build_projection(head, modules, self.features_, out_path=out_path)
 
     def _scan_head(
         self, info: dict, features: Tensor, layout: LayerLayout, to_input: bool

@@ -13,9 +13,11 @@ otherwise the caller falls back to the full product.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -251,8 +253,14 @@ def build_projection(
     modules: nn.Module,
     features: Tensor,
     chunk_size: int = 8192,
+    out_path: str | os.PathLike | None = None,
 ) -> Projection | None:
-    """The projection of ``features`` (``N x D``) on the head's leading affine map."""
+    """The projection of ``features`` (``N x D``) on the head's leading affine map.
+
+    With ``out_path`` the ``N x r`` projection is written to that ``.npy`` file in row
+    chunks and read back memory-mapped (copy-on-write), so that an on-disk reference
+    store keeps its memory bounded independently of ``N``.
+    """
     if features.shape[0] < 2:
         return None
     try:
@@ -271,7 +279,17 @@ def build_projection(
         return None
     gram_inv = torch.linalg.inv(gram)
     a32 = basis.to(torch.float32)
-    projected = torch.empty(features.shape[0], basis.shape[0], dtype=torch.float32)
-    for s in range(0, features.shape[0], chunk_size):
-        projected[s : s + chunk_size] = features[s : s + chunk_size].to(torch.float32) @ a32.T
+    shape = (features.shape[0], basis.shape[0])
+    if out_path is None:
+        projected = torch.empty(shape, dtype=torch.float32)
+        for s in range(0, shape[0], chunk_size):
+            projected[s : s + chunk_size] = features[s : s + chunk_size].to(torch.float32) @ a32.T
+    else:
+        mm = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
+        for s in range(0, shape[0], chunk_size):
+            rows = features[s : s + chunk_size].to(torch.float32)
+            mm[s : s + chunk_size] = (rows @ a32.T).numpy()
+        mm.flush()
+        del mm
+        projected = torch.from_numpy(np.load(out_path, mmap_mode="c"))
     return Projection(basis, gram_inv, projected, module=module, offset=offset)

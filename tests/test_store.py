@@ -58,10 +58,11 @@ def _refs(n: int, d: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
 
 
-def test_store_matches_ram(tmp_path):
-    model = _model()
-    refs = _refs(600)
-    seeds = _refs(4, seed=2)
+@pytest.mark.parametrize("d", [24, 96])  # 96: the head's 16 units allow the projection
+def test_store_matches_ram(tmp_path, d):
+    model = _model(d=d)
+    refs = _refs(600, d=d)
+    seeds = _refs(4, d=d, seed=2)
     ram = RepresentativeInterpretation(model, model[0]).fit(refs, batch_size=64, progress=False)
     disk = RepresentativeInterpretation(model, model[0]).fit(
         refs, batch_size=64, progress=False, store=tmp_path / "s"
@@ -80,8 +81,14 @@ def test_store_matches_ram(tmp_path):
         ram.attribute(seeds, n_boundaries=20), disk.attribute(seeds, n_boundaries=20)
     )
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
-    assert meta["n"] == 600 and meta["dim"] == 24 and meta["complete"] is True
-    assert np.load(tmp_path / "s" / "features.npy", mmap_mode="r").shape == (600, 24)
+    assert meta["n"] == 600 and meta["dim"] == d and meta["complete"] is True
+    assert np.load(tmp_path / "s" / "features.npy", mmap_mode="r").shape == (600, d)
+    # the projection shortcut is kept on disk next to the features (never in RAM)
+    assert (ram.projection_ is None) == (d == 24) == (disk.projection_ is None)
+    if disk.projection_ is not None:
+        on_disk = np.load(tmp_path / "s" / "projected.npy", mmap_mode="r")
+        assert on_disk.shape == (600, 16)
+        assert torch.equal(disk.projection_.projected, ram.projection_.projected)
     # the tensors are copy-on-write views of the files: changing them never changes the store
     disk.features_[0, 0] = 123.0
     assert np.load(tmp_path / "s" / "features.npy", mmap_mode="r")[0, 0] != 123.0
