@@ -37,8 +37,6 @@ REFINE_MODES = ("tighten", "prune", "none")
 #: Relative tolerance under which two ratios ``(df + eps) / dg`` count as tied.
 RATIO_RTOL = 1e-9
 
-# float32 sums of 0/1 values are exact while every partial sum is below 2**24.
-_FLOAT32_EXACT = 2**24
 
 
 @dataclass(frozen=True)
@@ -176,6 +174,24 @@ def _check_eps(eps: object) -> float:
     return value
 
 
+def _pack(rows: np.ndarray) -> np.ndarray:
+    """bool ``k x n`` -> uint64 ``k x ceil(n / 64)``: bit ``r % 64`` of word ``r // 64``."""
+    k, n = rows.shape
+    words = max(1, -(-n // 64))
+    padded = np.zeros((k, words * 64), dtype=bool)
+    padded[:, :n] = rows
+    return np.packbits(padded, axis=1, bitorder="little").view(np.uint64)
+
+
+def _unpack(bits: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` bits of a packed row as a bool array."""
+    return np.unpackbits(bits.view(np.uint8), bitorder="little")[:n].astype(bool)
+
+
+def _popcount(bits: np.ndarray) -> int:
+    return int(np.bitwise_count(bits).sum(dtype=np.int64))
+
+
 def _pick(df: np.ndarray, dg: np.ndarray, available: np.ndarray, eps: float) -> int | None:
     """Index of the best candidate, or ``None`` when no candidate removes a negative.
 
@@ -260,15 +276,15 @@ def greedy_cover(
 
     Notes
     -----
-    Each step counts, for all candidates at once, the positives and negatives still
-    inside that each would push out: one ``2 x rows`` by ``rows x m`` float product of
-    the inside-positive / inside-negative indicators with ``~match`` (exact integer
-    sums). Rows pushed out get weight 0 and the working rows are compacted whenever at
-    most half of them are still inside. The loop runs once per pick, at most ``m`` times,
-    plus once to find that nothing is left to pick. Ratios are compared with a relative
-    tolerance ``RATIO_RTOL`` and near-ties go to the smaller ``df_j``, then the smaller
-    index, so the selection is a deterministic function of the match matrix, independent
-    of the row order.
+    The references are bit sets (64 per machine word): one row of words per candidate
+    (the references it pushes out), and the inside / positive / negative sets. Each step
+    counts, for all candidates at once, the positives and negatives still inside that
+    each would push out with one AND and one population count per word (exact
+    integers), and a pick removes its rows with one AND-NOT. The loop runs once per
+    pick, at most ``m`` times, plus once to find that nothing is left to pick. Ratios are
+    compared with a relative tolerance ``RATIO_RTOL`` and near-ties go to the smaller
+    ``df_j``, then the smaller index, so the selection is a deterministic function of the
+    match matrix, independent of the row order.
     """
     match, positive = _check_inputs(match, positive)
     if not isinstance(refine, str) or refine not in REFINE_MODES:
@@ -279,29 +295,28 @@ def greedy_cover(
     device = match.device
     negative = ~positive
     n_neg = int(negative.sum())
-    dtype = torch.float32 if max(n, m) < _FLOAT32_EXACT else torch.float64
-    # candidates x working rows: 1 = the row is pushed out by that candidate
-    fail = (~match).T.to(dtype)
+    # Bit sets over the references: one row of 64-bit words per candidate (bit r set when
+    # candidate j pushes reference r out), and the positive / negative / inside sets.
+    match_np = match.detach().cpu().numpy()
+    pos_np = positive.detach().cpu().numpy()
+    fail = _pack(~match_np.T)  # m x words
+    pos_bits, neg_bits = _pack(pos_np[None])[0], _pack(~pos_np[None])[0]
+    inside = _pack(np.ones((1, n), dtype=bool))[0]
     if delta is None:  # negatives no candidate separates from the seed
-        d = int(((fail.sum(dim=0) == 0) & negative).sum())
+        separated = np.bitwise_or.reduce(fail, axis=0) if m else np.zeros_like(inside)
+        d = _popcount(neg_bits & ~separated)
     else:
         d = resolve_delta(match, positive, delta)
     need = n_neg - d  # negatives that must be pushed out
 
-    # Working set: ``rows`` (indices into the references) and their columns of ``fail``.
-    # A row pushed out gets weight 0 in ``weights`` (its positive / negative indicator)
-    # and the working set is compacted whenever at most half of it is still inside, so
-    # the loop copies O(N m) in total.
-    rows = torch.arange(n, device=device)
-    weights = torch.stack([positive, negative]).to(dtype)  # 2 x working rows
     available = np.ones(m, dtype=bool)
     picks: list[int] = []
     covered = 0
-    n_inside = n
 
     def counts() -> tuple[np.ndarray, np.ndarray]:
-        both = np.rint((weights @ fail.T).cpu().numpy()).astype(np.int64)
-        return both[0], both[1]
+        df = np.bitwise_count(fail & (inside & pos_bits)).sum(axis=1, dtype=np.int64)
+        dg = np.bitwise_count(fail & (inside & neg_bits)).sum(axis=1, dtype=np.int64)
+        return df, dg
 
     while covered < need:
         df, dg = counts()
@@ -311,27 +326,20 @@ def greedy_cover(
         picks.append(j)
         available[j] = False
         covered += int(dg[j])
-        n_inside -= int(df[j] + dg[j])
-        weights *= 1 - fail[j]
-        if n_inside * 2 <= rows.numel():
-            keep = weights.sum(dim=0) > 0
-            fail, weights, rows = fail[:, keep], weights[:, keep], rows[keep]
+        inside &= ~fail[j]
 
-    inside = weights.sum(dim=0) > 0
     if refine == "tighten":
         df, _ = counts()
         extra = np.flatnonzero(available & (df == 0)).tolist()
         picks = picks + extra
         if extra:
-            cols = torch.tensor(extra, dtype=torch.long, device=device)
-            inside &= fail.index_select(0, cols).sum(dim=0) == 0
+            inside &= ~np.bitwise_or.reduce(fail[extra], axis=0)
     selected = torch.tensor(picks, dtype=torch.long, device=device)
     if refine == "prune":
         selected = torch.tensor(_prune(match, picks), dtype=torch.long, device=device)
         region = region_mask(match, selected)
     else:
-        region = torch.zeros(n, dtype=torch.bool, device=device)
-        region[rows[inside]] = True
+        region = torch.from_numpy(_unpack(inside, n)).to(device)
     cost = int((positive & ~region).sum())
     cover = int((negative & ~region).sum())
     return CoverResult(

@@ -329,6 +329,19 @@ def test_brute_force_and_naive(inst: tuple) -> None:
         assert got == _naive(match, positive, d, refine), refine
 
 
+@settings(max_examples=60, deadline=None)
+@given(inst=instances(max_n=300, max_m=10))
+def test_naive_across_several_words(inst: tuple) -> None:
+    """The bit-packed solver (64 references per word) against the naive greedy when the
+    references span several words and a partly filled last one."""
+    match, positive, delta = inst
+    d = resolve_delta(match, positive, delta)
+    for refine in REFINES:
+        res = greedy_cover(match, positive, delta=delta, refine=refine)
+        assert res.selected.tolist() == _naive(match, positive, d, refine), refine
+        _check_consistent(res, match, positive)
+
+
 # --------------------------------------------------------------------------- invariance
 @settings(max_examples=60, deadline=None)
 @given(inst=instances(), perm_seed=st.integers(0, 2**31 - 1))
