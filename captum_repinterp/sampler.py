@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -111,22 +112,25 @@ def bisect_segments(
         ``m`` bool: whether the segment's ends are on different sides at all.
     """
     m = ends.shape[0]
-    dtype = start.dtype
     with torch.no_grad():
         both = head(torch.cat([start[None], ends], dim=0))
         inside = _in_class(both, target)
         seed_in = bool(inside[0])
         valid = inside[1:] != seed_in
-        lo = torch.zeros(m, dtype=dtype, device=start.device)  # seed's side
-        hi = torch.ones(m, dtype=dtype, device=start.device)  # candidate's side
+        # the brackets are m numbers: kept in numpy, whose per-call cost is far below
+        # torch's, in the features' float type (the same IEEE arithmetic)
+        np_dtype = torch.empty(0, dtype=start.dtype).numpy().dtype
+        lo = np.zeros(m, dtype=np_dtype)  # seed's side
+        hi = np.ones(m, dtype=np_dtype)  # candidate's side
         direction = ends - start[None]
         for _ in range(n_steps):
-            mid = (lo + hi) / 2
-            points = start[None] + mid[:, None] * direction
-            same = _in_class(head(points), target) == seed_in
-            lo = torch.where(same, mid, lo)
-            hi = torch.where(same, hi, mid)
-    t_class = lo if seed_in else hi
+            mid = (lo + hi) / np_dtype.type(2)
+            t = torch.from_numpy(mid).to(start.device)
+            points = start[None] + t[:, None] * direction
+            same = (head(points).argmax(dim=1) == target).cpu().numpy() == seed_in
+            lo = np.where(same, mid, lo)
+            hi = np.where(same, hi, mid)
+    t_class = torch.from_numpy(lo if seed_in else hi).to(start.device)
     return t_class, valid
 
 
