@@ -619,7 +619,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         in_z = sample_boundaries(zhead, z_x, z_c, target, n_steps=n_steps, duplicate_tol=-1.0)
         weight, bias = projection.to_features(in_z.weight, in_z.bias)
         bias = bias.to(torch.float32)
-        keep = ~near_duplicates(weight, bias)
+        keep = ~near_duplicates(weight, bias, gram=projection.normal_gram(in_z.weight))
         all_margins = projection.margins_of(in_z.weight.cpu()[keep], bias[keep])
         bounds = Boundaries(weight[keep], bias[keep], in_z.source[keep], in_z.runner_up[keep])
         return bounds, all_margins

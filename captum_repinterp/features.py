@@ -94,22 +94,23 @@ def eval_mode(*roots: Any) -> Iterator[bool]:
     Yields whether any module was in training mode. Flags are restored module by module
     (not with ``.train()``, which would overwrite submodules set differently on purpose).
     """
-    saved: list[tuple[nn.Module, bool]] = []
+    # only the modules in training mode are touched (setting an attribute on a module
+    # goes through nn.Module.__setattr__, which is slow enough to matter per seed)
+    saved: list[nn.Module] = []
     seen: set[int] = set()
     for root in roots:
         if isinstance(root, nn.Module):
             for m in root.modules():
-                if id(m) not in seen:
+                if m.training and id(m) not in seen:
                     seen.add(id(m))
-                    saved.append((m, m.training))
-    was_training = any(flag for _, flag in saved)
+                    saved.append(m)
     try:
-        for m, _ in saved:
+        for m in saved:
             m.training = False
-        yield was_training
+        yield bool(saved)
     finally:
-        for m, flag in saved:
-            m.training = flag
+        for m in saved:
+            m.training = True
 
 
 def model_device(forward_func: Callable, layer: nn.Module) -> torch.device | None:

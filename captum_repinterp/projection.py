@@ -54,6 +54,7 @@ class Projection:
 
     def __post_init__(self) -> None:
         self.basis32 = self.basis.to(torch.float32)
+        self.gram = self.basis @ self.basis.T
 
     def coefficients(self, weight: Tensor) -> Tensor | None:
         """``u`` with ``A^T u = w`` for every row of ``weight``, or None if one misses."""
@@ -114,6 +115,11 @@ class Projection:
         assert self.offset is not None
         z = self.projected[index.cpu()].double() + self.offset
         return z.to(like.device, like.dtype)
+
+    def normal_gram(self, u: Tensor) -> Tensor:
+        """``w_i . w_j`` of the normals ``w = A^T u`` (``k x k``, float64), via ``A A^T``."""
+        u64 = u.detach().to("cpu", torch.float64)
+        return u64 @ self.gram @ u64.T
 
     def to_features(self, u: Tensor, bias_z: Tensor) -> tuple[Tensor, Tensor]:
         """Boundaries ``u . z + bias_z`` as ``w . psi + b``: ``w = A^T u`` (float32, the

@@ -163,17 +163,26 @@ def linear_pieces(head: Head, points: Tensor, target: int) -> tuple[Tensor, Tens
     return weight, bias, runner_up
 
 
-def near_duplicates(weight: Tensor, bias: Tensor, tol: float = 1e-6) -> Tensor:
+def near_duplicates(
+    weight: Tensor, bias: Tensor, tol: float = 1e-6, gram: Tensor | None = None
+) -> Tensor:
     """Mask of boundaries that repeat an earlier one (cosine of ``[w, b]`` >= 1 - tol).
 
-    The first of each group is kept. Computed with one ``k x k`` Gram matrix.
+    The first of each group is kept. Computed with one ``k x k`` Gram matrix; ``gram``
+    (``k x k``, the normals' ``w_i . w_j``) may be given when it is cheaper to get
+    another way. A negative ``tol`` merges nothing.
     """
     k = weight.shape[0]
-    if k < 2:
+    if k < 2 or tol < 0:
         return torch.zeros(k, dtype=torch.bool, device=weight.device)
-    full = torch.cat([weight, bias[:, None]], dim=1).double()
-    unit = full / full.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    cos = unit @ unit.T
+    if gram is None:
+        full = torch.cat([weight, bias[:, None]], dim=1).double()
+        prod = full @ full.T
+    else:
+        b = bias.double()
+        prod = gram.double() + b[:, None] * b[None, :]
+    norm = prod.diagonal().clamp_min(0).sqrt().clamp_min(1e-300)
+    cos = prod / norm[:, None] / norm[None, :]
     earlier = torch.triu(torch.ones(k, k, dtype=torch.bool, device=weight.device), 1)
     return ((cos >= 1 - tol) & earlier).any(dim=0)
 

@@ -136,3 +136,20 @@ def test_near_duplicates_and_drop_of_non_bracketing() -> None:
     cls = int(preds[0])
     same = pts[preds == cls][:5]  # no class change on these segments
     assert len(sample_boundaries(head, pts[0], same, cls)) == 0
+
+
+def test_near_duplicates_from_a_gram_matrix_equal_the_direct_ones():
+    """Normals w = A^T u: the Gram matrix U (A A^T) U^T gives the same merges."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(6, 30, generator=gen, dtype=torch.float64)
+    u = torch.randn(7, 6, generator=gen, dtype=torch.float64)
+    u[3] = 2.5 * u[1]  # same plane as 1 once the bias is scaled too
+    u[5] = u[0] * (1 + 1e-9)  # a near-duplicate of 0
+    bias = torch.randn(7, generator=gen, dtype=torch.float64)
+    bias[3] = 2.5 * bias[1]
+    bias[5] = bias[0]
+    w = u @ a
+    direct = near_duplicates(w, bias)
+    via_gram = near_duplicates(w, bias, gram=u @ (a @ a.T) @ u.T)
+    assert direct.tolist() == via_gram.tolist() == [False, False, False, True, False, True, False]
+    assert not near_duplicates(w, bias, tol=-1.0).any()
