@@ -43,7 +43,13 @@ from .features import (
     forward_with_layer,
     model_device,
 )
-from .heatmap import COMBINE_RULES, HEATMAP_RULES, layer_heatmap, region_score_weights
+from .heatmap import (
+    COMBINE_RULES,
+    HEATMAP_RULES,
+    layer_heatmap,
+    pulled_back_heatmap,
+    region_score_weights,
+)
 from .interpretation import Interpretation
 from .layers import nonlinear_ops_after, nonlinear_ops_in, warn_nonlinear_head
 from .match import margins, semantic_distance
@@ -347,6 +353,45 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             )
 
     # ------------------------------------------------------------------ helpers
+    def _check_heatmap_layer(self, heatmap_layer: Any, heatmap_rule: str) -> None:
+        if heatmap_layer is None:
+            return
+        if not isinstance(heatmap_layer, nn.Module):
+            raise TypeError(
+                f"heatmap_layer must be an nn.Module or None, got {type(heatmap_layer).__name__}"
+            )
+        if heatmap_rule != "elementwise":
+            raise ValueError(
+                f"heatmap_layer draws the elementwise rule at another layer; it cannot be "
+                f"combined with heatmap_rule={heatmap_rule!r}"
+            )
+        if isinstance(self.forward_func, nn.Module) and not any(
+            m is heatmap_layer for m in self.forward_func.modules()
+        ):
+            raise ValueError("heatmap_layer: the layer is not part of forward_func")
+
+    def _pulled_back(
+        self,
+        inputs: Any,
+        additional_forward_args: Any,
+        directions: Tensor,
+        heatmap_layer: nn.Module,
+        relu: bool = True,
+        attr_dim_summation: bool = True,
+    ) -> tuple[Tensor, ...]:
+        """Maps of ``directions`` drawn at ``heatmap_layer`` (see ``pulled_back_heatmap``)."""
+        inputs_t = format_inputs(inputs)
+        extra = _format_additional_forward_args(additional_forward_args)
+        device = model_device(self.forward_func, self.layer)
+        if device is not None:
+            inputs_t = tuple(t.to(device) for t in inputs_t)
+        with eval_mode(self.forward_func, self.layer, heatmap_layer):
+            return pulled_back_heatmap(
+                self.forward_func, self.layer, heatmap_layer, inputs_t, extra,
+                directions.to(device) if device is not None else directions, self.layout_,
+                self.attribute_to_layer_input_, relu, attr_dim_summation,
+            )
+
     def _layer_activations(
         self, inputs: Any, additional_forward_args: Any = None
     ) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -440,6 +485,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         combine: str = "sum",
         bisection_steps: int = 20,
         progress: bool = False,
+        heatmap_layer: nn.Module | None = None,
     ) -> Interpretation | list[Interpretation]:
         r"""Representative interpretation(s) of seed image(s).
 
@@ -478,6 +524,11 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             Bisection steps per candidate (bracket width ``2 ** -steps``).
         progress : bool
             Progress bar over seeds.
+        heatmap_layer : nn.Module, optional
+            Draw the (elementwise) heat map at this earlier layer of the model, whose
+            finer maps the region's direction is pulled back to (see
+            :func:`~captum_repinterp.heatmap.pulled_back_heatmap`). The region itself
+            stays at ``layer``. Default: the map is drawn at ``layer``.
         """
         results, _ = self._interpret_batch(
             inputs,
@@ -491,6 +542,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             combine,
             bisection_steps,
             progress,
+            heatmap_layer,
         )
         return results[0] if len(results) == 1 else results
 
@@ -507,8 +559,10 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         combine: str,
         bisection_steps: int,
         progress: bool,
+        heatmap_layer: nn.Module | None = None,
     ) -> tuple[list[Interpretation], tuple[Tensor, ...]]:
         self._check_fitted()
+        self._check_heatmap_layer(heatmap_layer, heatmap_rule)
         n_boundaries = check_int(n_boundaries, "n_boundaries")
         bisection_steps = check_int(bisection_steps, "bisection_steps")
         check_choice(refine, "refine", _REFINE)
@@ -549,6 +603,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
                     region.channel_weights = self._region_score(
                         region, one, extra_i, tuple(a[i] for a in activations)
                     )
+                region.heatmap_layer = heatmap_layer
                 results.append(region)
         return results, activations
 
@@ -705,6 +760,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         combine: str = "sum",
         bisection_steps: int = 20,
         progress: bool = False,
+        heatmap_layer: nn.Module | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         r"""Heat map of each seed's representative interpretation, on the seed itself.
 
@@ -724,6 +780,9 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             Sum over dimension 1 (channels), as ``LayerGradCam`` does.
         n_boundaries, delta, seed, refine, heatmap_rule, combine, bisection_steps, progress
             See :meth:`interpret`.
+        heatmap_layer : nn.Module, optional
+            See :meth:`interpret`; the output is then shaped like ``LayerGradCam`` on
+            ``heatmap_layer``.
 
         Returns
         -------
@@ -758,8 +817,15 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             combine,
             bisection_steps,
             progress,
+            heatmap_layer,
         )
         directions = torch.stack([it.direction for it in interps])
+        if heatmap_layer is not None:
+            maps = self._pulled_back(
+                inputs, additional_forward_args, directions, heatmap_layer,
+                relu_attributions, attr_dim_summation,
+            )
+            return _format_output(len(maps) > 1, maps)
         channel_weights = (
             torch.stack([it.channel_weights for it in interps])
             if heatmap_rule == "region-score"

@@ -19,14 +19,15 @@ Outputs follow ``LayerGradCam``'s layout: the layer's shape with dimension 1 sum
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .features import LayerLayout
 
-__all__ = ["HEATMAP_RULES", "combine_normals", "layer_heatmap"]
+__all__ = ["HEATMAP_RULES", "combine_normals", "layer_heatmap", "pulled_back_heatmap"]
 
 HEATMAP_RULES = ("elementwise", "channel", "region-score")
 COMBINE_RULES = ("sum", "unit")
@@ -151,3 +152,89 @@ def layer_heatmap(
             scaled = scaled.sum(dim=1, keepdim=True)
         maps.append(F.relu(scaled) if relu else scaled)
     return tuple(maps)
+
+
+def pulled_back_heatmap(
+    forward_func: Callable,
+    layer: nn.Module,
+    heatmap_layer: nn.Module,
+    inputs: tuple[Tensor, ...],
+    additional_forward_args: tuple | None,
+    directions: Tensor,
+    layout: LayerLayout,
+    attribute_to_layer_input: bool = False,
+    relu: bool = True,
+    attr_dim_summation: bool = True,
+) -> tuple[Tensor, ...]:
+    """The elementwise rule drawn at an earlier layer (``heatmap_layer=``).
+
+    The region lives at ``layer`` (features ``psi``); its direction ``v`` defines the
+    linear score ``v . psi``. At ``heatmap_layer`` (activations ``A'``, finer maps) the
+    map of an input is ``sum_k (d(v . psi)/dA')[k, p] * A'_k[p]``: gradient times
+    activation of that score, computed with Captum's ``LayerGradientXActivation``. At
+    ``heatmap_layer = layer`` the gradient is ``v`` itself and this is exactly the
+    ``"elementwise"`` rule, so it is the same rule at another resolution.
+
+    Parameters
+    ----------
+    forward_func, layer : callable, nn.Module
+        The model and the split layer.
+    heatmap_layer : nn.Module
+        A layer the model runs before ``layer``, on the path from the inputs to it.
+    inputs, additional_forward_args : tuple
+        The examples (batch first) and extra arguments of ``forward_func``.
+    directions : Tensor
+        ``D`` (shared) or ``n x D`` (one per example): the directions ``v``.
+    layout : LayerLayout
+        Shapes of ``layer``'s tensors.
+    attribute_to_layer_input, relu, attr_dim_summation : bool
+        As in :func:`layer_heatmap`.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``LayerGradCam``-shaped maps at ``heatmap_layer`` (one per tensor it outputs).
+    """
+    from captum.attr import LayerGradientXActivation
+
+    n = inputs[0].shape[0]
+    dirs = directions if directions.dim() == 2 else directions[None].expand(n, -1)
+    k = len(inputs)
+
+    def along_direction(*args: Any) -> Tensor:
+        seen: list[Any] = []
+
+        def keep(module: nn.Module, inp: Any, out: Any) -> None:
+            seen.append(inp if attribute_to_layer_input else out)
+
+        handle = layer.register_forward_hook(keep)
+        try:
+            forward_func(*args)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise ValueError("layer: expected the layer to run once per forward pass")
+        value = seen[0]
+        tensors = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        psi = layout.flatten(tensors)
+        return (psi * dirs.to(psi.device, psi.dtype)).sum(dim=1)
+
+    explainer = LayerGradientXActivation(along_direction, heatmap_layer)
+    try:
+        attr = explainer.attribute(
+            inputs if k > 1 else inputs[0], additional_forward_args=additional_forward_args
+        )
+    except RuntimeError as exc:
+        if "not have been used in the graph" in str(exc) or "does not require grad" in str(exc):
+            raise ValueError(
+                "heatmap_layer: the score at layer does not depend on heatmap_layer's "
+                "output; pass a layer that runs before layer, on the path to it"
+            ) from exc
+        raise
+    maps = attr if isinstance(attr, tuple) else (attr,)
+    out = []
+    for m in maps:
+        if attr_dim_summation and m.dim() > 1:
+            m = m.sum(dim=1, keepdim=True)
+        out.append(F.relu(m) if relu else m)
+    return tuple(t.detach() for t in out)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._captum_compat import _format_output
 from .features import LayerLayout
@@ -66,6 +66,9 @@ class Interpretation:
         How the heat map is drawn (see :mod:`captum_repinterp.heatmap`).
     channel_weights : Tensor or None
         ``K`` channel weights of the ``"region-score"`` rule (None for the other rules).
+    heatmap_layer : nn.Module or None
+        Draw the elementwise map at this earlier layer instead of the split layer (see
+        :func:`~captum_repinterp.heatmap.pulled_back_heatmap`); None: the split layer.
     """
 
     target: int
@@ -86,6 +89,7 @@ class Interpretation:
     combine: str = "sum"
     channel_weights: Tensor | None = None
     explainer: Any = field(default=None, repr=False, compare=False)
+    heatmap_layer: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -227,9 +231,16 @@ class Interpretation:
         """The representative heat map reused on new inputs, shaped like ``LayerGradCam``.
 
         The same direction ``v`` (from the seed's selected boundaries) is applied to every
-        input's layer activations.
+        input's layer activations (at ``heatmap_layer`` when it is set: then the maps are
+        shaped like ``LayerGradCam`` on that layer).
         """
         ri = self._need_explainer("heatmap")
+        if self.heatmap_layer is not None:
+            maps = ri._pulled_back(
+                inputs, additional_forward_args, self.direction, self.heatmap_layer,
+                relu_attributions, attr_dim_summation,
+            )
+            return _format_output(len(maps) > 1, maps)
         activations, _ = ri._layer_activations(inputs, additional_forward_args)
         maps = self.heatmap_from_activations(activations, relu_attributions, attr_dim_summation)
         return _format_output(len(maps) > 1, maps)
@@ -243,6 +254,11 @@ class Interpretation:
         attr_dim_summation: bool = True,
     ) -> tuple[Tensor, ...]:
         """Heat maps of the shared direction on given layer activations."""
+        if self.heatmap_layer is not None:
+            raise ValueError(
+                "this interpretation draws its map at heatmap_layer, which needs the model: "
+                "use heatmap(inputs)"
+            )
         return layer_heatmap(
             self.direction,
             activations,
@@ -273,7 +289,20 @@ class Interpretation:
                        "is_tuple": self.layout.is_tuple},
             "heatmap_rule": self.heatmap_rule,
             "combine": self.combine,
+            "heatmap_layer": self._heatmap_layer_name(),
         }
+
+    def _heatmap_layer_name(self) -> str | None:
+        if self.heatmap_layer is None:
+            return None
+        model = getattr(self.explainer, "forward_func", None)
+        if isinstance(model, nn.Module):
+            for name, module in model.named_modules():
+                if module is self.heatmap_layer:
+                    return name
+        raise ValueError(
+            "heatmap_layer: cannot name it for saving (it is not a submodule of the model)"
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as one ``.npz`` file: the tensors as arrays and the metadata as JSON."""
@@ -301,6 +330,19 @@ class Interpretation:
         layout = LayerLayout(
             tuple(tuple(s) for s in meta["layout"]["shapes"]), bool(meta["layout"]["is_tuple"])
         )
+        heatmap_layer = None
+        if meta.get("heatmap_layer") is not None:
+            model = getattr(explainer, "forward_func", None)
+            if not isinstance(model, nn.Module):
+                raise ValueError(
+                    f"explainer: the interpretation draws its map at layer "
+                    f"{meta['heatmap_layer']!r}; load it with explainer=ri (the fitted model)"
+                )
+            heatmap_layer = dict(model.named_modules()).get(meta["heatmap_layer"])
+            if heatmap_layer is None:
+                raise ValueError(
+                    f"explainer: the model has no layer named {meta['heatmap_layer']!r}"
+                )
         return cls(
             target=int(meta["target"]),
             seed_in_class=bool(meta["seed_in_class"]),
@@ -313,5 +355,6 @@ class Interpretation:
             heatmap_rule=meta["heatmap_rule"],
             combine=meta["combine"],
             explainer=explainer,
+            heatmap_layer=heatmap_layer,
             **tensors,
         )

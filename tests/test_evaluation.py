@@ -221,7 +221,8 @@ def test_small_pipeline_on_the_tiny_model(tiny):
     f = model.features
     setup = Setup("tiny", model, f[-1], x[:200], x[200:], head=model.head,
                   cascade=[("head", model.head), ("features[1]", f[1])],
-                  other_layers=[("features[0]", f[0], nn.Sequential(f[1], model.head))])
+                  other_layers=[("features[0]", f[0], nn.Sequential(f[1], model.head))],
+                  heatmap_layers=[("features[0]", f[0])])
     cfg = EvalConfig(seeds_per_class=1, k=3, n_explain_per_class=1, n_sanity=2,
                      n_fidelity=2, n_perturb=2, ig_steps=8)
     res = evaluate_setup(setup, cfg)
@@ -247,6 +248,11 @@ def test_small_pipeline_on_the_tiny_model(tiny):
             assert s[m] is None or -1 <= s[m] <= 1
     # every RI config is also measured on the baselines' images, with paired comparisons
     assert "ri @nn" in res["reuse"]["metrics"]
+    # the map drawn at an earlier layer, on both image sets and without reuse
+    for name in ("ri[map@features[0]]", "ri[map@features[0]] @nn"):
+        row = res["reuse"]["metrics"][name]
+        assert 0 <= row["mAD"] <= 1 and row["n_images"] > 0
+    assert "ri[map@features[0]]" in res["no_reuse"]["metrics"]
     for row in res["reuse"]["metrics"].values():
         lo, hi = row["mAD_ci"]
         assert lo <= row["mAD"] <= hi

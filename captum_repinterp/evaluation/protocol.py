@@ -44,7 +44,10 @@ class Setup:
 
     ``cascade`` lists the blocks to randomise in order, head first, as
     ``(name, module)`` pairs. ``other_layers`` lists further splits ``(name, layer, head)``
-    on which the reuse protocol is run again (every method at the same layer).
+    on which the reuse protocol is run again (every method at the same layer);
+    ``heatmap_layers`` lists earlier layers ``(name, module)`` at which the RI map is also
+    drawn (``interpret(..., heatmap_layer=module)``, the row ``ri[map@name]``) with the
+    region still at ``layer``.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Setup:
     class_names: Sequence[str] | None = None
     notes: str = ""
     other_layers: Sequence[tuple[str, nn.Module, Any]] = ()
+    heatmap_layers: Sequence[tuple[str, nn.Module]] = ()
 
 
 @dataclass
@@ -116,17 +120,27 @@ def _pick_seeds(preds: Tensor, per_class: int, gen: torch.Generator) -> list[int
 
 def _ri_variant(region: Interpretation, kw: dict[str, Any]) -> Interpretation:
     if kw["heatmap_rule"] == "region-score":
-        return dataclasses.replace(region, explainer=None)
+        return dataclasses.replace(region, explainer=None, heatmap_layer=None)
+    layer = kw.get("heatmap_layer")
     return dataclasses.replace(
-        region, heatmap_rule=kw["heatmap_rule"], combine=kw["combine"], explainer=None,
-        channel_weights=None,
+        region, heatmap_rule=kw["heatmap_rule"], combine=kw["combine"],
+        explainer=region.explainer if layer is not None else None, channel_weights=None,
+        heatmap_layer=layer,
     )
+
+
+def _ri_maps_on(region: Interpretation, images: Tensor, acts: Tensor) -> Tensor:
+    """The region's reused layer maps on images whose split-layer activations are given."""
+    if region.heatmap_layer is not None:
+        out = region.heatmap(images)
+        return out[0] if isinstance(out, tuple) else out
+    return region.heatmap_from_activations((acts,))[0]
 
 
 def _region_key(kw: dict[str, Any]) -> tuple:
     # "region-score" weights are computed while interpreting, so it gets its own regions
-    shared = ("combine",) if kw.get("heatmap_rule") == "region-score" else (
-        "heatmap_rule", "combine")
+    shared = ("combine", "heatmap_layer") if kw.get("heatmap_rule") == "region-score" else (
+        "heatmap_rule", "combine", "heatmap_layer")
     return tuple(sorted((k, v) for k, v in kw.items() if k not in shared))
 
 
@@ -139,6 +153,9 @@ class _Runner:
         self.ri_configs = {"ri": dict(cfg.ri_kwargs)}
         for name, kw in cfg.ri_variants.items():
             self.ri_configs[name] = {**cfg.ri_kwargs, **kw}
+        if cfg.ri_kwargs.get("heatmap_rule", "elementwise") == "elementwise":
+            for name, module in setup.heatmap_layers:
+                self.ri_configs[f"ri[map@{name}]"] = {**cfg.ri_kwargs, "heatmap_layer": module}
         self.timings: dict[str, float] = {}
 
     def fit(self, model: nn.Module, layer: nn.Module, head: Any) -> RepresentativeInterpretation:
@@ -210,7 +227,7 @@ class _Runner:
                                   **reg.evaluate_features(feats_u, preds_u)})
                 for label, idx in ((name, pick), (f"{name} @nn", nearest[j])):
                     if idx.numel():
-                        lm = reg.heatmap_from_activations((acts_u[idx],))[0]
+                        lm = _ri_maps_on(reg, s.unseen[idx], acts_u[idx])
                         add(label, j, idx, upsample(lm.float(), self.size))
         for m in methods:
             w = m.weights(seeds, targets)
@@ -254,7 +271,7 @@ class _Runner:
             regions = self.regions(ri, images, targets)
             acts, _ = acts_and_grads(ri.forward_func, ri.layer, images, targets)
             for name in ri_names:
-                lm = torch.cat([r.heatmap_from_activations((acts[i : i + 1],))[0]
+                lm = torch.cat([_ri_maps_on(r, images[i : i + 1], acts[i : i + 1])
                                 for i, r in enumerate(regions[name])])
                 maps[name] = upsample(lm.float(), self.size)
         for m in methods:
@@ -500,6 +517,7 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
             "n_unseen": int(setup.unseen.shape[0]),
             "config": dataclasses.asdict(cfg),
             "methods": ["ri", *[m.name for m in methods]],
+            "heatmap_layers": [name for name, _ in setup.heatmap_layers],
         }
         t0 = time.perf_counter()
         result["reuse"] = run.reuse(ri, methods)

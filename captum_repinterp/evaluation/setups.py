@@ -47,7 +47,7 @@ def load_setup(name: str, seed: int = 0) -> Setup:
         other = [(f"features[{i}]", f[i], nn.Sequential(*f[i + 1 :], model.head).eval())
                  for i in reversed(range(len(f) - 1))]
         return Setup(name, model, f[-1], x[train], x[test], head=model.head, cascade=cascade,
-                     other_layers=other,
+                     other_layers=other, heatmap_layers=[(n, m) for n, m, _ in other],
                      notes=f"SmallCNN on {label}; references = train split "
                            f"({len(train)}), unseen = test split ({len(test)}); "
                            "masked pixels = 0 (black)")
@@ -63,6 +63,7 @@ def load_setup(name: str, seed: int = 0) -> Setup:
                  for i in (len(f) - 2, len(f) - 3)]
         return Setup(name, model, f[-1], x[train], x[test], head=model.head, cascade=cascade,
                      class_names=["non-face", "face"], other_layers=other,
+                     heatmap_layers=[(n, m) for n, m, _ in other],
                      notes=f"pretrained MTCNN ONet (facenet-pytorch) on lfw_subset; references "
                            f"= train split ({len(train)}), unseen = test split ({len(test)}); "
                            "masked pixels = 0 in input space (mid grey)")
@@ -148,7 +149,7 @@ def _mark(win: bool | None) -> str:
 
 def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
     shown = ("ri", "ri @nn", "ri[region-score]", "ri[region-score] @nn")
-    rows = [r for r in rows if r["ri"] in shown]
+    rows = [r for r in rows if r["ri"] in shown or r["ri"].startswith("ri[map@")]
     if not rows:
         return []
     lines = ["", "Paired per-seed differences, RI config minus baseline (95% bootstrap "
@@ -179,7 +180,9 @@ def markdown_report(report: dict[str, Any]) -> str:
                   "RI's images: unseen images inside the region, ranked by semantic distance "
                   "(the protocol). NN images: the k nearest unseen images in feature space "
                   "with the seed's prediction (the baselines' images; `@nn` rows reuse the "
-                  "RI map on them, so maps are compared on the same images). Brackets: 95% "
+                  "RI map on them, so maps are compared on the same images). `ri[map@L]`: the "
+                  "RI map drawn at the earlier layer L (`heatmap_layer=`; the region stays at "
+                  "the split layer, the baselines stay there too). Brackets: 95% "
                   "bootstrap interval over seeds, stratified by class.", ""]
         lines += _metric_table(res["reuse"]["metrics"])
         lines += _comparison_table(res["reuse"]["comparisons"])

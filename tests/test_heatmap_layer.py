@@ -1,0 +1,76 @@
+"""The elementwise rule drawn at an earlier layer (``heatmap_layer=``)."""
+
+import pytest
+import torch
+from captum.attr import LayerGradCam
+from torch import nn
+
+from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.interpretation import Interpretation
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1], head=model.head)
+    return model, x, ri.fit(x[:200], progress=False)
+
+
+def test_at_the_split_layer_it_is_the_elementwise_rule(fitted):
+    model, x, ri = fitted
+    reg = ri.interpret(x[200:201])
+    plain = reg.heatmap(x[210:220])
+    reg.heatmap_layer = model.features[-1]
+    torch.testing.assert_close(reg.heatmap(x[210:220]), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_earlier_layer_is_gradient_times_activation_of_the_region_score(fitted):
+    model, x, ri = fitted
+    f0 = model.features[0]
+    reg = ri.interpret(x[200:201], heatmap_layer=f0)
+    maps = reg.heatmap(x[210:216])
+    # by hand: A' = features[0](x), score = v . flatten(features[1](A'))
+    with torch.enable_grad():
+        a = f0(x[210:216]).detach().requires_grad_(True)
+        score = (model.features[1](a).flatten(1) * reg.direction).sum()
+        (g,) = torch.autograd.grad(score, a)
+    expected = torch.relu((g * a.detach()).sum(1, keepdim=True))
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6)
+    # shaped like LayerGradCam on that layer, and so is attribute()
+    gc = LayerGradCam(model, f0).attribute(x[210:216], target=0)
+    assert maps.shape == gc.shape
+    attr = ri.attribute(x[210:213], heatmap_layer=f0)
+    assert attr.shape == (3, *gc.shape[1:])
+    # attribute's map of an image = its own region's map on itself
+    own = ri.interpret(x[211:212], heatmap_layer=f0).heatmap(x[211:212])
+    torch.testing.assert_close(attr[1:2], own, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_heatmap_layers_and_no_side_effects(fitted):
+    model, x, ri = fitted
+    flags = [m.training for m in model.modules()]
+    with pytest.raises(TypeError, match="heatmap_layer"):
+        ri.interpret(x[200:201], heatmap_layer="features.0")
+    with pytest.raises(ValueError, match="heatmap_rule"):
+        ri.interpret(x[200:201], heatmap_layer=model.features[0], heatmap_rule="channel")
+    with pytest.raises(ValueError, match="not part of forward_func"):
+        ri.interpret(x[200:201], heatmap_layer=nn.Conv2d(1, 2, 3))
+    after = ri.interpret(x[200:201], heatmap_layer=model.head[1])  # after the split
+    with pytest.raises(ValueError, match="heatmap_layer"):
+        after.heatmap(x[210:212])
+    reg = ri.interpret(x[200:201], heatmap_layer=model.features[0])
+    with pytest.raises(ValueError, match="heatmap"):
+        reg.heatmap_from_activations((torch.zeros(1, 8, 6, 6),))
+    assert [m.training for m in model.modules()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_save_and_load_keep_the_heatmap_layer(fitted, tmp_path):
+    model, x, ri = fitted
+    reg = ri.interpret(x[200:201], heatmap_layer=model.features[0])
+    reg.save(tmp_path / "r.npz")
+    back = Interpretation.load(tmp_path / "r.npz", explainer=ri)
+    assert back.heatmap_layer is model.features[0]
+    torch.testing.assert_close(back.heatmap(x[210:214]), reg.heatmap(x[210:214]))
+    with pytest.raises(ValueError, match="explainer"):
+        Interpretation.load(tmp_path / "r.npz")
