@@ -42,6 +42,7 @@ from .features import (
     format_inputs,
     forward_with_layer,
     model_device,
+    translate_forward_error,
 )
 from .heatmap import (
     COMBINE_RULES,
@@ -379,18 +380,30 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         relu: bool = True,
         attr_dim_summation: bool = True,
     ) -> tuple[Tensor, ...]:
-        """Maps of ``directions`` drawn at ``heatmap_layer`` (see ``pulled_back_heatmap``)."""
+        """Maps of ``directions`` drawn at ``heatmap_layer`` (see ``pulled_back_heatmap``).
+
+        Inputs are checked against the references as in :meth:`_layer_activations`, and a
+        model failure on wrongly shaped or typed inputs is translated the same way.
+        """
         inputs_t = format_inputs(inputs)
+        spec = getattr(self, "input_spec_", None)
+        check_against_references(inputs_t, spec, "inputs")
         extra = _format_additional_forward_args(additional_forward_args)
         device = model_device(self.forward_func, self.layer)
         if device is not None:
             inputs_t = tuple(t.to(device) for t in inputs_t)
         with eval_mode(self.forward_func, self.layer, heatmap_layer):
-            return pulled_back_heatmap(
-                self.forward_func, self.layer, heatmap_layer, inputs_t, extra,
-                directions.to(device) if device is not None else directions, self.layout_,
-                self.attribute_to_layer_input_, relu, attr_dim_summation,
-            )
+            try:
+                return pulled_back_heatmap(
+                    self.forward_func, self.layer, heatmap_layer, inputs_t, extra,
+                    directions.to(device) if device is not None else directions, self.layout_,
+                    self.attribute_to_layer_input_, relu, attr_dim_summation,
+                )
+            except (RuntimeError, TypeError) as exc:
+                translated = translate_forward_error(exc, inputs_t, "inputs", spec)
+                if translated is None:
+                    raise
+                raise translated from exc
 
     def _layer_activations(
         self, inputs: Any, additional_forward_args: Any = None

@@ -61,6 +61,11 @@ def test_bad_heatmap_layers_and_no_side_effects(fitted):
     reg = ri.interpret(x[200:201], heatmap_layer=model.features[0])
     with pytest.raises(ValueError, match="heatmap"):
         reg.heatmap_from_activations((torch.zeros(1, 8, 6, 6),))
+    # wrongly shaped inputs get the same clear errors as on the split-layer path
+    with pytest.raises(ValueError, match="inputs: the model failed on tensor"):
+        reg.heatmap(torch.zeros(2, 3, 12, 12))
+    with pytest.raises(ValueError, match="inputs"):
+        reg.heatmap(x[210])  # no batch dimension
     assert [m.training for m in model.modules()] == flags
     assert all(p.grad is None for p in model.parameters())
 
