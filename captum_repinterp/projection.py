@@ -32,8 +32,8 @@ class Projection:
     ----------
     basis : Tensor
         ``r x D`` (float64): rows spanning every gradient of the head.
-    gram_inv : Tensor
-        ``r x r`` (float64): ``(A A^T)^{-1}``.
+    gram : Tensor
+        ``r x r`` (float64): ``A A^T`` (its inverse is kept as ``gram_inv``).
     projected : Tensor
         ``N x r`` (float32): ``features @ basis.T``.
     module : nn.Linear, optional
@@ -46,7 +46,7 @@ class Projection:
     """
 
     basis: Tensor
-    gram_inv: Tensor
+    gram: Tensor
     projected: Tensor
     module: nn.Module | None = None
     offset: Tensor | None = None
@@ -54,7 +54,7 @@ class Projection:
 
     def __post_init__(self) -> None:
         self.basis32 = self.basis.to(torch.float32)
-        self.gram = self.basis @ self.basis.T
+        self.gram_inv = torch.linalg.inv(self.gram)
 
     def coefficients(self, weight: Tensor) -> Tensor | None:
         """``u`` with ``A^T u = w`` for every row of ``weight``, or None if one misses."""
@@ -166,6 +166,7 @@ class ProjectedHead:
     def __call__(self, z: Tensor) -> Tensor:
         if self.rest is not None:
             return self.rest(z.to(self.anchor.dtype))
+
         def swap(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
             return z.to(out.dtype)
 
@@ -283,7 +284,6 @@ def build_projection(
     gram = basis @ basis.T
     if torch.linalg.matrix_rank(gram) < gram.shape[0]:
         return None
-    gram_inv = torch.linalg.inv(gram)
     a32 = basis.to(torch.float32)
     shape = (features.shape[0], basis.shape[0])
     if out_path is None:
@@ -298,4 +298,4 @@ def build_projection(
         mm.flush()
         del mm
         projected = torch.from_numpy(np.load(out_path, mmap_mode="c"))
-    return Projection(basis, gram_inv, projected, module=module, offset=offset)
+    return Projection(basis, gram, projected, module=module, offset=offset)
