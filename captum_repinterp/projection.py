@@ -73,10 +73,13 @@ class Projection:
         return self.margins_of(u, bias)
 
     def margins_of(self, u: Tensor, bias: Tensor) -> Tensor:
-        """``N x k`` margins of the boundaries ``w = A^T u`` (``u``: ``k x r``)."""
-        return torch.addmm(
-            bias.to("cpu", torch.float32), self.projected, u.to("cpu", torch.float32).T
-        )
+        """``N x k`` margins of the boundaries ``w = A^T u`` (``u``: ``k x r``).
+
+        The result is the transpose of a contiguous ``k x N`` tensor: each boundary's
+        margins are contiguous, which is how the cover solver packs them.
+        """
+        b = bias.to("cpu", torch.float32)[:, None]
+        return torch.addmm(b, u.to("cpu", torch.float32), self.projected.T).T
 
     def sampling_head(
         self, head: Callable[[Tensor], Tensor], psi: Tensor, probes: Tensor

@@ -178,9 +178,12 @@ def _pack(rows: np.ndarray) -> np.ndarray:
     """bool ``k x n`` -> uint64 ``k x ceil(n / 64)``: bit ``r % 64`` of word ``r // 64``."""
     k, n = rows.shape
     words = max(1, -(-n // 64))
-    padded = np.zeros((k, words * 64), dtype=bool)
-    padded[:, :n] = rows
-    return np.packbits(padded, axis=1, bitorder="little").view(np.uint64)
+    packed = np.packbits(rows, axis=1, bitorder="little")  # k x ceil(n / 8), zero-padded
+    if packed.shape[1] != 8 * words:
+        full = np.zeros((k, 8 * words), dtype=np.uint8)
+        full[:, : packed.shape[1]] = packed
+        packed = full
+    return packed.view(np.uint64)
 
 
 def _unpack(bits: np.ndarray, n: int) -> np.ndarray:
@@ -200,13 +203,13 @@ def _pick(df: np.ndarray, dg: np.ndarray, available: np.ndarray, eps: float) -> 
     smallest count as tied; ties go to the smaller ``df``, then the smaller index.
     """
     valid = available & (dg > 0)
-    if not valid.any():
+    ratio = np.where(valid, (df + eps) / np.maximum(dg, 1), np.inf)
+    best = ratio.min(initial=np.inf)
+    if best == np.inf:
         return None
-    ratio = (df + eps) / np.maximum(dg, 1)
-    ratio[~valid] = np.inf
-    best = ratio.min()
     tied = valid & (ratio - best <= RATIO_RTOL * ratio)
-    return int(np.flatnonzero(tied & (df == df[tied].min()))[0])
+    # the first index with the smallest df among the tied
+    return int(np.argmin(np.where(tied, df, np.iinfo(np.int64).max)))
 
 
 def _prune(match: Tensor, picks: list[int]) -> list[int]:
@@ -297,9 +300,11 @@ def greedy_cover(
     n_neg = int(negative.sum())
     # Bit sets over the references: one row of 64-bit words per candidate (bit r set when
     # candidate j pushes reference r out), and the positive / negative / inside sets.
+    # ``match`` is often the transpose of an m x N array (margins are computed that way):
+    # then each candidate's row is contiguous and packing reads it in order
     match_np = match.detach().cpu().numpy()
     pos_np = positive.detach().cpu().numpy()
-    fail = _pack(~match_np.T)  # m x words
+    fail = _pack(np.ascontiguousarray(~match_np.T))  # m x words
     pos_bits, neg_bits = _pack(pos_np[None])[0], _pack(~pos_np[None])[0]
     inside = _pack(np.ones((1, n), dtype=bool))[0]
     if delta is None:  # negatives no candidate separates from the seed
@@ -313,10 +318,12 @@ def greedy_cover(
     picks: list[int] = []
     covered = 0
 
+    # the positives and the negatives still inside, as two rows of words
+    inside_pn = np.stack([pos_bits, neg_bits])
+
     def counts() -> tuple[np.ndarray, np.ndarray]:
-        df = np.bitwise_count(fail & (inside & pos_bits)).sum(axis=1, dtype=np.int64)
-        dg = np.bitwise_count(fail & (inside & neg_bits)).sum(axis=1, dtype=np.int64)
-        return df, dg
+        both = np.bitwise_count(fail[:, None, :] & inside_pn).sum(axis=2, dtype=np.int64)
+        return both[:, 0], both[:, 1]
 
     while covered < need:
         df, dg = counts()
@@ -326,7 +333,8 @@ def greedy_cover(
         picks.append(j)
         available[j] = False
         covered += int(dg[j])
-        inside &= ~fail[j]
+        inside_pn &= ~fail[j]
+    inside &= inside_pn[0] | inside_pn[1]
 
     if refine == "tighten":
         df, _ = counts()

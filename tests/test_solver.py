@@ -336,10 +336,17 @@ def test_naive_across_several_words(inst: tuple) -> None:
     references span several words and a partly filled last one."""
     match, positive, delta = inst
     d = resolve_delta(match, positive, delta)
+    # the same match matrix stored candidate-major (the transpose of an m x N array, as
+    # the package computes margins) must give the same answer
+    candidate_major = match.T.contiguous().T
+    assert candidate_major.T.is_contiguous()
     for refine in REFINES:
         res = greedy_cover(match, positive, delta=delta, refine=refine)
         assert res.selected.tolist() == _naive(match, positive, d, refine), refine
         _check_consistent(res, match, positive)
+        other = greedy_cover(candidate_major, positive, delta=delta, refine=refine)
+        assert torch.equal(other.selected, res.selected)
+        assert torch.equal(other.inside, res.inside)
 
 
 # --------------------------------------------------------------------------- invariance
