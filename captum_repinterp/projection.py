@@ -133,16 +133,17 @@ class Projection:
         return weight, bias_z.detach().to("cpu", torch.float64) + u64 @ self.offset
 
 
-def _sequential_rest(head: object, module: nn.Module) -> nn.Module | None:
-    """``nn.Sequential`` of what follows ``module`` when the user's head is a Sequential
-    with ``module`` as a direct child (then ``z`` is fed to it directly)."""
+def _sequential_rest(head: object, module: nn.Module) -> list[nn.Module] | None:
+    """The layers that follow ``module`` when the user's head is a Sequential with
+    ``module`` as a direct child (then ``z`` is fed to them directly), else None. A plain
+    list: building an ``nn.Sequential`` for every seed costs more than applying it."""
     inner = getattr(head, "head", None)
     if not isinstance(inner, nn.Sequential):
         return None
     children = list(inner.children())
     for i, child in enumerate(children):
         if child is module:
-            return nn.Sequential(*children[i + 1 :])
+            return children[i + 1 :]
     return None
 
 
@@ -168,7 +169,10 @@ class ProjectedHead:
 
     def __call__(self, z: Tensor) -> Tensor:
         if self.rest is not None:
-            return self.rest(z.to(self.anchor.dtype))
+            out = z.to(self.anchor.dtype)
+            for layer in self.rest:
+                out = layer(out)
+            return out
 
         def swap(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
             return z.to(out.dtype)
