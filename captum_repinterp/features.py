@@ -78,7 +78,10 @@ class LayerLayout:
         return cls(tuple(tuple(t.shape[1:]) for t in outputs), is_tuple)
 
     def flatten(self, outputs: Sequence[Tensor]) -> Tensor:
-        """Concatenate per-tensor outputs into a ``B x D`` matrix."""
+        """Concatenate per-tensor outputs into a ``B x D`` matrix (a view of a single
+        contiguous output: no copy)."""
+        if len(outputs) == 1:
+            return outputs[0].reshape(outputs[0].shape[0], -1)
         return torch.cat([t.reshape(t.shape[0], -1) for t in outputs], dim=1)
 
     def unflatten(self, psi: Tensor) -> tuple[Tensor, ...]:
@@ -426,16 +429,24 @@ class UserHead:
 
 
 def all_finite(t: Tensor, chunk_elements: int = 1 << 22) -> bool:
-    """Whether every value of a float tensor is finite, in row chunks.
+    """Whether every value of a float tensor is finite.
 
-    ``torch.isfinite(t).all()`` on a large matrix allocates several temporaries as large
-    as ``t`` (measured: 1.7x a 360 MB feature matrix); chunks of about ``chunk_elements``
-    values keep the check's memory small.
+    First one sum: a NaN or an infinity anywhere makes it non-finite, so a finite sum
+    settles it without any temporary. Only when the sum is not finite (a non-finite
+    value, or finite values that overflow when added) are the values checked one by
+    one, in row chunks of about ``chunk_elements`` values: ``torch.isfinite`` allocates
+    temporaries as large as its input (an ``abs`` in the tensor's own dtype, then two
+    bool masks), 1.7x a 360 MB feature matrix when run on all of it, and per-batch
+    temporaries of that size fragment the heap.
     """
     if not t.is_floating_point() and not t.is_complex():
         return True
-    if t.dim() == 0 or t.shape[0] == 0:
-        return bool(torch.isfinite(t).all())
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    if t.dim() == 0:
+        return False
     rows = max(1, chunk_elements // max(1, t[0].numel()))
     return all(bool(torch.isfinite(t[s : s + rows]).all()) for s in range(0, t.shape[0], rows))
 
