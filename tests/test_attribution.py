@@ -343,3 +343,19 @@ def test_evaluate_features_by_hand_and_exclude(tiny):
         reg.evaluate_features(feats, preds, exclude=len(preds))
     with pytest.raises(ValueError, match="predictions"):
         reg.evaluate_features(feats, preds[1:])
+
+
+def test_fit_from_a_stream_of_unknown_length_keeps_every_batch(fitted):
+    """An iterable without ``len``: features are gathered batch by batch (the layer's
+    copies are reused from one batch to the next, so each must be kept as a copy)."""
+    ri, model, x = fitted
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for s in range(0, 240, 50):
+                yield (x[s : min(s + 50, 240)],)
+
+    ri2 = RepresentativeInterpretation(model, model.features[-1])
+    ri2.fit(torch.utils.data.DataLoader(Stream(), batch_size=None), progress=False)
+    torch.testing.assert_close(ri2.features_, ri.features_)
+    assert torch.equal(ri2.predictions_, ri.predictions_)
