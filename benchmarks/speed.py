@@ -57,9 +57,9 @@ from port import port_greedy, port_sample  # noqa: E402
 
 from captum_repinterp import RepresentativeInterpretation  # noqa: E402
 from captum_repinterp.features import UserHead  # noqa: E402
-from captum_repinterp.match import margins  # noqa: E402
+from captum_repinterp.match import failing_bits  # noqa: E402
 from captum_repinterp.sampler import choose_candidates, sample_boundaries  # noqa: E402
-from captum_repinterp.solver import greedy_cover  # noqa: E402
+from captum_repinterp.solver import greedy_cover_bits  # noqa: E402
 
 torch.manual_seed(0)
 
@@ -125,18 +125,21 @@ def _selections_agree(
 ) -> tuple[list[int], list[int], int]:
     """Both pipelines (match matrix + greedy) on the same ``W, b``.
 
-    Ours: chunked torch ``margins`` then ``greedy_cover``; the port: its numpy match
-    matrix and greedy. Returns both selections and the number of match entries whose
-    sign differs between the two match computations.
+    Ours: the package's path, ``failing_bits`` (chunked torch margins, packed signs)
+    then ``greedy_cover_bits``; the port: its numpy match matrix and greedy. Returns both
+    selections and the number of match entries whose sign differs between the two.
     """
     positive = preds == target
-    match_ours = margins(feats, w, b) > 0
-    sel_ours = greedy_cover(match_ours, positive).selected.tolist()
+    fail_ours = failing_bits(feats, w, b)
+    sel_ours = greedy_cover_bits(fail_ours, positive).selected.tolist()
     feats_np = feats.numpy()
     w_np, b_np = w.numpy(), b.numpy()
     sel_port = port_greedy(feats_np, w_np, b_np, positive.numpy())
     match_port = feats_np @ np.ascontiguousarray(w_np, dtype=np.float32).T + b_np > 0
-    n_diff = int((match_ours.numpy() != match_port).sum())
+    match_ours = ~np.unpackbits(fail_ours.view(np.uint8), axis=1, bitorder="little")[
+        :, : len(feats_np)
+    ].astype(bool).T
+    n_diff = int((match_ours != match_port).sum())
     return sel_ours, sel_port, n_diff
 
 
@@ -190,14 +193,12 @@ def per_seed_and_fit(n_seeds: int, n_port: int, m: int) -> dict[str, float]:
         cand = choose_candidates(preds, target, True, m, 0)
         # our sampler alone on the same candidates (for the second exactness check)
         ours_b = sample_boundaries(head, psi_x, feats[cand], target)
-        # the package's own path in parts: sampler + margins (through the leading linear
-        # layer's output when it applies), then the greedy cover
-        t_sample, (_, marg_o) = timed(
+        # the package's own path in parts: sampler + packed match of all references
+        # (through the leading linear layer's output when it applies), then the greedy
+        t_sample, (_, fail_o, _) = timed(
             ri._sample, UserHead(head, ri.layout_), psi_x, cand, target, 20
         )
-        if marg_o is None:
-            marg_o = margins(feats, ours_b.weight, ours_b.bias)
-        t_cover, _ = timed(greedy_cover, marg_o > 0, preds == target)
+        t_cover, _ = timed(greedy_cover_bits, fail_o, preds == target)
         parts.append((t_sample, t_cover))
         if k < n_port:
             t0 = time.perf_counter()
@@ -241,7 +242,7 @@ def per_seed_and_fit(n_seeds: int, n_port: int, m: int) -> dict[str, float]:
     )
     ps = [mean(c) for c in zip(*parts)]
     print(
-        f"ours in parts (mean, same candidates): sampler + margins of all references "
+        f"ours in parts (mean, same candidates): sampler + packed match of all references "
         f"{ps[0]:.4f} s, greedy cover {ps[1]:.4f} s"
     )
     return {

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -53,10 +54,10 @@ from .heatmap import (
 )
 from .interpretation import Interpretation
 from .layers import nonlinear_ops_after, nonlinear_ops_in, warn_nonlinear_head
-from .match import margins, semantic_distance
+from .match import failing_bits, margins, semantic_distance
 from .projection import Projection, build_projection
 from .sampler import Boundaries, choose_candidates, near_duplicates, sample_boundaries
-from .solver import greedy_cover
+from .solver import greedy_cover_bits
 from .store import fit_to_store
 
 __all__ = ["RepresentativeInterpretation", "NotFittedError"]
@@ -662,8 +663,12 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
 
     def _sample(
         self, head: Callable, psi_x: Tensor, cand: Tensor, target: int, n_steps: int
-    ) -> tuple[Boundaries, Tensor | None]:
-        """Sample the candidate boundaries, and the references' margins when cheap.
+    ) -> tuple[Boundaries, np.ndarray, Callable[[Tensor, Tensor], Tensor]]:
+        """Sample the candidate boundaries and test every reference against them.
+
+        Returns the boundaries, the references each one pushes out (packed bits, see
+        :func:`~captum_repinterp.match.failing_bits`) and ``margins_at(index, sel)``,
+        the margins of the references ``index`` for the boundaries ``sel``.
 
         With a projection whose head runs from its leading linear layer's output ``z``
         (checked on the seed and two candidates), the bisection and the backward pass run
@@ -678,19 +683,33 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
             zhead = projection.sampling_head(head, psi_x, cand_feats[:2])
         if zhead is None:
             bounds = sample_boundaries(head, psi_x, cand_feats, target, n_steps=n_steps)
-            if projection is None:
-                return bounds, None
-            return bounds, projection.margins(bounds.weight, bounds.bias)
-        z_x = projection.z_of(psi_x[None])[0]
-        z_c = projection.z_of_references(cand, psi_x)
-        # near-duplicates are judged on the features' [w, b], as on the plain path
-        in_z = sample_boundaries(zhead, z_x, z_c, target, n_steps=n_steps, duplicate_tol=-1.0)
-        weight, bias = projection.to_features(in_z.weight, in_z.bias)
-        bias = bias.to(torch.float32)
-        keep = ~near_duplicates(weight, bias, gram=projection.normal_gram(in_z.weight))
-        all_margins = projection.margins_of(in_z.weight.cpu()[keep], bias[keep])
-        bounds = Boundaries(weight[keep], bias[keep], in_z.source[keep], in_z.runner_up[keep])
-        return bounds, all_margins
+            weight = bounds.weight.to("cpu", torch.float32)
+            bias = bounds.bias.to("cpu", torch.float32)
+            u = None if projection is None else projection.coefficients(weight)
+        else:
+            z_x = projection.z_of(psi_x[None])[0]
+            z_c = projection.z_of_references(cand, psi_x)
+            # near-duplicates are judged on the features' [w, b], as on the plain path
+            in_z = sample_boundaries(
+                zhead, z_x, z_c, target, n_steps=n_steps, duplicate_tol=-1.0
+            )
+            weight, bias = projection.to_features(in_z.weight, in_z.bias)
+            bias = bias.to(torch.float32)
+            keep = ~near_duplicates(weight, bias, gram=projection.normal_gram(in_z.weight))
+            u, weight, bias = in_z.weight.cpu()[keep], weight[keep], bias[keep]
+            bounds = Boundaries(weight, bias, in_z.source[keep], in_z.runner_up[keep])
+        if u is None:
+            features = self.features_
+
+            def margins_at(index: Tensor, sel: Tensor) -> Tensor:
+                return margins(features[index], weight[sel], bias[sel])
+
+            return bounds, failing_bits(features, weight, bias), margins_at
+
+        def margins_at_z(index: Tensor, sel: Tensor) -> Tensor:
+            return projection.margins_rows(index, u[sel], bias[sel])
+
+        return bounds, projection.failing_bits_of(u, bias), margins_at_z
 
     def _interpret_one(
         self,
@@ -712,25 +731,20 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         seed_in_class = int(logits_x.argmax(dim=1)[0]) == target
         preds = self.predictions_
         cand = choose_candidates(preds, target, seed_in_class, n_boundaries, seed)
-        bounds, all_margins = self._sample(head, psi_x, cand, target, bisection_steps)
+        bounds, fail, margins_at = self._sample(head, psi_x, cand, target, bisection_steps)
         weight = bounds.weight.to("cpu", torch.float32)
         bias = bounds.bias.to("cpu", torch.float32)
-        # one chunked pass over the references; the members' margins are read from it
-        if all_margins is None:
-            all_margins = margins(self.features_, weight, bias)
-        match = torch.from_numpy(all_margins.numpy() > 0)  # numpy: far cheaper than torch
         positive = preds == target
-        cover = greedy_cover(match, positive, delta=delta, refine=refine)
+        cover = greedy_cover_bits(fail, positive, delta=delta, refine=refine)
         sel = cover.selected
         w_sel, b_sel = weight[sel], bias[sel]
         inside = cover.inside
         members = torch.nonzero(inside, as_tuple=False).flatten()
         seed_m = (w_sel.double() @ psi_x.detach().cpu().double()) + b_sel.double()
         if sel.numel() > 0:
-            dist = semantic_distance(seed_m, all_margins[members][:, sel])
+            dist = semantic_distance(seed_m, margins_at(members, sel))
         else:
             dist = _l1_to_rows(self.features_, members, psi_x.detach().cpu())
-        del all_margins, match
         order = torch.argsort(dist, stable=True)
         n_inside = int(members.numel())
         n_pos_inside = int(positive[members].sum())

@@ -72,6 +72,19 @@ class Projection:
             return None
         return self.margins_of(u, bias)
 
+    def failing_bits_of(self, u: Tensor, bias: Tensor) -> np.ndarray:
+        """:func:`~captum_repinterp.match.failing_bits` of the boundaries ``w = A^T u``
+        over all references, from the ``N x r`` projection in chunks."""
+        from .match import failing_bits
+
+        return failing_bits(self.projected, u.to("cpu", torch.float32), bias.to("cpu"))
+
+    def margins_rows(self, index: Tensor, u: Tensor, bias: Tensor) -> Tensor:
+        """Margins of the references at ``index`` for the boundaries ``w = A^T u``
+        (``len(index) x k``, float32)."""
+        rows = self.projected[index.cpu()].to(torch.float32)
+        return torch.addmm(bias.to("cpu", torch.float32), rows, u.to("cpu", torch.float32).T)
+
     def margins_of(self, u: Tensor, bias: Tensor) -> Tensor:
         """``N x k`` margins of the boundaries ``w = A^T u`` (``u``: ``k x r``).
 

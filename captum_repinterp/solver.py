@@ -30,7 +30,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["REFINE_MODES", "CoverResult", "greedy_cover", "region_mask", "resolve_delta"]
+__all__ = [
+    "REFINE_MODES",
+    "CoverResult",
+    "greedy_cover",
+    "greedy_cover_bits",
+    "pack_failing",
+    "region_mask",
+    "resolve_delta",
+]
 
 REFINE_MODES = ("tighten", "prune", "none")
 
@@ -144,9 +152,13 @@ def resolve_delta(match: Tensor, positive: Tensor, delta: int | float | None) ->
     """
     match, positive = _check_inputs(match, positive)
     negative = ~positive
-    n_neg = int(negative.sum())
     if delta is None:
         return int((match.all(dim=1) & negative).sum())
+    return _delta_count(int(negative.sum()), delta)
+
+
+def _delta_count(n_neg: int, delta: int | float) -> int:
+    """:func:`resolve_delta` for an int or a float ``delta`` (only ``|Ng|`` matters)."""
     if isinstance(delta, (bool, np.bool_)):
         # bool is an int subclass: refuse it rather than read True as a count of 1
         raise ValueError(f"delta must be an int, a float or None, got {delta!r}")
@@ -191,6 +203,11 @@ def _unpack(bits: np.ndarray, n: int) -> np.ndarray:
     return np.unpackbits(bits.view(np.uint8), bitorder="little")[:n].astype(bool)
 
 
+def _unpack_rows(bits: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` bits of each packed row (``k x words``) as bool ``k x n``."""
+    return np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :n].astype(bool)
+
+
 def _popcount(bits: np.ndarray) -> int:
     return int(np.bitwise_count(bits).sum(dtype=np.int64))
 
@@ -212,7 +229,7 @@ def _pick(df: np.ndarray, dg: np.ndarray, available: np.ndarray, eps: float) -> 
     return int(np.argmin(np.where(tied, df, np.iinfo(np.int64).max)))
 
 
-def _prune(match: Tensor, picks: list[int]) -> list[int]:
+def _prune(failing: Tensor, picks: list[int]) -> list[int]:
     """Drop picks whose removal changes neither ``f`` nor ``g``, latest first.
 
     Removing ``j`` from ``S`` can only let rows back into the region, so ``f`` and ``g``
@@ -220,11 +237,11 @@ def _prune(match: Tensor, picks: list[int]) -> list[int]:
     False and exactly one failing selected column. ``violations[r]`` counts the failing
     columns of the current selection and is updated after each removal, so every pick
     is checked once in O(N). (Removals only lower the counts, so a pick found necessary
-    stays necessary: a single reverse pass is the fixed point.)
+    stays necessary: a single reverse pass is the fixed point.) ``failing`` is bool
+    ``N x len(picks)``: ``failing[r, i]`` when pick ``i`` pushes reference ``r`` out.
     """
     if not picks:
         return []
-    failing = ~match[:, picks]
     violations = failing.sum(dim=1)
     keep = [True] * len(picks)
     for pos in range(len(picks) - 1, -1, -1):
@@ -290,28 +307,81 @@ def greedy_cover(
     match matrix, independent of the row order.
     """
     match, positive = _check_inputs(match, positive)
+    # ``match`` is often the transpose of an m x N array: then each candidate's row is
+    # contiguous and packing reads it in order
+    fail = _pack(np.ascontiguousarray(~match.detach().cpu().numpy().T))
+    return greedy_cover_bits(fail, positive, delta=delta, refine=refine, eps=eps)
+
+
+def pack_failing(failing: np.ndarray) -> np.ndarray:
+    """bool ``k x n`` (``failing[j, r]``: boundary ``j`` pushes reference ``r`` out) to
+    the bit rows :func:`greedy_cover_bits` takes: uint64 ``k x ceil(n / 64)``, bit
+    ``r % 64`` of word ``r // 64``, the bits past ``n`` zero."""
+    if failing.dtype != np.bool_ or failing.ndim != 2:
+        raise TypeError(f"failing must be a 2-D bool array, got {failing.dtype}, {failing.ndim}-D")
+    return _pack(np.ascontiguousarray(failing))
+
+
+def greedy_cover_bits(
+    fail: np.ndarray,
+    positive: Tensor,
+    delta: int | float | None = None,
+    refine: str = "tighten",
+    eps: float = 1e-3,
+) -> CoverResult:
+    """:func:`greedy_cover` on a packed match matrix.
+
+    Parameters
+    ----------
+    fail : numpy.ndarray
+        uint64 ``m x ceil(N / 64)``: bit ``r % 64`` of word ``r // 64`` of row ``j`` is
+        set when reference ``r`` is *not* on the seed's side of candidate ``j`` (the
+        negation of ``match[r, j]``), the bits past ``N`` zero; see :func:`pack_failing`.
+        One bit per entry: 32 times less memory than the float margins it comes from,
+        which can be packed chunk by chunk without ever holding the ``N x m`` matrix.
+    positive : Tensor
+        bool ``(N,)``, as in :func:`greedy_cover`, which gives ``N``.
+    delta, refine, eps
+        As in :func:`greedy_cover`.
+
+    Returns
+    -------
+    CoverResult
+        The same as :func:`greedy_cover` on the unpacked matrix.
+    """
+    if not isinstance(positive, Tensor) or positive.dtype != torch.bool or positive.dim() != 1:
+        raise TypeError("positive must be a 1-D bool torch.Tensor")
+    n = int(positive.shape[0])
+    if (
+        not isinstance(fail, np.ndarray)
+        or fail.dtype != np.uint64
+        or fail.ndim != 2
+        or fail.shape[1] != max(1, -(-n // 64))
+    ):
+        raise ValueError(
+            f"fail must be a uint64 m x {max(1, -(-n // 64))} array for {n} references"
+        )
     if not isinstance(refine, str) or refine not in REFINE_MODES:
         raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
     eps = _check_eps(eps)
 
-    n, m = match.shape
-    device = match.device
+    m = fail.shape[0]
+    if n % 64:  # whatever the caller left past N does not count
+        fail = fail.copy()
+        fail[:, -1] &= np.uint64((1 << (n % 64)) - 1)
+    device = positive.device
     negative = ~positive
     n_neg = int(negative.sum())
     # Bit sets over the references: one row of 64-bit words per candidate (bit r set when
     # candidate j pushes reference r out), and the positive / negative / inside sets.
-    # ``match`` is often the transpose of an m x N array (margins are computed that way):
-    # then each candidate's row is contiguous and packing reads it in order
-    match_np = match.detach().cpu().numpy()
     pos_np = positive.detach().cpu().numpy()
-    fail = _pack(np.ascontiguousarray(~match_np.T))  # m x words
     pos_bits, neg_bits = _pack(pos_np[None])[0], _pack(~pos_np[None])[0]
     inside = _pack(np.ones((1, n), dtype=bool))[0]
     if delta is None:  # negatives no candidate separates from the seed
         separated = np.bitwise_or.reduce(fail, axis=0) if m else np.zeros_like(inside)
         d = _popcount(neg_bits & ~separated)
     else:
-        d = resolve_delta(match, positive, delta)
+        d = _delta_count(n_neg, delta)
     need = n_neg - d  # negatives that must be pushed out
 
     available = np.ones(m, dtype=bool)
@@ -344,10 +414,13 @@ def greedy_cover(
             inside &= ~np.bitwise_or.reduce(fail[extra], axis=0)
     selected = torch.tensor(picks, dtype=torch.long, device=device)
     if refine == "prune":
-        selected = torch.tensor(_prune(match, picks), dtype=torch.long, device=device)
-        region = region_mask(match, selected)
-    else:
-        region = torch.from_numpy(_unpack(inside, n)).to(device)
+        failing = torch.from_numpy(_unpack_rows(fail[picks], n).T)  # N x len(picks)
+        kept = _prune(failing, picks)
+        selected = torch.tensor(kept, dtype=torch.long, device=device)
+        inside = _pack(np.ones((1, n), dtype=bool))[0]
+        if kept:
+            inside &= ~np.bitwise_or.reduce(fail[kept], axis=0)
+    region = torch.from_numpy(_unpack(inside, n)).to(device)
     cost = int((positive & ~region).sum())
     cover = int((negative & ~region).sum())
     return CoverResult(

@@ -1,5 +1,6 @@
 """The exact projection shortcut for heads that start with an affine map."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,6 +22,17 @@ def test_projection_margins_equal_the_full_product(tiny):
         fast = proj.margins(reg.weight, reg.bias)
         full = margins(ri.features_, reg.weight, reg.bias)
         torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
+        # the packed signs and the members' margins come from the same projection
+        u = proj.coefficients(reg.weight)
+        bits = proj.failing_bits_of(u, reg.bias)
+        fails = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :200]
+        clear = fast.abs() > 1e-4  # away from float round-off at the plane
+        assert np.array_equal(fails.astype(bool).T[clear.numpy()], (fast <= 0)[clear].numpy())
+        idx = torch.tensor([3, 0, 150, 7])
+        sel = torch.arange(len(reg.bias))[::2]
+        torch.testing.assert_close(
+            proj.margins_rows(idx, u[sel], reg.bias[sel]), fast[idx][:, sel], rtol=1e-5, atol=1e-5
+        )
     # a direction outside the row space is refused, not approximated
     w = torch.randn(3, ri.layout_.dim, generator=torch.Generator().manual_seed(0))
     assert proj.margins(w, torch.zeros(3)) is None
