@@ -65,10 +65,18 @@ def failing_bits(
     out = np.zeros((k, 8 * max(1, -(-n // 64))), dtype=np.uint8)
     w = weight.to(features.device, torch.float32)
     b = bias.to(features.device, torch.float32)[:, None]
+    # one margin buffer and one sign buffer for all chunks: fresh ones per chunk leave
+    # glibc's heap fragmented, and the process grew with N (58 MB at 300k references)
+    size = k * min(step, n)
+    marg = torch.empty(size, dtype=torch.float32, device=features.device)
+    fails = np.empty(size, dtype=bool)
     for s in range(0, n, step):
         chunk = features[s : s + step].to(torch.float32)
-        positive = torch.addmm(b, w, chunk.T).cpu().numpy() > 0  # numpy: cheaper here
-        packed = np.packbits(np.logical_not(positive, out=positive), axis=1, bitorder="little")
+        c = chunk.shape[0]
+        m = torch.addmm(b, w, chunk.T, out=marg[: k * c].view(k, c)).cpu().numpy()
+        f = fails[: k * c].reshape(k, c)
+        np.logical_not(np.greater(m, 0, out=f), out=f)  # NaN margins fail; numpy: cheaper
+        packed = np.packbits(f, axis=1, bitorder="little")
         out[:, s // 8 : s // 8 + packed.shape[1]] = packed
     return out.view(np.uint64)
 
