@@ -336,7 +336,7 @@ def greedy_cover_bits(
     fail : numpy.ndarray
         uint64 ``m x ceil(N / 64)``: bit ``r % 64`` of word ``r // 64`` of row ``j`` is
         set when reference ``r`` is *not* on the seed's side of candidate ``j`` (the
-        negation of ``match[r, j]``), the bits past ``N`` zero; see :func:`pack_failing`.
+        negation of ``match[r, j]``); bits past ``N`` are ignored. See :func:`pack_failing`.
         One bit per entry: 32 times less memory than the float margins it comes from,
         which can be packed chunk by chunk without ever holding the ``N x m`` matrix.
     positive : Tensor
