@@ -65,8 +65,8 @@ def failing_bits(
     out = np.zeros((k, 8 * max(1, -(-n // 64))), dtype=np.uint8)
     w = weight.to(features.device, torch.float32)
     b = bias.to(features.device, torch.float32)[:, None]
-    # one margin buffer and one sign buffer for all chunks: fresh ones per chunk leave
-    # glibc's heap fragmented, and the process grew with N (58 MB at 300k references)
+    # one margin buffer and one sign buffer for all chunks (fresh per-chunk temporaries
+    # can leave glibc's heap fragmented, see the fit in features.py)
     size = k * min(step, n)
     marg = torch.empty(size, dtype=torch.float32, device=features.device)
     fails = np.empty(size, dtype=bool)
