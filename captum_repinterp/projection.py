@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .match import failing_bits
+
 __all__ = ["Projection", "ProjectedHead", "leading_affine_basis", "build_projection"]
 
 
@@ -70,29 +72,20 @@ class Projection:
         u = self.coefficients(weight)
         if u is None:
             return None
-        return self.margins_of(u, bias)
+        return self.margins_rows(None, u, bias)
 
     def failing_bits_of(self, u: Tensor, bias: Tensor) -> np.ndarray:
         """:func:`~captum_repinterp.match.failing_bits` of the boundaries ``w = A^T u``
         over all references, from the ``N x r`` projection in chunks."""
-        from .match import failing_bits
-
         return failing_bits(self.projected, u.to("cpu", torch.float32), bias.to("cpu"))
 
-    def margins_rows(self, index: Tensor, u: Tensor, bias: Tensor) -> Tensor:
-        """Margins of the references at ``index`` for the boundaries ``w = A^T u``
-        (``len(index) x k``, float32)."""
-        rows = self.projected[index.cpu()].to(torch.float32)
-        return torch.addmm(bias.to("cpu", torch.float32), rows, u.to("cpu", torch.float32).T)
-
-    def margins_of(self, u: Tensor, bias: Tensor) -> Tensor:
-        """``N x k`` margins of the boundaries ``w = A^T u`` (``u``: ``k x r``).
-
-        The result is the transpose of a contiguous ``k x N`` tensor: each boundary's
-        margins are contiguous, which is how the cover solver packs them.
-        """
-        b = bias.to("cpu", torch.float32)[:, None]
-        return torch.addmm(b, u.to("cpu", torch.float32), self.projected.T).T
+    def margins_rows(self, index: Tensor | None, u: Tensor, bias: Tensor) -> Tensor:
+        """Margins of the references at ``index`` (all when None) for the boundaries
+        ``w = A^T u`` (``len(index) x k``, float32)."""
+        rows = self.projected if index is None else self.projected[index.cpu()]
+        return torch.addmm(
+            bias.to("cpu", torch.float32), rows.to(torch.float32), u.to("cpu", torch.float32).T
+        )
 
     def sampling_head(
         self, head: Callable[[Tensor], Tensor], psi: Tensor, probes: Tensor

@@ -198,11 +198,6 @@ def _pack(rows: np.ndarray) -> np.ndarray:
     return packed.view(np.uint64)
 
 
-def _unpack(bits: np.ndarray, n: int) -> np.ndarray:
-    """The first ``n`` bits of a packed row as a bool array."""
-    return np.unpackbits(bits.view(np.uint8), bitorder="little")[:n].astype(bool)
-
-
 def _unpack_rows(bits: np.ndarray, n: int) -> np.ndarray:
     """The first ``n`` bits of each packed row (``k x words``) as bool ``k x n``."""
     return np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :n].astype(bool)
@@ -307,9 +302,7 @@ def greedy_cover(
     match matrix, independent of the row order.
     """
     match, positive = _check_inputs(match, positive)
-    # ``match`` is often the transpose of an m x N array: then each candidate's row is
-    # contiguous and packing reads it in order
-    fail = _pack(np.ascontiguousarray(~match.detach().cpu().numpy().T))
+    fail = pack_failing(~match.detach().cpu().numpy().T)
     return greedy_cover_bits(fail, positive, delta=delta, refine=refine, eps=eps)
 
 
@@ -420,7 +413,7 @@ def greedy_cover_bits(
         inside = _pack(np.ones((1, n), dtype=bool))[0]
         if kept:
             inside &= ~np.bitwise_or.reduce(fail[kept], axis=0)
-    region = torch.from_numpy(_unpack(inside, n)).to(device)
+    region = torch.from_numpy(_unpack_rows(inside[None], n)[0]).to(device)
     cost = int((positive & ~region).sum())
     cover = int((negative & ~region).sum())
     return CoverResult(
