@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from port import port_greedy, port_sample  # noqa: E402
 
 from captum_repinterp import RepresentativeInterpretation  # noqa: E402
-from captum_repinterp.features import UserHead  # noqa: E402
+from captum_repinterp.heads import UserHead  # noqa: E402
 from captum_repinterp.match import failing_bits  # noqa: E402
 from captum_repinterp.sampler import choose_candidates, sample_boundaries  # noqa: E402
 from captum_repinterp.solver import greedy_cover_bits  # noqa: E402
@@ -167,7 +167,7 @@ def per_seed_and_fit(n_seeds: int, n_port: int, m: int) -> dict[str, float]:
     seeds_idx = torch.randperm(len(images), generator=gen)[:n_seeds].tolist()
     gc = LayerGradCam(model, layer)
     gc.attribute(images[:1], target=0)  # warm-up (first call pays one-off costs)
-    ri.interpret(images[:1], n_boundaries=m, seed=0)
+    ri.interpret(images[:1], n_boundaries=m, random_state=0)
     rows, parts = [], []
     print(f"\n== per seed, N = {len(refs)}, m = {m} candidates (seconds) ==")
     print(
@@ -185,7 +185,7 @@ def per_seed_and_fit(n_seeds: int, n_port: int, m: int) -> dict[str, float]:
     for k, i in enumerate(seeds_idx):
         x = images[i : i + 1]
         # ours, the whole public call (features, sampler, match, cover, members)
-        t_ours, interp = timed(ri.interpret, x, n_boundaries=m, seed=0)
+        t_ours, interp = timed(ri.interpret, x, n_boundaries=m, random_state=0)
         target = interp.target
         t_gc, _ = timed(gc.attribute, x, target=target)
         psi_x, _ = ri.transform(x)
@@ -305,7 +305,7 @@ def scale_child(n: int, mode: str, m: int, workdir: str) -> dict[str, float]:
     with PeakAnon() as seed_mem:
         for _ in range(2):
             t = time.perf_counter()
-            ri.interpret(psi, n_boundaries=m, seed=0)
+            ri.interpret(psi, n_boundaries=m, random_state=0)
             times.append(time.perf_counter() - t)
     return {
         "n": n,

@@ -359,7 +359,7 @@ def audit(
     >>> [(r.size, r.purity, [g.size for g in r.subgroups]) for r in result[7].regions]
     """
     start = time.perf_counter()
-    ri._check_fitted()
+    ri.references_  # noqa: B018  (raises NotFittedError before fit)
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a tensor, got {type(images).__name__}")
     coverage_target = _check_fraction(coverage_target, "coverage_target")
@@ -436,7 +436,7 @@ def _audit_class(
         pts = feats[left]
         med = pts.median(dim=0).values
         seed_index = int(left[torch.argmin(((pts - med) ** 2).sum(1))])
-        interp = ri.interpret(images[seed_index : seed_index + 1], target=c, seed=seed,
+        interp = ri.interpret(images[seed_index : seed_index + 1], target=c, random_state=seed,
                               **interpret_kwargs)
         inside = interp.contains_features(feats)
         new = inside & uncovered

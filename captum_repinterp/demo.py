@@ -122,7 +122,7 @@ def run_demo(out_dir: str | Path = "out", n_seeds: int = 4, seed: int = 0) -> li
     cnn = models.train_small_cnn(x[train], y[train], seed=seed)
     rows += run_setup(
         "mnist", cnn, cnn.features[-1], cnn.head, x[train], x[test], n_seeds, out,
-        seed=seed,
+        random_state=seed,
     )
 
     fx, fy = datasets.load_faces(48)
@@ -130,7 +130,7 @@ def run_demo(out_dir: str | Path = "out", n_seeds: int = 4, seed: int = 0) -> li
     onet = models.load_onet()
     rows += run_setup(
         "faces", onet, onet.features[-1], onet.head, fx[ftrain], fx[ftest], 2, out,
-        class_names=["non-face", "face"], seed=seed,
+        class_names=["non-face", "face"], random_state=seed,
     )
     elapsed = time.perf_counter() - start
     print(format_table(rows))

@@ -1,18 +1,17 @@
-"""Stage 1: layer features ``psi(x)`` and the head ``G: psi -> logits``.
+"""Stage 1: layer features ``psi(x)`` of a batch of inputs.
 
 The network is split at a layer. ``psi`` is that layer's output (or input) flattened to
-``D`` numbers per example; the head maps ``psi`` back to the model's output, flattened to
-``C`` numbers per example (the classes). Everything downstream (sampler, solver,
-interpretation) sees only ``N x D`` feature matrices and a head callable.
-
-The head is either given by the user (``head(layer_output) -> logits``) or derived from the
-model: the model is run on the seed's input with the layer's output replaced, through a
-forward hook, by the points where the head is evaluated. Hooks are removed in ``finally``
-blocks, and the model's train/eval flags are restored by :func:`eval_mode`.
+``D`` numbers per example (:class:`LayerLayout`); everything downstream (sampler, solver,
+interpretation) sees only ``N x D`` feature matrices and a head callable (see
+:mod:`captum_repinterp.heads`). :func:`forward_with_layer` runs the model once with a hook
+on the layer, removed in a ``finally`` block; :func:`eval_mode` puts the model in eval mode
+for a call and restores every module's flag; :func:`feature_batches` is the one batch loop
+over a reference set.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,30 +21,29 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ._captum_compat import (
-    _expand_additional_forward_args,
-    _format_additional_forward_args,
-    _format_tensor_into_tuples,
+from ._captum_compat import _format_additional_forward_args
+from .inputs import (
+    InputSpec,
+    check_against_references,
+    check_inputs,
+    input_spec,
+    iter_reference_batches,
+    slice_args,
+    translate_forward_error,
 )
-from ._checks import check_int
 
 __all__ = [
+    "Example",
     "LayerLayout",
-    "HookHead",
-    "UserHead",
     "eval_mode",
-    "forward_with_layer",
     "extract_features",
     "feature_batches",
-    "iter_reference_batches",
+    "flatten_logits",
+    "forward_with_layer",
     "model_device",
-    "InputSpec",
-    "input_spec",
-    "check_against_references",
-    "translate_forward_error",
+    "warn_training",
 ]
 
 
@@ -89,6 +87,15 @@ class LayerLayout:
         parts = torch.split(psi, self.sizes, dim=1)
         return tuple(p.reshape(psi.shape[0], *s) for p, s in zip(parts, self.shapes))
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable description (see :meth:`from_json`)."""
+        return {"shapes": [list(s) for s in self.shapes], "is_tuple": bool(self.is_tuple)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> LayerLayout:
+        """The layout :meth:`to_json` described."""
+        return cls(tuple(tuple(int(v) for v in s) for s in obj["shapes"]), bool(obj["is_tuple"]))
+
 
 @contextmanager
 def eval_mode(*roots: Any) -> Iterator[bool]:
@@ -116,6 +123,17 @@ def eval_mode(*roots: Any) -> Iterator[bool]:
             m.training = True
 
 
+def warn_training(stacklevel: int = 3) -> None:
+    """The warning given when a call finds the model in training mode."""
+    warnings.warn(
+        "the model is in training mode; RepresentativeInterpretation runs it in eval "
+        "mode for the duration of the call (dropout off, batch-norm running statistics) "
+        "and restores every module's mode afterwards",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def model_device(forward_func: Callable, layer: nn.Module) -> torch.device | None:
     """Device of the model's parameters (``None`` when it has none to look at)."""
     for root in (forward_func, layer):
@@ -125,15 +143,6 @@ def model_device(forward_func: Callable, layer: nn.Module) -> torch.device | Non
             for b in root.buffers():
                 return b.device
     return None
-
-
-InputSpec = tuple[tuple[tuple[int, ...], torch.dtype], ...]
-"""Per-example shape and dtype of each input tensor (what the model ran on in ``fit``)."""
-
-
-def input_spec(inputs: Sequence[Tensor]) -> InputSpec:
-    """Per-example shapes and dtypes of a tuple of batch-first tensors."""
-    return tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
 
 
 def _detached_copy(t: Any) -> Any:
@@ -168,87 +177,6 @@ class _ReusedCopies:
         out = buf[: t.numel()].view(t.shape)
         out.copy_(t.detach())
         return out
-
-
-def _shapes(inputs: Sequence[Tensor]) -> str:
-    return ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
-
-
-def _spec_shapes(expected: InputSpec) -> str:
-    return ", ".join(f"(N, {', '.join(map(str, s))}) {d}" for s, d in expected)
-
-
-def check_against_references(
-    inputs: Sequence[Tensor], expected: InputSpec | None, name: str = "inputs"
-) -> None:
-    """Catch a missing batch dimension (or a wrong number of tensors) before the model runs.
-
-    Raises
-    ------
-    ValueError
-        Naming ``name`` with the shape it got and the references' shape.
-    """
-    if expected is None:
-        return
-    if len(inputs) != len(expected):
-        raise ValueError(
-            f"{name}: got {len(inputs)} tensor(s), but the references had {len(expected)} "
-            f"({_spec_shapes(expected)}); pass inputs in the same form as the references"
-        )
-    for t, (shape, _) in zip(inputs, expected):
-        if t.dim() != len(shape) + 1:
-            hint = (
-                "; add the batch dimension first (x.unsqueeze(0) or x[None] for one image)"
-                if t.dim() == len(shape)
-                else ""
-            )
-            raise ValueError(
-                f"{name}: got a tensor of shape {tuple(t.shape)}, but the references had "
-                f"shape {_spec_shapes(expected)} ({len(shape) + 1}-D, batch first){hint}"
-            )
-
-
-def translate_forward_error(
-    exc: BaseException, inputs: Sequence[Tensor], name: str, expected: InputSpec | None
-) -> Exception | None:
-    """A clear ValueError/TypeError for a model failure, or ``None`` to re-raise it as is.
-
-    With ``expected`` (the references' per-example shapes and dtypes, on which the model
-    ran): tensors shaped differently give a ValueError, of another dtype a TypeError, and a
-    failure on tensors like the references is the model's own (``None``). Without
-    ``expected`` (``fit``'s first batch): integer tensors give a TypeError asking for
-    floats, anything else a ValueError describing the batch. Out-of-memory errors are
-    never translated.
-    """
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return None
-    said = f"forward_func raised {type(exc).__name__}: {exc}"
-    if expected is not None:
-        got = input_spec(inputs)
-        if [s for s, _ in got] != [s for s, _ in expected]:
-            return ValueError(
-                f"{name}: the model failed on tensor(s) of shape {_shapes(inputs)}, but the "
-                f"references had shape {_spec_shapes(expected)}; give {name} the references' "
-                f"shape (channels, size). {said}"
-            )
-        if [d for _, d in got] != [d for _, d in expected]:
-            return TypeError(
-                f"{name}: the model failed on dtype {[str(d) for _, d in got]}, but the "
-                f"references were {[str(d) for _, d in expected]}; convert {name} to the "
-                f"references' dtype (integer images: x.float() / 255, or the scaling the "
-                f"model was trained with). {said}"
-            )
-        return None
-    if any(not (t.is_floating_point() or t.is_complex()) for t in inputs):
-        return TypeError(
-            f"{name}: the model failed on tensor(s) {_shapes(inputs)}; integer images are "
-            "passed to the model unchanged, so convert them to floating point first "
-            f"(x.float() / 255, or the scaling the model was trained with). {said}"
-        )
-    return ValueError(
-        f"{name}: the model failed on a batch {_shapes(inputs)}; check that {name} have "
-        f"the shape (channels, size) and dtype the model expects. {said}"
-    )
 
 
 def forward_with_layer(
@@ -354,13 +282,11 @@ def forward_with_layer(
         if not isinstance(t, Tensor):
             raise TypeError(f"layer: the layer produced a {type(t).__name__}, not tensors")
     if not isinstance(output, Tensor):
-        raise TypeError(
-            f"forward_func must return a tensor of scores, got {type(output).__name__}"
-        )
+        raise TypeError(f"forward_func must return a tensor of scores, got {type(output).__name__}")
     return tensors, was_tuple, output
 
 
-def _flatten_logits(output: Tensor, batch: int) -> Tensor:
+def flatten_logits(output: Tensor, batch: int) -> Tensor:
     if output.dim() < 2 or output.shape[0] != batch:
         raise ValueError(
             "forward_func must return one row of class scores per example "
@@ -369,235 +295,26 @@ def _flatten_logits(output: Tensor, batch: int) -> Tensor:
     return output.reshape(batch, -1)
 
 
-class HookHead:
-    """The head ``psi -> logits`` derived from the model by replacing the layer's output.
+@dataclass(frozen=True)
+class Example:
+    """The first reference, as the model ran on it: what tracing the head needs.
 
-    The part of the model before the layer is run on ``inputs`` (one example); the
-    layer's output is replaced by the batch of points. When the model uses its input
-    again after the layer (a skip connection around the layer), the head is the one *at
-    that input*, which is what the method needs for that seed.
-
-    Speed: the part before the layer is run on the single example and only the layer's
-    output carries the batch (the rest of the model broadcasts or never looks at the
-    input again). Whether that gives the same logits as running the model on the
-    example repeated ``B`` times is checked on the first call with ``B > 1``; if it does
-    not (or fails), every call runs the repeated batch.
+    Attributes
+    ----------
+    spec : InputSpec
+        Per-example shapes and dtypes of the reference inputs.
+    inputs : tuple of Tensor
+        The first reference (batch of one), on the model's device.
+    additional_forward_args : tuple or None
+        Its extra arguments of ``forward_func`` (sliced to one example).
     """
 
-    def __init__(
-        self,
-        forward_func: Callable,
-        layer: nn.Module,
-        inputs: tuple[Tensor, ...],
-        additional_forward_args: tuple | None,
-        layout: LayerLayout,
-        attribute_to_layer_input: bool = False,
-    ) -> None:
-        if any(t.shape[0] != 1 for t in inputs):
-            raise ValueError("HookHead needs the inputs of exactly one example")
-        self.forward_func = forward_func
-        self.layer = layer
-        self.inputs = inputs
-        self.additional_forward_args = additional_forward_args
-        self.layout = layout
-        self.attribute_to_layer_input = attribute_to_layer_input
-        self.broadcast: bool | None = None  # decided on the first call with B > 1
-
-    def _run(self, psi: Tensor, repeat: bool, rows: int | None = None) -> Tensor:
-        b = psi.shape[0]
-        inputs, extra = self.inputs, self.additional_forward_args
-        if repeat:
-            inputs = tuple(t.expand(b, *t.shape[1:]).contiguous() for t in inputs)
-            extra = _expand_additional_forward_args(extra, b)
-        _, _, out = forward_with_layer(
-            self.forward_func,
-            self.layer,
-            inputs,
-            extra,
-            self.attribute_to_layer_input,
-            replace=psi,
-            layout=self.layout,
-        )
-        return _flatten_logits(out, b if rows is None else rows)
-
-    def __call__(self, psi: Tensor, rows: int | None = None) -> Tensor:
-        """Logits ``B x C`` at features ``psi`` (``B x D``).
-
-        ``rows``: the number of output rows to expect when it differs from ``B`` (a
-        hook further down replaces a tensor by a batch, see ``ProjectedHead``).
-        """
-        if rows is not None:
-            return self._run(psi, repeat=True, rows=rows)
-        if psi.shape[0] == 1 or self.broadcast is False:
-            return self._run(psi, repeat=True)
-        if self.broadcast:
-            return self._run(psi, repeat=False)
-        full = self._run(psi, repeat=True)
-        try:
-            with torch.no_grad():
-                fast = self._run(psi.detach(), repeat=False)
-            self.broadcast = fast.shape == full.shape and torch.allclose(
-                fast, full.detach(), rtol=1e-5, atol=1e-6
-            )
-        except (RuntimeError, ValueError):
-            self.broadcast = False
-        return full
+    spec: InputSpec
+    inputs: tuple[Tensor, ...]
+    additional_forward_args: tuple | None
 
 
-class UserHead:
-    """Wraps a user-given ``head(layer_output) -> logits`` to take ``B x D`` features."""
-
-    def __init__(self, head: Callable, layout: LayerLayout) -> None:
-        self.head = head
-        self.layout = layout
-
-    def __call__(self, psi: Tensor, rows: int | None = None) -> Tensor:
-        """Logits ``B x C`` at features ``psi``; ``rows`` as in :class:`HookHead`."""
-        parts = self.layout.unflatten(psi)
-        out = self.head(parts if self.layout.is_tuple else parts[0])
-        if not isinstance(out, Tensor):
-            raise TypeError(f"head must return a tensor, got {type(out).__name__}")
-        return _flatten_logits(out, psi.shape[0] if rows is None else rows)
-
-
-def all_finite(t: Tensor, chunk_elements: int = 1 << 22) -> bool:
-    """Whether every value of a float tensor is finite.
-
-    First one sum: a NaN or an infinity anywhere makes it non-finite, so a finite sum
-    settles it without any temporary. Only when the sum is not finite (a non-finite
-    value, or finite values that overflow when added) are the values checked one by
-    one, in row chunks of about ``chunk_elements`` values: ``torch.isfinite`` allocates
-    temporaries as large as its input (an ``abs`` in the tensor's own dtype, then two
-    bool masks), 1.7x a 360 MB feature matrix when run on all of it, and per-batch
-    temporaries of that size fragment the heap.
-    """
-    if not t.is_floating_point() and not t.is_complex():
-        return True
-    if t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum())):
-        return True
-    if t.dim() == 0:
-        return False
-    rows = max(1, chunk_elements // max(1, t[0].numel()))
-    return all(bool(torch.isfinite(t[s : s + rows]).all()) for s in range(0, t.shape[0], rows))
-
-
-def _first_element(item: Any) -> Any:
-    """A Dataset item or DataLoader batch ``(inputs, label, ...)``: keep the inputs."""
-    if isinstance(item, Tensor):
-        return item
-    if isinstance(item, (tuple, list)) and len(item) > 0:
-        return item[0]
-    if isinstance(item, dict):
-        raise TypeError(
-            "references: dict batches are not supported; yield (inputs, ...) tuples"
-        )
-    raise TypeError(f"references: cannot read inputs from a {type(item).__name__}")
-
-
-def iter_reference_batches(
-    references: Any,
-    batch_size: int,
-    additional_forward_args: tuple | None = None,
-    name: str = "references",
-) -> tuple[int | None, Iterator[tuple[tuple[Tensor, ...], tuple | None]]]:
-    """Batches of reference inputs, as Captum-style tuples.
-
-    Accepts a tensor, a tuple of tensors (one per model input), a ``Dataset`` whose items
-    are tensors or ``(inputs, label, ...)`` tuples, or a ``DataLoader`` yielding such
-    batches. Tensor entries of ``additional_forward_args`` whose first dimension equals
-    the number of references are sliced with the batch; others are passed unchanged.
-
-    Returns
-    -------
-    (n, iterator)
-        The number of references when known in advance, and the batches.
-    """
-    check_int(batch_size, "batch_size")
-    if isinstance(references, (Tensor, tuple)):
-        refs = _format_tensor_into_tuples(references)
-        if len(refs) == 0 or not all(isinstance(t, Tensor) for t in refs):
-            raise TypeError(f"{name}: expected a tensor or a tuple of tensors")
-        if any(t.dim() == 0 for t in refs):
-            raise ValueError(f"{name}: tensors need a batch dimension")
-        n = refs[0].shape[0]
-        if any(t.shape[0] != n for t in refs):
-            raise ValueError(f"{name}: all tensors must have the same batch size")
-
-        def gen_tensor() -> Iterator[tuple[tuple[Tensor, ...], tuple | None]]:
-            for s in range(0, n, batch_size):
-                yield (
-                    tuple(t[s : s + batch_size] for t in refs),
-                    _slice_args(additional_forward_args, n, s, s + batch_size),
-                )
-
-        return n, gen_tensor()
-    if isinstance(references, Dataset):
-        loader: Any = DataLoader(references, batch_size=batch_size, shuffle=False)
-        n = len(references) if hasattr(references, "__len__") else None  # type: ignore[arg-type]
-    elif isinstance(references, DataLoader):
-        loader = references
-        try:
-            n = len(references.dataset)  # type: ignore[arg-type]
-        except TypeError:
-            n = None
-    else:
-        raise TypeError(
-            f"{name} must be a Tensor, a tuple of Tensors, a torch Dataset or a "
-            f"DataLoader, got {type(references).__name__}"
-        )
-
-    def gen_loader() -> Iterator[tuple[tuple[Tensor, ...], tuple | None]]:
-        start = 0
-        for batch in loader:
-            inputs = _format_tensor_into_tuples(_first_element(batch))
-            if not all(isinstance(t, Tensor) for t in inputs):
-                raise TypeError("references: batches must hold tensors")
-            b = inputs[0].shape[0]
-            yield inputs, _slice_args(additional_forward_args, n, start, start + b)
-            start += b
-
-    return n, gen_loader()
-
-
-def _slice_args(args: tuple | None, n: int | None, start: int, stop: int) -> tuple | None:
-    if args is None:
-        return None
-    return tuple(
-        a[start:stop] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a
-        for a in args
-    )
-
-
-def format_inputs(inputs: Any, name: str = "inputs") -> tuple[Tensor, ...]:
-    """Captum's tuple format for a tensor or tuple of tensors, validated."""
-    if isinstance(inputs, Tensor):
-        inputs = (inputs,)
-    if not isinstance(inputs, tuple):
-        raise TypeError(
-            f"{name} must be a torch.Tensor or a tuple of tensors, got {type(inputs).__name__}"
-        )
-    check_inputs(inputs, name)
-    return inputs
-
-
-def check_inputs(inputs: tuple[Tensor, ...], name: str = "inputs") -> None:
-    """Validate a Captum-style tuple of input tensors (clear errors, no torch traces)."""
-    if len(inputs) == 0:
-        raise ValueError(f"{name}: expected at least one tensor")
-    for t in inputs:
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"{name} must be a torch.Tensor or a tuple of tensors, got {type(t).__name__}"
-            )
-        if t.dim() == 0:
-            raise ValueError(f"{name}: tensors need a batch dimension (got a 0-d tensor)")
-        if t.is_floating_point() and not all_finite(t):
-            raise ValueError(f"{name} contains NaN or inf values")
-    n = inputs[0].shape[0]
-    if any(t.shape[0] != n for t in inputs):
-        raise ValueError(f"{name}: all tensors must have the same batch size")
+Batches = Callable[[int], Iterator[tuple[Tensor, Tensor, LayerLayout]]]
 
 
 def feature_batches(
@@ -611,43 +328,64 @@ def feature_batches(
     progress: bool = True,
     name: str = "references",
     expected: InputSpec | None = None,
-    info: dict | None = None,
     desc: str = "fit: reference features",
-) -> tuple[int | None, Callable[[int], Iterator[tuple[Tensor, Tensor, LayerLayout]]]]:
+) -> tuple[int | None, Example, Batches]:
     """The one batch loop over references: validate, run the model, read the layer.
 
-    ``name`` is the argument named in errors; ``expected`` the per-example input shapes
-    and dtypes to compare with when the model fails (default: the first batch's); when
-    ``info`` is a dict, it receives the first batch's :func:`input_spec` and its first
-    example (``"example"``, ``"example_args"``).
+    The first batch is read (not run) at once and checked, so that the reference set's
+    input spec and first example are known before any model call, also when the caller
+    then runs nothing (a finished on-disk store).
+
+    Parameters
+    ----------
+    name : str
+        The argument named in errors.
+    expected : InputSpec, optional
+        Per-example input shapes and dtypes to compare with when the model fails
+        (default: the first batch's).
 
     Returns
     -------
-    (n, run)
-        The number of references when known in advance, and ``run(skip=0)``, which yields
-        ``(rows, predictions, layout)`` per batch: the layer's features (``B x D``, on
-        the model's device), the argmax of the model's flattened output (``B`` int64, CPU)
-        and the layer's layout. The first ``skip`` references are passed over without
-        running the model (to resume an interrupted fit). ``rows`` lives in a buffer
-        that the next batch overwrites: copy what you keep before the next one.
+    (n, example, run)
+        The number of references when known in advance, the first reference
+        (:class:`Example`), and ``run(skip=0)``, which yields ``(rows, predictions,
+        layout)`` per batch: the layer's features (``B x D``, on the model's device), the
+        argmax of the model's flattened output (``B`` int64, CPU) and the layer's layout.
+        The first ``skip`` references are passed over without running the model (to
+        resume an interrupted fit). ``rows`` lives in a buffer that the next batch
+        overwrites: copy what you keep before the next one. ``run`` can be iterated once.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming ``name``: an empty reference set, tensors without a batch dimension or
+        with NaN/inf, batches the model fails on.
     """
     extra = _format_additional_forward_args(additional_forward_args)
     n, batches = iter_reference_batches(references, batch_size, extra, name)
     total = None if n is None else math.ceil(n / batch_size)
+    batches = (b for b in batches if int(b[0][0].shape[0]) > 0)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(f"{name}: the reference set is empty (no examples)")
+    check_inputs(first[0], name)
+    check_against_references(first[0], expected, name)
+    one = tuple(t[:1] for t in first[0])
+    example = Example(
+        input_spec(first[0]),
+        tuple(t.to(device) for t in one) if device is not None else one,
+        slice_args(first[1], int(first[0][0].shape[0]), 0, 1),
+    )
 
     def run(skip: int = 0) -> Iterator[tuple[Tensor, Tensor, LayerLayout]]:
         spec_expected = expected
         layout: LayerLayout | None = None
         start = 0
         copies = _ReusedCopies()
+        stream = itertools.chain([first], batches)
         with torch.no_grad():
-            for inputs, args in tqdm(batches, total=total, desc=desc, disable=not progress):
+            for inputs, args in tqdm(stream, total=total, desc=desc, disable=not progress):
                 b = int(inputs[0].shape[0])
-                if info is not None and "input_spec" not in info and b > 0:
-                    info["input_spec"] = input_spec(inputs)
-                    first = tuple(t[:1] for t in inputs)
-                    info["example"] = tuple(t.to(device) for t in first) if device else first
-                    info["example_args"] = _slice_args(args, b, 0, 1)
                 stop = start + b
                 if stop <= skip:
                     start = stop
@@ -655,7 +393,7 @@ def feature_batches(
                 if start < skip:  # resume inside a batch
                     k = skip - start
                     inputs = tuple(t[k:] for t in inputs)
-                    args = _slice_args(args, b, k, b)
+                    args = slice_args(args, b, k, b)
                 start = stop
                 check_inputs(inputs, name)
                 check_against_references(inputs, spec_expected, name)
@@ -684,9 +422,9 @@ def feature_batches(
                         f"({layout.shapes} vs {this_layout.shapes}); use inputs of one size"
                     )
                 rows = layout.flatten(tensors)
-                yield rows, _flatten_logits(out, rows.shape[0]).argmax(dim=1).cpu(), layout
+                yield rows, flatten_logits(out, rows.shape[0]).argmax(dim=1).cpu(), layout
 
-    return n, run
+    return n, example, run
 
 
 def extract_features(
@@ -700,8 +438,7 @@ def extract_features(
     progress: bool = True,
     name: str = "references",
     expected: InputSpec | None = None,
-    info: dict | None = None,
-) -> tuple[Tensor, Tensor, LayerLayout]:
+) -> tuple[Tensor, Tensor, LayerLayout, Example]:
     """Layer features and predicted classes of every reference, in RAM.
 
     Arguments as in :func:`feature_batches`.
@@ -714,8 +451,10 @@ def extract_features(
         ``N`` int64: the argmax of the (flattened) model output.
     layout : LayerLayout
         Shapes of the layer's tensors.
+    example : Example
+        The first reference.
     """
-    n, run = feature_batches(
+    n, example, run = feature_batches(
         forward_func,
         layer,
         references,
@@ -726,7 +465,6 @@ def extract_features(
         progress,
         name,
         expected,
-        info,
     )
     feats: list[Tensor] = []
     preds: list[Tensor] = []
@@ -748,14 +486,6 @@ def extract_features(
             feats.append(rows.to("cpu", torch.float32, copy=True))
         filled += b
         preds.append(batch_preds)
-    if layout is None or filled == 0:
-        raise ValueError(f"{name}: the reference set is empty (no examples)")
+    assert layout is not None  # the first batch is never empty
     features = buffer[:filled] if buffer is not None else torch.cat(feats)
-    if not all_finite(features):
-        warnings.warn(
-            "fit: some reference features are NaN or inf; they are kept but can never "
-            "be members of a region",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return features, torch.cat(preds), layout
+    return features, torch.cat(preds), layout, example

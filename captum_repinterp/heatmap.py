@@ -1,16 +1,21 @@
-"""Stage 5: heat maps from a boundary direction ``v`` and layer activations.
+"""Stage 5: heat maps of a region, one small class per rule.
 
-``v`` is the combination of the selected boundaries' normals (their sum by default), shaped
-like the layer's output. Two rules, chosen by name:
+A region's direction ``v`` (the combination of its selected boundaries' normals, shaped
+like the layer's output) is drawn on any image's layer activations ``A`` as
+``sum_k weights[k, p] * A_k[p]``, then summed over channels and passed through a ReLU as
+``LayerGradCam`` does. A rule is a subclass of :class:`HeatmapRule` that implements one
+method, :meth:`HeatmapRule.cam_weights` (as pytorch-grad-cam's CAM variants implement
+``get_cam_weights``), registered by name with :func:`register_heatmap_rule`:
 
-- ``"elementwise"`` (default): ``sum_k v[k, p] * A_k(x')[p]`` at every position ``p``, the
-  rule the authors' code uses to draw one boundary;
-- ``"channel"``: Grad-CAM-like, ``alpha_k = mean_p v[k, p]`` and ``sum_k alpha_k A_k(x')``;
-- ``"region-score"``: Score-CAM-like channel weights scored by the *region*: each channel's
-  activation on the seed, upsampled and min-max scaled, masks the seed; ``s_k`` is how far
-  the masked seed lies inside the region (the smallest signed distance
-  ``h_j / ||w_j||`` over the selected boundaries) and ``alpha = softmax(s)``. The map is
-  ``sum_k alpha_k A_k(x')``; the weights are computed once on the seed and reused.
+- ``"elementwise"`` (default): ``weights = v``, the rule the authors' code uses to draw
+  one boundary; with ``layer=`` (``heatmap_layer``) it is drawn at an earlier layer, the
+  gradient of the score ``v . psi`` there standing for ``v`` (:func:`pulled_back_heatmap`);
+- ``"channel"``: Grad-CAM-like, ``weights_k = mean_p v[k, p]``;
+- ``"region-score"``: Score-CAM-like channel weights scored by the *region*: each
+  channel's activation on the seed, upsampled and min-max scaled, masks the seed; ``s_k``
+  is how far the masked seed lies inside the region (the smallest signed distance
+  ``h_j / ||w_j||`` over the selected boundaries) and ``weights = softmax(s)``, computed
+  once on the seed (:meth:`HeatmapRule.region_weights`, ``K`` forward passes) and reused.
 
 Outputs follow ``LayerGradCam``'s layout: the layer's shape with dimension 1 summed to 1
 (``attr_dim_summation=True``), one tensor per layer output.
@@ -19,7 +24,7 @@ Outputs follow ``LayerGradCam``'s layout: the layer's shape with dimension 1 sum
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +32,44 @@ from torch import Tensor, nn
 
 from .features import LayerLayout
 
-__all__ = ["HEATMAP_RULES", "combine_normals", "layer_heatmap", "pulled_back_heatmap"]
+__all__ = [
+    "COMBINE_RULES",
+    "HEATMAP_RULES",
+    "ChannelRule",
+    "ElementwiseRule",
+    "HeatmapRule",
+    "RegionScoreRule",
+    "combine_normals",
+    "get_heatmap_rule",
+    "pulled_back_heatmap",
+    "register_heatmap_rule",
+]
 
-HEATMAP_RULES = ("elementwise", "channel", "region-score")
 COMBINE_RULES = ("sum", "unit")
+
+#: Heat-map rules by name (see :func:`register_heatmap_rule`).
+HEATMAP_RULES: dict[str, type[HeatmapRule]] = {}
+
+
+def register_heatmap_rule(cls: type[HeatmapRule]) -> type[HeatmapRule]:
+    """Class decorator: make a :class:`HeatmapRule` subclass available by its ``name``."""
+    if not cls.name:
+        raise ValueError("a heat-map rule needs a non-empty name")
+    HEATMAP_RULES[cls.name] = cls
+    return cls
+
+
+def get_heatmap_rule(name: str, layer: nn.Module | None = None) -> HeatmapRule:
+    """The rule registered as ``name``, drawn at ``layer`` (None: the split layer).
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, or a layer given to a rule that cannot be drawn elsewhere.
+    """
+    if name not in HEATMAP_RULES:
+        raise ValueError(f"heatmap_rule must be one of {tuple(HEATMAP_RULES)}, got {name!r}")
+    return HEATMAP_RULES[name](layer)
 
 
 def combine_normals(weight: Tensor, rule: str = "sum") -> Tensor:
@@ -47,6 +86,206 @@ def combine_normals(weight: Tensor, rule: str = "sum") -> Tensor:
     if rule == "unit":
         w = w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     return w.sum(dim=0)
+
+
+class HeatmapRule:
+    """How a region's direction becomes a heat map. Subclass, implement
+    :meth:`cam_weights`, decorate with :func:`register_heatmap_rule`.
+
+    Parameters
+    ----------
+    layer : nn.Module, optional
+        Draw the map at this earlier layer (``heatmap_layer``); only rules with
+        ``supports_layer`` accept it.
+
+    Attributes
+    ----------
+    name : str
+        The name ``heatmap_rule=`` selects it by.
+    forward_passes : str
+        Extra model forward passes per seed (its cost), for the docs and the evaluation.
+    supports_layer : bool
+        Whether the rule can be drawn at another layer than the split layer.
+    """
+
+    name: ClassVar[str] = ""
+    forward_passes: ClassVar[str] = "0"
+    supports_layer: ClassVar[bool] = False
+
+    def __init__(self, layer: nn.Module | None = None) -> None:
+        if layer is not None and not self.supports_layer:
+            raise ValueError(
+                f"heatmap_layer draws the elementwise rule at another layer; it cannot be "
+                f"combined with heatmap_rule={self.name!r}"
+            )
+        self.layer = layer
+
+    def cam_weights(
+        self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
+    ) -> Tensor:
+        """Weights multiplied into ``activation`` position by position.
+
+        Parameters
+        ----------
+        direction : Tensor
+            ``n x K x ...``: the direction ``v`` for each example, shaped like the layer's
+            tensor.
+        activation : Tensor
+            ``n x K x ...``: the layer's tensor.
+        channel_weights : Tensor or None
+            What :meth:`region_weights` computed for the region (``K`` or ``n x K``).
+
+        Returns
+        -------
+        Tensor
+            Broadcastable to ``activation``.
+        """
+        raise NotImplementedError
+
+    def region_weights(
+        self,
+        weight: Tensor,
+        bias: Tensor,
+        seed_inputs: tuple[Tensor, ...],
+        seed_activations: tuple[Tensor, ...],
+        features_of: Callable[[Tensor], Tensor],
+    ) -> Tensor | None:
+        """Per-region weights computed once on the seed and saved with the region.
+
+        ``weight``/``bias``: the selected boundaries; ``seed_inputs``: the seed (batch
+        of one); ``seed_activations``: its layer tensors (without the batch dimension);
+        ``features_of``: inputs ``B x ...`` to features ``B x D``. Default: None.
+        """
+        return None
+
+    def draw(
+        self,
+        direction: Tensor,
+        activations: tuple[Tensor, ...],
+        layout: LayerLayout,
+        channel_weights: Tensor | None = None,
+        relu: bool = True,
+        attr_dim_summation: bool = True,
+    ) -> tuple[Tensor, ...]:
+        """Heat maps of ``direction`` (``D``, or ``n x D`` one per example) on a batch
+        of the split layer's ``activations``, one ``LayerGradCam``-shaped map per layer
+        tensor."""
+        n = activations[0].shape[0]
+        if direction.dim() == 1:
+            direction = direction[None].expand(n, -1)
+        parts = layout.unflatten(direction.to(activations[0].device, activations[0].dtype))
+        maps = []
+        for v, a in zip(parts, activations):
+            scaled = self.cam_weights(v, a, channel_weights) * a
+            if attr_dim_summation and scaled.dim() > 1:
+                scaled = scaled.sum(dim=1, keepdim=True)
+            maps.append(F.relu(scaled) if relu else scaled)
+        return tuple(maps)
+
+    def maps(
+        self,
+        reader: Any,
+        inputs: Any,
+        additional_forward_args: Any,
+        direction: Tensor,
+        channel_weights: Tensor | None = None,
+        relu: bool = True,
+        attr_dim_summation: bool = True,
+        activations: tuple[Tensor, ...] | None = None,
+    ) -> tuple[Tensor, ...]:
+        """Heat maps on new ``inputs``, read through a
+        :class:`~captum_repinterp.reader.LayerReader` (``activations``: the split
+        layer's tensors when already read)."""
+        if self.layer is not None:
+            return reader.pulled_back(
+                inputs, additional_forward_args, direction, self.layer, relu, attr_dim_summation
+            )
+        if activations is None:
+            activations, _ = reader.read(inputs, additional_forward_args)
+        return self.draw(
+            direction, activations, reader.layout, channel_weights, relu, attr_dim_summation
+        )
+
+
+@register_heatmap_rule
+class ElementwiseRule(HeatmapRule):
+    """``sum_k v[k, p] * A_k[p]``: the default (drawn at ``layer`` when given)."""
+
+    name = "elementwise"
+    supports_layer = True
+
+    def cam_weights(
+        self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
+    ) -> Tensor:
+        return direction
+
+
+@register_heatmap_rule
+class ChannelRule(HeatmapRule):
+    """Grad-CAM-like: one weight per channel, ``mean_p v[k, p]``."""
+
+    name = "channel"
+
+    def cam_weights(
+        self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
+    ) -> Tensor:
+        if direction.dim() > 2:
+            return direction.mean(dim=tuple(range(2, direction.dim())), keepdim=True)
+        return direction
+
+
+@register_heatmap_rule
+class RegionScoreRule(HeatmapRule):
+    """Score-CAM-like channel weights scored by how far masked seeds lie in the region."""
+
+    name = "region-score"
+    forward_passes = "K (channels of the layer), once per seed"
+
+    def cam_weights(
+        self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
+    ) -> Tensor:
+        if channel_weights is None:
+            raise ValueError("heatmap_rule='region-score' needs the region's channel weights")
+        n = activation.shape[0]
+        cw = channel_weights if channel_weights.dim() == 2 else channel_weights[None].expand(n, -1)
+        return cw.to(activation.device, activation.dtype).reshape(
+            n, -1, *([1] * (activation.dim() - 2))
+        )
+
+    def draw(
+        self,
+        direction: Tensor,
+        activations: tuple[Tensor, ...],
+        layout: LayerLayout,
+        channel_weights: Tensor | None = None,
+        relu: bool = True,
+        attr_dim_summation: bool = True,
+    ) -> tuple[Tensor, ...]:
+        if len(activations) != 1:
+            raise ValueError("heatmap_rule='region-score' needs a layer with one output")
+        return super().draw(
+            direction, activations, layout, channel_weights, relu, attr_dim_summation
+        )
+
+    def region_weights(
+        self,
+        weight: Tensor,
+        bias: Tensor,
+        seed_inputs: tuple[Tensor, ...],
+        seed_activations: tuple[Tensor, ...],
+        features_of: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        if (
+            len(seed_inputs) != 1
+            or seed_inputs[0].dim() != 4
+            or len(seed_activations) != 1
+            or seed_activations[0].dim() != 3
+        ):
+            raise ValueError(
+                "heatmap_rule='region-score' needs one image input (1 x C x H x W) and a "
+                "convolutional layer with one output (K x h x w); use 'elementwise'"
+            )
+        return region_score_weights(seed_inputs[0], seed_activations[0], features_of, weight, bias)
 
 
 def region_score_weights(
@@ -79,7 +318,9 @@ def region_score_weights(
     if weight.shape[0] == 0:
         return torch.full((k_channels,), 1.0 / k_channels)
     masks = F.interpolate(
-        seed_activation[:, None].float(), size=tuple(seed_inputs.shape[-2:]), mode="bilinear",
+        seed_activation[:, None].float(),
+        size=tuple(seed_inputs.shape[-2:]),
+        mode="bilinear",
         align_corners=False,
     )[:, 0]
     lo = masks.flatten(1).min(dim=1).values[:, None, None]
@@ -90,68 +331,6 @@ def region_score_weights(
     w = weight.to("cpu", torch.float32)
     dist = (feats @ w.T + bias.to("cpu", torch.float32)[None]) / w.norm(dim=1)[None]
     return torch.softmax(dist.min(dim=1).values.double(), dim=0).float()
-
-
-def layer_heatmap(
-    direction: Tensor,
-    activations: tuple[Tensor, ...],
-    layout: LayerLayout,
-    rule: str = "elementwise",
-    relu: bool = True,
-    attr_dim_summation: bool = True,
-    channel_weights: Tensor | None = None,
-) -> tuple[Tensor, ...]:
-    """Heat maps of ``direction`` on a batch of layer activations.
-
-    Parameters
-    ----------
-    direction : Tensor
-        ``D`` (shared by the batch) or ``n x D`` (one per example).
-    activations : tuple of Tensor
-        The layer's tensors for ``n`` examples, shaped as in ``layout``.
-    layout : LayerLayout
-        Shapes of the layer's tensors.
-    rule : str
-        ``"elementwise"`` or ``"channel"``.
-    relu : bool
-        Apply a ReLU to the result (``relu_attributions``).
-    attr_dim_summation : bool
-        Sum over dimension 1 (channels), as ``LayerGradCam`` does.
-    channel_weights : Tensor, optional
-        ``K`` or ``n x K`` weights of the ``"region-score"`` rule (required by it).
-
-    Returns
-    -------
-    tuple of Tensor
-        One map per layer tensor, ``LayerGradCam``-shaped.
-    """
-    if rule not in HEATMAP_RULES:
-        raise ValueError(f"heatmap_rule must be one of {HEATMAP_RULES}, got {rule!r}")
-    n = activations[0].shape[0]
-    if rule == "region-score":
-        if channel_weights is None or len(activations) != 1:
-            raise ValueError(
-                "heatmap_rule='region-score' needs channel weights and a layer with one output"
-            )
-        a = activations[0]
-        cw = channel_weights if channel_weights.dim() == 2 else channel_weights[None].expand(n, -1)
-        cw = cw.to(a.device, a.dtype).reshape(n, -1, *([1] * (a.dim() - 2)))
-        scaled = cw * a
-        if attr_dim_summation:
-            scaled = scaled.sum(dim=1, keepdim=True)
-        return (F.relu(scaled) if relu else scaled,)
-    if direction.dim() == 1:
-        direction = direction[None].expand(n, -1)
-    parts = layout.unflatten(direction.to(activations[0].device, activations[0].dtype))
-    maps = []
-    for v, a in zip(parts, activations):
-        if rule == "channel" and v.dim() > 2:
-            v = v.mean(dim=tuple(range(2, v.dim())), keepdim=True)
-        scaled = v * a
-        if attr_dim_summation and scaled.dim() > 1:
-            scaled = scaled.sum(dim=1, keepdim=True)
-        maps.append(F.relu(scaled) if relu else scaled)
-    return tuple(maps)
 
 
 def pulled_back_heatmap(

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._captum_compat import _format_output
 from .features import LayerLayout
-from .heatmap import combine_normals, layer_heatmap
+from .heatmap import HeatmapRule, combine_normals, get_heatmap_rule
 from .match import margins, semantic_distance
 
 __all__ = ["Interpretation"]
@@ -47,7 +47,9 @@ class Interpretation:
         Indices into the reference set of the references inside the region, in
         ascending semantic distance to the seed.
     member_distances : Tensor
-        Their semantic distances (float64).
+        Their semantic distances (float64), in logit-margin units: the sum over the
+        selected boundaries of ``|h_j(x) - h_j(r)|``, each ``h_j`` a difference of two
+        logits on the boundary's linear piece.
     purity : float
         Share of members predicted as ``target`` (1.0 for an empty region).
     coverage : float
@@ -69,6 +71,10 @@ class Interpretation:
     heatmap_layer : nn.Module or None
         Draw the elementwise map at this earlier layer instead of the split layer (see
         :func:`~captum_repinterp.heatmap.pulled_back_heatmap`); None: the split layer.
+    reader : LayerReader or None
+        Reads the model's layer on new inputs (:mod:`captum_repinterp.reader`); needed by
+        :meth:`contains`, :meth:`distance` and :meth:`heatmap`, not by the
+        ``*_features`` methods.
     """
 
     target: int
@@ -88,8 +94,8 @@ class Interpretation:
     heatmap_rule: str = "elementwise"
     combine: str = "sum"
     channel_weights: Tensor | None = None
-    explainer: Any = field(default=None, repr=False, compare=False)
     heatmap_layer: Any = field(default=None, repr=False, compare=False)
+    reader: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -101,6 +107,11 @@ class Interpretation:
     def direction(self) -> Tensor:
         """The heat-map direction ``v`` (``D``): the combined selected normals."""
         return combine_normals(self.weight, self.combine)
+
+    @property
+    def rule(self) -> HeatmapRule:
+        """The heat-map rule object (see :mod:`captum_repinterp.heatmap`)."""
+        return get_heatmap_rule(self.heatmap_rule, self.heatmap_layer)
 
     def __len__(self) -> int:
         return int(self.members.numel())
@@ -191,19 +202,17 @@ class Interpretation:
         if features.dim() == 1:
             features = features[None]
         if features.dim() != 2 or features.shape[1] != self.layout.dim:
-            raise ValueError(
-                f"features must be n x {self.layout.dim}, got {tuple(features.shape)}"
-            )
+            raise ValueError(f"features must be n x {self.layout.dim}, got {tuple(features.shape)}")
         return features
 
     # ------------------------------------------------------------------ on new inputs
-    def _need_explainer(self, what: str) -> Any:
-        if self.explainer is None:
+    def _need_reader(self, what: str) -> Any:
+        if self.reader is None:
             raise RuntimeError(
                 f"{what} needs the model: load the interpretation with "
                 "Interpretation.load(path, explainer=ri) or use the *_features methods"
             )
-        return self.explainer
+        return self.reader
 
     def contains(self, inputs: Any, additional_forward_args: Any = None) -> Tensor:
         """Whether each new input lies in the decision region (bool, one per example).
@@ -211,14 +220,12 @@ class Interpretation:
         This is the interpretation used as a rule: the model should predict ``target``
         for the images it contains (its precision is measured on held-out images).
         """
-        ri = self._need_explainer("contains")
-        activations, _ = ri._layer_activations(inputs, additional_forward_args)
+        activations, _ = self._need_reader("contains").read(inputs, additional_forward_args)
         return self.contains_features(self.layout.flatten(activations).cpu())
 
     def distance(self, inputs: Any, additional_forward_args: Any = None) -> Tensor:
-        """Semantic distance of each new input to the seed (float64)."""
-        ri = self._need_explainer("distance")
-        activations, _ = ri._layer_activations(inputs, additional_forward_args)
+        """Semantic distance of each new input to the seed (float64, logit-margin units)."""
+        activations, _ = self._need_reader("distance").read(inputs, additional_forward_args)
         return self.distance_features(self.layout.flatten(activations).cpu())
 
     def heatmap(
@@ -232,17 +239,19 @@ class Interpretation:
 
         The same direction ``v`` (from the seed's selected boundaries) is applied to every
         input's layer activations (at ``heatmap_layer`` when it is set: then the maps are
-        shaped like ``LayerGradCam`` on that layer).
+        shaped like ``LayerGradCam`` on that layer). The maps are at the layer's
+        resolution (e.g. ``n x 1 x 7 x 7``); upsample them with
+        ``LayerAttribution.interpolate(maps, inputs.shape[-2:], "bilinear")``.
         """
-        ri = self._need_explainer("heatmap")
-        if self.heatmap_layer is not None:
-            maps = ri._pulled_back(
-                inputs, additional_forward_args, self.direction, self.heatmap_layer,
-                relu_attributions, attr_dim_summation,
-            )
-            return _format_output(len(maps) > 1, maps)
-        activations, _ = ri._layer_activations(inputs, additional_forward_args)
-        maps = self.heatmap_from_activations(activations, relu_attributions, attr_dim_summation)
+        maps = self.rule.maps(
+            self._need_reader("heatmap"),
+            inputs,
+            additional_forward_args,
+            self.direction,
+            self.channel_weights,
+            relu_attributions,
+            attr_dim_summation,
+        )
         return _format_output(len(maps) > 1, maps)
 
     attribute = heatmap
@@ -259,14 +268,13 @@ class Interpretation:
                 "this interpretation draws its map at heatmap_layer, which needs the model: "
                 "use heatmap(inputs)"
             )
-        return layer_heatmap(
+        return self.rule.draw(
             self.direction,
             activations,
             self.layout,
-            self.heatmap_rule,
+            self.channel_weights,
             relu_attributions,
             attr_dim_summation,
-            self.channel_weights,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -285,8 +293,7 @@ class Interpretation:
             "n_sampled": self.n_sampled,
             "n_boundaries": self.n_boundaries,
             "n_members": len(self),
-            "layout": {"shapes": [list(s) for s in self.layout.shapes],
-                       "is_tuple": self.layout.is_tuple},
+            "layout": self.layout.to_json(),
             "heatmap_rule": self.heatmap_rule,
             "combine": self.combine,
             "heatmap_layer": self._heatmap_layer_name(),
@@ -295,7 +302,7 @@ class Interpretation:
     def _heatmap_layer_name(self) -> str | None:
         if self.heatmap_layer is None:
             return None
-        model = getattr(self.explainer, "forward_func", None)
+        model = getattr(self.reader, "forward_func", None)
         if isinstance(model, nn.Module):
             for name, module in model.named_modules():
                 if module is self.heatmap_layer:
@@ -317,9 +324,17 @@ class Interpretation:
     def load(cls, path: str | os.PathLike, explainer: Any = None) -> Interpretation:
         """Load a saved interpretation (``allow_pickle=False``: no code is executed).
 
-        Pass the fitted :class:`RepresentativeInterpretation` as ``explainer`` to use the
-        methods that need the model (``contains``, ``heatmap``, ``distance``).
+        Pass the fitted :class:`RepresentativeInterpretation` (or its ``reader_``) as
+        ``explainer`` to use the methods that need the model (``contains``,
+        ``heatmap``, ``distance``).
+
+        Raises
+        ------
+        ValueError
+            For a file of another format version, or a map drawn at a layer the given
+            model does not have.
         """
+        reader = getattr(explainer, "reader_", explainer)
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["metadata"]))
             tensors = {name: torch.from_numpy(data[name].copy()) for name in cls._TENSORS}
@@ -327,12 +342,10 @@ class Interpretation:
                 tensors["channel_weights"] = torch.from_numpy(data["channel_weights"].copy())
         if meta.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"path: unsupported format version {meta.get('format_version')}")
-        layout = LayerLayout(
-            tuple(tuple(s) for s in meta["layout"]["shapes"]), bool(meta["layout"]["is_tuple"])
-        )
+        layout = LayerLayout.from_json(meta["layout"])
         heatmap_layer = None
         if meta.get("heatmap_layer") is not None:
-            model = getattr(explainer, "forward_func", None)
+            model = getattr(reader, "forward_func", None)
             if not isinstance(model, nn.Module):
                 raise ValueError(
                     f"explainer: the interpretation draws its map at layer "
@@ -354,7 +367,7 @@ class Interpretation:
             layout=layout,
             heatmap_rule=meta["heatmap_rule"],
             combine=meta["combine"],
-            explainer=explainer,
+            reader=reader,
             heatmap_layer=heatmap_layer,
             **tensors,
         )

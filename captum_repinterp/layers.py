@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 from torch.overrides import TorchFunctionMode
 
-from .features import eval_mode, format_inputs, model_device
+from .features import eval_mode, model_device
+from .inputs import format_inputs
 
 __all__ = [
     "NON_PIECEWISE_LINEAR_OPS",

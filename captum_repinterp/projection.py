@@ -165,9 +165,7 @@ class ProjectedHead:
     the features again, which :meth:`Projection.sampling_head` checks before use.
     """
 
-    def __init__(
-        self, head: Callable[[Tensor], Tensor], module: nn.Module, anchor: Tensor
-    ) -> None:
+    def __init__(self, head: Callable[[Tensor], Tensor], module: nn.Module, anchor: Tensor) -> None:
         self.head = head
         self.module = module
         self.anchor = anchor.detach()
@@ -224,9 +222,7 @@ def leading_affine_basis(
                 for module, x in calls:
                     if not x.requires_grad:
                         continue
-                    (g,) = torch.autograd.grad(
-                        x.sum(), p, retain_graph=True, allow_unused=True
-                    )
+                    (g,) = torch.autograd.grad(x.sum(), p, retain_graph=True, allow_unused=True)
                     if g is None:
                         continue  # a linear layer before the split, not fed by psi
                     w1 = module.weight.detach()

@@ -62,18 +62,18 @@ class Boundaries:
 
 
 def choose_candidates(
-    predictions: Tensor, target: int, seed_in_class: bool, n: int, seed: int
+    predictions: Tensor, target: int, seed_in_class: bool, n: int, random_state: int
 ) -> Tensor:
     """Pick ``n`` references on the other side of the class-``target`` decision.
 
-    Uniformly without replacement with a generator seeded by ``seed`` (so the choice for
+    Uniformly without replacement with a generator seeded by ``random_state`` (so the choice for
     one seed image does not depend on the other images in a batch). When the seed is
     predicted as ``target`` the candidates are references predicted otherwise, else the
     references predicted as ``target``.
     """
     pool_mask = predictions != target if seed_in_class else predictions == target
     pool = torch.nonzero(pool_mask, as_tuple=False).flatten()
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(random_state))
     order = torch.randperm(pool.numel(), generator=gen)[:n]
     return pool[order]
 

@@ -46,7 +46,6 @@ REFINE_MODES = ("tighten", "prune", "none")
 RATIO_RTOL = 1e-9
 
 
-
 @dataclass(frozen=True)
 class CoverResult:
     """Outcome of :func:`greedy_cover`.

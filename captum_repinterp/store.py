@@ -41,22 +41,13 @@ import torch
 from numpy.lib.format import open_memmap
 from torch import Tensor
 
-from .features import LayerLayout, all_finite
+from .features import Example, LayerLayout, feature_batches
+from .inputs import all_finite
 
 __all__ = ["ReferenceStore", "STORE_FORMAT"]
 
 STORE_FORMAT = "captum_repinterp.reference_store/1"
 _COPY_CHUNK = 16384
-
-
-def _layout_to_json(layout: LayerLayout) -> dict[str, Any]:
-    return {"shapes": [list(s) for s in layout.shapes], "is_tuple": bool(layout.is_tuple)}
-
-
-def _layout_from_json(obj: dict[str, Any]) -> LayerLayout:
-    return LayerLayout(
-        tuple(tuple(int(v) for v in s) for s in obj["shapes"]), bool(obj["is_tuple"])
-    )
 
 
 def _readonly_tensor(array: np.ndarray) -> Tensor:
@@ -143,7 +134,7 @@ class ReferenceStore:
             "n": 0,
             "capacity": capacity,
             "dim": int(layout.dim),
-            "layout": _layout_to_json(layout),
+            "layout": layout.to_json(),
             "attribute_to_layer_input": bool(attribute_to_layer_input),
             "complete": False,
         }
@@ -170,7 +161,7 @@ class ReferenceStore:
 
     @property
     def layout(self) -> LayerLayout:
-        return _layout_from_json(self.meta["layout"])
+        return LayerLayout.from_json(self.meta["layout"])
 
     @property
     def attribute_to_layer_input(self) -> bool:
@@ -274,8 +265,7 @@ def fit_to_store(
     attribute_to_layer_input: bool = False,
     device: torch.device | None = None,
     progress: bool = True,
-    info: dict | None = None,
-) -> ReferenceStore:
+) -> tuple[ReferenceStore, Example]:
     """Stream the references' features and predictions into the store at ``path``.
 
     - no store at ``path``: create one and write every reference;
@@ -286,15 +276,17 @@ def fit_to_store(
       ``ValueError``;
     - ``append=True``: write all references after the rows already stored.
 
-    Only one batch of features is in memory at a time. When ``info`` is a dict it
-    receives ``input_spec``, ``example`` and ``example_args`` of the first batch, as
-    :func:`~captum_repinterp.features.extract_features` gives them.
-    """
-    from .features import feature_batches
+    Only one batch of features is in memory at a time.
 
+    Returns
+    -------
+    (store, example)
+        The store, and the first reference (read and checked also when a finished
+        store is reused without running the model).
+    """
     if not isinstance(append, bool):
         raise TypeError(f"append must be a bool, got {type(append).__name__}")
-    n, run = feature_batches(
+    n, example, run = feature_batches(
         forward_func,
         layer,
         references,
@@ -303,7 +295,6 @@ def fit_to_store(
         attribute_to_layer_input,
         device,
         progress,
-        info=info,
         desc="fit: reference features (store)",
     )
     store = ReferenceStore.open(path) if ReferenceStore.exists(path) else None
@@ -317,7 +308,7 @@ def fit_to_store(
         if not append:
             if store.complete:
                 if n is not None and n == store.n:
-                    return store
+                    return store, example
                 raise ValueError(
                     f"store: {os.fspath(path)!r} already holds a finished fit of {store.n} "
                     "references; pass append=True to add these, or use a new path"
@@ -340,4 +331,4 @@ def fit_to_store(
     if store is None or store.n == 0:
         raise ValueError("references: the reference set is empty")
     store.mark_complete()
-    return store
+    return store, example

@@ -64,20 +64,20 @@ def test_non_spatial_layer_shape(tiny):
 def test_batch_equals_per_sample_and_seed_determinism(fitted):
     ri, model, x = fitted
     seeds = x[240:246]
-    batch = ri.attribute(seeds, seed=3)
-    single = torch.cat([ri.attribute(seeds[i : i + 1], seed=3) for i in range(6)])
+    batch = ri.attribute(seeds, random_state=3)
+    single = torch.cat([ri.attribute(seeds[i : i + 1], random_state=3) for i in range(6)])
     torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-6)
-    assert torch.equal(batch, ri.attribute(seeds, seed=3))
-    regions_batch = ri.interpret(seeds, seed=3)
+    assert torch.equal(batch, ri.attribute(seeds, random_state=3))
+    regions_batch = ri.interpret(seeds, random_state=3)
     for i, reg in enumerate(regions_batch):
-        one = ri.interpret(seeds[i : i + 1], seed=3)
+        one = ri.interpret(seeds[i : i + 1], random_state=3)
         assert torch.equal(reg.members, one.members)
         assert torch.equal(reg.weight, one.weight)
 
 
 def test_interpretation_counts_against_hand_computation(fitted):
     ri, model, x = fitted
-    reg = ri.interpret(x[241:242], seed=0)
+    reg = ri.interpret(x[241:242], random_state=0)
     assert isinstance(reg, Interpretation)
     c = reg.target
     assert c == int(model(x[241:242]).argmax())

@@ -72,7 +72,7 @@ def test_members_heatmaps_and_ranking_match_per_image_computation(fitted, result
     cls = ca.indices
     # layer activations through the model one image at a time (not the batched features),
     # for the images of the class (members are of the class), scattered into full-size rows
-    acts_cls, _ = ri._layer_activations(x[cls])
+    acts_cls, _ = ri.reader_.read(x[cls])
     acts = tuple(a.new_zeros((x.shape[0], *a.shape[1:])).index_copy(0, cls, a) for a in acts_cls)
     psi = ri.layout_.flatten(acts)
     for region in ca.regions:

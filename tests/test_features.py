@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captum_repinterp.features import all_finite
+from captum_repinterp.inputs import all_finite
 
 
 @settings(max_examples=60, deadline=None)

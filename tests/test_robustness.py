@@ -280,7 +280,7 @@ def test_bad_method_arguments(fitted):
         ({"delta": 1.5}, ValueError, r"delta as a float must be a share in \[0, 1\)"),
         ({"delta": -0.1}, ValueError, r"delta as a float must be a share"),
         ({"delta": "all"}, TypeError, "delta must be an int, a float or None"),
-        ({"seed": 1.0}, TypeError, "seed must be an int"),
+        ({"random_state": 1.0}, TypeError, "random_state must be an int"),
         ({"refine": "best"}, ValueError, "refine must be one of"),
         ({"heatmap_rule": "gradcam"}, ValueError, "heatmap_rule must be one of"),
         ({"combine": "max"}, ValueError, "combine must be one of"),

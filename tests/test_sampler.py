@@ -117,11 +117,11 @@ def test_linear_pieces_one_backward_matches_per_sample() -> None:
 
 def test_candidates_deterministic_and_from_other_classes() -> None:
     preds = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    a = choose_candidates(preds, 0, True, 4, seed=5)
-    b = choose_candidates(preds, 0, True, 4, seed=5)
+    a = choose_candidates(preds, 0, True, 4, random_state=5)
+    b = choose_candidates(preds, 0, True, 4, random_state=5)
     assert torch.equal(a, b)
     assert (preds[a] != 0).all() and a.unique().numel() == 4
-    c = choose_candidates(preds, 0, False, 10, seed=5)
+    c = choose_candidates(preds, 0, False, 10, random_state=5)
     assert (preds[c] == 0).all() and c.numel() == 4
 
 

@@ -120,11 +120,11 @@ def _pick_seeds(preds: Tensor, per_class: int, gen: torch.Generator) -> list[int
 
 def _ri_variant(region: Interpretation, kw: dict[str, Any]) -> Interpretation:
     if kw["heatmap_rule"] == "region-score":
-        return dataclasses.replace(region, explainer=None, heatmap_layer=None)
+        return dataclasses.replace(region, reader=None, heatmap_layer=None)
     layer = kw.get("heatmap_layer")
     return dataclasses.replace(
         region, heatmap_rule=kw["heatmap_rule"], combine=kw["combine"],
-        explainer=region.explainer if layer is not None else None, channel_weights=None,
+        reader=region.reader if layer is not None else None, channel_weights=None,
         heatmap_layer=layer,
     )
 
@@ -173,7 +173,7 @@ class _Runner:
             key = _region_key(kw)
             if key not in cache:
                 res = ri.interpret(seeds, target=None if targets is None else targets.tolist(),
-                                   seed=self.cfg.seed, **kw)
+                                   random_state=self.cfg.seed, **kw)
                 cache[key] = res if isinstance(res, list) else [res]
             out[name] = [_ri_variant(r, kw) for r in cache[key]]
         return out
@@ -387,7 +387,7 @@ class _Runner:
 
     def _ri_maps(self, ri: RepresentativeInterpretation, x: Tensor, t: Tensor) -> Tensor:
         kw = self.ri_configs["ri"]
-        maps = ri.attribute(x, target=t.tolist(), seed=self.cfg.seed, **kw)
+        maps = ri.attribute(x, target=t.tolist(), random_state=self.cfg.seed, **kw)
         return upsample(maps.detach().float(), self.size)
 
 

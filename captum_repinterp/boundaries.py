@@ -1,0 +1,135 @@
+"""Stages 2-3 for one seed: sample candidate boundaries and test every reference on them.
+
+:func:`sample_and_match` is the one place that chooses the space the boundaries are
+sampled in and decides near-duplicates:
+
+- the plain space: the head runs on the features ``psi`` (``D`` numbers);
+- the projected space, when the head starts with an affine map (see
+  :mod:`captum_repinterp.projection`) and the projected head is checked to give the
+  head's logits on the seed and two candidates: bisection and the backward pass run on
+  the ``r``-dimensional output ``z`` of the leading linear layer, and the boundaries are
+  the same planes (``w = A^T u``).
+
+Either way every reference's side of every boundary is computed as packed bits
+(:func:`~captum_repinterp.match.failing_bits`), the input of the greedy cover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .match import failing_bits, margins
+from .references import FittedReferences
+from .sampler import Boundaries, near_duplicates, sample_boundaries
+
+__all__ = ["SampledBoundaries", "sample_and_match"]
+
+
+@dataclass(frozen=True)
+class SampledBoundaries:
+    """Candidate boundaries of one seed and the references each one pushes out.
+
+    Attributes
+    ----------
+    boundaries : Boundaries
+        Oriented candidates, ``weight`` (``m x D``) and ``bias`` (``m``) float32 on the
+        CPU.
+    failing : numpy.ndarray
+        uint64 ``m x ceil(N / 64)`` packed bits: reference ``r`` is not on the seed's
+        side of boundary ``j`` (see :func:`~captum_repinterp.match.failing_bits`).
+    coefficients : Tensor or None
+        ``m x r`` coefficients ``u`` with ``w = A^T u`` when the projection is used.
+    references : FittedReferences
+        The reference set matched against.
+    """
+
+    boundaries: Boundaries
+    failing: np.ndarray
+    coefficients: Tensor | None
+    references: FittedReferences
+
+    def margins(self, index: Tensor, selected: Tensor) -> Tensor:
+        """Margins ``w_j . psi(r) + b_j`` (``len(index) x len(selected)``, float32) of
+        the references ``index`` for the boundaries ``selected``."""
+        bias = self.boundaries.bias[selected]
+        if self.coefficients is None:
+            feats = self.references.features[index]
+            return margins(feats, self.boundaries.weight[selected], bias)
+        projection = self.references.projection
+        assert projection is not None
+        return projection.margins_rows(index, self.coefficients[selected], bias)
+
+
+def sample_and_match(
+    head: Callable[..., Tensor],
+    seed_features: Tensor,
+    references: FittedReferences,
+    candidates: Tensor,
+    target: int,
+    n_steps: int = 20,
+    duplicate_tol: float = 1e-6,
+) -> SampledBoundaries:
+    """Candidate boundaries between the seed and ``candidates``, matched against every
+    reference.
+
+    Parameters
+    ----------
+    head : callable
+        ``B x D -> B x C`` logits for this seed (see :mod:`captum_repinterp.heads`).
+    seed_features : Tensor
+        ``D`` features ``psi(x)`` of the seed.
+    references : FittedReferences
+        The fitted reference set.
+    candidates : Tensor
+        int64 indices of the candidate references (other side of the decision).
+    target : int
+        The class ``c`` explained.
+    n_steps : int
+        Bisection steps.
+    duplicate_tol : float
+        Boundaries whose ``[w, b]`` have cosine >= ``1 - duplicate_tol`` with an earlier
+        one are merged (the first is kept).
+
+    Returns
+    -------
+    SampledBoundaries
+    """
+    projection = references.projection
+    cand_feats = references.features[candidates].to(seed_features.device, seed_features.dtype)
+    zhead = None
+    if projection is not None:
+        zhead = projection.sampling_head(head, seed_features, cand_feats[:2])
+    gram = None
+    if zhead is None:
+        found = sample_boundaries(
+            head, seed_features, cand_feats, target, n_steps=n_steps, duplicate_tol=-1.0
+        )
+        weight = found.weight.to("cpu", torch.float32)
+        bias = found.bias.to("cpu", torch.float32)
+        u = None
+    else:
+        z_x = projection.z_of(seed_features[None])[0]
+        z_c = projection.z_of_references(candidates, seed_features)
+        found = sample_boundaries(zhead, z_x, z_c, target, n_steps=n_steps, duplicate_tol=-1.0)
+        weight, bias = projection.to_features(found.weight, found.bias)
+        bias = bias.to(torch.float32)
+        u = found.weight.cpu()
+        gram = projection.normal_gram(found.weight)
+    # near-duplicates are judged on the features' [w, b] in both spaces
+    keep = ~near_duplicates(weight, bias, duplicate_tol, gram=gram)
+    weight, bias = weight[keep], bias[keep]
+    bounds = Boundaries(weight, bias, found.source[keep], found.runner_up[keep])
+    if u is None and projection is not None:
+        u = projection.coefficients(weight)
+    else:
+        u = None if u is None else u[keep]
+    if u is None:
+        fail = failing_bits(references.features, weight, bias)
+    else:
+        fail = projection.failing_bits_of(u, bias)
+    return SampledBoundaries(bounds, fail, u, references)

@@ -1,0 +1,224 @@
+"""Reading the split layer on new inputs (seeds, held-out images).
+
+A :class:`LayerReader` knows the model, the layer and what ``fit`` learned of the inputs
+(their spec and the layer's layout). It checks new inputs against the references, runs the
+model with a hook on the layer and gives the layer's tensors, the features ``psi``, the
+head for one seed and the maps of a direction at another layer. Interpretations keep a
+reader, so that a saved region can be used as a rule on new images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._captum_compat import _expand_additional_forward_args, _format_additional_forward_args
+from .features import (
+    LayerLayout,
+    eval_mode,
+    extract_features,
+    forward_with_layer,
+    model_device,
+    warn_training,
+)
+from .heads import HookHead, UserHead, make_head
+from .heatmap import pulled_back_heatmap
+from .inputs import InputSpec, check_against_references, format_inputs, slice_args
+from .inputs import translate_forward_error
+
+__all__ = ["LayerReader"]
+
+
+class LayerReader:
+    """The split layer of a fitted model, read on new inputs.
+
+    Parameters
+    ----------
+    forward_func : callable
+        The model.
+    layer : nn.Module
+        The split layer.
+    layout : LayerLayout
+        Shapes of the layer's tensors (from ``fit``).
+    input_spec : InputSpec
+        Per-example shapes and dtypes of the reference inputs (from ``fit``).
+    attribute_to_layer_input : bool
+        Read the layer's input instead of its output.
+    head : callable, optional
+        The user's ``head(layer_output) -> logits``.
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: nn.Module,
+        layout: LayerLayout,
+        input_spec: InputSpec | None,
+        attribute_to_layer_input: bool = False,
+        head: Callable | None = None,
+    ) -> None:
+        self.forward_func = forward_func
+        self.layer = layer
+        self.layout = layout
+        self.input_spec = input_spec
+        self.attribute_to_layer_input = attribute_to_layer_input
+        self.head = head
+
+    @property
+    def device(self) -> torch.device | None:
+        """Device of the model's parameters (None when it has none)."""
+        return model_device(self.forward_func, self.layer)
+
+    def read(
+        self, inputs: Any, additional_forward_args: Any = None
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Layer tensors and model output of new inputs, one example at a time.
+
+        One example per forward pass, so that an example's features (and everything
+        decided from them) do not depend on which batch it came in.
+
+        Returns
+        -------
+        (activations, outputs)
+            The layer's tensors (``n x ...`` each, as the layer gives them) and the
+            model's outputs (``n x ...``).
+
+        Raises
+        ------
+        ValueError, TypeError
+            Naming ``inputs`` when they are not shaped or typed like the references.
+        """
+        inputs_t = format_inputs(inputs)
+        check_against_references(inputs_t, self.input_spec, "inputs")
+        extra = _format_additional_forward_args(additional_forward_args)
+        device = self.device
+        n = inputs_t[0].shape[0]
+        acts: list[tuple[Tensor, ...]] = []
+        outs: list[Tensor] = []
+        with eval_mode(self.forward_func, self.layer) as was_training, torch.no_grad():
+            if was_training:
+                warn_training(stacklevel=5)
+            for i in range(n):
+                one = tuple(t[i : i + 1].detach() for t in inputs_t)
+                if device is not None:
+                    one = tuple(t.to(device) for t in one)
+                tensors, was_tuple, out = forward_with_layer(
+                    self.forward_func,
+                    self.layer,
+                    one,
+                    slice_args(extra, n, i, i + 1),
+                    self.attribute_to_layer_input,
+                    name="inputs",
+                    expected=self.input_spec,
+                )
+                layout = LayerLayout.from_outputs(tensors, was_tuple)
+                if layout != self.layout:
+                    raise ValueError(
+                        f"inputs: the layer's output for these inputs has shapes "
+                        f"{layout.shapes}, but the references gave {self.layout.shapes}; "
+                        "use inputs shaped like the references"
+                    )
+                acts.append(tensors)
+                outs.append(out)
+        activations = tuple(torch.cat(parts) for parts in zip(*acts))
+        return activations, torch.cat(outs)
+
+    def features(
+        self,
+        inputs: Any,
+        batch_size: int = 128,
+        additional_forward_args: Any = None,
+        progress: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Layer features (``N x D`` float32, CPU) and predictions of inputs, batched.
+
+        Accepts what ``fit`` accepts (tensor, tuple, Dataset, DataLoader).
+        """
+        with eval_mode(self.forward_func, self.layer):
+            features, predictions, layout, _ = extract_features(
+                self.forward_func,
+                self.layer,
+                inputs,
+                batch_size=batch_size,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=self.attribute_to_layer_input,
+                device=self.device,
+                progress=progress,
+                name="inputs",
+                expected=self.input_spec,
+            )
+        if layout != self.layout:
+            raise ValueError(
+                f"inputs: layer shapes {layout.shapes} differ from the references' "
+                f"{self.layout.shapes}"
+            )
+        return features, predictions
+
+    def features_of(self, batch: Tensor, additional_forward_args: tuple | None = None) -> Tensor:
+        """Features (``B x D``) of a batch of single-tensor inputs, extra arguments of one
+        example broadcast to the batch (no checks: for inputs derived from a seed)."""
+        args = _expand_additional_forward_args(additional_forward_args, batch.shape[0])
+        with torch.no_grad():
+            tensors, _, _ = forward_with_layer(
+                self.forward_func, self.layer, (batch,), args, self.attribute_to_layer_input
+            )
+        return self.layout.flatten(tensors)
+
+    def head_for(
+        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple | None
+    ) -> HookHead | UserHead:
+        """The head ``B x D -> B x C`` for one seed (``inputs``: one example)."""
+        return make_head(
+            self.forward_func,
+            self.layer,
+            self.layout,
+            self.head,
+            inputs,
+            additional_forward_args,
+            self.attribute_to_layer_input,
+        )
+
+    def pulled_back(
+        self,
+        inputs: Any,
+        additional_forward_args: Any,
+        directions: Tensor,
+        heatmap_layer: nn.Module,
+        relu: bool = True,
+        attr_dim_summation: bool = True,
+    ) -> tuple[Tensor, ...]:
+        """Maps of ``directions`` drawn at ``heatmap_layer`` (see
+        :func:`~captum_repinterp.heatmap.pulled_back_heatmap`).
+
+        Inputs are checked against the references as in :meth:`read`, and a model
+        failure on wrongly shaped or typed inputs is translated the same way.
+        """
+        inputs_t = format_inputs(inputs)
+        check_against_references(inputs_t, self.input_spec, "inputs")
+        extra = _format_additional_forward_args(additional_forward_args)
+        device = self.device
+        if device is not None:
+            inputs_t = tuple(t.to(device) for t in inputs_t)
+            directions = directions.to(device)
+        with eval_mode(self.forward_func, self.layer, heatmap_layer):
+            try:
+                return pulled_back_heatmap(
+                    self.forward_func,
+                    self.layer,
+                    heatmap_layer,
+                    inputs_t,
+                    extra,
+                    directions,
+                    self.layout,
+                    self.attribute_to_layer_input,
+                    relu,
+                    attr_dim_summation,
+                )
+            except (RuntimeError, TypeError) as exc:
+                translated = translate_forward_error(exc, inputs_t, "inputs", self.input_spec)
+                if translated is None:
+                    raise
+                raise translated from exc

@@ -1,0 +1,211 @@
+"""Stage 1 for the reference set: ``fit`` as one function that returns what it learned.
+
+:func:`fit_references` runs the model once over the references (in RAM, or streamed into
+an on-disk :class:`~captum_repinterp.store.ReferenceStore`) and returns a
+:class:`FittedReferences`: the features ``psi(r)`` (``N x D`` float32), the predictions,
+the layer's layout, the input spec the model ran on, the non-piecewise-linear operations of
+the head, and the exact projection shortcut when the head starts with an affine map. The
+per-seed stages read the reference set through it and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .features import Example, LayerLayout, eval_mode, extract_features, model_device, warn_training
+from .heads import make_head
+from .inputs import InputSpec, all_finite
+from .layers import nonlinear_ops_after, nonlinear_ops_in
+from .projection import Projection, build_projection
+from .store import ReferenceStore, fit_to_store
+
+__all__ = ["FittedReferences", "fit_references"]
+
+
+@dataclass(frozen=True)
+class FittedReferences:
+    """What ``fit`` learned about the reference set.
+
+    Attributes
+    ----------
+    features : Tensor
+        ``N x D`` float32 on the CPU (memory-mapped with a store): ``psi(r)``.
+    predictions : Tensor
+        ``N`` int64: the model's predicted class of each reference.
+    layout : LayerLayout
+        Shapes of the layer's tensors.
+    attribute_to_layer_input : bool
+        Whether ``psi`` is the layer's input instead of its output.
+    example : Example
+        The first reference as the model ran on it (input spec, inputs, extra arguments).
+    head_nonlinear : tuple of str
+        Operations of the head that are not piecewise linear (empty when it is).
+    projection : Projection or None
+        The exact shortcut of :mod:`captum_repinterp.projection`, when the head starts
+        with an affine map.
+    store : ReferenceStore or None
+        The on-disk store holding ``features`` and ``predictions``, if any.
+    """
+
+    features: Tensor
+    predictions: Tensor
+    layout: LayerLayout
+    attribute_to_layer_input: bool
+    example: Example
+    head_nonlinear: tuple[str, ...] = ()
+    projection: Projection | None = None
+    store: ReferenceStore | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of references ``N``."""
+        return int(self.features.shape[0])
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """Per-example shapes and dtypes of the reference inputs."""
+        return self.example.spec
+
+
+def fit_references(
+    forward_func: Callable,
+    layer: nn.Module,
+    references: Any,
+    head: Callable | None = None,
+    batch_size: int = 128,
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: bool = False,
+    progress: bool = True,
+    store: str | os.PathLike | None = None,
+    append: bool = False,
+) -> FittedReferences:
+    """Features and predictions of the references, and what the head is like.
+
+    Arguments as in :meth:`RepresentativeInterpretation.fit
+    <captum_repinterp.attribution.RepresentativeInterpretation.fit>`.
+
+    Returns
+    -------
+    FittedReferences
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming ``references`` (empty, badly shaped or typed, NaN inputs, a model failure
+        on them) or ``store``; ``references`` also when the model predicts a single class
+        for all of them.
+    """
+    if not isinstance(attribute_to_layer_input, bool):
+        raise TypeError("attribute_to_layer_input must be a bool")
+    if store is not None and not isinstance(store, (str, os.PathLike)):
+        raise TypeError(f"store must be a path or None, got {type(store).__name__}")
+    if not isinstance(append, bool):
+        raise TypeError(f"append must be a bool, got {type(append).__name__}")
+    if append and store is None:
+        raise ValueError("append=True needs a store path (store=...)")
+    device = model_device(forward_func, layer)
+    with eval_mode(forward_func, layer) as was_training:
+        if was_training:
+            warn_training(stacklevel=4)
+        ref_store = None
+        if store is None:
+            features, predictions, layout, example = extract_features(
+                forward_func,
+                layer,
+                references,
+                batch_size=batch_size,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
+                device=device,
+                progress=progress,
+            )
+        else:
+            ref_store, example = fit_to_store(
+                forward_func,
+                layer,
+                references,
+                store,
+                append=append,
+                batch_size=batch_size,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
+                device=device,
+                progress=progress,
+            )
+            features, predictions = ref_store.features(), ref_store.predictions()
+            layout = ref_store.layout
+        if not all_finite(features):
+            warnings.warn(
+                "fit: some reference features are NaN or inf; they are kept but can never "
+                "be members of a region",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if not bool((predictions != predictions[0]).any()):
+            raise ValueError(
+                "references: the model predicts a single class "
+                f"({int(predictions[0])}) for every reference; representative "
+                "interpretations need references of at least two predicted classes"
+            )
+        seed_head = make_head(
+            forward_func,
+            layer,
+            layout,
+            head,
+            example.inputs,
+            example.additional_forward_args,
+            attribute_to_layer_input,
+        )
+        nonlinear = _scan_head(
+            forward_func, layer, head, example, features, layout, device, attribute_to_layer_input
+        )
+        modules = head if head is not None else forward_func
+        projection = None
+        if isinstance(modules, nn.Module):
+            # with a store the projection is written next to the features, memory-mapped
+            out_path = None if ref_store is None else ref_store.path / "projected.npy"
+            with eval_mode(modules):
+                projection = build_projection(seed_head, modules, features, out_path=out_path)
+    return FittedReferences(
+        features=features,
+        predictions=predictions,
+        layout=layout,
+        attribute_to_layer_input=attribute_to_layer_input,
+        example=example,
+        head_nonlinear=tuple(nonlinear),
+        projection=projection,
+        store=ref_store,
+    )
+
+
+def _scan_head(
+    forward_func: Callable,
+    layer: nn.Module,
+    head: Callable | None,
+    example: Example,
+    features: Tensor,
+    layout: LayerLayout,
+    device: torch.device | None,
+    attribute_to_layer_input: bool,
+) -> list[str]:
+    """Non-piecewise-linear operations of the head, traced on the first reference."""
+    if head is None:
+        return nonlinear_ops_after(
+            forward_func,
+            layer,
+            example.inputs,
+            example.additional_forward_args,
+            attribute_to_layer_input,
+        )
+    dtype = example.spec[0][1]
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    parts = layout.unflatten(features[:1].to(device or "cpu", dtype))
+    return nonlinear_ops_in(head, parts if layout.is_tuple else parts[0])

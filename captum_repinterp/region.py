@@ -1,0 +1,175 @@
+"""Stage 4-5 for one seed: from its features to an :class:`Interpretation`.
+
+Candidates are drawn from the references on the other side of the class-``c`` decision,
+their boundaries sampled and matched (:mod:`captum_repinterp.boundaries`), a few chosen
+by the greedy cover (:mod:`captum_repinterp.solver`), and the members ranked by semantic
+distance to the seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._captum_compat import TargetType, _format_additional_forward_args
+from .boundaries import sample_and_match
+from .features import eval_mode
+from .inputs import format_inputs, slice_args
+from .interpretation import Interpretation
+from .layers import warn_nonlinear_head
+from .match import semantic_distance
+from .options import InterpretOptions
+from .reader import LayerReader
+from .references import FittedReferences
+from .sampler import choose_candidates
+from .solver import greedy_cover_bits
+from .targets import resolve_targets
+
+__all__ = ["find_region", "find_regions"]
+
+
+def find_regions(
+    references: FittedReferences,
+    reader: LayerReader,
+    inputs: Any,
+    target: TargetType,
+    additional_forward_args: Any,
+    options: InterpretOptions,
+) -> tuple[list[Interpretation], tuple[Tensor, ...]]:
+    """The interpretation of every seed in ``inputs`` (one forward pass each).
+
+    Returns the interpretations, in order, and the seeds' layer tensors (``n x ...``).
+    Seeds are independent: a batch gives what its images give one at a time.
+    """
+    model, layer = reader.forward_func, reader.layer
+    if options.heatmap_layer is not None and isinstance(model, nn.Module):
+        if not any(m is options.heatmap_layer for m in model.modules()):
+            raise ValueError("heatmap_layer: the layer is not part of forward_func")
+    inputs_t = format_inputs(inputs)
+    activations, outputs = reader.read(inputs_t, additional_forward_args)
+    targets = resolve_targets(outputs, target)
+    warn_nonlinear_head(references.head_nonlinear, stacklevel=5)
+    extra = _format_additional_forward_args(additional_forward_args)
+    device = reader.device
+    psi = references.layout.flatten(activations)
+    rule = options.rule
+    n = psi.shape[0]
+    results = []
+    with eval_mode(model, layer):
+        for i in tqdm(range(n), desc="interpret", disable=not options.progress):
+            one = tuple(t[i : i + 1].detach() for t in inputs_t)
+            if device is not None:
+                one = tuple(t.to(device) for t in one)
+            extra_i = slice_args(extra, n, i, i + 1)
+            head = reader.head_for(one, extra_i)
+            logits = outputs[i : i + 1].reshape(1, -1)
+            region = find_region(references, reader, head, psi[i], logits, int(targets[i]), options)
+            region.channel_weights = rule.region_weights(
+                region.weight,
+                region.bias,
+                one,
+                tuple(a[i] for a in activations),
+                lambda batch, extra_i=extra_i: reader.features_of(batch, extra_i),
+            )
+            results.append(region)
+    return results, activations
+
+
+def find_region(
+    references: FittedReferences,
+    reader: LayerReader,
+    head: Callable[..., Tensor],
+    seed_features: Tensor,
+    seed_logits: Tensor,
+    target: int,
+    options: InterpretOptions,
+) -> Interpretation:
+    """The representative interpretation of one seed.
+
+    Parameters
+    ----------
+    references : FittedReferences
+        The fitted reference set.
+    reader : LayerReader
+        Kept by the interpretation to read new inputs.
+    head : callable
+        The head ``B x D -> B x C`` for this seed.
+    seed_features : Tensor
+        ``D``: ``psi(x)``.
+    seed_logits : Tensor
+        ``1 x C``: the model's output on the seed.
+    target : int
+        The class ``c`` explained.
+    options : InterpretOptions
+        The validated options.
+
+    Returns
+    -------
+    Interpretation
+
+    Raises
+    ------
+    ValueError
+        When ``target`` is out of range.
+    """
+    n_classes = seed_logits.shape[1]
+    if not 0 <= target < n_classes:
+        raise ValueError(f"target {target} is out of range for {n_classes} classes")
+    seed_in_class = int(seed_logits.argmax(dim=1)[0]) == target
+    preds = references.predictions
+    candidates = choose_candidates(
+        preds, target, seed_in_class, options.n_boundaries, options.random_state
+    )
+    sampled = sample_and_match(
+        head, seed_features, references, candidates, target, options.bisection_steps
+    )
+    bounds = sampled.boundaries
+    positive = preds == target
+    cover = greedy_cover_bits(sampled.failing, positive, delta=options.delta, refine=options.refine)
+    sel = cover.selected
+    w_sel, b_sel = bounds.weight[sel], bounds.bias[sel]
+    members = torch.nonzero(cover.inside, as_tuple=False).flatten()
+    psi_x = seed_features.detach().cpu()
+    seed_m = (w_sel.double() @ psi_x.double()) + b_sel.double()
+    if sel.numel() > 0:
+        dist = semantic_distance(seed_m, sampled.margins(members, sel))
+    else:
+        dist = _l1_to_rows(references.features, members, psi_x)
+    order = torch.argsort(dist, stable=True)
+    n_inside = int(members.numel())
+    n_pos_inside = int(positive[members].sum())
+    n_pos = int(positive.sum())
+    return Interpretation(
+        target=target,
+        seed_in_class=seed_in_class,
+        weight=w_sel,
+        bias=b_sel,
+        runner_up=bounds.runner_up[sel],
+        members=members[order],
+        member_distances=dist[order],
+        purity=n_pos_inside / n_inside if n_inside else 1.0,
+        coverage=n_pos_inside / n_pos if n_pos else 0.0,
+        delta=cover.delta,
+        reached=cover.reached,
+        n_sampled=len(bounds),
+        seed_margins=seed_m,
+        layout=references.layout,
+        heatmap_rule=options.heatmap_rule,
+        combine=options.combine,
+        heatmap_layer=options.heatmap_layer,
+        reader=reader,
+    )
+
+
+def _l1_to_rows(features: Tensor, rows: Tensor, point: Tensor, chunk: int = 8192) -> Tensor:
+    """``sum |features[r] - point|`` for the given rows, gathered in chunks (float64)."""
+    out = torch.empty(rows.numel(), dtype=torch.float64)
+    p = point.double()
+    for s in range(0, rows.numel(), chunk):
+        part = features[rows[s : s + chunk]].double()
+        out[s : s + chunk] = (part - p).abs().sum(1)
+    return out

@@ -1,0 +1,68 @@
+"""Target resolution: one class index per example, for every form Captum accepts."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._captum_compat import TargetType, _select_targets
+
+__all__ = ["resolve_targets"]
+
+
+def resolve_targets(output: Tensor, target: TargetType) -> Tensor:
+    """Flat class index per example for any Captum target form.
+
+    ``None`` selects the predicted class. Otherwise Captum's own ``_select_targets`` is
+    applied to a tensor of flat indices shaped like ``output``, so every form Captum
+    accepts (int, 0-d/one-element tensor, list, 1-D tensor, tuples for outputs with more
+    than two dimensions) means here what it means for ``LayerGradCam``.
+
+    Parameters
+    ----------
+    output : Tensor
+        The model's output, ``n x ...``.
+    target : TargetType
+        As in Captum.
+
+    Returns
+    -------
+    Tensor
+        ``n`` int64 indices into the flattened output, on the CPU.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``target`` when it is of the wrong type or does not select one class per
+        example.
+    """
+    n = output.shape[0]
+    flat = output.reshape(n, -1)
+    if target is None:
+        return flat.argmax(dim=1).cpu()
+    if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
+        raise TypeError("target must be an int, a tuple, a list or an integer tensor, not bool")
+    if isinstance(target, Tensor) and target.is_floating_point():
+        raise TypeError(f"target must be an integer tensor, got dtype {target.dtype}")
+    if isinstance(target, list) and len(target) != n:
+        raise ValueError(f"target: list of length {len(target)} for {n} inputs")
+    if isinstance(target, Tensor) and target.numel() not in (1, n):
+        raise ValueError(
+            f"target: tensor with {target.numel()} elements for {n} inputs (expected 1 or {n})"
+        )
+    index = torch.arange(flat.shape[1]).reshape(output.shape[1:]).expand(output.shape)
+    if isinstance(target, Tensor):
+        target = target.cpu()
+    try:
+        selected = _select_targets(index, target)
+    except (AssertionError, IndexError, RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"target {target!r} does not select one class per example of an output shaped "
+            f"{tuple(output.shape)}: {exc}"
+        ) from None
+    if selected.shape != (n,):
+        raise ValueError(
+            f"target {target!r} must select exactly one class per example of an output "
+            f"shaped {tuple(output.shape)}"
+        )
+    return selected.long()
