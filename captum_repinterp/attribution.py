@@ -11,7 +11,6 @@ pipeline stages in order::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,32 +25,19 @@ from ._captum_compat import (
     _format_output,
     log_usage,
 )
+from .inputs import check_model
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
 from .options import InterpretOptions
 from .reader import LayerReader
-from .references import FittedReferences, fit_references
+from .references import FittedState, NotFittedError, fit_references
 from .region import find_regions
 
 __all__ = ["RepresentativeInterpretation", "NotFittedError"]
 
 
-class NotFittedError(RuntimeError, AttributeError):
-    """Raised when a fitted attribute or method is used before ``fit``."""
-
-
-def _fitted(name: str, doc: str) -> property:
-    def setter(self: RepresentativeInterpretation, value: Any) -> None:
-        self._references = dataclasses.replace(self.references_, **{name: value})
-
-    return property(lambda self: getattr(self.references_, name), setter, doc=doc)
-
-
-class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
+class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttribution):
     r"""Representative interpretations (Lam, Chu et al., ICCV 2021) as a Captum method.
-
-    Source: P. C.-H. Lam, L. Chu et al., "Finding Representative Interpretations on
-    Convolutional Neural Networks", ICCV 2021 (arXiv 2108.06384).
 
     The network is split at ``layer``; the head from that layer to the logits is
     piecewise linear. For a seed image, linear pieces of the head's decision boundary are
@@ -63,11 +49,9 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
 
     Usage mirrors ``LayerGradCam`` plus one :meth:`fit` over reference images::
 
-        >>> layer = find_layer(model, images[:1])   # or e.g. model.features[-1]
-        >>> ri = RepresentativeInterpretation(model, layer).fit(reference_images)
-        >>> attr = ri.attribute(images)            # N x 1 x h x w, like LayerGradCam
-        >>> region = ri.interpret(images[:1])      # batch first, as in Captum
-        >>> region.similar(5), region.purity, region.contains(new_images)
+        >>> ri = RepresentativeInterpretation(model, find_layer(model, images[:1]))
+        >>> attr = ri.fit(reference_images).attribute(images)  # like LayerGradCam
+        >>> region = ri.interpret(images[:1])  # .similar(5), .purity, .contains(x)
 
     Parameters
     ----------
@@ -88,7 +72,9 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
     -----
     Bad input gets a ValueError or TypeError naming the argument. A head that is not
     piecewise linear gets a :class:`~captum_repinterp.layers.NonPiecewiseLinearWarning`.
-    A model in training mode runs in eval mode for each call, with a warning.
+    A model in training mode runs in eval mode for each call, with a warning. Source:
+    "Finding Representative Interpretations on Convolutional Neural Networks", ICCV 2021
+    (arXiv 2108.06384).
     """
 
     def __init__(
@@ -98,20 +84,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         device_ids: list[int] | None = None,
         head: Callable | None = None,
     ) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        if not isinstance(layer, nn.Module):
-            raise TypeError(
-                f"layer must be a torch.nn.Module, got {type(layer).__name__}; to choose one "
-                "automatically use captum_repinterp.find_layer(model, example_input)"
-            )
-        if isinstance(forward_func, nn.Module) and not _is_part(layer, forward_func):
-            raise ValueError(
-                "layer: the given module is not a submodule of forward_func; pass e.g. "
-                "model.features[-1] of the same model instance"
-            )
-        if head is not None and not callable(head):
-            raise TypeError(f"head must be callable or None, got {type(head).__name__}")
+        check_model(forward_func, layer, head)
         LayerAttribution.__init__(self, forward_func, layer, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.head = head
@@ -119,42 +92,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
     def has_convergence_delta(self) -> bool:
         return False
 
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    # ------------------------------------------------------------------ fitted state
-    @property
-    def references_(self) -> FittedReferences:
-        """What :meth:`fit` learned (:class:`~captum_repinterp.references.FittedReferences`).
-
-        Raises
-        ------
-        NotFittedError
-            Before :meth:`fit`.
-        """
-        fitted = self.__dict__.get("_references")
-        if fitted is None:
-            raise NotFittedError(
-                "This RepresentativeInterpretation is not fitted yet: call "
-                "fit(reference_images) before attribute() or interpret()"
-            )
-        return fitted
-
-    @property
-    def reader_(self) -> LayerReader:
-        """Reads the split layer on new inputs (:class:`~captum_repinterp.reader.LayerReader`)."""
-        return self.references_ and self.__dict__["_reader"]
-
-    features_ = _fitted("features", "``N x D`` float32 reference features (CPU).")
-    predictions_ = _fitted("predictions", "``N`` int64 predicted classes of the references.")
-    layout_ = _fitted("layout", "Shapes of the layer's tensors.")
-    n_references_ = _fitted("n", "Number of references ``N``.")
-    input_spec_ = _fitted("input_spec", "Per-example shapes and dtypes of the references.")
-    head_nonlinear_ = _fitted("head_nonlinear", "Non-piecewise-linear operations of the head.")
-    projection_ = _fitted("projection", "The exact projection shortcut, or None.")
-    store_ = _fitted("store", "The on-disk reference store, or None.")
-    attribute_to_layer_input_ = _fitted("attribute_to_layer_input", "As given to ``fit``.")
+    multiplies_by_inputs = property(lambda self: False, doc="False: maps are not x inputs.")
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -172,41 +110,36 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         Parameters
         ----------
         references : Tensor, tuple of Tensor, Dataset or DataLoader
-            Reference images, batch first, shaped and scaled as the model expects
-            (unlabelled: the model's predictions are used; at least two predicted
-            classes). Dataset items and DataLoader batches may be ``(inputs, label,
-            ...)``; labels are ignored.
+            Reference images, batch first, scaled as the model expects; unlabelled (the
+            model's predictions are used, at least two classes; labels of ``(inputs,
+            label)`` items are ignored).
         batch_size : int
             Batch size for tensors and Datasets (a DataLoader keeps its own).
         additional_forward_args : any, optional
-            As in ``attribute``; tensors whose first dimension is the number of
-            references are sliced with each batch.
+            As in ``attribute``; tensors of ``N`` rows are sliced with each batch.
         attribute_to_layer_input : bool
             Split at the layer's input instead of its output.
         progress : bool
             Show a tqdm progress bar.
         store : str or os.PathLike, optional
-            A directory for an on-disk reference store (:mod:`captum_repinterp.store`):
-            features are written batch by batch to memory-mapped files, so ``N x D``
-            never has to fit in RAM. An interrupted fit resumes when called again with
-            the same references and ``store``; a finished store of as many rows is reused
-            without recomputation (with the same checks and results as the first fit).
+            A directory for an on-disk reference store (:mod:`captum_repinterp.store`),
+            so that ``N x D`` never has to fit in RAM. An interrupted fit resumes when
+            called again with the same references; a finished store of as many rows is
+            reused without recomputation (same checks and results as the first fit).
         append : bool
             With ``store``: add these references after the ones already stored.
 
         Returns
         -------
         self
-            With ``references_`` and ``reader_`` set, and the fitted attributes
-            ``features_`` (``N x D`` float32, CPU), ``predictions_`` (``N`` int64),
-            ``layout_``, ``n_references_``, ``projection_``, ``store_``.
+            With ``references_``, ``reader_``, ``features_`` (``N x D`` float32, CPU),
+            ``predictions_`` (``N`` int64), ``layout_``, ``projection_``, ``store_``.
 
         Raises
         ------
         TypeError, ValueError
-            Naming the argument: references that are empty, not batch-first tensors,
-            NaN/inf, that the model fails on, or all predicted as one class; a bad
-            ``store`` path or a store fitted differently.
+            Naming the argument: references empty, not batch first, NaN, failing in the
+            model or of one predicted class; a bad ``store`` path or store.
         """
         fitted = fit_references(
             self.forward_func,
@@ -269,26 +202,23 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         inputs : Tensor or tuple of Tensor
             Seed image(s), batch first (``x[None]`` for a single image).
         target : int, tuple, Tensor or list, optional
-            The class to explain per seed, in any Captum form. Default: the predicted
-            class. When it differs from the prediction, the region is the class-``c``
-            side of the sampled boundaries and does not contain the seed.
+            The class to explain per seed, in any Captum form (default: the predicted
+            class; another class gives its side of the boundaries, without the seed).
         additional_forward_args : any, optional
             Extra arguments of ``forward_func``.
         n_boundaries : int
             Candidate boundaries sampled per seed (``|Q|``, 50 in the paper).
         delta : int, float or None
-            Negatives allowed inside the region. ``None`` (default): the smallest value
-            that keeps the sampled problem feasible (negatives no sampled boundary
-            separates from the seed). An int is a count, a float in ``[0, 1)`` a share.
+            Negatives allowed inside: a count, a share in ``[0, 1)``, or ``None``
+            (default) for the negatives no sampled boundary separates from the seed.
         random_state : int
-            Seed of the random choice of candidate references; every seed image uses the
-            same generator state, so a batch gives what its images give one at a time.
+            Seed of the random choice of candidates (the same for every seed image).
         refine : {"tighten", "prune", "none"}
-            After the greedy loop: add every zero-cost boundary (default), drop
-            boundaries that change neither count, or nothing.
+            After the greedy loop: add every zero-cost boundary, drop boundaries that
+            change neither count, or nothing.
         heatmap_rule : str
-            A rule of :mod:`captum_repinterp.heatmap` (``"elementwise"``, ``"channel"``,
-            ``"region-score"`` or one registered with ``register_heatmap_rule``).
+            A rule registered in :mod:`captum_repinterp.heatmap` (``"elementwise"``,
+            ``"channel"``, ``"region-score"``, ...).
         combine : {"sum", "unit"}
             How the selected normals are combined into the heat-map direction.
         bisection_steps : int
@@ -296,8 +226,7 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         progress : bool
             Progress bar over seeds.
         heatmap_layer : nn.Module, optional
-            Draw the elementwise map at this earlier layer (finer maps); the region
-            stays at ``layer``.
+            Draw the elementwise map at this earlier layer (the region stays at ``layer``).
 
         Returns
         -------
@@ -321,7 +250,6 @@ class RepresentativeInterpretation(LayerAttribution, GradientAttribution):
         )
         return results[0] if len(results) == 1 else results
 
-    # ------------------------------------------------------------------ attribute
     @log_usage()
     def attribute(
         self,
@@ -368,8 +296,7 @@ bisection_steps, progress, heatmap_layer
         Raises
         ------
         NotFittedError, TypeError, ValueError
-            As :meth:`interpret`; ValueError also when ``attribute_to_layer_input``
-            differs from ``fit``'s.
+            As :meth:`interpret` (and ``attribute_to_layer_input`` unlike ``fit``'s).
 
         Examples
         --------
@@ -403,13 +330,8 @@ bisection_steps, progress, heatmap_layer
         )
         return _format_output(len(maps) > 1, maps)
 
-    # ------------------------------------------------------------------ audit
     def audit(self, images: Tensor, target: int | None = None, **kwargs: Any) -> Any:
         """Audit the decision logics used for a class: see :func:`captum_repinterp.audit.audit`."""
         from .audit import audit
 
         return audit(self, images, target, **kwargs)
-
-
-def _is_part(module: nn.Module, model: nn.Module) -> bool:
-    return any(m is module for m in model.modules())

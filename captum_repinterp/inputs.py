@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._captum_compat import _format_tensor_into_tuples
@@ -20,6 +20,7 @@ from ._checks import check_int
 
 __all__ = [
     "InputSpec",
+    "check_model",
     "all_finite",
     "check_against_references",
     "check_inputs",
@@ -257,3 +258,29 @@ def check_inputs(inputs: tuple[Tensor, ...], name: str = "inputs") -> None:
     n = inputs[0].shape[0]
     if any(t.shape[0] != n for t in inputs):
         raise ValueError(f"{name}: all tensors must have the same batch size")
+
+
+def check_model(forward_func: Any, layer: Any, head: Any = None) -> None:
+    """Check the explainer's constructor arguments.
+
+    Raises
+    ------
+    TypeError
+        ``forward_func`` or ``head`` not callable, ``layer`` not a module.
+    ValueError
+        ``layer`` not a submodule of ``forward_func`` (when that is a module).
+    """
+    if not callable(forward_func):
+        raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
+    if not isinstance(layer, nn.Module):
+        raise TypeError(
+            f"layer must be a torch.nn.Module, got {type(layer).__name__}; to choose one "
+            "automatically use captum_repinterp.find_layer(model, example_input)"
+        )
+    if isinstance(forward_func, nn.Module) and not any(m is layer for m in forward_func.modules()):
+        raise ValueError(
+            "layer: the given module is not a submodule of forward_func; pass e.g. "
+            "model.features[-1] of the same model instance"
+        )
+    if head is not None and not callable(head):
+        raise TypeError(f"head must be callable or None, got {type(head).__name__}")

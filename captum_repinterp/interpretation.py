@@ -8,14 +8,12 @@ little metadata, saved as one ``.npz`` file (no pickled code).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._captum_compat import _format_output
 from .features import LayerLayout
@@ -23,8 +21,6 @@ from .heatmap import HeatmapRule, combine_normals, get_heatmap_rule
 from .match import margins, semantic_distance
 
 __all__ = ["Interpretation"]
-
-_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -278,47 +274,17 @@ class Interpretation:
         )
 
     # ------------------------------------------------------------------ persistence
-    _TENSORS = ("weight", "bias", "runner_up", "members", "member_distances", "seed_margins")
-
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description (everything but the tensors)."""
-        return {
-            "format_version": _FORMAT_VERSION,
-            "target": self.target,
-            "seed_in_class": self.seed_in_class,
-            "purity": self.purity,
-            "coverage": self.coverage,
-            "delta": self.delta,
-            "reached": self.reached,
-            "n_sampled": self.n_sampled,
-            "n_boundaries": self.n_boundaries,
-            "n_members": len(self),
-            "layout": self.layout.to_json(),
-            "heatmap_rule": self.heatmap_rule,
-            "combine": self.combine,
-            "heatmap_layer": self._heatmap_layer_name(),
-        }
+        from .saving import metadata
 
-    def _heatmap_layer_name(self) -> str | None:
-        if self.heatmap_layer is None:
-            return None
-        model = getattr(self.reader, "forward_func", None)
-        if isinstance(model, nn.Module):
-            for name, module in model.named_modules():
-                if module is self.heatmap_layer:
-                    return name
-        raise ValueError(
-            "heatmap_layer: cannot name it for saving (it is not a submodule of the model)"
-        )
+        return metadata(self)
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as one ``.npz`` file: the tensors as arrays and the metadata as JSON."""
-        arrays = {name: getattr(self, name).detach().cpu().numpy() for name in self._TENSORS}
-        if self.channel_weights is not None:
-            arrays["channel_weights"] = self.channel_weights.detach().cpu().numpy()
-        arrays["metadata"] = np.array(json.dumps(self.metadata()))
-        with open(path, "wb") as fh:
-            np.savez(fh, **arrays)
+        from .saving import save_interpretation
+
+        save_interpretation(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, explainer: Any = None) -> Interpretation:
@@ -334,40 +300,6 @@ class Interpretation:
             For a file of another format version, or a map drawn at a layer the given
             model does not have.
         """
-        reader = getattr(explainer, "reader_", explainer)
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["metadata"]))
-            tensors = {name: torch.from_numpy(data[name].copy()) for name in cls._TENSORS}
-            if "channel_weights" in data.files:
-                tensors["channel_weights"] = torch.from_numpy(data["channel_weights"].copy())
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"path: unsupported format version {meta.get('format_version')}")
-        layout = LayerLayout.from_json(meta["layout"])
-        heatmap_layer = None
-        if meta.get("heatmap_layer") is not None:
-            model = getattr(reader, "forward_func", None)
-            if not isinstance(model, nn.Module):
-                raise ValueError(
-                    f"explainer: the interpretation draws its map at layer "
-                    f"{meta['heatmap_layer']!r}; load it with explainer=ri (the fitted model)"
-                )
-            heatmap_layer = dict(model.named_modules()).get(meta["heatmap_layer"])
-            if heatmap_layer is None:
-                raise ValueError(
-                    f"explainer: the model has no layer named {meta['heatmap_layer']!r}"
-                )
-        return cls(
-            target=int(meta["target"]),
-            seed_in_class=bool(meta["seed_in_class"]),
-            purity=float(meta["purity"]),
-            coverage=float(meta["coverage"]),
-            delta=int(meta["delta"]),
-            reached=bool(meta["reached"]),
-            n_sampled=int(meta["n_sampled"]),
-            layout=layout,
-            heatmap_rule=meta["heatmap_rule"],
-            combine=meta["combine"],
-            reader=reader,
-            heatmap_layer=heatmap_layer,
-            **tensors,
-        )
+        from .saving import load_interpretation
+
+        return load_interpretation(path, explainer)

@@ -26,8 +26,13 @@ from .features import (
 )
 from .heads import HookHead, UserHead, make_head
 from .heatmap import pulled_back_heatmap
-from .inputs import InputSpec, check_against_references, format_inputs, slice_args
-from .inputs import translate_forward_error
+from .inputs import (
+    InputSpec,
+    check_against_references,
+    format_inputs,
+    slice_args,
+    translate_forward_error,
+)
 
 __all__ = ["LayerReader"]
 

@@ -10,11 +10,12 @@ per-seed stages read the reference set through it and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,10 @@ from .layers import nonlinear_ops_after, nonlinear_ops_in
 from .projection import Projection, build_projection
 from .store import ReferenceStore, fit_to_store
 
-__all__ = ["FittedReferences", "fit_references"]
+if TYPE_CHECKING:
+    from .reader import LayerReader
+
+__all__ = ["FittedReferences", "FittedState", "NotFittedError", "fit_references"]
 
 
 @dataclass(frozen=True)
@@ -209,3 +213,52 @@ def _scan_head(
         dtype = torch.float32
     parts = layout.unflatten(features[:1].to(device or "cpu", dtype))
     return nonlinear_ops_in(head, parts if layout.is_tuple else parts[0])
+
+
+class NotFittedError(RuntimeError, AttributeError):
+    """Raised when a fitted attribute or method is used before ``fit``."""
+
+
+def _fitted(name: str, doc: str) -> property:
+    def setter(self: FittedState, value: Any) -> None:
+        self._references = dataclasses.replace(self.references_, **{name: value})
+
+    return property(lambda self: getattr(self.references_, name), setter, doc=doc)
+
+
+class FittedState:
+    """The fitted attributes of an explainer, in scikit-learn's style (names ending in
+    ``_``), read from the :class:`FittedReferences` that ``fit`` stores as
+    ``_references`` (and the reader as ``_reader``)."""
+
+    @property
+    def references_(self) -> FittedReferences:
+        """What :meth:`fit` learned (:class:`~captum_repinterp.references.FittedReferences`).
+
+        Raises
+        ------
+        NotFittedError
+            Before :meth:`fit`.
+        """
+        fitted = self.__dict__.get("_references")
+        if fitted is None:
+            raise NotFittedError(
+                "This RepresentativeInterpretation is not fitted yet: call "
+                "fit(reference_images) before attribute() or interpret()"
+            )
+        return fitted
+
+    @property
+    def reader_(self) -> LayerReader:
+        """Reads the split layer on new inputs (:class:`~captum_repinterp.reader.LayerReader`)."""
+        return self.references_ and self.__dict__["_reader"]
+
+    features_ = _fitted("features", "``N x D`` float32 reference features (CPU).")
+    predictions_ = _fitted("predictions", "``N`` int64 predicted classes of the references.")
+    layout_ = _fitted("layout", "Shapes of the layer's tensors.")
+    n_references_ = _fitted("n", "Number of references ``N``.")
+    input_spec_ = _fitted("input_spec", "Per-example shapes and dtypes of the references.")
+    head_nonlinear_ = _fitted("head_nonlinear", "Non-piecewise-linear operations of the head.")
+    projection_ = _fitted("projection", "The exact projection shortcut, or None.")
+    store_ = _fitted("store", "The on-disk reference store, or None.")
+    attribute_to_layer_input_ = _fitted("attribute_to_layer_input", "As given to ``fit``.")

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from captum_repinterp import Interpretation, NotFittedError, RepresentativeInterpretation
+from captum_repinterp.saving import TENSORS
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_save_load_roundtrip(fitted, tmp_path):
     path = tmp_path / "region.npz"
     reg.save(path)
     back = Interpretation.load(path, explainer=ri)
-    for name in Interpretation._TENSORS:
+    for name in TENSORS:
         assert torch.equal(getattr(back, name), getattr(reg, name))
     assert back.metadata() == reg.metadata()
     assert torch.equal(back.contains(x[:50]), reg.contains(x[:50]))

@@ -1,0 +1,115 @@
+"""Saving and loading an :class:`~captum_repinterp.interpretation.Interpretation`.
+
+One ``.npz`` file: the tensors as arrays and the metadata as JSON (``allow_pickle=False``
+on loading, so no code is ever executed). The heat-map layer, a module, is saved by its
+name in the model and found again in the model of the explainer given to ``load``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .features import LayerLayout
+from .interpretation import Interpretation
+
+__all__ = ["FORMAT_VERSION", "TENSORS", "load_interpretation", "metadata", "save_interpretation"]
+
+FORMAT_VERSION = 1
+TENSORS = ("weight", "bias", "runner_up", "members", "member_distances", "seed_margins")
+
+
+def metadata(region: Interpretation) -> dict[str, Any]:
+    """JSON-serialisable description of ``region`` (everything but the tensors)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "target": region.target,
+        "seed_in_class": region.seed_in_class,
+        "purity": region.purity,
+        "coverage": region.coverage,
+        "delta": region.delta,
+        "reached": region.reached,
+        "n_sampled": region.n_sampled,
+        "n_boundaries": region.n_boundaries,
+        "n_members": len(region),
+        "layout": region.layout.to_json(),
+        "heatmap_rule": region.heatmap_rule,
+        "combine": region.combine,
+        "heatmap_layer": _heatmap_layer_name(region),
+    }
+
+
+def _heatmap_layer_name(region: Interpretation) -> str | None:
+    if region.heatmap_layer is None:
+        return None
+    model = getattr(region.reader, "forward_func", None)
+    if isinstance(model, nn.Module):
+        for name, module in model.named_modules():
+            if module is region.heatmap_layer:
+                return name
+    raise ValueError(
+        "heatmap_layer: cannot name it for saving (it is not a submodule of the model)"
+    )
+
+
+def save_interpretation(region: Interpretation, path: str | os.PathLike) -> None:
+    """Write ``region`` to ``path`` (see the module docstring)."""
+    arrays = {name: getattr(region, name).detach().cpu().numpy() for name in TENSORS}
+    if region.channel_weights is not None:
+        arrays["channel_weights"] = region.channel_weights.detach().cpu().numpy()
+    arrays["metadata"] = np.array(json.dumps(metadata(region)))
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_interpretation(path: str | os.PathLike, explainer: Any = None) -> Interpretation:
+    """Read an interpretation written by :func:`save_interpretation`.
+
+    ``explainer``: the fitted explainer (or its reader) whose model the interpretation is
+    used with.
+
+    Raises
+    ------
+    ValueError
+        For a file of another format version, or a map drawn at a layer the given model
+        does not have.
+    """
+    reader = getattr(explainer, "reader_", explainer)
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["metadata"]))
+        tensors = {name: torch.from_numpy(data[name].copy()) for name in TENSORS}
+        if "channel_weights" in data.files:
+            tensors["channel_weights"] = torch.from_numpy(data["channel_weights"].copy())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"path: unsupported format version {meta.get('format_version')}")
+    heatmap_layer = None
+    if meta.get("heatmap_layer") is not None:
+        model = getattr(reader, "forward_func", None)
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"explainer: the interpretation draws its map at layer "
+                f"{meta['heatmap_layer']!r}; load it with explainer=ri (the fitted model)"
+            )
+        heatmap_layer = dict(model.named_modules()).get(meta["heatmap_layer"])
+        if heatmap_layer is None:
+            raise ValueError(f"explainer: the model has no layer named {meta['heatmap_layer']!r}")
+    return Interpretation(
+        target=int(meta["target"]),
+        seed_in_class=bool(meta["seed_in_class"]),
+        purity=float(meta["purity"]),
+        coverage=float(meta["coverage"]),
+        delta=int(meta["delta"]),
+        reached=bool(meta["reached"]),
+        n_sampled=int(meta["n_sampled"]),
+        layout=LayerLayout.from_json(meta["layout"]),
+        heatmap_rule=meta["heatmap_rule"],
+        combine=meta["combine"],
+        reader=reader,
+        heatmap_layer=heatmap_layer,
+        **tensors,
+    )
