@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -56,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from port import port_greedy, port_sample  # noqa: E402
 
 from captum_repinterp import RepresentativeInterpretation  # noqa: E402
+from captum_repinterp._memory import PeakAnon  # noqa: E402
 from captum_repinterp.heads import UserHead  # noqa: E402
 from captum_repinterp.match import failing_bits  # noqa: E402
 from captum_repinterp.sampler import choose_candidates, sample_boundaries  # noqa: E402
@@ -65,38 +65,6 @@ torch.manual_seed(0)
 
 
 # ---------------------------------------------------------------------- helpers
-def rss_anon_kb() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    return 0
-
-
-class PeakAnon:
-    """Peak ``RssAnon`` (MB) above the level at entry, sampled in a thread."""
-
-    def __enter__(self) -> PeakAnon:
-        self.base = rss_anon_kb()
-        self.peak = self.base
-        self._stop = False
-
-        def run() -> None:
-            while not self._stop:
-                self.peak = max(self.peak, rss_anon_kb())
-                time.sleep(0.002)
-
-        self._t = threading.Thread(target=run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, rss_anon_kb())
-        self.mb = (self.peak - self.base) / 1024
-
-
 def load_setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     from captum_repinterp.datasets import load_mnist5k
     from captum_repinterp.models import train_small_cnn
@@ -284,7 +252,7 @@ def scale_child(n: int, mode: str, m: int, workdir: str) -> dict[str, float]:
     del src
     inputs = torch.from_numpy(np.load(src_path, mmap_mode="c"))
 
-    with PeakAnon() as fit_mem:
+    with PeakAnon(interval=0.002) as fit_mem:
         t = time.perf_counter()
         if mode == "ram":
             ri.fit(inputs, batch_size=1024, progress=False)
@@ -302,7 +270,7 @@ def scale_child(n: int, mode: str, m: int, workdir: str) -> dict[str, float]:
     with torch.no_grad():
         psi = model.features(seed_x).reshape(1, -1)
     times = []
-    with PeakAnon() as seed_mem:
+    with PeakAnon(interval=0.002) as seed_mem:
         for _ in range(2):
             t = time.perf_counter()
             ri.interpret(psi, n_boundaries=m, random_state=0)

@@ -1,7 +1,7 @@
 """Auditing a class: the decision logics a model uses for the images it puts in a class.
 
 One representative interpretation explains one seed; an audit explains a whole predicted
-class by peeling regions off it (see "Auditing a class" in ``ALGORITHM.md``)::
+class by peeling regions off it (see "Auditing a class" in ``docs/method.md``)::
 
     images --ri.transform (once)--> features psi (n x D), predictions
     for each class c:
@@ -14,6 +14,7 @@ class by peeling regions off it (see "Auditing a class" in ``ALGORITHM.md``)::
 
 Only the seeds go through the model again (one ``interpret`` per region); membership,
 semantic distances and heat maps are computed from the features of one batched pass.
+The sub-groups are clustered with scikit-learn (``pip install captum_repinterp[audit]``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int
+from .attribution import NotFittedError
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
 
@@ -35,7 +37,25 @@ __all__ = ["AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
 _SUBGROUP_BY = ("heatmap", "margins", "none")
 
 
-@dataclass
+def _num(value: float | None, digits: int = 3) -> str:
+    """A number for a summary: fixed digits, ``n/a`` for NaN, ``-`` for None."""
+    if value is None:
+        return "-"
+    return "n/a" if np.isnan(value) else f"{value:.{digits}f}"
+
+
+def _indices(t: Tensor, most: int = 5) -> str:
+    shown = ", ".join(str(int(i)) for i in t[:most])
+    return f"[{shown}, ...]" if t.numel() > most else f"[{shown}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Plain-text columns: numbers right-aligned, the last (text) column left-aligned."""
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header) - 1)]
+    return ["  ".join([*(c.rjust(w) for c, w in zip(r, widths)), r[-1]]) for r in [header, *rows]]
+
+
+@dataclass(repr=False)
 class AuditGroup:
     """A group of audited images that share a decision logic.
 
@@ -63,8 +83,11 @@ class AuditGroup:
         """Number of members."""
         return int(self.members.numel())
 
+    def __repr__(self) -> str:
+        return f"AuditGroup(size={self.size}, exemplars={_indices(self.exemplars)})"
 
-@dataclass
+
+@dataclass(repr=False)
 class AuditRegion(AuditGroup):
     """One peeled-off region of a class (an :class:`AuditGroup` of its new members).
 
@@ -102,8 +125,31 @@ class AuditRegion(AuditGroup):
     subgroups: list[AuditGroup] = field(default_factory=list)
     split_score: float = float("nan")
 
+    @property
+    def heldout_precision(self) -> float | None:
+        """``heldout["precision"]`` (None without held-out images)."""
+        return None if self.heldout is None else self.heldout["precision"]
 
-@dataclass
+    def __repr__(self) -> str:
+        return (
+            f"AuditRegion(seed_index={self.seed_index}, size={self.size}, "
+            f"purity={_num(self.purity)}, heldout_precision={_num(self.heldout_precision)}, "
+            f"subgroups={[g.size for g in self.subgroups]}, "
+            f"split_score={_num(self.split_score, 2)})"
+        )
+
+
+def _subgroups_text(region: AuditRegion) -> str:
+    """Sizes of the sub-groups and the silhouette of the split (or of the best one tried)."""
+    if len(region.subgroups) > 1:
+        sizes = " + ".join(str(g.size) for g in region.subgroups)
+        return f"{sizes} (silhouette {_num(region.split_score, 2)})"
+    if np.isfinite(region.split_score):
+        return f"1 (best split {_num(region.split_score, 2)})"
+    return "1"
+
+
+@dataclass(repr=False)
 class ClassAudit:
     """The audit of one predicted class.
 
@@ -133,12 +179,59 @@ class ClassAudit:
         n = int(self.indices.numel())
         return int(self.uncovered.numel()) / n if n else 0.0
 
+    def __repr__(self) -> str:
+        return (
+            f"ClassAudit(target={self.target}, images={int(self.indices.numel())}, "
+            f"regions={len(self.regions)}, uncovered={int(self.uncovered.numel())} "
+            f"({self.uncovered_share:.1%}), {self.seconds:.1f} s)"
+        )
 
-@dataclass
+    def summary(self) -> str:
+        """A table of the regions: seed, size, purity, held-out precision, sub-groups.
+
+        ``size`` counts the region's new members, ``inside`` every audited image inside
+        it; ``sub-groups`` lists the group sizes and the silhouette of the split (or of
+        the best split tried, when it was too weak to keep).
+        """
+        n = int(self.indices.numel())
+        plural = "" if len(self.regions) == 1 else "s"
+        lines = [
+            f"class {self.target}: {n} images, {len(self.regions)} region{plural}, "
+            f"{int(self.uncovered.numel())} uncovered ({self.uncovered_share:.1%}), "
+            f"{self.seconds:.1f} s"
+        ]
+        rows = [
+            [
+                str(i),
+                str(r.seed_index),
+                str(r.size),
+                str(r.n_inside),
+                _num(r.purity),
+                _num(r.heldout_precision),
+                _subgroups_text(r),
+            ]
+            for i, r in enumerate(self.regions, 1)
+        ]
+        if rows:
+            header = [
+                "region",
+                "seed",
+                "size",
+                "inside",
+                "purity",
+                "held-out precision",
+                "sub-groups",
+            ]
+            lines += _table(header, rows)
+        return "\n".join(lines)
+
+
+@dataclass(repr=False)
 class AuditResult:
     """Audits by class, with the features they were computed from.
 
-    Index it by class: ``result[c]`` is a :class:`ClassAudit`.
+    Index it by class: ``result[c]`` is a :class:`ClassAudit`. ``print(result)`` gives
+    one line; ``print(result.summary())`` a table per class.
     """
 
     classes: dict[int, ClassAudit]
@@ -155,80 +248,70 @@ class AuditResult:
     def __len__(self) -> int:
         return len(self.classes)
 
+    def __repr__(self) -> str:
+        n_regions = sum(len(ca.regions) for ca in self.classes.values())
+        return (
+            f"AuditResult(classes={list(self.classes)}, regions={n_regions}, {self.seconds:.1f} s)"
+        )
+
+    def summary(self) -> str:
+        """:meth:`ClassAudit.summary` of every class, after a one-line total."""
+        parts = [repr(self)] + [ca.summary() for ca in self.classes.values()]
+        return "\n\n".join(parts)
+
 
 # ---------------------------------------------------------------------- clustering
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_init: int = 4,
-            iters: int = 50) -> tuple[np.ndarray, float]:
-    """Lloyd's k-means with k-means++ starts; the labels of the lowest-inertia run."""
-    n = x.shape[0]
-    best_labels, best_inertia = np.zeros(n, dtype=np.int64), np.inf
-    sq = (x * x).sum(1)
-    for _ in range(n_init):
-        centres = [x[rng.integers(n)]]
-        for _ in range(1, k):
-            d2 = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
-            total = d2.sum()
-            idx = rng.choice(n, p=d2 / total) if total > 0 else rng.integers(n)
-            centres.append(x[idx])
-        c = np.stack(centres)
-        labels = np.full(n, -1)
-        for _ in range(iters):
-            d = sq[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]
-            new = d.argmin(1)
-            if np.array_equal(new, labels):
-                break
-            labels = new
-            for j in range(k):
-                if np.any(labels == j):
-                    c[j] = x[labels == j].mean(0)
-        d = sq[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]
-        inertia = float(np.maximum(d[np.arange(n), labels], 0).sum())
-        if inertia < best_inertia - 1e-12:
-            best_labels, best_inertia = labels.copy(), inertia
-    return best_labels, best_inertia
+#: What to install for the sub-group split (scikit-learn's k-means and silhouette).
+_SKLEARN_HINT = (
+    "audit() clusters sub-groups with scikit-learn, which is not installed: "
+    "pip install 'captum_repinterp[audit]' (or pass subgroup_by='none')"
+)
 
 
-def _silhouette(x: np.ndarray, labels: np.ndarray) -> float:
-    """Mean silhouette (Euclidean); members of singleton clusters count 0."""
-    d = np.sqrt(np.maximum((x * x).sum(1)[:, None] - 2 * x @ x.T + (x * x).sum(1)[None], 0))
-    np.fill_diagonal(d, 0.0)
-    ks = np.unique(labels)
-    onehot = (labels[:, None] == ks[None]).astype(np.float64)
-    counts = onehot.sum(0)
-    sums = d @ onehot
-    own = onehot.argmax(1)
-    n_own = counts[own] - 1
-    a = np.where(n_own > 0, sums[np.arange(len(x)), own] / np.maximum(n_own, 1), 0.0)
-    mean_other = sums / counts[None]
-    mean_other[np.arange(len(x)), own] = np.inf
-    b = mean_other.min(1)
-    s = np.where(n_own > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-300), 0.0)
-    return float(s.mean())
+def _sklearn() -> tuple[Any, Any]:
+    """``(KMeans, silhouette_score)``, imported lazily (scikit-learn is an optional extra)."""
+    try:
+        from sklearn.cluster import KMeans
+        from sklearn.metrics import silhouette_score
+    except ImportError as exc:
+        raise ImportError(_SKLEARN_HINT) from exc
+    return KMeans, silhouette_score
 
 
-def _split(x: np.ndarray, max_groups: int, min_size: int, min_silhouette: float,
-           seed: int) -> tuple[np.ndarray, float]:
-    """Labels of the best k-means split (k = 2..max_groups) by silhouette, or one group."""
+#: Members on which the silhouette of a split is computed (a seeded subsample above this).
+_SILHOUETTE_SAMPLE = 1000
+
+
+def _split(
+    x: np.ndarray, max_groups: int, min_size: int, min_silhouette: float, random_state: int
+) -> tuple[np.ndarray, float]:
+    """Labels of the best k-means split (k = 2..max_groups) by silhouette, or one group.
+
+    k-means is scikit-learn's ``KMeans`` (k-means++ starts, 4 restarts, seeded); the mean
+    silhouette (Euclidean) is ``silhouette_score`` on all members, or on a seeded subsample
+    of 1000 members above that. Splits with a group smaller than ``min_size`` are skipped.
+    Groups are numbered by size (largest first), ties by their smallest member index.
+    """
     n = x.shape[0]
     one = np.zeros(n, dtype=np.int64)
     if max_groups < 2 or n < 2 * min_size:
         return one, float("nan")
-    rng = np.random.default_rng(seed)
-    sub = np.sort(rng.choice(n, size=min(n, 1000), replace=False))
+    kmeans, silhouette_score = _sklearn()
+    sample = _SILHOUETTE_SAMPLE if n > _SILHOUETTE_SAMPLE else None
     best, best_score = one, -np.inf
     for k in range(2, max_groups + 1):
-        labels, _ = _kmeans(x, k, np.random.default_rng([seed, k]))
+        labels = kmeans(n_clusters=k, n_init=4, random_state=random_state).fit_predict(x)
         sizes = np.bincount(labels, minlength=k)
         if sizes.min() < min_size:
             continue
-        score = _silhouette(x[sub], labels[sub])
+        score = float(silhouette_score(x, labels, sample_size=sample, random_state=random_state))
         if score > best_score + 1e-12:
-            best, best_score = labels, score
+            best, best_score = labels.astype(np.int64), score
     if best_score < min_silhouette:
         return one, (best_score if np.isfinite(best_score) else float("nan"))
-    # number groups by size (largest first), ties by smallest member index
-    order = sorted(range(best.max() + 1), key=lambda j: (-int((best == j).sum()),
-                                                         int(np.argmax(best == j))))
+    order = sorted(
+        range(best.max() + 1), key=lambda j: (-int((best == j).sum()), int(np.argmax(best == j)))
+    )
     relabel = np.empty(len(order), dtype=np.int64)
     relabel[order] = np.arange(len(order))
     return relabel[best], best_score
@@ -240,8 +323,9 @@ def _mean_maps(maps: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
     return means[0] if len(means) == 1 else means
 
 
-def _group(members: Tensor, member_margins: Tensor, maps: tuple[Tensor, ...],
-           n_exemplars: int) -> AuditGroup:
+def _group(
+    members: Tensor, member_margins: Tensor, maps: tuple[Tensor, ...], n_exemplars: int
+) -> AuditGroup:
     """An AuditGroup ranked by semantic distance to its most central member."""
     if members.numel() == 0:
         empty = tuple(m[:0].sum(dim=0) for m in maps)
@@ -268,7 +352,7 @@ def audit(
     coverage_target: float = 0.95,
     max_regions: int = 10,
     heldout: Tensor | None = None,
-    seed: int = 0,
+    random_state: int = 0,
     subgroup_by: str = "heatmap",
     max_subgroups: int = 3,
     min_subgroup_size: int | None = None,
@@ -287,7 +371,8 @@ def audit(
        are nearest (Euclidean) to the coordinate-wise median of the features of the
        uncovered images of ``c`` (ties: lowest index). The median is taken again after
        every region, so each seed is typical of what is still unexplained.
-    2. **Region**: ``ri.interpret(seed, target=c, seed=seed, **interpret_kwargs)``. Its
+    2. **Region**: ``ri.interpret(seed, target=c, random_state=random_state,
+       **interpret_kwargs)``. Its
        members are the uncovered images of ``c`` inside the region
        (``contains_features`` on the features of one batched ``ri.transform``), plus the
        seed itself (so that every region makes progress); they are marked covered.
@@ -298,14 +383,16 @@ def audit(
        separate classes, not the reasons inside one): with ``subgroup_by="heatmap"`` each
        member's heat map is scaled to unit total mass (where the evidence is, not how
        much), with ``"margins"`` each member's margins to the region's boundaries are
-       z-scored per boundary. Seeded k-means (k-means++ starts, 4 restarts) is run for
-       ``k = 2 .. max_subgroups``; the split with the highest mean silhouette (on at most
-       1000 members) is kept if it is at least ``min_silhouette`` and every group has at
+       z-scored per boundary. scikit-learn's ``KMeans`` (k-means++ starts, 4 restarts,
+       ``random_state``) is run for ``k = 2 .. max_subgroups``; the split with the highest
+       mean silhouette (``silhouette_score``, on a seeded subsample of 1000 members when
+       there are more) is kept if it is at least ``min_silhouette`` and every group has at
        least ``min_subgroup_size`` members; otherwise the region is one group. Groups are
        numbered by size. Each has its own mean heat map and exemplars. (Measured with a
-       SmallCNN on MNIST-5k: the best split of a clean class scored 0.17-0.24, so 8 of 10
-       classes stay whole, digits 1 and 5 split at 0.36-0.38; a class where 60% of the
-       images carry a planted corner patch split at 0.58 into patched and clean images.)
+       SmallCNN on MNIST-5k's 80% split: the best splits of 7 of the 10 classes scored
+       0.20-0.24, so they stay whole, digits 1, 5 and 6 split at 0.25-0.32; a class where
+       60% of the images carry a planted corner patch split at 0.69 into patched and clean
+       images.)
 
     This stops when at least ``coverage_target`` of the class is covered, after
     ``max_regions`` regions, or when nothing is left.
@@ -325,8 +412,9 @@ def audit(
     heldout : Tensor, optional
         Held-out images; each region is scored on them as a rule (precision: share of the
         held-out images inside that are predicted as the class).
-    seed : int
+    random_state : int
         Seed of every random choice (boundary sampling, k-means, silhouette subsample).
+        (Named as in scikit-learn; "seed" is the image a region is grown from.)
     subgroup_by : {"heatmap", "margins", "none"}
         What the sub-groups are clustered on; ``"none"`` keeps each region whole.
     max_subgroups : int
@@ -349,7 +437,17 @@ def audit(
     Returns
     -------
     AuditResult
-        ``result[c]`` is a :class:`ClassAudit` with its regions (:class:`AuditRegion`).
+        ``result[c]`` is a :class:`ClassAudit` with its regions (:class:`AuditRegion`);
+        ``print(result.summary())`` shows a table per class.
+
+    Raises
+    ------
+    NotFittedError
+        If ``ri`` is not fitted.
+    ImportError
+        If scikit-learn is missing and ``subgroup_by`` is not ``"none"``.
+    TypeError, ValueError
+        On a bad argument (the message names it).
 
     Examples
     --------
@@ -359,7 +457,8 @@ def audit(
     >>> [(r.size, r.purity, [g.size for g in r.subgroups]) for r in result[7].regions]
     """
     start = time.perf_counter()
-    ri.references_  # noqa: B018  (raises NotFittedError before fit)
+    if not hasattr(ri, "features_") or not hasattr(ri, "layout_"):
+        raise NotFittedError("ri is not fitted yet: call ri.fit(reference_images) before audit()")
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a tensor, got {type(images).__name__}")
     coverage_target = _check_fraction(coverage_target, "coverage_target")
@@ -368,10 +467,13 @@ def audit(
     n_exemplars = check_int(n_exemplars, "n_exemplars", 0)
     if min_subgroup_size is not None:
         min_subgroup_size = check_int(min_subgroup_size, "min_subgroup_size")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
+        raise TypeError(f"random_state must be an int, got {random_state!r}")
+    random_state = int(random_state)
     if subgroup_by not in _SUBGROUP_BY:
         raise ValueError(f"subgroup_by must be one of {_SUBGROUP_BY}, got {subgroup_by!r}")
+    if subgroup_by != "none":
+        _sklearn()  # fail before any region is computed
     if isinstance(min_silhouette, bool) or not isinstance(min_silhouette, (int, float)):
         raise TypeError(f"min_silhouette must be a number, got {min_silhouette!r}")
     for bad in ("target", "inputs"):
@@ -410,18 +512,41 @@ def audit(
     out = {}
     for c in classes:
         out[c] = _audit_class(
-            ri, images, feats, preds, held, c, coverage_target, max_regions, seed,
-            subgroup_by, max_subgroups, min_subgroup_size, float(min_silhouette),
-            n_exemplars, interpret_kwargs,
+            ri,
+            images,
+            feats,
+            preds,
+            held,
+            c,
+            coverage_target,
+            max_regions,
+            random_state,
+            subgroup_by,
+            max_subgroups,
+            min_subgroup_size,
+            float(min_silhouette),
+            n_exemplars,
+            interpret_kwargs,
         )
     return AuditResult(out, feats, preds, time.perf_counter() - start)
 
 
 def _audit_class(
-    ri: Any, images: Tensor, feats: Tensor, preds: Tensor,
-    held: tuple[Tensor, Tensor] | None, c: int, coverage_target: float, max_regions: int,
-    seed: int, subgroup_by: str, max_subgroups: int, min_subgroup_size: int | None,
-    min_silhouette: float, n_exemplars: int, interpret_kwargs: dict[str, Any],
+    ri: Any,
+    images: Tensor,
+    feats: Tensor,
+    preds: Tensor,
+    held: tuple[Tensor, Tensor] | None,
+    c: int,
+    coverage_target: float,
+    max_regions: int,
+    random_state: int,
+    subgroup_by: str,
+    max_subgroups: int,
+    min_subgroup_size: int | None,
+    min_silhouette: float,
+    n_exemplars: int,
+    interpret_kwargs: dict[str, Any],
 ) -> ClassAudit:
     start = time.perf_counter()
     in_class = preds == c
@@ -436,8 +561,12 @@ def _audit_class(
         pts = feats[left]
         med = pts.median(dim=0).values
         seed_index = int(left[torch.argmin(((pts - med) ** 2).sum(1))])
-        interp = ri.interpret(images[seed_index : seed_index + 1], target=c, random_state=seed,
-                              **interpret_kwargs)
+        interp = ri.interpret(
+            images[seed_index : seed_index + 1],
+            target=c,
+            random_state=random_state,
+            **interpret_kwargs,
+        )
         inside = interp.contains_features(feats)
         new = inside & uncovered
         new[seed_index] = True
@@ -453,14 +582,20 @@ def _audit_class(
         else:
             member_margins = torch.zeros(len(members), 1)
         labels, score = _subgroup_labels(
-            maps, member_margins, subgroup_by, max_subgroups, min_subgroup_size,
-            min_silhouette, seed,
+            maps,
+            member_margins,
+            subgroup_by,
+            max_subgroups,
+            min_subgroup_size,
+            min_silhouette,
+            random_state,
         )
         subgroups = []
         for g in range(int(labels.max()) + 1 if len(labels) else 0):
             sel = torch.from_numpy(labels == g)
-            subgroups.append(_group(members[sel], member_margins[sel],
-                                    tuple(m[sel] for m in maps), n_exemplars))
+            subgroups.append(
+                _group(members[sel], member_margins[sel], tuple(m[sel] for m in maps), n_exemplars)
+            )
         regions.append(
             AuditRegion(
                 members=members,
@@ -476,13 +611,19 @@ def _audit_class(
                 split_score=score,
             )
         )
-    return ClassAudit(c, indices, regions, torch.nonzero(uncovered).flatten(),
-                      time.perf_counter() - start)
+    return ClassAudit(
+        c, indices, regions, torch.nonzero(uncovered).flatten(), time.perf_counter() - start
+    )
 
 
 def _subgroup_labels(
-    maps: tuple[Tensor, ...], member_margins: Tensor, subgroup_by: str, max_subgroups: int,
-    min_subgroup_size: int | None, min_silhouette: float, seed: int,
+    maps: tuple[Tensor, ...],
+    member_margins: Tensor,
+    subgroup_by: str,
+    max_subgroups: int,
+    min_subgroup_size: int | None,
+    min_silhouette: float,
+    random_state: int,
 ) -> tuple[np.ndarray, float]:
     n = member_margins.shape[0]
     if subgroup_by == "none" or n == 0:
@@ -495,4 +636,5 @@ def _subgroup_labels(
         x = member_margins.double()
         x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-12)
     min_size = min_subgroup_size or max(5, int(np.ceil(0.05 * n)))
-    return _split(x.numpy(), max_subgroups, min_size, min_silhouette, seed)
+    return _split(x.numpy(), max_subgroups, min_size, min_silhouette, random_state)
+

@@ -1,7 +1,10 @@
 """Tests of the evaluation protocol: hand-computed arithmetic, then small real runs."""
 
+import importlib.util
 import json
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,8 @@ from captum_repinterp.evaluation import (
     drop_increase,
     evaluate_setup,
     gradcam_package_available,
+    interval_estimable,
+    keep_key,
     markdown_report,
     mask_images,
     randomise,
@@ -24,7 +29,7 @@ from captum_repinterp.evaluation import (
     top_fraction_mask,
 )
 from captum_repinterp.evaluation.methods import acts_and_grads
-from captum_repinterp.evaluation.protocol import _aggregate, _compare
+from captum_repinterp.evaluation.protocol import MIN_SEEDS_FOR_INTERVAL, Timer, _aggregate, _compare
 
 needs_gradcam = pytest.mark.skipif(
     not gradcam_package_available(), reason="grad-cam (pytorch_grad_cam) not installed"
@@ -149,8 +154,15 @@ def test_package_methods_match_pytorch_grad_cam(tiny):
 
 def test_randomise_resets_only_the_cascade_and_is_seeded(tiny):
     model, x = tiny
-    setup = Setup("tiny", model, model.features[-1], x[:10], x[10:20], head=model.head,
-                  cascade=[("head", model.head), ("f1", model.features[1])])
+    setup = Setup(
+        "tiny",
+        model,
+        model.features[-1],
+        x[:10],
+        x[10:20],
+        head=model.head,
+        cascade=[("head", model.head), ("f1", model.features[1])],
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     m1, layer1, head1 = randomise(model, setup, ["head"], seed=3)
     m2, _, _ = randomise(model, setup, ["head"], seed=3)
@@ -200,18 +212,89 @@ def test_aggregate_and_paired_comparison_by_hand():
     assert table["ri"]["n_images"] == 4 and table["ri"]["n_seeds"] == 3
     assert table["b"]["n_seeds"] == 2 and math.isnan(table["b"]["per_seed_AD"][2])
     assert table["b"]["mAD"] == pytest.approx(0.35)
-    lo, hi = table["ri"]["mAD_ci"]
-    assert 0.1 <= lo <= 0.3 <= hi <= 0.5
+    # three seeds: too few for an interval (reported as NaN, "n/a" in the tables)
+    assert all(math.isnan(v) for v in table["ri"]["mAD_ci"] + table["ri"]["mAI_ci"])
     (row,) = _compare(table, ["ri"], ["b"], [0, 1, 1], cfg)
     # paired over the seeds both have: (0.3 - 0.6, 0.1 - 0.1) -> mean -0.15
     assert row["dAD"] == pytest.approx(-0.15)
     assert row["dAI"] == pytest.approx(0.25)  # (0.5 - 0, 0 - 0)
     # seed 0 (class 0) differs by -0.3, seed 1 (class 1, alone once seed 2 is dropped) by
-    # 0: every stratified resample gives -0.15, so RI is surely better on AD
+    # 0: every stratified resample gives -0.15, an interval of width 0 that says nothing
+    # about the spread; no winner is declared
+    assert row["n_paired"] == 2 and row["estimable"] is False
+    assert all(math.isnan(v) for v in row["dAD_ci"]) and row["win_AD"] is None
+    assert row["win_AI"] is None
+
+
+def test_paired_comparison_with_enough_seeds_by_hand():
+    # six seeds, three per class, one image each; RI's AD is 0.3 below "b" on class 0 and
+    # equal on class 1: every stratified resample gives -0.15, and the classes hold
+    # enough seeds to resample, so RI is better on AD; AI is equal everywhere (a tie)
+    strata = [0, 0, 0, 1, 1, 1]
+    owner = [("ri", j) for j in range(6)] + [("b", j) for j in range(6)]
+    ad = torch.tensor([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.6, 0.6, 0.6, 0.1, 0.1, 0.1])
+    ai = torch.zeros(12)
+    cfg = EvalConfig(n_boot=300)
+    table = _aggregate(owner, ad, ai, 6, strata, cfg)
+    assert table["ri"]["mAD"] == pytest.approx(0.2)
+    assert table["ri"]["mAD_ci"] == pytest.approx([0.2, 0.2])  # constant within each class
+    (row,) = _compare(table, ["ri"], ["b"], strata, cfg)
+    assert row["estimable"] is True and row["n_paired"] == 6
     assert row["dAD_ci"] == pytest.approx([-0.15, -0.15]) and row["win_AD"] is True
-    table["b"]["per_seed_AD"] = [0.3, 0.1, float("nan")]
-    (tie,) = _compare(table, ["ri"], ["b"], [0, 1, 1], cfg)
-    assert tie["dAD"] == pytest.approx(0.0, abs=1e-7) and tie["win_AD"] is None
+    assert row["dAI_ci"] == pytest.approx([0.0, 0.0]) and row["win_AI"] is None
+    # worse: swap the roles
+    (rev,) = _compare(table, ["b"], ["ri"], strata, cfg)
+    assert rev["win_AD"] is False
+    # the same six differences, one seed per class: no interval, no winner
+    (alone,) = _compare(table, ["ri"], ["b"], [0, 1, 2, 3, 4, 5], cfg)
+    assert alone["estimable"] is False and alone["win_AD"] is None
+    assert alone["dAD"] == pytest.approx(-0.15)
+
+
+def test_interval_estimable_counts_seeds_in_classes_with_two_or_more():
+    assert MIN_SEEDS_FOR_INTERVAL == 5
+    nan = float("nan")
+    assert interval_estimable([0.1] * 5, [0, 0, 1, 1, 1])
+    assert not interval_estimable([0.1] * 4, [0, 0, 1, 1])
+    # one seed per class, however many classes: nothing to resample
+    assert not interval_estimable([0.1] * 10, list(range(10)))
+    # singletons do not count; NaN (a seed without images) is dropped first
+    assert not interval_estimable([0.1] * 6, [0, 0, 1, 1, 2, 3])
+    assert interval_estimable([0.1] * 6, [0, 0, 1, 1, 1, 3])
+    assert not interval_estimable([0.1, 0.1, nan, 0.1, 0.1, 0.1], [0, 0, 1, 1, 2, 3])
+
+
+def test_timer_records_prints_and_stays_quiet_on_errors(capsys):
+    timings: dict[str, float] = {}
+    with Timer(timings, "step", "[x] step") as t:
+        time.sleep(0.02)
+    assert t.seconds >= 0.02 and timings == {"step": t.seconds}
+    assert capsys.readouterr().out == f"[x] step: {t.seconds:.1f} s\n"
+    with pytest.raises(RuntimeError), Timer(timings, "failed", "[x] failed"):
+        raise RuntimeError("boom")
+    assert "failed" in timings and capsys.readouterr().out == ""
+    with Timer() as bare:
+        pass
+    assert bare.seconds >= 0 and capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="key"):
+        Timer(timings)
+
+
+def test_keep_shares_are_validated_and_keyed(tiny):
+    model, x = tiny
+    setup = Setup("tiny", model, model.features[-1], x[:10], x[10:20], head=model.head)
+    assert keep_key(0.2) == "0.2" and keep_key(0.5) == "0.5" and keep_key(1) == "1"
+    assert EvalConfig().fractions == (0.2, 0.5)
+    for bad, err in (
+        ((0.2, 1.5), ValueError),
+        ((0.0,), ValueError),
+        ((), TypeError),
+        (0.2, TypeError),
+        ((0.2, 0.2), ValueError),
+        (("0.2",), TypeError),
+    ):
+        with pytest.raises(err, match="fractions"):
+            evaluate_setup(setup, EvalConfig(fractions=bad))
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -219,26 +302,47 @@ def test_aggregate_and_paired_comparison_by_hand():
 def test_small_pipeline_on_the_tiny_model(tiny):
     model, x = tiny
     f = model.features
-    setup = Setup("tiny", model, f[-1], x[:200], x[200:], head=model.head,
-                  cascade=[("head", model.head), ("features[1]", f[1])],
-                  other_layers=[("features[0]", f[0], nn.Sequential(f[1], model.head))],
-                  heatmap_layers=[("features[0]", f[0])])
-    cfg = EvalConfig(seeds_per_class=1, k=3, n_explain_per_class=1, n_sanity=2,
-                     n_fidelity=2, n_perturb=2, ig_steps=8)
+    setup = Setup(
+        "tiny",
+        model,
+        f[-1],
+        x[:200],
+        x[200:],
+        head=model.head,
+        cascade=[("head", model.head), ("features[1]", f[1])],
+        other_layers=[("features[0]", f[0], nn.Sequential(f[1], model.head))],
+        heatmap_layers=[("features[0]", f[0])],
+    )
+    cfg = EvalConfig(
+        seeds_per_class=1,
+        k=3,
+        n_explain_per_class=1,
+        n_sanity=2,
+        n_fidelity=2,
+        n_perturb=2,
+        ig_steps=8,
+    )
     res = evaluate_setup(setup, cfg)
     json.dumps(res)  # serialisable
+    # every masking metric at both keep shares, on the same seeds and images
+    assert list(res["reuse"]["keep"]) == ["0.2", "0.5"] == list(res["no_reuse"]["keep"])
+    at20, at50 = (res["reuse"]["keep"][k]["metrics"] for k in ("0.2", "0.5"))
+    assert at20.keys() == at50.keys()
+    assert all(at20[m]["n_images"] == at50[m]["n_images"] for m in at20)
+    assert [at20[m]["mAD"] for m in at20] != [at50[m]["mAD"] for m in at20]
+    reuse = res["reuse"]["keep"]["0.2"]
     methods = ["ri", "gradcam"] + (
         ["gradcam++", "scorecam", "hirescam"] if gradcam_package_available() else []
     )
     n_seeds = len(res["reuse"]["seeds"])
     assert n_seeds == 4  # one per predicted class
     for m in methods:
-        row = res["reuse"]["metrics"][m]
+        row = reuse["metrics"][m]
         assert 0 <= row["mAD"] <= 1 and 0 <= row["mAI"] <= 1
         assert row["n_images"] <= cfg.k * n_seeds
-        assert m in res["no_reuse"]["metrics"]
+        assert m in res["no_reuse"]["keep"]["0.2"]["metrics"]
         assert m in res["fidelity"]["metrics"]
-    assert "ig" in res["no_reuse"]["metrics"]
+    assert "ig" in res["no_reuse"]["keep"]["0.2"]["metrics"]
     rule = res["reuse"]["rule_summary"]["ri"]
     assert rule["precision"] is None or 0 <= rule["precision"] <= 1
     stages = res["sanity"]["stages"]
@@ -247,21 +351,66 @@ def test_small_pipeline_on_the_tiny_model(tiny):
         for m in methods:
             assert s[m] is None or -1 <= s[m] <= 1
     # every RI config is also measured on the baselines' images, with paired comparisons
-    assert "ri @nn" in res["reuse"]["metrics"]
+    assert "ri @nn" in reuse["metrics"]
     # the map drawn at an earlier layer, on both image sets and without reuse
     for name in ("ri[map@features[0]]", "ri[map@features[0]] @nn"):
-        row = res["reuse"]["metrics"][name]
+        row = reuse["metrics"][name]
         assert 0 <= row["mAD"] <= 1 and row["n_images"] > 0
-    assert "ri[map@features[0]]" in res["no_reuse"]["metrics"]
-    for row in res["reuse"]["metrics"].values():
-        lo, hi = row["mAD_ci"]
-        assert lo <= row["mAD"] <= hi
-    pairs = {(c["ri"], c["baseline"]) for c in res["reuse"]["comparisons"]}
+    assert "ri[map@features[0]]" in res["no_reuse"]["keep"]["0.2"]["metrics"]
+    # one seed per class: no interval and no winner (the bootstrap would collapse)
+    for row in reuse["metrics"].values():
+        assert row["mAD_ci"] == [None, None] and row["mAI_ci"] == [None, None]
+    for c in reuse["comparisons"]:
+        assert c["estimable"] is False and c["win_AD"] is None and c["win_AI"] is None
+    pairs = {(c["ri"], c["baseline"]) for c in reuse["comparisons"]}
     assert ("ri", "gradcam") in pairs and ("ri @nn", "gradcam") in pairs
     # the layer sweep reruns the reuse protocol at the other layer, every method there
     (sweep,) = res["layers"]
     assert sweep["layer"] == "features[0]" and sweep["shape"][0] == f[0][0].out_channels
-    assert set(methods) <= set(sweep["metrics"])
+    assert set(methods) <= set(sweep["keep"]["0.5"]["metrics"])
     md = markdown_report({"setups": {"tiny": res}, "total_seconds": 1.0})
     assert "| ri | RI's |" in md and "Sanity check" in md
-    assert "Reuse protocol at features[0]" in md and "| ri @nn | gradcam |" in md
+    assert "| ri @nn | gradcam |" in md
+    for share in ("20%", "50%"):
+        assert f"### Reuse protocol, keep {share}" in md
+        assert f"### Without reuse, keep {share}" in md
+        assert f"### Reuse protocol at features[0], keep {share}" in md
+    assert "n/a (too few seeds)" in md and "**better**" not in md and "| worse |" not in md
+    assert "EVALUATION.md" not in md and "docs/method.md" in md
+
+
+# ---------------------------------------------------------------- the benchmark script
+def _load_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_script_leaves_docs_alone_unless_asked(tmp_path, monkeypatch, capsys):
+    script = _load_script()
+    calls = []
+
+    def fake_run(setups, out, seed=0, quick=False, fractions=()):
+        calls.append((setups, seed, quick, fractions))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "evaluation.md").write_text("# tables")
+        (Path(out) / "results.json").write_text("{}")
+        return {"total_seconds": 1.0}
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    monkeypatch.setattr(script, "run_evaluation", fake_run)
+    monkeypatch.setattr(script, "DOCS", docs)
+    out = tmp_path / "out"
+    assert script.main(["--setups", "mnist", "--out", str(out), "--quick"]) == 0
+    assert calls[-1] == (["mnist"], 0, True, (0.2, 0.5))
+    assert list(docs.iterdir()) == []  # nothing written to docs
+    assert str(out.resolve()) in capsys.readouterr().out
+    assert script.main(["--out", str(out), "--keep", "0.3", "--update-docs"]) == 0
+    assert calls[-1] == (["mnist", "faces", "digits"], 0, False, (0.3,))
+    assert (docs / "evaluation.md").read_text() == "# tables"
+    assert (docs / "evaluation_results.json").read_text() == "{}"
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(out), "--quick", "--update-docs"])

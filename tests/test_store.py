@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -12,39 +11,9 @@ import torch
 from torch import nn
 
 from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp._memory import PeakAnon, rss_anon_kb
 from captum_repinterp.match import margins
 from captum_repinterp.store import ReferenceStore
-
-
-def _rss_anon_kb() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-class PeakAnon:
-    """Peak anonymous resident memory (MB) above the level at entry, sampled every ms."""
-
-    def __enter__(self) -> PeakAnon:
-        self.base = self.peak = _rss_anon_kb()
-        self._stop = threading.Event()
-
-        def run() -> None:
-            while not self._stop.is_set():
-                self.peak = max(self.peak, _rss_anon_kb())
-                self._stop.wait(0.001)
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_anon_kb())
-        self.mb = (self.peak - self.base) / 1024
 
 
 def _model(d: int = 24, hidden: int = 16, classes: int = 3, seed: int = 0) -> nn.Sequential:
@@ -204,3 +173,20 @@ def test_margins_reads_in_chunks():
     assert max(sizes) <= 128 and sum(sizes) == 1000
     ref = feats.double() @ w.double().T + b.double()
     assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_memory_sampler_sees_a_short_lived_allocation():
+    """PeakAnon catches a 64 MiB block that is freed before the block ends."""
+    before = rss_anon_kb()
+    with PeakAnon() as mem:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB of touched anonymous pages
+        held = rss_anon_kb()
+        del block
+    assert held - before >= 60 * 1024
+    assert 60 <= mem.mb <= 80, mem.mb
+    with PeakAnon() as idle:
+        pass
+    assert idle.mb < 8
+    with pytest.raises(ValueError, match="interval"):
+        PeakAnon(interval=0)

@@ -1,9 +1,13 @@
-"""Evaluation of representative interpretations against CAM baselines (``EVALUATION.md``).
+"""Evaluation of representative interpretations against CAM baselines.
 
-- :mod:`.metrics`: top-20% masks, average drop / increase, rank correlation;
+The protocol is described in ``docs/method.md``; the results are in
+``docs/evaluation.md``.
+
+- :mod:`.metrics`: top-fraction masks, average drop / increase, rank correlation;
 - :mod:`.methods`: Grad-CAM (Captum), Grad-CAM++, Score-CAM, HiResCAM (``grad-cam``
   package, optional), Integrated Gradients;
-- :mod:`.protocol`: :func:`evaluate_setup` runs the whole protocol on one setup;
+- :mod:`.protocol`: :func:`evaluate_setup` runs the whole protocol on one setup, with the
+  masking metrics at each keep share (20% and 50% by default);
 - :mod:`.setups`: the real setups (MNIST-5k, faces, digits) and the report.
 """
 
@@ -17,7 +21,14 @@ from .metrics import (
     top_fraction_mask,
     upsample,
 )
-from .protocol import EvalConfig, Setup, evaluate_setup, randomise
+from .protocol import (
+    EvalConfig,
+    Setup,
+    evaluate_setup,
+    interval_estimable,
+    keep_key,
+    randomise,
+)
 from .setups import SETUPS, load_setup, markdown_report, run_evaluation
 
 __all__ = [
@@ -31,6 +42,8 @@ __all__ = [
     "drop_increase",
     "evaluate_setup",
     "gradcam_package_available",
+    "interval_estimable",
+    "keep_key",
     "load_setup",
     "markdown_report",
     "mask_images",

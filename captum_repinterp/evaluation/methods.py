@@ -195,7 +195,10 @@ def integrated_gradients_maps(
     """Captum ``IntegratedGradients`` (baseline 0) summed over channels: ``N x 1 x H x W``."""
     ig = IntegratedGradients(model)
     attr = ig.attribute(
-        images, baselines=0.0, target=targets.tolist(), n_steps=n_steps,
+        images,
+        baselines=0.0,
+        target=targets.tolist(),
+        n_steps=n_steps,
         internal_batch_size=256,
     )
     return attr.detach().sum(dim=1, keepdim=True).float().cpu()

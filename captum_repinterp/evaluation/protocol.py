@@ -1,8 +1,9 @@
-"""The evaluation protocol of ``EVALUATION.md`` on one setup (model, layer, data).
+"""The evaluation protocol (``docs/method.md``) on one setup (model, layer, data).
 
 :func:`evaluate_setup` runs, with every random choice seeded:
 
-1. the reuse protocol (mAD, mAI) for RI and the channel-weight baselines;
+1. the reuse protocol (mAD, mAI) for RI and the channel-weight baselines, at each keep
+   share (the top 20% of pixels kept, as in the paper, and 50%);
 2. the same masking metrics without reuse (each method explains the image itself), with
    Integrated Gradients added;
 3. precision and coverage of the RI regions on held-out images;
@@ -18,6 +19,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -35,7 +37,60 @@ from .methods import (
 )
 from .metrics import average_drop_increase, bootstrap_ci, rank_correlation, upsample
 
-__all__ = ["EvalConfig", "Setup", "evaluate_setup", "randomise"]
+__all__ = [
+    "MIN_SEEDS_FOR_INTERVAL",
+    "EvalConfig",
+    "Setup",
+    "Timer",
+    "evaluate_setup",
+    "interval_estimable",
+    "keep_key",
+    "randomise",
+]
+
+
+#: Paired seeds needed (in classes with at least two of them) before a bootstrap interval
+#: is reported; with fewer, the class-stratified resampling has (almost) nothing to resample
+#: and the interval collapses onto the mean.
+MIN_SEEDS_FOR_INTERVAL = 5
+
+
+def keep_key(fraction: float) -> str:
+    """The key of a keep share in the results (``0.2 -> "0.2"``; JSON keys are strings)."""
+    return f"{fraction:g}"
+
+
+class Timer:
+    """Wall-clock time of a block: ``with Timer(timings, "fit", "[mnist] fit") as t: ...``.
+
+    At exit ``t.seconds`` holds the elapsed time; it is also stored as ``timings[key]``
+    when ``timings`` is given, and ``"<label>: <seconds> s"`` is printed when ``label`` is
+    given and the block did not raise.
+    """
+
+    def __init__(
+        self, timings: dict[str, float] | None = None, key: str = "", label: str = ""
+    ) -> None:
+        if timings is not None and not key:
+            raise ValueError("key must be given with timings")
+        self.timings, self.key, self.label = timings, key, label
+        self.seconds = 0.0
+
+    def __enter__(self) -> Timer:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.seconds = time.perf_counter() - self._start
+        if self.timings is not None:
+            self.timings[self.key] = self.seconds
+        if self.label and exc_type is None:
+            print(f"{self.label}: {self.seconds:.1f} s", flush=True)
 
 
 @dataclass
@@ -67,17 +122,20 @@ class Setup:
 class EvalConfig:
     """Parameters of the evaluation (recorded with the results).
 
-    ``ri_variants`` maps a variant name to RI ``interpret`` keyword arguments that differ
-    from ``ri_kwargs``; variants that only change ``heatmap_rule``/``combine`` reuse the
-    regions. ``baseline`` is the value masked pixels get, in the model's input space.
-    Confidence intervals are percentile bootstraps over seeds (``n_boot`` resamples,
-    stratified by class); ``layer_sweep`` reruns the reuse protocol on the setup's
+    ``fractions`` are the keep shares: each map keeps that share of its pixels (the rest
+    set to ``baseline``, the value masked pixels get in the model's input space); every
+    masking metric is reported per keep share, on the same maps. ``ri_variants`` maps a
+    variant name to RI ``interpret`` keyword arguments that differ from ``ri_kwargs``;
+    variants that only change ``heatmap_rule``/``combine`` reuse the regions. Confidence
+    intervals are percentile bootstraps over seeds (``n_boot`` resamples, stratified by
+    class), reported only with at least ``MIN_SEEDS_FOR_INTERVAL`` seeds in classes that
+    have two or more; ``layer_sweep`` reruns the reuse protocol on the setup's
     ``other_layers`` for the RI configs in ``layer_sweep_variants`` and every baseline.
     """
 
     seeds_per_class: int = 3
     k: int = 10
-    fraction: float = 0.2
+    fractions: tuple[float, ...] = (0.2, 0.5)
     baseline: float = 0.0
     n_explain_per_class: int = 3
     n_sanity: int = 6
@@ -89,8 +147,11 @@ class EvalConfig:
     seed: int = 0
     ri_kwargs: dict[str, Any] = field(
         default_factory=lambda: {
-            "n_boundaries": 50, "delta": None, "refine": "tighten",
-            "heatmap_rule": "elementwise", "combine": "sum",
+            "n_boundaries": 50,
+            "delta": None,
+            "refine": "tighten",
+            "heatmap_rule": "elementwise",
+            "combine": "sum",
         }
     )
     ri_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -123,8 +184,11 @@ def _ri_variant(region: Interpretation, kw: dict[str, Any]) -> Interpretation:
         return dataclasses.replace(region, reader=None, heatmap_layer=None)
     layer = kw.get("heatmap_layer")
     return dataclasses.replace(
-        region, heatmap_rule=kw["heatmap_rule"], combine=kw["combine"],
-        reader=region.reader if layer is not None else None, channel_weights=None,
+        region,
+        heatmap_rule=kw["heatmap_rule"],
+        combine=kw["combine"],
+        reader=region.reader if layer is not None else None,
+        channel_weights=None,
         heatmap_layer=layer,
     )
 
@@ -139,8 +203,11 @@ def _ri_maps_on(region: Interpretation, images: Tensor, acts: Tensor) -> Tensor:
 
 def _region_key(kw: dict[str, Any]) -> tuple:
     # "region-score" weights are computed while interpreting, so it gets its own regions
-    shared = ("combine", "heatmap_layer") if kw.get("heatmap_rule") == "region-score" else (
-        "heatmap_rule", "combine", "heatmap_layer")
+    shared = (
+        ("combine", "heatmap_layer")
+        if kw.get("heatmap_rule") == "region-score"
+        else ("heatmap_rule", "combine", "heatmap_layer")
+    )
     return tuple(sorted((k, v) for k, v in kw.items() if k not in shared))
 
 
@@ -157,13 +224,18 @@ class _Runner:
             for name, module in setup.heatmap_layers:
                 self.ri_configs[f"ri[map@{name}]"] = {**cfg.ri_kwargs, "heatmap_layer": module}
         self.timings: dict[str, float] = {}
+        # the random seed of every RI interpret / attribute call, by keyword
+        self.ri_random_state = {"random_state": cfg.seed}
 
     def fit(self, model: nn.Module, layer: nn.Module, head: Any) -> RepresentativeInterpretation:
         ri = RepresentativeInterpretation(model, layer, head=head)
         return ri.fit(self.s.references, batch_size=512, progress=False)
 
     def regions(
-        self, ri: RepresentativeInterpretation, seeds: Tensor, targets: Tensor | None = None,
+        self,
+        ri: RepresentativeInterpretation,
+        seeds: Tensor,
+        targets: Tensor | None = None,
         configs: dict[str, dict[str, Any]] | None = None,
     ) -> dict[str, list[Interpretation]]:
         """Interpretations of the seeds for every RI config (shared regions reused)."""
@@ -172,15 +244,23 @@ class _Runner:
         for name, kw in (configs if configs is not None else self.ri_configs).items():
             key = _region_key(kw)
             if key not in cache:
-                res = ri.interpret(seeds, target=None if targets is None else targets.tolist(),
-                                   random_state=self.cfg.seed, **kw)
+                res = ri.interpret(
+                    seeds,
+                    target=None if targets is None else targets.tolist(),
+                    **self.ri_random_state,
+                    **kw,
+                )
                 cache[key] = res if isinstance(res, list) else [res]
             out[name] = [_ri_variant(r, kw) for r in cache[key]]
         return out
 
     # -------------------------------------------------------------- 1 + 3: reuse
-    def reuse(self, ri: RepresentativeInterpretation, methods: list[ChannelWeightMethod],
-              configs: dict[str, dict[str, Any]] | None = None) -> dict:
+    def reuse(
+        self,
+        ri: RepresentativeInterpretation,
+        methods: list[ChannelWeightMethod],
+        configs: dict[str, dict[str, Any]] | None = None,
+    ) -> dict:
         """The reuse protocol; every RI config is also measured on the baselines' images.
 
         RI's images are the unseen images inside the seed's region ranked by semantic
@@ -192,8 +272,9 @@ class _Runner:
         configs = configs if configs is not None else self.ri_configs
         feats_u, preds_u = ri.transform(s.unseen, batch_size=512)
         acts_u = ri.layout_.unflatten(feats_u)[0]
-        seed_idx = _pick_seeds(ri.predictions_, cfg.seeds_per_class,
-                               torch.Generator().manual_seed(cfg.seed))
+        seed_idx = _pick_seeds(
+            ri.predictions_, cfg.seeds_per_class, torch.Generator().manual_seed(cfg.seed)
+        )
         seeds = s.references[seed_idx]
         targets = ri.predictions_[seed_idx]
         feats_r = ri.features_[seed_idx]
@@ -202,9 +283,8 @@ class _Runner:
             cand = torch.nonzero(preds_u == targets[j]).flatten()
             d = (feats_u[cand] - feats_r[j]).norm(dim=1)
             nearest.append(cand[torch.argsort(d, stable=True)[: cfg.k]])
-        t0 = time.perf_counter()
-        regions = self.regions(ri, seeds, configs=configs)
-        interpret_seconds = time.perf_counter() - t0
+        with Timer() as interpret_time:
+            regions = self.regions(ri, seeds, configs=configs)
         images, maps, tgts, owner = [], [], [], []  # owner = (method, seed number)
 
         def add(name: str, j: int, pick: Tensor, layer_maps: Tensor) -> None:
@@ -221,10 +301,18 @@ class _Runner:
                 order = torch.argsort(reg.distance_features(feats_u[inside]), stable=True)
                 pick = inside[order[: cfg.k]]
                 if name == "ri" or _region_key(configs[name]) != _region_key(configs["ri"]):
-                    rules.append({"method": name, "seed": seed_idx[j], "target": int(targets[j]),
-                                  "boundaries": reg.n_boundaries, "members": len(reg),
-                                  "purity": reg.purity, "ref_coverage": reg.coverage,
-                                  **reg.evaluate_features(feats_u, preds_u)})
+                    rules.append(
+                        {
+                            "method": name,
+                            "seed": seed_idx[j],
+                            "target": int(targets[j]),
+                            "boundaries": reg.n_boundaries,
+                            "members": len(reg),
+                            "purity": reg.purity,
+                            "ref_coverage": reg.coverage,
+                            **reg.evaluate_features(feats_u, preds_u),
+                        }
+                    )
                 for label, idx in ((name, pick), (f"{name} @nn", nearest[j])):
                     if idx.numel():
                         lm = _ri_maps_on(reg, s.unseen[idx], acts_u[idx])
@@ -234,46 +322,78 @@ class _Runner:
             for j in range(len(seed_idx)):
                 pick = nearest[j]
                 if pick.numel():
-                    add(m.name, j, pick, m.reuse(w[j : j + 1].expand(pick.numel(), *w.shape[1:]),
-                                                 acts_u[pick], self.size))
-        ad, ai = average_drop_increase(self.model, torch.cat(images), torch.cat(maps),
-                                       torch.cat(tgts), cfg.fraction, cfg.baseline)
+                    add(
+                        m.name,
+                        j,
+                        pick,
+                        m.reuse(
+                            w[j : j + 1].expand(pick.numel(), *w.shape[1:]), acts_u[pick], self.size
+                        ),
+                    )
         strata = targets.tolist()
-        table = _aggregate(owner, ad, ai, len(seed_idx), strata, cfg)
-        ri_names = [n for n in table if n.startswith("ri")]
-        base_names = [m.name for m in methods]
-        return {"seeds": seed_idx, "seed_targets": strata, "metrics": table,
-                "interpret_seconds": round(interpret_seconds, 2),
-                "comparisons": _compare(table, ri_names, base_names, strata, cfg),
-                "rules": rules, "rule_summary": _rule_summary(rules)}
+        keep = _masking_tables(
+            self.model,
+            torch.cat(images),
+            torch.cat(maps),
+            torch.cat(tgts),
+            owner,
+            len(seed_idx),
+            strata,
+            cfg,
+            [m.name for m in methods],
+        )
+        return {
+            "seeds": seed_idx,
+            "seed_targets": strata,
+            "keep": keep,
+            "interpret_seconds": round(interpret_time.seconds, 2),
+            "rules": rules,
+            "rule_summary": _rule_summary(rules),
+        }
 
     def layer_sweep(self) -> list[dict]:
         """The reuse protocol again at each of the setup's ``other_layers``."""
-        configs = {n: self.ri_configs[n] for n in self.cfg.layer_sweep_variants
-                   if n in self.ri_configs}
+        configs = {
+            n: self.ri_configs[n] for n in self.cfg.layer_sweep_variants if n in self.ri_configs
+        }
         out = []
         for name, layer, head in self.s.other_layers:
-            t0 = time.perf_counter()
-            ri = self.fit(self.model, layer, head)
-            methods = channel_weight_methods(self.model, layer, self.cfg.include_package)
-            res = self.reuse(ri, methods, configs)
-            out.append({"layer": name, "shape": list(ri.layout_.shapes[0]),
-                        "metrics": res["metrics"], "comparisons": res["comparisons"],
-                        "seconds": round(time.perf_counter() - t0, 2)})
+            with Timer() as layer_time:
+                ri = self.fit(self.model, layer, head)
+                methods = channel_weight_methods(self.model, layer, self.cfg.include_package)
+                res = self.reuse(ri, methods, configs)
+            out.append(
+                {
+                    "layer": name,
+                    "shape": list(ri.layout_.shapes[0]),
+                    "keep": res["keep"],
+                    "seconds": round(layer_time.seconds, 2),
+                }
+            )
         return out
 
     # -------------------------------------------------------------- 2: no reuse
-    def explain_all(self, ri: RepresentativeInterpretation | None,
-                    methods: list[ChannelWeightMethod], images: Tensor, targets: Tensor,
-                    ri_names: Sequence[str] = ("ri",), with_ig: bool = True,
-                    model: nn.Module | None = None) -> dict[str, Tensor]:
+    def explain_all(
+        self,
+        ri: RepresentativeInterpretation | None,
+        methods: list[ChannelWeightMethod],
+        images: Tensor,
+        targets: Tensor,
+        ri_names: Sequence[str] = ("ri",),
+        with_ig: bool = True,
+        model: nn.Module | None = None,
+    ) -> dict[str, Tensor]:
         maps = {}
         if ri is not None:
             regions = self.regions(ri, images, targets)
             acts, _ = acts_and_grads(ri.forward_func, ri.layer, images, targets)
             for name in ri_names:
-                lm = torch.cat([_ri_maps_on(r, images[i : i + 1], acts[i : i + 1])
-                                for i, r in enumerate(regions[name])])
+                lm = torch.cat(
+                    [
+                        _ri_maps_on(r, images[i : i + 1], acts[i : i + 1])
+                        for i, r in enumerate(regions[name])
+                    ]
+                )
                 maps[name] = upsample(lm.float(), self.size)
         for m in methods:
             maps[m.name] = m.explain(images, targets)
@@ -289,28 +409,33 @@ class _Runner:
         _, preds_u = ri.transform(self.s.unseen, batch_size=512)
         idx = _pick_seeds(preds_u, cfg.n_explain_per_class, self.gen)
         images, targets = self.s.unseen[idx], preds_u[idx]
-        t0 = time.perf_counter()
-        maps = self.explain_all(ri, methods, images, targets, tuple(self.ri_configs))
-        self.timings["explain_no_reuse"] = time.perf_counter() - t0
-        n = len(idx)
-        names = list(maps)
-        ad, ai = average_drop_increase(
-            self.model, images.repeat(len(names), 1, 1, 1), torch.cat([maps[k] for k in names]),
-            targets.repeat(len(names)), cfg.fraction, cfg.baseline)
-        owner = [(k, i) for k in names for i in range(n)]
-        return {"images": idx, "metrics": _aggregate(owner, ad, ai, n, targets.tolist(), cfg)}
+        with Timer(self.timings, "explain_no_reuse"):
+            maps = self.explain_all(ri, methods, images, targets, tuple(self.ri_configs))
+        n, names = len(idx), list(maps)
+        keep = _masking_tables(
+            self.model,
+            images.repeat(len(names), 1, 1, 1),
+            torch.cat([maps[k] for k in names]),
+            targets.repeat(len(names)),
+            [(k, i) for k in names for i in range(n)],
+            n,
+            targets.tolist(),
+            cfg,
+        )
+        return {"images": idx, "keep": keep}
 
     # -------------------------------------------------------------- 4: sanity check
     def sanity(self) -> dict:
         cfg, s = self.cfg, self.s
         ri0 = self.fit(self.model, s.layer, s.head)
         feats_u, preds_u = ri0.transform(s.unseen, batch_size=512)
-        idx = _pick_seeds(preds_u, max(1, cfg.n_sanity // max(1, preds_u.unique().numel())),
-                          self.gen)[: cfg.n_sanity]
+        idx = _pick_seeds(
+            preds_u, max(1, cfg.n_sanity // max(1, preds_u.unique().numel())), self.gen
+        )[: cfg.n_sanity]
         images, targets = s.unseen[idx], preds_u[idx]
-        base = self.explain_all(ri0, channel_weight_methods(self.model, s.layer,
-                                                            cfg.include_package),
-                                images, targets)
+        base = self.explain_all(
+            ri0, channel_weight_methods(self.model, s.layer, cfg.include_package), images, targets
+        )
         stages = []
         names = [name for name, _ in s.cascade]
         for depth in range(1, len(s.cascade) + 1):
@@ -341,62 +466,147 @@ class _Runner:
         return {"images": idx, "stages": stages}
 
     # -------------------------------------------------------------- 5: fidelity
-    def fidelity(self, ri: RepresentativeInterpretation,
-                 methods: list[ChannelWeightMethod]) -> dict:
+    def fidelity(
+        self, ri: RepresentativeInterpretation, methods: list[ChannelWeightMethod]
+    ) -> dict:
         cfg, s = self.cfg, self.s
         _, preds_u = ri.transform(s.unseen, batch_size=512)
-        idx = _pick_seeds(preds_u, max(1, cfg.n_fidelity // preds_u.unique().numel()),
-                          self.gen)[: cfg.n_fidelity]
+        idx = _pick_seeds(preds_u, max(1, cfg.n_fidelity // preds_u.unique().numel()), self.gen)[
+            : cfg.n_fidelity
+        ]
         images, targets = s.unseen[idx], preds_u[idx]
-        channels = images.shape[1]
-        out: dict[str, dict[str, float]] = {}
         explainers = {"ri": lambda x, t: self._ri_maps(ri, x, t)}
         for m in methods:
             explainers[m.name] = m.explain
         explainers["ig"] = lambda x, t: integrated_gradients_maps(self.model, x, t, cfg.ig_steps)
-
-        def perturb(x: Tensor) -> tuple[Tensor, Tensor]:
-            noise = torch.randn(x.shape, generator=pgen) * cfg.perturb_std
-            return noise, x - noise
-
-        def sens_perturb(x: Tensor, radius: float) -> Tensor:
-            return x + (torch.rand(x.shape, generator=pgen) * 2 - 1) * radius
-
-        for name, fn in explainers.items():
-            pgen = torch.Generator().manual_seed(cfg.seed)
-            attr = fn(images, targets).expand(-1, channels, -1, -1).contiguous()
-            infid = infidelity(self.model, perturb, images, attr, target=targets,
-                               n_perturb_samples=cfg.n_perturb, normalize=True)
-
-            def expl(x: Tensor | tuple, target: Tensor, _fn: Any = fn) -> Tensor | tuple:
-                # Captum passes the unperturbed inputs as a tuple and expects a tuple back
-                was_tuple = isinstance(x, tuple)
-                with torch.enable_grad():
-                    out = _fn(x[0] if was_tuple else x, target)
-                out = out.expand(-1, channels, -1, -1).contiguous()
-                return (out,) if was_tuple else out
-
-            sens = sensitivity_max(expl, images, perturb_func=sens_perturb,
-                                   perturb_radius=cfg.sensitivity_radius,
-                                   n_perturb_samples=cfg.n_perturb, target=targets)
-            out[name] = {"infidelity": _mean(infid.detach()),
-                         "sensitivity_max": _mean(sens.detach())}
-        return {"images": idx, "n_images": len(idx), "n_perturb": cfg.n_perturb,
-                "perturb_std": cfg.perturb_std, "sensitivity_radius": cfg.sensitivity_radius,
-                "metrics": out}
+        return {
+            "images": idx,
+            "n_images": len(idx),
+            "n_perturb": cfg.n_perturb,
+            "perturb_std": cfg.perturb_std,
+            "sensitivity_radius": cfg.sensitivity_radius,
+            "metrics": _fidelity_metrics(self.model, explainers, images, targets, cfg),
+        }
 
     def _ri_maps(self, ri: RepresentativeInterpretation, x: Tensor, t: Tensor) -> Tensor:
         kw = self.ri_configs["ri"]
-        maps = ri.attribute(x, target=t.tolist(), random_state=self.cfg.seed, **kw)
+        maps = ri.attribute(x, target=t.tolist(), **self.ri_random_state, **kw)
         return upsample(maps.detach().float(), self.size)
 
 
-def _aggregate(owner: list[tuple[str, int]], ad: Tensor, ai: Tensor, n_seeds: int,
-               strata: Sequence[int], cfg: EvalConfig) -> dict:
+def _masking_tables(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    owner: list[tuple[str, int]],
+    n_seeds: int,
+    strata: Sequence[int],
+    cfg: EvalConfig,
+    baselines: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """mAD/mAI tables (and, with ``baselines``, paired comparisons) per keep share."""
+    keep = {}
+    for fraction in cfg.fractions:
+        ad, ai = average_drop_increase(model, images, maps, targets, fraction, cfg.baseline)
+        table = _aggregate(owner, ad, ai, n_seeds, strata, cfg)
+        keep[keep_key(fraction)] = {"metrics": table}
+        if baselines is not None:
+            ri_names = [n for n in table if n.startswith("ri")]
+            keep[keep_key(fraction)]["comparisons"] = _compare(
+                table, ri_names, baselines, strata, cfg
+            )
+    return keep
+
+
+def _fidelity_metrics(
+    model: nn.Module,
+    explainers: dict[str, Any],
+    images: Tensor,
+    targets: Tensor,
+    cfg: EvalConfig,
+) -> dict[str, dict[str, float]]:
+    """Captum's ``infidelity`` and ``sensitivity_max`` of each explainer ``fn(x, target)``."""
+    channels = images.shape[1]
+    out: dict[str, dict[str, float]] = {}
+
+    def perturb(x: Tensor) -> tuple[Tensor, Tensor]:
+        noise = torch.randn(x.shape, generator=pgen) * cfg.perturb_std
+        return noise, x - noise
+
+    def sens_perturb(x: Tensor, radius: float) -> Tensor:
+        return x + (torch.rand(x.shape, generator=pgen) * 2 - 1) * radius
+
+    for name, fn in explainers.items():
+        pgen = torch.Generator().manual_seed(cfg.seed)
+        attr = fn(images, targets).expand(-1, channels, -1, -1).contiguous()
+        infid = infidelity(
+            model,
+            perturb,
+            images,
+            attr,
+            target=targets,
+            n_perturb_samples=cfg.n_perturb,
+            normalize=True,
+        )
+
+        def expl(x: Tensor | tuple, target: Tensor, _fn: Any = fn) -> Tensor | tuple:
+            # Captum passes the unperturbed inputs as a tuple and expects a tuple back
+            was_tuple = isinstance(x, tuple)
+            with torch.enable_grad():
+                res = _fn(x[0] if was_tuple else x, target)
+            res = res.expand(-1, channels, -1, -1).contiguous()
+            return (res,) if was_tuple else res
+
+        sens = sensitivity_max(
+            expl,
+            images,
+            perturb_func=sens_perturb,
+            perturb_radius=cfg.sensitivity_radius,
+            n_perturb_samples=cfg.n_perturb,
+            target=targets,
+        )
+        out[name] = {"infidelity": _mean(infid.detach()), "sensitivity_max": _mean(sens.detach())}
+    return out
+
+
+def interval_estimable(values: Sequence[float], strata: Sequence[int]) -> bool:
+    """Whether a class-stratified bootstrap interval of ``values`` means anything.
+
+    Resampling within a class only varies the mean when the class has two or more values
+    (NaN dropped): with one seed per class every resample is the sample itself and the
+    interval collapses onto the mean. Estimable when at least
+    :data:`MIN_SEEDS_FOR_INTERVAL` values lie in such classes.
+    """
+    x = np.asarray(values, dtype=float).ravel()
+    s = np.asarray(strata).ravel()[~np.isnan(x)]
+    _, counts = np.unique(s, return_counts=True)
+    return int(counts[counts >= 2].sum()) >= MIN_SEEDS_FOR_INTERVAL
+
+
+def _interval(
+    values: Sequence[float], strata: Sequence[int], cfg: EvalConfig
+) -> tuple[float, float, float]:
+    """``bootstrap_ci`` with NaN bounds when the interval is not estimable."""
+    mean, lo, hi = bootstrap_ci(values, strata, cfg.n_boot, seed=cfg.seed)
+    if not interval_estimable(values, strata):
+        lo = hi = float("nan")
+    return mean, lo, hi
+
+
+def _aggregate(
+    owner: list[tuple[str, int]],
+    ad: Tensor,
+    ai: Tensor,
+    n_seeds: int,
+    strata: Sequence[int],
+    cfg: EvalConfig,
+) -> dict:
     """mAD/mAI per method: mean over images of each seed, then over seeds with images.
 
     Each metric also gets a 95% bootstrap interval over seeds (stratified by the seed's
-    class) and the per-seed values (``None`` for a seed without images).
+    class; NaN bounds when :func:`interval_estimable` says too few seeds) and the
+    per-seed values (``None`` for a seed without images).
     """
     table: dict[str, dict[str, Any]] = {}
     names = list(dict.fromkeys(o[0] for o in owner))
@@ -410,13 +620,18 @@ def _aggregate(owner: list[tuple[str, int]], ad: Tensor, ai: Tensor, n_seeds: in
                 per_seed_ad[j] = float(ad[sel].mean())
                 per_seed_ai[j] = float(ai[sel].mean())
                 n_img += len(sel)
-        m_ad, lo_ad, hi_ad = bootstrap_ci(per_seed_ad, strata, cfg.n_boot, seed=cfg.seed)
-        m_ai, lo_ai, hi_ai = bootstrap_ci(per_seed_ai, strata, cfg.n_boot, seed=cfg.seed)
-        table[name] = {"mAD": m_ad, "mAD_ci": [lo_ad, hi_ad], "mAI": m_ai,
-                       "mAI_ci": [lo_ai, hi_ai],
-                       "n_seeds": int(sum(not math.isnan(v) for v in per_seed_ad)),
-                       "n_images": n_img, "per_seed_AD": per_seed_ad,
-                       "per_seed_AI": per_seed_ai}
+        m_ad, lo_ad, hi_ad = _interval(per_seed_ad, strata, cfg)
+        m_ai, lo_ai, hi_ai = _interval(per_seed_ai, strata, cfg)
+        table[name] = {
+            "mAD": m_ad,
+            "mAD_ci": [lo_ad, hi_ad],
+            "mAI": m_ai,
+            "mAI_ci": [lo_ai, hi_ai],
+            "n_seeds": int(sum(not math.isnan(v) for v in per_seed_ad)),
+            "n_images": n_img,
+            "per_seed_AD": per_seed_ad,
+            "per_seed_AI": per_seed_ai,
+        }
     return table
 
 
@@ -424,12 +639,19 @@ def _aggregate(owner: list[tuple[str, int]], ad: Tensor, ai: Tensor, n_seeds: in
 _TIE = 1e-6
 
 
-def _compare(table: dict, ri_names: Sequence[str], base_names: Sequence[str],
-             strata: Sequence[int], cfg: EvalConfig) -> list[dict]:
+def _compare(
+    table: dict,
+    ri_names: Sequence[str],
+    base_names: Sequence[str],
+    strata: Sequence[int],
+    cfg: EvalConfig,
+) -> list[dict]:
     """Paired per-seed differences (RI config minus baseline) with bootstrap intervals.
 
     ``win_AD`` / ``win_AI`` is True when the interval shows RI better (lower AD, higher
-    AI), False when it shows it worse, None when it contains 0.
+    AI), False when it shows it worse, None when it contains 0 or cannot be estimated.
+    ``n_paired`` counts the seeds both have; ``estimable`` is False (and the interval NaN)
+    when :func:`interval_estimable` says they are too few.
     """
     out = []
     for r in ri_names:
@@ -437,12 +659,16 @@ def _compare(table: dict, ri_names: Sequence[str], base_names: Sequence[str],
             row: dict[str, Any] = {"ri": r, "baseline": b}
             for metric, better in (("AD", -1.0), ("AI", 1.0)):
                 diff = np.asarray(table[r][f"per_seed_{metric}"]) - np.asarray(
-                    table[b][f"per_seed_{metric}"])
-                mean, lo, hi = bootstrap_ci(diff, strata, cfg.n_boot, seed=cfg.seed)
+                    table[b][f"per_seed_{metric}"]
+                )
+                mean, lo, hi = _interval(diff, strata, cfg)
                 row[f"d{metric}"] = mean
                 row[f"d{metric}_ci"] = [lo, hi]
-                sure = lo > _TIE or hi < -_TIE  # float32 round-off is not a difference
+                # float32 round-off is not a difference; NaN bounds compare False
+                sure = lo > _TIE or hi < -_TIE
                 row[f"win_{metric}"] = None if not sure else bool(mean * better > 0)
+            row["n_paired"] = int((~np.isnan(diff)).sum())
+            row["estimable"] = interval_estimable(diff, strata)
             out.append(row)
     return out
 
@@ -503,13 +729,13 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
         raise TypeError(f"config must be an EvalConfig, got {type(cfg).__name__}")
     if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or cfg.k <= 0:
         raise ValueError(f"config.k must be a positive int, got {cfg.k!r}")
+    _check_fractions(cfg.fractions)
     run = _Runner(setup, cfg)
-    t_start = time.perf_counter()
-    with torch.random.fork_rng():
+    tag = f"[{setup.name}]"
+    with Timer(run.timings, "total"), torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        t0 = time.perf_counter()
-        ri = run.fit(run.model, setup.layer, setup.head)
-        run.timings["ri_fit"] = time.perf_counter() - t0
+        with Timer(run.timings, "ri_fit"):
+            ri = run.fit(run.model, setup.layer, setup.head)
         methods = channel_weight_methods(run.model, setup.layer, cfg.include_package)
         result: dict[str, Any] = {
             "setup": setup.name,
@@ -520,35 +746,39 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
             "methods": ["ri", *[m.name for m in methods]],
             "heatmap_layers": [name for name, _ in setup.heatmap_layers],
         }
-        t0 = time.perf_counter()
-        result["reuse"] = run.reuse(ri, methods)
+        with Timer(run.timings, "reuse_total", f"{tag} reuse"):
+            result["reuse"] = run.reuse(ri, methods)
         # the main run's time only (the layer sweep calls reuse again and times itself)
         run.timings["ri_interpret_seeds"] = result["reuse"]["interpret_seconds"]
-        run.timings["reuse_total"] = time.perf_counter() - t0
-        print(f"[{setup.name}] reuse: {run.timings['reuse_total']:.1f} s", flush=True)
-        t0 = time.perf_counter()
-        result["no_reuse"] = run.no_reuse(ri, methods)
-        run.timings["no_reuse_total"] = time.perf_counter() - t0
-        print(f"[{setup.name}] no_reuse: {run.timings['no_reuse_total']:.1f} s", flush=True)
+        with Timer(run.timings, "no_reuse_total", f"{tag} no_reuse"):
+            result["no_reuse"] = run.no_reuse(ri, methods)
         if cfg.sanity and setup.cascade:
-            t0 = time.perf_counter()
-            result["sanity"] = run.sanity()
-            run.timings["sanity_total"] = time.perf_counter() - t0
-            print(f"[{setup.name}] sanity: {run.timings['sanity_total']:.1f} s", flush=True)
+            with Timer(run.timings, "sanity_total", f"{tag} sanity"):
+                result["sanity"] = run.sanity()
         if cfg.layer_sweep and setup.other_layers:
-            t0 = time.perf_counter()
-            result["layers"] = run.layer_sweep()
-            run.timings["layer_sweep_total"] = time.perf_counter() - t0
-            print(f"[{setup.name}] layer sweep: {run.timings['layer_sweep_total']:.1f} s",
-                  flush=True)
+            with Timer(run.timings, "layer_sweep_total", f"{tag} layer sweep"):
+                result["layers"] = run.layer_sweep()
         if cfg.fidelity:
-            t0 = time.perf_counter()
-            result["fidelity"] = run.fidelity(ri, methods)
-            run.timings["fidelity_total"] = time.perf_counter() - t0
-            print(f"[{setup.name}] fidelity: {run.timings['fidelity_total']:.1f} s", flush=True)
-    run.timings["total"] = time.perf_counter() - t_start
+            with Timer(run.timings, "fidelity_total", f"{tag} fidelity"):
+                result["fidelity"] = run.fidelity(ri, methods)
     result["timings_s"] = {k: round(v, 2) for k, v in run.timings.items()}
     return _clean(result)
+
+
+def _check_fractions(fractions: Any) -> None:
+    if (
+        isinstance(fractions, (str, bytes))
+        or not isinstance(fractions, Sequence)
+        or not (fractions)
+    ):
+        raise TypeError(f"config.fractions must be a non-empty sequence, got {fractions!r}")
+    for f in fractions:
+        if isinstance(f, bool) or not isinstance(f, (int, float)):
+            raise TypeError(f"config.fractions: each keep share must be a number, got {f!r}")
+        if not 0 < f <= 1:
+            raise ValueError(f"config.fractions: each keep share must be in (0, 1], got {f!r}")
+    if len({keep_key(f) for f in fractions}) != len(fractions):
+        raise ValueError(f"config.fractions must not repeat a keep share, got {fractions!r}")
 
 
 def _clean(obj: Any) -> Any:

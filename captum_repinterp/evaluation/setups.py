@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .protocol import EvalConfig, Setup, evaluate_setup
+from .protocol import EvalConfig, Setup, Timer, evaluate_setup
 
 __all__ = ["SETUPS", "load_setup", "markdown_report", "run_evaluation"]
 
@@ -41,16 +41,31 @@ def load_setup(name: str, seed: int = 0) -> Setup:
         train, test = datasets.split_indices(len(y), 0.2, seed=seed, stratify=y)
         model = models.train_small_cnn(x[train], y[train], seed=seed).eval()
         f = model.features
-        cascade = [("head", model.head), ("features[2]", f[2]), ("features[1]", f[1]),
-                   ("features[0]", f[0])]
+        cascade = [
+            ("head", model.head),
+            ("features[2]", f[2]),
+            ("features[1]", f[1]),
+            ("features[0]", f[0]),
+        ]
         label = "MNIST-5k" if name == "mnist" else "scikit-learn digits (28x28)"
-        other = [(f"features[{i}]", f[i], nn.Sequential(*f[i + 1 :], model.head).eval())
-                 for i in reversed(range(len(f) - 1))]
-        return Setup(name, model, f[-1], x[train], x[test], head=model.head, cascade=cascade,
-                     other_layers=other, heatmap_layers=[(n, m) for n, m, _ in other],
-                     notes=f"SmallCNN on {label}; references = train split "
-                           f"({len(train)}), unseen = test split ({len(test)}); "
-                           "masked pixels = 0 (black)")
+        other = [
+            (f"features[{i}]", f[i], nn.Sequential(*f[i + 1 :], model.head).eval())
+            for i in reversed(range(len(f) - 1))
+        ]
+        return Setup(
+            name,
+            model,
+            f[-1],
+            x[train],
+            x[test],
+            head=model.head,
+            cascade=cascade,
+            other_layers=other,
+            heatmap_layers=[(n, m) for n, m, _ in other],
+            notes=f"SmallCNN on {label}; references = train split "
+            f"({len(train)}), unseen = test split ({len(test)}); "
+            "masked pixels = 0 (black)",
+        )
     if name == "faces":
         x, y = datasets.load_faces(48)
         train, test = datasets.split_indices(len(y), 0.3, seed=seed, stratify=y)
@@ -59,21 +74,33 @@ def load_setup(name: str, seed: int = 0) -> Setup:
         cascade = [("head", model.head)] + [
             (f"features[{i}]", f[i]) for i in reversed(range(len(f)))
         ]
-        other = [(f"features[{i}]", f[i], nn.Sequential(*f[i + 1 :], model.head).eval())
-                 for i in (len(f) - 2, len(f) - 3)]
-        return Setup(name, model, f[-1], x[train], x[test], head=model.head, cascade=cascade,
-                     class_names=["non-face", "face"], other_layers=other,
-                     heatmap_layers=[(n, m) for n, m, _ in other],
-                     notes=f"pretrained MTCNN ONet (facenet-pytorch) on lfw_subset; references "
-                           f"= train split ({len(train)}), unseen = test split ({len(test)}); "
-                           "masked pixels = 0 in input space (mid grey)")
+        other = [
+            (f"features[{i}]", f[i], nn.Sequential(*f[i + 1 :], model.head).eval())
+            for i in (len(f) - 2, len(f) - 3)
+        ]
+        return Setup(
+            name,
+            model,
+            f[-1],
+            x[train],
+            x[test],
+            head=model.head,
+            cascade=cascade,
+            class_names=["non-face", "face"],
+            other_layers=other,
+            heatmap_layers=[(n, m) for n, m, _ in other],
+            notes=f"pretrained MTCNN ONet (facenet-pytorch) on lfw_subset; references "
+            f"= train split ({len(train)}), unseen = test split ({len(test)}); "
+            "masked pixels = 0 in input space (mid grey)",
+        )
     raise ValueError(f"name must be one of {SETUPS}, got {name!r}")
 
 
 def default_config(name: str, quick: bool = False) -> EvalConfig:
     """The configuration used for each setup by the benchmark (recorded in the results)."""
-    cfg = EvalConfig(seeds_per_class=10, n_explain_per_class=5, n_sanity=4, n_fidelity=4,
-                     n_perturb=4)
+    cfg = EvalConfig(
+        seeds_per_class=10, n_explain_per_class=5, n_sanity=4, n_fidelity=4, n_perturb=4
+    )
     cfg.ri_variants = {
         "ri[channel]": {"heatmap_rule": "channel"},
         "ri[region-score]": {"heatmap_rule": "region-score"},
@@ -89,32 +116,61 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
 
 
 def run_evaluation(
-    setups: list[str], out: str | Path, seed: int = 0, quick: bool = False,
+    setups: list[str],
+    out: str | Path,
+    seed: int = 0,
+    quick: bool = False,
     ri_variants: dict[str, dict[str, Any]] | None = None,
+    fractions: Sequence[float] = (0.2, 0.5),
 ) -> dict[str, Any]:
-    """Evaluate each named setup; write ``results.json`` and ``evaluation.md`` to ``out``."""
+    """Evaluate each named setup; write ``results.json`` and ``evaluation.md`` to ``out``.
+
+    Parameters
+    ----------
+    setups : list of str
+        Names from :data:`SETUPS`.
+    out : str or Path
+        Folder for the results (created if needed); its paths are printed at the end.
+    seed : int
+        Random seed of the setups' splits and training and of the protocol.
+    quick : bool
+        A small run (one seed per class, no layer sweep): a smoke test. Its intervals
+        are reported as ``n/a`` (too few seeds), so it declares no winner.
+    ri_variants : dict, optional
+        RI variants to run instead of :func:`default_config`'s.
+    fractions : sequence of float
+        Keep shares of the masking metrics (default: 20%, the paper's, and 50%).
+
+    Returns
+    -------
+    dict
+        ``{"setups": {name: results}, "total_seconds": ...}``, as written to
+        ``results.json``; the masking metrics are under ``["keep"][keep_key(f)]``
+        (:func:`~captum_repinterp.evaluation.protocol.keep_key`).
+    """
     for s in setups:
         if s not in SETUPS:
             raise ValueError(f"setups: {s!r} is not one of {SETUPS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     results = {}
-    for name in setups:
-        cfg = default_config(name, quick)
-        cfg.seed = seed
-        if ri_variants is not None:
-            cfg.ri_variants = dict(ri_variants)
-        t0 = time.perf_counter()
-        setup = load_setup(name, seed)
-        load_s = time.perf_counter() - t0
-        res = evaluate_setup(setup, cfg)
-        res["timings_s"]["load"] = round(load_s, 2)
-        results[name] = res
-        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
-    report = {"setups": results, "total_seconds": round(time.perf_counter() - start, 1)}
+    with Timer() as total:
+        for name in setups:
+            cfg = default_config(name, quick)
+            cfg.seed = seed
+            cfg.fractions = tuple(fractions)
+            if ri_variants is not None:
+                cfg.ri_variants = dict(ri_variants)
+            with Timer(label=f"[{name}] done"):
+                with Timer() as load:
+                    setup = load_setup(name, seed)
+                res = evaluate_setup(setup, cfg)
+            res["timings_s"]["load"] = round(load.seconds, 2)
+            results[name] = res
+    report = {"setups": results, "total_seconds": round(total.seconds, 1)}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "evaluation.md").write_text(markdown_report(report))
+    print(f"results written to {out / 'results.json'} and {out / 'evaluation.md'}")
     return report
 
 
@@ -129,21 +185,31 @@ def _f(v: Any, digits: int = 3) -> str:
 def _ci(row: dict[str, Any], key: str) -> str:
     lo, hi = row.get(f"{key}_ci", (None, None))
     if lo is None or hi is None:
-        return _f(row[key])
+        return f"{_f(row[key])} [n/a]"
     return f"{_f(row[key])} [{_f(lo)}, {_f(hi)}]"
 
 
 def _metric_table(metrics: dict[str, Any]) -> list[str]:
-    lines = ["| method | images | mAD [95% CI] | mAI [95% CI] | seeds | images |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | images | mAD [95% CI] | mAI [95% CI] | seeds | images |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, row in metrics.items():
         kind = "RI's" if m.startswith("ri") and not m.endswith("@nn") else "NN"
-        lines.append(f"| {m} | {kind} | {_ci(row, 'mAD')} | {_ci(row, 'mAI')} | "
-                     f"{row['n_seeds']} | {row['n_images']} |")
+        lines.append(
+            f"| {m} | {kind} | {_ci(row, 'mAD')} | {_ci(row, 'mAI')} | "
+            f"{row['n_seeds']} | {row['n_images']} |"
+        )
     return lines
 
 
-def _mark(win: bool | None) -> str:
+TOO_FEW = "n/a (too few seeds)"
+
+
+def _mark(row: dict[str, Any], metric: str) -> str:
+    if not row.get("estimable", True):
+        return TOO_FEW
+    win = row[f"win_{metric}"]
     return "=" if win is None else ("**better**" if win else "worse")
 
 
@@ -152,77 +218,134 @@ def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in rows if r["ri"] in shown or r["ri"].startswith("ri[map@")]
     if not rows:
         return []
-    lines = ["", "Paired per-seed differences, RI config minus baseline (95% bootstrap "
-             "interval; better / worse when the interval excludes 0, = otherwise):", "",
-             "| RI config | baseline | dAD | AD | dAI | AI |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "Paired per-seed differences, RI config minus baseline (95% bootstrap "
+        "interval; better / worse when the interval excludes 0, = otherwise; "
+        f"{TOO_FEW} when the classes hold too few seeds to resample):",
+        "",
+        "| RI config | baseline | dAD | AD | dAI | AI |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['ri']} | {r['baseline']} | {_ci(r, 'dAD')} | "
-                     f"{_mark(r['win_AD'])} | {_ci(r, 'dAI')} | {_mark(r['win_AI'])} |")
+        lines.append(
+            f"| {r['ri']} | {r['baseline']} | {_ci(r, 'dAD')} | "
+            f"{_mark(r, 'AD')} | {_ci(r, 'dAI')} | {_mark(r, 'AI')} |"
+        )
     return lines
 
 
+def _keep_title(key: str) -> str:
+    return f"keep {float(key):.0%}"
+
+
 def markdown_report(report: dict[str, Any]) -> str:
-    """The results as markdown tables (one section per setup)."""
-    lines = ["# Evaluation results", "",
-             "Written by `benchmarks/evaluate.py` (`captum-repinterp evaluate`); do not edit "
-             "by hand. Protocol: `EVALUATION.md`, code: `captum_repinterp/evaluation/`.", ""]
+    """The results as markdown tables: one section per setup, masking tables per keep share."""
+    lines = [
+        "# Evaluation results",
+        "",
+        "Written by `benchmarks/evaluate.py` (`captum-repinterp evaluate`); do not edit "
+        "by hand. Protocol: `docs/method.md`, code: `captum_repinterp/evaluation/`.",
+        "",
+    ]
     for name, res in report["setups"].items():
         cfg = res["config"]
         ri = cfg["ri_kwargs"]
-        lines += [f"## {name}", "", res["notes"] + ".", "",
-                  f"Seeds: {cfg['seeds_per_class']} per predicted class (random, seed "
-                  f"{cfg['seed']}) from the references; k = {cfg['k']} unseen images per seed; "
-                  f"top {cfg['fraction']:.0%} pixels kept, the rest set to {cfg['baseline']}; "
-                  f"RI: n_boundaries = {ri['n_boundaries']}, delta = {ri['delta']}, refine = "
-                  f"{ri['refine']}, heatmap_rule = {ri['heatmap_rule']}, combine = "
-                  f"{ri['combine']}.", ""]
-        lines += ["### Reuse protocol (mAD lower is better, mAI higher is better)", "",
-                  "RI's images: unseen images inside the region, ranked by semantic distance "
-                  "(the protocol). NN images: the k nearest unseen images in feature space "
-                  "with the seed's prediction (the baselines' images; `@nn` rows reuse the "
-                  "RI map on them, so maps are compared on the same images). `ri[map@L]`: the "
-                  "RI map drawn at the earlier layer L (`heatmap_layer=`; the region stays at "
-                  "the split layer, the baselines stay there too). Brackets: 95% "
-                  "bootstrap interval over seeds, stratified by class.", ""]
-        lines += _metric_table(res["reuse"]["metrics"])
-        lines += _comparison_table(res["reuse"]["comparisons"])
-        lines += ["", "### Without reuse (each method explains the image itself)", "",
-                  "| method | mAD | mAI | images |", "|---|---|---|---|"]
-        for m, row in res["no_reuse"]["metrics"].items():
-            lines.append(f"| {m} | {_ci(row, 'mAD')} | {_ci(row, 'mAI')} | {row['n_seeds']} |")
-        for sweep in res.get("layers", []):
-            lines += ["", f"### Reuse protocol at {sweep['layer']} (layer output "
-                      f"{' x '.join(map(str, sweep['shape']))}; every method at this layer; "
-                      f"{sweep['seconds']} s)", ""]
-            lines += _metric_table(sweep["metrics"])
-            lines += _comparison_table(sweep["comparisons"])
-        lines += ["", "### RI regions as rules on unseen images", "",
-                  "| config | precision | coverage | inside (mean) | seeds with images inside "
-                  "| boundaries | purity (refs) | coverage (refs) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        shares = " and ".join(f"{f:.0%}" for f in cfg["fractions"])
+        lines += [
+            f"## {name}",
+            "",
+            res["notes"] + ".",
+            "",
+            f"Seeds: {cfg['seeds_per_class']} per predicted class (random, seed "
+            f"{cfg['seed']}) from the references; k = {cfg['k']} unseen images per seed; "
+            f"top {shares} of the pixels kept (one table each), the rest set to "
+            f"{cfg['baseline']}; RI: n_boundaries = {ri['n_boundaries']}, delta = "
+            f"{ri['delta']}, refine = {ri['refine']}, heatmap_rule = "
+            f"{ri['heatmap_rule']}, combine = {ri['combine']}.",
+            "",
+        ]
+        for key, part in res["reuse"]["keep"].items():
+            lines += [
+                f"### Reuse protocol, {_keep_title(key)} (mAD lower is better, mAI "
+                "higher is better)",
+                "",
+                "RI's images: unseen images inside the region, ranked by semantic "
+                "distance (the protocol). NN images: the k nearest unseen images in "
+                "feature space with the seed's prediction (the baselines' images; `@nn` "
+                "rows reuse the RI map on them, so maps are compared on the same "
+                "images). `ri[map@L]`: the RI map drawn at the earlier layer L "
+                "(`heatmap_layer=`; the region stays at the split layer, the baselines "
+                "stay there too). Brackets: 95% bootstrap interval over seeds, "
+                "stratified by class (n/a: too few seeds per class).",
+                "",
+            ]
+            lines += _metric_table(part["metrics"])
+            lines += _comparison_table(part["comparisons"])
+            lines += [
+                "",
+                f"### Without reuse, {_keep_title(key)} (each method explains the image itself)",
+                "",
+                "| method | mAD | mAI | images |",
+                "|---|---|---|---|",
+            ]
+            for m, row in res["no_reuse"]["keep"][key]["metrics"].items():
+                lines.append(f"| {m} | {_ci(row, 'mAD')} | {_ci(row, 'mAI')} | {row['n_seeds']} |")
+            for sweep in res.get("layers", []):
+                lines += [
+                    "",
+                    f"### Reuse protocol at {sweep['layer']}, {_keep_title(key)} "
+                    f"(layer output {' x '.join(map(str, sweep['shape']))}; every "
+                    f"method at this layer; {sweep['seconds']} s for both keep shares)",
+                    "",
+                ]
+                lines += _metric_table(sweep["keep"][key]["metrics"])
+                lines += _comparison_table(sweep["keep"][key]["comparisons"])
+            lines.append("")
+        lines += [
+            "### RI regions as rules on unseen images",
+            "",
+            "| config | precision | coverage | inside (mean) | seeds with images inside "
+            "| boundaries | purity (refs) | coverage (refs) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for m, r in res["reuse"]["rule_summary"].items():
-            lines.append(f"| {m} | {_f(r['precision'])} | {_f(r['coverage'])} | "
-                         f"{_f(r['n_inside'], 1)} | {r['seeds_with_images_inside']}/"
-                         f"{r['n_seeds']} | {_f(r['boundaries'], 1)} | {_f(r['ref_purity'])} | "
-                         f"{_f(r['ref_coverage'])} |")
+            lines.append(
+                f"| {m} | {_f(r['precision'])} | {_f(r['coverage'])} | "
+                f"{_f(r['n_inside'], 1)} | {r['seeds_with_images_inside']}/"
+                f"{r['n_seeds']} | {_f(r['boundaries'], 1)} | {_f(r['ref_purity'])} | "
+                f"{_f(r['ref_coverage'])} |"
+            )
         if "sanity" in res:
             stages = res["sanity"]["stages"]
             names = [k for k in stages[0] if k not in ("randomised", "note")]
-            lines += ["", "### Sanity check: Spearman correlation with the original maps "
-                      f"({len(res['sanity']['images'])} images; lower = the map depends more "
-                      "on the weights)", "",
-                      "| randomised (cascading) | " + " | ".join(names) + " | note |",
-                      "|---" * (len(names) + 2) + "|"]
+            lines += [
+                "",
+                "### Sanity check: Spearman correlation with the original maps "
+                f"({len(res['sanity']['images'])} images; lower = the map depends more "
+                "on the weights)",
+                "",
+                "| randomised (cascading) | " + " | ".join(names) + " | note |",
+                "|---" * (len(names) + 2) + "|",
+            ]
             for st in stages:
-                lines.append(f"| {st['randomised']} | " + " | ".join(_f(st[n]) for n in names)
-                             + f" | {st.get('note', '')} |")
+                lines.append(
+                    f"| {st['randomised']} | "
+                    + " | ".join(_f(st[n]) for n in names)
+                    + f" | {st.get('note', '')} |"
+                )
         if "fidelity" in res:
             fid = res["fidelity"]
-            lines += ["", f"### Infidelity and max-sensitivity (n = {fid['n_images']} images, "
-                      f"{fid['n_perturb']} perturbations each; Gaussian noise std "
-                      f"{fid['perturb_std']} for infidelity with `normalize=True`, uniform "
-                      f"radius {fid['sensitivity_radius']} for sensitivity; lower is better)",
-                      "", "| method | infidelity | sensitivity_max |", "|---|---|---|"]
+            lines += [
+                "",
+                f"### Infidelity and max-sensitivity (n = {fid['n_images']} images, "
+                f"{fid['n_perturb']} perturbations each; Gaussian noise std "
+                f"{fid['perturb_std']} for infidelity with `normalize=True`, uniform "
+                f"radius {fid['sensitivity_radius']} for sensitivity; lower is better)",
+                "",
+                "| method | infidelity | sensitivity_max |",
+                "|---|---|---|",
+            ]
             for m, r in fid["metrics"].items():
                 lines.append(f"| {m} | {_f(r['infidelity'], 4)} | {_f(r['sensitivity_max'])} |")
         t = res["timings_s"]
