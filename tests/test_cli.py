@@ -1,5 +1,6 @@
 """The command line: bad arguments end in a one-line usage error (exit status 2)."""
 
+import os
 import sys
 import textwrap
 
@@ -222,3 +223,10 @@ def test_evaluate_says_where_and_warns_on_quick(monkeypatch, tmp_path, capsys):
     assert "not evidence" in out
     assert main(["evaluate", "--setup", "digits", "--out", str(tmp_path)]) == 0
     assert "not evidence" not in capsys.readouterr().out
+
+
+def test_tests_use_a_temporary_cache(temporary_cache):
+    from captum_repinterp.datasets import cache_dir
+
+    assert str(cache_dir()) == temporary_cache
+    assert os.environ["CAPTUM_REPINTERP_CACHE"] == temporary_cache
