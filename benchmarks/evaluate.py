@@ -1,12 +1,13 @@
-"""Full evaluation run: the protocol of EVALUATION.md on the real setups.
+"""Full evaluation run: the protocol of docs/method.md on the real setups.
 
 Usage::
 
-    /work/venv/bin/python benchmarks/evaluate.py [--setups mnist faces digits] [--out DIR]
+    .venv/bin/python benchmarks/evaluate.py [--setups mnist faces digits] [--out DIR]
+        [--update-docs]
 
-Writes ``results.json`` and ``evaluation.md`` to ``--out`` (default: a temporary
-folder under ``benchmarks/out``) and copies the markdown to ``docs/evaluation.md``.
-Takes a few minutes on 2 CPU cores.
+Writes ``results.json`` and ``evaluation.md`` to ``--out`` (default:
+``benchmarks/out/evaluation``); with ``--update-docs`` it also copies the markdown to
+``docs/evaluation.md``. Takes a few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ def main() -> int:
     parser.add_argument("--setups", nargs="+", default=["mnist", "faces", "digits"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "evaluation"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-docs", action="store_true", help="do not update docs/")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="copy evaluation.md to docs/evaluation.md")
     args = parser.parse_args()
     report = run_evaluation(args.setups, args.out, seed=args.seed)
-    if not args.no_docs:
+    if args.update_docs:
         shutil.copy(Path(args.out) / "evaluation.md", ROOT / "docs" / "evaluation.md")
     print((Path(args.out) / "evaluation.md").read_text())
-    print(f"total {report['total_seconds']} s")
+    print(f"total {report['total_seconds']} s; results written to "
+          f"{Path(args.out).resolve()} (results.json, evaluation.md)")
     return 0
 
 
