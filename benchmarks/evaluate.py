@@ -30,15 +30,18 @@ def main() -> int:
     parser.add_argument("--setups", nargs="+", default=["mnist", "faces", "digits"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "evaluation"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--update-docs", action="store_true",
-                        help="copy evaluation.md to docs/evaluation.md")
+    parser.add_argument(
+        "--update-docs", action="store_true", help="copy evaluation.md to docs/evaluation.md"
+    )
     args = parser.parse_args()
     report = run_evaluation(args.setups, args.out, seed=args.seed)
     if args.update_docs:
         shutil.copy(Path(args.out) / "evaluation.md", ROOT / "docs" / "evaluation.md")
     print((Path(args.out) / "evaluation.md").read_text())
-    print(f"total {report['total_seconds']} s; results written to "
-          f"{Path(args.out).resolve()} (results.json, evaluation.md)")
+    print(
+        f"total {report['total_seconds']} s; results written to "
+        f"{Path(args.out).resolve()} (results.json, evaluation.md)"
+    )
     return 0
 
 

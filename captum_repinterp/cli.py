@@ -38,10 +38,10 @@ def _int_list(text: str) -> list[int]:
         values = [int(p) for p in parts if p]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be comma-separated non-negative ints, got {text!r}") from None
+            f"must be comma-separated non-negative ints, got {text!r}"
+        ) from None
     if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated non-negative ints, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be comma-separated non-negative ints, got {text!r}")
     return values
 
 
@@ -54,7 +54,8 @@ def _seeds(text: str) -> int | list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"must be a count (e.g. 4) or comma-separated held-out indices (e.g. 0,100), "
-            f"got {text!r}") from None
+            f"got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"a count must be at least 1, got {text!r}")
     return value
@@ -64,28 +65,41 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``captum-repinterp`` argument parser (defaults shown in ``--help``)."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="captum-repinterp", formatter_class=fmt,
+        prog="captum-repinterp",
+        formatter_class=fmt,
         description="Representative interpretations of CNNs for Captum.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
-        "demo", formatter_class=fmt, help="run the main job on the bundled data",
+        "demo",
+        formatter_class=fmt,
+        help="run the main job on the bundled data",
         description="Fit, interpret a few seeds and draw the figures on MNIST-5k and on "
         "the faces; print the table and save it as table.txt.",
     )
     demo.add_argument("--out", default="out", help="folder for the PNG figures and table.txt")
     demo.add_argument(
-        "--seeds", type=_seeds, default=4, metavar="N|I,J,...",
+        "--seeds",
+        type=_seeds,
+        default=4,
+        metavar="N|I,J,...",
         help="MNIST-5k seeds: a count N (the first held-out image of each of N predicted "
         "classes) or comma-separated held-out indices such as 0,100 (a single index needs "
         "a trailing comma: 7,); the faces always use one seed per class",
     )
-    demo.add_argument("--random-state", "--seed", dest="random_state", type=_int, default=0,
-                      help="random seed of the split, the training and the interpretations")
+    demo.add_argument(
+        "--random-state",
+        "--seed",
+        dest="random_state",
+        type=_int,
+        default=0,
+        help="random seed of the split, the training and the interpretations",
+    )
 
     rep = sub.add_parser(
-        "report", formatter_class=fmt,
+        "report",
+        formatter_class=fmt,
         help="write a static HTML audit report of a model",
         description="Audit the classes of a model and write DIR/index.html with its PNGs. "
         "Without --model-factory and --data: the small CNN on MNIST-5k.",
@@ -93,40 +107,55 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(subparser=rep)
     rep.add_argument("--out", default="report", help="folder for index.html and its PNGs")
     rep.add_argument(
-        "--model-factory", default=None, metavar="PKG.MOD:FN",
+        "--model-factory",
+        default=None,
+        metavar="PKG.MOD:FN",
         help="function returning model (split at model.features[-1]), (model, layer) or "
         "(model, layer, head); default: the small CNN on MNIST-5k",
     )
     rep.add_argument(
-        "--data", default=None, metavar="PKG.MOD:FN",
+        "--data",
+        default=None,
+        metavar="PKG.MOD:FN",
         help="function returning (reference_images, heldout_images), or those and "
         "(reference_labels, heldout_labels) after them",
     )
     rep.add_argument(
-        "--classes", type=_int_list, default=None, metavar="C,C,...",
+        "--classes",
+        type=_int_list,
+        default=None,
+        metavar="C,C,...",
         help="comma-separated predicted classes to audit (default: 0,1,2 for the demo, all "
         "predicted classes for your model)",
     )
-    rep.add_argument("--regions", type=_positive_int, default=2,
-                     help="at most this many regions per class")
-    rep.add_argument("--random-state", "--seed", dest="random_state", type=_int, default=0,
-                     help="random seed")
+    rep.add_argument(
+        "--regions", type=_positive_int, default=2, help="at most this many regions per class"
+    )
+    rep.add_argument(
+        "--random-state", "--seed", dest="random_state", type=_int, default=0, help="random seed"
+    )
 
     ev = sub.add_parser(
-        "evaluate", formatter_class=fmt,
+        "evaluate",
+        formatter_class=fmt,
         help="run the evaluation protocol (see the docs' Method and evaluation page)",
         description="Run the reuse protocol against the CAM baselines; write results.json "
         "and evaluation.md to --out.",
     )
     ev.add_argument(
-        "--setup", action="append", choices=["mnist", "faces", "digits"], default=None,
+        "--setup",
+        action="append",
+        choices=["mnist", "faces", "digits"],
+        default=None,
         help="setup to evaluate (repeatable; default: mnist and faces)",
     )
     ev.add_argument("--out", default="evaluation", help="folder for results.json and .md")
-    ev.add_argument("--random-state", "--seed", dest="random_state", type=_int, default=0,
-                    help="random seed")
     ev.add_argument(
-        "--quick", action="store_true",
+        "--random-state", "--seed", dest="random_state", type=_int, default=0, help="random seed"
+    )
+    ev.add_argument(
+        "--quick",
+        action="store_true",
         help="a small smoke run (1 seed per class): its intervals mean nothing",
     )
     return parser
@@ -157,12 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .report import prepare_report, run_report
 
         try:
-            inputs = prepare_report(args.model_factory, args.data, args.classes,
-                                    args.random_state)
+            inputs = prepare_report(args.model_factory, args.data, args.classes, args.random_state)
         except (ValueError, TypeError) as exc:
             args.subparser.error(str(exc))
-        run_report(args.out, regions_per_class=args.regions, random_state=args.random_state,
-                   inputs=inputs)
+        run_report(
+            args.out, regions_per_class=args.regions, random_state=args.random_state, inputs=inputs
+        )
     elif args.command == "demo":
         from .demo import run_demo
 

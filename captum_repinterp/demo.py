@@ -56,8 +56,7 @@ def mnist_setup(random_state: int = 0) -> DemoSetup:
     x, y = datasets.load_mnist5k()
     train, test = datasets.split_indices(len(y), 0.2, seed=random_state, stratify=y)
     cnn = models.train_small_cnn(x[train], y[train], seed=random_state)
-    return DemoSetup("mnist", cnn, cnn.features[-1], cnn.head, x[train], x[test], y[train],
-                     y[test])
+    return DemoSetup("mnist", cnn, cnn.features[-1], cnn.head, x[train], x[test], y[train], y[test])
 
 
 def faces_setup(random_state: int = 0) -> DemoSetup:
@@ -67,8 +66,17 @@ def faces_setup(random_state: int = 0) -> DemoSetup:
     fx, fy = datasets.load_faces(48)
     train, test = datasets.split_indices(len(fy), 0.3, seed=random_state, stratify=fy)
     onet = models.load_onet()
-    return DemoSetup("faces", onet, onet.features[-1], onet.head, fx[train], fx[test],
-                     fy[train], fy[test], ["non-face", "face"])
+    return DemoSetup(
+        "faces",
+        onet,
+        onet.features[-1],
+        onet.head,
+        fx[train],
+        fx[test],
+        fy[train],
+        fy[test],
+        ["non-face", "face"],
+    )
 
 
 @dataclass
@@ -151,20 +159,39 @@ def run_setup(
         score = region.evaluate_features(feats, preds, exclude=idx)
         true = int(setup.heldout_labels[idx])
         rows.append(
-            SeedRow(setup.name, idx, region.target, len(region), region.purity,
-                    region.coverage, score["precision"], score["n_inside"],
-                    region.n_boundaries, true)
+            SeedRow(
+                setup.name,
+                idx,
+                region.target,
+                len(region),
+                region.purity,
+                region.coverage,
+                score["precision"],
+                score["n_inside"],
+                region.n_boundaries,
+                true,
+            )
         )
         fig = plot_region(
-            region, seed, setup.references, k=6, class_names=setup.class_names,
-            seed_label=true, reference_labels=setup.reference_labels,
+            region,
+            seed,
+            setup.references,
+            k=6,
+            class_names=setup.class_names,
+            seed_label=true,
+            reference_labels=setup.reference_labels,
             title=f"{setup.name}: region of held-out #{idx}",
         )
         fig.savefig(out_dir / f"{setup.name}_region_seed{idx}.png", dpi=110)
     idx = [r.seed_index for r in rows]
     fig, _ = compare_methods(
-        setup.model, setup.layer, ri, heldout[idx], class_names=setup.class_names,
-        labels=setup.heldout_labels[idx], **kwargs,
+        setup.model,
+        setup.layer,
+        ri,
+        heldout[idx],
+        class_names=setup.class_names,
+        labels=setup.heldout_labels[idx],
+        **kwargs,
     )
     fig.savefig(out_dir / f"{setup.name}_comparison.png", dpi=110)
     return rows
@@ -179,8 +206,11 @@ COLUMNS = (
     ("members", "references inside the seed's region"),
     ("purity", "share of the members the model puts in the class (references)"),
     ("coverage", "share of the references of the class that are members"),
-    ("held-out precision", "share of the held-out images inside the region (seed "
-     "excluded) that the model puts in the class; n/a when none is inside"),
+    (
+        "held-out precision",
+        "share of the held-out images inside the region (seed "
+        "excluded) that the model puts in the class; n/a when none is inside",
+    ),
     ("held-out inside", "held-out images inside the region, seed excluded"),
     ("boundaries", "decision boundaries that bound the region"),
 )
@@ -189,19 +219,27 @@ COLUMNS = (
 def format_table(rows: list[SeedRow]) -> str:
     """A plain-text table of the seed rows (columns: :data:`COLUMNS`)."""
     widths = [max(len(h), 6) for h, _ in COLUMNS]
-    head = " ".join(h.rjust(w) if i else h.ljust(8) for i, ((h, _), w) in
-                    enumerate(zip(COLUMNS, widths)))
+    head = " ".join(
+        h.rjust(w) if i else h.ljust(8) for i, ((h, _), w) in enumerate(zip(COLUMNS, widths))
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         prec = "n/a" if math.isnan(r.heldout_precision) else f"{r.heldout_precision:.3f}"
         cells = [
-            r.setup.ljust(8), str(r.seed_index), str(r.target),
-            "?" if r.true_label is None else str(r.true_label), str(r.members),
-            f"{r.purity:.3f}", f"{r.coverage:.3f}", prec, str(r.heldout_inside),
+            r.setup.ljust(8),
+            str(r.seed_index),
+            str(r.target),
+            "?" if r.true_label is None else str(r.true_label),
+            str(r.members),
+            f"{r.purity:.3f}",
+            f"{r.coverage:.3f}",
+            prec,
+            str(r.heldout_inside),
             str(r.boundaries),
         ]
-        lines.append(" ".join(c if i == 0 else c.rjust(w)
-                              for i, (c, w) in enumerate(zip(cells, widths))))
+        lines.append(
+            " ".join(c if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        )
     return "\n".join(lines)
 
 
@@ -229,6 +267,6 @@ def run_demo(
     table = format_table(rows)
     (out / "table.txt").write_text(table + "\n", encoding="utf-8")
     print(table)
-    print("\ncolumns: " + "; ".join(f"{h}: {m}" for h, m in COLUMNS))
+    print("\ncolumns:\n" + "\n".join(f"  {h}: {m}" for h, m in COLUMNS))
     print(f"\nfigures and table.txt written to {out.resolve()}; demo took {elapsed:.1f} s")
     return rows

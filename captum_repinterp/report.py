@@ -61,43 +61,80 @@ __all__ = [
 
 #: What every number and label on the page means (rendered as the page's glossary).
 GLOSSARY: tuple[tuple[str, str], ...] = (
-    ("R1, R2, ...", "the regions, numbered over the whole page in the order they were "
-     "found (class by class)."),
-    ("#157", "the index of an image in its set: held-out images for seeds and class "
-     "exemplars (#157), reference images for members (ref #157)."),
-    ("boundaries", "how many linear pieces of the model's decision boundary (hyperplanes in "
-     "the layer's feature space) bound the region; an image is inside when it lies on the "
-     "seed's side of every one."),
-    ("delta", "how many references of other classes the region was allowed to keep inside "
-     "when its boundaries were chosen (0: none)."),
-    ("reached", "yes when the chosen boundaries met that bound (at most delta references "
-     "of other classes inside); no when the sampled boundaries could not shut them out."),
+    (
+        "R1, R2, ...",
+        "the regions, numbered over the whole page in the order they were found (class by class).",
+    ),
+    (
+        "#157",
+        "the index of an image in its set: held-out images for seeds and class "
+        "exemplars (#157), reference images for members (ref #157).",
+    ),
+    (
+        "boundaries",
+        "how many linear pieces of the model's decision boundary (hyperplanes in "
+        "the layer's feature space) bound the region; an image is inside when it lies on the "
+        "seed's side of every one.",
+    ),
+    (
+        "delta",
+        "how many references of other classes the region was allowed to keep inside "
+        "when its boundaries were chosen (0: none).",
+    ),
+    (
+        "reached",
+        "yes when the chosen boundaries met that bound (at most delta references "
+        "of other classes inside); no when the sampled boundaries could not shut them out.",
+    ),
     ("members", "reference images inside the region."),
-    ("purity", "share of the members that the model puts in the region's class (measured "
-     "on the references the region was fitted on)."),
+    (
+        "purity",
+        "share of the members that the model puts in the region's class (measured "
+        "on the references the region was fitted on).",
+    ),
     ("coverage", "share of the references the model puts in the class that are members."),
     ("held-out inside", "held-out images inside the region, the seed not counted."),
-    ("held-out precision", "share of the held-out images inside that the model puts in the "
-     "class: how well the region works as a rule on images it was not fitted on (n/a when "
-     "none is inside)."),
-    ("held-out coverage", "share of the class's held-out images (seed excluded) inside the "
-     "region."),
-    ("newly covered", "held-out images of the class that this region contains and no "
-     "earlier region of the class did, the seed included; they are the region's row in "
-     "the class figure."),
-    ("sub-groups", "the newly covered images split by where the region's heat map falls on "
-     "them (k-means on the maps, kept when the mean silhouette is at least 0.25); "
-     "\"2 (40, 19)\" is two groups of 40 and 19 images, shown as group a and b."),
-    ("intruders", "images inside the region (references and held-out images) that the "
-     "model puts in another class; they are what lowers purity and held-out precision."),
-    ("mislabelled", "images inside the region that the model puts in the class but whose "
-     "true label is another (only when true labels are given): the model's mistakes that "
-     "this decision logic makes."),
-    ("sem. dist.", SEM_DIST[len("sem. dist. = "):] + "; 0 for the seed itself."),
-    ("heat map", "the region's map in logit units: at each position of the layer, the sum "
-     "over channels of the region's direction times the activation, ReLU applied; computed "
-     "at the layer's resolution, upsampled to the image, and the same for every image of "
-     "the region."),
+    (
+        "held-out precision",
+        "share of the held-out images inside that the model puts in the "
+        "class: how well the region works as a rule on images it was not fitted on (n/a when "
+        "none is inside).",
+    ),
+    (
+        "held-out coverage",
+        "share of the class's held-out images (seed excluded) inside the region.",
+    ),
+    (
+        "newly covered",
+        "held-out images of the class that this region contains and no "
+        "earlier region of the class did, the seed included; they are the region's row in "
+        "the class figure.",
+    ),
+    (
+        "sub-groups",
+        "the newly covered images split by where the region's heat map falls on "
+        "them (k-means on the maps, kept when the mean silhouette is at least 0.25); "
+        '"2 (40, 19)" is two groups of 40 and 19 images, shown as group a and b.',
+    ),
+    (
+        "intruders",
+        "images inside the region (references and held-out images) that the "
+        "model puts in another class; they are what lowers purity and held-out precision.",
+    ),
+    (
+        "mislabelled",
+        "images inside the region that the model puts in the class but whose "
+        "true label is another (only when true labels are given): the model's mistakes that "
+        "this decision logic makes.",
+    ),
+    ("sem. dist.", SEM_DIST[len("sem. dist. = ") :] + "; 0 for the seed itself."),
+    (
+        "heat map",
+        "the region's map in logit units: at each position of the layer, the sum "
+        "over channels of the region's direction times the activation, ReLU applied; computed "
+        "at the layer's resolution, upsampled to the image, and the same for every image of "
+        "the region.",
+    ),
 )
 
 #: The random-seed keyword of ``audit`` / ``interpret`` (one place to rename it).
@@ -246,8 +283,12 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
         )
     if len(obj) == 2:
         return refs, held, None, None
-    return refs, held, _labels(obj[2], refs, "reference_labels"), _labels(
-        obj[3], held, "heldout_labels")
+    return (
+        refs,
+        held,
+        _labels(obj[2], refs, "reference_labels"),
+        _labels(obj[3], held, "heldout_labels"),
+    )
 
 
 def audit_regions(
@@ -299,9 +340,14 @@ def audit_regions(
     audits: dict[int, ClassAudit] = {}
     for c in classes:
         result = audit(
-            ri, heldout, target=c, coverage_target=coverage_target,
-            max_regions=regions_per_class, features=(feats, preds),
-            **{_SEED_KW: seed}, **kwargs,
+            ri,
+            heldout,
+            target=c,
+            coverage_target=coverage_target,
+            max_regions=regions_per_class,
+            features=(feats, preds),
+            **{_SEED_KW: seed},
+            **kwargs,
         )
         audits[c] = result[c]
         for region in result[c].regions:
@@ -310,8 +356,15 @@ def audit_regions(
             score = interp.evaluate_features(feats, preds, exclude=region.seed_index)
             rows.append(
                 RegionRow(
-                    c, region.seed_index, interp, score["n_inside"], score["precision"],
-                    score["coverage"], region.size, region, label=f"R{len(rows) + 1}",
+                    c,
+                    region.seed_index,
+                    interp,
+                    score["n_inside"],
+                    score["precision"],
+                    score["coverage"],
+                    region.size,
+                    region,
+                    label=f"R{len(rows) + 1}",
                 )
             )
     return rows, audits
@@ -384,8 +437,9 @@ def _summary_figure(
 ) -> Figure:
     """Left: how each class's held-out images split over its regions. Right: intruders."""
     n_classes = len(audits)
-    fig = Figure(figsize=(10, max(2.4, 0.45 * max(n_classes, len(rows)) + 1.4)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(10, max(2.4, 0.45 * max(n_classes, len(rows)) + 1.4)), layout="constrained"
+    )
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
     colours = [f"C{i % 10}" for i in range(len(rows))]
     ylabels = []
@@ -398,33 +452,56 @@ def _summary_figure(
             share = r.newly_covered / n
             left.barh(y, share, left=start, color=colours[k], edgecolor="white")
             if share >= 0.06:
-                left.text(start + share / 2, y, r.label, ha="center", va="center",
-                          fontsize=7, color="white", fontweight="bold")
+                left.text(
+                    start + share / 2,
+                    y,
+                    r.label,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white",
+                    fontweight="bold",
+                )
             start += share
         left.barh(y, 1 - start, left=start, color="#ddd", edgecolor="white")
         if 1 - start >= 0.08:
-            left.text(start + (1 - start) / 2, y, "uncovered", ha="center", va="center",
-                      fontsize=7, color="#555")
+            left.text(
+                start + (1 - start) / 2,
+                y,
+                "uncovered",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="#555",
+            )
         ylabels.append(f"class {_class_name(c, class_names)}\n({n} images)")
     left.set_yticks(range(n_classes), ylabels, fontsize=7)
     left.invert_yaxis()
     left.set_xlim(0, 1)
     left.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     left.tick_params(axis="x", labelsize=7)
-    left.set_xlabel("share of the class's held-out images (newly covered by each region)",
-                    fontsize=7)
+    left.set_xlabel(
+        "share of the class's held-out images (newly covered by each region)", fontsize=7
+    )
     left.set_title("Which region covers which images", fontsize=8)
 
     y = np.arange(len(rows))
     n_intr = [sum(o.intruder for o in odd[r.label]) for r in rows]
-    right.barh(y - 0.2 if has_labels else y, n_intr, 0.4 if has_labels else 0.6,
-               color="tab:red", label="intruders (predicted another class)")
+    right.barh(
+        y - 0.2 if has_labels else y,
+        n_intr,
+        0.4 if has_labels else 0.6,
+        color="tab:red",
+        label="intruders (predicted another class)",
+    )
     if has_labels:
         n_mis = [sum(not o.intruder for o in odd[r.label]) for r in rows]
-        right.barh(y + 0.2, n_mis, 0.4, color="tab:orange",
-                   label="mislabelled (true label another class)")
-    right.set_yticks(y, [f"{r.label} (class {_class_name(r.target, class_names)})"
-                         for r in rows], fontsize=7)
+        right.barh(
+            y + 0.2, n_mis, 0.4, color="tab:orange", label="mislabelled (true label another class)"
+        )
+    right.set_yticks(
+        y, [f"{r.label} (class {_class_name(r.target, class_names)})" for r in rows], fontsize=7
+    )
     right.invert_yaxis()
     right.tick_params(axis="x", labelsize=7)
     right.xaxis.get_major_locator().set_params(integer=True)
@@ -515,8 +592,13 @@ def build_report(
     ri.fit(references, batch_size=256, progress=progress)
     feats, preds = ri.transform(heldout)
     rows, audits = audit_regions(
-        ri, heldout, classes, regions_per_class, seed=random_state,
-        features=(feats, preds), **interpret_kwargs,
+        ri,
+        heldout,
+        classes,
+        regions_per_class,
+        seed=random_state,
+        features=(feats, preds),
+        **interpret_kwargs,
     )
     if not rows:
         raise ValueError("classes: none of the requested classes is predicted on heldout")
@@ -531,9 +613,14 @@ def build_report(
         it = r.interpretation
         seed_img = heldout[r.seed_index : r.seed_index + 1]
         fig = plot_region(
-            it, seed_img, references, k=members_shown, class_names=class_names,
+            it,
+            seed_img,
+            references,
+            k=members_shown,
+            class_names=class_names,
             seed_label=None if held_labels is None else int(held_labels[r.seed_index]),
-            reference_labels=ref_labels, title=f"{r.label}, region of class {name(r.target)}",
+            reference_labels=ref_labels,
+            title=f"{r.label}, region of class {name(r.target)}",
         )
         r.figure = f"region_{k + 1:02d}_class{r.target}.png"
         fig.savefig(out / r.figure, dpi=90)
@@ -541,15 +628,20 @@ def build_report(
         seed_inside = inside.clone()
         inside[r.seed_index] = False
         odd[r.label] = _odd_images(r, ref_preds, inside, preds, ref_labels, held_labels)
-        if held_labels is not None and int(held_labels[r.seed_index]) != r.target \
-                and bool(seed_inside[r.seed_index]):
-            odd[r.label].append(_Odd("held-out", r.seed_index, r.target,
-                                     int(held_labels[r.seed_index]), False))
+        if (
+            held_labels is not None
+            and int(held_labels[r.seed_index]) != r.target
+            and bool(seed_inside[r.seed_index])
+        ):
+            odd[r.label].append(
+                _Odd("held-out", r.seed_index, r.target, int(held_labels[r.seed_index]), False)
+            )
         shown = odd[r.label][: 2 * members_shown]
         intruder_figure = ""
         if shown:
-            imgs = torch.stack([(references if o.source == "ref" else heldout)[o.index]
-                                for o in shown])
+            imgs = torch.stack(
+                [(references if o.source == "ref" else heldout)[o.index] for o in shown]
+            )
             maps = it.heatmap(imgs)
             maps = maps[0] if isinstance(maps, tuple) else maps
             titles = []
@@ -558,7 +650,10 @@ def build_report(
                 titles.append(text + ("" if o.true is None else f"\ntrue {name(o.true)}"))
             intruder_figure = f"region_{k + 1:02d}_intruders.png"
             plot_images(
-                imgs, titles, maps=maps, bad=[True] * len(shown),
+                imgs,
+                titles,
+                maps=maps,
+                bad=[True] * len(shown),
                 title=f"{r.label} (class {name(r.target)}): images inside that the model "
                 "puts in another class, or whose true label is another",
                 caption="Under the region's heat map (one colour scale). ref #i: reference "
@@ -569,39 +664,64 @@ def build_report(
             ref = int(it.members[rank])
             pred = int(ref_preds[ref])
             true = None if ref_labels is None else int(ref_labels[ref])
-            member_rows.append({
-                "rank": rank + 1, "index": ref, "pred": name(pred),
-                "true": "?" if true is None else name(true),
-                "distance": float(it.member_distances[rank]),
-                "bad": pred != r.target or (true is not None and true != r.target),
-            })
-        views.append({
-            "label": r.label, "anchor": f"region-{r.label}", "class_name": name(r.target),
-            "seed_index": r.seed_index, "interpretation": it,
-            "heldout_inside": r.heldout_inside, "heldout_precision": r.heldout_precision,
-            "heldout_coverage": r.heldout_coverage, "newly_covered": r.newly_covered,
-            "sizes_text": _sizes(r), "figure": r.figure, "intruder_figure": intruder_figure,
-            "n_intruders": sum(o.intruder for o in odd[r.label]),
-            "n_mislabelled": sum(not o.intruder for o in odd[r.label]),
-            "intruders_shown": len(shown), "member_rows": member_rows,
-        })
+            member_rows.append(
+                {
+                    "rank": rank + 1,
+                    "index": ref,
+                    "pred": name(pred),
+                    "true": "?" if true is None else name(true),
+                    "distance": float(it.member_distances[rank]),
+                    "bad": pred != r.target or (true is not None and true != r.target),
+                }
+            )
+        views.append(
+            {
+                "label": r.label,
+                "anchor": f"region-{r.label}",
+                "class_name": name(r.target),
+                "seed_index": r.seed_index,
+                "interpretation": it,
+                "heldout_inside": r.heldout_inside,
+                "heldout_precision": r.heldout_precision,
+                "heldout_coverage": r.heldout_coverage,
+                "newly_covered": r.newly_covered,
+                "sizes_text": _sizes(r),
+                "figure": r.figure,
+                "intruder_figure": intruder_figure,
+                "n_intruders": sum(o.intruder for o in odd[r.label]),
+                "n_mislabelled": sum(not o.intruder for o in odd[r.label]),
+                "intruders_shown": len(shown),
+                "member_rows": member_rows,
+            }
+        )
     class_views = []
     for c, class_audit in audits.items():
         if not class_audit.regions:
             continue
         mine = [v for v, r in zip(views, rows) if r.target == c]
         png = f"class{c}_audit.png"
-        plot_audit(class_audit, heldout, n_exemplars=members_shown, class_names=class_names,
-                   region_labels=[v["label"] for v in mine], labels=held_labels,
-                   ).savefig(out / png, dpi=80)
+        plot_audit(
+            class_audit,
+            heldout,
+            n_exemplars=members_shown,
+            class_names=class_names,
+            region_labels=[v["label"] for v in mine],
+            labels=held_labels,
+        ).savefig(out / png, dpi=80)
         precision = None
         if held_labels is not None:
             precision = float((held_labels[class_audit.indices] == c).float().mean())
-        class_views.append({
-            "target": c, "name": name(c), "figure": png, "rows": mine,
-            "n_images": int(class_audit.indices.numel()), "class_precision": precision,
-            "uncovered_share": class_audit.uncovered_share,
-        })
+        class_views.append(
+            {
+                "target": c,
+                "name": name(c),
+                "figure": png,
+                "rows": mine,
+                "n_images": int(class_audit.indices.numel()),
+                "class_precision": precision,
+                "uncovered_share": class_audit.uncovered_share,
+            }
+        )
     summary = "summary.png"
     _summary_figure(rows, audits, odd, class_names, has_labels).savefig(out / summary, dpi=90)
     accuracy = []
@@ -609,11 +729,23 @@ def build_report(
         accuracy.append(("on the references", float((ref_preds == ref_labels).float().mean())))
     if held_labels is not None:
         accuracy.append(("on the held-out images", float((preds == held_labels).float().mean())))
-    page = _environment().get_template("report.html.j2").render(
-        title=title, n_references=ri.n_references_, n_heldout=int(heldout.shape[0]),
-        dim=ri.layout_.dim, accuracy=accuracy, audited=[name(c) for c in audits],
-        elapsed=time.perf_counter() - start, glossary=GLOSSARY, summary_png=summary,
-        rows=views, classes=class_views, has_labels=has_labels,
+    page = (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            title=title,
+            n_references=ri.n_references_,
+            n_heldout=int(heldout.shape[0]),
+            dim=ri.layout_.dim,
+            accuracy=accuracy,
+            audited=[name(c) for c in audits],
+            elapsed=time.perf_counter() - start,
+            glossary=GLOSSARY,
+            summary_png=summary,
+            rows=views,
+            classes=class_views,
+            has_labels=has_labels,
+        )
     )
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
@@ -638,8 +770,11 @@ class ReportInputs:
 
 def _predicted_classes(model: nn.Module, images: Tensor, batch_size: int = 512) -> set[int]:
     with torch.no_grad():
-        return {int(c) for s in range(0, len(images), batch_size)
-                for c in model(images[s : s + batch_size]).argmax(1).unique()}
+        return {
+            int(c)
+            for s in range(0, len(images), batch_size)
+            for c in model(images[s : s + batch_size]).argmax(1).unique()
+        }
 
 
 def prepare_report(
@@ -668,15 +803,32 @@ def prepare_report(
         from .demo import mnist_setup
 
         s = mnist_setup(random_state)
-        inputs = ReportInputs(s.model, s.layer, s.head, s.references, s.heldout,
-                              s.reference_labels, s.heldout_labels,
-                              list(classes) if classes is not None else [0, 1, 2],
-                              "Audit report: small CNN on MNIST-5k", s.class_names)
+        inputs = ReportInputs(
+            s.model,
+            s.layer,
+            s.head,
+            s.references,
+            s.heldout,
+            s.reference_labels,
+            s.heldout_labels,
+            list(classes) if classes is not None else [0, 1, 2],
+            "Audit report: small CNN on MNIST-5k",
+            s.class_names,
+        )
     else:
         model, layer, head = resolve_model(load_callable(model_factory, "model_factory")())
         refs, held, ref_labels, held_labels = resolve_data(load_callable(data, "data")())
-        inputs = ReportInputs(model, layer, head, refs, held, ref_labels, held_labels,
-                              classes, f"Audit report: {model_factory}")
+        inputs = ReportInputs(
+            model,
+            layer,
+            head,
+            refs,
+            held,
+            ref_labels,
+            held_labels,
+            classes,
+            f"Audit report: {model_factory}",
+        )
     if inputs.classes is not None:
         present = _predicted_classes(inputs.model, inputs.heldout)
         if not present.intersection(inputs.classes):
@@ -704,10 +856,19 @@ def run_report(
     if inputs is None:
         inputs = prepare_report(model_factory, data, classes, random_state)
     index = build_report(
-        out_dir, inputs.model, inputs.layer, inputs.references, inputs.heldout,
-        head=inputs.head, classes=inputs.classes, regions_per_class=regions_per_class,
-        class_names=inputs.class_names, title=inputs.title, random_state=random_state,
-        reference_labels=inputs.reference_labels, heldout_labels=inputs.heldout_labels,
+        out_dir,
+        inputs.model,
+        inputs.layer,
+        inputs.references,
+        inputs.heldout,
+        head=inputs.head,
+        classes=inputs.classes,
+        regions_per_class=regions_per_class,
+        class_names=inputs.class_names,
+        title=inputs.title,
+        random_state=random_state,
+        reference_labels=inputs.reference_labels,
+        heldout_labels=inputs.heldout_labels,
     )
     print(f"report written to {index.resolve()}")
     return index

@@ -117,9 +117,7 @@ def _blank(ax: Any) -> None:
     ax.set_yticks([])
 
 
-def show_heatmap(
-    ax: Any, image: Tensor, attr: Tensor | None, vmax: float | None = None
-) -> Any:
+def show_heatmap(ax: Any, image: Tensor, attr: Tensor | None, vmax: float | None = None) -> Any:
     """Draw ``attr`` (``c x h x w``, any resolution) blended over the grey ``image``.
 
     The map is upsampled to the image (bilinear), coloured with :data:`CMAP` on
@@ -141,9 +139,17 @@ def show_heatmap(
     heat = attribution_to_hwc(attr, img.shape[:2])[..., 0]
     top = float(heat.max()) if vmax is None else float(vmax)
     if not np.any(heat > 0) or top <= 0:
-        ax.text(0.5, 0.5, _ZERO, transform=ax.transAxes, ha="center", va="center",
-                fontsize=6, color="black",
-                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+        ax.text(
+            0.5,
+            0.5,
+            _ZERO,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=6,
+            color="black",
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"},
+        )
         return None
     return ax.imshow(np.clip(heat, 0, None), cmap=CMAP, vmin=0, vmax=top, alpha=ALPHA)
 
@@ -216,8 +222,9 @@ def plot_region(
     name = _name(interpretation.target, class_names)
     preds = _predict(interpretation, images)
     vmax = _shared_max(images, maps)
-    fig = Figure(figsize=(panel_size * images.shape[0] + 1.2, panel_size * 1.8),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(panel_size * images.shape[0] + 1.2, panel_size * 1.8), layout="constrained"
+    )
     axes = fig.subplots(1, images.shape[0], squeeze=False)[0]
     dists = interpretation.member_distances[: len(members)]
     mappable = None
@@ -235,11 +242,13 @@ def plot_region(
         if preds and preds[j] != interpretation.target:
             bad = True
         mappable = _keep(mappable, show_heatmap(ax, images[j], maps[j], vmax))
-        ax.set_title(f"{head}\n{label}" if label else head, fontsize=7,
-                     color=_BAD if bad else "black")
+        ax.set_title(
+            f"{head}\n{label}" if label else head, fontsize=7, color=_BAD if bad else "black"
+        )
     if mappable is not None:
         fig.colorbar(mappable, ax=list(axes), shrink=0.8, pad=0.02).set_label(
-            "RI heat (logit units)", fontsize=7)
+            "RI heat (logit units)", fontsize=7
+        )
     fig.suptitle(
         f"{title or f'region of class {name}'}: seed and its {len(members)} nearest of "
         f"{len(interpretation)} members, purity {interpretation.purity:.2f}, coverage "
@@ -290,8 +299,9 @@ def plot_images(
         raise ValueError("images is empty")
     cols = min(n, max_cols)
     rows = -(-n // cols)
-    fig = Figure(figsize=(panel_size * cols + 1.2, panel_size * 1.3 * rows + 0.6),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(panel_size * cols + 1.2, panel_size * 1.3 * rows + 0.6), layout="constrained"
+    )
     axes = fig.subplots(rows, cols, squeeze=False)
     vmax = _shared_max(images, maps) if maps is not None else None
     mappable = None
@@ -299,13 +309,15 @@ def plot_images(
         if i >= n:
             ax.axis("off")
             continue
-        mappable = _keep(mappable, show_heatmap(ax, images[i], None if maps is None else maps[i],
-                                                vmax))
+        mappable = _keep(
+            mappable, show_heatmap(ax, images[i], None if maps is None else maps[i], vmax)
+        )
         red = bad is not None and bad[i]
         ax.set_title(titles[i], fontsize=7, color=_BAD if red else "black")
     if mappable is not None:
         fig.colorbar(mappable, ax=list(axes.flat), shrink=0.8, pad=0.02).set_label(
-            colorbar_label, fontsize=7)
+            colorbar_label, fontsize=7
+        )
     fig.suptitle(title, fontsize=8)
     if caption:
         _caption(fig, caption)
@@ -319,8 +331,14 @@ def _draw_captum(fig: Figure, ax: Any, image: Tensor, attr: Tensor) -> Any:
     if not np.any(a != 0):
         return show_heatmap(ax, image, torch.zeros(1, *img.shape[:2]))
     _, ax = viz.visualize_image_attr(
-        a, img, method="blended_heat_map", sign="absolute_value", cmap=CMAP,
-        alpha_overlay=ALPHA, plt_fig_axis=(fig, ax), use_pyplot=False,
+        a,
+        img,
+        method="blended_heat_map",
+        sign="absolute_value",
+        cmap=CMAP,
+        alpha_overlay=ALPHA,
+        plt_fig_axis=(fig, ax),
+        use_pyplot=False,
     )
     _blank(ax)
     return ax.images[-1]
@@ -349,15 +367,19 @@ def plot_comparison(
         if attr.shape[0] != n:
             raise ValueError(f"attributions[{name!r}] has {attr.shape[0]} rows for {n} images")
     cols = 1 + len(attributions)
-    fig = Figure(figsize=(panel_size * cols + 0.4, panel_size * n * 1.15 + 1.4),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(panel_size * cols + 0.4, panel_size * n * 1.15 + 1.4), layout="constrained"
+    )
     axes = fig.subplots(n, cols, squeeze=False)
     size = tuple(images.shape[-2:])
     for i in range(n):
         show_heatmap(axes[i][0], images[i], None)
         red = bad is not None and bad[i]
-        axes[i][0].set_title(titles[i] if titles is not None else f"image {i}", fontsize=7,
-                             color=_BAD if red else "black")
+        axes[i][0].set_title(
+            titles[i] if titles is not None else f"image {i}",
+            fontsize=7,
+            color=_BAD if red else "black",
+        )
     for j, (name, attr) in enumerate(attributions.items(), start=1):
         res = _resolution(attr)
         column = [axes[i][j] for i in range(n)]
@@ -422,7 +444,11 @@ def compare_methods(
         bad.append(wrong)
     what = "the predicted class" if target is None else "the given target"
     fig = plot_comparison(
-        images, attrs, titles, per_image=("Integrated Gradients",), bad=bad,
+        images,
+        attrs,
+        titles,
+        per_image=("Integrated Gradients",),
+        bad=bad,
         title=f"RI, Grad-CAM and Integrated Gradients for {what}",
     )
     return fig, attrs
@@ -467,9 +493,7 @@ def plot_audit(
         raise ValueError(f"n_exemplars must be a non-negative int, got {n_exemplars!r}")
     n_regions = len(class_audit.regions)
     if region_labels is not None and len(region_labels) != n_regions:
-        raise ValueError(
-            f"region_labels has {len(region_labels)} entries for {n_regions} regions"
-        )
+        raise ValueError(f"region_labels has {len(region_labels)} entries for {n_regions} regions")
     rows = []
     for i, region in enumerate(class_audit.regions):
         base = region_labels[i] if region_labels is not None else f"region {i + 1}"
@@ -483,13 +507,13 @@ def plot_audit(
     name = _name(target, class_names)
     n_class = max(int(class_audit.indices.numel()), 1)
     cols = 1 + n_exemplars
-    fig = Figure(figsize=(panel_size * cols + 1.2, panel_size * 1.3 * len(rows) + 0.8),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(panel_size * cols + 1.2, panel_size * 1.3 * len(rows) + 0.8), layout="constrained"
+    )
     axes = fig.subplots(len(rows), cols, squeeze=False)
     heat = [_layer_maps(group.mean_heatmap) for _, _, group in rows]
     size = tuple(images.shape[-2:])
-    vmax = max(float(attribution_to_hwc(h, size).max()) if h.dim() >= 2 else 0.0
-               for h in heat)
+    vmax = max(float(attribution_to_hwc(h, size).max()) if h.dim() >= 2 else 0.0 for h in heat)
     mappable = None
     for r, (label, _region, group) in enumerate(rows):
         hm = heat[r]
@@ -508,13 +532,17 @@ def plot_audit(
                 true = None if labels is None else int(labels[idx])
                 show_heatmap(ax, images[idx], None)
                 tl, _ = _label(None, true, class_names)
-                ax.set_title(f"#{idx}" + (f"\n{tl}" if tl else ""), fontsize=7,
-                             color=_BAD if true is not None and true != target else "black")
+                ax.set_title(
+                    f"#{idx}" + (f"\n{tl}" if tl else ""),
+                    fontsize=7,
+                    color=_BAD if true is not None and true != target else "black",
+                )
             else:
                 ax.axis("off")
     if mappable is not None:
-        fig.colorbar(mappable, ax=axes[:, 0].tolist(), location="left", shrink=0.8,
-                     pad=0.02).set_label("mean RI heat (logit units)", fontsize=7)
+        fig.colorbar(
+            mappable, ax=axes[:, 0].tolist(), location="left", shrink=0.8, pad=0.02
+        ).set_label("mean RI heat (logit units)", fontsize=7)
     fig.suptitle(
         f"Audit of class {name}: {n_regions} region(s), {class_audit.uncovered_share:.0%} "
         "of the class left uncovered",

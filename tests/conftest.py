@@ -29,8 +29,9 @@ class TinyCNN(nn.Module):
             nn.Sequential(nn.Conv2d(in_ch, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
             nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 24), nn.ReLU(),
-                                  nn.Linear(24, n_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * 6 * 6, 24), nn.ReLU(), nn.Linear(24, n_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -12,7 +12,7 @@ from captum_repinterp.cli import main
 from captum_repinterp.report import prepare_report
 
 USER_MODULE = textwrap.dedent(
-    '''
+    """
     import torch
     from torch import nn
 
@@ -54,7 +54,7 @@ USER_MODULE = textwrap.dedent(
 
     def bad_data():
         return data()[0]
-    '''
+    """
 )
 
 
@@ -102,20 +102,39 @@ def test_parse_errors(capsys, argv, message):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--model-factory", "nocolon", "--data", "ri_user_mod:data"],
-         "model_factory must look like 'package.module:function', got 'nocolon'"),
-        (["--model-factory", "no_such_mod_xyz:f", "--data", "ri_user_mod:data"],
-         "model_factory: cannot import module 'no_such_mod_xyz'"),
-        (["--model-factory", "ri_user_mod:nope", "--data", "ri_user_mod:data"],
-         "model_factory: 'ri_user_mod' has no callable 'nope'"),
-        (["--model-factory", "ri_user_mod:not_a_model", "--data", "ri_user_mod:data"],
-         "model factory: the model has no non-empty nn.Sequential .features"),
-        (["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:bad_data"],
-         "data must return (reference_images, heldout_images)"),
+        (
+            ["--model-factory", "nocolon", "--data", "ri_user_mod:data"],
+            "model_factory must look like 'package.module:function', got 'nocolon'",
+        ),
+        (
+            ["--model-factory", "no_such_mod_xyz:f", "--data", "ri_user_mod:data"],
+            "model_factory: cannot import module 'no_such_mod_xyz'",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:nope", "--data", "ri_user_mod:data"],
+            "model_factory: 'ri_user_mod' has no callable 'nope'",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:not_a_model", "--data", "ri_user_mod:data"],
+            "model factory: the model has no non-empty nn.Sequential .features",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:bad_data"],
+            "data must return (reference_images, heldout_images)",
+        ),
         (["--model-factory", "ri_user_mod:factory"], "give both --model-factory and --data"),
         (["--data", "ri_user_mod:data"], "give both --model-factory and --data"),
-        (["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:data",
-          "--classes", "42"], "classes: none of [42] is predicted on the held-out images"),
+        (
+            [
+                "--model-factory",
+                "ri_user_mod:factory",
+                "--data",
+                "ri_user_mod:data",
+                "--classes",
+                "42",
+            ],
+            "classes: none of [42] is predicted on the held-out images",
+        ),
     ],
 )
 def test_report_argument_errors(capsys, tmp_path, user_module, argv, message):
@@ -143,8 +162,22 @@ def test_demo_report_bad_class_is_a_usage_error(capsys, monkeypatch):
 
 def test_report_with_user_model(tmp_path, user_module, capsys):
     out = tmp_path / "out"
-    assert main(["report", "--out", str(out), "--model-factory", "ri_user_mod:factory",
-                 "--data", "ri_user_mod:data", "--regions", "1"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--out",
+                str(out),
+                "--model-factory",
+                "ri_user_mod:factory",
+                "--data",
+                "ri_user_mod:data",
+                "--regions",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert f"report written to {(out / 'index.html').resolve()}" in capsys.readouterr().out
     page = (out / "index.html").read_text()
     assert "Audit report: ri_user_mod:factory" in page
@@ -159,8 +192,24 @@ def test_report_with_user_model(tmp_path, user_module, capsys):
 
 def test_report_with_labelled_data(tmp_path, user_module):
     out = tmp_path / "out"
-    assert main(["report", "--out", str(out), "--model-factory", "ri_user_mod:factory",
-                 "--data", "ri_user_mod:labelled", "--regions", "1", "--classes", "2"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--out",
+                str(out),
+                "--model-factory",
+                "ri_user_mod:factory",
+                "--data",
+                "ri_user_mod:labelled",
+                "--regions",
+                "1",
+                "--classes",
+                "2",
+            ]
+        )
+        == 0
+    )
     page = (out / "index.html").read_text()
     # the labels are the model's own predictions: accuracy 100%, nothing mislabelled
     assert "on the references 100.0%" in page and "on the held-out images 100.0%" in page
@@ -175,8 +224,7 @@ def test_prepare_report_resolves_without_running(user_module):
 
 def test_help_shows_defaults(capsys):
     for argv, defaults in (
-        (["demo", "--help"], ["(default: 4)", "(default: out)", "(default: 0)",
-                              "0,100"]),
+        (["demo", "--help"], ["(default: 4)", "(default: out)", "(default: 0)", "0,100"]),
         (["report", "--help"], ["(default: 2)", "(default: report)"]),
         (["evaluate", "--help"], ["(default: evaluation)"]),
     ):
@@ -200,8 +248,13 @@ def test_demo_passes_seeds(monkeypatch, tmp_path):
     import captum_repinterp.demo as demo
 
     got = {}
-    monkeypatch.setattr(demo, "run_demo", lambda out, seeds, random_state: got.update(
-        out=out, seeds=seeds, random_state=random_state))
+    monkeypatch.setattr(
+        demo,
+        "run_demo",
+        lambda out, seeds, random_state: got.update(
+            out=out, seeds=seeds, random_state=random_state
+        ),
+    )
     assert main(["demo", "--out", str(tmp_path), "--seeds", "0,100", "--seed", "3"]) == 0
     assert got == {"out": str(tmp_path), "seeds": [0, 100], "random_state": 3}
 

@@ -49,12 +49,18 @@ def _browser_check(index: Path, tmp_path: Path) -> tuple[str, Path]:
     common = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
     dom = subprocess.run(
         [*common, "--virtual-time-budget=10000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     shot = tmp_path / "screenshot.png"
     subprocess.run(
         [*common, f"--screenshot={shot}", "--window-size=1200,2000", url],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     return dom, shot
 
@@ -62,8 +68,9 @@ def _browser_check(index: Path, tmp_path: Path) -> tuple[str, Path]:
 def _region_rows(page: str) -> dict[str, list[str]]:
     """The summary table's cells by region label."""
     out = {}
-    for label, body in re.findall(r'<tr>\s*<td><a href="#region-(R\d+)">R\d+</a></td>(.*?)</tr>',
-                                  page, re.S):
+    for label, body in re.findall(
+        r'<tr>\s*<td><a href="#region-(R\d+)">R\d+</a></td>(.*?)</tr>', page, re.S
+    ):
         out[label] = [html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", body)]
     return out
 
@@ -83,8 +90,18 @@ def _check_page(index: Path, tmp_path: Path) -> None:
     for src in srcs:
         png = index.parent / src
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for term in ("delta", "reached", "boundaries", "newly covered", "held-out inside",
-                 "#157", "purity", "held-out precision", "intruders", "sem. dist."):
+    for term in (
+        "delta",
+        "reached",
+        "boundaries",
+        "newly covered",
+        "held-out inside",
+        "#157",
+        "purity",
+        "held-out precision",
+        "intruders",
+        "sem. dist.",
+    ):
         assert f"<dt>{term}</dt>" in page, term
     dom, shot = _browser_check(index, tmp_path)
     # the page's own script marks the body once every <img> has naturalWidth > 0
@@ -110,8 +127,7 @@ def fitted(tiny):
 
 def test_audit_regions_peels_central_uncovered_seeds(fitted):
     model, refs, held, ri = fitted
-    rows, audits = audit_regions(ri, held, classes=[0, 1, 99], regions_per_class=3,
-                                 n_boundaries=20)
+    rows, audits = audit_regions(ri, held, classes=[0, 1, 99], regions_per_class=3, n_boundaries=20)
     assert sorted(audits) == [0, 1]  # class 99 is not predicted: skipped
     feats, preds = ri.transform(held)
     for c in (0, 1):
@@ -172,8 +188,16 @@ def test_load_callable_and_resolve_model(tiny):
 def test_report_in_browser(fitted, tmp_path):
     model, refs, held, _ = fitted
     index = build_report(
-        tmp_path / "rep", model, model.features[-1], refs, held, head=model.head,
-        classes=[0, 2], regions_per_class=2, n_boundaries=20, members_shown=4,
+        tmp_path / "rep",
+        model,
+        model.features[-1],
+        refs,
+        held,
+        head=model.head,
+        classes=[0, 2],
+        regions_per_class=2,
+        n_boundaries=20,
+        members_shown=4,
     )
     page = index.read_text()
     n = len(re.findall(r'<section id="region-', page))
@@ -190,9 +214,19 @@ def test_report_intruders_labels_and_escaping(fitted, tmp_path):
     held_labels = torch.randint(0, 4, (len(held),), generator=gen)
     names = ["<b>zero</b>", "one & more", "two", "three"]
     index = build_report(
-        tmp_path / "rep", model, model.features[-1], refs, held, head=model.head,
-        classes=[0, 1], regions_per_class=1, n_boundaries=8, members_shown=3,
-        class_names=names, reference_labels=ref_labels, heldout_labels=held_labels,
+        tmp_path / "rep",
+        model,
+        model.features[-1],
+        refs,
+        held,
+        head=model.head,
+        classes=[0, 1],
+        regions_per_class=1,
+        n_boundaries=8,
+        members_shown=3,
+        class_names=names,
+        reference_labels=ref_labels,
+        heldout_labels=held_labels,
         delta=5,
     )
     page = index.read_text()
@@ -205,8 +239,7 @@ def test_report_intruders_labels_and_escaping(fitted, tmp_path):
     assert f"on the references {ref_acc:.1%}" in page
     assert f"on the held-out images {held_acc:.1%}" in page
     feats, preds = ri.transform(held)
-    rows, _ = audit_regions(ri, held, classes=[0, 1], regions_per_class=1, n_boundaries=8,
-                            delta=5)
+    rows, _ = audit_regions(ri, held, classes=[0, 1], regions_per_class=1, n_boundaries=8, delta=5)
     table = _region_rows(page)
     assert list(table) == [r.label for r in rows] == ["R1", "R2"]
     for r in rows:
@@ -226,7 +259,7 @@ def test_report_intruders_labels_and_escaping(fitted, tmp_path):
         if intruders + mislabelled:
             assert (index.parent / f"region_{r.label[1:].zfill(2)}_intruders.png").exists()
     # the members' table shows the true labels
-    assert "<th class=\"text\">true</th>" in page
+    assert '<th class="text">true</th>' in page
 
 
 def test_resolve_data():
