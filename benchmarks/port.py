@@ -1,7 +1,7 @@
 """A straightforward port of the reference implementation (benchmark baseline only).
 
-It follows the structure of the group's original code, as described in
-``ALGORITHM.md`` ("Complexity"), so that the benchmark measures what batching buys:
+It follows the structure of the group's original code (see "Speed" in
+``docs/method.md``), so that the benchmark measures what batching buys:
 
 - bisection of **one candidate at a time** (one head call per step per candidate);
 - the linear piece read off with **one backward pass per class** (``C`` backwards per

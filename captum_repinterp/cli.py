@@ -1,70 +1,201 @@
-"""Command-line entry: ``captum-repinterp demo`` and ``captum-repinterp report``."""
+"""Command-line entry: ``captum-repinterp demo``, ``report`` and ``evaluate``.
+
+Bad arguments end with a one-line usage error and exit status 2, as argparse's own
+errors do: the ``ValueError`` / ``TypeError`` raised while the arguments are resolved
+(loading ``--model-factory`` and ``--data``, checking ``--classes``) are turned into
+``parser.error``. Errors raised later, while the job runs, are not argument errors and
+keep their traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``captum-repinterp`` command."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated non-negative ints, got {text!r}"
+        ) from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated non-negative ints, got {text!r}")
+    return values
+
+
+def _seeds(text: str) -> int | list[int]:
+    """``"4"``: a count; ``"0,100"`` (any comma): held-out indices."""
+    if "," in text:
+        return _int_list(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a count (e.g. 4) or comma-separated held-out indices (e.g. 0,100), "
+            f"got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a count must be at least 1, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``captum-repinterp`` argument parser (defaults shown in ``--help``)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="captum-repinterp",
+        formatter_class=fmt,
         description="Representative interpretations of CNNs for Captum.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job on the bundled data")
-    demo.add_argument("--out", default="out", help="folder for the PNG figures")
-    demo.add_argument("--seeds", type=int, default=4, help="seeds on MNIST-5k")
-    demo.add_argument("--seed", type=int, default=0, help="random seed")
-    rep = sub.add_parser("report", help="write a static HTML audit report of a model")
+
+    demo = sub.add_parser(
+        "demo",
+        formatter_class=fmt,
+        help="run the main job on the bundled data",
+        description="Fit, interpret a few seeds and draw the figures on MNIST-5k and on "
+        "the faces; print the table and save it as table.txt.",
+    )
+    demo.add_argument("--out", default="out", help="folder for the PNG figures and table.txt")
+    demo.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=4,
+        metavar="N|I,J,...",
+        help="MNIST-5k seeds: a count N (the first held-out image of each of N predicted "
+        "classes) or comma-separated held-out indices such as 0,100 (a single index needs "
+        "a trailing comma: 7,); the faces always use one seed per class",
+    )
+    demo.add_argument(
+        "--random-state",
+        "--seed",
+        dest="random_state",
+        type=_int,
+        default=0,
+        help="random seed of the split, the training and the interpretations",
+    )
+
+    rep = sub.add_parser(
+        "report",
+        formatter_class=fmt,
+        help="write a static HTML audit report of a model",
+        description="Audit the classes of a model and write DIR/index.html with its PNGs. "
+        "Without --model-factory and --data: the small CNN on MNIST-5k.",
+    )
+    rep.set_defaults(subparser=rep)
     rep.add_argument("--out", default="report", help="folder for index.html and its PNGs")
     rep.add_argument(
         "--model-factory",
         default=None,
-        help="pkg.mod:fn returning model (layer = model.features[-1]), (model, layer) or "
+        metavar="PKG.MOD:FN",
+        help="function returning model (split at model.features[-1]), (model, layer) or "
         "(model, layer, head); default: the small CNN on MNIST-5k",
     )
     rep.add_argument(
-        "--data", default=None, help="pkg.mod:fn returning (reference_images, heldout_images)"
+        "--data",
+        default=None,
+        metavar="PKG.MOD:FN",
+        help="function returning (reference_images, heldout_images), or those and "
+        "(reference_labels, heldout_labels) after them",
     )
     rep.add_argument(
-        "--classes", default=None, help="comma-separated classes to audit (demo: 0,1,2)"
+        "--classes",
+        type=_int_list,
+        default=None,
+        metavar="C,C,...",
+        help="comma-separated predicted classes to audit (default: 0,1,2 for the demo, all "
+        "predicted classes for your model)",
     )
-    rep.add_argument("--regions", type=int, default=2, help="at most this many per class")
-    rep.add_argument("--seed", type=int, default=0, help="random seed")
-    ev = sub.add_parser("evaluate", help="run the evaluation protocol (EVALUATION.md)")
+    rep.add_argument(
+        "--regions", type=_positive_int, default=2, help="at most this many regions per class"
+    )
+    rep.add_argument(
+        "--random-state", "--seed", dest="random_state", type=_int, default=0, help="random seed"
+    )
+
+    ev = sub.add_parser(
+        "evaluate",
+        formatter_class=fmt,
+        help="run the evaluation protocol (see the docs' Method and evaluation page)",
+        description="Run the reuse protocol against the CAM baselines; write results.json "
+        "and evaluation.md to --out.",
+    )
     ev.add_argument(
-        "--setup", action="append", choices=["mnist", "faces", "digits"], default=None,
+        "--setup",
+        action="append",
+        choices=["mnist", "faces", "digits"],
+        default=None,
         help="setup to evaluate (repeatable; default: mnist and faces)",
     )
     ev.add_argument("--out", default="evaluation", help="folder for results.json and .md")
-    ev.add_argument("--seed", type=int, default=0, help="random seed")
-    ev.add_argument("--quick", action="store_true", help="a small run (1 seed per class)")
+    ev.add_argument(
+        "--random-state", "--seed", dest="random_state", type=_int, default=0, help="random seed"
+    )
+    ev.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small smoke run (1 seed per class): its intervals mean nothing",
+    )
+    return parser
+
+
+QUICK_NOTE = (
+    "note: --quick uses one seed per class, so the bootstrap intervals collapse and the "
+    "better/worse marks in evaluation.md are not evidence; run without --quick to compare "
+    "methods."
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``captum-repinterp`` command; returns the exit status."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "evaluate":
         from .evaluation import run_evaluation
 
-        run_evaluation(args.setup or ["mnist", "faces"], args.out, seed=args.seed,
-                       quick=args.quick)
-    if args.command == "report":
-        from .report import run_report
+        setups = args.setup or ["mnist", "faces"]
+        run_evaluation(setups, args.out, seed=args.random_state, quick=args.quick)
+        out = Path(args.out).resolve()
+        print(f"results written to {out / 'results.json'} and {out / 'evaluation.md'}")
+        if args.quick:
+            print(QUICK_NOTE)
+    elif args.command == "report":
+        from .report import prepare_report, run_report
 
-        classes = None
-        if args.classes:
-            try:
-                classes = [int(c) for c in args.classes.split(",") if c.strip()]
-            except ValueError:
-                parser.error(f"--classes must be comma-separated ints, got {args.classes!r}")
+        try:
+            inputs = prepare_report(args.model_factory, args.data, args.classes, args.random_state)
+        except (ValueError, TypeError) as exc:
+            args.subparser.error(str(exc))
         run_report(
-            args.out, args.model_factory, args.data, classes, args.regions, seed=args.seed
+            args.out, regions_per_class=args.regions, random_state=args.random_state, inputs=inputs
         )
-    if args.command == "demo":
+    elif args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.out, n_seeds=args.seeds, seed=args.seed)
+        run_demo(args.out, seeds=args.seeds, random_state=args.random_state)
     return 0
 
 

@@ -5,24 +5,28 @@ next to it (no server, no JavaScript library, nothing downloaded). For every aud
 class the report runs :func:`captum_repinterp.audit.audit` on the held-out images
 predicted as that class: the most central held-out image not yet inside a region is the
 next seed, its region is scored as a rule on the held-out images, the images it contains
-are marked covered, and this repeats (at most ``regions_per_class`` times). Each region
-gets its figure (seed and nearest members under the shared heat map), its numbers
-(boundaries, members, purity and coverage on the references, precision and coverage on
-held-out images, sub-groups) and a table of its nearest members; each class gets the
-audit figure (one row per sub-group: mean heat map and exemplars).
+are marked covered, and this repeats (at most ``regions_per_class`` times).
 
-The model and data come from the user (``--model-factory pkg.mod:fn`` returning
-``model``, ``(model, layer)`` or ``(model, layer, head)``; ``--data pkg.mod:fn``
-returning ``(reference_images, heldout_images)``) or, by default, the bundled demo: the
-small CNN on MNIST-5k.
+Regions are numbered ``R1, R2, ...`` over the whole page, and the table, the summary
+chart, the class figures and the region sections all use these numbers. Each region gets
+its figure (seed and nearest members under the shared heat map, with predicted and true
+labels), its numbers, the images inside it that the model puts in another class
+(*intruders*) or, when true labels are known, that carry another label (*mislabelled*),
+and a table of its nearest members. The page carries a glossary of every column.
+
+The page is rendered from the jinja2 template ``templates/report.html.j2`` with
+autoescaping on. The model and data come from the user (``--model-factory pkg.mod:fn``
+returning ``model``, ``(model, layer)`` or ``(model, layer, head)``; ``--data
+pkg.mod:fn`` returning ``(reference_images, heldout_images)`` or ``(reference_images,
+heldout_images, reference_labels, heldout_labels)``) or, by default, the bundled demo:
+the small CNN on MNIST-5k.
 """
 
 from __future__ import annotations
 
-import html
-import importlib
 import math
 import os
+import pkgutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -38,10 +44,98 @@ from ._checks import check_int
 from .attribution import RepresentativeInterpretation
 from .audit import AuditRegion, ClassAudit, audit
 from .interpretation import Interpretation
-from .visualization import plot_audit, plot_region
+from .visualization import SEM_DIST, plot_audit, plot_images, plot_region
 
-__all__ = ["RegionRow", "audit_regions", "build_report", "load_callable", "resolve_model"]
+__all__ = [
+    "GLOSSARY",
+    "RegionRow",
+    "ReportInputs",
+    "audit_regions",
+    "build_report",
+    "load_callable",
+    "prepare_report",
+    "resolve_data",
+    "resolve_model",
+    "run_report",
+]
 
+#: What every number and label on the page means (rendered as the page's glossary).
+GLOSSARY: tuple[tuple[str, str], ...] = (
+    (
+        "R1, R2, ...",
+        "the regions, numbered over the whole page in the order they were found (class by class).",
+    ),
+    (
+        "#157",
+        "the index of an image in its set: held-out images for seeds and class "
+        "exemplars (#157), reference images for members (ref #157).",
+    ),
+    (
+        "boundaries",
+        "how many linear pieces of the model's decision boundary (hyperplanes in "
+        "the layer's feature space) bound the region; an image is inside when it lies on the "
+        "seed's side of every one.",
+    ),
+    (
+        "delta",
+        "how many references of other classes the region was allowed to keep inside "
+        "when its boundaries were chosen (0: none).",
+    ),
+    (
+        "reached",
+        "yes when the chosen boundaries met that bound (at most delta references "
+        "of other classes inside); no when the sampled boundaries could not shut them out.",
+    ),
+    ("members", "reference images inside the region."),
+    (
+        "purity",
+        "share of the members that the model puts in the region's class (measured "
+        "on the references the region was fitted on).",
+    ),
+    ("coverage", "share of the references the model puts in the class that are members."),
+    ("held-out inside", "held-out images inside the region, the seed not counted."),
+    (
+        "held-out precision",
+        "share of the held-out images inside that the model puts in the "
+        "class: how well the region works as a rule on images it was not fitted on (n/a when "
+        "none is inside).",
+    ),
+    (
+        "held-out coverage",
+        "share of the class's held-out images (seed excluded) inside the region.",
+    ),
+    (
+        "newly covered",
+        "held-out images of the class that this region contains and no "
+        "earlier region of the class did, the seed included; they are the region's row in "
+        "the class figure.",
+    ),
+    (
+        "sub-groups",
+        "the newly covered images split by where the region's heat map falls on "
+        "them (k-means on the maps, kept when the mean silhouette is at least 0.25); "
+        '"2 (40, 19)" is two groups of 40 and 19 images, shown as group a and b.',
+    ),
+    (
+        "intruders",
+        "images inside the region (references and held-out images) that the "
+        "model puts in another class; they are what lowers purity and held-out precision.",
+    ),
+    (
+        "mislabelled",
+        "images inside the region that the model puts in the class but whose "
+        "true label is another (only when true labels are given): the model's mistakes that "
+        "this decision logic makes.",
+    ),
+    ("sem. dist.", SEM_DIST[len("sem. dist. = ") :] + "; 0 for the seed itself."),
+    (
+        "heat map",
+        "the region's map in logit units: at each position of the layer, the sum "
+        "over channels of the region's direction times the activation, ReLU applied; computed "
+        "at the layer's resolution, upsampled to the image, and the same for every image of "
+        "the region.",
+    ),
+)
 
 @dataclass
 class RegionRow:
@@ -68,6 +162,8 @@ class RegionRow:
         The audit's record of the region (members, sub-groups, split score).
     figure : str
         File name of the region's PNG (set by :func:`build_report`).
+    label : str
+        The region's name on the page: ``"R1"``, ``"R2"``, ... in the order of the rows.
     """
 
     target: int
@@ -79,6 +175,7 @@ class RegionRow:
     newly_covered: int
     region: AuditRegion | None = field(default=None, repr=False)
     figure: str = field(default="")
+    label: str = field(default="")
 
     @property
     def subgroup_sizes(self) -> list[int]:
@@ -92,22 +189,26 @@ def load_callable(spec: str, name: str) -> Callable[..., Any]:
     """Import ``"package.module:function"`` and return the function.
 
     The current directory is put on ``sys.path`` first, so a module next to the user's
-    working directory is found.
+    working directory is found. Resolution is :func:`pkgutil.resolve_name`.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` when ``spec`` is malformed, cannot be imported or is not callable.
     """
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"{name} must look like 'package.module:function', got {spec!r}")
-    module_name, attr = spec.split(":")
-    if not module_name or not attr:
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise ValueError(f"{name} must look like 'package.module:function', got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    module_name = spec.split(":")[0]
     try:
-        module = importlib.import_module(module_name)
+        fn = pkgutil.resolve_name(spec)
     except ImportError as exc:
         raise ValueError(f"{name}: cannot import module {module_name!r}: {exc}") from exc
-    fn = getattr(module, attr, None)
+    except AttributeError:
+        fn = None
     if not callable(fn):
-        raise ValueError(f"{name}: {module_name!r} has no callable {attr!r}")
+        raise ValueError(f"{name}: {module_name!r} has no callable {spec.split(':')[1]!r}")
     return fn
 
 
@@ -115,7 +216,8 @@ def resolve_model(obj: Any) -> tuple[nn.Module, nn.Module, Callable | None]:
     """``(model, layer, head)`` from what a model factory returned.
 
     Accepts ``model`` (then ``layer = model.features[-1]``), ``(model, layer)`` or
-    ``(model, layer, head)``.
+    ``(model, layer, head)``. Pick a layer with :func:`captum_repinterp.find_layer` when
+    the model has no ``features``.
     """
     head = None
     if isinstance(obj, (tuple, list)):
@@ -132,7 +234,7 @@ def resolve_model(obj: Any) -> tuple[nn.Module, nn.Module, Callable | None]:
         if not isinstance(features, nn.Sequential) or len(features) == 0:
             raise ValueError(
                 "model factory: the model has no non-empty nn.Sequential .features; "
-                "return (model, layer) to name the layer to interpret"
+                "return (model, layer) to name the layer to interpret (find_layer helps)"
             )
         layer = features[-1]
     if not isinstance(model, nn.Module):
@@ -142,13 +244,57 @@ def resolve_model(obj: Any) -> tuple[nn.Module, nn.Module, Callable | None]:
     return model, layer, head
 
 
+def _labels(value: Any, images: Tensor, name: str) -> Tensor | None:
+    if value is None:
+        return None
+    labels = torch.as_tensor(value)
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+        raise ValueError(
+            f"data: {name} must be {images.shape[0]} integer labels, got shape "
+            f"{tuple(labels.shape)} ({labels.dtype})"
+        )
+    return labels.long()
+
+
+def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(references, heldout, reference_labels, heldout_labels)`` from a data factory.
+
+    Accepts ``(reference_images, heldout_images)`` (no true labels) or
+    ``(reference_images, heldout_images, reference_labels, heldout_labels)`` (either
+    label entry may be None).
+    """
+    if not isinstance(obj, (tuple, list)) or len(obj) not in (2, 4):
+        raise ValueError(
+            "data must return (reference_images, heldout_images) or (reference_images, "
+            "heldout_images, reference_labels, heldout_labels)"
+        )
+    refs, held = obj[0], obj[1]
+    for value, what in ((refs, "reference_images"), (held, "heldout_images")):
+        if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] == 0:
+            raise TypeError(f"data: {what} must be a non-empty tensor of images, batch first")
+    if refs.shape[1:] != held.shape[1:]:
+        raise ValueError(
+            f"data: reference and held-out images differ in shape: {tuple(refs.shape[1:])} "
+            f"vs {tuple(held.shape[1:])}"
+        )
+    if len(obj) == 2:
+        return refs, held, None, None
+    return (
+        refs,
+        held,
+        _labels(obj[2], refs, "reference_labels"),
+        _labels(obj[3], held, "heldout_labels"),
+    )
+
+
 def audit_regions(
     ri: RepresentativeInterpretation,
     heldout: Tensor,
     classes: Sequence[int] | None = None,
     regions_per_class: int = 3,
     coverage_target: float = 0.95,
-    seed: int = 0,
+    random_state: int = 0,
+    features: tuple[Tensor, Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[list[RegionRow], dict[int, ClassAudit]]:
     """Audit each class of the held-out images and score every region on them.
@@ -166,8 +312,10 @@ def audit_regions(
         At most this many regions per class.
     coverage_target : float
         Stop a class once this share of its held-out images is covered.
-    seed : int
+    random_state : int
         Seed of every random choice.
+    features : (Tensor, Tensor), optional
+        ``ri.transform(heldout)`` when already computed.
     **kwargs
         More options of :func:`captum_repinterp.audit.audit` (``subgroup_by``, ...) and
         of :meth:`RepresentativeInterpretation.interpret` (``n_boundaries``, ...).
@@ -175,21 +323,27 @@ def audit_regions(
     Returns
     -------
     rows : list of RegionRow
-        By class, then in the order the regions were found. Held-out precision and
-        coverage leave the seed out.
+        By class, then in the order the regions were found, labelled ``R1, R2, ...``.
+        Held-out precision and coverage leave the seed out.
     audits : dict
         The :class:`~captum_repinterp.audit.ClassAudit` of each audited class.
     """
     check_int(regions_per_class, "regions_per_class")
-    feats, preds = ri.transform(heldout)
+    feats, preds = ri.transform(heldout) if features is None else features
     present = set(preds.unique().tolist())
     classes = sorted(present) if classes is None else [int(c) for c in classes if c in present]
     rows: list[RegionRow] = []
     audits: dict[int, ClassAudit] = {}
     for c in classes:
         result = audit(
-            ri, heldout, target=c, coverage_target=coverage_target,
-            max_regions=regions_per_class, seed=seed, features=(feats, preds), **kwargs,
+            ri,
+            heldout,
+            target=c,
+            coverage_target=coverage_target,
+            max_regions=regions_per_class,
+            features=(feats, preds),
+            random_state=random_state,
+            **kwargs,
         )
         audits[c] = result[c]
         for region in result[c].regions:
@@ -198,44 +352,18 @@ def audit_regions(
             score = interp.evaluate_features(feats, preds, exclude=region.seed_index)
             rows.append(
                 RegionRow(
-                    c, region.seed_index, interp, score["n_inside"], score["precision"],
-                    score["coverage"], region.size, region,
+                    c,
+                    region.seed_index,
+                    interp,
+                    score["n_inside"],
+                    score["precision"],
+                    score["coverage"],
+                    region.size,
+                    region,
+                    label=f"R{len(rows) + 1}",
                 )
             )
     return rows, audits
-
-
-def _fmt(value: float) -> str:
-    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.3f}"
-
-
-_CSS = """
-body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1150px; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em 0; }
-th, td { border: 1px solid #bbb; padding: 3px 8px; text-align: right; font-size: 13px; }
-th { background: #eee; }
-img { max-width: 100%; border: 1px solid #ddd; }
-.status { color: #555; font-size: 12px; }
-section { margin-bottom: 2em; }
-"""
-
-_JS = """
-function checkImages() {
-  var imgs = Array.prototype.slice.call(document.images);
-  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; });
-  var all = ok.length === imgs.length;
-  document.body.setAttribute('data-images-loaded', all ? 'all' : 'missing');
-  var s = document.getElementById('image-status');
-  s.textContent = 'images loaded: ' + ok.length + '/' + imgs.length +
-      (all ? ' IMAGES-OK' : ' IMAGES-MISSING');
-}
-window.addEventListener('load', checkImages);
-"""
-
-
-def _sizes(row: RegionRow) -> str:
-    sizes = row.subgroup_sizes
-    return "1" if len(sizes) <= 1 else f"{len(sizes)} ({', '.join(map(str, sizes))})"
 
 
 def _class_name(c: int, class_names: Sequence[str] | None) -> str:
@@ -244,105 +372,152 @@ def _class_name(c: int, class_names: Sequence[str] | None) -> str:
     return str(c)
 
 
-def _render_html(
-    title: str,
+def _sizes(row: RegionRow) -> str:
+    sizes = row.subgroup_sizes
+    return "1" if len(sizes) <= 1 else f"{len(sizes)} ({', '.join(map(str, sizes))})"
+
+
+def _num(value: float) -> str:
+    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.3f}"
+
+
+def _pct(value: float) -> str:
+    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.1%}"
+
+
+@dataclass
+class _Odd:
+    """Images inside a region that are not plainly of its class (for the gallery)."""
+
+    source: str  # "ref" or "held-out"
+    index: int
+    pred: int
+    true: int | None
+    intruder: bool  # predicted another class (else: mislabelled)
+
+
+def _odd_images(
+    row: RegionRow,
+    ref_preds: Tensor,
+    held_inside: Tensor,
+    held_preds: Tensor,
+    ref_labels: Tensor | None,
+    held_labels: Tensor | None,
+) -> list[_Odd]:
+    """Intruders (predicted another class) then mislabelled images inside the region."""
+    c = row.target
+    out = []
+    members = row.interpretation.members.tolist()
+    held = torch.nonzero(held_inside).flatten().tolist()
+    for intruder in (True, False):
+        for source, idx_list, preds, labels in (
+            ("ref", members, ref_preds, ref_labels),
+            ("held-out", held, held_preds, held_labels),
+        ):
+            for i in idx_list:
+                pred = int(preds[i])
+                true = None if labels is None else int(labels[i])
+                if intruder and pred != c:
+                    out.append(_Odd(source, i, pred, true, True))
+                elif not intruder and pred == c and true is not None and true != c:
+                    out.append(_Odd(source, i, pred, true, False))
+    return out
+
+
+def _summary_figure(
     rows: list[RegionRow],
-    ri: RepresentativeInterpretation,
-    n_heldout: int,
+    audits: dict[int, ClassAudit],
+    odd: dict[str, list[_Odd]],
     class_names: Sequence[str] | None,
-    summary_png: str,
-    n_members: int,
-    elapsed: float,
-    class_figures: dict[int, str],
-) -> str:
-    e = html.escape
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{e(title)}</h1>",
-        f"<p>{ri.n_references_} reference images, {n_heldout} held-out images, layer "
-        f"features D = {ri.layout_.dim}. Regions are peeled off each predicted class of "
-        "the held-out images: the most central held-out image (nearest the median of the "
-        "layer features) outside every earlier region of its class is the next seed. "
-        "Purity and coverage are measured on the references, precision and coverage of "
-        "the region used as a rule on the held-out images (the seed excluded). A region's "
-        "new members are split into sub-groups when their heat maps cluster clearly "
-        f"(mean silhouette >= 0.25). Built in {elapsed:.1f} s.</p>",
-        '<p id="image-status" class="status">images loading...</p>',
-        "<h2>Summary</h2>",
-        f'<img src="{e(summary_png)}" alt="summary of the regions">',
-        "<table><thead><tr><th>region</th><th>class</th><th>seed (held-out index)</th>"
-        "<th>boundaries</th><th>members</th><th>purity</th><th>coverage</th>"
-        "<th>held-out inside</th><th>held-out precision</th><th>held-out coverage</th>"
-        "<th>newly covered</th><th>sub-groups</th><th>delta</th><th>reached</th>"
-        "</tr></thead><tbody>",
-    ]
-    for k, r in enumerate(rows):
-        it = r.interpretation
-        out.append(
-            f'<tr><td><a href="#region-{k}">{k}</a></td>'
-            f"<td>{e(_class_name(r.target, class_names))}</td><td>{r.seed_index}</td>"
-            f"<td>{it.n_boundaries}</td><td>{len(it)}</td><td>{_fmt(it.purity)}</td>"
-            f"<td>{_fmt(it.coverage)}</td><td>{r.heldout_inside}</td>"
-            f"<td>{_fmt(r.heldout_precision)}</td><td>{_fmt(r.heldout_coverage)}</td>"
-            f"<td>{r.newly_covered}</td><td>{_sizes(r)}</td><td>{it.delta}</td>"
-            f"<td>{it.reached}</td></tr>"
-        )
-    out.append("</tbody></table>")
-    for c, png in class_figures.items():
-        name = e(_class_name(c, class_names))
-        out.append(f'<section id="class-{c}"><h2>Class {name}: regions and sub-groups</h2>')
-        out.append(f'<img src="{e(png)}" alt="class {name}: mean heat maps and exemplars">')
-        out.append("</section>")
-    preds = ri.predictions_
-    for k, r in enumerate(rows):
-        it = r.interpretation
-        out.append(f'<section id="region-{k}">')
-        out.append(
-            f"<h2>Region {k}: class {e(_class_name(r.target, class_names))}, "
-            f"seed {r.seed_index}</h2>"
-        )
-        out.append(f'<img src="{e(r.figure)}" alt="region {k}: seed and nearest members">')
-        out.append(
-            f"<p>{len(it)} members, purity {_fmt(it.purity)}, coverage {_fmt(it.coverage)}, "
-            f"{it.n_boundaries} of {it.n_sampled} sampled boundaries; on held-out images "
-            f"{r.heldout_inside} inside, precision {_fmt(r.heldout_precision)}; "
-            f"{r.newly_covered} newly covered, sub-groups {_sizes(r)}.</p>"
-        )
-        out.append(
-            "<table><thead><tr><th>rank</th><th>reference index</th>"
-            "<th>predicted class</th><th>semantic distance</th></tr></thead><tbody>"
-        )
-        for rank in range(min(n_members, len(it))):
-            ref = int(it.members[rank])
-            out.append(
-                f"<tr><td>{rank + 1}</td><td>{ref}</td>"
-                f"<td>{e(_class_name(int(preds[ref]), class_names))}</td>"
-                f"<td>{float(it.member_distances[rank]):.4g}</td></tr>"
+    has_labels: bool,
+) -> Figure:
+    """Left: how each class's held-out images split over its regions. Right: intruders."""
+    n_classes = len(audits)
+    fig = Figure(
+        figsize=(10, max(2.4, 0.45 * max(n_classes, len(rows)) + 1.4)), layout="constrained"
+    )
+    left, right = fig.subplots(1, 2, width_ratios=(3, 2))
+    colours = [f"C{i % 10}" for i in range(len(rows))]
+    ylabels = []
+    for y, (c, ca) in enumerate(audits.items()):
+        n = max(int(ca.indices.numel()), 1)
+        start = 0.0
+        for k, r in enumerate(rows):
+            if r.target != c:
+                continue
+            share = r.newly_covered / n
+            left.barh(y, share, left=start, color=colours[k], edgecolor="white")
+            if share >= 0.06:
+                left.text(
+                    start + share / 2,
+                    y,
+                    r.label,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white",
+                    fontweight="bold",
+                )
+            start += share
+        left.barh(y, 1 - start, left=start, color="#ddd", edgecolor="white")
+        if 1 - start >= 0.08:
+            left.text(
+                start + (1 - start) / 2,
+                y,
+                "uncovered",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="#555",
             )
-        out.append("</tbody></table></section>")
-    out.append(f"<script>{_JS}</script></body></html>")
-    return "\n".join(out)
+        ylabels.append(f"class {_class_name(c, class_names)}\n({n} images)")
+    left.set_yticks(range(n_classes), ylabels, fontsize=7)
+    left.invert_yaxis()
+    left.set_xlim(0, 1)
+    left.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    left.tick_params(axis="x", labelsize=7)
+    left.set_xlabel(
+        "share of the class's held-out images (newly covered by each region)", fontsize=7
+    )
+    left.set_title("Which region covers which images", fontsize=8)
 
-
-def _summary_figure(rows: list[RegionRow], class_names: Sequence[str] | None) -> Figure:
-    fig = Figure(figsize=(max(4.0, 0.6 * len(rows) + 2), 2.8))
-    ax = fig.subplots()
-    x = torch.arange(len(rows)).numpy()
-    purity = [r.interpretation.purity for r in rows]
-    prec = [0.0 if math.isnan(r.heldout_precision) else r.heldout_precision for r in rows]
-    cov = [r.interpretation.coverage for r in rows]
-    ax.bar(x - 0.27, purity, 0.27, label="purity (refs)")
-    ax.bar(x, cov, 0.27, label="coverage (refs)")
-    ax.bar(x + 0.27, prec, 0.27, label="precision (held-out)")
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"R{k}\nc={r.target}" for k, r in enumerate(rows)], fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("regions by class", fontsize=9)
-    fig.tight_layout()
+    y = np.arange(len(rows))
+    n_intr = [sum(o.intruder for o in odd[r.label]) for r in rows]
+    right.barh(
+        y - 0.2 if has_labels else y,
+        n_intr,
+        0.4 if has_labels else 0.6,
+        color="tab:red",
+        label="intruders (predicted another class)",
+    )
+    if has_labels:
+        n_mis = [sum(not o.intruder for o in odd[r.label]) for r in rows]
+        right.barh(
+            y + 0.2, n_mis, 0.4, color="tab:orange", label="mislabelled (true label another class)"
+        )
+    right.set_yticks(
+        y, [f"{r.label} (class {_class_name(r.target, class_names)})" for r in rows], fontsize=7
+    )
+    right.invert_yaxis()
+    right.tick_params(axis="x", labelsize=7)
+    right.xaxis.get_major_locator().set_params(integer=True)
+    right.set_xlabel("images inside the region (references and held-out)", fontsize=7)
+    right.set_title("What does not belong inside", fontsize=8)
+    right.legend(fontsize=6, loc="lower right")
+    fig.suptitle("Regions by class: coverage and intruders", fontsize=9)
     return fig
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("captum_repinterp", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=False,
+    )
+    env.filters["num"] = _num
+    env.filters["pct"] = _pct
+    return env
 
 
 def build_report(
@@ -357,8 +532,10 @@ def build_report(
     class_names: Sequence[str] | None = None,
     members_shown: int = 6,
     title: str = "Representative interpretations: audit report",
-    seed: int = 0,
+    random_state: int = 0,
     progress: bool = False,
+    reference_labels: Tensor | None = None,
+    heldout_labels: Tensor | None = None,
     **interpret_kwargs: Any,
 ) -> Path:
     """Fit, audit the classes and write ``out_dir/index.html`` with its PNG figures.
@@ -383,10 +560,13 @@ def build_report(
         Members per region in the figure and the table.
     title : str
         Page title.
-    seed : int
+    random_state : int
         Random seed of the interpretations.
     progress : bool
         Show progress bars.
+    reference_labels, heldout_labels : Tensor, optional
+        True classes of the images: then the page gives the model's accuracy, the figures
+        and tables the true labels, and each region its mislabelled images.
     **interpret_kwargs
         More options of :meth:`RepresentativeInterpretation.interpret`.
 
@@ -398,49 +578,261 @@ def build_report(
     if not isinstance(references, Tensor) or not isinstance(heldout, Tensor):
         raise TypeError("references and heldout must be tensors of images (batch first)")
     check_int(members_shown, "members_shown")
+    ref_labels = _labels(reference_labels, references, "reference_labels")
+    held_labels = _labels(heldout_labels, heldout, "heldout_labels")
+    has_labels = ref_labels is not None or held_labels is not None
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ri = RepresentativeInterpretation(model, layer, head=head)
     ri.fit(references, batch_size=256, progress=progress)
+    feats, preds = ri.transform(heldout)
     rows, audits = audit_regions(
-        ri, heldout, classes, regions_per_class, seed=seed, **interpret_kwargs
+        ri,
+        heldout,
+        classes,
+        regions_per_class,
+        random_state=random_state,
+        features=(feats, preds),
+        **interpret_kwargs,
     )
     if not rows:
         raise ValueError("classes: none of the requested classes is predicted on heldout")
-    class_figures = {}
-    for c, class_audit in audits.items():
-        if class_audit.regions:
-            png = f"class{c}_audit.png"
-            plot_audit(class_audit, heldout, n_exemplars=members_shown,
-                       class_names=class_names).savefig(out / png, dpi=80)
-            class_figures[c] = png
+    ref_preds = ri.predictions_
+
+    def name(c: int) -> str:
+        return _class_name(c, class_names)
+
+    odd: dict[str, list[_Odd]] = {}
+    views = []
     for k, r in enumerate(rows):
+        it = r.interpretation
         seed_img = heldout[r.seed_index : r.seed_index + 1]
         fig = plot_region(
-            r.interpretation, seed_img, references, k=members_shown, class_names=class_names
+            it,
+            seed_img,
+            references,
+            k=members_shown,
+            class_names=class_names,
+            seed_label=None if held_labels is None else int(held_labels[r.seed_index]),
+            reference_labels=ref_labels,
+            title=f"{r.label}, region of class {name(r.target)}",
         )
-        r.figure = f"region_{k:02d}_class{r.target}.png"
+        r.figure = f"region_{k + 1:02d}_class{r.target}.png"
         fig.savefig(out / r.figure, dpi=90)
+        inside = it.contains_features(feats)
+        seed_inside = inside.clone()
+        inside[r.seed_index] = False
+        odd[r.label] = _odd_images(r, ref_preds, inside, preds, ref_labels, held_labels)
+        if (
+            held_labels is not None
+            and int(held_labels[r.seed_index]) != r.target
+            and bool(seed_inside[r.seed_index])
+        ):
+            odd[r.label].append(
+                _Odd("held-out", r.seed_index, r.target, int(held_labels[r.seed_index]), False)
+            )
+        shown = odd[r.label][: 2 * members_shown]
+        intruder_figure = ""
+        if shown:
+            imgs = torch.stack(
+                [(references if o.source == "ref" else heldout)[o.index] for o in shown]
+            )
+            maps = it.heatmap(imgs)
+            maps = maps[0] if isinstance(maps, tuple) else maps
+            titles = []
+            for o in shown:
+                text = f"{o.source} #{o.index}\npred {name(o.pred)}"
+                titles.append(text + ("" if o.true is None else f"\ntrue {name(o.true)}"))
+            intruder_figure = f"region_{k + 1:02d}_intruders.png"
+            plot_images(
+                imgs,
+                titles,
+                maps=maps,
+                bad=[True] * len(shown),
+                title=f"{r.label} (class {name(r.target)}): images inside that the model "
+                "puts in another class, or whose true label is another",
+                caption="Under the region's heat map (one colour scale). ref #i: reference "
+                "image i; held-out #i: held-out image i.",
+            ).savefig(out / intruder_figure, dpi=80)
+        member_rows = []
+        for rank in range(min(members_shown, len(it))):
+            ref = int(it.members[rank])
+            pred = int(ref_preds[ref])
+            true = None if ref_labels is None else int(ref_labels[ref])
+            member_rows.append(
+                {
+                    "rank": rank + 1,
+                    "index": ref,
+                    "pred": name(pred),
+                    "true": "?" if true is None else name(true),
+                    "distance": float(it.member_distances[rank]),
+                    "bad": pred != r.target or (true is not None and true != r.target),
+                }
+            )
+        views.append(
+            {
+                "label": r.label,
+                "anchor": f"region-{r.label}",
+                "class_name": name(r.target),
+                "seed_index": r.seed_index,
+                "interpretation": it,
+                "heldout_inside": r.heldout_inside,
+                "heldout_precision": r.heldout_precision,
+                "heldout_coverage": r.heldout_coverage,
+                "newly_covered": r.newly_covered,
+                "sizes_text": _sizes(r),
+                "figure": r.figure,
+                "intruder_figure": intruder_figure,
+                "n_intruders": sum(o.intruder for o in odd[r.label]),
+                "n_mislabelled": sum(not o.intruder for o in odd[r.label]),
+                "intruders_shown": len(shown),
+                "member_rows": member_rows,
+            }
+        )
+    class_views = []
+    for c, class_audit in audits.items():
+        if not class_audit.regions:
+            continue
+        mine = [v for v, r in zip(views, rows) if r.target == c]
+        png = f"class{c}_audit.png"
+        plot_audit(
+            class_audit,
+            heldout,
+            n_exemplars=members_shown,
+            class_names=class_names,
+            region_labels=[v["label"] for v in mine],
+            labels=held_labels,
+        ).savefig(out / png, dpi=80)
+        precision = None
+        if held_labels is not None:
+            precision = float((held_labels[class_audit.indices] == c).float().mean())
+        class_views.append(
+            {
+                "target": c,
+                "name": name(c),
+                "figure": png,
+                "rows": mine,
+                "n_images": int(class_audit.indices.numel()),
+                "class_precision": precision,
+                "uncovered_share": class_audit.uncovered_share,
+            }
+        )
     summary = "summary.png"
-    _summary_figure(rows, class_names).savefig(out / summary, dpi=90)
-    page = _render_html(
-        title, rows, ri, int(heldout.shape[0]), class_names, summary, members_shown,
-        time.perf_counter() - start, class_figures,
+    _summary_figure(rows, audits, odd, class_names, has_labels).savefig(out / summary, dpi=90)
+    accuracy = []
+    if ref_labels is not None:
+        accuracy.append(("on the references", float((ref_preds == ref_labels).float().mean())))
+    if held_labels is not None:
+        accuracy.append(("on the held-out images", float((preds == held_labels).float().mean())))
+    page = (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            title=title,
+            n_references=ri.n_references_,
+            n_heldout=int(heldout.shape[0]),
+            dim=ri.layout_.dim,
+            accuracy=accuracy,
+            audited=[name(c) for c in audits],
+            elapsed=time.perf_counter() - start,
+            glossary=GLOSSARY,
+            summary_png=summary,
+            rows=views,
+            classes=class_views,
+            has_labels=has_labels,
+        )
     )
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
 
 
-def demo_setup(seed: int = 0) -> tuple[nn.Module, nn.Module, Callable, Tensor, Tensor]:
-    """The bundled demo: the small CNN on MNIST-5k (80% references, 20% held-out)."""
-    from . import datasets, models
+@dataclass
+class ReportInputs:
+    """Everything :func:`build_report` needs, resolved and checked."""
 
-    x, y = datasets.load_mnist5k()
-    train, test = datasets.split_indices(len(y), 0.2, seed=seed, stratify=y)
-    cnn = models.train_small_cnn(x[train], y[train], seed=seed)
-    return cnn, cnn.features[-1], cnn.head, x[train], x[test]
+    model: nn.Module
+    layer: nn.Module
+    head: Callable | None
+    references: Tensor
+    heldout: Tensor
+    reference_labels: Tensor | None
+    heldout_labels: Tensor | None
+    classes: list[int] | None
+    title: str
+    class_names: list[str] | None = None
+
+
+def _predicted_classes(model: nn.Module, images: Tensor, batch_size: int = 512) -> set[int]:
+    with torch.no_grad():
+        return {
+            int(c)
+            for s in range(0, len(images), batch_size)
+            for c in model(images[s : s + batch_size]).argmax(1).unique()
+        }
+
+
+def prepare_report(
+    model_factory: str | None = None,
+    data: str | None = None,
+    classes: Sequence[int] | None = None,
+    random_state: int = 0,
+) -> ReportInputs:
+    """Resolve the report's arguments: load model and data, check the classes.
+
+    ``model_factory`` and ``data`` are ``"package.module:function"`` strings; give both
+    or neither. Without them the demo (small CNN, MNIST-5k, see
+    :func:`captum_repinterp.demo.mnist_setup`) audits ``classes`` (default ``0, 1, 2``
+    to keep it fast).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming the argument at fault (the CLI turns them into a usage error).
+    """
+    if (model_factory is None) != (data is None):
+        raise ValueError("give both --model-factory and --data, or neither (the demo)")
+    if classes is not None:
+        classes = [check_int(c, "classes", 0) for c in classes]
+    if model_factory is None:
+        from .demo import mnist_setup
+
+        s = mnist_setup(random_state)
+        inputs = ReportInputs(
+            s.model,
+            s.layer,
+            s.head,
+            s.references,
+            s.heldout,
+            s.reference_labels,
+            s.heldout_labels,
+            list(classes) if classes is not None else [0, 1, 2],
+            "Audit report: small CNN on MNIST-5k",
+            s.class_names,
+        )
+    else:
+        model, layer, head = resolve_model(load_callable(model_factory, "model_factory")())
+        refs, held, ref_labels, held_labels = resolve_data(load_callable(data, "data")())
+        inputs = ReportInputs(
+            model,
+            layer,
+            head,
+            refs,
+            held,
+            ref_labels,
+            held_labels,
+            classes,
+            f"Audit report: {model_factory}",
+        )
+    if inputs.classes is not None:
+        present = _predicted_classes(inputs.model, inputs.heldout)
+        if not present.intersection(inputs.classes):
+            raise ValueError(
+                f"classes: none of {inputs.classes} is predicted on the held-out images "
+                f"(predicted: {sorted(present)})"
+            )
+    return inputs
 
 
 def run_report(
@@ -449,31 +841,30 @@ def run_report(
     data: str | None = None,
     classes: Sequence[int] | None = None,
     regions_per_class: int = 2,
-    seed: int = 0,
+    random_state: int = 0,
+    inputs: ReportInputs | None = None,
 ) -> Path:
     """What ``captum-repinterp report`` runs: user model and data, or the bundled demo.
 
-    ``model_factory`` and ``data`` are ``"package.module:function"`` strings; give both
-    or neither. Without them the demo (small CNN, MNIST-5k) audits ``classes`` (default
-    ``0, 1, 2`` to keep it fast).
+    See :func:`prepare_report` for ``model_factory``, ``data`` and ``classes``; pass
+    ``inputs`` instead when they were prepared already.
     """
-    if (model_factory is None) != (data is None):
-        raise ValueError("give both --model-factory and --data, or neither (the demo)")
-    if model_factory is None:
-        model, layer, head, refs, held = demo_setup(seed)
-        if classes is None:
-            classes = (0, 1, 2)
-        title = "Audit report: small CNN on MNIST-5k"
-    else:
-        model, layer, head = resolve_model(load_callable(model_factory, "model_factory")())
-        got = load_callable(data, "data")()  # type: ignore[arg-type]
-        if not isinstance(got, (tuple, list)) or len(got) != 2:
-            raise ValueError("data must return (reference_images, heldout_images)")
-        refs, held = got
-        title = f"Audit report: {model_factory}"
+    if inputs is None:
+        inputs = prepare_report(model_factory, data, classes, random_state)
     index = build_report(
-        out_dir, model, layer, refs, held, head=head, classes=classes,
-        regions_per_class=regions_per_class, title=title, seed=seed,
+        out_dir,
+        inputs.model,
+        inputs.layer,
+        inputs.references,
+        inputs.heldout,
+        head=inputs.head,
+        classes=inputs.classes,
+        regions_per_class=regions_per_class,
+        class_names=inputs.class_names,
+        title=inputs.title,
+        random_state=random_state,
+        reference_labels=inputs.reference_labels,
+        heldout_labels=inputs.heldout_labels,
     )
     print(f"report written to {index.resolve()}")
     return index

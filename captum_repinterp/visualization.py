@@ -1,14 +1,23 @@
-"""Figures built on ``captum.attr.visualization`` and matplotlib, headless-safe.
+"""Figures that explain themselves, headless-safe, built on matplotlib and Captum.
 
 Every function returns a ``matplotlib.figure.Figure`` created without pyplot (so nothing
 needs a display and no global figure state is touched); save it with
-``fig.savefig(path)``. Heat maps are upsampled with Captum's
-``LayerAttribution.interpolate`` and drawn with ``visualize_image_attr(...,
-use_pyplot=False)``.
+``fig.savefig(path)``. Every figure has a one-line title, a caption under the panels,
+a colour bar saying what its colours measure, and the predicted (and, when given, the
+true) class on its image panels.
+
+Heat maps are upsampled with Captum's ``LayerAttribution.interpolate`` and drawn the way
+pytorch-grad-cam's ``show_cam_on_image`` draws them: a jet colour map blended half and
+half over the grey-scale image, so that the hot spots read at a glance and the image
+stays visible. Layer maps (RI, Grad-CAM) share one colour scale per figure or per
+column, in the map's own units, so panels can be compared; input attributions
+(Integrated Gradients) go through ``captum.attr.visualization.visualize_image_attr``,
+which scales each image on its own (Captum's 2% outlier clipping).
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,13 +31,29 @@ from torch import Tensor
 from .interpretation import Interpretation
 
 __all__ = [
+    "CMAP",
+    "SEM_DIST",
     "to_hwc",
     "attribution_to_hwc",
+    "show_heatmap",
     "plot_region",
+    "plot_images",
     "plot_comparison",
     "compare_methods",
     "plot_audit",
 ]
+
+#: Colour map of every heat map (the one pytorch-grad-cam's ``show_cam_on_image`` uses).
+CMAP = "jet"
+#: Weight of the heat map in the blend (``show_cam_on_image`` uses 0.5 too).
+ALPHA = 0.5
+#: What "sem. dist." under a member means (written in each region figure's caption).
+SEM_DIST = (
+    "sem. dist. = semantic distance to the seed: the sum over the region's boundaries of "
+    "the change in logit margin (logits)"
+)
+_ZERO = "all values <= 0\nafter ReLU"
+_BAD = "tab:red"
 
 
 def to_hwc(image: Tensor) -> np.ndarray:
@@ -56,31 +81,98 @@ def attribution_to_hwc(attr: Tensor, size: tuple[int, int]) -> np.ndarray:
     return a.sum(dim=0, keepdim=True).permute(1, 2, 0).numpy()
 
 
-def _draw(
-    fig: Figure,
-    ax: Any,
-    image: Tensor,
-    attr: Tensor | None,
-    title: str,
-    sign: str = "positive",
-) -> None:
+def _resolution(attr: Tensor) -> str:
+    """``"h x w"`` of one example's (or a batch's) map."""
+    h, w = attr.shape[-2:]
+    return f"{h}x{w}"
+
+
+def _name(c: int, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and 0 <= c < len(class_names):
+        return str(class_names[c])
+    return str(c)
+
+
+def _label(
+    pred: int | None, true: int | None, class_names: Sequence[str] | None
+) -> tuple[str, bool]:
+    """``"pred 7 | true 1"`` and whether the two differ (drawn in red then)."""
+    parts = []
+    if pred is not None:
+        parts.append(f"pred {_name(pred, class_names)}")
+    if true is not None:
+        parts.append(f"true {_name(true, class_names)}")
+    return " | ".join(parts), pred is not None and true is not None and pred != true
+
+
+def _caption(fig: Figure, text: str) -> None:
+    """A caption under the panels, wrapped to the figure's width."""
+    width = max(40, int(fig.get_figwidth() * 19))
+    lines = [textwrap.fill(part, width) for part in text.split("\n")]
+    fig.supxlabel("\n".join(lines), fontsize=6)
+
+
+def _blank(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def show_heatmap(ax: Any, image: Tensor, attr: Tensor | None, vmax: float | None = None) -> Any:
+    """Draw ``attr`` (``c x h x w``, any resolution) blended over the grey ``image``.
+
+    The map is upsampled to the image (bilinear), coloured with :data:`CMAP` on
+    ``[0, vmax]`` (default: its own maximum) and blended with weight :data:`ALPHA` over
+    the image's grey levels, like pytorch-grad-cam's ``show_cam_on_image``. A map whose
+    values are all ``<= 0`` (nothing left after the ReLU) is not drawn: the panel shows
+    the image and says so.
+
+    Returns
+    -------
+    matplotlib.image.AxesImage or None
+        The heat-map layer (for a colour bar), None when nothing was drawn.
+    """
     img = to_hwc(image)
-    if attr is None or not np.any(attribution_to_hwc(attr, img.shape[:2])):
-        # captum 0.9's visualize_image_attr reads attr.shape even for "original_image"
-        ax.imshow(img)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    else:
-        viz.visualize_image_attr(
-            attribution_to_hwc(attr, img.shape[:2]),
-            img,
-            method="blended_heat_map",
-            sign=sign,
-            plt_fig_axis=(fig, ax),
-            use_pyplot=False,
-            alpha_overlay=0.55,
+    ax.imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=1)
+    _blank(ax)
+    if attr is None:
+        return None
+    heat = attribution_to_hwc(attr, img.shape[:2])[..., 0]
+    top = float(heat.max()) if vmax is None else float(vmax)
+    if not np.any(heat > 0) or top <= 0:
+        ax.text(
+            0.5,
+            0.5,
+            _ZERO,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=6,
+            color="black",
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"},
         )
-    ax.set_title(title, fontsize=8)
+        return None
+    return ax.imshow(np.clip(heat, 0, None), cmap=CMAP, vmin=0, vmax=top, alpha=ALPHA)
+
+
+def _keep(current: Any, new: Any) -> Any:
+    """The first heat-map layer drawn (the colour bar's source)."""
+    return new if current is None else current
+
+
+def _layer_maps(maps: Tensor | tuple[Tensor, ...]) -> Tensor:
+    return maps[0] if isinstance(maps, tuple) else maps
+
+
+def _shared_max(images: Tensor, maps: Tensor) -> float:
+    size = tuple(images.shape[-2:])
+    return max(float(attribution_to_hwc(m, size).max()) for m in maps)
+
+
+def _predict(interpretation: Interpretation, images: Tensor) -> list[int] | None:
+    ri = interpretation.explainer
+    if ri is None:
+        return None
+    return [int(p) for p in ri.transform(images)[1]]
 
 
 def plot_region(
@@ -90,8 +182,16 @@ def plot_region(
     k: int = 5,
     class_names: Sequence[str] | None = None,
     panel_size: float = 1.8,
+    seed_label: int | None = None,
+    reference_labels: Tensor | None = None,
+    title: str | None = None,
 ) -> Figure:
     """The paper's figure: the seed and its ``k`` nearest region members, one shared map.
+
+    Each panel shows the image under the region's heat map (one colour scale for the whole
+    figure, see the colour bar), its predicted class and, when labels are given, its true
+    class (in red when the two differ), and for members their reference index and
+    semantic distance to the seed.
 
     Parameters
     ----------
@@ -103,32 +203,145 @@ def plot_region(
         The reference set given to ``fit`` (indexed by ``interpretation.members``).
     k : int
         Number of members to show, nearest by semantic distance first.
+    class_names : sequence of str, optional
+        Names shown instead of class indices.
+    panel_size : float
+        Inches per panel.
+    seed_label : int, optional
+        The seed's true class.
+    reference_labels : Tensor, optional
+        True classes of the references.
+    title : str, optional
+        First line of the title (default: ``"region of class <name>"``).
     """
     if seed_image.dim() == reference_images.dim():
         seed_image = seed_image[0]
     members = interpretation.similar(k)
     images = torch.cat([seed_image[None], reference_images[members]])
-    maps = interpretation.heatmap(images)
-    if isinstance(maps, tuple):
-        maps = maps[0]
-    name = (
-        class_names[interpretation.target]
-        if class_names is not None
-        else str(interpretation.target)
+    maps = _layer_maps(interpretation.heatmap(images))
+    name = _name(interpretation.target, class_names)
+    preds = _predict(interpretation, images)
+    vmax = _shared_max(images, maps)
+    fig = Figure(
+        figsize=(panel_size * images.shape[0] + 1.2, panel_size * 1.8), layout="constrained"
     )
-    fig = Figure(figsize=(panel_size * images.shape[0], panel_size * 1.25))
     axes = fig.subplots(1, images.shape[0], squeeze=False)[0]
     dists = interpretation.member_distances[: len(members)]
+    mappable = None
     for j, ax in enumerate(axes):
-        title = f"seed ({name})" if j == 0 else f"member {j}\nd={float(dists[j - 1]):.3g}"
-        _draw(fig, ax, images[j], maps[j], title)
+        true = None
+        if j == 0:
+            true = seed_label
+            head = "seed"
+        else:
+            ref = int(members[j - 1])
+            if reference_labels is not None:
+                true = int(reference_labels[ref])
+            head = f"member {j} (ref #{ref})\nsem. dist. {float(dists[j - 1]):.3g}"
+        label, bad = _label(preds[j] if preds else None, true, class_names)
+        if preds and preds[j] != interpretation.target:
+            bad = True
+        mappable = _keep(mappable, show_heatmap(ax, images[j], maps[j], vmax))
+        ax.set_title(
+            f"{head}\n{label}" if label else head, fontsize=7, color=_BAD if bad else "black"
+        )
+    if mappable is not None:
+        fig.colorbar(mappable, ax=list(axes), shrink=0.8, pad=0.02).set_label(
+            "RI heat (logit units)", fontsize=7
+        )
     fig.suptitle(
-        f"region of class {name}: {len(interpretation)} members, "
-        f"purity {interpretation.purity:.2f}, coverage {interpretation.coverage:.2f}",
-        fontsize=9,
+        f"{title or f'region of class {name}'}: seed and its {len(members)} nearest of "
+        f"{len(interpretation)} members, purity {interpretation.purity:.2f}, coverage "
+        f"{interpretation.coverage:.2f} (references)",
+        fontsize=8,
     )
-    fig.tight_layout()
+    _caption(
+        fig,
+        f"One heat map for every panel (the region's, at {_resolution(maps)} layer "
+        f"resolution, upsampled to {_resolution(images)}; one colour scale). "
+        f"Red: predicted not {name}, or true label differs.\n{SEM_DIST}.",
+    )
     return fig
+
+
+def plot_images(
+    images: Tensor,
+    titles: Sequence[str],
+    title: str,
+    maps: Tensor | None = None,
+    caption: str = "",
+    bad: Sequence[bool] | None = None,
+    colorbar_label: str = "RI heat (logit units)",
+    panel_size: float = 1.6,
+    max_cols: int = 8,
+) -> Figure:
+    """A gallery of images with their titles, optionally under heat maps (one scale).
+
+    Parameters
+    ----------
+    images : Tensor
+        ``N x C x H x W``.
+    titles : sequence of str
+        One per image (e.g. index and labels).
+    title : str
+        The figure's title.
+    maps : Tensor, optional
+        ``N x c x h x w`` maps drawn over the images on one shared colour scale.
+    caption : str
+        A line under the panels.
+    bad : sequence of bool, optional
+        Panels whose title is drawn in red.
+    """
+    n = int(images.shape[0])
+    if len(titles) != n:
+        raise ValueError(f"titles has {len(titles)} entries for {n} images")
+    if n == 0:
+        raise ValueError("images is empty")
+    cols = min(n, max_cols)
+    rows = -(-n // cols)
+    fig = Figure(
+        figsize=(panel_size * cols + 1.2, panel_size * 1.3 * rows + 0.6), layout="constrained"
+    )
+    axes = fig.subplots(rows, cols, squeeze=False)
+    vmax = _shared_max(images, maps) if maps is not None else None
+    mappable = None
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        mappable = _keep(
+            mappable, show_heatmap(ax, images[i], None if maps is None else maps[i], vmax)
+        )
+        red = bad is not None and bad[i]
+        ax.set_title(titles[i], fontsize=7, color=_BAD if red else "black")
+    if mappable is not None:
+        fig.colorbar(mappable, ax=list(axes.flat), shrink=0.8, pad=0.02).set_label(
+            colorbar_label, fontsize=7
+        )
+    fig.suptitle(title, fontsize=8)
+    if caption:
+        _caption(fig, caption)
+    return fig
+
+
+def _draw_captum(fig: Figure, ax: Any, image: Tensor, attr: Tensor) -> Any:
+    """Input attributions through Captum's ``visualize_image_attr`` (absolute values)."""
+    img = to_hwc(image)
+    a = attribution_to_hwc(attr, img.shape[:2])
+    if not np.any(a != 0):
+        return show_heatmap(ax, image, torch.zeros(1, *img.shape[:2]))
+    _, ax = viz.visualize_image_attr(
+        a,
+        img,
+        method="blended_heat_map",
+        sign="absolute_value",
+        cmap=CMAP,
+        alpha_overlay=ALPHA,
+        plt_fig_axis=(fig, ax),
+        use_pyplot=False,
+    )
+    _blank(ax)
+    return ax.images[-1]
 
 
 def plot_comparison(
@@ -136,27 +349,62 @@ def plot_comparison(
     attributions: Mapping[str, Tensor],
     titles: Sequence[str] | None = None,
     panel_size: float = 1.8,
+    title: str = "Attribution methods on the same images",
+    per_image: Sequence[str] = (),
+    bad: Sequence[bool] | None = None,
 ) -> Figure:
     """Side-by-side heat maps: one row per image, the original then one column per method.
 
-    ``attributions`` maps a method name to its ``N x c x h x w`` attributions (layer maps
-    are upsampled to the image size; input attributions are summed over channels).
-    Signed methods (e.g. Integrated Gradients) are drawn by absolute value.
+    ``attributions`` maps a method name to its ``N x c x h x w`` attributions. Layer maps
+    are upsampled to the image size and share one colour scale per column (their colour
+    bar is in the method's units); methods named in ``per_image`` (input attributions
+    such as Integrated Gradients, which may be signed) are drawn by absolute value
+    through Captum's ``visualize_image_attr``, scaled per image. A panel whose map is
+    all ``<= 0`` says so instead of looking empty.
     """
     n = images.shape[0]
     for name, attr in attributions.items():
         if attr.shape[0] != n:
             raise ValueError(f"attributions[{name!r}] has {attr.shape[0]} rows for {n} images")
     cols = 1 + len(attributions)
-    fig = Figure(figsize=(panel_size * cols, panel_size * n * 1.1))
+    fig = Figure(
+        figsize=(panel_size * cols + 0.4, panel_size * n * 1.15 + 1.4), layout="constrained"
+    )
     axes = fig.subplots(n, cols, squeeze=False)
+    size = tuple(images.shape[-2:])
     for i in range(n):
-        row_title = titles[i] if titles is not None else f"image {i}"
-        _draw(fig, axes[i][0], images[i], None, row_title)
-        for j, (name, attr) in enumerate(attributions.items(), start=1):
-            sign = "positive" if bool((attr[i] >= 0).all()) else "absolute_value"
-            _draw(fig, axes[i][j], images[i], attr[i], name, sign)
-    fig.tight_layout()
+        show_heatmap(axes[i][0], images[i], None)
+        red = bad is not None and bad[i]
+        axes[i][0].set_title(
+            titles[i] if titles is not None else f"image {i}",
+            fontsize=7,
+            color=_BAD if red else "black",
+        )
+    for j, (name, attr) in enumerate(attributions.items(), start=1):
+        res = _resolution(attr)
+        column = [axes[i][j] for i in range(n)]
+        mappable = None
+        if name in per_image:
+            for i, ax in enumerate(column):
+                mappable = _keep(mappable, _draw_captum(fig, ax, images[i], attr[i]))
+            label = "|attribution| / per-image\nclip level (Captum)"
+        else:
+            vmax = max(float(attribution_to_hwc(a, size).max()) for a in attr)
+            for i, ax in enumerate(column):
+                mappable = _keep(mappable, show_heatmap(ax, images[i], attr[i], vmax))
+            label = f"{name} (model units, column scale)"
+        column[0].set_title(f"{name}\n{res} map", fontsize=7)
+        if mappable is not None:
+            cbar = fig.colorbar(mappable, ax=column, location="bottom", shrink=0.9, pad=0.01)
+            cbar.set_label(label, fontsize=6)
+            cbar.ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=8)
+    _caption(
+        fig,
+        "Each map blended over the grey image (jet colour map). Layer maps are upsampled "
+        f"to {size[0]}x{size[1]}; a blank panel means the map is <= 0 everywhere, which "
+        "the ReLU removes.",
+    )
     return fig
 
 
@@ -166,12 +414,15 @@ def compare_methods(
     ri: Any,
     images: Tensor,
     target: Any = None,
+    class_names: Sequence[str] | None = None,
+    labels: Sequence[int] | Tensor | None = None,
     **ri_kwargs: Any,
 ) -> tuple[Figure, dict[str, Tensor]]:
     """RI, ``LayerGradCam`` and ``IntegratedGradients`` on the same images, side by side.
 
     ``target`` defaults to the model's predictions (the same classes for every method).
-    Returns the figure and the attributions by method name.
+    Row titles give the predicted class (``class_names`` when given) and the true class
+    when ``labels`` are given. Returns the figure and the attributions by method name.
     """
     with torch.no_grad():
         preds = model(images).argmax(dim=1)
@@ -185,15 +436,22 @@ def compare_methods(
             images, target=tgt, n_steps=32
         ),
     }
-    titles = [f"pred {int(p)}" for p in preds]
-    return plot_comparison(images, attrs, titles), attrs
-
-
-def _show(ax: Any, image: Tensor, title: str) -> None:
-    ax.imshow(to_hwc(image))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=8)
+    titles, bad = [], []
+    for i, p in enumerate(preds.tolist()):
+        true = None if labels is None else int(labels[i])
+        text, wrong = _label(int(p), true, class_names)
+        titles.append(f"image {i}\n{text}")
+        bad.append(wrong)
+    what = "the predicted class" if target is None else "the given target"
+    fig = plot_comparison(
+        images,
+        attrs,
+        titles,
+        per_image=("Integrated Gradients",),
+        bad=bad,
+        title=f"RI, Grad-CAM and Integrated Gradients for {what}",
+    )
+    return fig, attrs
 
 
 def plot_audit(
@@ -203,11 +461,15 @@ def plot_audit(
     subgroups: bool = True,
     class_names: Sequence[str] | None = None,
     panel_size: float = 1.6,
+    region_labels: Sequence[str] | None = None,
+    labels: Tensor | None = None,
 ) -> Figure:
     """An audit of one class: one row per region (or per sub-group of a region).
 
     Each row starts with the group's mean heat map drawn over the mean of its members'
-    images, followed by its exemplars (nearest to the group's centre first).
+    images (one colour scale for the figure), followed by its exemplars (nearest to the
+    group's centre first), each titled with its index into ``images`` (``#157``) and,
+    when ``labels`` are given, its true class (red when it is not the audited class).
 
     Parameters
     ----------
@@ -219,45 +481,78 @@ def plot_audit(
         Exemplars per row (at most the group's stored exemplars).
     subgroups : bool
         One row per sub-group (True) or per region (False).
+    class_names : sequence of str, optional
+        Names shown instead of class indices.
+    region_labels : sequence of str, optional
+        One name per region (default ``"region 1"``, ``"region 2"``, ...); sub-groups
+        add ``", group a"``, ``", group b"``, ...
+    labels : Tensor, optional
+        True classes of ``images``.
     """
     if isinstance(n_exemplars, bool) or not isinstance(n_exemplars, int) or n_exemplars < 0:
         raise ValueError(f"n_exemplars must be a non-negative int, got {n_exemplars!r}")
+    n_regions = len(class_audit.regions)
+    if region_labels is not None and len(region_labels) != n_regions:
+        raise ValueError(f"region_labels has {len(region_labels)} entries for {n_regions} regions")
     rows = []
     for i, region in enumerate(class_audit.regions):
+        base = region_labels[i] if region_labels is not None else f"region {i + 1}"
         groups = region.subgroups if subgroups and len(region.subgroups) > 1 else [region]
         for j, group in enumerate(groups):
-            label = f"region {i + 1}" + (f".{j + 1}" if group is not region else "")
+            label = base + (f", group {chr(ord('a') + j)}" if group is not region else "")
             rows.append((label, region, group))
     if not rows:
         raise ValueError("class_audit has no regions to plot")
-    name = class_names[class_audit.target] if class_names is not None else str(
-        class_audit.target
-    )
+    target = int(class_audit.target)
+    name = _name(target, class_names)
     n_class = max(int(class_audit.indices.numel()), 1)
     cols = 1 + n_exemplars
-    fig = Figure(figsize=(panel_size * cols, panel_size * 1.2 * len(rows)))
+    fig = Figure(
+        figsize=(panel_size * cols + 1.2, panel_size * 1.3 * len(rows) + 0.8), layout="constrained"
+    )
     axes = fig.subplots(len(rows), cols, squeeze=False)
-    for r, (label, region, group) in enumerate(rows):
-        hm = group.mean_heatmap[0] if isinstance(group.mean_heatmap, tuple) else group.mean_heatmap
+    heat = [_layer_maps(group.mean_heatmap) for _, _, group in rows]
+    size = tuple(images.shape[-2:])
+    vmax = max(float(attribution_to_hwc(h, size).max()) if h.dim() >= 2 else 0.0 for h in heat)
+    mappable = None
+    for r, (label, _region, group) in enumerate(rows):
+        hm = heat[r]
         mean_img = images[group.members].mean(dim=0) if group.size else images[0] * 0
-        title = f"{label}: {group.size} ({group.size / n_class:.0%})"
-        if group is region:
-            title += f"\npurity {region.purity:.2f}"
-        if hm.dim() >= 2 and bool((hm > 0).any()):
-            _draw(fig, axes[r][0], mean_img, hm, title)
+        text = f"{label}: {group.size} images\n({group.size / n_class:.0%} of class), mean"
+        if hm.dim() >= 2:
+            drawn = show_heatmap(axes[r][0], mean_img, hm, vmax if vmax > 0 else None)
+            mappable = _keep(mappable, drawn)
         else:
-            _show(axes[r][0], mean_img, title)
+            show_heatmap(axes[r][0], mean_img, None)
+        axes[r][0].set_title(text, fontsize=7)
         for c in range(1, cols):
             ax = axes[r][c]
             if c - 1 < len(group.exemplars):
                 idx = int(group.exemplars[c - 1])
-                _show(ax, images[idx], f"#{idx}")
+                true = None if labels is None else int(labels[idx])
+                show_heatmap(ax, images[idx], None)
+                tl, _ = _label(None, true, class_names)
+                ax.set_title(
+                    f"#{idx}" + (f"\n{tl}" if tl else ""),
+                    fontsize=7,
+                    color=_BAD if true is not None and true != target else "black",
+                )
             else:
                 ax.axis("off")
+    if mappable is not None:
+        fig.colorbar(
+            mappable, ax=axes[:, 0].tolist(), location="left", shrink=0.8, pad=0.02
+        ).set_label("mean RI heat (logit units)", fontsize=7)
     fig.suptitle(
-        f"audit of class {name}: {len(class_audit.regions)} region(s), "
-        f"{class_audit.uncovered_share:.0%} uncovered",
-        fontsize=9,
+        f"Audit of class {name}: {n_regions} region(s), {class_audit.uncovered_share:.0%} "
+        "of the class left uncovered",
+        fontsize=8,
     )
-    fig.tight_layout()
+    _caption(
+        fig,
+        "Each row: a region (or a sub-group of its images, split by their heat maps); "
+        "first panel: mean heat map over the mean image, at "
+        f"{_resolution(heat[0]) if heat[0].dim() >= 2 else 'layer'} resolution; then the "
+        "images nearest the group's centre, #i = index into the audited images.",
+    )
     return fig

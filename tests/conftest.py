@@ -1,8 +1,25 @@
-"""Shared fixtures: a tiny CNN with a piecewise-linear head and random images."""
+"""Shared fixtures: a temporary cache, a tiny CNN with a piecewise-linear head, images."""
+
+import os
 
 import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_cache(tmp_path_factory):
+    """Point the package's cache (decoded MNIST-5k, trained CNNs) at a temporary folder.
+
+    Session-scoped: each model is trained once per test session, never written to the
+    user's home. Set ``CAPTUM_REPINTERP_TEST_CACHE`` to a folder to keep the cache
+    between sessions (faster local runs).
+    """
+    keep = os.environ.get("CAPTUM_REPINTERP_TEST_CACHE")
+    path = keep or str(tmp_path_factory.mktemp("cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAPTUM_REPINTERP_CACHE", path)
+        yield path
 
 
 class TinyCNN(nn.Module):
@@ -12,8 +29,9 @@ class TinyCNN(nn.Module):
             nn.Sequential(nn.Conv2d(in_ch, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
             nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 24), nn.ReLU(),
-                                  nn.Linear(24, n_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * 6 * 6, 24), nn.ReLU(), nn.Linear(24, n_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

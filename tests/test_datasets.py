@@ -34,9 +34,19 @@ def test_cache_dir_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_cache_dir_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CAPTUM_REPINTERP_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cache_dir() == tmp_path / ".cache" / "captum_repinterp"
     assert cache_dir().is_dir()
+
+
+def test_cache_dir_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAPTUM_REPINTERP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "captum_repinterp"
+    # ours comes first
+    monkeypatch.setenv("CAPTUM_REPINTERP_CACHE", str(tmp_path / "ours"))
+    assert cache_dir() == tmp_path / "ours"
 
 
 # ---------------------------------------------------------------------------- digits

@@ -1,4 +1,4 @@
-"""Figures: headless, built on Captum's visualisation, saved as PNG."""
+"""Figures: headless, self-explaining (colour bars, captions, labels), saved as PNG."""
 
 import matplotlib
 import numpy as np
@@ -6,11 +6,17 @@ import pytest
 import torch
 
 from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.audit import audit
 from captum_repinterp.visualization import (
+    ALPHA,
+    CMAP,
     attribution_to_hwc,
     compare_methods,
+    plot_audit,
     plot_comparison,
+    plot_images,
     plot_region,
+    show_heatmap,
     to_hwc,
 )
 
@@ -18,9 +24,32 @@ from captum_repinterp.visualization import (
 @pytest.fixture(scope="module")
 def fitted(tiny):
     model, x = tiny
-    return RepresentativeInterpretation(model, model.features[-1]).fit(
-        x[:200], progress=False
-    ), model, x
+    return (
+        RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False),
+        model,
+        x,
+    )
+
+
+def _colorbars(fig):
+    return [a for a in fig.axes if a.get_label() == "<colorbar>"]
+
+
+def _panels(fig):
+    return [a for a in fig.axes if a.get_label() != "<colorbar>"]
+
+
+def _texts(fig) -> str:
+    """Every text on the figure: titles, suptitle, caption, colour-bar labels, notes."""
+    parts = [t.get_text() for t in fig.texts]
+    if fig._suptitle is not None:
+        parts.append(fig._suptitle.get_text())
+    if fig._supxlabel is not None:
+        parts.append(fig._supxlabel.get_text())
+    for ax in fig.axes:
+        parts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        parts += [t.get_text() for t in ax.texts]
+    return "\n".join(parts)
 
 
 def test_hwc_helpers():
@@ -34,20 +63,140 @@ def test_hwc_helpers():
         to_hwc(torch.zeros(1, 1, 2, 2, 2))
 
 
-def test_region_and_comparison_figures(fitted, tmp_path):
+def test_show_heatmap_blends_jet_over_grey():
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    ax = fig.subplots()
+    image = torch.rand(1, 8, 8)
+    attr = torch.arange(16.0).reshape(1, 4, 4) - 3  # some values <= 0
+    layer = show_heatmap(ax, image, attr, vmax=20.0)
+    grey, heat = ax.images
+    assert grey.get_cmap().name == "gray" and np.allclose(grey.get_array(), to_hwc(image)[..., 0])
+    assert heat is layer and heat.get_cmap().name == CMAP and heat.get_alpha() == ALPHA
+    assert heat.get_clim() == (0.0, 20.0)
+    # the map is upsampled to the image and clipped at 0 (what the ReLU leaves)
+    expect = np.clip(attribution_to_hwc(attr, (8, 8))[..., 0], 0, None)
+    assert np.allclose(heat.get_array(), expect)
+    # an all-zero map is not drawn; the panel says why
+    ax2 = fig.add_subplot(2, 2, 4)
+    assert show_heatmap(ax2, image, torch.zeros(1, 4, 4)) is None
+    assert len(ax2.images) == 1
+    assert "all values <= 0\nafter ReLU" in [t.get_text() for t in ax2.texts]
+
+
+def test_region_figure_explains_itself(fitted, tmp_path):
     ri, model, x = fitted
     backend = matplotlib.get_backend()
     region = ri.interpret(x[200:201])
-    fig = plot_region(region, x[200], x[:200], k=4)
-    assert len(fig.axes) == 5
+    labels = torch.arange(300) % 4  # the tiny data's generating classes
+    names = ["zero", "one", "two", "three"]
+    fig = plot_region(
+        region,
+        x[200],
+        x[:200],
+        k=4,
+        class_names=names,
+        seed_label=int(labels[200]),
+        reference_labels=labels[:200],
+    )
+    panels = _panels(fig)
+    assert len(panels) == 5
+    (cbar,) = _colorbars(fig)
+    assert "RI heat (logit units)" in cbar.get_ylabel()
+    text = _texts(fig)
+    assert f"region of class {names[region.target]}" in text
+    assert "sem. dist." in text and "logit margin" in text  # explained in the caption
+    assert "6x6 layer resolution, upsampled to 12x12" in text
+    members = region.similar(4)
+    preds = ri.predictions_
+    for j, ax in enumerate(panels):
+        title = ax.get_title()
+        if j == 0:
+            assert title.startswith("seed")
+            assert f"true {names[int(labels[200])]}" in title
+        else:
+            ref = int(members[j - 1])
+            assert f"member {j} (ref #{ref})" in title
+            assert f"pred {names[int(preds[ref])]} | true {names[int(labels[ref])]}" in title
+            dist = float(region.member_distances[j - 1])
+            assert f"sem. dist. {dist:.3g}" in title
+            red = int(preds[ref]) != region.target or int(labels[ref]) != int(preds[ref])
+            assert (ax.title.get_color() == "tab:red") == red
+    # one colour scale: every drawn heat layer has the figure's maximum as vmax
+    maps = region.heatmap(torch.cat([x[200:201], x[:200][members]]))
+    top = max(float(attribution_to_hwc(m, (12, 12)).max()) for m in maps)
+    for ax in panels:
+        if len(ax.images) == 2:
+            assert ax.images[1].get_clim() == pytest.approx((0.0, top))
     fig.savefig(tmp_path / "region.png")
-    fig2, attrs = compare_methods(model, model.features[-1], ri, x[200:203])
+    assert (tmp_path / "region.png").stat().st_size > 5000
+    assert matplotlib.get_backend() == backend  # no pyplot, no backend switch
+
+
+def test_comparison_figure_titles_colourbars_and_zero_panels(fitted, tmp_path):
+    ri, model, x = fitted
+    names = ["zero", "one", "two", "three"]
+    fig, attrs = compare_methods(
+        model, model.features[-1], ri, x[200:203], class_names=names, labels=[0, 1, 2]
+    )
     assert set(attrs) == {"RI", "Grad-CAM", "Integrated Gradients"}
     assert attrs["RI"].shape == attrs["Grad-CAM"].shape == (3, 1, 6, 6)
-    assert len(fig2.axes) == 3 * 4
-    fig2.savefig(tmp_path / "cmp.png")
-    for name in ("region.png", "cmp.png"):
-        assert (tmp_path / name).stat().st_size > 5000
-    assert matplotlib.get_backend() == backend  # no pyplot, no backend switch
+    assert len(_panels(fig)) == 3 * 4
+    labels = [c.get_xlabel() for c in _colorbars(fig)]
+    zero_columns = {name for name, a in attrs.items() if not bool((a > 0).any())}
+    assert len(labels) == 3 - len(zero_columns)
+    if "Grad-CAM" not in zero_columns:
+        assert any("Grad-CAM (model units" in lab for lab in labels)
+    assert any("per-image" in lab for lab in labels)
+    text = _texts(fig)
+    assert "RI, Grad-CAM and Integrated Gradients for the predicted class" in text
+    assert "RI\n6x6 map" in text and "Integrated Gradients\n12x12 map" in text
+    preds = model(x[200:203]).argmax(1).tolist()
+    for i, ax in enumerate(_panels(fig)[::4]):
+        assert f"pred {names[preds[i]]} | true {names[i]}" in ax.get_title()
+    # a Grad-CAM map that is <= 0 everywhere is labelled, not left blank
+    gc = attrs["Grad-CAM"].clone()
+    gc[1] = 0
+    fig2 = plot_comparison(x[200:203], {"Grad-CAM": gc}, titles=["a", "b", "c"])
+    zero_panel = _panels(fig2)[3]
+    assert "all values <= 0\nafter ReLU" in [t.get_text() for t in zero_panel.texts]
+    assert "Attribution methods on the same images" in _texts(fig2)
+    fig.savefig(tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").stat().st_size > 5000
     with pytest.raises(ValueError, match="rows"):
         plot_comparison(x[:2], {"RI": attrs["RI"]})
+
+
+def test_plot_images_and_audit_labels(fitted, tmp_path):
+    ri, model, x = fitted
+    region = ri.interpret(x[200:201])
+    imgs = x[:3]
+    fig = plot_images(
+        imgs,
+        ["a", "b", "c"],
+        "a title",
+        maps=region.heatmap(imgs),
+        caption="a caption",
+        bad=[True, False, False],
+    )
+    assert len(_colorbars(fig)) == 1 and "a title" in _texts(fig) and "a caption" in _texts(fig)
+    assert _panels(fig)[0].title.get_color() == "tab:red"
+    with pytest.raises(ValueError, match="titles"):
+        plot_images(imgs, ["a"], "t")
+    held = x[200:]
+    result = audit(ri, held, target=int(ri.transform(held)[1][0]), max_regions=2, n_boundaries=15)
+    ca = next(iter(result))
+    labels = torch.arange(300)[200:] % 4
+    n = len(ca.regions)
+    fig = plot_audit(
+        ca, held, n_exemplars=3, region_labels=[f"R{k + 5}" for k in range(n)], labels=labels
+    )
+    text = _texts(fig)
+    assert "R5" in text and "region 1" not in text
+    assert "mean RI heat (logit units)" in text or not _colorbars(fig)
+    first = int(ca.regions[0].exemplars[0])
+    assert f"#{first}\ntrue {int(labels[first])}" in text
+    with pytest.raises(ValueError, match="region_labels"):
+        plot_audit(ca, held, region_labels=["R1"] * (n + 1))
+    fig.savefig(tmp_path / "audit.png")

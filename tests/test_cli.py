@@ -1,0 +1,285 @@
+"""The command line: bad arguments end in a one-line usage error (exit status 2)."""
+
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from captum_repinterp import cli
+from captum_repinterp.cli import main
+from captum_repinterp.report import prepare_report
+
+USER_MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+                nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()),
+            )
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 5 * 5, 3))
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+
+    def factory():
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+    def not_a_model():
+        return "model"
+
+
+    def data():
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(160, 1, 10, 10, generator=gen)
+        return x[:120], x[120:]
+
+
+    def labelled():
+        x, y = data()
+        with torch.no_grad():
+            preds = factory()(torch.cat([x, y])).argmax(1)
+        return x, y, preds[:120], preds[120:]
+
+
+    def bad_data():
+        return data()[0]
+    """
+)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "ri_user_mod.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "ri_user_mod"
+    sys.modules.pop("ri_user_mod", None)
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """Run main(argv), expect argparse's exit status 2; return the one-line message."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("usage: captum-repinterp")
+    assert lines[-1].startswith("captum-repinterp")
+    assert ": error: " in lines[-1]
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "--classes", "a,b"], "--classes: must be comma-separated"),
+        (["report", "--classes", "-1"], "--classes: must be comma-separated"),
+        (["report", "--regions", "0"], "--regions: must be a positive int"),
+        (["report", "--random-state", "x"], "--random-state/--seed: must be an int"),
+        (["demo", "--seeds", "0"], "--seeds: a count must be at least 1"),
+        (["demo", "--seeds", "two"], "--seeds: must be a count"),
+        (["demo", "--seeds", "1,-2"], "--seeds: must be comma-separated"),
+        (["evaluate", "--setup", "cifar"], "--setup: invalid choice: 'cifar'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_parse_errors(capsys, argv, message):
+    assert message in _usage_error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--model-factory", "nocolon", "--data", "ri_user_mod:data"],
+            "model_factory must look like 'package.module:function', got 'nocolon'",
+        ),
+        (
+            ["--model-factory", "no_such_mod_xyz:f", "--data", "ri_user_mod:data"],
+            "model_factory: cannot import module 'no_such_mod_xyz'",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:nope", "--data", "ri_user_mod:data"],
+            "model_factory: 'ri_user_mod' has no callable 'nope'",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:not_a_model", "--data", "ri_user_mod:data"],
+            "model factory: the model has no non-empty nn.Sequential .features",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:bad_data"],
+            "data must return (reference_images, heldout_images)",
+        ),
+        (["--model-factory", "ri_user_mod:factory"], "give both --model-factory and --data"),
+        (["--data", "ri_user_mod:data"], "give both --model-factory and --data"),
+        (
+            [
+                "--model-factory",
+                "ri_user_mod:factory",
+                "--data",
+                "ri_user_mod:data",
+                "--classes",
+                "42",
+            ],
+            "classes: none of [42] is predicted on the held-out images",
+        ),
+    ],
+)
+def test_report_argument_errors(capsys, tmp_path, user_module, argv, message):
+    line = _usage_error(capsys, ["report", "--out", str(tmp_path / "o"), *argv])
+    assert line.startswith("captum-repinterp report: error: ")
+    assert message in line
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_demo_report_bad_class_is_a_usage_error(capsys, monkeypatch):
+    """``report --classes 42`` on the demo: one line, status 2 (the demo is not run)."""
+    import captum_repinterp.report as report
+
+    calls = []
+
+    def fake(model_factory, data, classes, random_state):
+        calls.append(classes)
+        raise ValueError(f"classes: none of {classes} is predicted on the held-out images")
+
+    monkeypatch.setattr(report, "prepare_report", fake)
+    line = _usage_error(capsys, ["report", "--classes", "42"])
+    assert calls == [[42]]
+    assert "classes: none of [42]" in line
+
+
+def test_report_with_user_model(tmp_path, user_module, capsys):
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "report",
+                "--out",
+                str(out),
+                "--model-factory",
+                "ri_user_mod:factory",
+                "--data",
+                "ri_user_mod:data",
+                "--regions",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert f"report written to {(out / 'index.html').resolve()}" in capsys.readouterr().out
+    page = (out / "index.html").read_text()
+    assert "Audit report: ri_user_mod:factory" in page
+    assert "No true labels were given" in page
+    import ri_user_mod
+
+    with torch.no_grad():
+        held_classes = ri_user_mod.factory()(ri_user_mod.data()[1]).argmax(1).unique()
+    # one region per class predicted on the held-out images (--regions 1)
+    assert len(list(out.glob("region_??_class*.png"))) == held_classes.numel()
+
+
+def test_report_with_labelled_data(tmp_path, user_module):
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "report",
+                "--out",
+                str(out),
+                "--model-factory",
+                "ri_user_mod:factory",
+                "--data",
+                "ri_user_mod:labelled",
+                "--regions",
+                "1",
+                "--classes",
+                "2",
+            ]
+        )
+        == 0
+    )
+    page = (out / "index.html").read_text()
+    # the labels are the model's own predictions: accuracy 100%, nothing mislabelled
+    assert "on the references 100.0%" in page and "on the held-out images 100.0%" in page
+    assert "<th>mislabelled</th>" in page
+
+
+def test_prepare_report_resolves_without_running(user_module):
+    inputs = prepare_report("ri_user_mod:factory", "ri_user_mod:labelled", [0, 2])
+    assert inputs.classes == [0, 2] and inputs.reference_labels.shape == (120,)
+    assert inputs.layer is inputs.model.features[-1]
+
+
+def test_help_shows_defaults(capsys):
+    for argv, defaults in (
+        (["demo", "--help"], ["(default: 4)", "(default: out)", "(default: 0)", "0,100"]),
+        (["report", "--help"], ["(default: 2)", "(default: report)"]),
+        (["evaluate", "--help"], ["(default: evaluation)"]),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        for d in defaults:
+            assert d in text, (argv, d)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("4", 4), ("0,100", [0, 100]), ("7,", [7]), (" 3 , 5 ", [3, 5])],
+)
+def test_seeds_argument(text, expected):
+    assert cli._seeds(text) == expected
+
+
+def test_demo_passes_seeds(monkeypatch, tmp_path):
+    import captum_repinterp.demo as demo
+
+    got = {}
+    monkeypatch.setattr(
+        demo,
+        "run_demo",
+        lambda out, seeds, random_state: got.update(
+            out=out, seeds=seeds, random_state=random_state
+        ),
+    )
+    assert main(["demo", "--out", str(tmp_path), "--seeds", "0,100", "--seed", "3"]) == 0
+    assert got == {"out": str(tmp_path), "seeds": [0, 100], "random_state": 3}
+
+
+def test_evaluate_says_where_and_warns_on_quick(monkeypatch, tmp_path, capsys):
+    import captum_repinterp.evaluation as evaluation
+
+    got = {}
+
+    def fake(setups, out, seed=0, quick=False):
+        got.update(setups=setups, out=out, seed=seed, quick=quick)
+        return {}
+
+    monkeypatch.setattr(evaluation, "run_evaluation", fake)
+    assert main(["evaluate", "--setup", "digits", "--out", str(tmp_path), "--quick"]) == 0
+    assert got == {"setups": ["digits"], "out": str(tmp_path), "seed": 0, "quick": True}
+    out = capsys.readouterr().out
+    assert f"results written to {tmp_path.resolve() / 'results.json'}" in out
+    assert "not evidence" in out
+    assert main(["evaluate", "--setup", "digits", "--out", str(tmp_path)]) == 0
+    assert "not evidence" not in capsys.readouterr().out
+
+
+def test_tests_use_a_temporary_cache(temporary_cache):
+    from captum_repinterp.datasets import cache_dir
+
+    assert str(cache_dir()) == temporary_cache
+    assert os.environ["CAPTUM_REPINTERP_CACHE"] == temporary_cache
