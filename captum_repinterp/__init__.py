@@ -23,7 +23,7 @@ _LAZY = {
     "RepresentativeInterpretation": "attribution",
     "NotFittedError": "attribution",
     "Interpretation": "interpretation",
-    "audit": "audit",
+    "audit": "auditing",
     "find_layer": "layers",
     "NonPiecewiseLinearWarning": "layers",
 }

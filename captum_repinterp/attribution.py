@@ -331,7 +331,7 @@ bisection_steps, progress, heatmap_layer
         return _format_output(len(maps) > 1, maps)
 
     def audit(self, images: Tensor, target: int | None = None, **kwargs: Any) -> Any:
-        """Audit the decision logics used for a class: see :func:`captum_repinterp.audit.audit`."""
-        from .audit import audit
+        """Audit the decision logics of a class: :func:`captum_repinterp.auditing.audit`."""
+        from .auditing import audit
 
         return audit(self, images, target, **kwargs)

@@ -2,7 +2,7 @@
 
 ``captum-repinterp report --out DIR`` writes ``DIR/index.html`` and one PNG per figure
 next to it (no server, no JavaScript library, nothing downloaded). For every audited
-class the report runs :func:`captum_repinterp.audit.audit` on the held-out images
+class the report runs :func:`captum_repinterp.auditing.audit` on the held-out images
 predicted as that class: the most central held-out image not yet inside a region is the
 next seed, its region is scored as a rule on the held-out images, the images it contains
 are marked covered, and this repeats (at most ``regions_per_class`` times).
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .attribution import RepresentativeInterpretation
-from .audit import AuditRegion, ClassAudit, audit
+from .auditing import AuditRegion, ClassAudit, audit
 from .interpretation import Interpretation
 from .visualization import SEM_DIST, plot_audit, plot_images, plot_region
 
@@ -317,7 +317,7 @@ def audit_regions(
     features : (Tensor, Tensor), optional
         ``ri.transform(heldout)`` when already computed.
     **kwargs
-        More options of :func:`captum_repinterp.audit.audit` (``subgroup_by``, ...) and
+        More options of :func:`captum_repinterp.auditing.audit` (``subgroup_by``, ...) and
         of :meth:`RepresentativeInterpretation.interpret` (``n_boundaries``, ...).
 
     Returns
@@ -326,7 +326,7 @@ def audit_regions(
         By class, then in the order the regions were found, labelled ``R1, R2, ...``.
         Held-out precision and coverage leave the seed out.
     audits : dict
-        The :class:`~captum_repinterp.audit.ClassAudit` of each audited class.
+        The :class:`~captum_repinterp.auditing.ClassAudit` of each audited class.
     """
     check_int(regions_per_class, "regions_per_class")
     feats, preds = ri.transform(heldout) if features is None else features

@@ -169,10 +169,10 @@ def _shared_max(images: Tensor, maps: Tensor) -> float:
 
 
 def _predict(interpretation: Interpretation, images: Tensor) -> list[int] | None:
-    ri = interpretation.explainer
-    if ri is None:
+    reader = interpretation.reader
+    if reader is None:
         return None
-    return [int(p) for p in ri.transform(images)[1]]
+    return [int(p) for p in reader.features(images)[1]]
 
 
 def plot_region(
@@ -196,7 +196,7 @@ def plot_region(
     Parameters
     ----------
     interpretation : Interpretation
-        From ``ri.interpret(seed)`` (needs its explainer to compute activations).
+        From ``ri.interpret(seed)`` (needs its reader to compute activations).
     seed_image : Tensor
         ``C x H x W`` or ``1 x C x H x W``.
     reference_images : Tensor
@@ -474,7 +474,7 @@ def plot_audit(
     Parameters
     ----------
     class_audit : ClassAudit
-        ``audit(ri, images, ...)[c]`` (see :mod:`captum_repinterp.audit`).
+        ``audit(ri, images, ...)[c]`` (see :mod:`captum_repinterp.auditing`).
     images : Tensor
         The audited images (indexed by the groups' members).
     n_exemplars : int

@@ -9,7 +9,7 @@ from captum.attr import LayerAttribution
 from matplotlib.figure import Figure
 
 from captum_repinterp import NotFittedError, RepresentativeInterpretation
-from captum_repinterp.audit import AuditResult, ClassAudit, _split, audit
+from captum_repinterp.auditing import AuditResult, ClassAudit, _split, audit
 from captum_repinterp.visualization import plot_audit
 
 FAST = {"n_boundaries": 20, "bisection_steps": 12}

@@ -44,7 +44,7 @@ def _fit(model: nn.Module, x: torch.Tensor, store) -> tuple[RepresentativeInterp
 
 def test_second_fit_on_a_finished_store_warns_and_checks_like_the_first(tmp_path):
     x = torch.randn(60, 1, 6, 6, generator=torch.Generator().manual_seed(1))
-    model = TanhNet()
+    model = TanhNet().eval()
     first, warned_first = _fit(model, x, tmp_path / "s")
     second, warned_second = _fit(model, x, tmp_path / "s")
     assert len(warned_first) == 1 and len(warned_second) == 1
@@ -57,7 +57,7 @@ def test_second_fit_on_a_finished_store_warns_and_checks_like_the_first(tmp_path
 
 def test_second_fit_on_a_finished_store_keeps_the_projection(tmp_path):
     x = torch.randn(60, 1, 6, 6, generator=torch.Generator().manual_seed(2))
-    model = LinearHeadNet()
+    model = LinearHeadNet().eval()
     first, _ = _fit(model, x, tmp_path / "s")
     second, _ = _fit(model, x, tmp_path / "s")
     assert first.projection_ is not None and second.projection_ is not None

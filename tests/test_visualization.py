@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from captum_repinterp import RepresentativeInterpretation
-from captum_repinterp.audit import audit
+from captum_repinterp.auditing import audit
 from captum_repinterp.visualization import (
     ALPHA,
     CMAP,
