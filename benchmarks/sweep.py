@@ -79,6 +79,7 @@ class Row:
     is_cut: bool
     cut_error: float
     curved_head: bool
+    head_ops: tuple[str, ...]
     classes: int
     purity: float
     purities: tuple[float, ...]
@@ -174,6 +175,7 @@ def run_family(
         is_cut=check.is_cut,
         cut_error=check.max_error / max(check.scale, 1e-30),
         curved_head=curved,
+        head_ops=tuple(ri.head_nonlinear_),
         classes=int(ri.predictions_.unique().numel()),
         purity=sum(purities) / len(purities),
         purities=purities,

@@ -1,11 +1,21 @@
-"""Choosing the layer to split at, and checking that the head after it is piecewise linear.
+"""Choosing the layer to split at: it must be a cut, and the head after it piecewise linear.
 
 Representative interpretations read exact decision boundaries off the *head* (the part of
-the network after the chosen layer) only when that head is piecewise linear: ReLU,
-LeakyReLU, PReLU, max/avg pooling, linear and convolutional layers, batch norm in eval
-mode. Sigmoid, Tanh, GELU, SiLU, ELU, Softmax, Softplus, Mish, Hardswish, layer norm and
-the like make the decision boundary curved; the sampled boundaries are then local linear
-approximations (tangent planes), and the method warns.
+the network after the chosen layer) only when
+
+1. the layer is a *cut*: the model's output depends on its input through the layer
+   alone. A layer inside a residual block (before the addition), or one after which
+   another per-example input joins (metadata, a second image), is not; the head then
+   carries the seed's own bypass values and regions are wrong without any error.
+   :func:`check_cut` tests it on pairs of examples (the model run on ``A`` with the
+   layer's output replaced by ``B``'s must give ``B``'s output), says what bypasses the
+   layer and suggests a module that is a cut;
+2. the head is piecewise linear: ReLU, LeakyReLU, PReLU, max/avg pooling, linear and
+   convolutional layers, batch norm in eval mode. Sigmoid, Tanh, GELU, SiLU, ELU,
+   Softmax, Softplus, Mish, Hardswish, layer norm and the like make the decision boundary
+   curved; the sampled boundaries are then local linear approximations (tangent planes),
+   and the method warns. A softmax (or sigmoid) that produces the model's output is the
+   exception: it keeps the predicted class and every boundary ``G_c = G_c'``.
 
 Detection runs the model once on one example and records, in execution order, every
 module call (global module hooks) and every torch function call (a
@@ -13,8 +23,8 @@ module call (global module hooks) and every torch function call (a
 ``x.sigmoid()`` are seen as well as modules. All hooks and the mode are removed before
 returning, also when the model raises.
 
-:func:`find_layer` uses the same trace to pick the last convolutional block whose head is
-piecewise linear::
+:func:`find_layer` uses the same trace and the cut check to pick the last convolutional
+block that is a cut and whose head is piecewise linear::
 
     >>> layer = find_layer(model, images[:1])      # e.g. model.layer4 of a ResNet
     >>> ri = RepresentativeInterpretation(model, layer).fit(references)
@@ -59,7 +69,8 @@ logger = logging.getLogger(__name__)
 
 #: Names of torch functions (and Tensor methods) that are not piecewise linear in their
 #: tensor argument. ``log_softmax`` is absent on purpose: it shifts all logits of a row by
-#: the same amount, so differences of logits (the boundaries) are unchanged.
+#: the same amount, so differences of logits (the boundaries) are unchanged. A softmax or
+#: sigmoid producing the model's output is not counted either (``FINAL_MONOTONE_OPS``).
 NON_PIECEWISE_LINEAR_OPS = frozenset(
     {
         "sigmoid",
@@ -542,7 +553,7 @@ def default_cut_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     ``3.1e-2`` for bfloat16) and ``atol = rtol / 100``. A replaced layer output reaches the
     rest of the model bit for bit, so at a cut the two runs differ by rounding noise at
     most (in practice not at all: same values, same batch positions, same kernels); what
-    bypasses a layer changes the output by a sizeable share of its scale (about 10% of
+    bypasses a layer changes the output by a sizeable share of its scale (about 13% of
     the largest logit for a random-weight ResNet-18's ``layer4[0].conv2``).
     """
     eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
