@@ -572,29 +572,38 @@ def _split_values(value: Any) -> tuple[tuple[Tensor, ...], type | None]:
     )
 
 
+def _rebuild(kind: type, values: tuple) -> Any:
+    """A tuple, list or named tuple of ``kind`` holding ``values``."""
+    return kind(*values) if hasattr(kind, "_fields") else kind(values)
+
+
 def _run_replaced(
     forward_func: Callable,
     layer: nn.Module,
     args: tuple,
     to_input: bool,
     replace: tuple[Tensor, ...] | None = None,
-) -> tuple[tuple[Tensor, ...], Any]:
+) -> tuple[tuple[Tensor, ...], type | None, Any]:
     """Run ``forward_func(*args)``; record (and optionally replace) the layer's tensors.
 
-    Returns the layer's tensors as seen (detached clones) and the output.
+    Returns the layer's tensors as seen (detached clones), their container type (None
+    for one tensor) and the output.
     """
     seen: list[tuple[Tensor, ...]] = []
+    kinds: list[type | None] = []
 
     def fwd_hook(module: nn.Module, inp: Any, out: Any) -> Any:
         tensors, kind = _split_values(out)
+        kinds.append(kind)
         seen.append(tuple(t.detach().clone() for t in tensors))
         if replace is None:
             return None
         new = tuple(t.clone() for t in replace)
-        return new[0] if kind is None else kind(new)
+        return new[0] if kind is None else _rebuild(kind, new)
 
     def pre_hook(module: nn.Module, inp: tuple) -> Any:
         tensors, _ = _split_values(inp)
+        kinds.append(tuple if len(tensors) > 1 else None)
         seen.append(tuple(t.detach().clone() for t in tensors))
         return None if replace is None else tuple(t.clone() for t in replace)
 
@@ -614,7 +623,7 @@ def _run_replaced(
             else f"layer: the given layer is called {len(seen)} times in one forward "
             "pass; choose a module that is used once"
         )
-    return seen[0], output
+    return seen[0], kinds[0], output
 
 
 def _flat_output(output: Any, n: int) -> Tensor:
@@ -845,7 +854,7 @@ def _check(
     quick: bool = False,
 ) -> CutCheck:
     m = xs[0].shape[0]
-    psi_a, out_a = _run_replaced(forward_func, layer, (*xs, *ex), to_input)
+    psi_a, kind, out_a = _run_replaced(forward_func, layer, (*xs, *ex), to_input)
     out_a = _flat_output(out_a, m)
     xs_b = _take(xs, nxt)
     ex_b = _take(ex, nxt, per_ex)
@@ -857,11 +866,11 @@ def _check(
     tol = (d_atol if atol is None else atol) + (d_rtol if rtol is None else rtol) * scale
 
     def replaced(x_in: tuple, e_in: tuple) -> Tensor:
-        _, out = _run_replaced(forward_func, layer, (*x_in, *e_in), to_input, psi_b)
+        _, _, out = _run_replaced(forward_func, layer, (*x_in, *e_in), to_input, psi_b)
         return _flat_output(out, m)
 
     if head is not None:
-        given = psi_b if len(psi_b) > 1 else psi_b[0]
+        given = psi_b[0] if kind is None else _rebuild(kind, psi_b)
         out_h = head(given)
         if not isinstance(out_h, Tensor):
             raise TypeError(f"head must return a tensor, got {type(out_h).__name__}")

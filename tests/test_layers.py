@@ -560,3 +560,39 @@ def test_torchvision_resnet18_cuts():
     assert check.suggestion == "layer4.0"
     assert find_layer(model, x[:1]) is model.layer4
     assert _no_hooks(model)
+
+
+class PairLayer(nn.Module):
+    """A layer with two outputs (a tuple), both used by the rest of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 3, 3, padding=1)
+        self.b = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(z), self.b(z)
+
+
+class PairNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = PairLayer()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        a, b = self.pair(z)
+        return self.fc(torch.cat([a.relu().mean((2, 3)), b.mean((2, 3))], 1))
+
+
+def test_layer_with_a_tuple_output_and_a_user_head():
+    torch.manual_seed(0)
+    net = PairNet().eval()
+    x = torch.randn(4, 1, 5, 5)
+    assert check_cut(net, net.pair, x).is_cut
+    head = lambda ab: net.fc(torch.cat([ab[0].relu().mean((2, 3)), ab[1].mean((2, 3))], 1))  # noqa: E731
+    assert check_cut(net, net.pair, x, head=head).is_cut
+    swapped = lambda ab: head((ab[0], -ab[1]))  # noqa: E731
+    assert check_cut(net, net.pair, x, head=swapped).bypass == ("head",)
+    # the input of fc is a cut too (checked at the layer's input)
+    assert check_cut(net, net.fc, x, attribute_to_layer_input=True).is_cut
