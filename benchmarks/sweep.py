@@ -39,7 +39,8 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 from captum_repinterp import RepresentativeInterpretation
-from captum_repinterp.layers import NonPiecewiseLinearWarning, check_cut, find_layer
+from captum_repinterp.cuts import check_cut
+from captum_repinterp.layers import NonPiecewiseLinearWarning, find_layer
 
 #: (family, torchvision constructor, keyword arguments, input side in pixels)
 FAMILIES: list[tuple[str, str, dict[str, Any], int]] = [

@@ -104,6 +104,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         progress: bool = True,
         store: str | os.PathLike | None = None,
         append: bool = False,
+        cut_check: str = "raise",
     ) -> RepresentativeInterpretation:
         r"""Compute and keep the layer features and predictions of the references.
 
@@ -128,6 +129,10 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             reused without recomputation (same checks and results as the first fit).
         append : bool
             With ``store``: add these references after the ones already stored.
+        cut_check : {"raise", "warn", "off"}
+            When the first references show that ``layer`` is not a cut (a skip path or
+            an extra input bypasses it, see :mod:`captum_repinterp.cuts`): raise
+            :class:`~captum_repinterp.cuts.NotACutError`, warn, or do not check.
 
         Returns
         -------
@@ -152,6 +157,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             progress,
             store,
             append,
+            cut_check,
         )
         self._references = fitted
         self._reader = LayerReader(

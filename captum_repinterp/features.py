@@ -307,11 +307,16 @@ class Example:
         The first reference (batch of one), on the model's device.
     additional_forward_args : tuple or None
         Its extra arguments of ``forward_func`` (sliced to one example).
+    batch, batch_args : tuple of Tensor, tuple or None
+        The first (up to four) references and their extra arguments, on the model's
+        device: what the cut check runs on.
     """
 
     spec: InputSpec
     inputs: tuple[Tensor, ...]
     additional_forward_args: tuple | None
+    batch: tuple[Tensor, ...] = ()
+    batch_args: tuple | None = None
 
 
 Batches = Callable[[int], Iterator[tuple[Tensor, Tensor, LayerLayout]]]
@@ -370,11 +375,14 @@ def feature_batches(
         raise ValueError(f"{name}: the reference set is empty (no examples)")
     check_inputs(first[0], name)
     check_against_references(first[0], expected, name)
-    one = tuple(t[:1] for t in first[0])
+    b = int(first[0][0].shape[0])
+    on_device = (lambda ts: tuple(t.to(device) for t in ts)) if device is not None else tuple
     example = Example(
         input_spec(first[0]),
-        tuple(t.to(device) for t in one) if device is not None else one,
-        slice_args(first[1], int(first[0][0].shape[0]), 0, 1),
+        on_device(t[:1] for t in first[0]),
+        slice_args(first[1], b, 0, 1),
+        on_device(t[:4] for t in first[0]),
+        slice_args(first[1], b, 0, 4),
     )
 
     def run(skip: int = 0) -> Iterator[tuple[Tensor, Tensor, LayerLayout]]:

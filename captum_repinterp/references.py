@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_choice
+from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
 from .features import Example, LayerLayout, eval_mode, extract_features, model_device, warn_training
 from .heads import make_head
 from .inputs import InputSpec, all_finite
@@ -89,6 +91,7 @@ def fit_references(
     progress: bool = True,
     store: str | os.PathLike | None = None,
     append: bool = False,
+    cut_check: str = "raise",
 ) -> FittedReferences:
     """Features and predictions of the references, and what the head is like.
 
@@ -114,6 +117,7 @@ def fit_references(
         raise TypeError(f"append must be a bool, got {type(append).__name__}")
     if append and store is None:
         raise ValueError("append=True needs a store path (store=...)")
+    check_choice(cut_check, "cut_check", ("raise", "warn", "off"))
     device = model_device(forward_func, layer)
     with eval_mode(forward_func, layer) as was_training:
         if was_training:
@@ -167,6 +171,12 @@ def fit_references(
             example.additional_forward_args,
             attribute_to_layer_input,
         )
+        if cut_check != "off":
+            pairs, pair_args = cut_check_examples(example.batch, example.batch_args)
+            check = check_cut(
+                forward_func, layer, pairs, pair_args, attribute_to_layer_input, head=head
+            )
+            warn_or_raise_not_cut(check, error=cut_check == "raise", stacklevel=4)
         nonlinear = _scan_head(
             forward_func, layer, head, example, features, layout, device, attribute_to_layer_input
         )

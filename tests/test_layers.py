@@ -10,18 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from captum_repinterp.layers import (
-    NonPiecewiseLinearWarning,
+from captum_repinterp.cuts import (
     NotACutError,
     NotACutWarning,
     check_cut,
     cut_check_examples,
     default_cut_tolerance,
+    warn_or_raise_not_cut,
+)
+from captum_repinterp.layers import (
+    NonPiecewiseLinearWarning,
     find_layer,
     layer_candidates,
     nonlinear_ops_after,
     nonlinear_ops_in,
-    warn_or_raise_not_cut,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -102,8 +102,9 @@ def test_resume_after_interruption(tmp_path):
     handle = model[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[0]))
     ri.fit(refs, batch_size=64, progress=False, store=tmp_path / "r")
     handle.remove()
-    # (one-row calls are fit's trace of the head on the first example)
-    assert sum(k for k in seen if k > 1) == 500 - 3 * 64
+    # (one-row calls are fit's trace of the head on the first example, calls of at most
+    # four rows its cut check on the first references)
+    assert sum(k for k in seen if k > 4) == 500 - 3 * 64
     full = RepresentativeInterpretation(model, model[0]).fit(refs, progress=False)
     assert torch.equal(ri.features_, full.features_)
     assert torch.equal(ri.predictions_, full.predictions_)
@@ -112,7 +113,7 @@ def test_resume_after_interruption(tmp_path):
     handle = model[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[0]))
     ri.fit(refs, progress=False, store=tmp_path / "r")
     handle.remove()
-    assert all(k == 1 for k in seen)
+    assert all(k <= 4 for k in seen)
     with pytest.raises(ValueError, match="append=True"):
         ri.fit(refs[:10], progress=False, store=tmp_path / "r")
 
