@@ -11,6 +11,9 @@ from typing import Any
 
 __all__ = [
     "Interpretation",
+    "NoBoundaryWarning",
+    "NotACutError",
+    "NotACutWarning",
     "NonPiecewiseLinearWarning",
     "NotFittedError",
     "RepresentativeInterpretation",
@@ -23,6 +26,9 @@ _LAZY = {
     "RepresentativeInterpretation": "attribution",
     "NotFittedError": "attribution",
     "Interpretation": "interpretation",
+    "NoBoundaryWarning": "region",
+    "NotACutError": "cuts",
+    "NotACutWarning": "cuts",
     "audit": "auditing",
     "find_layer": "layers",
     "NonPiecewiseLinearWarning": "layers",

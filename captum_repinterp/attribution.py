@@ -322,8 +322,11 @@ bisection_steps, progress, heatmap_layer
         regions, activations = find_regions(
             self.references_, self.reader_, inputs, target, additional_forward_args, options
         )
-        directions = torch.stack([r.direction for r in regions])
-        weights = [r.channel_weights for r in regions]
+        if not regions and options.heatmap_layer is not None:
+            raise ValueError("inputs: an empty batch has no maps at heatmap_layer")
+        dim = self.layout_.dim
+        directions = torch.stack([r.direction for r in regions]) if regions else torch.zeros(0, dim)
+        weights = [r.channel_weights for r in regions] or [None]
         maps = options.rule.maps(
             self.reader_,
             inputs,

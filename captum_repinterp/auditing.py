@@ -637,4 +637,3 @@ def _subgroup_labels(
         x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-12)
     min_size = min_subgroup_size or max(5, int(np.ceil(0.05 * n)))
     return _split(x.numpy(), max_subgroups, min_size, min_silhouette, random_state)
-

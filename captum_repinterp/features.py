@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 from tqdm.auto import tqdm
 
 from ._captum_compat import _format_additional_forward_args
@@ -79,8 +80,8 @@ class LayerLayout:
         """Concatenate per-tensor outputs into a ``B x D`` matrix (a view of a single
         contiguous output: no copy)."""
         if len(outputs) == 1:
-            return outputs[0].reshape(outputs[0].shape[0], -1)
-        return torch.cat([t.reshape(t.shape[0], -1) for t in outputs], dim=1)
+            return outputs[0].reshape(outputs[0].shape[0], math.prod(outputs[0].shape[1:]))
+        return torch.cat([t.reshape(t.shape[0], math.prod(t.shape[1:])) for t in outputs], dim=1)
 
     def unflatten(self, psi: Tensor) -> tuple[Tensor, ...]:
         """Split a ``B x D`` matrix back into the layer's tensors."""
@@ -98,11 +99,28 @@ class LayerLayout:
 
 
 @contextmanager
-def eval_mode(*roots: Any) -> Iterator[bool]:
-    """Put every ``nn.Module`` among ``roots`` in eval mode; restore each flag after.
+def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
+    """Run the enclosed calls in eval mode; restore every module's flag after.
 
-    Yields whether any module was in training mode. Flags are restored module by module
-    (not with ``.train()``, which would overwrite submodules set differently on purpose).
+    Every ``nn.Module`` among ``roots`` (and its submodules) is put in eval mode. When a
+    root is a plain callable (a function or lambda around a model), the modules it runs
+    cannot be listed in advance: a global forward pre-hook puts each module in eval mode
+    right before it runs, for the duration of the block, so batch-norm statistics never
+    change and dropout is off. Flags are restored module by module (not with
+    ``.train()``, which would overwrite submodules set differently on purpose).
+
+    Parameters
+    ----------
+    *roots : nn.Module or callable
+        The model(s), layer(s) and head(s) the block runs.
+    warn : bool
+        Give the training-mode warning (:func:`warn_training`) when a module had to be
+        switched.
+
+    Yields
+    ------
+    bool
+        Whether any module among the module roots was in training mode.
     """
     # only the modules in training mode are touched (setting an attribute on a module
     # goes through nn.Module.__setattr__, which is slow enough to matter per seed)
@@ -114,21 +132,37 @@ def eval_mode(*roots: Any) -> Iterator[bool]:
                 if m.training and id(m) not in seen:
                     seen.add(id(m))
                     saved.append(m)
+    switched: list[nn.Module] = []
+
+    def to_eval(module: nn.Module, args: Any) -> None:
+        if module.training:
+            module.training = False
+            switched.append(module)
+
+    plain = any(callable(r) and not isinstance(r, nn.Module) for r in roots)
+    handle = register_module_forward_pre_hook(to_eval) if plain else None
     try:
         for m in saved:
             m.training = False
+        if warn and saved:
+            warn_training(stacklevel=4)
         yield bool(saved)
     finally:
-        for m in saved:
+        if handle is not None:
+            handle.remove()
+        for m in (*saved, *switched):
             m.training = True
+    if warn and switched and not saved:
+        warn_training(stacklevel=4)
 
 
 def warn_training(stacklevel: int = 3) -> None:
     """The warning given when a call finds the model in training mode."""
     warnings.warn(
-        "the model is in training mode; RepresentativeInterpretation runs it in eval "
-        "mode for the duration of the call (dropout off, batch-norm running statistics) "
-        "and restores every module's mode afterwards",
+        "the model is in training mode; RepresentativeInterpretation runs every module "
+        "it calls in eval mode for the duration of the call (dropout off, batch-norm "
+        "running statistics, which are never updated) and restores each module's mode "
+        "afterwards",
         UserWarning,
         stacklevel=stacklevel,
     )

@@ -100,6 +100,13 @@ class Interpretation:
         return int(self.weight.shape[0])
 
     @property
+    def has_boundaries(self) -> bool:
+        """False when no boundary was selected (a :class:`~captum_repinterp.region.
+        NoBoundaryWarning` was given): the region is then every reference and the map
+        zero."""
+        return self.n_boundaries > 0
+
+    @property
     def direction(self) -> Tensor:
         """The heat-map direction ``v`` (``D``): the combined selected normals."""
         return combine_normals(self.weight, self.combine)

@@ -22,7 +22,6 @@ from .features import (
     extract_features,
     forward_with_layer,
     model_device,
-    warn_training,
 )
 from .heads import HookHead, UserHead, make_head
 from .heatmap import pulled_back_heatmap
@@ -101,11 +100,12 @@ class LayerReader:
         extra = _format_additional_forward_args(additional_forward_args)
         device = self.device
         n = inputs_t[0].shape[0]
+        if n == 0:  # nothing to run: empty tensors shaped like the layer's
+            empty = tuple(torch.zeros(0, *s, device=device) for s in self.layout.shapes)
+            return empty, torch.zeros(0, 0, device=device)
         acts: list[tuple[Tensor, ...]] = []
         outs: list[Tensor] = []
-        with eval_mode(self.forward_func, self.layer) as was_training, torch.no_grad():
-            if was_training:
-                warn_training(stacklevel=5)
+        with eval_mode(self.forward_func, self.layer, warn=True), torch.no_grad():
             for i in range(n):
                 one = tuple(t[i : i + 1].detach() for t in inputs_t)
                 if device is not None:

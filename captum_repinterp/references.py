@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._checks import check_choice
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
-from .features import Example, LayerLayout, eval_mode, extract_features, model_device, warn_training
+from .features import Example, LayerLayout, eval_mode, extract_features, model_device
 from .heads import make_head
 from .inputs import InputSpec, all_finite
 from .layers import nonlinear_ops_after, nonlinear_ops_in
@@ -119,9 +119,7 @@ def fit_references(
         raise ValueError("append=True needs a store path (store=...)")
     check_choice(cut_check, "cut_check", ("raise", "warn", "off"))
     device = model_device(forward_func, layer)
-    with eval_mode(forward_func, layer) as was_training:
-        if was_training:
-            warn_training(stacklevel=4)
+    with eval_mode(forward_func, layer, head, warn=True):
         ref_store = None
         if store is None:
             features, predictions, layout, example = extract_features(

@@ -8,6 +8,7 @@ distance to the seed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,32 @@ from .sampler import choose_candidates
 from .solver import greedy_cover_bits
 from .targets import resolve_targets
 
-__all__ = ["find_region", "find_regions"]
+__all__ = ["NoBoundaryWarning", "find_region", "find_regions"]
+
+
+class NoBoundaryWarning(UserWarning):
+    """A seed's region got no boundary: it is not a decision region and its map is zero."""
+
+
+def _warn_no_boundary(n_sampled: int, n_candidates: int, target: int) -> None:
+    if n_sampled == 0:
+        why = (
+            f"none of the {n_candidates} segments from the seed to references on the other "
+            f"side of the class-{target} decision changed the decision (or no such "
+            "reference exists)"
+        )
+    else:
+        why = (
+            f"none of the {n_sampled} sampled boundaries separates a reference of another "
+            "class from the seed at a cost the cover accepts"
+        )
+    warnings.warn(
+        f"the region of this seed has no boundary: {why}. The interpretation's "
+        "has_boundaries is False, every reference is a member and the heat map is zero; "
+        "the model's output may barely depend on this layer, or try more n_boundaries.",
+        NoBoundaryWarning,
+        stacklevel=5,
+    )
 
 
 def find_regions(
@@ -51,6 +77,8 @@ def find_regions(
             raise ValueError("heatmap_layer: the layer is not part of forward_func")
     inputs_t = format_inputs(inputs)
     activations, outputs = reader.read(inputs_t, additional_forward_args)
+    if outputs.shape[0] == 0:
+        return [], activations
     targets = resolve_targets(outputs, target)
     warn_nonlinear_head(references.head_nonlinear, stacklevel=5)
     extra = _format_additional_forward_args(additional_forward_args)
@@ -131,6 +159,8 @@ def find_region(
     positive = preds == target
     cover = greedy_cover_bits(sampled.failing, positive, delta=options.delta, refine=options.refine)
     sel = cover.selected
+    if sel.numel() == 0:
+        _warn_no_boundary(len(bounds), candidates.numel(), target)
     w_sel, b_sel = bounds.weight[sel], bounds.bias[sel]
     members = torch.nonzero(cover.inside, as_tuple=False).flatten()
     psi_x = seed_features.detach().cpu()

@@ -137,6 +137,7 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     ),
 )
 
+
 @dataclass
 class RegionRow:
     """One region of the report.
