@@ -12,7 +12,6 @@ from captum._utils.common import (
     _format_additional_forward_args,
     _format_output,
     _format_tensor_into_tuples,
-    _run_forward,
     _select_targets,
 )
 from captum._utils.typing import TargetType
@@ -27,7 +26,6 @@ __all__ = [
     "_format_additional_forward_args",
     "_format_output",
     "_format_tensor_into_tuples",
-    "_run_forward",
     "_select_targets",
     "log_usage",
 ]
