@@ -105,7 +105,7 @@ class _Shard:
         self.projected = None
         if basis32 is not None:
             # as build_projection: features @ A^T in float32, in row chunks
-            a32 = torch.from_numpy(np.asarray(basis32, dtype=np.float32))
+            a32 = torch.from_numpy(np.array(basis32, dtype=np.float32))
             out = torch.empty(self.features.shape[0], a32.shape[0], dtype=torch.float32)
             for s in range(0, out.shape[0], 8192):
                 out[s : s + 8192] = self.features[s : s + 8192].to(torch.float32) @ a32.T
@@ -166,6 +166,10 @@ class _Shard:
             "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "sessions": len(self.sessions),
         }
+
+    def configure(self, max_sessions: int) -> None:
+        """How many per-seed sessions the actor keeps (the oldest are dropped first)."""
+        self.max_sessions = int(max_sessions)
 
     def get_predictions(self) -> np.ndarray:
         return self.predictions.numpy()
@@ -278,8 +282,12 @@ class _Rows:
     def __init__(self, refs: ShardedReferences, which: str, dim: int) -> None:
         self.refs = refs
         self.which = which
-        self.shape = torch.Size((refs.n, dim))
+        self.dim = dim
         self.dtype = torch.float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.refs.n, self.dim))
 
     def __len__(self) -> int:
         return int(self.shape[0])
@@ -329,10 +337,12 @@ class ShardedReferences:
         head_nonlinear: tuple[str, ...],
         projection: Projection | None,
         sources: list,
+        n_total: int,
         progress: bool = True,
     ) -> None:
         self.actors = list(actors)
         self.offsets = list(offsets)
+        self._n_total = int(n_total)
         self.predictions = predictions
         self.layout = layout
         self.attribute_to_layer_input = attribute_to_layer_input
@@ -391,7 +401,7 @@ class ShardedReferences:
             ) from exc
 
     def _stop(self, i: int) -> int:
-        return self.offsets[i + 1] if i + 1 < len(self.offsets) else self.n
+        return self.offsets[i + 1] if i + 1 < len(self.offsets) else self._n_total
 
     def _fetch_rows(self, idx: np.ndarray, which: str, dim: int) -> Tensor:
         shard = np.searchsorted(np.asarray(self.offsets), idx, side="right") - 1
@@ -655,17 +665,12 @@ def _class_task(payload: tuple, fn: Callable, c: int) -> Any:
 
 # ---------------------------------------------------------------------- building shards
 def _split_points(n: int, n_shards: int) -> list[int]:
-    """Starts of ``n_shards`` contiguous, balanced shards, rounded to 64 rows (one packed
-    word) where possible."""
+    """Starts of ``n_shards`` contiguous shards whose sizes differ by at most one."""
     if n_shards < 1:
         raise ValueError(f"n_actors must be >= 1, got {n_shards}")
     if n_shards > n:
         raise ValueError(f"n_actors ({n_shards}) is larger than the number of references ({n})")
-    starts = [round(i * n / n_shards) for i in range(n_shards)]
-    aligned = [min(n, 64 * round(s / 64)) for s in starts]
-    if all(b > a for a, b in zip(aligned, aligned[1:] + [n])):
-        return aligned
-    return starts
+    return [i * n // n_shards for i in range(n_shards)]
 
 
 def _check_actor_args(n_actors: object, max_restarts: object) -> None:
@@ -706,15 +711,16 @@ def _finish(
     sources: list,
     progress: bool,
     attribute_to_layer_input: bool,
+    n_total: int,
     reader: LayerReader | None = None,
 ) -> Any:
     refs = ShardedReferences(
         actors, offsets, torch.zeros(0, dtype=torch.long), layout, attribute_to_layer_input,
-        example, head_nonlinear, projection, sources, progress,
+        example, head_nonlinear, projection, sources, n_total, progress,
     )  # fmt: skip
     infos = refs._gather([a.info.remote() for a in actors], "loading shards")
     sizes = [info["n"] for info in infos]
-    expected = [b - a for a, b in zip(offsets, offsets[1:] + [offsets[0] + sum(sizes)])]
+    expected = [b - a for a, b in zip(offsets, offsets[1:] + [n_total])]
     if sizes != expected or any(info["dim"] != layout.dim for info in infos if info["n"]):
         raise RuntimeError(f"shards hold {sizes} rows, expected {expected}: the split went wrong")
     preds = refs._gather([a.get_predictions.remote() for a in actors], "predictions")
@@ -794,7 +800,7 @@ def shard_references(
     actors = _start_actors(sources, offsets, basis32, spill_dir, max_restarts, actor_options)
     return _finish(
         ri, actors, offsets, fitted.example, fitted.layout, fitted.head_nonlinear, proj,
-        sources, progress, fitted.attribute_to_layer_input, reader=ri.reader_,
+        sources, progress, fitted.attribute_to_layer_input, fitted.n, reader=ri.reader_,
     )  # fmt: skip
 
 
@@ -980,6 +986,7 @@ def fit_sharded(
         num_cpus=num_cpus,
     )  # fmt: skip
     mapped.context.execution_options.preserve_order = True
+    mapped.context.enable_progress_bars = progress
     mat = mapped.materialize()
     n = mat.count()
     if n == 0:
@@ -1021,7 +1028,7 @@ def fit_sharded(
     actors = _start_actors(sources, offsets, basis32, spill_dir, max_restarts, actor_options)
     return _finish(
         ri, actors, offsets, example, layout, tuple(nonlinear), projection, sources,
-        progress, attribute_to_layer_input,
+        progress, attribute_to_layer_input, n,
     )  # fmt: skip
 
 
