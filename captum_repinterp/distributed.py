@@ -945,7 +945,8 @@ def fit_sharded(
     spill_dir, max_restarts, actor_options, progress
         As in :func:`shard_references`.
     concurrency : int, optional
-        Number of model workers of ``map_batches`` (default ``n_actors``).
+        Most model workers of ``map_batches`` (default ``n_actors``; fewer start when
+        the cluster has fewer free CPUs).
     num_cpus : float
         CPUs reserved by each model worker.
 
@@ -975,6 +976,8 @@ def fit_sharded(
     if model_factory is None:
         model_ref = ray.put(forward_func)
         model_factory = _ModelFromStore(model_ref)
+    if isinstance(references, Tensor) and references.dim() >= 1:
+        _split_points(int(references.shape[0]), n_actors)  # before any work
     ds, column = _as_dataset(ray, references, batch_size, column)
     mapped = ds.map_batches(
         _Featurize,
@@ -982,7 +985,7 @@ def fit_sharded(
                              batch_size),
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency or n_actors,
+        concurrency=(1, concurrency or n_actors),  # a pool that fits the free CPUs
         num_cpus=num_cpus,
     )  # fmt: skip
     mapped.context.execution_options.preserve_order = True
@@ -992,7 +995,7 @@ def fit_sharded(
     if n == 0:
         raise ValueError("references: the reference set is empty (no examples)")
     offsets = _split_points(n, n_actors)
-    parts = mat.split_at_indices(offsets[1:])
+    parts = mat.split_at_indices(offsets[1:]) if n_actors > 1 else [mat]
     first_in = _batch_tensor(ds.take_batch(2, batch_format="numpy")[column])
     first_feats = torch.from_numpy(np.asarray(mat.take_batch(2, batch_format="numpy")["features"]))
 
