@@ -534,6 +534,8 @@ class ShardedReferences:
                 raise ValueError("heatmap_layer: the layer is not part of forward_func")
         inputs_t = format_inputs(inputs)
         activations, outputs = reader.read(inputs_t, additional_forward_args)
+        if outputs.shape[0] == 0:
+            return [], activations
         targets = resolve_targets(outputs, target)
         warn_nonlinear_head(self.head_nonlinear, stacklevel=5)
         extra = _format_additional_forward_args(additional_forward_args)
