@@ -509,26 +509,14 @@ def audit(
             raise ValueError(f"target: no image in images is predicted as class {target}")
         classes = [target]
 
-    out = {}
-    for c in classes:
-        out[c] = _audit_class(
-            ri,
-            images,
-            feats,
-            preds,
-            held,
-            c,
-            coverage_target,
-            max_regions,
-            random_state,
-            subgroup_by,
-            max_subgroups,
-            min_subgroup_size,
-            float(min_silhouette),
-            n_exemplars,
-            interpret_kwargs,
-        )
-    return AuditResult(out, feats, preds, time.perf_counter() - start)
+    args = (coverage_target, max_regions, random_state, subgroup_by, max_subgroups, min_subgroup_size,
+            float(min_silhouette), n_exemplars, interpret_kwargs)
+    run = getattr(ri.references_, "map_classes", None)  # classes as parallel tasks
+    if run is not None and len(classes) > 1:
+        audits = run(_audit_class, ri, images, feats, preds, held, classes, args)
+    else:
+        audits = [_audit_class(ri, images, feats, preds, held, c, *args) for c in classes]
+    return AuditResult(dict(zip(classes, audits)), feats, preds, time.perf_counter() - start)
 
 
 def _audit_class(

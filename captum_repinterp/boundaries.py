@@ -27,7 +27,7 @@ from .match import failing_bits, margins
 from .references import FittedReferences
 from .sampler import Boundaries, near_duplicates, sample_boundaries
 
-__all__ = ["SampledBoundaries", "sample_and_match"]
+__all__ = ["SampledBoundaries", "sample_and_match", "sample_candidates"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ def sample_and_match(
     """Candidate boundaries between the seed and ``candidates``, matched against every
     reference.
 
+    :func:`sample_candidates`, then the packed failing bits of every reference.
+
     Parameters
     ----------
     head : callable
@@ -98,6 +100,38 @@ def sample_and_match(
     Returns
     -------
     SampledBoundaries
+    """
+    bounds, u = sample_candidates(
+        head, seed_features, references, candidates, target, n_steps, duplicate_tol
+    )
+    if u is None:
+        fail = failing_bits(references.features, bounds.weight, bounds.bias)
+    else:
+        fail = references.projection.failing_bits_of(u, bounds.bias)
+    return SampledBoundaries(bounds, fail, u, references)
+
+
+def sample_candidates(
+    head: Callable[..., Tensor],
+    seed_features: Tensor,
+    references: FittedReferences,
+    candidates: Tensor,
+    target: int,
+    n_steps: int = 20,
+    duplicate_tol: float = 1e-6,
+) -> tuple[Boundaries, Tensor | None]:
+    """The sampling half of :func:`sample_and_match`: the candidates' boundaries, without
+    matching the references.
+
+    Reads only the candidates' rows of ``references.features`` (and of the projection),
+    so a reference set held elsewhere (:mod:`captum_repinterp.distributed`) can sample
+    where the head is and match where its rows are.
+
+    Returns
+    -------
+    (Boundaries, Tensor or None)
+        The oriented candidates (float32, CPU) and, when the projection is used, their
+        ``k x r`` coefficients ``u`` (``w = A^T u``).
     """
     projection = references.projection
     cand_feats = references.features[candidates].to(seed_features.device, seed_features.dtype)
@@ -128,8 +162,4 @@ def sample_and_match(
         u = projection.coefficients(weight)
     else:
         u = None if u is None else u[keep]
-    if u is None:
-        fail = failing_bits(references.features, weight, bias)
-    else:
-        fail = projection.failing_bits_of(u, bias)
-    return SampledBoundaries(bounds, fail, u, references)
+    return bounds, u

