@@ -509,8 +509,17 @@ def audit(
             raise ValueError(f"target: no image in images is predicted as class {target}")
         classes = [target]
 
-    args = (coverage_target, max_regions, random_state, subgroup_by, max_subgroups, min_subgroup_size,
-            float(min_silhouette), n_exemplars, interpret_kwargs)
+    args = (
+        coverage_target,
+        max_regions,
+        random_state,
+        subgroup_by,
+        max_subgroups,
+        min_subgroup_size,
+        float(min_silhouette),
+        n_exemplars,
+        interpret_kwargs,
+    )
     run = getattr(ri.references_, "map_classes", None)  # classes as parallel tasks
     if run is not None and len(classes) > 1:
         audits = run(_audit_class, ri, images, feats, preds, held, classes, args)
