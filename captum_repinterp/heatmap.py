@@ -122,12 +122,16 @@ class HeatmapRule:
         The name ``heatmap_rule=`` selects it by.
     forward_passes : str
         Extra model forward passes per seed (its cost), for the docs and the evaluation.
+    cost_per_channel : int
+        The same as a number: extra forward passes per seed per channel of the layer
+        (0 for the rules that need none).
     supports_layer : bool
         Whether the rule can be drawn at another layer than the split layer.
     """
 
     name: ClassVar[str] = ""
     forward_passes: ClassVar[str] = "0"
+    cost_per_channel: ClassVar[int] = 0
     supports_layer: ClassVar[bool] = False
 
     def __init__(self, layer: nn.Module | None = None) -> None:
@@ -352,6 +356,7 @@ class RegionScoreRule(HeatmapRule):
 
     name = "region-score"
     forward_passes = "K (channels of the layer), once per seed"
+    cost_per_channel = 1
     supports_layer = True
     #: nearest reference members scored with the seed (0: the seed alone)
     n_members: ClassVar[int] = 0
@@ -477,9 +482,8 @@ class RegionMembersRule(RegionScoreRule):
     """
 
     name = "region-members"
-    forward_passes = (
-        "K x (1 + 8) (channels of the layer times the seed and 8 members), once per seed"
-    )
+    forward_passes = "9 K (channels of the layer, for the seed and 8 members), once per seed"
+    cost_per_channel = 9
     n_members = 8
     scale_free = True
     fallback = True
