@@ -312,7 +312,7 @@ class ElementwiseMembersRule(HeatmapRule):
         seed = seed_activations[0].detach().to("cpu", torch.float32)[None]
         acts = [seed]
         if context is not None:
-            rows = context.nearest_members(self.n_members, seed_inputs)
+            rows = context.nearest_members(self.n_members, seed_features=seed.reshape(-1))
             if rows.numel():
                 feats = context.references.features[rows].to(torch.float32)
                 acts.append(feats.reshape(rows.numel(), *seed.shape[1:]))
@@ -512,16 +512,30 @@ class RegionContext:
     reader: Any
     additional_forward_args: tuple | None = None
 
-    def nearest_members(self, m: int, seed_inputs: tuple[Tensor, ...] | None = None) -> Tensor:
-        """The ``m`` nearest members (indices into the references), leaving out a
-        reference whose image equals the seed's; empty without reference images."""
+    def nearest_members(
+        self,
+        m: int,
+        seed_inputs: tuple[Tensor, ...] | None = None,
+        seed_features: Tensor | None = None,
+    ) -> Tensor:
+        """The ``m`` nearest members (indices into the references), leaving out the seed
+        itself when it is a reference.
+
+        With ``seed_features`` (``D``) a member whose stored features equal them is left
+        out, and no reference images are needed. Otherwise the rule needs the reference
+        images: a member whose image equals ``seed_inputs``' is left out, and the result
+        is empty when ``fit`` was not given a tensor.
+        """
         images = getattr(self.references, "inputs", None)
-        if m <= 0 or images is None or self.members.numel() == 0:
+        if m <= 0 or self.members.numel() == 0 or (seed_features is None and images is None):
             return self.members[:0]
-        out = []
         seed = seed_inputs[0] if seed_inputs is not None and len(seed_inputs) == 1 else None
+        out = []
         for r in self.members.tolist():
-            if seed is not None and torch.equal(images[r].to(seed.device), seed[0]):
+            if seed_features is not None:
+                if torch.equal(self.references.features[r].to(seed_features), seed_features):
+                    continue
+            elif seed is not None and torch.equal(images[r].to(seed.device), seed[0]):
                 continue
             out.append(r)
             if len(out) == m:
