@@ -223,6 +223,8 @@ def _mark(row: dict[str, Any], metric: str) -> str:
 
 def _short(row: dict[str, Any], metric: str) -> str:
     mark = _mark(row, metric)
+    if mark == TOO_FEW:
+        return "n/a"
     value = row[f"d{metric}"]
     text = "n/a" if value is None else f"{value:+.3f}"
     if mark == "**better**":
