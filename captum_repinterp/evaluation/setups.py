@@ -271,7 +271,9 @@ def _selection_section(report: dict[str, Any]) -> list[str]:
         "`heatmap_rule` at the split layer) against the best baseline of each cell "
         "(setup, metric, keep share), paired per seed; win / loss when the 95% interval "
         "excludes 0. Ranked by wins, then losses, then cost (extra forward passes per "
-        f"seed; K = channels of the layer). First: **{sel['default']}**.",
+        f"seed; K = channels of the layer). First: **{sel['default']}**. In the "
+        "tables `ri` is the row of the run's `heatmap_rule` (below each setup's title) "
+        "and `ri[<rule>]` the other rules, on the same seeds and images.",
         "",
         "| config | heatmap_rule | wins | losses | ties | cost |",
         "|---|---|---|---|---|---|",
