@@ -11,11 +11,21 @@ method, :meth:`HeatmapRule.cam_weights` (as pytorch-grad-cam's CAM variants impl
   one boundary; with ``layer=`` (``heatmap_layer``) it is drawn at an earlier layer, the
   gradient of the score ``v . psi`` there standing for ``v`` (:func:`pulled_back_heatmap`);
 - ``"channel"``: Grad-CAM-like, ``weights_k = mean_p v[k, p]``;
+- ``"elementwise-positive"``: ``weights = max(v, 0)``;
+- ``"elementwise-members"``: ``weights = v / s_k``, ``s_k`` the mean activation of
+  channel ``k`` over the seed and its 8 nearest reference members (no forward pass);
 - ``"region-score"``: Score-CAM-like channel weights scored by the *region*: each
   channel's activation on the seed, upsampled and min-max scaled, masks the seed; ``s_k``
   is how far the masked seed lies inside the region (the smallest signed distance
   ``h_j / ||w_j||`` over the selected boundaries) and ``weights = softmax(s)``, computed
-  once on the seed (:meth:`HeatmapRule.region_weights`, ``K`` forward passes) and reused.
+  once on the seed (:meth:`HeatmapRule.region_weights`, ``K`` forward passes) and reused;
+  with ``layer=`` the channels are those of that earlier, finer layer;
+- ``"region-members"``: ``"region-score"`` computed on the seed and its 8 nearest
+  reference members, each image's scores divided by their standard deviation before the
+  softmax, the weights averaged (``9 K`` forward passes).
+
+A rule's :meth:`HeatmapRule.region_weights` sees the region's members and the fitted
+references through a :class:`RegionContext`: only references, never held-out images.
 
 Outputs follow ``LayerGradCam``'s layout: the layer's shape with dimension 1 summed to 1
 (``attr_dim_summation=True``), one tensor per layer output.
@@ -24,6 +34,7 @@ Outputs follow ``LayerGradCam``'s layout: the layer's shape with dimension 1 sum
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -36,12 +47,19 @@ __all__ = [
     "COMBINE_RULES",
     "HEATMAP_RULES",
     "ChannelRule",
+    "ElementwiseMembersRule",
+    "ElementwisePositiveRule",
     "ElementwiseRule",
     "HeatmapRule",
+    "RegionContext",
+    "RegionMembersRule",
     "RegionScoreRule",
     "combine_normals",
     "get_heatmap_rule",
+    "member_scale",
     "pulled_back_heatmap",
+    "read_layer",
+    "region_score_weights",
     "register_heatmap_rule",
 ]
 
@@ -104,12 +122,16 @@ class HeatmapRule:
         The name ``heatmap_rule=`` selects it by.
     forward_passes : str
         Extra model forward passes per seed (its cost), for the docs and the evaluation.
+    cost_per_channel : int
+        The same as a number: extra forward passes per seed per channel of the layer
+        (0 for the rules that need none).
     supports_layer : bool
         Whether the rule can be drawn at another layer than the split layer.
     """
 
     name: ClassVar[str] = ""
     forward_passes: ClassVar[str] = "0"
+    cost_per_channel: ClassVar[int] = 0
     supports_layer: ClassVar[bool] = False
 
     def __init__(self, layer: nn.Module | None = None) -> None:
@@ -149,12 +171,15 @@ class HeatmapRule:
         seed_inputs: tuple[Tensor, ...],
         seed_activations: tuple[Tensor, ...],
         features_of: Callable[[Tensor], Tensor],
+        context: RegionContext | None = None,
     ) -> Tensor | None:
         """Per-region weights computed once on the seed and saved with the region.
 
         ``weight``/``bias``: the selected boundaries; ``seed_inputs``: the seed (batch
         of one); ``seed_activations``: its layer tensors (without the batch dimension);
-        ``features_of``: inputs ``B x ...`` to features ``B x D``. Default: None.
+        ``features_of``: inputs ``B x ...`` to features ``B x D``; ``context``: the
+        region's members and the fitted references (:class:`RegionContext`).
+        Default: None.
         """
         return None
 
@@ -235,22 +260,119 @@ class ChannelRule(HeatmapRule):
 
 
 @register_heatmap_rule
-class RegionScoreRule(HeatmapRule):
-    """Score-CAM-like channel weights scored by how far masked seeds lie in the region."""
+class ElementwisePositiveRule(HeatmapRule):
+    """``sum_k max(v[k, p], 0) * A_k[p]``: only the direction's positive part.
 
-    name = "region-score"
-    forward_passes = "K (channels of the layer), once per seed"
+    With a ReLU layer ``A >= 0``, so a position scores high when its active channels
+    all push the margins up; channels the region wants low do not cancel them.
+    """
+
+    name = "elementwise-positive"
+
+    def cam_weights(
+        self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
+    ) -> Tensor:
+        return direction.clamp_min(0)
+
+
+@register_heatmap_rule
+class ElementwiseMembersRule(HeatmapRule):
+    """``sum_k v[k, p] * A_k[p] / s_k``: the elementwise rule with each channel in units
+    of its typical level in the region.
+
+    ``s_k`` is the mean activation of channel ``k`` over the seed and its
+    ``n_members`` nearest reference members (by semantic distance), read from the
+    stored reference features, so it costs no forward pass. A channel that is large
+    everywhere in the region then counts as much as a small one. Falls back to the
+    elementwise rule for a layer with several outputs.
+    """
+
+    name = "elementwise-members"
+    forward_passes = "0 (reads the stored features of 8 members)"
+    n_members: ClassVar[int] = 8
 
     def cam_weights(
         self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
     ) -> Tensor:
         if channel_weights is None:
-            raise ValueError("heatmap_rule='region-score' needs the region's channel weights")
-        n = activation.shape[0]
-        cw = channel_weights if channel_weights.dim() == 2 else channel_weights[None].expand(n, -1)
-        return cw.to(activation.device, activation.dtype).reshape(
-            n, -1, *([1] * (activation.dim() - 2))
-        )
+            return direction
+        return direction * _per_channel(channel_weights, activation)
+
+    def region_weights(
+        self,
+        weight: Tensor,
+        bias: Tensor,
+        seed_inputs: tuple[Tensor, ...],
+        seed_activations: tuple[Tensor, ...],
+        features_of: Callable[[Tensor], Tensor],
+        context: RegionContext | None = None,
+    ) -> Tensor | None:
+        if len(seed_activations) != 1 or seed_activations[0].dim() < 1:
+            return None
+        seed = seed_activations[0].detach().to("cpu", torch.float32)[None]
+        acts = [seed]
+        if context is not None:
+            rows = context.nearest_members(self.n_members, seed_features=seed.reshape(-1))
+            if rows.numel():
+                feats = context.references.features[rows].to(torch.float32)
+                acts.append(feats.reshape(rows.numel(), *seed.shape[1:]))
+        a = torch.cat(acts)
+        level = a.flatten(2).mean(dim=2) if a.dim() > 2 else a
+        return member_scale(level)
+
+
+def member_scale(levels: Tensor) -> Tensor:
+    """``1 / s_k`` with ``s_k`` the mean of ``levels`` (``n x K``) over its rows, scaled
+    so that the weights have mean 1; channels whose level is not positive get the
+    largest weight of the others (float32)."""
+    s = levels.double().mean(dim=0)
+    ok = s > 0
+    out = torch.zeros_like(s)
+    out[ok] = 1.0 / s[ok]
+    if bool(ok.any()):
+        out[~ok] = out[ok].max()
+        out = out / out.mean()
+    else:
+        out = torch.ones_like(s)
+    return out.float()
+
+
+def _per_channel(channel_weights: Tensor, activation: Tensor) -> Tensor:
+    """``K`` or ``n x K`` weights shaped to broadcast over ``n x K x ...``."""
+    n = activation.shape[0]
+    cw = channel_weights if channel_weights.dim() == 2 else channel_weights[None].expand(n, -1)
+    return cw.to(activation.device, activation.dtype).reshape(
+        n, -1, *([1] * (activation.dim() - 2))
+    )
+
+
+@register_heatmap_rule
+class RegionScoreRule(HeatmapRule):
+    """Score-CAM-like channel weights scored by how far masked seeds lie in the region.
+
+    With ``layer`` (``heatmap_layer=``) the channels are those of that earlier layer:
+    its activations mask the seed and are weighted on new images, for a finer map.
+    """
+
+    name = "region-score"
+    forward_passes = "K (channels of the layer), once per seed"
+    cost_per_channel = 1
+    supports_layer = True
+    #: nearest reference members scored with the seed (0: the seed alone)
+    n_members: ClassVar[int] = 0
+    #: divide each image's scores by their standard deviation before the softmax
+    scale_free: ClassVar[bool] = False
+    #: return None (draw the elementwise rule) instead of raising when not applicable
+    fallback: ClassVar[bool] = False
+
+    def cam_weights(
+        self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
+    ) -> Tensor:
+        if channel_weights is None:
+            if self.fallback:
+                return direction
+            raise ValueError(f"heatmap_rule={self.name!r} needs the region's channel weights")
+        return _per_channel(channel_weights, activation)
 
     def draw(
         self,
@@ -261,11 +383,41 @@ class RegionScoreRule(HeatmapRule):
         relu: bool = True,
         attr_dim_summation: bool = True,
     ) -> tuple[Tensor, ...]:
-        if len(activations) != 1:
-            raise ValueError("heatmap_rule='region-score' needs a layer with one output")
+        if len(activations) != 1 and not (self.fallback and channel_weights is None):
+            raise ValueError(f"heatmap_rule={self.name!r} needs a layer with one output")
         return super().draw(
             direction, activations, layout, channel_weights, relu, attr_dim_summation
         )
+
+    def maps(
+        self,
+        reader: Any,
+        inputs: Any,
+        additional_forward_args: Any,
+        direction: Tensor,
+        channel_weights: Tensor | None = None,
+        relu: bool = True,
+        attr_dim_summation: bool = True,
+        activations: tuple[Tensor, ...] | None = None,
+    ) -> tuple[Tensor, ...]:
+        if self.layer is None:
+            return super().maps(
+                reader,
+                inputs,
+                additional_forward_args,
+                direction,
+                channel_weights,
+                relu,
+                attr_dim_summation,
+                activations,
+            )
+        if channel_weights is None:
+            raise ValueError(f"heatmap_rule={self.name!r} needs the region's channel weights")
+        acts = read_layer(reader, self.layer, inputs, additional_forward_args)
+        scaled = _per_channel(channel_weights, acts) * acts
+        if attr_dim_summation and scaled.dim() > 1:
+            scaled = scaled.sum(dim=1, keepdim=True)
+        return (F.relu(scaled) if relu else scaled,)
 
     def region_weights(
         self,
@@ -274,18 +426,153 @@ class RegionScoreRule(HeatmapRule):
         seed_inputs: tuple[Tensor, ...],
         seed_activations: tuple[Tensor, ...],
         features_of: Callable[[Tensor], Tensor],
-    ) -> Tensor:
+        context: RegionContext | None = None,
+    ) -> Tensor | None:
+        if self.layer is not None:
+            if context is None:
+                raise ValueError(f"heatmap_rule={self.name!r} at heatmap_layer needs the model")
+            seed_activations = (
+                read_layer(
+                    context.reader, self.layer, seed_inputs, context.additional_forward_args
+                )[0],
+            )
         if (
             len(seed_inputs) != 1
             or seed_inputs[0].dim() != 4
             or len(seed_activations) != 1
             or seed_activations[0].dim() != 3
         ):
+            if self.fallback:
+                return None
             raise ValueError(
-                "heatmap_rule='region-score' needs one image input (1 x C x H x W) and a "
+                f"heatmap_rule={self.name!r} needs one image input (1 x C x H x W) and a "
                 "convolutional layer with one output (K x h x w); use 'elementwise'"
             )
-        return region_score_weights(seed_inputs[0], seed_activations[0], features_of, weight, bias)
+        images, acts = seed_inputs[0], seed_activations[0][None]
+        if self.n_members and context is not None and context.additional_forward_args is None:
+            rows = context.nearest_members(self.n_members, seed_inputs)
+            if rows.numel():
+                more = context.references.inputs[rows].to(images.device, images.dtype)
+                if self.layer is None:
+                    feats = context.references.features[rows]
+                    more_acts = feats.reshape(rows.numel(), *acts.shape[1:])
+                else:
+                    more_acts = read_layer(context.reader, self.layer, (more,), None)
+                images = torch.cat([images, more])
+                acts = torch.cat(
+                    [acts.to("cpu", torch.float32), more_acts.to("cpu", torch.float32)]
+                )
+        return region_score_weights(
+            images, acts, features_of, weight, bias, scale_free=self.scale_free
+        )
+
+
+@register_heatmap_rule
+class RegionMembersRule(RegionScoreRule):
+    """``"region-score"`` scored on the seed and its nearest reference members.
+
+    The map is reused on the region's members, so its channel weights are chosen for
+    them: each of the seed and its ``n_members`` nearest reference members (by
+    semantic distance; the reference images ``fit`` was given as a tensor) is masked by
+    each channel, its scores divided by their standard deviation (so that the softmax
+    does not depend on the margins' scale), and the softmax weights are averaged over
+    the images. Without reference images (``fit`` on a Dataset or DataLoader) or with
+    ``additional_forward_args`` it scores the seed alone; on a layer or input where
+    ``"region-score"`` does not apply it draws the elementwise map.
+    """
+
+    name = "region-members"
+    forward_passes = "9 K (channels of the layer, for the seed and 8 members), once per seed"
+    cost_per_channel = 9
+    n_members = 8
+    scale_free = True
+    fallback = True
+
+
+@dataclass
+class RegionContext:
+    """What a rule may read about the region besides its boundaries and the seed.
+
+    Attributes
+    ----------
+    members : Tensor
+        Indices of the references inside the region, nearest to the seed first
+        (semantic distance).
+    references : FittedReferences
+        The fitted references (``features``, ``predictions``, ``layout`` and, when
+        ``fit`` was given a tensor, the reference images ``inputs``).
+    reader : LayerReader
+        Reads the model on new inputs (``reader.forward_func``).
+    additional_forward_args : tuple or None
+        The seed's extra forward arguments.
+    """
+
+    members: Tensor
+    references: Any
+    reader: Any
+    additional_forward_args: tuple | None = None
+
+    def nearest_members(
+        self,
+        m: int,
+        seed_inputs: tuple[Tensor, ...] | None = None,
+        seed_features: Tensor | None = None,
+    ) -> Tensor:
+        """The ``m`` nearest members (indices into the references), leaving out the seed
+        itself when it is a reference.
+
+        With ``seed_features`` (``D``) a member whose stored features equal them is left
+        out, and no reference images are needed. Otherwise the rule needs the reference
+        images: a member whose image equals ``seed_inputs``' is left out, and the result
+        is empty when ``fit`` was not given a tensor.
+        """
+        images = getattr(self.references, "inputs", None)
+        if m <= 0 or self.members.numel() == 0 or (seed_features is None and images is None):
+            return self.members[:0]
+        seed = seed_inputs[0] if seed_inputs is not None and len(seed_inputs) == 1 else None
+        out = []
+        for r in self.members.tolist():
+            if seed_features is not None:
+                if torch.equal(self.references.features[r].to(seed_features), seed_features):
+                    continue
+            elif seed is not None and torch.equal(images[r].to(seed.device), seed[0]):
+                continue
+            out.append(r)
+            if len(out) == m:
+                break
+        return torch.tensor(out, dtype=torch.long)
+
+
+def read_layer(
+    reader: Any, layer: nn.Module, inputs: Any, additional_forward_args: Any = None
+) -> Tensor:
+    """``layer``'s output (one tensor) on ``inputs`` through ``reader``'s model, no grad.
+
+    Raises
+    ------
+    ValueError
+        When the layer does not run, runs more than once, or gives several tensors.
+    """
+    from ._captum_compat import _format_additional_forward_args
+    from .inputs import format_inputs
+
+    inputs_t = format_inputs(inputs)
+    device = reader.device
+    if device is not None:
+        inputs_t = tuple(t.to(device) for t in inputs_t)
+    extra = _format_additional_forward_args(additional_forward_args)
+    seen: list[Any] = []
+    handle = layer.register_forward_hook(lambda module, inp, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            reader.forward_func(*inputs_t, *(extra or ()))
+    finally:
+        handle.remove()
+    if len(seen) != 1 or not isinstance(seen[0], Tensor):
+        raise ValueError(
+            "heatmap_layer: expected a layer that runs once per forward pass and outputs one tensor"
+        )
+    return seen[0].detach()
 
 
 def region_score_weights(
@@ -294,43 +581,60 @@ def region_score_weights(
     features_of: Callable[[Tensor], Tensor],
     weight: Tensor,
     bias: Tensor,
+    scale_free: bool = False,
 ) -> Tensor:
-    """Channel weights of the ``"region-score"`` rule (one forward pass of ``K`` images).
+    """Channel weights of the ``"region-score"`` rules (one forward pass of ``K`` images
+    per scored image).
 
     Parameters
     ----------
     seed_inputs : Tensor
-        ``1 x C x H x W``: the seed image.
+        ``B x C x H x W``: the scored images (the seed, then members if any).
     seed_activation : Tensor
-        ``K x h x w``: the seed's activations at the layer.
+        ``K x h x w`` (one image) or ``B x K x h x w``: their activations at the layer
+        whose channels mask them.
     features_of : callable
         Maps a batch of inputs (``B x C x H x W``) to layer features (``B x D``).
     weight, bias : Tensor
         The selected boundaries (``k x D``, ``k``), oriented so the region is ``h > 0``.
+    scale_free : bool
+        Divide each image's scores by their standard deviation over channels before
+        the softmax.
 
     Returns
     -------
     Tensor
-        ``K`` weights ``softmax_k(min_j h_j(psi(x * M_k)) / ||w_j||)``, float32 on the CPU;
-        uniform when no boundary is selected.
+        ``K`` weights, the mean over images of
+        ``softmax_k(s_ik)``, ``s_ik = min_j h_j(psi(x_i * M_ik)) / ||w_j||`` (divided by
+        ``std_k s_ik`` when ``scale_free``), float32 on the CPU; uniform when no
+        boundary is selected.
     """
-    k_channels = seed_activation.shape[0]
+    acts = seed_activation if seed_activation.dim() == 4 else seed_activation[None]
+    k_channels = acts.shape[1]
     if weight.shape[0] == 0:
         return torch.full((k_channels,), 1.0 / k_channels)
-    masks = F.interpolate(
-        seed_activation[:, None].float(),
-        size=tuple(seed_inputs.shape[-2:]),
-        mode="bilinear",
-        align_corners=False,
-    )[:, 0]
-    lo = masks.flatten(1).min(dim=1).values[:, None, None]
-    hi = masks.flatten(1).max(dim=1).values[:, None, None]
-    masks = (masks - lo) / (hi - lo).clamp_min(1e-12)
-    masked = seed_inputs * masks[:, None].to(seed_inputs.dtype)
-    feats = features_of(masked).to("cpu", torch.float32)
     w = weight.to("cpu", torch.float32)
-    dist = (feats @ w.T + bias.to("cpu", torch.float32)[None]) / w.norm(dim=1)[None]
-    return torch.softmax(dist.min(dim=1).values.double(), dim=0).float()
+    b = bias.to("cpu", torch.float32)
+    norms = w.norm(dim=1)
+    weights = []
+    for i in range(acts.shape[0]):
+        image = seed_inputs[i : i + 1]
+        masks = F.interpolate(
+            acts[i][:, None].float(),
+            size=tuple(image.shape[-2:]),
+            mode="bilinear",
+            align_corners=False,
+        )[:, 0]
+        lo = masks.flatten(1).min(dim=1).values[:, None, None]
+        hi = masks.flatten(1).max(dim=1).values[:, None, None]
+        masks = (masks - lo) / (hi - lo).clamp_min(1e-12)
+        masked = image * masks[:, None].to(image.device, image.dtype)
+        feats = features_of(masked).to("cpu", torch.float32)
+        score = ((feats @ w.T + b[None]) / norms[None]).min(dim=1).values.double()
+        if scale_free:
+            score = score / score.std(correction=0).clamp_min(1e-12)
+        weights.append(torch.softmax(score, dim=0))
+    return torch.stack(weights).mean(dim=0).float()
 
 
 def pulled_back_heatmap(

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,6 +58,10 @@ class FittedReferences:
         with an affine map.
     store : ReferenceStore or None
         The on-disk store holding ``features`` and ``predictions``, if any.
+    inputs : Tensor or None
+        The reference images themselves when ``fit`` was given one tensor (a handle to
+        it, not a copy; row ``i`` is reference ``i``), else None. Heat-map rules that
+        score masked members of a region read them.
     """
 
     features: Tensor
@@ -68,6 +72,7 @@ class FittedReferences:
     head_nonlinear: tuple[str, ...] = ()
     projection: Projection | None = None
     store: ReferenceStore | None = None
+    inputs: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -194,6 +199,7 @@ def fit_references(
         head_nonlinear=tuple(nonlinear),
         projection=projection,
         store=ref_store,
+        inputs=references if isinstance(references, Tensor) and not append else None,
     )
 
 

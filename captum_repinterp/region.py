@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ._captum_compat import TargetType, _format_additional_forward_args
 from .boundaries import sample_and_match
 from .features import eval_mode
+from .heatmap import RegionContext
 from .inputs import format_inputs, slice_args
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
@@ -107,6 +108,7 @@ def find_regions(
                 one,
                 tuple(a[i] for a in activations),
                 lambda batch, extra_i=extra_i: reader.features_of(batch, extra_i),
+                context=RegionContext(region.members, references, reader, extra_i),
             )
             results.append(region)
     return results, activations

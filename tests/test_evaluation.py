@@ -321,6 +321,8 @@ def test_small_pipeline_on_the_tiny_model(tiny):
         n_fidelity=2,
         n_perturb=2,
         ig_steps=8,
+        ri_variants={"ri[region-members]": {"heatmap_rule": "region-members"}},
+        heatmap_layer_rules=("region-score",),
     )
     res = evaluate_setup(setup, cfg)
     json.dumps(res)  # serialisable
@@ -357,6 +359,18 @@ def test_small_pipeline_on_the_tiny_model(tiny):
         row = reuse["metrics"][name]
         assert 0 <= row["mAD"] <= 1 and row["n_images"] > 0
     assert "ri[map@features[0]]" in res["no_reuse"]["keep"]["0.2"]["metrics"]
+    # rules with region weights, at the split layer and at the earlier layer
+    for name in ("ri[region-members]", "ri[region-score@features[0]]"):
+        assert reuse["metrics"][name]["n_images"] > 0
+        assert name in res["no_reuse"]["keep"]["0.5"]["metrics"]
+    described = res["ri_configs"]
+    assert described["ri[region-score@features[0]]"] == {
+        "heatmap_rule": "region-score",
+        "heatmap_layer": "features[0]",
+        "forward_passes": "K (channels of the layer), once per seed",
+        "cost_per_channel": 1,
+    }
+    assert described["ri"]["heatmap_layer"] is None
     # one seed per class: no interval and no winner (the bootstrap would collapse)
     for row in reuse["metrics"].values():
         assert row["mAD_ci"] == [None, None] and row["mAI_ci"] == [None, None]
@@ -370,13 +384,17 @@ def test_small_pipeline_on_the_tiny_model(tiny):
     assert set(methods) <= set(sweep["keep"]["0.5"]["metrics"])
     md = markdown_report({"setups": {"tiny": res}, "total_seconds": 1.0})
     assert "| ri | RI's |" in md and "Sanity check" in md
-    assert "| ri @nn | gradcam |" in md
+    assert "| ri @nn |" in md and "| RI config | vs gradcam |" in md
+    assert "## Choosing the default heat-map rule" in md and "| ri[region-members] |" in md
     for share in ("20%", "50%"):
         assert f"### Reuse protocol, keep {share}" in md
         assert f"### Without reuse, keep {share}" in md
         assert f"### Reuse protocol at features[0], keep {share}" in md
-    assert "n/a (too few seeds)" in md and "**better**" not in md and "| worse |" not in md
-    assert "EVALUATION.md" not in md and "docs/method.md" in md
+    rows = [line for line in md.split("## tiny")[1].splitlines() if line.startswith("| ri")]
+    assert "n/a (too few seeds)" in md and rows
+    assert not any("**" in line or "(worse)" in line for line in rows)
+    assert "| ri | n/a / n/a |" in md
+    assert "EVALUATION.md" not in md and "(method.md)" in md
 
 
 # ---------------------------------------------------------------- the benchmark script

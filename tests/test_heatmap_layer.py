@@ -8,6 +8,8 @@ from torch import nn
 from captum_repinterp import RepresentativeInterpretation
 from captum_repinterp.interpretation import Interpretation
 
+EW = "elementwise"  # the rule heatmap_layer draws by gradient times activation
+
 
 @pytest.fixture(scope="module")
 def fitted(tiny):
@@ -18,7 +20,7 @@ def fitted(tiny):
 
 def test_at_the_split_layer_it_is_the_elementwise_rule(fitted):
     model, x, ri = fitted
-    reg = ri.interpret(x[200:201])
+    reg = ri.interpret(x[200:201], heatmap_rule=EW)
     plain = reg.heatmap(x[210:220])
     reg.heatmap_layer = model.features[-1]
     torch.testing.assert_close(reg.heatmap(x[210:220]), plain, rtol=1e-5, atol=1e-6)
@@ -27,7 +29,7 @@ def test_at_the_split_layer_it_is_the_elementwise_rule(fitted):
 def test_earlier_layer_is_gradient_times_activation_of_the_region_score(fitted):
     model, x, ri = fitted
     f0 = model.features[0]
-    reg = ri.interpret(x[200:201], heatmap_layer=f0)
+    reg = ri.interpret(x[200:201], heatmap_layer=f0, heatmap_rule=EW)
     maps = reg.heatmap(x[210:216])
     # by hand: A' = features[0](x), score = v . flatten(features[1](A'))
     with torch.enable_grad():
@@ -39,10 +41,10 @@ def test_earlier_layer_is_gradient_times_activation_of_the_region_score(fitted):
     # shaped like LayerGradCam on that layer, and so is attribute()
     gc = LayerGradCam(model, f0).attribute(x[210:216], target=0)
     assert maps.shape == gc.shape
-    attr = ri.attribute(x[210:213], heatmap_layer=f0)
+    attr = ri.attribute(x[210:213], heatmap_layer=f0, heatmap_rule=EW)
     assert attr.shape == (3, *gc.shape[1:])
     # attribute's map of an image = its own region's map on itself
-    own = ri.interpret(x[211:212], heatmap_layer=f0).heatmap(x[211:212])
+    own = ri.interpret(x[211:212], heatmap_layer=f0, heatmap_rule=EW).heatmap(x[211:212])
     torch.testing.assert_close(attr[1:2], own, rtol=1e-4, atol=1e-6)
 
 
@@ -50,15 +52,17 @@ def test_bad_heatmap_layers_and_no_side_effects(fitted):
     model, x, ri = fitted
     flags = [m.training for m in model.modules()]
     with pytest.raises(TypeError, match="heatmap_layer"):
-        ri.interpret(x[200:201], heatmap_layer="features.0")
+        ri.interpret(x[200:201], heatmap_layer="features.0", heatmap_rule=EW)
     with pytest.raises(ValueError, match="heatmap_rule"):
         ri.interpret(x[200:201], heatmap_layer=model.features[0], heatmap_rule="channel")
     with pytest.raises(ValueError, match="not part of forward_func"):
-        ri.interpret(x[200:201], heatmap_layer=nn.Conv2d(1, 2, 3))
-    after = ri.interpret(x[200:201], heatmap_layer=model.head[1])  # after the split
+        ri.interpret(x[200:201], heatmap_layer=nn.Conv2d(1, 2, 3), heatmap_rule=EW)
+    after = ri.interpret(
+        x[200:201], heatmap_layer=model.head[1], heatmap_rule=EW
+    )  # after the split
     with pytest.raises(ValueError, match="heatmap_layer"):
         after.heatmap(x[210:212])
-    reg = ri.interpret(x[200:201], heatmap_layer=model.features[0])
+    reg = ri.interpret(x[200:201], heatmap_layer=model.features[0], heatmap_rule=EW)
     with pytest.raises(ValueError, match="heatmap"):
         reg.heatmap_from_activations((torch.zeros(1, 8, 6, 6),))
     # wrongly shaped inputs get the same clear errors as on the split-layer path
@@ -72,7 +76,7 @@ def test_bad_heatmap_layers_and_no_side_effects(fitted):
 
 def test_save_and_load_keep_the_heatmap_layer(fitted, tmp_path):
     model, x, ri = fitted
-    reg = ri.interpret(x[200:201], heatmap_layer=model.features[0])
+    reg = ri.interpret(x[200:201], heatmap_layer=model.features[0], heatmap_rule=EW)
     reg.save(tmp_path / "r.npz")
     back = Interpretation.load(tmp_path / "r.npz", explainer=ri)
     assert back.heatmap_layer is model.features[0]

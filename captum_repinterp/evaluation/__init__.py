@@ -8,7 +8,9 @@ The protocol is described in ``docs/method.md``; the results are in
   package, optional), Integrated Gradients;
 - :mod:`.protocol`: :func:`evaluate_setup` runs the whole protocol on one setup, with the
   masking metrics at each keep share (20% and 50% by default);
-- :mod:`.setups`: the real setups (MNIST-5k, faces, digits) and the report.
+- :mod:`.setups`: the real setups (MNIST-5k, faces, digits) and the report;
+- :mod:`.selection`: :func:`choose_default`, the rule that picks the default heat-map
+  rule from a run (``docs/choices.md``).
 """
 
 from .methods import ChannelWeightMethod, channel_weight_methods, gradcam_package_available
@@ -29,6 +31,7 @@ from .protocol import (
     keep_key,
     randomise,
 )
+from .selection import choose_default
 from .setups import SETUPS, load_setup, markdown_report, run_evaluation
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "average_drop_increase",
     "bootstrap_ci",
     "channel_weight_methods",
+    "choose_default",
     "drop_increase",
     "evaluate_setup",
     "gradcam_package_available",

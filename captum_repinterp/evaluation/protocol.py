@@ -28,6 +28,7 @@ from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor, nn
 
 from ..attribution import RepresentativeInterpretation
+from ..heatmap import HEATMAP_RULES, HeatmapRule
 from ..interpretation import Interpretation
 from .methods import (
     ChannelWeightMethod,
@@ -131,6 +132,8 @@ class EvalConfig:
     class), reported only with at least ``MIN_SEEDS_FOR_INTERVAL`` seeds in classes that
     have two or more; ``layer_sweep`` reruns the reuse protocol on the setup's
     ``other_layers`` for the RI configs in ``layer_sweep_variants`` and every baseline.
+    ``heatmap_layer_rules`` names rules (besides the elementwise ``ri[map@L]``) also drawn
+    at each of the setup's ``heatmap_layers``, as the rows ``ri[<rule>@L]``.
     """
 
     seeds_per_class: int = 3
@@ -160,6 +163,7 @@ class EvalConfig:
     fidelity: bool = True
     layer_sweep: bool = True
     layer_sweep_variants: tuple[str, ...] = ("ri", "ri[region-score]")
+    heatmap_layer_rules: tuple[str, ...] = ()
     n_boot: int = 2000
 
 
@@ -179,10 +183,18 @@ def _pick_seeds(preds: Tensor, per_class: int, gen: torch.Generator) -> list[int
     return out
 
 
+def _computes_weights(kw: dict[str, Any]) -> bool:
+    """Whether the config's heat-map rule computes per-region weights while interpreting."""
+    rule = HEATMAP_RULES[kw.get("heatmap_rule", "elementwise")]
+    return rule.region_weights is not HeatmapRule.region_weights
+
+
 def _ri_variant(region: Interpretation, kw: dict[str, Any]) -> Interpretation:
-    if kw["heatmap_rule"] == "region-score":
-        return dataclasses.replace(region, reader=None, heatmap_layer=None)
     layer = kw.get("heatmap_layer")
+    if _computes_weights(kw):
+        return dataclasses.replace(
+            region, reader=region.reader if layer is not None else None, heatmap_layer=layer
+        )
     return dataclasses.replace(
         region,
         heatmap_rule=kw["heatmap_rule"],
@@ -202,13 +214,9 @@ def _ri_maps_on(region: Interpretation, images: Tensor, acts: Tensor) -> Tensor:
 
 
 def _region_key(kw: dict[str, Any]) -> tuple:
-    # "region-score" weights are computed while interpreting, so it gets its own regions
-    shared = (
-        ("combine", "heatmap_layer")
-        if kw.get("heatmap_rule") == "region-score"
-        else ("heatmap_rule", "combine", "heatmap_layer")
-    )
-    return tuple(sorted((k, v) for k, v in kw.items() if k not in shared))
+    # rules with per-region weights compute them while interpreting: their own regions
+    shared = ("combine",) if _computes_weights(kw) else ("heatmap_rule", "combine", "heatmap_layer")
+    return tuple(sorted((k, repr(v)) for k, v in kw.items() if k not in shared))
 
 
 class _Runner:
@@ -220,9 +228,16 @@ class _Runner:
         self.ri_configs = {"ri": dict(cfg.ri_kwargs)}
         for name, kw in cfg.ri_variants.items():
             self.ri_configs[name] = {**cfg.ri_kwargs, **kw}
-        if cfg.ri_kwargs.get("heatmap_rule", "elementwise") == "elementwise":
-            for name, module in setup.heatmap_layers:
+        base_rule = cfg.ri_kwargs.get("heatmap_rule", "elementwise")
+        for name, module in setup.heatmap_layers:
+            if base_rule == "elementwise":
                 self.ri_configs[f"ri[map@{name}]"] = {**cfg.ri_kwargs, "heatmap_layer": module}
+            for rule in cfg.heatmap_layer_rules:
+                self.ri_configs[f"ri[{rule}@{name}]"] = {
+                    **cfg.ri_kwargs,
+                    "heatmap_rule": rule,
+                    "heatmap_layer": module,
+                }
         self.timings: dict[str, float] = {}
         # the random seed of every RI interpret / attribute call, by keyword
         self.ri_random_state = {"random_state": cfg.seed}
@@ -745,6 +760,7 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
             "config": dataclasses.asdict(cfg),
             "methods": ["ri", *[m.name for m in methods]],
             "heatmap_layers": [name for name, _ in setup.heatmap_layers],
+            "ri_configs": _describe_configs(run.ri_configs, setup.heatmap_layers),
         }
         with Timer(run.timings, "reuse_total", f"{tag} reuse"):
             result["reuse"] = run.reuse(ri, methods)
@@ -763,6 +779,25 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
                 result["fidelity"] = run.fidelity(ri, methods)
     result["timings_s"] = {k: round(v, 2) for k, v in run.timings.items()}
     return _clean(result)
+
+
+def _describe_configs(
+    configs: dict[str, dict[str, Any]], heatmap_layers: Sequence[tuple[str, nn.Module]]
+) -> dict[str, dict[str, Any]]:
+    """Each RI config's heat-map rule, its layer's name (None: the split layer) and its
+    cost, for the report and :func:`~captum_repinterp.evaluation.selection.choose_default`."""
+    names = {id(m): n for n, m in heatmap_layers}
+    out = {}
+    for name, kw in configs.items():
+        rule = kw.get("heatmap_rule", "elementwise")
+        layer = kw.get("heatmap_layer")
+        out[name] = {
+            "heatmap_rule": rule,
+            "heatmap_layer": None if layer is None else names.get(id(layer), "?"),
+            "forward_passes": HEATMAP_RULES[rule].forward_passes,
+            "cost_per_channel": HEATMAP_RULES[rule].cost_per_channel,
+        }
+    return out
 
 
 def _check_fractions(fractions: Any) -> None:

@@ -102,9 +102,17 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
         seeds_per_class=10, n_explain_per_class=5, n_sanity=4, n_fidelity=4, n_perturb=4
     )
     cfg.ri_variants = {
-        "ri[channel]": {"heatmap_rule": "channel"},
-        "ri[region-score]": {"heatmap_rule": "region-score"},
+        f"ri[{rule}]": {"heatmap_rule": rule}
+        for rule in (
+            "channel",
+            "elementwise-positive",
+            "elementwise-members",
+            "region-score",
+            "region-members",
+        )
     }
+    cfg.heatmap_layer_rules = ("region-score", "region-members")
+
     if name == "faces":
         cfg.seeds_per_class = 15
         cfg.n_explain_per_class = 10
@@ -213,26 +221,87 @@ def _mark(row: dict[str, Any], metric: str) -> str:
     return "=" if win is None else ("**better**" if win else "worse")
 
 
+def _short(row: dict[str, Any], metric: str) -> str:
+    mark = _mark(row, metric)
+    if mark == TOO_FEW:
+        return "n/a"
+    value = row[f"d{metric}"]
+    text = "n/a" if value is None else f"{value:+.3f}"
+    if mark == "**better**":
+        return f"**{text}**"
+    return f"{text} (worse)" if mark == "worse" else text
+
+
 def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
-    shown = ("ri", "ri @nn", "ri[region-score]", "ri[region-score] @nn")
-    rows = [r for r in rows if r["ri"] in shown or r["ri"].startswith("ri[map@")]
+    rows = [r for r in rows if not r["ri"].endswith("@nn") or r["ri"] == "ri @nn"]
     if not rows:
         return []
+    names = list(dict.fromkeys(r["ri"] for r in rows))
+    bases = list(dict.fromkeys(r["baseline"] for r in rows))
+    by = {(r["ri"], r["baseline"]): r for r in rows}
     lines = [
         "",
-        "Paired per-seed differences, RI config minus baseline (95% bootstrap "
-        "interval; better / worse when the interval excludes 0, = otherwise; "
-        f"{TOO_FEW} when the classes hold too few seeds to resample):",
+        "Paired per-seed differences, RI config minus baseline, dAD / dAI: **bold** when "
+        "the 95% bootstrap interval shows RI better, (worse) when it shows it worse, "
+        f"plain when it contains 0 ({TOO_FEW}: the classes hold too few seeds). The "
+        "intervals are in `evaluation_results.json`.",
         "",
-        "| RI config | baseline | dAD | AD | dAI | AI |",
+        "| RI config | " + " | ".join(f"vs {b}" for b in bases) + " |",
+        "|---" * (len(bases) + 1) + "|",
+    ]
+    for n in names:
+        cells = []
+        for b in bases:
+            r = by.get((n, b))
+            cells.append("" if r is None else f"{_short(r, 'AD')} / {_short(r, 'AI')}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _selection_section(report: dict[str, Any]) -> list[str]:
+    from .selection import choose_default
+
+    sel = choose_default(report)
+    if not sel["ranking"]:
+        return []
+    lines = [
+        "## Choosing the default heat-map rule",
+        "",
+        "The rule written in `docs/choices.md` before the run: each candidate (a "
+        "`heatmap_rule` at the split layer) against the best baseline of each cell "
+        "(setup, metric, keep share), paired per seed; win / loss when the 95% interval "
+        "excludes 0. Ranked by wins, then losses, then cost (extra forward passes per "
+        f"seed; K = channels of the layer). First: **{sel['default']}**. In the "
+        "tables `ri` is the row of the run's `heatmap_rule` (below each setup's title) "
+        "and `ri[<rule>]` the other rules, on the same seeds and images.",
+        "",
+        "| config | heatmap_rule | wins | losses | ties | cost |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in sel["ranking"]:
         lines.append(
-            f"| {r['ri']} | {r['baseline']} | {_ci(r, 'dAD')} | "
-            f"{_mark(r, 'AD')} | {_ci(r, 'dAI')} | {_mark(r, 'AI')} |"
+            f"| {r['config']} | {r['rule']} | {r['wins']} | {r['losses']} | {r['ties']} | "
+            f"{r['forward_passes']} |"
         )
-    return lines
+    first = sel["ranking"][0]["config"]
+    lines += [
+        "",
+        f"Cells of {first} (value, best baseline's value, difference [95% interval]):",
+        "",
+        "| setup | keep | metric | best baseline | value | baseline | difference | outcome |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in sel["cells"]:
+        if c["candidate"] != first:
+            continue
+        lo, hi = c["ci"]
+        ci = "n/a" if lo is None or hi is None else f"[{_f(lo)}, {_f(hi)}]"
+        lines.append(
+            f"| {c['setup']} | {_keep_title(c['keep'])} | {c['metric']} | {c['opponent']} | "
+            f"{_f(c['value'])} | {_f(c['opponent_value'])} | {_f(c['diff'])} {ci} | "
+            f"{c['outcome']} |"
+        )
+    return [*lines, ""]
 
 
 def _keep_title(key: str) -> str:
@@ -245,9 +314,11 @@ def markdown_report(report: dict[str, Any]) -> str:
         "# Evaluation results",
         "",
         "Written by `benchmarks/evaluate.py` (`captum-repinterp evaluate`); do not edit "
-        "by hand. Protocol: `docs/method.md`, code: `captum_repinterp/evaluation/`.",
+        "by hand. Protocol: [Method and evaluation protocol](method.md), code: "
+        "`captum_repinterp/evaluation/`.",
         "",
     ]
+    lines += _selection_section(report)
     for name, res in report["setups"].items():
         cfg = res["config"]
         ri = cfg["ri_kwargs"]
@@ -274,9 +345,10 @@ def markdown_report(report: dict[str, Any]) -> str:
                 "distance (the protocol). NN images: the k nearest unseen images in "
                 "feature space with the seed's prediction (the baselines' images; `@nn` "
                 "rows reuse the RI map on them, so maps are compared on the same "
-                "images). `ri[map@L]`: the RI map drawn at the earlier layer L "
-                "(`heatmap_layer=`; the region stays at the split layer, the baselines "
-                "stay there too). Brackets: 95% bootstrap interval over seeds, "
+                "images). `ri[map@L]`, `ri[<rule>@L]`: the RI map drawn at the earlier "
+                "layer L (`heatmap_layer=`, elementwise or the named rule; the region "
+                "stays at the split layer, the baselines stay there too). Brackets: 95% "
+                "bootstrap interval over seeds, "
                 "stratified by class (n/a: too few seeds per class).",
                 "",
             ]

@@ -1,0 +1,311 @@
+"""The heat-map rules that use the region: hand computations on tiny tensors, properties,
+and the rules run end to end on a tiny CNN."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import LayerGradCam
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.evaluation.selection import choose_default
+from captum_repinterp.features import LayerLayout
+from captum_repinterp.heatmap import (
+    HEATMAP_RULES,
+    RegionContext,
+    get_heatmap_rule,
+    member_scale,
+    region_score_weights,
+)
+from captum_repinterp.interpretation import Interpretation
+
+LAYOUT = LayerLayout.from_outputs((torch.zeros(1, 2, 2, 2),), False)
+
+
+def _draw(rule_name, direction, acts, channel_weights=None, relu=True):
+    return get_heatmap_rule(rule_name).draw(direction, (acts,), LAYOUT, channel_weights, relu=relu)[
+        0
+    ]
+
+
+def test_every_rule_reports_its_cost():
+    for name, cls in HEATMAP_RULES.items():
+        assert cls.name == name
+        assert isinstance(cls.forward_passes, str) and cls.forward_passes
+        assert cls.cost_per_channel >= 0
+    assert HEATMAP_RULES["region-members"].cost_per_channel == 9
+    assert HEATMAP_RULES["region-score"].cost_per_channel == 1
+    assert HEATMAP_RULES["elementwise-members"].cost_per_channel == 0
+
+
+def test_elementwise_positive_by_hand():
+    v = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0, -0.5, 1.0])  # K=2, 2x2
+    a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[2.0, 1.0], [0.0, 5.0]]]])
+    # position (0,0): max(1,0)*1 + max(-1,0)*2 = 1; (0,1): 0*2 + 2*1 = 2;
+    # (1,0): 0.5*3 + 0*0 = 1.5; (1,1): 3*4 + 1*5 = 17
+    expect = torch.tensor([[[[1.0, 2.0], [1.5, 17.0]]]])
+    torch.testing.assert_close(_draw("elementwise-positive", v, a), expect)
+    # the plain elementwise rule lets negative parts cancel: (0,1) = -2*2 + 2*1 = -2
+    assert _draw("elementwise", v, a, relu=False)[0, 0, 0, 1] == -2.0
+
+
+def test_member_scale_by_hand():
+    levels = torch.tensor([[1.0, 4.0, 0.0], [3.0, 4.0, 0.0]])  # means 2, 4, 0
+    # 1/s = 0.5, 0.25, (not positive: the largest other, 0.5); scaled to mean 1
+    raw = torch.tensor([0.5, 0.25, 0.5])
+    torch.testing.assert_close(member_scale(levels), raw / raw.mean())
+    assert torch.equal(member_scale(torch.zeros(2, 3)), torch.ones(3))
+
+
+def _context(members, features, inputs=None):
+    refs = type("Refs", (), {"features": features, "inputs": inputs})()
+    return RegionContext(members=torch.tensor(members), references=refs, reader=None)
+
+
+def test_elementwise_members_weights_and_map_by_hand():
+    seed = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[2.0, 2.0], [2.0, 6.0]]])  # K=2
+    # two references, features flattened like the layer (K x 2 x 2 -> 8)
+    feats = torch.tensor([[3.0] * 4 + [0.0] * 4, [5.0] * 4 + [4.0] * 4])
+    rule = get_heatmap_rule("elementwise-members")
+    cw = rule.region_weights(
+        torch.zeros(1, 8), torch.zeros(1), (torch.zeros(1, 1, 4, 4),), (seed,), None,
+        context=_context([1, 0], feats),
+    )  # fmt: skip
+    # channel means: seed 1 and 3; ref1 5 and 4; ref0 3 and 0 -> s = (3, 7/3)
+    raw = torch.tensor([1 / 3, 3 / 7])
+    torch.testing.assert_close(cw, (raw / raw.mean()).float())
+    v = torch.tensor([1.0, -1.0, 2.0, 0.0, 0.5, 0.5, -1.0, 1.0])
+    a = seed[None]
+    expect = ((v.reshape(1, 2, 2, 2) * cw.reshape(1, 2, 1, 1)) * a).sum(1, keepdim=True)
+    torch.testing.assert_close(_draw("elementwise-members", v, a, cw), expect.clamp_min(0))
+    # with only the first member kept
+    rule.n_members = 1
+    try:
+        cw1 = rule.region_weights(
+            torch.zeros(1, 8), torch.zeros(1), (torch.zeros(1, 1, 4, 4),), (seed,), None,
+            context=_context([1, 0], feats, inputs=torch.ones(2, 1, 4, 4)),
+        )  # fmt: skip
+    finally:
+        rule.n_members = 8
+    raw1 = torch.tensor([1 / 3, 1 / 3.5])
+    torch.testing.assert_close(cw1, (raw1 / raw1.mean()).float())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(0.1, 10.0), min_size=3, max_size=3))
+def test_elementwise_members_map_is_invariant_to_channel_scale(scales):
+    """Scaling a channel everywhere (seed, members, new image) leaves the map unchanged
+    up to one positive factor (the weights are scaled to mean 1)."""
+    gen = torch.Generator().manual_seed(0)
+    seed = torch.rand(3, 2, 2, generator=gen) + 0.1
+    feats = torch.rand(4, 12, generator=gen) + 0.1
+    new = torch.rand(2, 3, 2, 2, generator=gen)
+    v = torch.randn(12, generator=gen)
+    c = torch.tensor(scales)[:, None, None]
+    layout = LayerLayout.from_outputs((torch.zeros(1, 3, 2, 2),), False)
+    rule = get_heatmap_rule("elementwise-members")
+
+    def the_map(seed, feats, new):
+        cw = rule.region_weights(
+            torch.zeros(1, 12), torch.zeros(1), (torch.zeros(1, 1, 2, 2),), (seed,), None,
+            context=_context([0, 1, 2, 3], feats),
+        )  # fmt: skip
+        m = rule.draw(v, (new,), layout, cw, relu=False)[0]
+        return m / m.abs().sum()
+
+    scaled_feats = (feats.reshape(4, 3, 2, 2) * c).reshape(4, 12)
+    torch.testing.assert_close(
+        the_map(seed * c, scaled_feats, new * c), the_map(seed, feats, new), rtol=1e-4, atol=1e-5
+    )
+
+
+def _linear_features(weight):
+    """A tiny 'model' from 1 x 1 x 2 x 2 images to features: a fixed linear map."""
+    return lambda batch: batch.flatten(1) @ weight.T
+
+
+def test_region_score_weights_over_several_images_by_hand():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 1, 2, 2, generator=gen)  # the seed and one member
+    acts = torch.rand(2, 3, 2, 2, generator=gen)  # K=3 channels at the input's size
+    lin = torch.randn(5, 4, generator=gen)
+    w, b = torch.randn(2, 5, generator=gen), torch.randn(2, generator=gen)
+    out = region_score_weights(images, acts, _linear_features(lin), w, b, scale_free=True)
+    per_image = []
+    for i in range(2):
+        scores = []
+        for k in range(3):
+            m = acts[i, k]  # same size: no interpolation
+            m = (m - m.min()) / (m.max() - m.min())
+            f = (images[i, 0] * m).reshape(4) @ lin.T
+            scores.append(min(float((w[j] @ f + b[j]) / w[j].norm()) for j in range(2)))
+        s = torch.tensor(scores, dtype=torch.float64)
+        per_image.append(torch.softmax(s / s.std(correction=0), 0))
+    torch.testing.assert_close(out, torch.stack(per_image).mean(0).float(), rtol=1e-5, atol=1e-6)
+    # the seed alone, without scale-freeing: the rule "region-score"
+    alone = region_score_weights(images[:1], acts[0], _linear_features(lin), w, b)
+    torch.testing.assert_close(alone.sum(), torch.tensor(1.0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.01, 100.0))
+def test_scale_free_weights_do_not_depend_on_the_margins_scale(c):
+    gen = torch.Generator().manual_seed(5)
+    images = torch.rand(3, 1, 2, 2, generator=gen)
+    acts = torch.rand(3, 4, 2, 2, generator=gen)
+    lin = torch.randn(5, 4, generator=gen)
+    w, b = torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)
+    ref = region_score_weights(images, acts, _linear_features(lin), w, b, scale_free=True)
+    # features scaled by c with the bias scaled too: every signed distance scales by c
+    scaled = region_score_weights(images, acts, _linear_features(lin * c), w, b * c, True)
+    torch.testing.assert_close(scaled, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    ri.fit(x[:240], batch_size=64, progress=False)
+    return ri, model, x
+
+
+def _hand_region_score(model, image, acts, reg):
+    k = acts.shape[0]
+    scores = []
+    for c in range(k):
+        m = F.interpolate(acts[c][None, None], size=(12, 12), mode="bilinear",
+                          align_corners=False)[0, 0]  # fmt: skip
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+        f = model.features(image * m).detach().reshape(-1)
+        scores.append(float(((reg.weight @ f + reg.bias) / reg.weight.norm(dim=1)).min()))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def test_region_members_on_a_cnn_by_hand(fitted, tmp_path):
+    ri, model, x = fitted
+    seed = x[244:245]
+    reg = ri.interpret(seed, heatmap_rule="region-members")
+    assert reg.channel_weights.shape == (8,)
+    rows = reg.members[:8]
+    assert len(rows) == 8
+    weights = []
+    for image in [seed[0], *x[rows]]:
+        image = image[None]
+        s = _hand_region_score(model, image, model.features(image).detach()[0], reg)
+        weights.append(torch.softmax(s / s.std(correction=0), 0))
+    alpha = torch.stack(weights).mean(0).float()
+    torch.testing.assert_close(reg.channel_weights, alpha, rtol=1e-4, atol=1e-6)
+    maps = reg.heatmap(x[:3])
+    expect = (alpha[None, :, None, None] * model.features(x[:3]).detach()).sum(1, keepdim=True)
+    torch.testing.assert_close(maps, expect.clamp_min(0), rtol=1e-4, atol=1e-5)
+    # LayerGradCam's layout, and attribute() on the seed is the interpretation's map
+    assert maps.shape == LayerGradCam(model, model.features[-1]).attribute(x[:3], 0).shape
+    torch.testing.assert_close(ri.attribute(seed, heatmap_rule="region-members"), reg.heatmap(seed))
+    reg.save(tmp_path / "r.npz")
+    back = Interpretation.load(tmp_path / "r.npz", explainer=ri)
+    torch.testing.assert_close(back.heatmap(x[:3]), maps)
+
+
+def test_region_members_leaves_out_the_seed_itself(fitted):
+    ri, model, x = fitted
+    seed = x[10:11]  # a reference: it is its own nearest member
+    reg = ri.interpret(seed, heatmap_rule="region-members")
+    assert int(reg.members[0]) == 10
+    ctx = RegionContext(reg.members, ri.references_, ri.reader_)
+    rows = ctx.nearest_members(8, (seed,))
+    assert (
+        10 not in rows.tolist()
+        and rows.tolist() == [r for r in reg.members.tolist() if r != 10][:8]
+    )
+
+
+def test_region_members_without_reference_images_scores_the_seed_alone(tiny):
+    model, x = tiny
+    ds = torch.utils.data.TensorDataset(x[:240])
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(ds, progress=False)
+    assert ri.references_.inputs is None
+    reg = ri.interpret(x[244:245], heatmap_rule="region-members")
+    s = _hand_region_score(model, x[244:245], model.features(x[244:245]).detach()[0], reg)
+    alpha = torch.softmax(s / s.std(correction=0), 0).float()
+    torch.testing.assert_close(reg.channel_weights, alpha, rtol=1e-4, atol=1e-6)
+
+
+def test_region_members_falls_back_to_elementwise_off_convolutions(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.head[2]).fit(x[:200], progress=False)
+    got = ri.attribute(x[200:203], heatmap_rule="region-members")
+    torch.testing.assert_close(got, ri.attribute(x[200:203], heatmap_rule="elementwise"))
+
+
+def test_region_score_at_an_earlier_layer_by_hand(fitted):
+    ri, model, x = fitted
+    f0 = model.features[0]
+    seed = x[244:245]
+    reg = ri.interpret(seed, heatmap_rule="region-score", heatmap_layer=f0)
+    a0 = f0(seed).detach()[0]  # 6 x 6 x 6
+    assert reg.channel_weights.shape == (6,)
+    alpha = torch.softmax(_hand_region_score(model, seed, a0, reg), 0).float()
+    torch.testing.assert_close(reg.channel_weights, alpha, rtol=1e-4, atol=1e-6)
+    maps = reg.heatmap(x[:4])
+    expect = (alpha[None, :, None, None] * f0(x[:4]).detach()).sum(1, keepdim=True)
+    torch.testing.assert_close(maps, expect.clamp_min(0), rtol=1e-4, atol=1e-5)
+    assert maps.shape == LayerGradCam(model, f0).attribute(x[:4], 0).shape
+    torch.testing.assert_close(
+        ri.attribute(seed, heatmap_rule="region-score", heatmap_layer=f0), reg.heatmap(seed)
+    )
+
+
+def _report(cells):
+    """A two-candidate, one-setup report with given (win_AD, win_AI) per keep share."""
+    metrics = {
+        "ri": {"mAD": 0.3, "mAI": 0.2},
+        "ri[x]": {"mAD": 0.2, "mAI": 0.3},
+        "gradcam": {"mAD": 0.5, "mAI": 0.1},
+        "scorecam": {"mAD": 0.25, "mAI": 0.25},
+    }
+    keep = {}
+    for key, outcome in cells.items():
+        comps = []
+        for ri_name, (wad, wai) in outcome.items():
+            for b in ("gradcam", "scorecam"):
+                comps.append({"ri": ri_name, "baseline": b, "dAD": -0.1, "dAD_ci": [-0.2, 0.0],
+                              "dAI": 0.1, "dAI_ci": [0.0, 0.2], "estimable": True,
+                              "win_AD": wad if b == "scorecam" else True,
+                              "win_AI": wai if b == "scorecam" else True})  # fmt: skip
+        keep[key] = {"metrics": metrics, "comparisons": comps}
+    cfg = {"heatmap_layer": None, "forward_passes": "0", "cost_per_channel": 0}
+    return {
+        "setups": {
+            "s": {
+                "methods": ["ri", "gradcam", "scorecam"],
+                "ri_configs": {
+                    "ri": {**cfg, "heatmap_rule": "elementwise"},
+                    "ri[x]": {**cfg, "heatmap_rule": "x", "cost_per_channel": 1},
+                    "ri[x@f0]": {**cfg, "heatmap_rule": "x", "heatmap_layer": "f0"},
+                },
+                "reuse": {"keep": keep},
+            }
+        }
+    }
+
+
+def test_choose_default_counts_cells_against_the_best_baseline():
+    rep = _report({"0.2": {"ri": (None, False), "ri[x]": (True, None)},
+                   "0.5": {"ri": (None, None), "ri[x]": (True, True)}})  # fmt: skip
+    sel = choose_default(rep)
+    assert sel["default"] == "x"
+    first, second = sel["ranking"]
+    assert (first["config"], first["wins"], first["losses"], first["ties"]) == ("ri[x]", 3, 0, 1)
+    assert (second["wins"], second["losses"], second["ties"]) == (0, 1, 3)
+    # every cell is against scorecam, the best baseline on both metrics
+    assert {c["opponent"] for c in sel["cells"]} == {"scorecam"}
+    # the layer variant is not a candidate
+    assert all(c["candidate"] != "ri[x@f0]" for c in sel["cells"])
+
+
+def test_choose_default_breaks_ties_by_cost_then_the_current_default():
+    same = {"0.2": {"ri": (True, None), "ri[x]": (True, None)}}
+    assert choose_default(_report(same))["default"] == "elementwise"  # cheaper
+    fewer_losses = {"0.2": {"ri": (True, False), "ri[x]": (True, None)}}
+    assert choose_default(_report(fewer_losses))["default"] == "x"
