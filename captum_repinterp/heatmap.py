@@ -137,7 +137,7 @@ class HeatmapRule:
     def __init__(self, layer: nn.Module | None = None) -> None:
         if layer is not None and not self.supports_layer:
             raise ValueError(
-                f"heatmap_layer draws the elementwise rule at another layer; it cannot be "
+                f"heatmap_layer draws the elementwise rules at another layer; it cannot be "
                 f"combined with heatmap_rule={self.name!r}"
             )
         self.layer = layer
@@ -223,13 +223,24 @@ class HeatmapRule:
         layer's tensors when already read)."""
         if self.layer is not None:
             return reader.pulled_back(
-                inputs, additional_forward_args, direction, self.layer, relu, attr_dim_summation
+                inputs,
+                additional_forward_args,
+                self.score_direction(direction),
+                self.layer,
+                relu,
+                attr_dim_summation,
             )
         if activations is None:
             activations, _ = reader.read(inputs, additional_forward_args)
         return self.draw(
             direction, activations, reader.layout, channel_weights, relu, attr_dim_summation
         )
+
+    def score_direction(self, direction: Tensor) -> Tensor:
+        """The direction whose score ``u . psi`` is drawn at an earlier ``layer`` (rules
+        with ``supports_layer``); at the split layer its gradient times activation is the
+        rule's own map."""
+        return direction
 
 
 @register_heatmap_rule
@@ -268,6 +279,10 @@ class ElementwisePositiveRule(HeatmapRule):
     """
 
     name = "elementwise-positive"
+    supports_layer = True
+
+    def score_direction(self, direction: Tensor) -> Tensor:
+        return direction.clamp_min(0)
 
     def cam_weights(
         self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None

@@ -105,12 +105,19 @@ def test_interpretation_counts_against_hand_computation(fitted):
 
 def test_heatmap_reuse_is_shared_direction(fitted):
     ri, model, x = fitted
-    reg = ri.interpret(x[242:243])
+    reg = ri.interpret(x[242:243], heatmap_rule="elementwise")
     maps = reg.heatmap(x[:4], relu_attributions=False)
     acts = model.features(x[:4]).detach()
     v = reg.direction.reshape(8, 6, 6)
     torch.testing.assert_close(maps, (v * acts).sum(1, keepdim=True), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(reg.heatmap(x[242:243]), ri.attribute(x[242:243]))
+    torch.testing.assert_close(
+        reg.heatmap(x[242:243]), ri.attribute(x[242:243], heatmap_rule="elementwise")
+    )
+    # the default rule draws the positive part of the same direction
+    positive = ri.interpret(x[242:243]).heatmap(x[:4], relu_attributions=False)
+    torch.testing.assert_close(
+        positive, (v.clamp_min(0) * acts).sum(1, keepdim=True), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_save_load_roundtrip(fitted, tmp_path):

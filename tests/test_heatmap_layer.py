@@ -26,6 +26,18 @@ def test_at_the_split_layer_it_is_the_elementwise_rule(fitted):
     torch.testing.assert_close(reg.heatmap(x[210:220]), plain, rtol=1e-5, atol=1e-6)
 
 
+def test_default_rule_at_the_split_layer_is_its_own_map(fitted):
+    model, x, ri = fitted
+    reg = ri.interpret(x[200:201])  # elementwise-positive: the direction's positive part
+    plain = reg.heatmap(x[210:220], relu_attributions=False)
+    reg.heatmap_layer = model.features[-1]
+    pulled = reg.heatmap(x[210:220], relu_attributions=False)
+    torch.testing.assert_close(pulled, plain, rtol=1e-5, atol=1e-6)
+    f0 = model.features[0]
+    at_f0 = ri.attribute(x[210:213], heatmap_layer=f0)
+    assert at_f0.shape == ri.attribute(x[210:213], heatmap_layer=f0, heatmap_rule=EW).shape
+
+
 def test_earlier_layer_is_gradient_times_activation_of_the_region_score(fitted):
     model, x, ri = fitted
     f0 = model.features[0]

@@ -442,12 +442,13 @@ def test_layer_with_several_outputs(tiny):
     assert isinstance(attr, tuple) and isinstance(gc, tuple)
     assert [a.shape for a in attr] == [g.shape for g in gc] == [(2, 1, 6, 6)] * 2
     # each part is the shared direction applied to that output, checked by hand
-    reg = ri.interpret(x[200:201], n_boundaries=NB)
+    reg = ri.interpret(x[200:201], n_boundaries=NB, heatmap_rule="elementwise")
     p, q = net.pair(net.stem(x[200:201]))
     v = reg.direction
     hand = ((v[:144].reshape(4, 6, 6) * p).sum(1, keepdim=True).relu(),
             (v[144:].reshape(5, 6, 6) * q).sum(1, keepdim=True).relu())
-    for got, want in zip(ri.attribute(x[200:201], n_boundaries=NB), hand):
+    got_maps = ri.attribute(x[200:201], n_boundaries=NB, heatmap_rule="elementwise")
+    for got, want in zip(got_maps, hand):
         torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-5)
     # a user head taking the tuple gives the same result
     ri_h = RepresentativeInterpretation(
