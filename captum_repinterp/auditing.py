@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int
-from .attribution import NotFittedError
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
+from .references import NotFittedError
 
 __all__ = ["AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
 

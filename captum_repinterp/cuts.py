@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .features import eval_mode, model_device
 from .inputs import format_inputs
-from .layers import _trace, _Tracer
+from .tracing import _trace, _Tracer
 
 __all__ = [
     "CutCheck",

@@ -19,6 +19,7 @@ from ._captum_compat import _format_output
 from .features import LayerLayout
 from .heatmap import HeatmapRule, combine_normals, get_heatmap_rule
 from .match import margins, semantic_distance
+from .saving import load_interpretation, metadata, save_interpretation
 
 __all__ = ["Interpretation"]
 
@@ -283,14 +284,10 @@ class Interpretation:
     # ------------------------------------------------------------------ persistence
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description (everything but the tensors)."""
-        from .saving import metadata
-
         return metadata(self)
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as one ``.npz`` file: the tensors as arrays and the metadata as JSON."""
-        from .saving import save_interpretation
-
         save_interpretation(self, path)
 
     @classmethod
@@ -307,6 +304,4 @@ class Interpretation:
             For a file of another format version, or a map drawn at a layer the given
             model does not have.
         """
-        from .saving import load_interpretation
-
-        return load_interpretation(path, explainer)
+        return load_interpretation(cls, path, explainer)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .features import LayerLayout
-from .interpretation import Interpretation
+
+if TYPE_CHECKING:
+    from .interpretation import Interpretation
 
 __all__ = ["FORMAT_VERSION", "TENSORS", "load_interpretation", "metadata", "save_interpretation"]
 
@@ -67,9 +69,12 @@ def save_interpretation(region: Interpretation, path: str | os.PathLike) -> None
         np.savez(fh, **arrays)
 
 
-def load_interpretation(path: str | os.PathLike, explainer: Any = None) -> Interpretation:
+def load_interpretation(
+    cls: type[Interpretation], path: str | os.PathLike, explainer: Any = None
+) -> Interpretation:
     """Read an interpretation written by :func:`save_interpretation`.
 
+    ``cls``: the class to build (:class:`~captum_repinterp.interpretation.Interpretation`);
     ``explainer``: the fitted explainer (or its reader) whose model the interpretation is
     used with.
 
@@ -98,7 +103,7 @@ def load_interpretation(path: str | os.PathLike, explainer: Any = None) -> Inter
         heatmap_layer = dict(model.named_modules()).get(meta["heatmap_layer"])
         if heatmap_layer is None:
             raise ValueError(f"explainer: the model has no layer named {meta['heatmap_layer']!r}")
-    return Interpretation(
+    return cls(
         target=int(meta["target"]),
         seed_in_class=bool(meta["seed_in_class"]),
         purity=float(meta["purity"]),
