@@ -97,8 +97,9 @@ def test_interpretation_counts_against_hand_computation(fitted):
     assert torch.all(reg.member_distances[1:] >= reg.member_distances[:-1])
     assert torch.equal(reg.similar(3), reg.members[:3])
     # membership test: the references it contains are exactly the members
-    assert torch.equal(reg.contains(x[:240]).nonzero().flatten().sort().values,
-                       reg.members.sort().values)
+    assert torch.equal(
+        reg.contains(x[:240]).nonzero().flatten().sort().values, reg.members.sort().values
+    )
     # the seed is in its own region
     assert bool(reg.contains(x[241:242])[0])
 
@@ -286,8 +287,9 @@ def test_region_score_rule_against_hand_computation(fitted, tmp_path):
     acts = model.features(seed).detach()[0]
     scores = []
     for k in range(8):
-        m = torch.nn.functional.interpolate(acts[k][None, None], size=(12, 12),
-                                            mode="bilinear", align_corners=False)[0, 0]
+        m = torch.nn.functional.interpolate(
+            acts[k][None, None], size=(12, 12), mode="bilinear", align_corners=False
+        )[0, 0]
         m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
         f = model.features(seed * m).detach().reshape(-1)
         h = (reg.weight @ f + reg.bias) / reg.weight.norm(dim=1)
@@ -301,8 +303,9 @@ def test_region_score_rule_against_hand_computation(fitted, tmp_path):
     torch.testing.assert_close(ri.attribute(seed, heatmap_rule="region-score"), reg.heatmap(seed))
     # batch equals per sample
     batch = ri.attribute(x[244:247], heatmap_rule="region-score")
-    single = torch.cat([ri.attribute(x[i : i + 1], heatmap_rule="region-score")
-                        for i in range(244, 247)])
+    single = torch.cat(
+        [ri.attribute(x[i : i + 1], heatmap_rule="region-score") for i in range(244, 247)]
+    )
     torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-6)
     reg.save(tmp_path / "r.npz")
     back = Interpretation.load(tmp_path / "r.npz", explainer=ri)

@@ -332,6 +332,7 @@ def test_plot_audit(fitted, result):
     fig = plot_audit(ca, x, n_exemplars=3)
     assert isinstance(fig, Figure)
     rows = sum(len(r.subgroups) if len(r.subgroups) > 1 else 1 for r in ca.regions)
+
     def panels(f):  # image panels (the colour bar has its own axes)
         return [a for a in f.axes if a.get_label() != "<colorbar>"]
 

@@ -14,7 +14,10 @@ def _mkdocs(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     pytest.importorskip("mkdocs", reason="pip install -e '.[docs]'")
     pytest.importorskip("mkdocstrings", reason="pip install -e '.[docs]'")
     return subprocess.run(
-        [sys.executable, "-m", "mkdocs", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "mkdocs", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
 
@@ -28,8 +31,15 @@ def test_docs_build_strict(tmp_path):
         assert (site / page / "index.html").exists(), page
     api = (site / "api" / "index.html").read_text()
     # the reference is generated from the docstrings, not written by hand
-    for name in ("RepresentativeInterpretation", "Interpretation", "greedy_cover",
-                 "sample_boundaries", "layer_heatmap", "plot_region", "build_report"):
+    for name in (
+        "RepresentativeInterpretation",
+        "Interpretation",
+        "greedy_cover",
+        "sample_boundaries",
+        "layer_heatmap",
+        "plot_region",
+        "build_report",
+    ):
         assert name in api, name
     assert "Representative interpretations (Lam, Chu et al., ICCV 2021) as a Captum" in api
     # every image the pages show was copied into the site

@@ -32,8 +32,17 @@ def _run(model, references, heldout, per_class, **kwargs):
     rows = []
     for idx, reg in zip(seeds, regions):
         score = reg.evaluate_features(feats, preds, exclude=idx)
-        rows.append((idx, reg.target, len(reg), reg.purity, reg.coverage,
-                     score["precision"], score["n_inside"]))
+        rows.append(
+            (
+                idx,
+                reg.target,
+                len(reg),
+                reg.purity,
+                reg.coverage,
+                score["precision"],
+                score["n_inside"],
+            )
+        )
     return rows
 
 
@@ -42,11 +51,15 @@ def _summarise(name, rows):
     coverage = sum(r[4] for r in rows) / len(rows)
     precs = [r[5] for r in rows if not math.isnan(r[5])]
     precision = sum(precs) / len(precs)
-    print(f"\n{name}: seeds={len(rows)} mean purity={purity:.4f} mean coverage={coverage:.4f} "
-          f"mean held-out precision={precision:.4f} over {len(precs)} seeds")
+    print(
+        f"\n{name}: seeds={len(rows)} mean purity={purity:.4f} mean coverage={coverage:.4f} "
+        f"mean held-out precision={precision:.4f} over {len(precs)} seeds"
+    )
     for r in rows:
-        print(f"  seed {r[0]:4d} class {r[1]} members {r[2]:5d} purity {r[3]:.3f} "
-              f"coverage {r[4]:.3f} held-out precision {r[5]:.3f} (inside {r[6]})")
+        print(
+            f"  seed {r[0]:4d} class {r[1]} members {r[2]:5d} purity {r[3]:.3f} "
+            f"coverage {r[4]:.3f} held-out precision {r[5]:.3f} (inside {r[6]})"
+        )
     return purity, coverage, precision
 
 

@@ -45,19 +45,19 @@ def test_noise_tunnel_smoothgrad(fitted):
     seeds = x[200:202]
     nt = NoiseTunnel(ri)
     # zero noise: SmoothGrad is the mean of identical maps, i.e. the plain attribution
-    same = nt.attribute(seeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.0,
-                        n_boundaries=NB)
+    same = nt.attribute(seeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.0, n_boundaries=NB)
     torch.testing.assert_close(same, ri.attribute(seeds, n_boundaries=NB))
     torch.manual_seed(0)
-    noisy = nt.attribute(seeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.2,
-                         n_boundaries=NB, target=0)
+    noisy = nt.attribute(
+        seeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.2, n_boundaries=NB, target=0
+    )
     assert noisy.shape == (2, 1, 6, 6) and torch.isfinite(noisy).all() and (noisy >= 0).all()
     torch.manual_seed(0)
-    again = nt.attribute(seeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.2,
-                         n_boundaries=NB, target=0)
+    again = nt.attribute(
+        seeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.2, n_boundaries=NB, target=0
+    )
     torch.testing.assert_close(again, noisy)  # only the noise is random
-    sq = nt.attribute(seeds, nt_type="smoothgrad_sq", nt_samples=2, stdevs=0.1,
-                      n_boundaries=NB)
+    sq = nt.attribute(seeds, nt_type="smoothgrad_sq", nt_samples=2, stdevs=0.1, n_boundaries=NB)
     assert (sq >= 0).all()
 
 
@@ -71,8 +71,9 @@ def test_sensitivity_max_by_hand(fitted):
         # deterministic, so that the result can be checked by hand
         return tuple(t + shift for t in inputs) if isinstance(inputs, tuple) else inputs + shift
 
-    sens = sensitivity_max(explain, seeds, perturb_func=perturb, n_perturb_samples=3,
-                           target=torch.tensor([0, 1]))
+    sens = sensitivity_max(
+        explain, seeds, perturb_func=perturb, n_perturb_samples=3, target=torch.tensor([0, 1])
+    )
     a = explain(seeds, target=torch.tensor([0, 1]))
     b = explain(seeds + shift, target=torch.tensor([0, 1]))
     hand = (b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
@@ -108,9 +109,7 @@ def test_interpolate_and_visualize_multiple(fitted):
     attr = ri.attribute(x[200:201], n_boundaries=NB)
     up = LayerAttribution.interpolate(attr, (12, 12), "bilinear")
     assert up.shape == (1, 1, 12, 12)
-    torch.testing.assert_close(
-        up, nn.functional.interpolate(attr, size=(12, 12), mode="bilinear")
-    )
+    torch.testing.assert_close(up, nn.functional.interpolate(attr, size=(12, 12), mode="bilinear"))
     fig, axes = viz.visualize_image_attr_multiple(
         up[0].permute(1, 2, 0).detach().numpy(),
         x[200].permute(1, 2, 0).numpy(),
@@ -138,11 +137,22 @@ def test_quantus_faithfulness_through_explain_func(fitted):
     def score():
         np.random.seed(0)
         metric = quantus.FaithfulnessCorrelation(
-            nr_runs=10, subset_size=16, perturb_baseline="black", return_aggregate=False,
+            nr_runs=10,
+            subset_size=16,
+            perturb_baseline="black",
+            return_aggregate=False,
             disable_warnings=True,
         )
-        return np.asarray(metric(model=model, x_batch=x_np, y_batch=y_np, a_batch=None,
-                                 explain_func=explain_func, device="cpu"))
+        return np.asarray(
+            metric(
+                model=model,
+                x_batch=x_np,
+                y_batch=y_np,
+                a_batch=None,
+                explain_func=explain_func,
+                device="cpu",
+            )
+        )
 
     first = score()
     assert calls and sum(calls) >= 4  # Quantus asked our method for the attributions
@@ -177,8 +187,9 @@ def _diversify(model: nn.Module, x: torch.Tensor, n_classes: int) -> None:
     h.remove()
     f = seen[0].double()
     onehot = nn.functional.one_hot(torch.arange(len(f)) % n_classes, n_classes).double()
-    sol = torch.linalg.lstsq(torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1),
-                             onehot).solution.float()
+    sol = torch.linalg.lstsq(
+        torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1), onehot
+    ).solution.float()
     with torch.no_grad():
         fc.weight.copy_(sol[:-1].T)
         fc.bias.copy_(sol[-1])
@@ -187,8 +198,12 @@ def _diversify(model: nn.Module, x: torch.Tensor, n_classes: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "arch, layer_name, exact",
-    [("resnet18", "layer4", True), ("vgg11", "features", True),
-     ("densenet121", "features", True), ("mobilenet_v3_small", "features", False)],
+    [
+        ("resnet18", "layer4", True),
+        ("vgg11", "features", True),
+        ("densenet121", "features", True),
+        ("mobilenet_v3_small", "features", False),
+    ],
 )
 def test_torchvision_architectures(arch, layer_name, exact):
     tvm = pytest.importorskip("torchvision.models")

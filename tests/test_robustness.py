@@ -126,8 +126,11 @@ def test_dataset_items_of_different_sizes_are_named(tiny):
 
     loader = torch.utils.data.DataLoader(Mixed(), batch_size=2)
     ri = RepresentativeInterpretation(model, model.features[-1])
-    with pytest.raises(ValueError, match=r"references: the model failed on tensor\(s\) of "
-                       r"shape \(2, 1, 10, 10\).*references had shape \(N, 1, 12, 12\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"references: the model failed on tensor\(s\) of "
+        r"shape \(2, 1, 10, 10\).*references had shape \(N, 1, 12, 12\)",
+    ):
         ri.fit(loader, progress=False)
 
 
@@ -158,8 +161,9 @@ def test_integer_inputs_work_when_the_model_takes_them(tiny):
     attr = ri.attribute(u8[200:202], n_boundaries=NB)
     plain = RepresentativeInterpretation(model, model.features[-1])
     plain.fit((u8[:200].float() - 128) / 40, progress=False)
-    torch.testing.assert_close(attr, plain.attribute((u8[200:202].float() - 128) / 40,
-                                                     n_boundaries=NB))
+    torch.testing.assert_close(
+        attr, plain.attribute((u8[200:202].float() - 128) / 40, n_boundaries=NB)
+    )
 
 
 # ---------------------------------------------------------------- inputs
@@ -190,14 +194,26 @@ def test_bad_inputs_every_entry_point(fitted):
         ((), (ValueError, TypeError), "inputs: expected (at least one tensor|a tensor)"),
         (torch.tensor(0.5), ValueError, "inputs: tensors need a batch dimension"),
         # missing batch dimension: caught before the model runs
-        (x[200], ValueError, r"inputs: got a tensor of shape \(1, 12, 12\), but the "
-         r"references had shape \(N, 1, 12, 12\).*x\[None\]"),
+        (
+            x[200],
+            ValueError,
+            r"inputs: got a tensor of shape \(1, 12, 12\), but the "
+            r"references had shape \(N, 1, 12, 12\).*x\[None\]",
+        ),
         (x[200:202, None], ValueError, r"inputs: got a tensor of shape \(2, 1, 1, 12, 12\)"),
-        ((x[200:201], x[200:201]), ValueError, r"inputs: got 2 tensor\(s\), but the "
-         "references had 1"),
+        (
+            (x[200:201], x[200:201]),
+            ValueError,
+            r"inputs: got 2 tensor\(s\), but the "
+            "references had 1",
+        ),
         # wrong channel count / size: the model fails, the error names inputs and shapes
-        (x[200:201].repeat(1, 3, 1, 1), ValueError, r"inputs: the model failed on tensor\(s\) "
-         r"of shape \(1, 3, 12, 12\).*references had shape \(N, 1, 12, 12\)"),
+        (
+            x[200:201].repeat(1, 3, 1, 1),
+            ValueError,
+            r"inputs: the model failed on tensor\(s\) "
+            r"of shape \(1, 3, 12, 12\).*references had shape \(N, 1, 12, 12\)",
+        ),
         (x[200:201, :, :10, :10], ValueError, r"inputs: .*\(1, 1, 10, 10\).*\(N, 1, 12, 12\)"),
         (u8, TypeError, r"inputs: .*torch.uint8.*references were \['torch.float32'\].*255"),
         (x[200:201].double(), TypeError, r"inputs: .*torch.float64.*convert inputs"),
@@ -217,8 +233,11 @@ def test_inputs_of_another_size_through_an_adaptive_model(tiny):
     net = nn.Sequential(model.features, nn.AdaptiveAvgPool2d(6), model.head).eval()
     ri = RepresentativeInterpretation(net, model.features[-1]).fit(x[:200], progress=False)
     big = nn.functional.interpolate(x[200:201], size=16)
-    with pytest.raises(ValueError, match=r"inputs: the layer's output .*\(8, 8, 8\).*"
-                       r"references gave \(\(8, 6, 6\),\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"inputs: the layer's output .*\(8, 8, 8\).*"
+        r"references gave \(\(8, 6, 6\),\)",
+    ):
         ri.attribute(big, n_boundaries=NB)
 
 
@@ -275,8 +294,12 @@ def test_bad_method_arguments(fitted):
         ({"n_boundaries": -3}, ValueError, "n_boundaries must be a positive int"),
         ({"n_boundaries": 2.5}, ValueError, "n_boundaries must be a positive int"),
         ({"delta": -1}, ValueError, r"delta must be a count in \[0, "),
-        ({"delta": 10**6}, ValueError, r"delta must be a count in \[0, \d+\] \(the number of "
-         r"negatives\), got 1000000"),
+        (
+            {"delta": 10**6},
+            ValueError,
+            r"delta must be a count in \[0, \d+\] \(the number of "
+            r"negatives\), got 1000000",
+        ),
         ({"delta": 1.5}, ValueError, r"delta as a float must be a share in \[0, 1\)"),
         ({"delta": -0.1}, ValueError, r"delta as a float must be a share"),
         ({"delta": "all"}, TypeError, "delta must be an int, a float or None"),
@@ -327,9 +350,16 @@ def _refit_last(model: nn.Module, x: torch.Tensor, n_classes: int) -> None:
 
 @pytest.mark.parametrize(
     "act, op",
-    [(nn.Sigmoid(), "sigmoid"), (nn.Tanh(), "tanh"), (nn.GELU(), "gelu"), (nn.SiLU(), "silu"),
-     (nn.ELU(), "elu"), (nn.Softplus(), "softplus"), (nn.Mish(), "mish"),
-     (nn.Softmax(dim=1), "softmax")],
+    [
+        (nn.Sigmoid(), "sigmoid"),
+        (nn.Tanh(), "tanh"),
+        (nn.GELU(), "gelu"),
+        (nn.SiLU(), "silu"),
+        (nn.ELU(), "elu"),
+        (nn.Softplus(), "softplus"),
+        (nn.Mish(), "mish"),
+        (nn.Softmax(dim=1), "softmax"),
+    ],
 )
 def test_non_piecewise_linear_head_warns_once_per_call(tiny, act, op):
     _, x = tiny
@@ -337,8 +367,11 @@ def test_non_piecewise_linear_head_warns_once_per_call(tiny, act, op):
     model = SigmoidHeadCNN(act).eval()
     _refit_last(model, x[:120], 3)
     ri = RepresentativeInterpretation(model, model.features)
-    with pytest.warns(NonPiecewiseLinearWarning, match=rf"head\.2 \({type(act).__name__}\): "
-                      rf"{op}.*local linear approximations"):
+    with pytest.warns(
+        NonPiecewiseLinearWarning,
+        match=rf"head\.2 \({type(act).__name__}\): "
+        rf"{op}.*local linear approximations",
+    ):
         ri.fit(x[:120], progress=False)
     assert ri.head_nonlinear_ == (f"head.2 ({type(act).__name__}): {op}",)
     with warnings.catch_warnings(record=True) as rec:
@@ -431,8 +464,10 @@ def test_layer_with_several_outputs(tiny):
     net = TupleNet().eval()
     with torch.no_grad():
         h = torch.cat(net.pair(net.stem(x[:200])), 1).flatten(1)
-        sol = torch.linalg.lstsq(torch.cat([h, torch.ones(200, 1)], 1),
-                                 nn.functional.one_hot(torch.arange(200) % 4).float()).solution
+        sol = torch.linalg.lstsq(
+            torch.cat([h, torch.ones(200, 1)], 1),
+            nn.functional.one_hot(torch.arange(200) % 4).float(),
+        ).solution
         net.fc.weight.copy_(sol[:-1].T)
         net.fc.bias.copy_(sol[-1])
     ri = RepresentativeInterpretation(net, net.pair).fit(x[:200], progress=False)
@@ -445,8 +480,10 @@ def test_layer_with_several_outputs(tiny):
     reg = ri.interpret(x[200:201], n_boundaries=NB, heatmap_rule="elementwise")
     p, q = net.pair(net.stem(x[200:201]))
     v = reg.direction
-    hand = ((v[:144].reshape(4, 6, 6) * p).sum(1, keepdim=True).relu(),
-            (v[144:].reshape(5, 6, 6) * q).sum(1, keepdim=True).relu())
+    hand = (
+        (v[:144].reshape(4, 6, 6) * p).sum(1, keepdim=True).relu(),
+        (v[144:].reshape(5, 6, 6) * q).sum(1, keepdim=True).relu(),
+    )
     got_maps = ri.attribute(x[200:201], n_boundaries=NB, heatmap_rule="elementwise")
     for got, want in zip(got_maps, hand):
         torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-5)
@@ -529,10 +566,14 @@ def test_dtypes_float64(tiny):
     attr = ri.attribute(x64[200:202], n_boundaries=NB)
     assert attr.dtype == torch.float64 and attr.shape == (2, 1, 6, 6)
     ri32 = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
-    torch.testing.assert_close(attr.float(), ri32.attribute(x[200:202], n_boundaries=NB),
-                               rtol=1e-3, atol=1e-4)
-    with pytest.raises(TypeError, match=r"inputs: .*torch.float32.*references were "
-                       r"\['torch.float64'\]"):
+    torch.testing.assert_close(
+        attr.float(), ri32.attribute(x[200:202], n_boundaries=NB), rtol=1e-3, atol=1e-4
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"inputs: .*torch.float32.*references were "
+        r"\['torch.float64'\]",
+    ):
         ri.attribute(x[200:201])
 
 
@@ -562,8 +603,9 @@ def test_cuda_model_with_cpu_references(tiny):
     attr = ri.attribute(x[200:202], n_boundaries=NB)  # CPU inputs, model on the GPU
     assert attr.device.type == "cuda"
     cpu = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
-    torch.testing.assert_close(attr.cpu(), cpu.attribute(x[200:202], n_boundaries=NB),
-                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        attr.cpu(), cpu.attribute(x[200:202], n_boundaries=NB), rtol=1e-3, atol=1e-4
+    )
     reg = ri.interpret(x[200:201].cuda(), n_boundaries=NB)
     assert reg.contains(x[:5]).device.type == "cpu"
 
@@ -572,7 +614,8 @@ def test_cuda_model_with_cpu_references(tiny):
 def test_cuda_float64(tiny):
     model, x = tiny
     m64 = TinyDouble(model).cuda()
-    ri = RepresentativeInterpretation(m64, m64.m.features[-1]).fit(x[:200].double().cuda(),
-                                                                  progress=False)
+    ri = RepresentativeInterpretation(m64, m64.m.features[-1]).fit(
+        x[:200].double().cuda(), progress=False
+    )
     attr = ri.attribute(x[200:202].double().cuda(), n_boundaries=NB)
     assert attr.dtype == torch.float64 and attr.device.type == "cuda"
