@@ -100,19 +100,22 @@ def sample_and_match(
     SampledBoundaries
     """
     projection = references.projection
+    leading = references.leading
     cand_feats = references.features[candidates].to(seed_features.device, seed_features.dtype)
     zhead = None
     if projection is not None:
         zhead = projection.sampling_head(head, seed_features, cand_feats[:2])
+    elif leading is not None and seed_features.dtype in (torch.float32, torch.float64):
+        zhead = leading.sampling_head(head, seed_features, cand_feats[:2])
     gram = None
+    u = None
     if zhead is None:
         found = sample_boundaries(
             head, seed_features, cand_feats, target, n_steps=n_steps, duplicate_tol=-1.0
         )
         weight = found.weight.to("cpu", torch.float32)
         bias = found.bias.to("cpu", torch.float32)
-        u = None
-    else:
+    elif projection is not None:
         z_x = projection.z_of(seed_features[None])[0]
         z_c = projection.z_of_references(candidates, seed_features)
         found = sample_boundaries(zhead, z_x, z_c, target, n_steps=n_steps, duplicate_tol=-1.0)
@@ -120,14 +123,29 @@ def sample_and_match(
         bias = bias.to(torch.float32)
         u = found.weight.cpu()
         gram = projection.normal_gram(found.weight)
+    else:
+        assert leading is not None
+        # the leading layer's output at the segment's ends only; the rest runs on z
+        with torch.no_grad():
+            z = leading.z_rows(head, torch.cat([seed_features[None], cand_feats]))
+        found = sample_boundaries(zhead, z[0], z[1:], target, n_steps=n_steps, duplicate_tol=-1.0)
+        w = leading.normals(head, seed_features, found.weight)
+        # u . z + b_z = w . psi + b with z = A psi + offset: b = b_z + u . z_x - w . psi_x
+        b64 = (
+            found.bias.double()
+            + (found.weight.double() @ z[0].double())
+            - (w.double() @ seed_features.double())
+        )
+        weight = w.to("cpu", torch.float32)
+        bias = b64.to("cpu", torch.float32)
     # near-duplicates are judged on the features' [w, b] in both spaces
     keep = ~near_duplicates(weight, bias, duplicate_tol, gram=gram)
     weight, bias = weight[keep], bias[keep]
     bounds = Boundaries(weight, bias, found.source[keep], found.runner_up[keep])
     if u is None and projection is not None:
         u = projection.coefficients(weight)
-    else:
-        u = None if u is None else u[keep]
+    elif u is not None:
+        u = u[keep]
     if u is None:
         fail = failing_bits(references.features, weight, bias)
     else:

@@ -23,7 +23,14 @@ from torch import Tensor, nn
 
 from .match import failing_bits
 
-__all__ = ["Projection", "ProjectedHead", "leading_affine_basis", "build_projection"]
+__all__ = [
+    "LeadingMap",
+    "Projection",
+    "ProjectedHead",
+    "build_projection",
+    "find_leading_map",
+    "leading_affine_basis",
+]
 
 
 @dataclass
@@ -98,20 +105,7 @@ class Projection:
         """
         if self.module is None or self.offset is None:
             return None
-        zhead = ProjectedHead(head, self.module, psi[None])
-        points = torch.cat([psi[None], probes], dim=0)
-        try:
-            with torch.no_grad():
-                full = head(points)
-                fast = zhead(self.z_of(points))
-        except (RuntimeError, ValueError, TypeError):
-            return None
-        scale = float(full.abs().max()) if full.numel() else 0.0
-        if fast.shape != full.shape or not torch.allclose(
-            fast, full, rtol=1e-4, atol=1e-5 * max(scale, 1.0)
-        ):
-            return None
-        return zhead
+        return _checked_zhead(head, self.module, psi, probes, self.z_of)
 
     def z_of(self, psi: Tensor) -> Tensor:
         """``basis @ psi + offset`` for rows of ``psi``, in ``psi``'s dtype and device."""
@@ -308,3 +302,148 @@ def build_projection(
         del mm
         projected = torch.from_numpy(np.load(out_path, mmap_mode="c"))
     return Projection(basis, gram, projected, module=module, offset=offset)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a head call once the leading layer's input is known."""
+
+
+def _linear_input(head: Callable[..., Tensor], module: nn.Module, psi: Tensor) -> Tensor:
+    """The input (``B x in``) of ``module`` when the head runs on ``psi`` (``B x D``);
+    the head stops there, so the layer and what follows it do not run."""
+    captured: list[Tensor] = []
+
+    def grab(mod: nn.Module, args: tuple) -> None:
+        captured.append(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(grab)
+    try:
+        head(psi)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("the head did not reach its leading linear layer")
+    return captured[0].reshape(psi.shape[0], -1)
+
+
+@dataclass
+class LeadingMap:
+    """The head's first ``nn.Linear`` fed by an affine map ``T`` of the features.
+
+    Its output ``z = W1 T(psi) + b1`` is affine in ``psi``, so along a segment it is
+    affine in ``t``: computed at the segment's two ends, the rest of the head runs on
+    ``r`` numbers per point. Nothing is stored per reference (the ``N x r`` images are
+    kept only where the :class:`Projection` pays for the match product too).
+
+    Attributes
+    ----------
+    module : nn.Linear
+        The layer.
+    """
+
+    module: nn.Linear
+
+    def z_rows(self, head: Callable[..., Tensor], psi: Tensor) -> Tensor:
+        """``z`` of rows of ``psi`` (``B x r``), running the head up to the layer only."""
+        x = _linear_input(head, self.module, psi)
+        w = self.module.weight
+        b = self.module.bias
+        return nn.functional.linear(x.to(w.dtype), w, b).to(psi.dtype)
+
+    def normals(self, head: Callable[..., Tensor], psi: Tensor, u: Tensor) -> Tensor:
+        """``A^T u`` (``k x D``) for the rows of ``u`` (``k x r``): the features' normals
+        of boundaries ``u . z + b`` (a backward pass through ``T`` only)."""
+        k = u.shape[0]
+        with torch.enable_grad():
+            p = psi.detach()[None].expand(k, -1).clone().requires_grad_(True)
+            x = _linear_input(head, self.module, p)
+            v = u.to(self.module.weight.dtype) @ self.module.weight
+            (g,) = torch.autograd.grad(x, p, grad_outputs=v.to(x.dtype))
+        return g.detach()
+
+    def sampling_head(
+        self, head: Callable[..., Tensor], psi: Tensor, probes: Tensor
+    ) -> ProjectedHead | None:
+        """The head as a function of ``z``, used only when it gives the head's logits at
+        ``psi`` and every row of ``probes`` (see :meth:`Projection.sampling_head`)."""
+        return _checked_zhead(head, self.module, psi, probes, lambda p: self.z_rows(head, p))
+
+
+def _checked_zhead(
+    head: Callable[..., Tensor],
+    module: nn.Module,
+    psi: Tensor,
+    probes: Tensor,
+    z_of: Callable[[Tensor], Tensor],
+) -> ProjectedHead | None:
+    """A :class:`ProjectedHead` at ``psi`` that gives the head's logits at ``psi`` and at
+    every row of ``probes`` within float32 rounding, or None."""
+    zhead = ProjectedHead(head, module, psi[None])
+    points = torch.cat([psi[None], probes], dim=0)
+    try:
+        with torch.no_grad():
+            full = head(points)
+            fast = zhead(z_of(points))
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    scale = float(full.abs().max()) if full.numel() else 0.0
+    if fast.shape != full.shape or not torch.allclose(
+        fast, full, rtol=1e-4, atol=1e-5 * max(scale, 1.0)
+    ):
+        return None
+    return zhead
+
+
+def find_leading_map(
+    head: Callable[..., Tensor], modules: nn.Module, features: Tensor
+) -> LeadingMap | None:
+    """The head's :class:`LeadingMap`, or None.
+
+    The first ``nn.Linear`` (among ``modules``) whose input depends on the features is
+    taken when the map ``T`` from the features to that input passes an affinity test on
+    three references ``a, b, c`` (float64 comparison, relative tolerance ``1e-5``):
+    ``T((a + b) / 2) = (T(a) + T(b)) / 2``, ``T(2a - b) = 2 T(a) - T(b)`` and
+    ``T(a + c - b) = T(a) + T(c) - T(b)``; a max-pool, ReLU or other kink between the
+    features and the layer breaks them for references in different pieces.
+    """
+    dtype = next((q.dtype for q in modules.parameters() if q.is_floating_point()), None)
+    if features.shape[0] < 3 or dtype not in (torch.float32, torch.float64):
+        return None  # half types: their rounding would hide kinks
+    a, b, c = (features[i].to(dtype) for i in (0, features.shape[0] // 2, -1))
+    points = torch.stack([a, b, c, (a + b) / 2, 2 * a - b, a + c - b])
+    calls: list[tuple[nn.Module, Tensor]] = []
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            calls.append((module, args[0]))
+
+    handles = [
+        m.register_forward_pre_hook(pre) for m in modules.modules() if isinstance(m, nn.Linear)
+    ]
+    found: list[tuple[nn.Module, Tensor]] = []
+    try:
+        # one row per call: the model runs on one example, as for the first reference
+        for point in points:
+            calls.clear()
+            with torch.enable_grad():
+                head(point[None].clone().requires_grad_(True))
+            if not calls:
+                return None
+            found.append(calls[0])
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    module = found[0][0]
+    if any(m is not module for m, _ in found):
+        return None
+    x = torch.cat([t.detach().reshape(1, -1) for _, t in found]).double()
+    expected = torch.stack([(x[0] + x[1]) / 2, 2 * x[0] - x[1], x[0] + x[2] - x[1]])
+    scale = float(x[:3].abs().max()) + 1e-30
+    if not torch.allclose(x[3:], expected, rtol=0.0, atol=1e-5 * scale):
+        return None
+    return LeadingMap(module)  # type: ignore[arg-type]

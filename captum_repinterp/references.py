@@ -23,7 +23,7 @@ from .features import Example, LayerLayout, eval_mode, extract_features, model_d
 from .heads import make_head
 from .inputs import InputSpec, all_finite
 from .layers import nonlinear_ops_after, nonlinear_ops_in
-from .projection import Projection, build_projection
+from .projection import LeadingMap, Projection, build_projection, find_leading_map
 from .store import ReferenceStore, fit_to_store
 
 __all__ = ["FittedReferences", "fit_references"]
@@ -52,6 +52,9 @@ class FittedReferences:
         with an affine map.
     store : ReferenceStore or None
         The on-disk store holding ``features`` and ``predictions``, if any.
+    leading : LeadingMap or None
+        The head's first linear layer when an affine map of the features feeds it
+        (boundaries are then sampled on its output, computed at the segments' ends).
     """
 
     features: Tensor
@@ -62,6 +65,7 @@ class FittedReferences:
     head_nonlinear: tuple[str, ...] = ()
     projection: Projection | None = None
     store: ReferenceStore | None = None
+    leading: LeadingMap | None = None
 
     @property
     def n(self) -> int:
@@ -167,12 +171,13 @@ def fit_references(
             forward_func, layer, head, example, features, layout, device, attribute_to_layer_input
         )
         modules = head if head is not None else forward_func
-        projection = None
+        projection = leading = None
         if isinstance(modules, nn.Module):
             # with a store the projection is written next to the features, memory-mapped
             out_path = None if ref_store is None else ref_store.path / "projected.npy"
             with eval_mode(modules):
                 projection = build_projection(seed_head, modules, features, out_path=out_path)
+                leading = find_leading_map(seed_head, modules, features)
     return FittedReferences(
         features=features,
         predictions=predictions,
@@ -182,6 +187,7 @@ def fit_references(
         head_nonlinear=tuple(nonlinear),
         projection=projection,
         store=ref_store,
+        leading=leading,
     )
 
 
