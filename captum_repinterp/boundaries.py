@@ -1,14 +1,19 @@
-"""Stages 2-3 for one seed: sample candidate boundaries and test every reference on them.
+"""Stages 2-3 for one seed: find candidate boundaries and test every reference on them.
 
-:func:`sample_and_match` is the one place that chooses the space the boundaries are
-sampled in and decides near-duplicates:
+:func:`sample_and_match` is the one place that chooses how the boundaries are found and
+decides near-duplicates:
 
-- the plain space: the head runs on the features ``psi`` (``D`` numbers);
-- the projected space, when the head starts with an affine map (see
-  :mod:`captum_repinterp.projection`) and the projected head is checked to give the
-  head's logits on the seed and two candidates: bisection and the backward pass run on
-  the ``r``-dimensional output ``z`` of the leading linear layer, and the boundaries are
-  the same planes (``w = A^T u``).
+- an affine head (found at fit and checked on the seed and a candidate): no sampling,
+  the boundaries ``G_c - G_k > 0`` against the other classes are exact;
+- the projected space, when the head starts with an affine map whose ``N x r`` images of
+  the references pay for themselves (see :mod:`captum_repinterp.projection`) and the
+  projected head is checked to give the head's logits on the seed and two candidates:
+  the crossings and the backward pass run on the ``r``-dimensional output ``z`` of the
+  leading linear layer, and the boundaries are the same planes (``w = A^T u``);
+- the leading layer's output space otherwise, when the head starts with a linear layer
+  fed by an affine map: ``z`` is computed at the segments' ends only (one call of the
+  head up to that layer), the rest of the head runs on ``z``;
+- the plain space: the head runs on the features ``psi`` (``D`` numbers).
 
 Either way every reference's side of every boundary is computed as packed bits
 (:func:`~captum_repinterp.match.failing_bits`), the input of the greedy cover.
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .match import failing_bits, margins
+from .projection import AffineHead
 from .references import FittedReferences
 from .sampler import Boundaries, near_duplicates, sample_boundaries
 
@@ -102,6 +108,9 @@ def sample_and_match(
     projection = references.projection
     leading = references.leading
     cand_feats = references.features[candidates].to(seed_features.device, seed_features.dtype)
+    affine = references.affine
+    if affine is not None and affine.agrees(head, torch.cat([seed_features[None], cand_feats[:1]])):
+        return _exact_affine(affine, references, target, duplicate_tol)
     zhead = None
     if projection is not None:
         zhead = projection.sampling_head(head, seed_features, cand_feats[:2])
@@ -150,4 +159,36 @@ def sample_and_match(
         fail = failing_bits(references.features, weight, bias)
     else:
         fail = projection.failing_bits_of(u, bias)
+    return SampledBoundaries(bounds, fail, u, references)
+
+
+#: with more classes than this and no projection, the exact boundaries of an affine head
+#: are those against the classes predicted for some reference (the match product costs
+#: one ``N x D`` pass per boundary)
+MAX_ALL_CLASSES = 256
+
+
+def _exact_affine(
+    affine: AffineHead, references: FittedReferences, target: int, duplicate_tol: float
+) -> SampledBoundaries:
+    """The exact boundaries ``G_c - G_k > 0`` of an affine head, matched."""
+    n_classes = affine.weight.shape[0]
+    if references.projection is not None or n_classes - 1 <= MAX_ALL_CLASSES:
+        classes = torch.arange(n_classes)
+    else:
+        classes = torch.unique(references.predictions)
+    classes = classes[classes != target]
+    weight, bias64 = affine.boundaries(target, classes)
+    good = weight.abs().sum(dim=1) > 0  # a class whose logit equals c's everywhere
+    weight, bias64, classes = weight[good], bias64[good], classes[good]
+    keep = ~near_duplicates(weight, bias64.to(torch.float32), duplicate_tol)
+    weight, bias, classes = weight[keep], bias64[keep].to(torch.float32), classes[keep]
+    source = torch.full((classes.numel(),), -1, dtype=torch.long)
+    bounds = Boundaries(weight, bias, source, classes.to(torch.long))
+    projection = references.projection
+    u = None if projection is None else projection.coefficients(weight)
+    if u is None:
+        fail = failing_bits(references.features, weight, bias)
+    else:
+        fail = projection.failing_bits_of(u, bias)  # type: ignore[union-attr]
     return SampledBoundaries(bounds, fail, u, references)

@@ -24,10 +24,12 @@ from torch import Tensor, nn
 from .match import failing_bits
 
 __all__ = [
+    "AffineHead",
     "LeadingMap",
     "Projection",
     "ProjectedHead",
     "build_projection",
+    "find_affine_head",
     "find_leading_map",
     "leading_affine_basis",
 ]
@@ -447,3 +449,101 @@ def find_leading_map(
     if not torch.allclose(x[3:], expected, rtol=0.0, atol=1e-5 * scale):
         return None
     return LeadingMap(module)  # type: ignore[arg-type]
+
+
+@dataclass
+class AffineHead:
+    """A head that is affine in the features: ``G(psi) = weight @ psi + bias``.
+
+    Then the decision region of class ``c`` is exactly the set where ``G_c - G_k > 0``
+    for every other class ``k``: the boundaries ``(weight_c - weight_k, bias_c - bias_k)``
+    need no sampling.
+
+    Attributes
+    ----------
+    weight : Tensor
+        ``C x D`` float32: the head's Jacobian.
+    bias : Tensor
+        ``C`` float64.
+    """
+
+    weight: Tensor
+    bias: Tensor
+
+    def predict(self, psi: Tensor) -> Tensor:
+        """``psi @ weight.T + bias`` (``B x C``, float64)."""
+        return psi.detach().to("cpu", torch.float64) @ self.weight.double().T + self.bias
+
+    def agrees(self, head: Callable[..., Tensor], psi: Tensor) -> bool:
+        """Whether ``head`` gives :meth:`predict`'s logits at the rows of ``psi``
+        (a per-seed check that the head is the affine map found at fit)."""
+        with torch.no_grad():
+            out = head(psi).detach().to("cpu", torch.float64)
+        return _close_logits(out, self.predict(psi))
+
+    def boundaries(self, target: int, classes: Tensor) -> tuple[Tensor, Tensor]:
+        """``G_target - G_k`` for the classes ``k`` in ``classes``: ``k x D`` float32
+        normals and ``k`` float64 offsets (positive on the class-``target`` side)."""
+        w = self.weight[target][None].double() - self.weight[classes].double()
+        b = self.bias[target] - self.bias[classes]
+        return w.to(torch.float32), b
+
+
+def _close_logits(out: Tensor, expected: Tensor) -> bool:
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return out.shape == expected.shape and bool(
+        torch.allclose(out, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+    )
+
+
+def find_affine_head(
+    head: Callable[..., Tensor],
+    modules: nn.Module,
+    features: Tensor,
+    max_entries: int = 2**25,
+) -> AffineHead | None:
+    """The head as an :class:`AffineHead` when it is affine, else None.
+
+    The head must keep the midpoint of two references and the line through them
+    (one-row calls); then its Jacobian (one backward pass over ``C`` rows) at both must
+    agree, and the affine map it defines must give the head's logits at three more
+    points (two references and an extrapolation), within float32 rounding. Heads in a
+    half-precision type and heads whose ``C x D`` Jacobian would exceed ``max_entries``
+    numbers are not examined.
+    """
+    dtype = next((q.dtype for q in modules.parameters() if q.is_floating_point()), None)
+    n = features.shape[0]
+    if n < 4 or dtype not in (torch.float32, torch.float64):
+        return None
+    a, b = features[0].to(dtype), features[n // 2].to(dtype)
+    try:
+        # first a cheap test on one-row calls: affine maps keep midpoints and lines
+        with torch.no_grad():
+            g = [head(p[None]).double() for p in (a, b, (a + b) / 2, 2 * a - b)]
+        if not _close_logits(g[2], (g[0] + g[1]) / 2) or not _close_logits(g[3], 2 * g[0] - g[1]):
+            return None
+        c = g[0].shape[1]
+        if c * features.shape[1] > max_entries:
+            return None
+        jac_a, out_a = _jacobian(head, a, c)
+        jac_b, _ = _jacobian(head, b, c)
+        if not torch.allclose(jac_a, jac_b, rtol=1e-5, atol=1e-6 * float(jac_a.abs().max())):
+            return None
+        bias = out_a.double() - jac_a.double() @ a.double()
+        affine = AffineHead(jac_a.to(torch.float32).cpu(), bias.cpu())
+        probes = torch.stack([features[n // 3], features[-1], 2 * a - b]).to(dtype)
+        if not affine.agrees(head, probes):
+            return None
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return affine
+
+
+def _jacobian(head: Callable[..., Tensor], psi: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """``C x D`` Jacobian of the head at ``psi`` and the logits there."""
+    with torch.enable_grad():
+        p = psi.detach()[None].expand(c, -1).clone().requires_grad_(True)
+        out = head(p)
+        eye = torch.eye(c, dtype=out.dtype, device=out.device)
+        (jac,) = torch.autograd.grad(out, p, grad_outputs=eye)
+    return jac.detach(), out.detach()[0]

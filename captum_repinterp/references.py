@@ -23,7 +23,14 @@ from .features import Example, LayerLayout, eval_mode, extract_features, model_d
 from .heads import make_head
 from .inputs import InputSpec, all_finite
 from .layers import nonlinear_ops_after, nonlinear_ops_in
-from .projection import LeadingMap, Projection, build_projection, find_leading_map
+from .projection import (
+    AffineHead,
+    LeadingMap,
+    Projection,
+    build_projection,
+    find_affine_head,
+    find_leading_map,
+)
 from .store import ReferenceStore, fit_to_store
 
 __all__ = ["FittedReferences", "fit_references"]
@@ -55,6 +62,8 @@ class FittedReferences:
     leading : LeadingMap or None
         The head's first linear layer when an affine map of the features feeds it
         (boundaries are then sampled on its output, computed at the segments' ends).
+    affine : AffineHead or None
+        The head as an affine map when it is one (the boundaries are then exact).
     """
 
     features: Tensor
@@ -66,6 +75,7 @@ class FittedReferences:
     projection: Projection | None = None
     store: ReferenceStore | None = None
     leading: LeadingMap | None = None
+    affine: AffineHead | None = None
 
     @property
     def n(self) -> int:
@@ -171,13 +181,14 @@ def fit_references(
             forward_func, layer, head, example, features, layout, device, attribute_to_layer_input
         )
         modules = head if head is not None else forward_func
-        projection = leading = None
+        projection = leading = affine = None
         if isinstance(modules, nn.Module):
             # with a store the projection is written next to the features, memory-mapped
             out_path = None if ref_store is None else ref_store.path / "projected.npy"
             with eval_mode(modules):
                 projection = build_projection(seed_head, modules, features, out_path=out_path)
                 leading = find_leading_map(seed_head, modules, features)
+                affine = find_affine_head(seed_head, modules, features)
     return FittedReferences(
         features=features,
         predictions=predictions,
@@ -188,6 +199,7 @@ def fit_references(
         projection=projection,
         store=ref_store,
         leading=leading,
+        affine=affine,
     )
 
 

@@ -51,7 +51,8 @@ class Boundaries:
     bias : Tensor
         ``k`` offsets ``b_j``.
     source : Tensor
-        ``k`` int64: position of each boundary's candidate in the candidate list.
+        ``k`` int64: position of each boundary's candidate in the candidate list (-1
+        for the exact boundaries of an affine head, which need no candidate).
     runner_up : Tensor
         ``k`` int64: the class ``c'`` on the other side of each boundary.
     """
