@@ -120,7 +120,8 @@ def find_crossings(
     rounding. A segment is closed when the top two logits tie at its point within
     ``64 eps`` of the logits' scale. Segments still open after ``max_iter`` steps are
     bisected inside their bracket until it is narrower than ``2 ** -n_steps`` in ``t``.
-    Only open segments are evaluated; one head call per step for all of them.
+    Only open segments are evaluated; one head call per step for all of them. Features
+    in a half-precision type are bisected.
 
     Parameters
     ----------
@@ -164,7 +165,10 @@ def find_crossings(
     open_ = valid.clone()
     direction = ends - start[None]
     n_tied = 0
-    if max_iter > 0 and bool(valid.any()) and bool(torch.isfinite(g[0])):
+    # half types are bisected: a tie within their rounding (3 digits for bfloat16) would
+    # not place the point on the boundary
+    exact_type = start.dtype in (torch.float32, torch.float64)
+    if max_iter > 0 and exact_type and bool(valid.any()) and bool(torch.isfinite(g[0])):
         scale = float(both.detach().abs().amax().double())
         tol = 64 * torch.finfo(start.dtype).eps * max(scale, 1e-30)
         g_lo = g[0].expand(m).clone()
@@ -307,6 +311,12 @@ def linear_pieces(head: Head, points: Tensor, target: int) -> tuple[Tensor, Tens
         diff = logits[:, target] - logits.gather(1, runner_up[:, None]).squeeze(1)
         (weight,) = torch.autograd.grad(diff.sum(), p)
     weight = weight.detach()
+    if weight.dtype not in (torch.float32, torch.float64):
+        # half types: the plane's offset in float32 (the point and the normal are what
+        # the head gives; the product is not rounded to 3 digits again)
+        weight = weight.to(torch.float32)
+        bias = diff.detach().to(torch.float32) - (weight * p.detach().to(torch.float32)).sum(1)
+        return weight, bias, runner_up
     bias = diff.detach() - (weight * p.detach()).sum(dim=1)
     return weight, bias, runner_up
 
@@ -393,7 +403,7 @@ def sample_boundaries(
     points = seed_features[None] + t[:, None] * (ends - seed_features[None])
     weight, bias, runner_up = linear_pieces(head, points, target)
     seed_in = int(seed_logits.argmax()) == target
-    h_seed = weight @ seed_features + bias
+    h_seed = weight @ seed_features.to(weight.dtype) + bias
     wanted = 1.0 if seed_in else -1.0
     flip = h_seed * wanted < 0
     sign = torch.where(flip, -1.0, 1.0).to(weight.dtype)
