@@ -8,6 +8,7 @@ evaluated. Both take ``B x D`` features and return ``B x C`` logits.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -148,6 +149,11 @@ class _Skipping:
                 module.__dict__["forward"] = previous
 
 
+#: checks decided once per model and layer: layer -> [(weakref to the forward function,
+#: attribute_to_layer_input, {"trunk": bool, "broadcast": bool})]
+_DECIDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class HookHead:
     """The head ``psi -> logits`` derived from the model by replacing the layer's output.
 
@@ -156,8 +162,8 @@ class HookHead:
     connection around the layer), the head is the one *at that input*, which is what the
     method needs for that seed.
 
-    Speed, each checked once against the plain run (allclose) and dropped if it differs
-    or fails:
+    Speed, each checked against the plain run (allclose) once per model and layer and
+    dropped if it differs or fails:
 
     - the part of the model before the layer is not run again: the modules that finish
       before the layer return their outputs recorded on the example (``nn.Module``
@@ -214,12 +220,31 @@ class HookHead:
             out = self._forward(psi, inputs, extra)
         return flatten_logits(out, b if rows is None else rows)
 
+    def _decided(self) -> dict[str, bool]:
+        """The checks already decided for this model and layer (shared by all seeds)."""
+        per_layer = _DECIDED.setdefault(self.layer, [])
+        for ref, key, decisions in per_layer:
+            if ref() is self.forward_func and key == self.attribute_to_layer_input:
+                return decisions
+        try:
+            ref = weakref.ref(self.forward_func)
+        except TypeError:
+            return {}  # cannot be remembered: decided per seed
+        decisions: dict[str, bool] = {}
+        per_layer[:] = [e for e in per_layer if e[0]() is not None]
+        per_layer.append((ref, self.attribute_to_layer_input, decisions))
+        return decisions
+
     def _trunk_ok(self, psi: Tensor) -> bool:
-        """Whether the recorded trunk may stand in for running it (decided once)."""
+        """Whether the recorded trunk may stand in for running it (decided once per
+        model and layer; recorded once per seed)."""
         if self.trunk_checked:
             return self.trunk is not None
         self.trunk_checked = True
         if not isinstance(self.forward_func, nn.Module) or self.attribute_to_layer_input:
+            return False
+        decided = self._decided()
+        if decided.get("trunk") is False:
             return False
         probe = psi[:1].detach()
         try:
@@ -228,6 +253,8 @@ class HookHead:
                 self.layer,
                 lambda: self._forward(probe, self.inputs, self.additional_forward_args),
             )
+            if decided.get("trunk"):
+                return True
             with torch.no_grad():
                 full = self._forward(probe, self.inputs, self.additional_forward_args)
                 with self.trunk.skipping():
@@ -235,9 +262,10 @@ class HookHead:
             ok = fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-5, atol=1e-6)
         except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
             ok = False
+        decided["trunk"] = bool(ok)
         if not ok:
             self.trunk = None
-        return ok
+        return bool(ok)
 
     def __call__(self, psi: Tensor, rows: int | None = None) -> Tensor:
         """Logits ``B x C`` at features ``psi`` (``B x D``).
@@ -247,6 +275,8 @@ class HookHead:
         """
         if rows is not None:
             return self._run(psi, repeat=True, rows=rows)
+        if self.broadcast is None and psi.shape[0] > 1:
+            self.broadcast = self._decided().get("broadcast")
         if psi.shape[0] == 1 or self.broadcast is False:
             return self._run(psi, repeat=True)
         if self.broadcast:
@@ -260,6 +290,7 @@ class HookHead:
             )
         except (RuntimeError, ValueError):
             self.broadcast = False
+        self._decided()["broadcast"] = self.broadcast
         return full
 
 
