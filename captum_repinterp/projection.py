@@ -155,9 +155,9 @@ class ProjectedHead:
     When the user's head is an ``nn.Sequential`` with that layer as a direct child, the
     layers after it are applied to ``z``. Otherwise ``head`` (a
     :class:`~captum_repinterp.features.UserHead` or ``HookHead``, which take the expected
-    number of output rows as ``rows=``) runs on one anchor row ``psi`` and a forward hook
-    replaces the linear layer's output by ``z``, so the ``D x r`` product is done on one
-    row instead of ``B``. Either way it is valid only when nothing after that layer reads
+    number of output rows as ``rows=``) runs on one anchor row ``psi`` and the linear
+    layer returns ``z`` instead of computing its output, so its product is not done at
+    all. Either way it is valid only when nothing after that layer reads
     the features again, which :meth:`Projection.sampling_head` checks before use.
     """
 
@@ -168,20 +168,25 @@ class ProjectedHead:
         self.rest = _sequential_rest(head, module)
 
     def __call__(self, z: Tensor) -> Tensor:
+        # a copy: the layers that follow may work in place (``nn.ReLU(inplace=True)``)
         if self.rest is not None:
-            out = z.to(self.anchor.dtype)
+            out = z.to(self.anchor.dtype).clone()
             for layer in self.rest:
                 out = layer(out)
             return out
 
-        def swap(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            return z.to(out.dtype)
-
-        handle = self.module.register_forward_hook(swap)
+        # the layer returns z instead of computing its output on the anchor row (its
+        # hooks still run)
+        dtype = self.module.weight.dtype if isinstance(self.module, nn.Linear) else z.dtype
+        previous = self.module.__dict__.get("forward")
+        self.module.__dict__["forward"] = lambda *args, **kwargs: z.to(dtype).clone()
         try:
             out = self.head(self.anchor, rows=z.shape[0])
         finally:
-            handle.remove()
+            if previous is None:
+                self.module.__dict__.pop("forward", None)
+            else:
+                self.module.__dict__["forward"] = previous
         if not isinstance(out, Tensor) or out.shape[0] != z.shape[0]:
             raise ValueError("the head's output does not follow the batch of z")
         return out
@@ -276,14 +281,16 @@ def build_projection(
     if features.shape[0] < 2:
         return None
     try:
-        psi = features[:1].to(torch.float32)
-        probe = 0.5 * (features[:1] + features[1:2]).to(torch.float32) + 0.1
+        device = _device_of(modules)
+        psi = features[:1].to(device, torch.float32)
+        probe = 0.5 * (features[:1] + features[1:2]).to(device, torch.float32) + 0.1
         found = leading_affine_basis(head, modules, psi, probe)
     except (RuntimeError, ValueError, TypeError):
         return None
     if found is None:
         return None
     module, basis, offset = found
+    basis, offset = basis.cpu(), offset.cpu()  # the features live on the CPU
     if basis.shape[0] * 4 > basis.shape[1]:
         return None
     gram = basis @ basis.T
@@ -306,6 +313,13 @@ def build_projection(
     return Projection(basis, gram, projected, module=module, offset=offset)
 
 
+def _device_of(modules: nn.Module) -> torch.device:
+    """Where the head's parameters live (the features are kept on the CPU)."""
+    for q in modules.parameters():
+        return q.device
+    return torch.device("cpu")
+
+
 class _Stop(Exception):
     """Raised by a hook to end a head call once the leading layer's input is known."""
 
@@ -313,6 +327,9 @@ class _Stop(Exception):
 def _linear_input(head: Callable[..., Tensor], module: nn.Module, psi: Tensor) -> Tensor:
     """The input (``B x in``) of ``module`` when the head runs on ``psi`` (``B x D``);
     the head stops there, so the layer and what follows it do not run."""
+    if getattr(head, "broadcast", False) is None and psi.shape[0] > 1:
+        with torch.no_grad():  # a HookHead decides how to batch on a full call
+            head(psi[:2].detach())
     captured: list[Tensor] = []
 
     def grab(mod: nn.Module, args: tuple) -> None:
@@ -335,21 +352,31 @@ def _linear_input(head: Callable[..., Tensor], module: nn.Module, psi: Tensor) -
 class LeadingMap:
     """The head's first ``nn.Linear`` fed by an affine map ``T`` of the features.
 
-    Its output ``z = W1 T(psi) + b1`` is affine in ``psi``, so along a segment it is
-    affine in ``t``: computed at the segment's two ends, the rest of the head runs on
-    ``r`` numbers per point. Nothing is stored per reference (the ``N x r`` images are
-    kept only where the :class:`Projection` pays for the match product too).
+    Its output ``z = W1 T(psi) + b1 = A psi + offset`` is affine in ``psi``, so along a
+    segment it is affine in ``t``: computed at the segment's two ends, the rest of the
+    head runs on ``r`` numbers per point. Nothing is stored per reference (the ``N x r``
+    images are kept only where the :class:`Projection` pays for the match product too).
 
     Attributes
     ----------
     module : nn.Linear
         The layer.
+    matrix : Tensor or None
+        ``A`` (``r x D``, float32, on the layer's device), kept when ``T`` widens the
+        features (e.g. VGG's adaptive pooling of a small map to 7 x 7 before its first
+        Linear), where ``A`` costs ``D / in_features`` of the layer's own product.
+    offset : Tensor or None
+        ``r`` (float32): ``z`` at ``psi = 0``, with ``matrix``.
     """
 
     module: nn.Linear
+    matrix: Tensor | None = None
+    offset: Tensor | None = None
 
     def z_rows(self, head: Callable[..., Tensor], psi: Tensor) -> Tensor:
         """``z`` of rows of ``psi`` (``B x r``), running the head up to the layer only."""
+        if self.matrix is not None and self.offset is not None:
+            return torch.addmm(self.offset, psi.to(self.matrix.dtype), self.matrix.T).to(psi.dtype)
         x = _linear_input(head, self.module, psi)
         w = self.module.weight
         b = self.module.bias
@@ -358,13 +385,11 @@ class LeadingMap:
     def normals(self, head: Callable[..., Tensor], psi: Tensor, u: Tensor) -> Tensor:
         """``A^T u`` (``k x D``) for the rows of ``u`` (``k x r``): the features' normals
         of boundaries ``u . z + b`` (a backward pass through ``T`` only)."""
-        k = u.shape[0]
-        with torch.enable_grad():
-            p = psi.detach()[None].expand(k, -1).clone().requires_grad_(True)
-            x = _linear_input(head, self.module, p)
-            v = u.to(self.module.weight.dtype) @ self.module.weight
-            (g,) = torch.autograd.grad(x, p, grad_outputs=v.to(x.dtype))
-        return g.detach()
+        if self.matrix is not None:
+            return u.to(self.matrix.dtype) @ self.matrix
+        return _pull_back(
+            head, self.module, psi, u.to(self.module.weight.dtype) @ self.module.weight
+        )
 
     def sampling_head(
         self, head: Callable[..., Tensor], psi: Tensor, probes: Tensor
@@ -372,6 +397,41 @@ class LeadingMap:
         """The head as a function of ``z``, used only when it gives the head's logits at
         ``psi`` and every row of ``probes`` (see :meth:`Projection.sampling_head`)."""
         return _checked_zhead(head, self.module, psi, probes, lambda p: self.z_rows(head, p))
+
+
+def _pull_back(head: Callable[..., Tensor], module: nn.Module, psi: Tensor, v: Tensor) -> Tensor:
+    """``J_T^T v`` (``k x D``) for rows ``v`` (``k x in``) of covectors on ``module``'s
+    input, ``T`` the (affine) map from the features to that input, taken at ``psi``."""
+    k = v.shape[0]
+    with torch.enable_grad():
+        p = psi.detach()[None].expand(k, -1).clone().requires_grad_(True)
+        x = _linear_input(head, module, p)
+        (g,) = torch.autograd.grad(x, p, grad_outputs=v.to(x.dtype))
+    return g.detach()
+
+
+def _leading_matrix(
+    head: Callable[..., Tensor], module: nn.Linear, a: Tensor, b: Tensor, chunk: int = 256
+) -> tuple[Tensor, Tensor] | None:
+    """``A = W1 J_T`` (``r x D``) and the offset, when ``T`` widens the features, checked
+    at the point ``b`` (``z(b) = A b + offset`` within float32 rounding); else None."""
+    w1 = module.weight.detach()
+    d = a.shape[0]
+    if w1.shape[1] <= d:
+        return None
+    with torch.no_grad():
+        x = _linear_input(head, module, torch.stack([a, b]))
+        z = nn.functional.linear(x.to(w1.dtype), w1, module.bias)
+    if getattr(head, "broadcast", True) is False:
+        return None  # every batched call would run the whole model on the batch
+    rows = [_pull_back(head, module, a, w1[s : s + chunk]) for s in range(0, w1.shape[0], chunk)]
+    matrix = torch.cat(rows).to(torch.float32)
+    offset = (z[0].double() - matrix.double() @ a.double()).to(torch.float32)
+    fast = matrix @ b.to(torch.float32) + offset
+    scale = float(z.abs().max()) + float((matrix.abs() @ b.abs().to(torch.float32)).max())
+    if not torch.allclose(fast.double(), z[1].double(), rtol=0.0, atol=1e-5 * scale):
+        return None
+    return matrix, offset
 
 
 def _checked_zhead(
@@ -409,12 +469,14 @@ def find_leading_map(
     three references ``a, b, c`` (float64 comparison, relative tolerance ``1e-5``):
     ``T((a + b) / 2) = (T(a) + T(b)) / 2``, ``T(2a - b) = 2 T(a) - T(b)`` and
     ``T(a + c - b) = T(a) + T(c) - T(b)``; a max-pool, ReLU or other kink between the
-    features and the layer breaks them for references in different pieces.
+    features and the layer breaks them for references in different pieces. When ``T``
+    widens the features, ``A`` is kept too (see :class:`LeadingMap`).
     """
     dtype = next((q.dtype for q in modules.parameters() if q.is_floating_point()), None)
     if features.shape[0] < 3 or dtype not in (torch.float32, torch.float64):
         return None  # half types: their rounding would hide kinks
-    a, b, c = (features[i].to(dtype) for i in (0, features.shape[0] // 2, -1))
+    device = _device_of(modules)
+    a, b, c = (features[i].to(device, dtype) for i in (0, features.shape[0] // 2, -1))
     points = torch.stack([a, b, c, (a + b) / 2, 2 * a - b, a + c - b])
     calls: list[tuple[nn.Module, Tensor]] = []
 
@@ -448,7 +510,13 @@ def find_leading_map(
     scale = float(x[:3].abs().max()) + 1e-30
     if not torch.allclose(x[3:], expected, rtol=0.0, atol=1e-5 * scale):
         return None
-    return LeadingMap(module)  # type: ignore[arg-type]
+    try:
+        found_matrix = _leading_matrix(head, module, a, b)  # type: ignore[arg-type]
+    except (RuntimeError, ValueError, TypeError):
+        found_matrix = None
+    if found_matrix is None:
+        return LeadingMap(module)  # type: ignore[arg-type]
+    return LeadingMap(module, *found_matrix)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -515,7 +583,8 @@ def find_affine_head(
     n = features.shape[0]
     if n < 4 or dtype not in (torch.float32, torch.float64):
         return None
-    a, b = features[0].to(dtype), features[n // 2].to(dtype)
+    device = _device_of(modules)
+    a, b = features[0].to(device, dtype), features[n // 2].to(device, dtype)
     try:
         # first a cheap test on one-row calls: affine maps keep midpoints and lines
         with torch.no_grad():
@@ -531,7 +600,9 @@ def find_affine_head(
             return None
         bias = out_a.double() - jac_a.double() @ a.double()
         affine = AffineHead(jac_a.to(torch.float32).cpu(), bias.cpu())
-        probes = torch.stack([features[n // 3], features[-1], 2 * a - b]).to(dtype)
+        probes = torch.stack(
+            [features[n // 3].to(device, dtype), features[-1].to(device, dtype), 2 * a - b]
+        )
         if not affine.agrees(head, probes):
             return None
     except (RuntimeError, ValueError, TypeError):

@@ -115,9 +115,9 @@ def find_crossings(
     Along a segment a piecewise-linear head's margin ``g(t) = G_c - max_{k != c} G_k``
     is piecewise linear in ``t`` and changes sign at the crossing. Each step puts the
     next point where the line through the margins at the two ends of the bracket
-    crosses zero (regula falsi, with the Illinois rule so that one end cannot stall); as
-    soon as both ends lie on the crossing's linear piece that point is the crossing, to
-    rounding. A segment is closed when the top two logits tie at its point within
+    crosses zero (regula falsi, with the Anderson-Bjorck rule so that one end cannot
+    stall); as soon as both ends lie on the crossing's linear piece that point is the
+    crossing, to rounding. A segment is closed when the top two logits tie at its point within
     ``64 eps`` of the logits' scale. Segments still open after ``max_iter`` steps are
     bisected inside their bracket until it is narrower than ``2 ** -n_steps`` in ``t``.
     Only open segments are evaluated; one head call per step for all of them. Features
@@ -195,9 +195,15 @@ def find_crossings(
             hi[idx] = torch.where(seed_side, hi_i, t)
             moved = torch.where(seed_side, 1, 2).to(torch.int8)
             again = last[idx] == moved
-            # Illinois: an end that stays put twice has its margin halved
-            g_lo[idx] = torch.where(seed_side, gn, torch.where(again, gl / 2, gl))
-            g_hi[idx] = torch.where(seed_side, torch.where(again, gh / 2, gh), gn)
+            # Anderson-Bjorck: when the same end moves twice, the other end's margin
+            # is scaled by 1 - g_new / g_moved_end (by 1/2 when that is not positive)
+            scale_hi = 1 - gn / gl
+            scale_lo = 1 - gn / gh
+            half = torch.full_like(gn, 0.5)
+            scale_hi = torch.where(scale_hi > 0, scale_hi, half)
+            scale_lo = torch.where(scale_lo > 0, scale_lo, half)
+            g_lo[idx] = torch.where(seed_side, gn, torch.where(again, gl * scale_lo, gl))
+            g_hi[idx] = torch.where(seed_side, torch.where(again, gh * scale_hi, gh), gn)
             last[idx] = moved
     rest = torch.nonzero(open_).flatten()
     if rest.numel():
