@@ -50,8 +50,7 @@ from captum_repinterp import RepresentativeInterpretation  # noqa: E402
 FULL = (
     "resnet18:layer4:112:2000,resnet18:layer3:112:2000,resnet50:layer3:112:2000,"
     "vgg11:features[-1]:112:2000,vgg16:features[-1]:112:2000,"
-    "resnet18:layer4:224:2000,resnet18:layer3:224:2000,"
-    "resnet18:layer4:112:10000,resnet18:layer3:112:10000"
+    "resnet18:layer4:224:2000,resnet18:layer3:224:2000"
 )
 QUICK = "resnet18:layer4:112:500,resnet18:layer3:112:500"
 
