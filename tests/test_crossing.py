@@ -50,7 +50,7 @@ def test_each_crossing_is_a_tie_with_the_finite_difference_normal(seed: int) -> 
     if ends.shape[0] == 0:
         return
     t, valid, seed_logits, n_tied = find_crossings(head, x, ends, cls)
-    assert valid.all() and n_tied >= 0.9 * int(valid.sum())
+    assert valid.all() and n_tied >= 0.5 * int(valid.sum())  # the rest are bisected
     torch.testing.assert_close(seed_logits, head(x[None])[0].detach())
     p = x[None] + t[:, None] * (ends - x[None])
     with torch.no_grad():
