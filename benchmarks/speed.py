@@ -56,6 +56,7 @@ from port import port_greedy, port_sample  # noqa: E402
 
 from captum_repinterp import RepresentativeInterpretation  # noqa: E402
 from captum_repinterp._memory import PeakAnon  # noqa: E402
+from captum_repinterp.boundaries import sample_and_match  # noqa: E402
 from captum_repinterp.heads import UserHead  # noqa: E402
 from captum_repinterp.match import failing_bits  # noqa: E402
 from captum_repinterp.sampler import choose_candidates, sample_boundaries  # noqa: E402
@@ -104,9 +105,11 @@ def _selections_agree(
     w_np, b_np = w.numpy(), b.numpy()
     sel_port = port_greedy(feats_np, w_np, b_np, positive.numpy())
     match_port = feats_np @ np.ascontiguousarray(w_np, dtype=np.float32).T + b_np > 0
-    match_ours = ~np.unpackbits(fail_ours.view(np.uint8), axis=1, bitorder="little")[
-        :, : len(feats_np)
-    ].astype(bool).T
+    match_ours = (
+        ~np.unpackbits(fail_ours.view(np.uint8), axis=1, bitorder="little")[:, : len(feats_np)]
+        .astype(bool)
+        .T
+    )
     n_diff = int((match_ours != match_port).sum())
     return sel_ours, sel_port, n_diff
 
@@ -163,10 +166,10 @@ def per_seed_and_fit(n_seeds: int, n_port: int, m: int) -> dict[str, float]:
         ours_b = sample_boundaries(head, psi_x, feats[cand], target)
         # the package's own path in parts: sampler + packed match of all references
         # (through the leading linear layer's output when it applies), then the greedy
-        t_sample, (_, fail_o, _) = timed(
-            ri._sample, UserHead(head, ri.layout_), psi_x, cand, target, 20
+        t_sample, sampled = timed(
+            sample_and_match, UserHead(head, ri.layout_), psi_x, ri.references_, cand, target, 20
         )
-        t_cover, _ = timed(greedy_cover_bits, fail_o, preds == target)
+        t_cover, _ = timed(greedy_cover_bits, sampled.failing, preds == target)
         parts.append((t_sample, t_cover))
         if k < n_port:
             t0 = time.perf_counter()

@@ -1,14 +1,19 @@
-"""Stages 2-3 for one seed: sample candidate boundaries and test every reference on them.
+"""Stages 2-3 for one seed: find candidate boundaries and test every reference on them.
 
-:func:`sample_and_match` is the one place that chooses the space the boundaries are
-sampled in and decides near-duplicates:
+:func:`sample_and_match` is the one place that chooses how the boundaries are found and
+decides near-duplicates:
 
-- the plain space: the head runs on the features ``psi`` (``D`` numbers);
-- the projected space, when the head starts with an affine map (see
-  :mod:`captum_repinterp.projection`) and the projected head is checked to give the
-  head's logits on the seed and two candidates: bisection and the backward pass run on
-  the ``r``-dimensional output ``z`` of the leading linear layer, and the boundaries are
-  the same planes (``w = A^T u``).
+- an affine head (found at fit and checked on the seed and a candidate): no sampling,
+  the boundaries ``G_c - G_k > 0`` against the other classes are exact;
+- the projected space, when the head starts with an affine map whose ``N x r`` images of
+  the references pay for themselves (see :mod:`captum_repinterp.projection`) and the
+  projected head is checked to give the head's logits on the seed and two candidates:
+  the crossings and the backward pass run on the ``r``-dimensional output ``z`` of the
+  leading linear layer, and the boundaries are the same planes (``w = A^T u``);
+- the leading layer's output space otherwise, when the head starts with a linear layer
+  fed by an affine map: ``z`` is computed at the segments' ends only (one call of the
+  head up to that layer), the rest of the head runs on ``z``;
+- the plain space: the head runs on the features ``psi`` (``D`` numbers).
 
 Either way every reference's side of every boundary is computed as packed bits
 (:func:`~captum_repinterp.match.failing_bits`), the input of the greedy cover.
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .match import failing_bits, margins
+from .projection import AffineHead
 from .references import FittedReferences
 from .sampler import Boundaries, near_duplicates, sample_boundaries
 
@@ -134,19 +140,25 @@ def sample_candidates(
         ``k x r`` coefficients ``u`` (``w = A^T u``).
     """
     projection = references.projection
+    leading = references.leading
     cand_feats = references.features[candidates].to(seed_features.device, seed_features.dtype)
+    affine = references.affine
+    if affine is not None and affine.agrees(head, torch.cat([seed_features[None], cand_feats[:1]])):
+        return _exact_affine(affine, references, target, duplicate_tol)
     zhead = None
     if projection is not None:
         zhead = projection.sampling_head(head, seed_features, cand_feats[:2])
+    elif leading is not None and seed_features.dtype in (torch.float32, torch.float64):
+        zhead = leading.sampling_head(head, seed_features, cand_feats[:2])
     gram = None
+    u = None
     if zhead is None:
         found = sample_boundaries(
             head, seed_features, cand_feats, target, n_steps=n_steps, duplicate_tol=-1.0
         )
         weight = found.weight.to("cpu", torch.float32)
         bias = found.bias.to("cpu", torch.float32)
-        u = None
-    else:
+    elif projection is not None:
         z_x = projection.z_of(seed_features[None])[0]
         z_c = projection.z_of_references(candidates, seed_features)
         found = sample_boundaries(zhead, z_x, z_c, target, n_steps=n_steps, duplicate_tol=-1.0)
@@ -154,12 +166,55 @@ def sample_candidates(
         bias = bias.to(torch.float32)
         u = found.weight.cpu()
         gram = projection.normal_gram(found.weight)
+    else:
+        assert leading is not None
+        # the leading layer's output at the segment's ends only; the rest runs on z
+        with torch.no_grad():
+            z = leading.z_rows(head, torch.cat([seed_features[None], cand_feats]))
+        found = sample_boundaries(zhead, z[0], z[1:], target, n_steps=n_steps, duplicate_tol=-1.0)
+        w = leading.normals(head, seed_features, found.weight)
+        # u . z + b_z = w . psi + b with z = A psi + offset: b = b_z + u . z_x - w . psi_x
+        b64 = (
+            found.bias.double()
+            + (found.weight.double() @ z[0].double())
+            - (w.double() @ seed_features.double())
+        )
+        weight = w.to("cpu", torch.float32)
+        bias = b64.to("cpu", torch.float32)
     # near-duplicates are judged on the features' [w, b] in both spaces
     keep = ~near_duplicates(weight, bias, duplicate_tol, gram=gram)
     weight, bias = weight[keep], bias[keep]
     bounds = Boundaries(weight, bias, found.source[keep], found.runner_up[keep])
     if u is None and projection is not None:
         u = projection.coefficients(weight)
+    elif u is not None:
+        u = u[keep]
+    return bounds, u
+
+
+#: with more classes than this and no projection, the exact boundaries of an affine head
+#: are those against the classes predicted for some reference (the match product costs
+#: one ``N x D`` pass per boundary)
+MAX_ALL_CLASSES = 256
+
+
+def _exact_affine(
+    affine: AffineHead, references: FittedReferences, target: int, duplicate_tol: float
+) -> tuple[Boundaries, Tensor | None]:
+    """The exact boundaries ``G_c - G_k > 0`` of an affine head (and their ``u``)."""
+    n_classes = affine.weight.shape[0]
+    if references.projection is not None or n_classes - 1 <= MAX_ALL_CLASSES:
+        classes = torch.arange(n_classes)
     else:
-        u = None if u is None else u[keep]
+        classes = torch.unique(references.predictions)
+    classes = classes[classes != target]
+    weight, bias64 = affine.boundaries(target, classes)
+    good = weight.abs().sum(dim=1) > 0  # a class whose logit equals c's everywhere
+    weight, bias64, classes = weight[good], bias64[good], classes[good]
+    keep = ~near_duplicates(weight, bias64.to(torch.float32), duplicate_tol)
+    weight, bias, classes = weight[keep], bias64[keep].to(torch.float32), classes[keep]
+    source = torch.full((classes.numel(),), -1, dtype=torch.long)
+    bounds = Boundaries(weight, bias, source, classes.to(torch.long))
+    projection = references.projection
+    u = None if projection is None else projection.coefficients(weight)
     return bounds, u

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ._captum_compat import TargetType, _format_additional_forward_args
 from .boundaries import sample_candidates
+from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
 from .features import LayerLayout, eval_mode, extract_features, model_device
 from .heads import make_head
 from .inputs import InputSpec, format_inputs, slice_args
@@ -47,7 +48,14 @@ from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
 from .match import failing_bits, margins, semantic_distance
 from .options import InterpretOptions
-from .projection import Projection, build_projection
+from .projection import (
+    AffineHead,
+    LeadingMap,
+    Projection,
+    build_projection,
+    find_affine_head,
+    find_leading_map,
+)
 from .reader import LayerReader
 from .references import _scan_head
 from .region import _l1_to_rows, _warn_no_boundary
@@ -339,7 +347,11 @@ class ShardedReferences:
         sources: list,
         n_total: int,
         progress: bool = True,
+        leading: LeadingMap | None = None,
+        affine: AffineHead | None = None,
     ) -> None:
+        self.leading = leading  # nothing per reference in either (see projection.py)
+        self.affine = affine
         self.actors = list(actors)
         self.offsets = list(offsets)
         self._n_total = int(n_total)
@@ -717,10 +729,12 @@ def _finish(
     attribute_to_layer_input: bool,
     n_total: int,
     reader: LayerReader | None = None,
+    leading: LeadingMap | None = None,
+    affine: AffineHead | None = None,
 ) -> Any:
     refs = ShardedReferences(
         actors, offsets, torch.zeros(0, dtype=torch.long), layout, attribute_to_layer_input,
-        example, head_nonlinear, projection, sources, n_total, progress,
+        example, head_nonlinear, projection, sources, n_total, progress, leading, affine,
     )  # fmt: skip
     infos = refs._gather([a.info.remote() for a in actors], "loading shards")
     sizes = [info["n"] for info in infos]
@@ -805,6 +819,7 @@ def shard_references(
     return _finish(
         ri, actors, offsets, fitted.example, fitted.layout, fitted.head_nonlinear, proj,
         sources, progress, fitted.attribute_to_layer_input, fitted.n, reader=ri.reader_,
+        leading=fitted.leading, affine=fitted.affine,
     )  # fmt: skip
 
 
@@ -1025,17 +1040,24 @@ def fit_sharded(
             forward_func, layer, head, example, first_feats[:1], layout, device,
             attribute_to_layer_input,
         )  # fmt: skip
+        pairs, pair_args = cut_check_examples(example.batch, example.batch_args)
+        check = check_cut(
+            forward_func, layer, pairs, pair_args, attribute_to_layer_input, head=head
+        )
+        warn_or_raise_not_cut(check, stacklevel=3)
         modules = head if head is not None else forward_func
-        projection = None
+        projection = leading = affine = None
         if isinstance(modules, nn.Module):
             with eval_mode(modules):
                 projection = build_projection(seed_head, modules, first_feats)
+                leading = find_leading_map(seed_head, modules, first_feats)
+                affine = find_affine_head(seed_head, modules, first_feats)
     basis32 = None if projection is None else projection.basis32.numpy()
     sources = [("dataset", part) for part in parts]
     actors = _start_actors(sources, offsets, basis32, spill_dir, max_restarts, actor_options)
     return _finish(
         ri, actors, offsets, example, layout, tuple(nonlinear), projection, sources,
-        progress, attribute_to_layer_input, n,
+        progress, attribute_to_layer_input, n, leading=leading, affine=affine,
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ evaluated. Both take ``B x D`` features and return ``B x C`` logits.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -19,19 +20,156 @@ from .features import LayerLayout, flatten_logits, forward_with_layer
 __all__ = ["HookHead", "UserHead", "make_head"]
 
 
+class _Trunk:
+    """Outputs of the model's modules that run before the layer, on one example.
+
+    Recorded once: every module call of one forward pass is timed by hooks, and the calls
+    that end before the layer starts (and lie inside no other such call) are kept with
+    their outputs, together with the layer's own output. While :meth:`skipping` is active
+    those modules return their recorded outputs (fresh copies, in call order) instead of
+    running, until the layer is reached; later calls of the same modules (a module used
+    again after the layer) run normally. Code in the model's ``forward`` outside modules
+    still runs; it is cheap next to the convolutions it feeds.
+    """
+
+    def __init__(self, root: nn.Module, layer: nn.Module, run: Callable[[], object]) -> None:
+        events: list[tuple[bool, nn.Module, object]] = []  # (is_start, module, output)
+        handles = []
+
+        def pre(module: nn.Module, args: tuple) -> None:
+            events.append((True, module, None))
+
+        def post(module: nn.Module, args: tuple, out: object) -> None:
+            events.append((False, module, _detach(out)))
+
+        for m in root.modules():
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        try:
+            with torch.no_grad():
+                run()
+        finally:
+            for h in handles:
+                h.remove()
+        # the calls open when the layer starts are its ancestors
+        stack: list[nn.Module] = []
+        ancestors: list[nn.Module] | None = None
+        for is_start, module, _ in events:
+            if is_start and module is layer:
+                ancestors = list(stack)
+                break
+            if is_start:
+                stack.append(module)
+            else:
+                stack.pop()
+        if ancestors is None:
+            raise ValueError("the layer was not reached")
+        self.layer = layer
+        self.outputs: dict[int, list[object]] = {}
+        self.modules: dict[int, nn.Module] = {}
+        stack = []
+        for is_start, module, out in events:
+            if is_start:
+                if module is layer:
+                    break
+                stack.append(module)
+                continue
+            stack.pop()
+            if all(any(m is a for a in ancestors) for m in stack):
+                # ends before the layer starts, inside no other call that does
+                self.modules[id(module)] = module
+                self.outputs.setdefault(id(module), []).append(out)
+        layer_out = [out for is_start, m, out in events if m is layer and not is_start]
+        self.modules[id(layer)] = layer
+        self.outputs[id(layer)] = layer_out[:1]
+
+    def skipping(self) -> _Skipping:
+        """Context in which the recorded modules return their outputs."""
+        return _Skipping(self)
+
+
+def _detach(out: object) -> object:
+    if isinstance(out, Tensor):
+        return out.detach()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_detach(o) for o in out)
+    return out
+
+
+def _fresh(out: object) -> object:
+    if isinstance(out, Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_fresh(o) for o in out)
+    return out
+
+
+class _Skipping:
+    """Context in which the recorded modules return their outputs without running."""
+
+    def __init__(self, trunk: _Trunk) -> None:
+        self.trunk = trunk
+
+    def __enter__(self) -> _Skipping:
+        trunk = self.trunk
+        state = {"reached": False}
+        counters: dict[int, int] = {}
+        self.saved: list[tuple[nn.Module, object]] = []
+
+        def make(key: int, module: nn.Module, original: Callable) -> Callable:
+            outs = trunk.outputs[key]
+
+            def forward(*args: object, **kwargs: object) -> object:
+                n = counters.get(key, 0)
+                # the layer is marked reached by its pre-hook, before its forward
+                late = state["reached"] and module is not trunk.layer
+                if late or n >= len(outs):
+                    return original(*args, **kwargs)
+                counters[key] = n + 1
+                return _fresh(outs[n])
+
+            return forward
+
+        def mark(module: nn.Module, args: tuple) -> None:
+            state["reached"] = True
+
+        for key, module in trunk.modules.items():
+            had = "forward" in module.__dict__
+            self.saved.append((module, module.__dict__.get("forward") if had else None))
+            module.__dict__["forward"] = make(key, module, module.forward)
+        self.handle = trunk.layer.register_forward_pre_hook(mark)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+        for module, previous in self.saved:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+
+
+#: checks decided once per model and layer: layer -> [(weakref to the forward function,
+#: attribute_to_layer_input, {"trunk": bool, "broadcast": bool})]
+_DECIDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class HookHead:
     """The head ``psi -> logits`` derived from the model by replacing the layer's output.
 
-    The part of the model before the layer is run on ``inputs`` (one example); the
-    layer's output is replaced by the batch of points. When the model uses its input
-    again after the layer (a skip connection around the layer), the head is the one *at
-    that input*, which is what the method needs for that seed.
+    The model is run on ``inputs`` (one example) with the layer's output replaced by the
+    batch of points. When the model uses its input again after the layer (a skip
+    connection around the layer), the head is the one *at that input*, which is what the
+    method needs for that seed.
 
-    Speed: the part before the layer is run on the single example and only the layer's
-    output carries the batch (the rest of the model broadcasts or never looks at the
-    input again). Whether that gives the same logits as running the model on the
-    example repeated ``B`` times is checked on the first call with ``B > 1``; if it does
-    not (or fails), every call runs the repeated batch.
+    Speed, each checked against the plain run (allclose) once per model and layer and
+    dropped if it differs or fails:
+
+    - the part of the model before the layer is not run again: the modules that finish
+      before the layer return their outputs recorded on the example (``nn.Module``
+      models only);
+    - the example is not repeated ``B`` times: only the layer's output carries the batch
+      (the rest of the model broadcasts or never looks at the input again).
     """
 
     def __init__(
@@ -52,13 +190,10 @@ class HookHead:
         self.layout = layout
         self.attribute_to_layer_input = attribute_to_layer_input
         self.broadcast: bool | None = None  # decided on the first call with B > 1
+        self.trunk: _Trunk | None = None
+        self.trunk_checked = False
 
-    def _run(self, psi: Tensor, repeat: bool, rows: int | None = None) -> Tensor:
-        b = psi.shape[0]
-        inputs, extra = self.inputs, self.additional_forward_args
-        if repeat:
-            inputs = tuple(t.expand(b, *t.shape[1:]).contiguous() for t in inputs)
-            extra = _expand_additional_forward_args(extra, b)
+    def _forward(self, psi: Tensor, inputs: tuple[Tensor, ...], extra: tuple | None) -> Tensor:
         _, _, out = forward_with_layer(
             self.forward_func,
             self.layer,
@@ -68,7 +203,69 @@ class HookHead:
             replace=psi,
             layout=self.layout,
         )
+        return out
+
+    def _run(self, psi: Tensor, repeat: bool, rows: int | None = None) -> Tensor:
+        b = psi.shape[0]
+        inputs, extra = self.inputs, self.additional_forward_args
+        if repeat and b > 1:
+            inputs = tuple(t.expand(b, *t.shape[1:]).contiguous() for t in inputs)
+            extra = _expand_additional_forward_args(extra, b)
+            out = self._forward(psi, inputs, extra)
+        elif self._trunk_ok(psi):
+            assert self.trunk is not None
+            with self.trunk.skipping():
+                out = self._forward(psi, inputs, extra)
+        else:
+            out = self._forward(psi, inputs, extra)
         return flatten_logits(out, b if rows is None else rows)
+
+    def _decided(self) -> dict[str, bool]:
+        """The checks already decided for this model and layer (shared by all seeds)."""
+        per_layer = _DECIDED.setdefault(self.layer, [])
+        for ref, key, decisions in per_layer:
+            if ref() is self.forward_func and key == self.attribute_to_layer_input:
+                return decisions
+        try:
+            ref = weakref.ref(self.forward_func)
+        except TypeError:
+            return {}  # cannot be remembered: decided per seed
+        decisions: dict[str, bool] = {}
+        per_layer[:] = [e for e in per_layer if e[0]() is not None]
+        per_layer.append((ref, self.attribute_to_layer_input, decisions))
+        return decisions
+
+    def _trunk_ok(self, psi: Tensor) -> bool:
+        """Whether the recorded trunk may stand in for running it (decided once per
+        model and layer; recorded once per seed)."""
+        if self.trunk_checked:
+            return self.trunk is not None
+        self.trunk_checked = True
+        if not isinstance(self.forward_func, nn.Module) or self.attribute_to_layer_input:
+            return False
+        decided = self._decided()
+        if decided.get("trunk") is False:
+            return False
+        probe = psi[:1].detach()
+        try:
+            self.trunk = _Trunk(
+                self.forward_func,
+                self.layer,
+                lambda: self._forward(probe, self.inputs, self.additional_forward_args),
+            )
+            if decided.get("trunk"):
+                return True
+            with torch.no_grad():
+                full = self._forward(probe, self.inputs, self.additional_forward_args)
+                with self.trunk.skipping():
+                    fast = self._forward(probe, self.inputs, self.additional_forward_args)
+            ok = fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-5, atol=1e-6)
+        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
+            ok = False
+        decided["trunk"] = bool(ok)
+        if not ok:
+            self.trunk = None
+        return bool(ok)
 
     def __call__(self, psi: Tensor, rows: int | None = None) -> Tensor:
         """Logits ``B x C`` at features ``psi`` (``B x D``).
@@ -78,6 +275,8 @@ class HookHead:
         """
         if rows is not None:
             return self._run(psi, repeat=True, rows=rows)
+        if self.broadcast is None and psi.shape[0] > 1:
+            self.broadcast = self._decided().get("broadcast")
         if psi.shape[0] == 1 or self.broadcast is False:
             return self._run(psi, repeat=True)
         if self.broadcast:
@@ -91,6 +290,7 @@ class HookHead:
             )
         except (RuntimeError, ValueError):
             self.broadcast = False
+        self._decided()["broadcast"] = self.broadcast
         return full
 
 

@@ -23,7 +23,16 @@ from torch import Tensor, nn
 
 from .match import failing_bits
 
-__all__ = ["Projection", "ProjectedHead", "leading_affine_basis", "build_projection"]
+__all__ = [
+    "AffineHead",
+    "LeadingMap",
+    "Projection",
+    "ProjectedHead",
+    "build_projection",
+    "find_affine_head",
+    "find_leading_map",
+    "leading_affine_basis",
+]
 
 
 @dataclass
@@ -98,20 +107,7 @@ class Projection:
         """
         if self.module is None or self.offset is None:
             return None
-        zhead = ProjectedHead(head, self.module, psi[None])
-        points = torch.cat([psi[None], probes], dim=0)
-        try:
-            with torch.no_grad():
-                full = head(points)
-                fast = zhead(self.z_of(points))
-        except (RuntimeError, ValueError, TypeError):
-            return None
-        scale = float(full.abs().max()) if full.numel() else 0.0
-        if fast.shape != full.shape or not torch.allclose(
-            fast, full, rtol=1e-4, atol=1e-5 * max(scale, 1.0)
-        ):
-            return None
-        return zhead
+        return _checked_zhead(head, self.module, psi, probes, self.z_of)
 
     def z_of(self, psi: Tensor) -> Tensor:
         """``basis @ psi + offset`` for rows of ``psi``, in ``psi``'s dtype and device."""
@@ -159,9 +155,9 @@ class ProjectedHead:
     When the user's head is an ``nn.Sequential`` with that layer as a direct child, the
     layers after it are applied to ``z``. Otherwise ``head`` (a
     :class:`~captum_repinterp.features.UserHead` or ``HookHead``, which take the expected
-    number of output rows as ``rows=``) runs on one anchor row ``psi`` and a forward hook
-    replaces the linear layer's output by ``z``, so the ``D x r`` product is done on one
-    row instead of ``B``. Either way it is valid only when nothing after that layer reads
+    number of output rows as ``rows=``) runs on one anchor row ``psi`` and the linear
+    layer returns ``z`` instead of computing its output, so its product is not done at
+    all. Either way it is valid only when nothing after that layer reads
     the features again, which :meth:`Projection.sampling_head` checks before use.
     """
 
@@ -172,20 +168,25 @@ class ProjectedHead:
         self.rest = _sequential_rest(head, module)
 
     def __call__(self, z: Tensor) -> Tensor:
+        # a copy: the layers that follow may work in place (``nn.ReLU(inplace=True)``)
         if self.rest is not None:
-            out = z.to(self.anchor.dtype)
+            out = z.to(self.anchor.dtype).clone()
             for layer in self.rest:
                 out = layer(out)
             return out
 
-        def swap(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            return z.to(out.dtype)
-
-        handle = self.module.register_forward_hook(swap)
+        # the layer returns z instead of computing its output on the anchor row (its
+        # hooks still run)
+        dtype = self.module.weight.dtype if isinstance(self.module, nn.Linear) else z.dtype
+        previous = self.module.__dict__.get("forward")
+        self.module.__dict__["forward"] = lambda *args, **kwargs: z.to(dtype).clone()
         try:
             out = self.head(self.anchor, rows=z.shape[0])
         finally:
-            handle.remove()
+            if previous is None:
+                self.module.__dict__.pop("forward", None)
+            else:
+                self.module.__dict__["forward"] = previous
         if not isinstance(out, Tensor) or out.shape[0] != z.shape[0]:
             raise ValueError("the head's output does not follow the batch of z")
         return out
@@ -280,14 +281,16 @@ def build_projection(
     if features.shape[0] < 2:
         return None
     try:
-        psi = features[:1].to(torch.float32)
-        probe = 0.5 * (features[:1] + features[1:2]).to(torch.float32) + 0.1
+        device = _device_of(modules)
+        psi = features[:1].to(device, torch.float32)
+        probe = 0.5 * (features[:1] + features[1:2]).to(device, torch.float32) + 0.1
         found = leading_affine_basis(head, modules, psi, probe)
     except (RuntimeError, ValueError, TypeError):
         return None
     if found is None:
         return None
     module, basis, offset = found
+    basis, offset = basis.cpu(), offset.cpu()  # the features live on the CPU
     if basis.shape[0] * 4 > basis.shape[1]:
         return None
     gram = basis @ basis.T
@@ -308,3 +311,310 @@ def build_projection(
         del mm
         projected = torch.from_numpy(np.load(out_path, mmap_mode="c"))
     return Projection(basis, gram, projected, module=module, offset=offset)
+
+
+def _device_of(modules: nn.Module) -> torch.device:
+    """Where the head's parameters live (the features are kept on the CPU)."""
+    for q in modules.parameters():
+        return q.device
+    return torch.device("cpu")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a head call once the leading layer's input is known."""
+
+
+def _linear_input(head: Callable[..., Tensor], module: nn.Module, psi: Tensor) -> Tensor:
+    """The input (``B x in``) of ``module`` when the head runs on ``psi`` (``B x D``);
+    the head stops there, so the layer and what follows it do not run."""
+    if getattr(head, "broadcast", False) is None and psi.shape[0] > 1:
+        with torch.no_grad():  # a HookHead decides how to batch on a full call
+            head(psi[:2].detach())
+    captured: list[Tensor] = []
+
+    def grab(mod: nn.Module, args: tuple) -> None:
+        captured.append(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(grab)
+    try:
+        head(psi)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("the head did not reach its leading linear layer")
+    return captured[0].reshape(psi.shape[0], -1)
+
+
+@dataclass
+class LeadingMap:
+    """The head's first ``nn.Linear`` fed by an affine map ``T`` of the features.
+
+    Its output ``z = W1 T(psi) + b1 = A psi + offset`` is affine in ``psi``, so along a
+    segment it is affine in ``t``: computed at the segment's two ends, the rest of the
+    head runs on ``r`` numbers per point. Nothing is stored per reference (the ``N x r``
+    images are kept only where the :class:`Projection` pays for the match product too).
+
+    Attributes
+    ----------
+    module : nn.Linear
+        The layer.
+    matrix : Tensor or None
+        ``A`` (``r x D``, float32, on the layer's device), kept when ``T`` widens the
+        features (e.g. VGG's adaptive pooling of a small map to 7 x 7 before its first
+        Linear), where ``A`` costs ``D / in_features`` of the layer's own product.
+    offset : Tensor or None
+        ``r`` (float32): ``z`` at ``psi = 0``, with ``matrix``.
+    """
+
+    module: nn.Linear
+    matrix: Tensor | None = None
+    offset: Tensor | None = None
+
+    def z_rows(self, head: Callable[..., Tensor], psi: Tensor) -> Tensor:
+        """``z`` of rows of ``psi`` (``B x r``), running the head up to the layer only."""
+        if self.matrix is not None and self.offset is not None:
+            return torch.addmm(self.offset, psi.to(self.matrix.dtype), self.matrix.T).to(psi.dtype)
+        x = _linear_input(head, self.module, psi)
+        w = self.module.weight
+        b = self.module.bias
+        return nn.functional.linear(x.to(w.dtype), w, b).to(psi.dtype)
+
+    def normals(self, head: Callable[..., Tensor], psi: Tensor, u: Tensor) -> Tensor:
+        """``A^T u`` (``k x D``) for the rows of ``u`` (``k x r``): the features' normals
+        of boundaries ``u . z + b`` (a backward pass through ``T`` only)."""
+        if self.matrix is not None:
+            return u.to(self.matrix.dtype) @ self.matrix
+        return _pull_back(
+            head, self.module, psi, u.to(self.module.weight.dtype) @ self.module.weight
+        )
+
+    def sampling_head(
+        self, head: Callable[..., Tensor], psi: Tensor, probes: Tensor
+    ) -> ProjectedHead | None:
+        """The head as a function of ``z``, used only when it gives the head's logits at
+        ``psi`` and every row of ``probes`` (see :meth:`Projection.sampling_head`)."""
+        return _checked_zhead(head, self.module, psi, probes, lambda p: self.z_rows(head, p))
+
+
+def _pull_back(head: Callable[..., Tensor], module: nn.Module, psi: Tensor, v: Tensor) -> Tensor:
+    """``J_T^T v`` (``k x D``) for rows ``v`` (``k x in``) of covectors on ``module``'s
+    input, ``T`` the (affine) map from the features to that input, taken at ``psi``."""
+    k = v.shape[0]
+    with torch.enable_grad():
+        p = psi.detach()[None].expand(k, -1).clone().requires_grad_(True)
+        x = _linear_input(head, module, p)
+        (g,) = torch.autograd.grad(x, p, grad_outputs=v.to(x.dtype))
+    return g.detach()
+
+
+def _leading_matrix(
+    head: Callable[..., Tensor], module: nn.Linear, a: Tensor, b: Tensor, chunk: int = 256
+) -> tuple[Tensor, Tensor] | None:
+    """``A = W1 J_T`` (``r x D``) and the offset, when ``T`` widens the features, checked
+    at the point ``b`` (``z(b) = A b + offset`` within float32 rounding); else None."""
+    w1 = module.weight.detach()
+    d = a.shape[0]
+    if w1.shape[1] <= d:
+        return None
+    with torch.no_grad():
+        x = _linear_input(head, module, torch.stack([a, b]))
+        z = nn.functional.linear(x.to(w1.dtype), w1, module.bias)
+    if getattr(head, "broadcast", True) is False:
+        return None  # every batched call would run the whole model on the batch
+    rows = [_pull_back(head, module, a, w1[s : s + chunk]) for s in range(0, w1.shape[0], chunk)]
+    matrix = torch.cat(rows).to(torch.float32)
+    offset = (z[0].double() - matrix.double() @ a.double()).to(torch.float32)
+    fast = matrix @ b.to(torch.float32) + offset
+    scale = float(z.abs().max()) + float((matrix.abs() @ b.abs().to(torch.float32)).max())
+    if not torch.allclose(fast.double(), z[1].double(), rtol=0.0, atol=1e-5 * scale):
+        return None
+    return matrix, offset
+
+
+def _checked_zhead(
+    head: Callable[..., Tensor],
+    module: nn.Module,
+    psi: Tensor,
+    probes: Tensor,
+    z_of: Callable[[Tensor], Tensor],
+) -> ProjectedHead | None:
+    """A :class:`ProjectedHead` at ``psi`` that gives the head's logits at ``psi`` and at
+    every row of ``probes`` within float32 rounding, or None."""
+    zhead = ProjectedHead(head, module, psi[None])
+    points = torch.cat([psi[None], probes], dim=0)
+    try:
+        with torch.no_grad():
+            full = head(points)
+            fast = zhead(z_of(points))
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    scale = float(full.abs().max()) if full.numel() else 0.0
+    if fast.shape != full.shape or not torch.allclose(
+        fast, full, rtol=1e-4, atol=1e-5 * max(scale, 1.0)
+    ):
+        return None
+    return zhead
+
+
+def find_leading_map(
+    head: Callable[..., Tensor], modules: nn.Module, features: Tensor
+) -> LeadingMap | None:
+    """The head's :class:`LeadingMap`, or None.
+
+    The first ``nn.Linear`` (among ``modules``) whose input depends on the features is
+    taken when the map ``T`` from the features to that input passes an affinity test on
+    three references ``a, b, c`` (float64 comparison, relative tolerance ``1e-5``):
+    ``T((a + b) / 2) = (T(a) + T(b)) / 2``, ``T(2a - b) = 2 T(a) - T(b)`` and
+    ``T(a + c - b) = T(a) + T(c) - T(b)``; a max-pool, ReLU or other kink between the
+    features and the layer breaks them for references in different pieces. When ``T``
+    widens the features, ``A`` is kept too (see :class:`LeadingMap`).
+    """
+    dtype = next((q.dtype for q in modules.parameters() if q.is_floating_point()), None)
+    if features.shape[0] < 3 or dtype not in (torch.float32, torch.float64):
+        return None  # half types: their rounding would hide kinks
+    device = _device_of(modules)
+    a, b, c = (features[i].to(device, dtype) for i in (0, features.shape[0] // 2, -1))
+    points = torch.stack([a, b, c, (a + b) / 2, 2 * a - b, a + c - b])
+    calls: list[tuple[nn.Module, Tensor]] = []
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            calls.append((module, args[0]))
+
+    handles = [
+        m.register_forward_pre_hook(pre) for m in modules.modules() if isinstance(m, nn.Linear)
+    ]
+    found: list[tuple[nn.Module, Tensor]] = []
+    try:
+        # one row per call: the model runs on one example, as for the first reference
+        for point in points:
+            calls.clear()
+            with torch.enable_grad():
+                head(point[None].clone().requires_grad_(True))
+            if not calls:
+                return None
+            found.append(calls[0])
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    module = found[0][0]
+    if any(m is not module for m, _ in found):
+        return None
+    x = torch.cat([t.detach().reshape(1, -1) for _, t in found]).double()
+    expected = torch.stack([(x[0] + x[1]) / 2, 2 * x[0] - x[1], x[0] + x[2] - x[1]])
+    scale = float(x[:3].abs().max()) + 1e-30
+    if not torch.allclose(x[3:], expected, rtol=0.0, atol=1e-5 * scale):
+        return None
+    try:
+        found_matrix = _leading_matrix(head, module, a, b)  # type: ignore[arg-type]
+    except (RuntimeError, ValueError, TypeError):
+        found_matrix = None
+    if found_matrix is None:
+        return LeadingMap(module)  # type: ignore[arg-type]
+    return LeadingMap(module, *found_matrix)  # type: ignore[arg-type]
+
+
+@dataclass
+class AffineHead:
+    """A head that is affine in the features: ``G(psi) = weight @ psi + bias``.
+
+    Then the decision region of class ``c`` is exactly the set where ``G_c - G_k > 0``
+    for every other class ``k``: the boundaries ``(weight_c - weight_k, bias_c - bias_k)``
+    need no sampling.
+
+    Attributes
+    ----------
+    weight : Tensor
+        ``C x D`` float32: the head's Jacobian.
+    bias : Tensor
+        ``C`` float64.
+    """
+
+    weight: Tensor
+    bias: Tensor
+
+    def predict(self, psi: Tensor) -> Tensor:
+        """``psi @ weight.T + bias`` (``B x C``, float64)."""
+        return psi.detach().to("cpu", torch.float64) @ self.weight.double().T + self.bias
+
+    def agrees(self, head: Callable[..., Tensor], psi: Tensor) -> bool:
+        """Whether ``head`` gives :meth:`predict`'s logits at the rows of ``psi``
+        (a per-seed check that the head is the affine map found at fit)."""
+        with torch.no_grad():
+            out = head(psi).detach().to("cpu", torch.float64)
+        return _close_logits(out, self.predict(psi))
+
+    def boundaries(self, target: int, classes: Tensor) -> tuple[Tensor, Tensor]:
+        """``G_target - G_k`` for the classes ``k`` in ``classes``: ``k x D`` float32
+        normals and ``k`` float64 offsets (positive on the class-``target`` side)."""
+        w = self.weight[target][None].double() - self.weight[classes].double()
+        b = self.bias[target] - self.bias[classes]
+        return w.to(torch.float32), b
+
+
+def _close_logits(out: Tensor, expected: Tensor) -> bool:
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return out.shape == expected.shape and bool(
+        torch.allclose(out, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+    )
+
+
+def find_affine_head(
+    head: Callable[..., Tensor],
+    modules: nn.Module,
+    features: Tensor,
+    max_entries: int = 2**25,
+) -> AffineHead | None:
+    """The head as an :class:`AffineHead` when it is affine, else None.
+
+    The head must keep the midpoint of two references and the line through them
+    (one-row calls); then its Jacobian (one backward pass over ``C`` rows) at both must
+    agree, and the affine map it defines must give the head's logits at three more
+    points (two references and an extrapolation), within float32 rounding. Heads in a
+    half-precision type and heads whose ``C x D`` Jacobian would exceed ``max_entries``
+    numbers are not examined.
+    """
+    dtype = next((q.dtype for q in modules.parameters() if q.is_floating_point()), None)
+    n = features.shape[0]
+    if n < 4 or dtype not in (torch.float32, torch.float64):
+        return None
+    device = _device_of(modules)
+    a, b = features[0].to(device, dtype), features[n // 2].to(device, dtype)
+    try:
+        # first a cheap test on one-row calls: affine maps keep midpoints and lines
+        with torch.no_grad():
+            g = [head(p[None]).double() for p in (a, b, (a + b) / 2, 2 * a - b)]
+        if not _close_logits(g[2], (g[0] + g[1]) / 2) or not _close_logits(g[3], 2 * g[0] - g[1]):
+            return None
+        c = g[0].shape[1]
+        if c * features.shape[1] > max_entries:
+            return None
+        jac_a, out_a = _jacobian(head, a, c)
+        jac_b, _ = _jacobian(head, b, c)
+        if not torch.allclose(jac_a, jac_b, rtol=1e-5, atol=1e-6 * float(jac_a.abs().max())):
+            return None
+        bias = out_a.double() - jac_a.double() @ a.double()
+        affine = AffineHead(jac_a.to(torch.float32).cpu(), bias.cpu())
+        probes = torch.stack(
+            [features[n // 3].to(device, dtype), features[-1].to(device, dtype), 2 * a - b]
+        )
+        if not affine.agrees(head, probes):
+            return None
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return affine
+
+
+def _jacobian(head: Callable[..., Tensor], psi: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """``C x D`` Jacobian of the head at ``psi`` and the logits there."""
+    with torch.enable_grad():
+        p = psi.detach()[None].expand(c, -1).clone().requires_grad_(True)
+        out = head(p)
+        eye = torch.eye(c, dtype=out.dtype, device=out.device)
+        (jac,) = torch.autograd.grad(out, p, grad_outputs=eye)
+    return jac.detach(), out.detach()[0]

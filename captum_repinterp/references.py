@@ -26,7 +26,14 @@ from .features import Example, LayerLayout, eval_mode, extract_features, model_d
 from .heads import make_head
 from .inputs import InputSpec, all_finite
 from .layers import nonlinear_ops_after, nonlinear_ops_in
-from .projection import Projection, build_projection
+from .projection import (
+    AffineHead,
+    LeadingMap,
+    Projection,
+    build_projection,
+    find_affine_head,
+    find_leading_map,
+)
 from .store import ReferenceStore, fit_to_store
 
 if TYPE_CHECKING:
@@ -62,6 +69,11 @@ class FittedReferences:
         The reference images themselves when ``fit`` was given one tensor (a handle to
         it, not a copy; row ``i`` is reference ``i``), else None. Heat-map rules that
         score masked members of a region read them.
+    leading : LeadingMap or None
+        The head's first linear layer when an affine map of the features feeds it
+        (boundaries are then sampled on its output, computed at the segments' ends).
+    affine : AffineHead or None
+        The head as an affine map when it is one (the boundaries are then exact).
     """
 
     features: Tensor
@@ -73,6 +85,8 @@ class FittedReferences:
     projection: Projection | None = None
     store: ReferenceStore | None = None
     inputs: Tensor | None = field(default=None, repr=False, compare=False)
+    leading: LeadingMap | None = None
+    affine: AffineHead | None = None
 
     @property
     def n(self) -> int:
@@ -184,12 +198,14 @@ def fit_references(
             forward_func, layer, head, example, features, layout, device, attribute_to_layer_input
         )
         modules = head if head is not None else forward_func
-        projection = None
+        projection = leading = affine = None
         if isinstance(modules, nn.Module):
             # with a store the projection is written next to the features, memory-mapped
             out_path = None if ref_store is None else ref_store.path / "projected.npy"
             with eval_mode(modules):
                 projection = build_projection(seed_head, modules, features, out_path=out_path)
+                leading = find_leading_map(seed_head, modules, features)
+                affine = find_affine_head(seed_head, modules, features)
     return FittedReferences(
         features=features,
         predictions=predictions,
@@ -200,6 +216,8 @@ def fit_references(
         projection=projection,
         store=ref_store,
         inputs=references if isinstance(references, Tensor) and not append else None,
+        leading=leading,
+        affine=affine,
     )
 
 

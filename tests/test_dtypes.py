@@ -1,0 +1,65 @@
+"""bfloat16 and float16 models on the CPU: the sampler, match and solver run on them."""
+
+import pytest
+import torch
+from captum.attr import LayerGradCam
+from torch import nn
+
+from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.sampler import find_crossings, sample_boundaries
+
+
+def _model_and_inputs(dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    ).eval()
+    x = torch.randn(120, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model[-1].weight.mul_(10)
+        model[-1].bias.zero_()
+        model[-1].bias.copy_(-model(x).mean(0))
+    return model.to(dtype), x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("given_head", [False, True])
+def test_half_models_fit_and_attribute(dtype, given_head, one_thread):
+    model, x = _model_and_inputs(dtype)
+    head = model[4:] if given_head else None
+    ri = RepresentativeInterpretation(model, model[3], head=head).fit(x[:100], progress=False)
+    attr = ri.attribute(x[100:104])
+    ref = LayerGradCam(model, model[3]).attribute(x[100:104], target=0)
+    assert attr.shape == ref.shape and attr.dtype == ref.dtype
+    assert torch.isfinite(attr.float()).all()
+    regs = ri.interpret(x[100:104])
+    for reg in regs:
+        assert reg.n_sampled > 0 and reg.n_boundaries > 0
+        assert reg.weight.dtype == torch.float32
+        assert 0.0 < reg.purity <= 1.0
+
+
+def test_bfloat16_crossings_bracket_the_decision():
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).bfloat16()
+    pts = torch.randn(200, 6).bfloat16() * 3
+    with torch.no_grad():
+        preds = head(pts).argmax(1)
+    cls = int(preds[0])
+    ends = pts[preds != cls][:10]
+    t, valid, _, n_tied = find_crossings(head, pts[0], ends, cls, n_steps=12)
+    assert valid.any() and n_tied == 0  # half types are bisected
+    p = pts[0][None] + t[:, None].bfloat16() * (ends - pts[0][None])
+    with torch.no_grad():
+        assert (head(p).argmax(1)[valid] == cls).all()
+    b = sample_boundaries(head, pts[0], ends, cls, n_steps=12)
+    assert len(b) > 0 and b.weight.dtype == torch.float32
+    assert ((b.weight @ pts[0].float() + b.bias) > 0).all()

@@ -1,0 +1,83 @@
+"""The default head does not run the trunk again, and gives the plain run's logits."""
+
+import torch
+from torch import nn
+
+from captum_repinterp.features import LayerLayout, forward_with_layer
+from captum_repinterp.heads import HookHead
+
+
+class CountingConv(nn.Conv2d):
+    runs = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).runs += 1
+        return super().forward(x)
+
+
+class SharedReluNet(nn.Module):
+    """One ReLU module used before and after the layer, a skip path around the layer,
+    and arithmetic outside modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(CountingConv(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.relu = nn.ReLU()
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.layer = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.relu(self.stem(x)) * 1.5
+        y = self.relu(self.layer(self.relu(self.mid(s))) + s)
+        return self.fc(y.mean((2, 3)))
+
+
+def _plain(model, layer, x, layout, psi):
+    out = []
+    for row in psi:
+        _, _, o = forward_with_layer(model, layer, (x,), None, replace=row[None], layout=layout)
+        out.append(o)
+    return torch.cat(out)
+
+
+def test_trunk_is_not_run_again_and_logits_are_exact() -> None:
+    torch.manual_seed(0)
+    model = SharedReluNet().eval()
+    x = torch.randn(1, 3, 10, 10)
+    with torch.no_grad():
+        acts, was_tuple, _ = forward_with_layer(model, model.layer, (x,), None)
+    layout = LayerLayout.from_outputs(acts, was_tuple)
+    psi = acts[0].reshape(1, -1) + 0.3 * torch.randn(6, layout.dim)
+    head = HookHead(model, model.layer, (x,), None, layout)
+    with torch.no_grad():
+        head(psi)  # first call: records the trunk and checks it
+        assert head.trunk is not None
+        CountingConv.runs = 0
+        fast = head(psi)
+        assert CountingConv.runs == 0  # the stem did not run
+        expected = _plain(model, model.layer, x, layout, psi)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-6)
+    # gradients flow to the points
+    p = psi[:2].clone().requires_grad_(True)
+    head(p)[:, 0].sum().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    # the model's modules are restored afterwards
+    assert "forward" not in model.stem.__dict__ and "forward" not in model.relu.__dict__
+    CountingConv.runs = 0
+    model(x)
+    assert CountingConv.runs == 1
+
+
+def test_plain_function_model_runs_the_trunk() -> None:
+    torch.manual_seed(0)
+    model = SharedReluNet().eval()
+    x = torch.randn(1, 3, 10, 10)
+    with torch.no_grad():
+        acts, was_tuple, _ = forward_with_layer(model, model.layer, (x,), None)
+    layout = LayerLayout.from_outputs(acts, was_tuple)
+    head = HookHead(lambda t: model(t), model.layer, (x,), None, layout)
+    with torch.no_grad():
+        out = head(acts[0].reshape(1, -1).repeat(3, 1))
+    assert head.trunk is None
+    torch.testing.assert_close(out, model(x).expand(3, -1))

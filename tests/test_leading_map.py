@@ -1,0 +1,97 @@
+"""Sampling on the output of the head's leading linear layer when it is too wide for the
+projection: the same interpretations as sampling on the features."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.projection import LeadingMap, find_leading_map
+
+
+class WideHeadCNN(nn.Module):
+    """Conv trunk, then a VGG-like head: adaptive pooling, a linear layer wider than
+    a quarter of the features (no projection), ReLU, linear."""
+
+    def __init__(self, pool: nn.Module | None = None) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(
+            pool if pool is not None else nn.AdaptiveAvgPool2d(3),
+            nn.Flatten(),
+            nn.Linear(72, 48),
+            nn.ReLU(),
+            nn.Linear(48, 4),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.fixture(scope="module")
+def wide():
+    torch.manual_seed(0)
+    model = WideHeadCNN().eval()
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(4, 1, 10, 10, generator=gen)
+    labels = torch.arange(240) % 4
+    x = base[labels] + 0.7 * torch.randn(240, 1, 10, 10, generator=gen)
+    with torch.no_grad():
+        h = model.head[:4](model.features(x))
+        sol = torch.linalg.lstsq(
+            torch.cat([h, torch.ones(240, 1)], 1), nn.functional.one_hot(labels, 4).float()
+        ).solution
+        model.head[4].weight.copy_(sol[:-1].T)
+        model.head[4].bias.copy_(sol[-1])
+    return model, x
+
+
+@pytest.mark.parametrize("user_head", [False, True])
+def test_leading_map_sampling_matches_plain_sampling(wide, user_head, monkeypatch):
+    model, x = wide
+    head = model.head if user_head else None
+    ri = RepresentativeInterpretation(model, model.features[-1], head=head)
+    ri.fit(x[:200], progress=False)
+    assert ri.projection_ is None  # 4 r > D
+    leading = ri.references_.leading
+    assert isinstance(leading, LeadingMap) and leading.module is model.head[2]
+    used = []
+    orig = LeadingMap.sampling_head
+
+    def spy(self, *args, **kwargs):
+        zhead = orig(self, *args, **kwargs)
+        used.append(zhead is not None)
+        return zhead
+
+    monkeypatch.setattr(LeadingMap, "sampling_head", spy)
+    targets = [i % 4 for i in range(8)]
+    fast = ri.interpret(x[200:208], target=targets)
+    assert used == [True] * 8
+    ri._references = dataclasses.replace(ri.references_, leading=None)
+    plain = ri.interpret(x[200:208], target=targets)
+    for a, b in zip(fast, plain):
+        assert torch.equal(a.members, b.members)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.bias, b.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_no_leading_map_through_a_kink():
+    torch.manual_seed(0)
+    feats = torch.randn(50, 8, 4, 4)
+    kinked = WideHeadCNN(pool=nn.MaxPool2d(2)).eval()  # max-pool before the linear layer
+    kinked.head[2] = nn.Linear(32, 48)
+    assert (
+        find_leading_map(kinked.head, kinked.head, feats.reshape(50, -1).reshape(50, 8, 4, 4))
+        is None
+    )
+    affine = WideHeadCNN().eval()
+    found = find_leading_map(affine.head, affine.head, torch.randn(50, 8, 3, 3))
+    assert found is not None and found.module is affine.head[2]
