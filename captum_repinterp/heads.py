@@ -158,9 +158,10 @@ class HookHead:
     """The head ``psi -> logits`` derived from the model by replacing the layer's output.
 
     The model is run on ``inputs`` (one example) with the layer's output replaced by the
-    batch of points. When the model uses its input again after the layer (a skip
-    connection around the layer), the head is the one *at that input*, which is what the
-    method needs for that seed.
+    batch of points. This is the head of every reference too only when the layer is a
+    *cut* (nothing from the input reaches the output around the layer, see
+    :mod:`captum_repinterp.cuts`); at a layer inside a residual block it would carry the
+    seed's own skip path, so ``fit`` refuses such a layer.
 
     Speed, each checked against the plain run (allclose) once per model and layer and
     dropped if it differs or fails:
