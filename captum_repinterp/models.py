@@ -195,6 +195,8 @@ def train_small_cnn(
         "lr": float(lr),
         "max_shift": int(max_shift),
         "optimizer": "adam-onecycle",
+        # one thread: float sums (and so the weights) do not depend on the machine's cores
+        "threads": 1,
     }
 
     def build() -> SmallCNN:
@@ -224,16 +226,12 @@ def train_small_cnn(
         opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch)
     )
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            batch = _random_shift(images[idx], max_shift, gen)
-            loss = F.cross_entropy(model(batch), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_epochs(model, images, labels, epochs, batch_size, max_shift, gen, opt, sched)
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
 
     if path is not None:
@@ -468,3 +466,27 @@ def load_rnet() -> RNet:
     state = torch.load(_facenet_weights("rnet"), map_location="cpu", weights_only=True)
     model.load_facenet_state_dict(state)
     return model.eval()
+
+
+def _train_epochs(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    epochs: int,
+    batch_size: int,
+    max_shift: int,
+    gen: torch.Generator,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    n = len(images)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            batch = _random_shift(images[idx], max_shift, gen)
+            loss = F.cross_entropy(model(batch), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
