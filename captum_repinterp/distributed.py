@@ -46,7 +46,7 @@ from .heads import make_head
 from .inputs import InputSpec, format_inputs, slice_args
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
-from .match import failing_bits, margins, semantic_distance
+from .match import failing_bits, margins
 from .options import InterpretOptions
 from .projection import (
     AffineHead,
@@ -58,7 +58,7 @@ from .projection import (
 )
 from .reader import LayerReader
 from .references import _scan_head
-from .region import _l1_to_rows, _warn_no_boundary
+from .region import _l1_to_rows, _warn_no_boundary, assemble_interpretation
 from .sampler import choose_candidates
 from .solver import _pack, greedy_cover_oracle
 from .targets import resolve_targets
@@ -499,36 +499,13 @@ class ShardedReferences:
             np.concatenate([p[0] + off for p, off in zip(parts, self.offsets)]).astype(np.int64)
         )
         vals = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-        w_sel, b_sel = bounds.weight[sel], bounds.bias[sel]
-        seed_m = (w_sel.double() @ psi_x.double()) + b_sel.double()
-        dist = semantic_distance(seed_m, vals) if sel.numel() > 0 else vals
-        order = torch.argsort(dist, stable=True)
         inside = torch.zeros(self.n, dtype=torch.bool)
         inside[members] = True
-        n_inside = int(members.numel())
-        n_pos_inside = int(positive[members].sum())
-        n_pos = int(positive.sum())
-        cover = int((negative & ~inside).sum())
-        return Interpretation(
-            target=target,
-            seed_in_class=seed_in_class,
-            weight=w_sel,
-            bias=b_sel,
-            runner_up=bounds.runner_up[sel],
-            members=members[order],
-            member_distances=dist[order],
-            purity=n_pos_inside / n_inside if n_inside else 1.0,
-            coverage=n_pos_inside / n_pos if n_pos else 0.0,
-            delta=d,
-            reached=cover >= need,
-            n_sampled=len(bounds),
-            seed_margins=seed_m,
-            layout=self.layout,
-            heatmap_rule=options.heatmap_rule,
-            combine=options.combine,
-            heatmap_layer=options.heatmap_layer,
-            reader=reader,
-        )
+        reached = int((negative & ~inside).sum()) >= need
+        return assemble_interpretation(
+            self, reader, bounds, sel, members, vals, psi_x, target, seed_in_class, d, reached,
+            options,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- many seeds
     def find_regions(

@@ -27,11 +27,11 @@ from .match import semantic_distance
 from .options import InterpretOptions
 from .reader import LayerReader
 from .references import FittedReferences
-from .sampler import choose_candidates
+from .sampler import Boundaries, choose_candidates
 from .solver import greedy_cover_bits
 from .targets import resolve_targets
 
-__all__ = ["NoBoundaryWarning", "find_region", "find_regions"]
+__all__ = ["NoBoundaryWarning", "assemble_interpretation", "find_region", "find_regions"]
 
 
 class NoBoundaryWarning(UserWarning):
@@ -168,15 +168,46 @@ def find_region(
     sel = cover.selected
     if sel.numel() == 0:
         _warn_no_boundary(len(bounds), candidates.numel(), target)
-    w_sel, b_sel = bounds.weight[sel], bounds.bias[sel]
     members = torch.nonzero(cover.inside, as_tuple=False).flatten()
     psi_x = seed_features.detach().cpu()
-    seed_m = (w_sel.double() @ psi_x.double()) + b_sel.double()
     if sel.numel() > 0:
-        dist = semantic_distance(seed_m, sampled.margins(members, sel))
+        values = sampled.margins(members, sel)
     else:
-        dist = _l1_to_rows(references.features, members, psi_x)
+        values = _l1_to_rows(references.features, members, psi_x)
+    return assemble_interpretation(
+        references, reader, bounds, sel, members, values, psi_x, target, seed_in_class,
+        cover.delta, cover.reached, options,
+    )  # fmt: skip
+
+
+def assemble_interpretation(
+    references: FittedReferences,
+    reader: LayerReader,
+    bounds: Boundaries,
+    selected: Tensor,
+    members: Tensor,
+    member_values: Tensor,
+    seed_features: Tensor,
+    target: int,
+    seed_in_class: bool,
+    delta: int,
+    reached: bool,
+    options: InterpretOptions,
+) -> Interpretation:
+    """The :class:`Interpretation` of a selection: members ranked, purity and coverage.
+
+    ``member_values``: the members' margins for the ``selected`` boundaries
+    (``len(members) x k``), or, when nothing is selected, their L1 distances to the seed's
+    features (the ranking's fallback). ``seed_features``: ``psi(x)`` on the CPU.
+    """
+    w_sel, b_sel = bounds.weight[selected], bounds.bias[selected]
+    seed_m = (w_sel.double() @ seed_features.double()) + b_sel.double()
+    if selected.numel() > 0:
+        dist = semantic_distance(seed_m, member_values)
+    else:
+        dist = member_values.double()
     order = torch.argsort(dist, stable=True)
+    positive = references.predictions == target
     n_inside = int(members.numel())
     n_pos_inside = int(positive[members].sum())
     n_pos = int(positive.sum())
@@ -185,13 +216,13 @@ def find_region(
         seed_in_class=seed_in_class,
         weight=w_sel,
         bias=b_sel,
-        runner_up=bounds.runner_up[sel],
+        runner_up=bounds.runner_up[selected],
         members=members[order],
         member_distances=dist[order],
         purity=n_pos_inside / n_inside if n_inside else 1.0,
         coverage=n_pos_inside / n_pos if n_pos else 0.0,
-        delta=cover.delta,
-        reached=cover.reached,
+        delta=delta,
+        reached=reached,
         n_sampled=len(bounds),
         seed_margins=seed_m,
         layout=references.layout,
