@@ -59,8 +59,9 @@ def test_no_projection_when_the_head_is_not_affine_first():
     narrow = nn.Sequential(nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 3))
     proj = build_projection(narrow, narrow, feats)
     assert proj is not None
-    torch.testing.assert_close(proj.projected, feats @ narrow[0].weight.detach().T,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        proj.projected, feats @ narrow[0].weight.detach().T, rtol=1e-5, atol=1e-5
+    )
 
 
 class _SkipHead(nn.Module):

@@ -45,8 +45,9 @@ def test_linear_head_boundaries_are_exact(seed: int, d: int, c: int) -> None:
 
 def _relu_head(d: int, c: int) -> nn.Module:
     torch.manual_seed(3)
-    return nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
-                         nn.Linear(16, c)).double()
+    return nn.Sequential(
+        nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, c)
+    ).double()
 
 
 def test_relu_head_boundary_points_and_normals() -> None:
@@ -70,16 +71,23 @@ def test_relu_head_boundary_points_and_normals() -> None:
     # step towards the seed's side, which stays inside the class-c piece)
     eps = 1e-7
     for i in range(5):
+
         def f(z: torch.Tensor, i: int = i) -> torch.Tensor:
             out = head(z)
             return out[:, cls] - out[:, runner[i]]
 
         inward = (pts[0] - p[i]) * 1e-4
         base = p[i] + inward
-        fd = torch.stack([
-            (f((base + eps * e)[None]) - f((base - eps * e)[None])) / (2 * eps)
-            for e in torch.eye(d, dtype=torch.float64)
-        ]).squeeze(1).detach()
+        fd = (
+            torch.stack(
+                [
+                    (f((base + eps * e)[None]) - f((base - eps * e)[None])) / (2 * eps)
+                    for e in torch.eye(d, dtype=torch.float64)
+                ]
+            )
+            .squeeze(1)
+            .detach()
+        )
         torch.testing.assert_close(w[i], fd, rtol=1e-5, atol=1e-6)
         # and the piece passes through the boundary point
         assert abs(float(w[i] @ p[i] + b[i]) - float(f(p[i][None]).detach())) < 1e-10
