@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._captum_compat import TargetType, _format_additional_forward_args
+from .bits import pack_rows
 from .boundaries import sample_candidates
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
 from .features import LayerLayout, eval_mode, extract_features, model_device
@@ -60,7 +61,7 @@ from .reader import LayerReader
 from .references import _scan_head
 from .region import _l1_to_rows, _warn_no_boundary, assemble_interpretation
 from .sampler import choose_candidates
-from .solver import _pack, greedy_cover_oracle
+from .solver import greedy_cover_oracle
 from .targets import resolve_targets
 
 __all__ = ["ShardLostError", "ShardedReferences", "fit_sharded", "shard_references"]
@@ -198,7 +199,7 @@ class _Shard:
         else:
             fail = failing_bits(self.projected, u.to("cpu", torch.float32), bias.to("cpu"))
         pos = (self.predictions == target).numpy()
-        pos_bits, neg_bits = _pack(pos[None])[0], _pack(~pos[None])[0]
+        pos_bits, neg_bits = pack_rows(pos[None])[0], pack_rows(~pos[None])[0]
         ses = {
             "fail": fail,
             "pn": np.stack([pos_bits, neg_bits]),

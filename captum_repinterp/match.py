@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["failing_bits", "margins", "match_matrix", "semantic_distance"]
+__all__ = ["failing_bits", "margins", "semantic_distance"]
 
 DEFAULT_CHUNK = 8192
 
@@ -79,17 +79,6 @@ def failing_bits(
         packed = np.packbits(f, axis=1, bitorder="little")
         out[:, s // 8 : s // 8 + packed.shape[1]] = packed
     return out.view(np.uint64)
-
-
-def match_matrix(
-    features: Tensor, weight: Tensor, bias: Tensor, chunk_size: int = DEFAULT_CHUNK
-) -> Tensor:
-    """``N x k`` bool: reference ``r`` is on the positive side of boundary ``j``.
-
-    Boundaries are oriented so that the positive side is the seed's (see
-    :class:`~captum_repinterp.sampler.Boundaries`); NaN features match nothing.
-    """
-    return margins(features, weight, bias, chunk_size) > 0
 
 
 def semantic_distance(seed_margins: Tensor, other_margins: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ class Projection:
     basis : Tensor
         ``r x D`` (float64): rows spanning every gradient of the head.
     gram : Tensor
-        ``r x r`` (float64): ``A A^T`` (its inverse is kept as ``gram_inv``).
+        ``r x r`` (float64): ``A A^T`` (its Cholesky factor is kept as ``gram_chol``).
     projected : Tensor
         ``N x r`` (float32): ``features @ basis.T``.
     module : nn.Linear, optional
@@ -65,12 +65,13 @@ class Projection:
 
     def __post_init__(self) -> None:
         self.basis32 = self.basis.to(torch.float32)
-        self.gram_inv = torch.linalg.inv(self.gram)
+        self.gram_chol = torch.linalg.cholesky(self.gram)
 
     def coefficients(self, weight: Tensor) -> Tensor | None:
         """``u`` with ``A^T u = w`` for every row of ``weight``, or None if one misses."""
         w = weight.detach().to("cpu", torch.float64)
-        u = (w @ self.basis.T) @ self.gram_inv
+        # the normal equations (A A^T) u^T = A w^T, solved with the Cholesky factor
+        u = torch.cholesky_solve(self.basis @ w.T, self.gram_chol).T
         resid = (u @ self.basis - w).norm(dim=1)
         if bool((resid > self.tol * w.norm(dim=1).clamp_min(1e-300)).any()):
             return None

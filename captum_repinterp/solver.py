@@ -9,7 +9,9 @@ is empty), and
 - cost ``f(S) = |P \\ region(S)|``: positives pushed out of the region (minimised);
 - cover ``g(S) = |Ng \\ region(S)|``: negatives pushed out (must reach ``|Ng| - delta``).
 
-The greedy of Wan, Du, Pardalos and Wu adds, while the cover constraint is not met, the
+The greedy of Wan, Du, Pardalos and Wu ("Greedy approximations for minimum submodular
+cover with submodular cost", Computational Optimization and Applications 45(2), 2010)
+adds, while the cover constraint is not met, the
 candidate ``j`` minimising ``(df_j + eps) / dg_j`` among those with ``dg_j > 0``, where
 ``df_j`` / ``dg_j`` are the positives / negatives still inside that ``j`` pushes out.
 
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from .bits import pack_rows, unpack_rows
 
 __all__ = [
     "REFINE_MODES",
@@ -186,23 +190,6 @@ def _check_eps(eps: object) -> float:
     return value
 
 
-def _pack(rows: np.ndarray) -> np.ndarray:
-    """bool ``k x n`` -> uint64 ``k x ceil(n / 64)``: bit ``r % 64`` of word ``r // 64``."""
-    k, n = rows.shape
-    words = max(1, -(-n // 64))
-    packed = np.packbits(rows, axis=1, bitorder="little")  # k x ceil(n / 8), zero-padded
-    if packed.shape[1] != 8 * words:
-        full = np.zeros((k, 8 * words), dtype=np.uint8)
-        full[:, : packed.shape[1]] = packed
-        packed = full
-    return packed.view(np.uint64)
-
-
-def _unpack_rows(bits: np.ndarray, n: int) -> np.ndarray:
-    """The first ``n`` bits of each packed row (``k x words``) as bool ``k x n``."""
-    return np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :n].astype(bool)
-
-
 def _popcount(bits: np.ndarray) -> int:
     return int(np.bitwise_count(bits).sum(dtype=np.int64))
 
@@ -312,7 +299,7 @@ def pack_failing(failing: np.ndarray) -> np.ndarray:
     ``r % 64`` of word ``r // 64``, the bits past ``n`` zero."""
     if failing.dtype != np.bool_ or failing.ndim != 2:
         raise TypeError(f"failing must be a 2-D bool array, got {failing.dtype}, {failing.ndim}-D")
-    return _pack(np.ascontiguousarray(failing))
+    return pack_rows(np.ascontiguousarray(failing))
 
 
 def greedy_cover_bits(
@@ -368,8 +355,8 @@ def greedy_cover_bits(
     # Bit sets over the references: one row of 64-bit words per candidate (bit r set when
     # candidate j pushes reference r out), and the positive / negative / inside sets.
     pos_np = positive.detach().cpu().numpy()
-    pos_bits, neg_bits = _pack(pos_np[None])[0], _pack(~pos_np[None])[0]
-    inside = _pack(np.ones((1, n), dtype=bool))[0]
+    pos_bits, neg_bits = pack_rows(pos_np[None])[0], pack_rows(~pos_np[None])[0]
+    inside = pack_rows(np.ones((1, n), dtype=bool))[0]
     if delta is None:  # negatives no candidate separates from the seed
         separated = np.bitwise_or.reduce(fail, axis=0) if m else np.zeros_like(inside)
         d = _popcount(neg_bits & ~separated)
@@ -407,13 +394,13 @@ def greedy_cover_bits(
             inside &= ~np.bitwise_or.reduce(fail[extra], axis=0)
     selected = torch.tensor(picks, dtype=torch.long, device=device)
     if refine == "prune":
-        failing = torch.from_numpy(_unpack_rows(fail[picks], n).T)  # N x len(picks)
+        failing = torch.from_numpy(unpack_rows(fail[picks], n).T)  # N x len(picks)
         kept = _prune(failing, picks)
         selected = torch.tensor(kept, dtype=torch.long, device=device)
-        inside = _pack(np.ones((1, n), dtype=bool))[0]
+        inside = pack_rows(np.ones((1, n), dtype=bool))[0]
         if kept:
             inside &= ~np.bitwise_or.reduce(fail[kept], axis=0)
-    region = torch.from_numpy(_unpack_rows(inside[None], n)[0]).to(device)
+    region = torch.from_numpy(unpack_rows(inside[None], n)[0]).to(device)
     cost = int((positive & ~region).sum())
     cover = int((negative & ~region).sum())
     return CoverResult(

@@ -720,16 +720,13 @@ def randomise(
         raise ValueError(f"names: {unknown} are not in the setup's cascade {list(by_name)}")
     memo: dict[int, Any] = {}
     clone = copy.deepcopy(model, memo)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
         for n in names:
             block = memo[id(by_name[n])]
             for mod in block.modules():
                 if hasattr(mod, "reset_parameters"):
                     mod.reset_parameters()
-    finally:
-        torch.random.set_rng_state(state)
     layer = memo[id(setup.layer)]
     head = memo.get(id(setup.head)) if isinstance(setup.head, nn.Module) else None
     return clone.eval(), layer, head
