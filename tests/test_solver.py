@@ -264,7 +264,7 @@ EPS = Fraction(1, 1000)
 
 
 def _naive(match: torch.Tensor, positive: torch.Tensor, delta: int, refine: str) -> list[int]:
-    """The literal loop of ALGORITHM.md on Python sets, exact rational ratios."""
+    """The literal greedy loop of docs/method.md on Python sets, exact rational ratios."""
     n, m = match.shape
     pos = {r for r in range(n) if positive[r]}
     neg = set(range(n)) - pos
