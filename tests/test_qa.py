@@ -1,0 +1,55 @@
+"""Misuse found by hand: each test is a bad input or a reuse that used to go wrong."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from captum_repinterp import RepresentativeInterpretation
+
+RANDOM_STATE = {"random_state": 0}
+
+
+def _fit(model, layer, refs, **kwargs):
+    return RepresentativeInterpretation(model, layer).fit(refs, progress=False, **kwargs)
+
+
+# ---------------------------------------------------------------------- on-disk store
+def test_store_of_another_layer_is_refused(tiny, tmp_path):
+    model, x = tiny
+    refs = x[:60]
+    _fit(model, model.features, refs, store=tmp_path)
+    # same number of rows, another layer: the stored features must not be reused
+    with pytest.raises(ValueError, match="store"):
+        _fit(model, model.features[0], refs, store=tmp_path)
+
+
+def test_store_of_another_model_is_refused(tiny, tmp_path):
+    model, x = tiny
+    refs = x[:60]
+    first = _fit(model, model.features, refs, store=tmp_path)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.features[1][0].weight.mul_(-1)
+    with pytest.raises(ValueError, match="store"):
+        _fit(other, other.features, refs, store=tmp_path)
+    # the refused fit did not change the store: the first model still reuses it
+    again = _fit(model, model.features, refs, store=tmp_path)
+    assert torch.equal(again.predictions_, first.predictions_)
+    assert torch.equal(again.predictions_, model(refs).argmax(1))
+
+
+def test_store_of_other_references_is_refused(tiny, tmp_path):
+    model, x = tiny
+    _fit(model, model.features, x[:60], store=tmp_path)
+    with pytest.raises(ValueError, match="store"):
+        _fit(model, model.features, x[60:120], store=tmp_path)
+
+
+def test_store_append_still_works(tiny, tmp_path):
+    model, x = tiny
+    _fit(model, model.features, x[:40], store=tmp_path)
+    ri = _fit(model, model.features, x[40:60], store=tmp_path, append=True)
+    assert torch.equal(ri.predictions_, model(x[:60]).argmax(1))
