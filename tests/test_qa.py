@@ -53,3 +53,27 @@ def test_store_append_still_works(tiny, tmp_path):
     _fit(model, model.features, x[:40], store=tmp_path)
     ri = _fit(model, model.features, x[40:60], store=tmp_path, append=True)
     assert torch.equal(ri.predictions_, model(x[:60]).argmax(1))
+
+
+# ---------------------------------------------------------------------- figures
+def test_plot_region_takes_the_dataset_or_loader_given_to_fit(tiny):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from captum_repinterp.visualization import _reference_rows, plot_region
+
+    model, x = tiny
+    refs = x[:80]
+    dataset = TensorDataset(refs, torch.zeros(80))
+    loader = DataLoader(dataset, batch_size=16)
+    ri = _fit(model, model.features, loader)
+    region = ri.interpret(x[200:201], **RANDOM_STATE)
+    members = region.similar(3)
+    for given in (dataset, loader, TensorDataset(refs)):
+        assert torch.equal(_reference_rows(given, members), refs[members])
+        assert _reference_rows(given, members[:0]).shape == (0, *refs.shape[1:])
+        fig = plot_region(region, x[200], given, k=3)
+        assert len(fig.axes) >= 1 + len(members)
+    with pytest.raises(ValueError, match="reference_images"):
+        plot_region(region, x[200], refs[: int(members.max())])
+    with pytest.raises(TypeError, match="reference_images"):
+        plot_region(region, x[200], refs.numpy())
