@@ -77,3 +77,21 @@ def test_plot_region_takes_the_dataset_or_loader_given_to_fit(tiny):
         plot_region(region, x[200], refs[: int(members.max())])
     with pytest.raises(TypeError, match="reference_images"):
         plot_region(region, x[200], refs.numpy())
+
+
+# ---------------------------------------------------------------------- command line
+@pytest.mark.parametrize("command", ["demo", "report", "evaluate"])
+def test_cli_out_that_cannot_be_a_folder_is_a_usage_error(capsys, tmp_path, command):
+    from captum_repinterp.cli import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "below"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--out", str(out)])  # fails before any work
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"captum-repinterp {command}: error: ")
+        assert "argument --out" in err
+    assert a_file.read_text() == "x"
