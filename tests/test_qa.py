@@ -122,3 +122,34 @@ def test_distributed_argument_errors_do_not_start_ray(tiny):
     with pytest.raises(TypeError, match="^actor_options "):
         fit_sharded(fresh, x[:40], actor_options="num_cpus=1", progress=False)
     assert not ray.is_initialized()
+
+
+# ---------------------------------------------------------------------- saving
+def test_load_of_a_file_that_is_no_interpretation_names_path(tiny, tmp_path):
+    import numpy as np
+
+    from captum_repinterp import Interpretation
+
+    model, x = tiny
+    ri = _fit(model, model.features, x[:80])
+    region = ri.interpret(x[200:201], **RANDOM_STATE)
+    good = tmp_path / "region.npz"
+    region.save(good)
+    loaded = Interpretation.load(good, explainer=ri)
+    assert torch.equal(loaded.members, region.members)
+    assert torch.equal(loaded.contains(x[:80]), region.contains(x[:80]))
+    text = tmp_path / "text.npz"
+    text.write_text("not an interpretation")
+    torch_file = tmp_path / "state.pt"
+    torch.save(model.state_dict(), torch_file)
+    other_npz = tmp_path / "other.npz"
+    np.savez(other_npz, a=np.zeros(3))
+    odd_meta = tmp_path / "odd.npz"
+    with np.load(good) as data:
+        arrays = dict(data)
+    np.savez(odd_meta, **{**arrays, "metadata": np.array("[1, 2]")})
+    for path in (text, torch_file, other_npz, odd_meta):
+        with pytest.raises(ValueError, match="^path: "):
+            Interpretation.load(path, explainer=ri)
+    with pytest.raises(FileNotFoundError):
+        Interpretation.load(tmp_path / "missing.npz")
