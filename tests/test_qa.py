@@ -153,3 +153,49 @@ def test_load_of_a_file_that_is_no_interpretation_names_path(tiny, tmp_path):
             Interpretation.load(path, explainer=ri)
     with pytest.raises(FileNotFoundError):
         Interpretation.load(tmp_path / "missing.npz")
+
+
+# ---------------------------------------------------------------------- model failures
+class _Scaled(torch.nn.Module):
+    """A model with a second forward argument."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, scale):
+        return self.model(x * scale)
+
+
+def test_wrong_additional_forward_args_name_the_argument(tiny):
+    model, x = tiny
+    refs, seeds = x[:80], x[200:202]
+    ri = _fit(model, model.features, refs)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        ri.attribute(seeds, additional_forward_args=(2.0,), **RANDOM_STATE)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        _fit(model, model.features, refs, additional_forward_args=(2.0,))
+    scaled = _Scaled(model).eval()
+    ri2 = _fit(scaled, model.features, refs, additional_forward_args=(1.0,))
+    assert torch.equal(ri2.predictions_, ri.predictions_)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        ri2.attribute(seeds, **RANDOM_STATE)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        ri2.interpret(seeds, additional_forward_args=(1.0, 2.0), **RANDOM_STATE)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        _fit(scaled, model.features, refs)
+
+
+def test_find_layer_bad_example_input_names_it(tiny):
+    from captum_repinterp import find_layer
+
+    model, x = tiny
+    assert find_layer(model, x[:1]) is model.features
+    for bad in (x[0], x[:1, :, :7, :7], torch.randn(1, 3, 12, 12)):
+        with pytest.raises(ValueError, match="^example_input: "):
+            find_layer(model, bad)
+    with pytest.raises(TypeError, match="^example_input: "):
+        find_layer(model, (x[:1] * 100).to(torch.uint8))
+    with pytest.raises(ValueError, match="^example_input: "):
+        find_layer(model, x[:0])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
