@@ -24,6 +24,7 @@ the small CNN on MNIST-5k.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import pkgutil
@@ -195,7 +196,8 @@ def load_callable(spec: str, name: str) -> Callable[..., Any]:
     Raises
     ------
     ValueError
-        Naming ``name`` when ``spec`` is malformed, cannot be imported or is not callable.
+        Naming ``name`` when ``spec`` is malformed, cannot be imported, is not callable or
+        needs arguments.
     """
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise ValueError(f"{name} must look like 'package.module:function', got {spec!r}")
@@ -210,6 +212,12 @@ def load_callable(spec: str, name: str) -> Callable[..., Any]:
         fn = None
     if not callable(fn):
         raise ValueError(f"{name}: {module_name!r} has no callable {spec.split(':')[1]!r}")
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as exc:  # it is called without arguments
+        raise ValueError(f"{name}: {spec} must take no arguments ({exc})") from None
+    except ValueError:  # no signature to check (some builtins)
+        pass
     return fn
 
 

@@ -199,3 +199,14 @@ def test_find_layer_bad_example_input_names_it(tiny):
     with pytest.raises(ValueError, match="^example_input: "):
         find_layer(model, x[:0])
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_cli_model_factory_that_needs_arguments_names_it(capsys, tmp_path):
+    from captum_repinterp.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["report", "--out", str(tmp_path / "r"), "--model-factory", "os.path:join",
+              "--data", "os:getcwd"])  # fmt: skip
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("captum-repinterp report: error: model_factory: os.path:join must ")
