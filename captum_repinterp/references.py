@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, SequentialSampler
 
 from ._checks import check_choice
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
@@ -137,6 +138,14 @@ def fit_references(
     if append and store is None:
         raise ValueError("append=True needs a store path (store=...)")
     check_choice(cut_check, "cut_check", ("raise", "warn", "off"))
+    if isinstance(references, DataLoader) and not isinstance(references.sampler, SequentialSampler):
+        warnings.warn(
+            "references: the DataLoader does not read its dataset in order (shuffle=True "
+            "or a sampler); member indices (similar, members) follow the order of this "
+            "one pass, not the dataset's",
+            UserWarning,
+            stacklevel=3,
+        )
     device = model_device(forward_func, layer)
     with eval_mode(forward_func, layer, head, warn=True):
         ref_store = None

@@ -27,7 +27,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 from captum.attr import visualization as viz
 from matplotlib.figure import Figure
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from .interpretation import Interpretation
 
@@ -179,6 +179,12 @@ def _predict(interpretation: Interpretation, images: Tensor) -> list[int] | None
 def _reference_rows(references: Any, indices: Tensor) -> Tensor:
     """Rows ``indices`` of a reference tensor, Dataset or DataLoader (its dataset)."""
     if isinstance(references, DataLoader):
+        if not isinstance(references.sampler, SequentialSampler):
+            raise ValueError(
+                "reference_images: this DataLoader does not read its dataset in order "
+                "(shuffle=True or a sampler), so member indices cannot be mapped to images; "
+                "fit on a DataLoader without shuffling"
+            )
         references = references.dataset
     if not isinstance(references, (Tensor, Dataset)):
         raise TypeError(

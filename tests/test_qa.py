@@ -210,3 +210,18 @@ def test_cli_model_factory_that_needs_arguments_names_it(capsys, tmp_path):
     assert info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("captum-repinterp report: error: model_factory: os.path:join must ")
+
+
+def test_shuffled_loader_warns_at_fit_and_is_refused_by_plot_region(tiny):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from captum_repinterp.visualization import plot_region
+
+    model, x = tiny
+    loader = DataLoader(TensorDataset(x[:80]), batch_size=16, shuffle=True)
+    with pytest.warns(UserWarning, match="does not read its dataset in order") as caught:
+        ri = _fit(model, model.features, loader)
+    assert caught[0].filename == __file__  # points at the caller of fit
+    region = ri.interpret(x[200:201], **RANDOM_STATE)
+    with pytest.raises(ValueError, match="^reference_images: .*in order"):
+        plot_region(region, x[200], loader)
