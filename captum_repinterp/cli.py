@@ -45,6 +45,19 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _out_dir(text: str) -> str:
+    """``--out``: a folder that exists or can be made (checked before any work)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot make a folder in {str(parent)!r}")
+    return text
+
+
 def _seeds(text: str) -> int | list[int]:
     """``"4"``: a count; ``"0,100"`` (any comma): held-out indices."""
     if "," in text:
@@ -78,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit, interpret a few seeds and draw the figures on MNIST-5k and on "
         "the faces; print the table and save it as table.txt.",
     )
-    demo.add_argument("--out", default="out", help="folder for the PNG figures and table.txt")
+    demo.add_argument(
+        "--out", type=_out_dir, default="out", help="folder for the PNG figures and table.txt"
+    )
     demo.add_argument(
         "--seeds",
         type=_seeds,
@@ -105,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Without --model-factory and --data: the small CNN on MNIST-5k.",
     )
     rep.set_defaults(subparser=rep)
-    rep.add_argument("--out", default="report", help="folder for index.html and its PNGs")
+    rep.add_argument(
+        "--out", type=_out_dir, default="report", help="folder for index.html and its PNGs"
+    )
     rep.add_argument(
         "--model-factory",
         default=None,
@@ -149,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="setup to evaluate (repeatable; default: mnist and faces)",
     )
-    ev.add_argument("--out", default="evaluation", help="folder for results.json and .md")
+    ev.add_argument(
+        "--out", type=_out_dir, default="evaluation", help="folder for results.json and .md"
+    )
     ev.add_argument(
         "--random-state", "--seed", dest="random_state", type=_int, default=0, help="random seed"
     )

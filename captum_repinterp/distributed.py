@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._captum_compat import TargetType, _format_additional_forward_args
+from .attribution import RepresentativeInterpretation
 from .bits import pack_rows
 from .boundaries import sample_candidates
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
@@ -667,12 +668,20 @@ def _split_points(n: int, n_shards: int) -> list[int]:
     return [i * n // n_shards for i in range(n_shards)]
 
 
-def _check_actor_args(n_actors: object, max_restarts: object) -> None:
+def _check_actor_args(
+    ri: object, n_actors: object, max_restarts: object, actor_options: object
+) -> None:
+    """Argument checks shared by :func:`shard_references` and :func:`fit_sharded`, run
+    before Ray is started."""
+    if not isinstance(ri, RepresentativeInterpretation):
+        raise TypeError(f"ri must be a RepresentativeInterpretation, got {type(ri).__name__}")
     for name, value, low in (("n_actors", n_actors, 1), ("max_restarts", max_restarts, -1)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {value!r}")
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
+    if actor_options is not None and not isinstance(actor_options, dict):
+        raise TypeError(f"actor_options must be a dict or None, got {type(actor_options).__name__}")
 
 
 def _start_actors(
@@ -780,7 +789,7 @@ def shard_references(
         shards (``ri.references_`` is a :class:`ShardedReferences`).
     """
     ray = _ray()
-    _check_actor_args(n_actors, max_restarts)
+    _check_actor_args(ri, n_actors, max_restarts, actor_options)
     fitted = ri.references_
     if isinstance(fitted, ShardedReferences):
         raise ValueError("ri: its references are sharded already")
@@ -961,7 +970,13 @@ def fit_sharded(
         other features than ``ri.forward_func`` on the first reference.
     """
     ray = _ray()
-    _check_actor_args(n_actors, max_restarts)
+    _check_actor_args(ri, n_actors, max_restarts, actor_options)
+    if concurrency is not None and (
+        isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+    ):
+        raise ValueError(f"concurrency must be a positive int or None, got {concurrency!r}")
+    if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or not num_cpus > 0:
+        raise ValueError(f"num_cpus must be a positive number, got {num_cpus!r}")
     if not isinstance(attribute_to_layer_input, bool):
         raise TypeError("attribute_to_layer_input must be a bool")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

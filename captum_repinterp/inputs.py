@@ -88,12 +88,19 @@ def translate_forward_error(
     ran): tensors shaped differently give a ValueError, of another dtype a TypeError, and a
     failure on tensors like the references is the model's own (``None``). Without
     ``expected`` (``fit``'s first batch): integer tensors give a TypeError asking for
-    floats, anything else a ValueError describing the batch. Out-of-memory errors are
-    never translated.
+    floats, anything else a ValueError describing the batch. A forward that does not
+    take the positional arguments it got gives a TypeError naming
+    ``additional_forward_args``. Out-of-memory errors are never translated.
     """
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return None
     said = f"forward_func raised {type(exc).__name__}: {exc}"
+    if isinstance(exc, TypeError) and "positional argument" in str(exc):
+        return TypeError(
+            f"additional_forward_args: forward_func was called with {name} and the "
+            "additional_forward_args given, and does not take them; pass the extra "
+            f"arguments its forward needs (as a tuple), or none. {said}"
+        )
     if expected is not None:
         got = input_spec(inputs)
         if [s for s, _ in got] != [s for s, _ in expected]:

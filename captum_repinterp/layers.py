@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .cuts import CutCheck, NotACutError, check_cut, cut_check_examples, warn_or_raise_not_cut
 from .features import eval_mode, model_device
-from .inputs import format_inputs, slice_args
+from .inputs import format_inputs, slice_args, translate_forward_error
 from .tracing import (
     FINAL_MONOTONE_OPS,
     NON_PIECEWISE_LINEAR_OPS,
@@ -99,6 +99,8 @@ def layer_candidates(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = format_inputs(example_input, "example_input")
+    if inputs[0].shape[0] == 0:
+        raise ValueError("example_input: the batch is empty; give one example (images[:1])")
     one = tuple(t[:1].detach() for t in inputs)
     device = model_device(model, model)
     if device is not None:
@@ -110,7 +112,13 @@ def layer_candidates(
         extra = slice_args(extra, inputs[0].shape[0], 0, 1)
     args = one if extra is None else (*one, *extra)
     with eval_mode(model):
-        tracer = _trace(model, args, model)
+        try:
+            tracer = _trace(model, args, model)
+        except Exception as exc:
+            translated = translate_forward_error(exc, one, "example_input", None)
+            if translated is None:
+                raise
+            raise translated from exc
     curved = tracer.curved_ops()
     conv_ends = [
         tracer.ends[id(m)][0]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, SequentialSampler
 
 from ._checks import check_choice
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
@@ -137,6 +138,14 @@ def fit_references(
     if append and store is None:
         raise ValueError("append=True needs a store path (store=...)")
     check_choice(cut_check, "cut_check", ("raise", "warn", "off"))
+    if isinstance(references, DataLoader) and not isinstance(references.sampler, SequentialSampler):
+        warnings.warn(
+            "references: the DataLoader does not read its dataset in order (shuffle=True "
+            "or a sampler); member indices (similar, members) follow the order of this "
+            "one pass, not the dataset's",
+            UserWarning,
+            stacklevel=3,
+        )
     device = model_device(forward_func, layer)
     with eval_mode(forward_func, layer, head, warn=True):
         ref_store = None
@@ -166,6 +175,11 @@ def fit_references(
             )
             features, predictions = ref_store.features(), ref_store.predictions()
             layout = ref_store.layout
+            if not append:
+                _check_store_rows(
+                    forward_func, layer, example, features, layout, store,
+                    attribute_to_layer_input, device,
+                )  # fmt: skip
         if not all_finite(features):
             warnings.warn(
                 "fit: some reference features are NaN or inf; they are kept but can never "
@@ -219,6 +233,49 @@ def fit_references(
         leading=leading,
         affine=affine,
     )
+
+
+def _check_store_rows(
+    forward_func: Callable,
+    layer: nn.Module,
+    example: Example,
+    features: Tensor,
+    layout: LayerLayout,
+    store: str | os.PathLike,
+    attribute_to_layer_input: bool,
+    device: torch.device | None,
+) -> None:
+    """Refuse a store whose first rows are not these references at this layer.
+
+    A finished store is reused (and an interrupted one resumed) on its row count alone;
+    recomputing the first few references catches another model, layer or reference set
+    (stale features would otherwise be used silently).
+    """
+    rows, _, got_layout, _ = extract_features(
+        forward_func,
+        layer,
+        example.batch,
+        batch_size=len(example.batch[0]),
+        additional_forward_args=example.batch_args,
+        attribute_to_layer_input=attribute_to_layer_input,
+        device=device,
+        progress=False,
+    )
+    k = min(rows.shape[0], features.shape[0])
+    same = got_layout == layout
+    if same and k:
+        stored = features[:k].to(torch.float32)
+        dtype = example.spec[0][1]
+        eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo().eps
+        rtol = max(1e-3, 16 * eps)
+        atol = rtol * max(1.0, float(stored.abs().max()))
+        same = torch.allclose(rows[:k], stored, rtol=rtol, atol=atol, equal_nan=True)
+    if not same:
+        raise ValueError(
+            f"store: {os.fspath(store)!r} holds the features of other references, another "
+            "model or another layer (its first rows differ from these references' "
+            "features; a shuffled DataLoader also gives another order); use a new path"
+        )
 
 
 def _scan_head(

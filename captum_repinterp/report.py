@@ -24,6 +24,7 @@ the small CNN on MNIST-5k.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import pkgutil
@@ -211,6 +212,19 @@ def load_callable(spec: str, name: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ValueError(f"{name}: {module_name!r} has no callable {spec.split(':')[1]!r}")
     return fn
+
+
+def _call_without_arguments(spec: str, name: str) -> Any:
+    """Load ``spec`` with :func:`load_callable` and call it with no arguments; a
+    function that needs arguments is a ValueError naming ``name``."""
+    fn = load_callable(spec, name)
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as exc:
+        raise ValueError(f"{name}: {spec} must take no arguments ({exc})") from None
+    except ValueError:  # no signature to check (some builtins)
+        pass
+    return fn()
 
 
 def resolve_model(obj: Any) -> tuple[nn.Module, nn.Module, Callable | None]:
@@ -813,8 +827,8 @@ def prepare_report(
             s.class_names,
         )
     else:
-        model, layer, head = resolve_model(load_callable(model_factory, "model_factory")())
-        refs, held, ref_labels, held_labels = resolve_data(load_callable(data, "data")())
+        model, layer, head = resolve_model(_call_without_arguments(model_factory, "model_factory"))
+        refs, held, ref_labels, held_labels = resolve_data(_call_without_arguments(data, "data"))
         inputs = ReportInputs(
             model,
             layer,

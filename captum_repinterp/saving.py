@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,17 +82,24 @@ def load_interpretation(
     Raises
     ------
     ValueError
-        For a file of another format version, or a map drawn at a layer the given model
-        does not have.
+        For a file not written by :func:`save_interpretation` or of another format
+        version, or a map drawn at a layer the given model does not have.
     """
     reader = getattr(explainer, "reader_", explainer)
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data["metadata"]))
-        tensors = {name: torch.from_numpy(data[name].copy()) for name in TENSORS}
-        if "channel_weights" in data.files:
-            tensors["channel_weights"] = torch.from_numpy(data["channel_weights"].copy())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"path: unsupported format version {meta.get('format_version')}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["metadata"]))
+            tensors = {name: torch.from_numpy(data[name].copy()) for name in TENSORS}
+            if "channel_weights" in data.files:
+                tensors["channel_weights"] = torch.from_numpy(data["channel_weights"].copy())
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(
+            f"path: {os.fspath(path)!r} is not an interpretation written by "
+            f"Interpretation.save ({type(exc).__name__}: {exc})"
+        ) from exc
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"path: unsupported format version {version}")
     heatmap_layer = None
     if meta.get("heatmap_layer") is not None:
         model = getattr(reader, "forward_func", None)

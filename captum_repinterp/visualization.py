@@ -27,6 +27,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 from captum.attr import visualization as viz
 from matplotlib.figure import Figure
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from .interpretation import Interpretation
 
@@ -175,10 +176,40 @@ def _predict(interpretation: Interpretation, images: Tensor) -> list[int] | None
     return [int(p) for p in reader.features(images)[1]]
 
 
+def _reference_rows(references: Any, indices: Tensor) -> Tensor:
+    """Rows ``indices`` of a reference tensor, Dataset or DataLoader (its dataset)."""
+    if isinstance(references, DataLoader):
+        if not isinstance(references.sampler, SequentialSampler):
+            raise ValueError(
+                "reference_images: this DataLoader does not read its dataset in order "
+                "(shuffle=True or a sampler), so member indices cannot be mapped to images; "
+                "fit on a DataLoader without shuffling"
+            )
+        references = references.dataset
+    if not isinstance(references, (Tensor, Dataset)):
+        raise TypeError(
+            "reference_images must be the Tensor, Dataset or DataLoader given to fit, got "
+            f"{type(references).__name__}"
+        )
+    n = len(references)  # type: ignore[arg-type]
+    if len(indices) and int(indices.max()) >= n:
+        raise ValueError(
+            f"reference_images: the region has member #{int(indices.max())}, but only {n} "
+            "reference images were given; pass the reference set given to fit"
+        )
+    if isinstance(references, Tensor):
+        return references[indices]
+    items = [references[int(i)] for i in [*indices.tolist(), 0]]  # 0: the shape if empty
+    items = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
+    if not all(isinstance(it, Tensor) for it in items):
+        raise TypeError("reference_images: Dataset items must be tensors or (tensor, ...) tuples")
+    return torch.stack(items)[:-1]
+
+
 def plot_region(
     interpretation: Interpretation,
     seed_image: Tensor,
-    reference_images: Tensor,
+    reference_images: Tensor | Dataset | DataLoader,
     k: int = 5,
     class_names: Sequence[str] | None = None,
     panel_size: float = 1.8,
@@ -199,8 +230,9 @@ def plot_region(
         From ``ri.interpret(seed)`` (needs its reader to compute activations).
     seed_image : Tensor
         ``C x H x W`` or ``1 x C x H x W``.
-    reference_images : Tensor
-        The reference set given to ``fit`` (indexed by ``interpretation.members``).
+    reference_images : Tensor, Dataset or DataLoader
+        The reference set given to ``fit`` (indexed by ``interpretation.members``; a
+        DataLoader's ``dataset``, items ``(image, label, ...)`` give the image).
     k : int
         Number of members to show, nearest by semantic distance first.
     class_names : sequence of str, optional
@@ -214,10 +246,11 @@ def plot_region(
     title : str, optional
         First line of the title (default: ``"region of class <name>"``).
     """
-    if seed_image.dim() == reference_images.dim():
-        seed_image = seed_image[0]
     members = interpretation.similar(k)
-    images = torch.cat([seed_image[None], reference_images[members]])
+    rows = _reference_rows(reference_images, members)
+    if seed_image.dim() == rows.dim():
+        seed_image = seed_image[0]
+    images = torch.cat([seed_image[None], rows])
     maps = _layer_maps(interpretation.heatmap(images))
     name = _name(interpretation.target, class_names)
     preds = _predict(interpretation, images)
