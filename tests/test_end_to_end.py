@@ -1,7 +1,7 @@
 """End to end on real data: the small CNN on MNIST-5k and MTCNN's pretrained ONet on faces.
 
-Thresholds (the targets of the first version): with ``delta = 0`` the mean purity of the regions on the
-references must be >= 0.95; the precision of the regions used as rules on held-out
+Thresholds (the targets of the first version): with ``delta = 0`` the mean purity of the
+regions on the references must be >= 0.95; the precision of the regions used as rules on held-out
 images is measured and must reach 0.90 on average (over seeds whose region contains any
 held-out image).
 """
