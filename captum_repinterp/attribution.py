@@ -126,7 +126,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             A directory for an on-disk reference store (:mod:`captum_repinterp.store`),
             so that ``N x D`` never has to fit in RAM. An interrupted fit resumes when
             called again with the same references; a finished store of as many rows is
-            reused without recomputation (same checks and results as the first fit).
+            reused (its first rows recomputed and compared, same checks and results).
         append : bool
             With ``store``: add these references after the ones already stored.
         cut_check : {"raise", "warn", "off"}
