@@ -39,13 +39,11 @@ __all__ = ["RepresentativeInterpretation", "NotFittedError"]
 class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttribution):
     r"""Representative interpretations (Lam, Chu et al., ICCV 2021) as a Captum method.
 
-    The network is split at ``layer``; the head from that layer to the logits is
-    piecewise linear. For a seed image, linear pieces of the head's decision boundary are
-    sampled between the seed and references of other classes, and a few are chosen by
-    greedy submodular-cost submodular cover so that the convex region they bound holds as
-    many references of the seed's class as possible and (almost) none of others. The
-    attribution is the region's heat map on the seed; :meth:`interpret` returns the whole
-    region (members ranked by semantic distance, membership test, reusable heat map).
+    The network is split at ``layer`` (a cut; the head after it piecewise linear). For a
+    seed, linear pieces of the head's decision boundary are sampled and a few chosen by
+    greedy submodular-cost submodular cover, so that the region they bound holds many
+    references of the seed's class and (almost) none of others. The attribution is the
+    region's heat map on the seed; :meth:`interpret` returns the whole region.
 
     Usage mirrors ``LayerGradCam`` plus one :meth:`fit` over reference images::
 
@@ -56,17 +54,16 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     Parameters
     ----------
     forward_func : callable or nn.Module
-        The model, returning class scores (``N x C``; outputs with more dimensions are
-        flattened and ``target`` tuples index them as in Captum).
+        The model, returning class scores (``N x C``; more dimensions are flattened and
+        ``target`` tuples index them as in Captum).
     layer : nn.Module
-        The layer to split at, usually the last convolutional block. It must be called
-        exactly once per forward pass.
+        The layer to split at, usually the last convolutional block, called once per
+        forward pass.
     device_ids : list of int, optional
         As in Captum's layer methods (kept for signature compatibility).
     head : callable, optional
-        ``head(layer_output) -> logits`` mapping the layer's output (a tensor, or a tuple
-        for a layer with several outputs) to the model's output. Faster than the default,
-        which re-runs the model on the seed with the layer's output replaced.
+        ``head(layer_output) -> logits``; faster than the default, which re-runs the model
+        on the seed with the layer's output replaced.
 
     Notes
     -----
@@ -279,17 +276,12 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
 
         Parameters
         ----------
-        inputs, target, additional_forward_args
-            As in Captum (see :meth:`interpret`).
         attribute_to_layer_input : bool, optional
             Must match what ``fit`` used (``None``: use that).
-        relu_attributions : bool
-            Keep only positive evidence (default True, as in Grad-CAM).
-        attr_dim_summation : bool
-            Sum over dimension 1 (channels), as ``LayerGradCam`` does.
-        n_boundaries, delta, random_state, refine, heatmap_rule, combine, \
-bisection_steps, progress, heatmap_layer
-            See :meth:`interpret`.
+        relu_attributions, attr_dim_summation : bool
+            Keep only positive evidence; sum over dimension 1 (both True, as Grad-CAM).
+        inputs, target, additional_forward_args, n_boundaries, delta, random_state, ...
+            As in :meth:`interpret` (and its other options).
 
         Returns
         -------
