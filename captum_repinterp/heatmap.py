@@ -90,6 +90,15 @@ def get_heatmap_rule(name: str, layer: nn.Module | None = None) -> HeatmapRule:
     return HEATMAP_RULES[name](layer)
 
 
+def layer_map(scaled: Tensor, relu: bool = True, attr_dim_summation: bool = True) -> Tensor:
+    """``LayerGradCam``'s layout of weights times activations: summed over dimension 1
+    (``attr_dim_summation``, for tensors with more than one dimension), then a ReLU
+    (``relu``, ``relu_attributions``)."""
+    if attr_dim_summation and scaled.dim() > 1:
+        scaled = scaled.sum(dim=1, keepdim=True)
+    return F.relu(scaled) if relu else scaled
+
+
 def combine_normals(weight: Tensor, rule: str = "sum") -> Tensor:
     """Combine the selected normals ``k x D`` into one direction ``D``.
 
@@ -199,13 +208,10 @@ class HeatmapRule:
         if direction.dim() == 1:
             direction = direction[None].expand(n, -1)
         parts = layout.unflatten(direction.to(activations[0].device, activations[0].dtype))
-        maps = []
-        for v, a in zip(parts, activations):
-            scaled = self.cam_weights(v, a, channel_weights) * a
-            if attr_dim_summation and scaled.dim() > 1:
-                scaled = scaled.sum(dim=1, keepdim=True)
-            maps.append(F.relu(scaled) if relu else scaled)
-        return tuple(maps)
+        return tuple(
+            layer_map(self.cam_weights(v, a, channel_weights) * a, relu, attr_dim_summation)
+            for v, a in zip(parts, activations)
+        )
 
     def maps(
         self,
@@ -429,10 +435,7 @@ class RegionScoreRule(HeatmapRule):
         if channel_weights is None:
             raise ValueError(f"heatmap_rule={self.name!r} needs the region's channel weights")
         acts = read_layer(reader, self.layer, inputs, additional_forward_args)
-        scaled = _per_channel(channel_weights, acts) * acts
-        if attr_dim_summation and scaled.dim() > 1:
-            scaled = scaled.sum(dim=1, keepdim=True)
-        return (F.relu(scaled) if relu else scaled,)
+        return (layer_map(_per_channel(channel_weights, acts) * acts, relu, attr_dim_summation),)
 
     def region_weights(
         self,
@@ -730,9 +733,4 @@ def pulled_back_heatmap(
             ) from exc
         raise
     maps = attr if isinstance(attr, tuple) else (attr,)
-    out = []
-    for m in maps:
-        if attr_dim_summation and m.dim() > 1:
-            m = m.sum(dim=1, keepdim=True)
-        out.append(F.relu(m) if relu else m)
-    return tuple(t.detach() for t in out)
+    return tuple(layer_map(m, relu, attr_dim_summation).detach() for m in maps)
