@@ -38,14 +38,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._captum_compat import TargetType, _format_additional_forward_args
+from ._captum_compat import TargetType
 from .attribution import RepresentativeInterpretation
 from .bits import pack_rows
 from .boundaries import sample_candidates
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
 from .features import LayerLayout, eval_mode, extract_features, model_device
 from .heads import make_head
-from .inputs import InputSpec, format_inputs, slice_args
+from .inputs import InputSpec
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
 from .match import failing_bits, margins
@@ -60,10 +60,16 @@ from .projection import (
 )
 from .reader import LayerReader
 from .references import _scan_head
-from .region import _l1_to_rows, _warn_no_boundary, assemble_interpretation
+from .region import (
+    Seed,
+    _l1_to_rows,
+    _warn_no_boundary,
+    assemble_interpretation,
+    interpret_seed,
+    read_seeds,
+)
 from .sampler import choose_candidates
 from .solver import greedy_cover_oracle
-from .targets import resolve_targets
 
 __all__ = ["ShardLostError", "ShardedReferences", "fit_sharded", "shard_references"]
 
@@ -521,35 +527,15 @@ class ShardedReferences:
         """As :func:`~captum_repinterp.region.find_regions`; a batch of seeds runs as Ray
         tasks (one per seed), the results in the order of ``inputs``."""
         ray = _ray()
-        model = reader.forward_func
-        if options.heatmap_layer is not None and isinstance(model, nn.Module):
-            if not any(m is options.heatmap_layer for m in model.modules()):
-                raise ValueError("heatmap_layer: the layer is not part of forward_func")
-        inputs_t = format_inputs(inputs)
-        activations, outputs = reader.read(inputs_t, additional_forward_args)
-        if outputs.shape[0] == 0:
-            return [], activations
-        targets = resolve_targets(outputs, target)
-        warn_nonlinear_head(self.head_nonlinear, stacklevel=5)
-        extra = _format_additional_forward_args(additional_forward_args)
-        psi = self.layout.flatten(activations)
-        n = psi.shape[0]
-
-        def seed_args(i: int) -> tuple:
-            return (
-                tuple(t[i : i + 1].detach() for t in inputs_t),
-                slice_args(extra, n, i, i + 1),
-                psi[i],
-                outputs[i : i + 1].reshape(1, -1),
-                int(targets[i]),
-                tuple(a[i] for a in activations),
-            )
-
-        if n == 1:
-            return [_interpret_seed(self, reader, options, *seed_args(0))], activations
+        seeds, activations = read_seeds(
+            self, reader, inputs, target, additional_forward_args, options
+        )
+        n = len(seeds)
+        if n <= 1:
+            return [interpret_seed(self, reader, seed, options) for seed in seeds], activations
         payload = ray.put((self, reader, options))
         task = ray.remote(_seed_task).options(max_retries=3)
-        pending = {task.remote(payload, *seed_args(i)): i for i in range(n)}
+        pending = {task.remote(payload, seed): i for i, seed in enumerate(seeds)}
         results: list[Interpretation | None] = [None] * n
         for i, interp in _as_completed(ray, pending, "interpret", options.progress):
             interp.reader, interp.heatmap_layer = reader, options.heatmap_layer
@@ -613,38 +599,9 @@ def _as_completed(ray: Any, pending: dict, desc: str, progress: bool):
                 bar.update(1)
 
 
-def _interpret_seed(
-    refs: ShardedReferences,
-    reader: LayerReader,
-    options: InterpretOptions,
-    one: tuple[Tensor, ...],
-    extra_i: Any,
-    psi_i: Tensor,
-    logits: Tensor,
-    target: int,
-    acts_i: tuple[Tensor, ...],
-) -> Interpretation:
-    """One seed, as the body of the loop in :func:`~captum_repinterp.region.find_regions`."""
-    model, layer = reader.forward_func, reader.layer
-    device = reader.device
-    with eval_mode(model, layer):
-        if device is not None:
-            one = tuple(t.to(device) for t in one)
-        head = reader.head_for(one, extra_i)
-        region = refs.find_region(reader, head, psi_i, logits, target, options)
-        region.channel_weights = options.rule.region_weights(
-            region.weight,
-            region.bias,
-            one,
-            acts_i,
-            lambda batch: reader.features_of(batch, extra_i),
-        )
-    return region
-
-
-def _seed_task(payload: tuple, *seed: Any) -> Interpretation:
+def _seed_task(payload: tuple, seed: Seed) -> Interpretation:
     refs, reader, options = payload
-    interp = _interpret_seed(refs, reader, options, *seed)
+    interp = interpret_seed(refs, reader, seed, options)
     interp.reader = interp.heatmap_layer = None  # the driver puts its own back
     return interp
 

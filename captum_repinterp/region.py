@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,15 @@ from .sampler import Boundaries, choose_candidates
 from .solver import greedy_cover_bits
 from .targets import resolve_targets
 
-__all__ = ["NoBoundaryWarning", "assemble_interpretation", "find_region", "find_regions"]
+__all__ = [
+    "NoBoundaryWarning",
+    "Seed",
+    "assemble_interpretation",
+    "find_region",
+    "find_regions",
+    "interpret_seed",
+    "read_seeds",
+]
 
 
 class NoBoundaryWarning(UserWarning):
@@ -59,6 +68,103 @@ def _warn_no_boundary(n_sampled: int, n_candidates: int, target: int) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Seed:
+    """One seed image of a batch, as read through the split layer.
+
+    Attributes
+    ----------
+    inputs : tuple of Tensor
+        The seed (a batch of one, detached, where the caller gave it).
+    additional_forward_args : tuple or None
+        Its extra arguments of ``forward_func``.
+    features : Tensor
+        ``D``: ``psi(x)``.
+    logits : Tensor
+        ``1 x C``: the model's output on it.
+    target : int
+        The class explained.
+    activations : tuple of Tensor
+        Its layer tensors, without the batch dimension.
+    """
+
+    inputs: tuple[Tensor, ...]
+    additional_forward_args: tuple | None
+    features: Tensor
+    logits: Tensor
+    target: int
+    activations: tuple[Tensor, ...]
+
+
+def read_seeds(
+    references: FittedReferences,
+    reader: LayerReader,
+    inputs: Any,
+    target: TargetType,
+    additional_forward_args: Any,
+    options: InterpretOptions,
+) -> tuple[list[Seed], tuple[Tensor, ...]]:
+    """The seeds of a batch (one forward pass each) and their layer tensors (``n x ...``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``inputs``, ``target`` or ``heatmap_layer``.
+    """
+    model = reader.forward_func
+    if options.heatmap_layer is not None and isinstance(model, nn.Module):
+        if not any(m is options.heatmap_layer for m in model.modules()):
+            raise ValueError("heatmap_layer: the layer is not part of forward_func")
+    inputs_t = format_inputs(inputs)
+    activations, outputs = reader.read(inputs_t, additional_forward_args)
+    if outputs.shape[0] == 0:
+        return [], activations
+    targets = resolve_targets(outputs, target)
+    warn_nonlinear_head(references.head_nonlinear, stacklevel=6)
+    extra = _format_additional_forward_args(additional_forward_args)
+    psi = references.layout.flatten(activations)
+    n = psi.shape[0]
+    seeds = [
+        Seed(
+            tuple(t[i : i + 1].detach() for t in inputs_t),
+            slice_args(extra, n, i, i + 1),
+            psi[i],
+            outputs[i : i + 1].reshape(1, -1),
+            int(targets[i]),
+            tuple(a[i] for a in activations),
+        )
+        for i in range(n)
+    ]
+    return seeds, activations
+
+
+def interpret_seed(
+    references: FittedReferences, reader: LayerReader, seed: Seed, options: InterpretOptions
+) -> Interpretation:
+    """The interpretation of one seed, with its heat-map rule's per-region weights.
+
+    A reference set that finds regions itself (a ``find_region`` method, see
+    :mod:`captum_repinterp.distributed`) is handed the region search.
+    """
+    own = getattr(references, "find_region", None)
+    device = reader.device
+    with eval_mode(reader.forward_func, reader.layer):
+        one = seed.inputs if device is None else tuple(t.to(device) for t in seed.inputs)
+        extra = seed.additional_forward_args
+        head = reader.head_for(one, extra)
+        args = (reader, head, seed.features, seed.logits, seed.target, options)
+        region = own(*args) if own is not None else find_region(references, *args)
+        region.channel_weights = options.rule.region_weights(
+            region.weight,
+            region.bias,
+            one,
+            seed.activations,
+            lambda batch: reader.features_of(batch, extra),
+            context=RegionContext(region.members, references, reader, extra),
+        )
+    return region
+
+
 def find_regions(
     references: FittedReferences,
     reader: LayerReader,
@@ -77,41 +183,11 @@ def find_regions(
     run = getattr(references, "find_regions", None)
     if run is not None:
         return run(reader, inputs, target, additional_forward_args, options)
-    model, layer = reader.forward_func, reader.layer
-    if options.heatmap_layer is not None and isinstance(model, nn.Module):
-        if not any(m is options.heatmap_layer for m in model.modules()):
-            raise ValueError("heatmap_layer: the layer is not part of forward_func")
-    inputs_t = format_inputs(inputs)
-    activations, outputs = reader.read(inputs_t, additional_forward_args)
-    if outputs.shape[0] == 0:
-        return [], activations
-    targets = resolve_targets(outputs, target)
-    warn_nonlinear_head(references.head_nonlinear, stacklevel=5)
-    extra = _format_additional_forward_args(additional_forward_args)
-    device = reader.device
-    psi = references.layout.flatten(activations)
-    rule = options.rule
-    n = psi.shape[0]
-    results = []
-    with eval_mode(model, layer):
-        for i in tqdm(range(n), desc="interpret", disable=not options.progress):
-            one = tuple(t[i : i + 1].detach() for t in inputs_t)
-            if device is not None:
-                one = tuple(t.to(device) for t in one)
-            extra_i = slice_args(extra, n, i, i + 1)
-            head = reader.head_for(one, extra_i)
-            logits = outputs[i : i + 1].reshape(1, -1)
-            region = find_region(references, reader, head, psi[i], logits, int(targets[i]), options)
-            region.channel_weights = rule.region_weights(
-                region.weight,
-                region.bias,
-                one,
-                tuple(a[i] for a in activations),
-                lambda batch, extra_i=extra_i: reader.features_of(batch, extra_i),
-                context=RegionContext(region.members, references, reader, extra_i),
-            )
-            results.append(region)
-    return results, activations
+    seeds, activations = read_seeds(
+        references, reader, inputs, target, additional_forward_args, options
+    )
+    progress = tqdm(seeds, desc="interpret", disable=not options.progress)
+    return [interpret_seed(references, reader, seed, options) for seed in progress], activations
 
 
 def find_region(
