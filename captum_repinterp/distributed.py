@@ -42,9 +42,7 @@ from ._captum_compat import TargetType
 from .attribution import RepresentativeInterpretation
 from .bits import pack_rows
 from .boundaries import sample_candidates
-from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
 from .features import LayerLayout, eval_mode, extract_features, model_device
-from .heads import make_head
 from .inputs import InputSpec
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
@@ -54,12 +52,9 @@ from .projection import (
     AffineHead,
     LeadingMap,
     Projection,
-    build_projection,
-    find_affine_head,
-    find_leading_map,
 )
 from .reader import LayerReader
-from .references import _scan_head
+from .references import study_head
 from .region import (
     Seed,
     _l1_to_rows,
@@ -982,31 +977,15 @@ def fit_sharded(
                 "model_factory: the model built on the workers gives other layer features "
                 "than ri.forward_func on the first reference; load the same weights"
             )
-        seed_head = make_head(
-            forward_func, layer, layout, head, example.inputs, example.additional_forward_args,
-            attribute_to_layer_input,
+        nonlinear, projection, leading, affine = study_head(
+            forward_func, layer, head, layout, example, first_feats, attribute_to_layer_input,
+            device, stacklevel=4,
         )  # fmt: skip
-        nonlinear = _scan_head(
-            forward_func, layer, head, example, first_feats[:1], layout, device,
-            attribute_to_layer_input,
-        )  # fmt: skip
-        pairs, pair_args = cut_check_examples(example.batch, example.batch_args)
-        check = check_cut(
-            forward_func, layer, pairs, pair_args, attribute_to_layer_input, head=head
-        )
-        warn_or_raise_not_cut(check, stacklevel=3)
-        modules = head if head is not None else forward_func
-        projection = leading = affine = None
-        if isinstance(modules, nn.Module):
-            with eval_mode(modules):
-                projection = build_projection(seed_head, modules, first_feats)
-                leading = find_leading_map(seed_head, modules, first_feats)
-                affine = find_affine_head(seed_head, modules, first_feats)
     basis32 = None if projection is None else projection.basis32.numpy()
     sources = [("dataset", part) for part in parts]
     actors = _start_actors(sources, offsets, basis32, spill_dir, max_restarts, actor_options)
     return _finish(
-        ri, actors, offsets, example, layout, tuple(nonlinear), projection, sources,
+        ri, actors, offsets, example, layout, nonlinear, projection, sources,
         progress, attribute_to_layer_input, n, leading=leading, affine=affine,
     )  # fmt: skip
 

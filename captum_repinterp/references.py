@@ -40,7 +40,7 @@ from .store import ReferenceStore, fit_to_store
 if TYPE_CHECKING:
     from .reader import LayerReader
 
-__all__ = ["FittedReferences", "FittedState", "NotFittedError", "fit_references"]
+__all__ = ["FittedReferences", "FittedState", "NotFittedError", "fit_references", "study_head"]
 
 
 @dataclass(frozen=True)
@@ -193,40 +193,19 @@ def fit_references(
                 f"({int(predictions[0])}) for every reference; representative "
                 "interpretations need references of at least two predicted classes"
             )
-        seed_head = make_head(
-            forward_func,
-            layer,
-            layout,
-            head,
-            example.inputs,
-            example.additional_forward_args,
-            attribute_to_layer_input,
-        )
-        if cut_check != "off":
-            pairs, pair_args = cut_check_examples(example.batch, example.batch_args)
-            check = check_cut(
-                forward_func, layer, pairs, pair_args, attribute_to_layer_input, head=head
-            )
-            warn_or_raise_not_cut(check, error=cut_check == "raise", stacklevel=4)
-        nonlinear = _scan_head(
-            forward_func, layer, head, example, features, layout, device, attribute_to_layer_input
-        )
-        modules = head if head is not None else forward_func
-        projection = leading = affine = None
-        if isinstance(modules, nn.Module):
-            # with a store the projection is written next to the features, memory-mapped
-            out_path = None if ref_store is None else ref_store.path / "projected.npy"
-            with eval_mode(modules):
-                projection = build_projection(seed_head, modules, features, out_path=out_path)
-                leading = find_leading_map(seed_head, modules, features)
-                affine = find_affine_head(seed_head, modules, features)
+        # with a store the projection is written next to the features, memory-mapped
+        out_path = None if ref_store is None else ref_store.path / "projected.npy"
+        nonlinear, projection, leading, affine = study_head(
+            forward_func, layer, head, layout, example, features, attribute_to_layer_input,
+            device, cut_check, out_path, stacklevel=5,
+        )  # fmt: skip
     return FittedReferences(
         features=features,
         predictions=predictions,
         layout=layout,
         attribute_to_layer_input=attribute_to_layer_input,
         example=example,
-        head_nonlinear=tuple(nonlinear),
+        head_nonlinear=nonlinear,
         projection=projection,
         store=ref_store,
         inputs=references if isinstance(references, Tensor) and not append else None,
@@ -276,6 +255,54 @@ def _check_store_rows(
             "model or another layer (its first rows differ from these references' "
             "features; a shuffled DataLoader also gives another order); use a new path"
         )
+
+
+def study_head(
+    forward_func: Callable,
+    layer: nn.Module,
+    head: Callable | None,
+    layout: LayerLayout,
+    example: Example,
+    features: Tensor,
+    attribute_to_layer_input: bool,
+    device: torch.device | None,
+    cut_check: str = "raise",
+    projection_path: str | os.PathLike | None = None,
+    stacklevel: int = 4,
+) -> tuple[tuple[str, ...], Projection | None, LeadingMap | None, AffineHead | None]:
+    """What ``fit`` learns of the head from the first references (run in eval mode).
+
+    The cut check on the first (up to four) references (``cut_check``: ``"raise"``,
+    ``"warn"`` or ``"off"``), the head's non-piecewise-linear operations, and the exact
+    shortcuts of :mod:`captum_repinterp.projection` found on ``features`` (all the
+    references' rows, or only the first ones when they live elsewhere); the projection of
+    ``features`` is written to ``projection_path`` when given.
+
+    Returns
+    -------
+    (nonlinear, projection, leading, affine)
+    """
+    seed_head = make_head(
+        forward_func, layer, layout, head, example.inputs, example.additional_forward_args,
+        attribute_to_layer_input,
+    )  # fmt: skip
+    if cut_check != "off":
+        pairs, pair_args = cut_check_examples(example.batch, example.batch_args)
+        check = check_cut(
+            forward_func, layer, pairs, pair_args, attribute_to_layer_input, head=head
+        )
+        warn_or_raise_not_cut(check, error=cut_check == "raise", stacklevel=stacklevel)
+    nonlinear = _scan_head(
+        forward_func, layer, head, example, features, layout, device, attribute_to_layer_input
+    )
+    modules = head if head is not None else forward_func
+    projection = leading = affine = None
+    if isinstance(modules, nn.Module):
+        with eval_mode(modules):
+            projection = build_projection(seed_head, modules, features, out_path=projection_path)
+            leading = find_leading_map(seed_head, modules, features)
+            affine = find_affine_head(seed_head, modules, features)
+    return tuple(nonlinear), projection, leading, affine
 
 
 def _scan_head(
