@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from captum_repinterp import RepresentativeInterpretation
-from captum_repinterp.evaluation.selection import choose_default
+from captum_repinterp.evaluation.selection import CURRENT_DEFAULT, choose_default
 from captum_repinterp.features import LayerLayout
 from captum_repinterp.heatmap import (
     HEATMAP_RULES,
@@ -293,7 +293,7 @@ def _report(cells):
 def test_choose_default_counts_cells_against_the_best_baseline():
     rep = _report({"0.2": {"ri": (None, False), "ri[x]": (True, None)},
                    "0.5": {"ri": (None, None), "ri[x]": (True, True)}})  # fmt: skip
-    sel = choose_default(rep)
+    sel = choose_default(rep, max_cost_per_channel=None)
     assert sel["default"] == "x"
     first, second = sel["ranking"]
     assert (first["config"], first["wins"], first["losses"], first["ties"]) == ("ri[x]", 3, 0, 1)
@@ -306,6 +306,22 @@ def test_choose_default_counts_cells_against_the_best_baseline():
 
 def test_choose_default_breaks_ties_by_cost_then_the_current_default():
     same = {"0.2": {"ri": (True, None), "ri[x]": (True, None)}}
-    assert choose_default(_report(same))["default"] == "elementwise"  # cheaper
+    assert choose_default(_report(same), None)["default"] == "elementwise"  # cheaper
     fewer_losses = {"0.2": {"ri": (True, False), "ri[x]": (True, None)}}
-    assert choose_default(_report(fewer_losses))["default"] == "x"
+    assert choose_default(_report(fewer_losses), None)["default"] == "x"
+
+
+def test_choose_default_keeps_the_cost_bound():
+    # "x" (one forward pass per channel) loses fewer cells but is above the default bound
+    fewer_losses = {"0.2": {"ri": (True, False), "ri[x]": (True, None)}}
+    sel = choose_default(_report(fewer_losses))
+    assert sel["default"] == "elementwise"
+    assert [(r["config"], r["eligible"]) for r in sel["ranking"]] == [
+        ("ri", True),
+        ("ri[x]", False),
+    ]
+    assert choose_default(_report(fewer_losses), max_cost_per_channel=1)["default"] == "x"
+    # nothing eligible: the package's default stays
+    only_x = _report(fewer_losses)
+    del only_x["setups"]["s"]["ri_configs"]["ri"]
+    assert choose_default(only_x)["default"] == CURRENT_DEFAULT

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..attribution import RepresentativeInterpretation
 from ..heatmap import HEATMAP_RULES, HeatmapRule
 from ..interpretation import Interpretation
+from ..options import InterpretOptions
 from .methods import (
     ChannelWeightMethod,
     acts_and_grads,
@@ -118,6 +119,9 @@ class Setup:
     other_layers: Sequence[tuple[str, nn.Module, Any]] = ()
     heatmap_layers: Sequence[tuple[str, nn.Module]] = ()
 
+#: The package's default heat-map rule: the RI row ``ri`` of the evaluation.
+DEFAULT_HEATMAP_RULE: str = InterpretOptions.__dataclass_fields__["heatmap_rule"].default
+
 
 @dataclass
 class EvalConfig:
@@ -126,7 +130,8 @@ class EvalConfig:
     ``fractions`` are the keep shares: each map keeps that share of its pixels (the rest
     set to ``baseline``, the value masked pixels get in the model's input space); every
     masking metric is reported per keep share, on the same maps. ``ri_variants`` maps a
-    variant name to RI ``interpret`` keyword arguments that differ from ``ri_kwargs``;
+    variant name to RI ``interpret`` keyword arguments that differ from ``ri_kwargs`` (whose
+``heatmap_rule`` is the package's default);
     variants that only change ``heatmap_rule``/``combine`` reuse the regions. Confidence
     intervals are percentile bootstraps over seeds (``n_boot`` resamples, stratified by
     class), reported only with at least ``MIN_SEEDS_FOR_INTERVAL`` seeds in classes that
@@ -153,7 +158,7 @@ class EvalConfig:
             "n_boundaries": 50,
             "delta": None,
             "refine": "tighten",
-            "heatmap_rule": "elementwise",
+            "heatmap_rule": DEFAULT_HEATMAP_RULE,
             "combine": "sum",
         }
     )
@@ -228,10 +233,12 @@ class _Runner:
         self.ri_configs = {"ri": dict(cfg.ri_kwargs)}
         for name, kw in cfg.ri_variants.items():
             self.ri_configs[name] = {**cfg.ri_kwargs, **kw}
-        base_rule = cfg.ri_kwargs.get("heatmap_rule", "elementwise")
         for name, module in setup.heatmap_layers:
-            if base_rule == "elementwise":
-                self.ri_configs[f"ri[map@{name}]"] = {**cfg.ri_kwargs, "heatmap_layer": module}
+            self.ri_configs[f"ri[map@{name}]"] = {
+                **cfg.ri_kwargs,
+                "heatmap_rule": "elementwise",
+                "heatmap_layer": module,
+            }
             for rule in cfg.heatmap_layer_rules:
                 self.ri_configs[f"ri[{rule}@{name}]"] = {
                     **cfg.ri_kwargs,

@@ -4,8 +4,10 @@ Written down in ``docs/choices.md`` before the run that applies it: every candid
 rule selected by ``heatmap_rule=`` alone, at the split layer) is compared, in every cell
 (setup, metric, keep share) of the reuse protocol, with the best baseline of that cell,
 paired per seed; it wins the cell when the 95% interval shows it better, loses it when
-the interval shows it worse. Ranking: most wins, then fewest losses, then lowest cost,
-then the current default.
+the interval shows it worse. Only candidates within the cost bound are eligible (by
+default: no extra model forward pass per seed, so that the default keeps the per-seed
+cost of the benchmarks); the others are still tabulated. Ranking: eligible first, then
+most wins, then fewest losses, then lowest cost, then the current default.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..options import InterpretOptions
+
 __all__ = ["CURRENT_DEFAULT", "best_baseline", "choose_default"]
 
-#: The default before the rule is applied (the last tie-breaker).
-CURRENT_DEFAULT = "elementwise"
+#: The default before the rule is applied (the last tie-breaker): the package's default.
+CURRENT_DEFAULT: str = InterpretOptions.__dataclass_fields__["heatmap_rule"].default
 
 _BETTER = {"mAD": -1.0, "mAI": 1.0}
 
@@ -32,15 +36,26 @@ def best_baseline(metrics: dict[str, Any], baselines: list[str], metric: str) ->
     return max(scored)[1] if scored else None
 
 
-def choose_default(report: dict[str, Any]) -> dict[str, Any]:
+def choose_default(
+    report: dict[str, Any], max_cost_per_channel: int | None = 0
+) -> dict[str, Any]:
     """Apply the selection rule to a report of
     :func:`~captum_repinterp.evaluation.run_evaluation` (or its ``results.json``).
+
+    Parameters
+    ----------
+    report : dict
+        The evaluation report.
+    max_cost_per_channel : int or None
+        The cost bound: candidates whose extra forward passes per seed per channel of
+        the layer exceed it are not eligible (``0``: rules without extra forward
+        passes; ``None``: no bound).
 
     Returns
     -------
     dict
         ``"ranking"``: one row per candidate (its RI config name, rule, wins, losses,
-        ties, cost), best first; ``"cells"``: per candidate and cell the opponent, the
+        ties, cost, ``eligible``), eligible candidates first, best first; ``"cells"``: per candidate and cell the opponent, the
         paired difference, its interval and the outcome (``"win"``, ``"loss"``,
         ``"tie"``); ``"default"``: the first-ranked rule.
     """
@@ -97,10 +112,13 @@ def choose_default(report: dict[str, Any]) -> dict[str, Any]:
                 "cells": len(mine),
                 "cost_per_channel": c["cost_per_channel"],
                 "forward_passes": c["forward_passes"],
+                "eligible": max_cost_per_channel is None
+                or c["cost_per_channel"] <= max_cost_per_channel,
             }
         )
     ranking.sort(
         key=lambda r: (
+            not r["eligible"],
             -r["wins"],
             r["losses"],
             r["cost_per_channel"],
@@ -110,5 +128,5 @@ def choose_default(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "ranking": ranking,
         "cells": cells,
-        "default": ranking[0]["rule"] if ranking else CURRENT_DEFAULT,
+        "default": ranking[0]["rule"] if ranking and ranking[0]["eligible"] else CURRENT_DEFAULT,
     }

@@ -104,12 +104,14 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
     cfg.ri_variants = {
         f"ri[{rule}]": {"heatmap_rule": rule}
         for rule in (
+            "elementwise",
             "channel",
             "elementwise-positive",
             "elementwise-members",
             "region-score",
             "region-members",
         )
+        if rule != cfg.ri_kwargs["heatmap_rule"]
     }
     cfg.heatmap_layer_rules = ("region-score", "region-members")
 
@@ -270,37 +272,45 @@ def _selection_section(report: dict[str, Any]) -> list[str]:
         "The rule written in `docs/choices.md` before the run: each candidate (a "
         "`heatmap_rule` at the split layer) against the best baseline of each cell "
         "(setup, metric, keep share), paired per seed; win / loss when the 95% interval "
-        "excludes 0. Ranked by wins, then losses, then cost (extra forward passes per "
+        "excludes 0. Eligible: the rules without extra forward passes per seed (the "
+        "cost bound); ranked by wins, then losses, then cost (extra forward passes per "
         f"seed; K = channels of the layer). First: **{sel['default']}**. In the "
-        "tables `ri` is the row of the run's `heatmap_rule` (below each setup's title) "
-        "and `ri[<rule>]` the other rules, on the same seeds and images.",
+        "tables `ri` is the row of the run's `heatmap_rule` (the package's default, "
+        "below each setup's title) and `ri[<rule>]` the other rules, on the same seeds "
+        "and images.",
         "",
-        "| config | heatmap_rule | wins | losses | ties | cost |",
-        "|---|---|---|---|---|---|",
+        "| config | heatmap_rule | wins | losses | ties | cost | eligible |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sel["ranking"]:
         lines.append(
             f"| {r['config']} | {r['rule']} | {r['wins']} | {r['losses']} | {r['ties']} | "
-            f"{r['forward_passes']} |"
+            f"{r['forward_passes']} | {'yes' if r['eligible'] else 'no'} |"
         )
-    first = sel["ranking"][0]["config"]
-    lines += [
-        "",
-        f"Cells of {first} (value, best baseline's value, difference [95% interval]):",
-        "",
-        "| setup | keep | metric | best baseline | value | baseline | difference | outcome |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in sel["cells"]:
-        if c["candidate"] != first:
-            continue
-        lo, hi = c["ci"]
-        ci = "n/a" if lo is None or hi is None else f"[{_f(lo)}, {_f(hi)}]"
-        lines.append(
-            f"| {c['setup']} | {_keep_title(c['keep'])} | {c['metric']} | {c['opponent']} | "
-            f"{_f(c['value'])} | {_f(c['opponent_value'])} | {_f(c['diff'])} {ci} | "
-            f"{c['outcome']} |"
-        )
+    shown = [sel["ranking"][0]]
+    over = [r for r in sel["ranking"] if not r["eligible"]]
+    if over and shown[0]["eligible"]:
+        shown.append(over[0])  # the best candidate above the cost bound, for comparison
+    for row in shown:
+        bound = "" if row["eligible"] else ", above the cost bound"
+        lines += [
+            "",
+            f"Cells of {row['config']}{bound} (value, best baseline's value, difference "
+            "[95% interval]):",
+            "",
+            "| setup | keep | metric | best baseline | value | baseline | difference | outcome |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in sel["cells"]:
+            if c["candidate"] != row["config"]:
+                continue
+            lo, hi = c["ci"]
+            ci = "n/a" if lo is None or hi is None else f"[{_f(lo)}, {_f(hi)}]"
+            lines.append(
+                f"| {c['setup']} | {_keep_title(c['keep'])} | {c['metric']} | "
+                f"{c['opponent']} | {_f(c['value'])} | {_f(c['opponent_value'])} | "
+                f"{_f(c['diff'])} {ci} | {c['outcome']} |"
+            )
     return [*lines, ""]
 
 
