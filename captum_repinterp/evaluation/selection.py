@@ -36,9 +36,7 @@ def best_baseline(metrics: dict[str, Any], baselines: list[str], metric: str) ->
     return max(scored)[1] if scored else None
 
 
-def choose_default(
-    report: dict[str, Any], max_cost_per_channel: int | None = 0
-) -> dict[str, Any]:
+def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0) -> dict[str, Any]:
     """Apply the selection rule to a report of
     :func:`~captum_repinterp.evaluation.run_evaluation` (or its ``results.json``).
 
@@ -55,9 +53,10 @@ def choose_default(
     -------
     dict
         ``"ranking"``: one row per candidate (its RI config name, rule, wins, losses,
-        ties, cost, ``eligible``), eligible candidates first, best first; ``"cells"``: per candidate and cell the opponent, the
-        paired difference, its interval and the outcome (``"win"``, ``"loss"``,
-        ``"tie"``); ``"default"``: the first-ranked rule.
+        ties, cost, ``eligible``), eligible candidates first, best first;
+        ``"cells"``: per candidate and cell the opponent, the paired difference, its
+        interval and the outcome (``"win"``, ``"loss"``, ``"tie"``); ``"default"``: the
+        first-ranked eligible rule (the current default when none is eligible).
     """
     setups = report["setups"]
     candidates: dict[str, dict[str, Any]] = {}
