@@ -128,18 +128,18 @@ DEFAULT_HEATMAP_RULE: str = InterpretOptions.__dataclass_fields__["heatmap_rule"
 class EvalConfig:
     """Parameters of the evaluation (recorded with the results).
 
-        ``fractions`` are the keep shares: each map keeps that share of its pixels (the rest
-        set to ``baseline``, the value masked pixels get in the model's input space); every
-        masking metric is reported per keep share, on the same maps. ``ri_variants`` maps a
-        variant name to RI ``interpret`` keyword arguments that differ from ``ri_kwargs`` (whose
-    ``heatmap_rule`` is the package's default);
-        variants that only change ``heatmap_rule``/``combine`` reuse the regions. Confidence
-        intervals are percentile bootstraps over seeds (``n_boot`` resamples, stratified by
-        class), reported only with at least ``MIN_SEEDS_FOR_INTERVAL`` seeds in classes that
-        have two or more; ``layer_sweep`` reruns the reuse protocol on the setup's
-        ``other_layers`` for the RI configs in ``layer_sweep_variants`` and every baseline.
-        ``heatmap_layer_rules`` names rules (besides the elementwise ``ri[map@L]``) also drawn
-        at each of the setup's ``heatmap_layers``, as the rows ``ri[<rule>@L]``.
+    ``fractions`` are the keep shares: each map keeps that share of its pixels (the rest
+    set to ``baseline``, the value masked pixels get in the model's input space); every
+    masking metric is reported per keep share, on the same maps. ``ri_variants`` maps a
+    variant name to RI ``interpret`` keyword arguments that differ from ``ri_kwargs``
+    (whose ``heatmap_rule`` is the package's default); variants that only change
+    ``heatmap_rule``/``combine`` reuse the regions. Confidence intervals are percentile
+    bootstraps over seeds (``n_boot`` resamples, stratified by class), reported only with
+    at least ``MIN_SEEDS_FOR_INTERVAL`` seeds in classes that have two or more;
+    ``layer_sweep`` reruns the reuse protocol on the setup's ``other_layers`` for the RI
+    configs in ``layer_sweep_variants`` and every baseline. ``heatmap_layer_rules`` names
+    rules (besides the elementwise ``ri[map@L]``) also drawn at each of the setup's
+    ``heatmap_layers``, as the rows ``ri[<rule>@L]``.
     """
 
     seeds_per_class: int = 3
