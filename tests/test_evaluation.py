@@ -31,6 +31,7 @@ from captum_repinterp.evaluation import (
 )
 from captum_repinterp.evaluation.methods import acts_and_grads
 from captum_repinterp.evaluation.protocol import MIN_SEEDS_FOR_INTERVAL, Timer, _aggregate, _compare
+from captum_repinterp.options import InterpretOptions
 
 needs_gradcam = pytest.mark.skipif(
     not gradcam_package_available(), reason="grad-cam (pytorch_grad_cam) not installed"
@@ -322,7 +323,10 @@ def test_small_pipeline_on_the_tiny_model(tiny):
         n_fidelity=2,
         n_perturb=2,
         ig_steps=8,
-        ri_variants={"ri[region-members]": {"heatmap_rule": "region-members"}},
+        ri_variants={
+            "ri[region-members]": {"heatmap_rule": "region-members"},
+            "ri[elementwise]": {"heatmap_rule": "elementwise"},
+        },
         heatmap_layer_rules=("region-score",),
     )
     res = evaluate_setup(setup, cfg)
@@ -372,6 +376,10 @@ def test_small_pipeline_on_the_tiny_model(tiny):
         "cost_per_channel": 1,
     }
     assert described["ri"]["heatmap_layer"] is None
+    # the row "ri" is what a user gets: the package's default rule; map@L is elementwise
+    assert described["ri"]["heatmap_rule"] == InterpretOptions().heatmap_rule
+    assert described["ri[map@features[0]]"]["heatmap_rule"] == "elementwise"
+    assert described["ri[elementwise]"]["heatmap_layer"] is None
     # one seed per class: no interval and no winner (the bootstrap would collapse)
     for row in reuse["metrics"].values():
         assert row["mAD_ci"] == [None, None] and row["mAI_ci"] == [None, None]
