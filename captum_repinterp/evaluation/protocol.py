@@ -137,7 +137,8 @@ class EvalConfig:
     bootstraps over seeds (``n_boot`` resamples, stratified by class), reported only with
     at least ``MIN_SEEDS_FOR_INTERVAL`` seeds in classes that have two or more;
     ``layer_sweep`` reruns the reuse protocol on the setup's ``other_layers`` for the RI
-    configs in ``layer_sweep_variants`` and every baseline. ``heatmap_layer_rules`` names
+    configs in ``layer_sweep_variants`` and every baseline; ``no_reuse``, ``sanity`` and
+    ``fidelity`` switch those parts off. ``heatmap_layer_rules`` names
     rules (besides the elementwise ``ri[map@L]``) also drawn at each of the setup's
     ``heatmap_layers``, as the rows ``ri[<rule>@L]``.
     """
@@ -165,6 +166,7 @@ class EvalConfig:
     )
     ri_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     include_package: bool = True
+    no_reuse: bool = True
     sanity: bool = True
     fidelity: bool = True
     layer_sweep: bool = True
@@ -771,8 +773,9 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
             result["reuse"] = run.reuse(ri, methods)
         # the main run's time only (the layer sweep calls reuse again and times itself)
         run.timings["ri_interpret_seeds"] = result["reuse"]["interpret_seconds"]
-        with Timer(run.timings, "no_reuse_total", f"{tag} no_reuse"):
-            result["no_reuse"] = run.no_reuse(ri, methods)
+        if cfg.no_reuse:
+            with Timer(run.timings, "no_reuse_total", f"{tag} no_reuse"):
+                result["no_reuse"] = run.no_reuse(ri, methods)
         if cfg.sanity and setup.cascade:
             with Timer(run.timings, "sanity_total", f"{tag} sanity"):
                 result["sanity"] = run.sanity()

@@ -364,15 +364,19 @@ def markdown_report(report: dict[str, Any]) -> str:
             ]
             lines += _metric_table(part["metrics"])
             lines += _comparison_table(part["comparisons"])
-            lines += [
-                "",
-                f"### Without reuse, {_keep_title(key)} (each method explains the image itself)",
-                "",
-                "| method | mAD | mAI | images |",
-                "|---|---|---|---|",
-            ]
-            for m, row in res["no_reuse"]["keep"][key]["metrics"].items():
-                lines.append(f"| {m} | {_ci(row, 'mAD')} | {_ci(row, 'mAI')} | {row['n_seeds']} |")
+            if "no_reuse" in res:
+                lines += [
+                    "",
+                    f"### Without reuse, {_keep_title(key)} (each method explains the image "
+                    "itself)",
+                    "",
+                    "| method | mAD | mAI | images |",
+                    "|---|---|---|---|",
+                ]
+                for m, row in res["no_reuse"]["keep"][key]["metrics"].items():
+                    lines.append(
+                        f"| {m} | {_ci(row, 'mAD')} | {_ci(row, 'mAI')} | {row['n_seeds']} |"
+                    )
             for sweep in res.get("layers", []):
                 lines += [
                     "",
