@@ -357,6 +357,9 @@ def test_small_pipeline_on_the_tiny_model(tiny):
     for s in stages:
         for m in methods:
             assert s[m] is None or -1 <= s[m] <= 1
+        # RI's map on the randomised copy: only the row "ri" is drawn, never a config
+        # whose heatmap_layer belongs to the original model
+        assert "heatmap_layer" not in s.get("note", "")
     # every RI config is also measured on the baselines' images, with paired comparisons
     assert "ri @nn" in reuse["metrics"]
     # the map drawn at an earlier layer, on both image sets and without reuse

@@ -410,7 +410,8 @@ class _Runner:
     ) -> dict[str, Tensor]:
         maps = {}
         if ri is not None:
-            regions = self.regions(ri, images, targets)
+            configs = {name: self.ri_configs[name] for name in ri_names}
+            regions = self.regions(ri, images, targets, configs=configs)
             acts, _ = acts_and_grads(ri.forward_func, ri.layer, images, targets)
             for name in ri_names:
                 lm = torch.cat(
