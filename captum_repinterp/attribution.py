@@ -192,7 +192,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         delta: int | float | None = None,
         random_state: int = 0,
         refine: str = "tighten",
-        heatmap_rule: str = "elementwise-positive",
+        heatmap_rule: str = "elementwise-members",
         combine: str = "sum",
         bisection_steps: int = 20,
         progress: bool = False,
@@ -220,8 +220,12 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             After the greedy loop: add every zero-cost boundary, drop boundaries that
             change neither count, or nothing.
         heatmap_rule : str
-            A rule registered in :mod:`captum_repinterp.heatmap` (``"elementwise"``,
-            ``"channel"``, ``"region-score"``, ...).
+            A rule registered in :mod:`captum_repinterp.heatmap`: ``"elementwise-members"``
+            (default: the region's direction with each channel in units of its mean level
+            over the seed and its 8 nearest members, no extra forward pass),
+            ``"elementwise"`` (the authors' rule), ``"elementwise-positive"``,
+            ``"channel"``, ``"region-score"`` (``K`` forward passes per seed),
+            ``"region-members"`` (``9 K``).
         combine : {"sum", "unit"}
             How the selected normals are combined into the heat-map direction.
         bisection_steps : int
@@ -266,7 +270,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         delta: int | float | None = None,
         random_state: int = 0,
         refine: str = "tighten",
-        heatmap_rule: str = "elementwise-positive",
+        heatmap_rule: str = "elementwise-members",
         combine: str = "sum",
         bisection_steps: int = 20,
         progress: bool = False,

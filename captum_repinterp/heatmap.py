@@ -7,12 +7,12 @@ like the layer's output) is drawn on any image's layer activations ``A`` as
 method, :meth:`HeatmapRule.cam_weights` (as pytorch-grad-cam's CAM variants implement
 ``get_cam_weights``), registered by name with :func:`register_heatmap_rule`:
 
-- ``"elementwise"`` (default): ``weights = v``, the rule the authors' code uses to draw
+- ``"elementwise"``: ``weights = v``, the rule the authors' code uses to draw
   one boundary; with ``layer=`` (``heatmap_layer``) it is drawn at an earlier layer, the
   gradient of the score ``v . psi`` there standing for ``v`` (:func:`pulled_back_heatmap`);
 - ``"channel"``: Grad-CAM-like, ``weights_k = mean_p v[k, p]``;
 - ``"elementwise-positive"``: ``weights = max(v, 0)``;
-- ``"elementwise-members"``: ``weights = v / s_k``, ``s_k`` the mean activation of
+- ``"elementwise-members"`` (default): ``weights = v / s_k``, ``s_k`` the mean activation of
   channel ``k`` over the seed and its 8 nearest reference members (no forward pass);
 - ``"region-score"``: Score-CAM-like channel weights scored by the *region*: each
   channel's activation on the seed, upsampled and min-max scaled, masks the seed; ``s_k``
@@ -251,7 +251,7 @@ class HeatmapRule:
 
 @register_heatmap_rule
 class ElementwiseRule(HeatmapRule):
-    """``sum_k v[k, p] * A_k[p]``: the default (drawn at ``layer`` when given)."""
+    """``sum_k v[k, p] * A_k[p]``: the authors' rule (drawn at ``layer`` when given)."""
 
     name = "elementwise"
     supports_layer = True
@@ -310,7 +310,41 @@ class ElementwiseMembersRule(HeatmapRule):
 
     name = "elementwise-members"
     forward_passes = "0 (reads the stored features of 8 members)"
+    supports_layer = True
     n_members: ClassVar[int] = 8
+
+    def maps(
+        self,
+        reader: Any,
+        inputs: Any,
+        additional_forward_args: Any,
+        direction: Tensor,
+        channel_weights: Tensor | None = None,
+        relu: bool = True,
+        attr_dim_summation: bool = True,
+        activations: tuple[Tensor, ...] | None = None,
+    ) -> tuple[Tensor, ...]:
+        """At an earlier ``layer`` the score ``(v / s) . psi`` (each channel of the split
+        layer in units of its level ``s_k``) is drawn by gradient times activation; at
+        the split layer that is this rule's own map."""
+        if self.layer is not None and channel_weights is not None:
+            rows = direction if direction.dim() == 2 else direction[None]
+            parts = reader.layout.unflatten(rows)
+            if len(parts) == 1:
+                scaled = reader.layout.flatten(
+                    (parts[0] * _per_channel(channel_weights, parts[0]),)
+                )
+                direction = scaled if direction.dim() == 2 else scaled[0]
+        return super().maps(
+            reader,
+            inputs,
+            additional_forward_args,
+            direction,
+            channel_weights,
+            relu,
+            attr_dim_summation,
+            activations,
+        )
 
     def cam_weights(
         self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None

@@ -34,7 +34,7 @@ class InterpretOptions:
     delta: int | float | None = None
     random_state: int = 0
     refine: str = "tighten"
-    heatmap_rule: str = "elementwise-positive"
+    heatmap_rule: str = "elementwise-members"
     combine: str = "sum"
     bisection_steps: int = 20
     progress: bool = False

@@ -26,13 +26,20 @@ def test_at_the_split_layer_it_is_the_elementwise_rule(fitted):
     torch.testing.assert_close(reg.heatmap(x[210:220]), plain, rtol=1e-5, atol=1e-6)
 
 
-def test_default_rule_at_the_split_layer_is_its_own_map(fitted):
+@pytest.mark.parametrize("rule", [None, "elementwise-positive", "elementwise-members"])
+def test_rule_at_the_split_layer_is_its_own_map(fitted, rule):
     model, x, ri = fitted
-    reg = ri.interpret(x[200:201])  # elementwise-positive: the direction's positive part
+    kw = {} if rule is None else {"heatmap_rule": rule}  # None: the default rule
+    reg = ri.interpret(x[200:201], **kw)
     plain = reg.heatmap(x[210:220], relu_attributions=False)
-    reg.heatmap_layer = model.features[-1]
-    pulled = reg.heatmap(x[210:220], relu_attributions=False)
+    assert plain.abs().sum() > 0
+    at_split = ri.interpret(x[200:201], heatmap_layer=model.features[-1], **kw)
+    pulled = at_split.heatmap(x[210:220], relu_attributions=False)
     torch.testing.assert_close(pulled, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_default_rule_at_an_earlier_layer(fitted):
+    model, x, ri = fitted
     f0 = model.features[0]
     at_f0 = ri.attribute(x[210:213], heatmap_layer=f0)
     assert at_f0.shape == ri.attribute(x[210:213], heatmap_layer=f0, heatmap_rule=EW).shape
