@@ -18,6 +18,11 @@ reuse) with rules that try to get the same channel weights for less:
   other channels get weight 0.
 - ``trial-top16-members``: the same on the seed and its 8 nearest members (``9 T``).
 
+And variants of the default ``elementwise-members`` (no forward pass):
+``trial-channel-members`` (one weight per channel, ``mean_p v[k, p] / s_k``),
+``trial-positive-members`` (``max(v, 0) / s_k``) and ``trial-max-members`` (``s_k`` the
+channel's largest level over the seed and members instead of its mean).
+
 Run (about 2 minutes for the three setups on 2 cores)::
 
     OMP_NUM_THREADS=1 python benchmarks/heatmap_rule_trials.py
@@ -102,7 +107,60 @@ TRIALS = {
 for _name, _attrs in TRIALS.items():
     hm.register_heatmap_rule(type(_name, (TrialRule,), {"name": _name, **_attrs}))
 
-COMPARED = ("elementwise-positive", "elementwise", "region-score", "region-members")
+
+class ChannelMembers(hm.ElementwiseMembersRule):
+    """``mean_p v[k, p] / s_k``: one weight per channel."""
+
+    name = "trial-channel-members"
+    supports_layer = False
+
+    def cam_weights(self, direction, activation, channel_weights):
+        d = direction.mean(dim=tuple(range(2, direction.dim())), keepdim=True)
+        return super().cam_weights(d, activation, channel_weights)
+
+
+class PositiveMembers(hm.ElementwiseMembersRule):
+    """``max(v, 0) / s_k``."""
+
+    name = "trial-positive-members"
+    supports_layer = False
+
+    def cam_weights(self, direction, activation, channel_weights):
+        return super().cam_weights(direction.clamp_min(0), activation, channel_weights)
+
+
+class MaxMembers(hm.ElementwiseMembersRule):
+    """``v / s_k`` with ``s_k`` the largest level of channel ``k`` over the images."""
+
+    name = "trial-max-members"
+    supports_layer = False
+
+    def region_weights(
+        self, weight, bias, seed_inputs, seed_activations, features_of, context=None
+    ):
+        seed = seed_activations[0].detach().to("cpu", torch.float32)[None]
+        if seed.dim() != 4:
+            return None
+        acts = [seed]
+        if context is not None:
+            rows = context.nearest_members(self.n_members, seed_features=seed.reshape(-1))
+            if rows.numel():
+                feats = context.references.features[rows].float()
+                acts.append(feats.reshape(rows.numel(), *seed.shape[1:]))
+        return hm.member_scale(torch.cat(acts).flatten(2).amax(dim=2))
+
+
+for _cls in (ChannelMembers, PositiveMembers, MaxMembers):
+    hm.register_heatmap_rule(_cls)
+    TRIALS[_cls.name] = {}
+
+COMPARED = (
+    "elementwise-members",
+    "elementwise-positive",
+    "elementwise",
+    "region-score",
+    "region-members",
+)
 
 
 def main() -> None:

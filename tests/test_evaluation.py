@@ -299,6 +299,27 @@ def test_keep_shares_are_validated_and_keyed(tiny):
             evaluate_setup(setup, EvalConfig(fractions=bad))
 
 
+def test_rule_variants_keep_their_own_combine(tiny):
+    from captum_repinterp import RepresentativeInterpretation
+    from captum_repinterp.evaluation.protocol import _ri_variant
+
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1], head=model.head)
+    ri.fit(x[:200], progress=False)
+    region = ri.interpret(x[200:201], heatmap_rule="elementwise-members")
+    for rule in ("elementwise-members", "elementwise"):
+        kw = {"heatmap_rule": rule, "combine": "unit"}
+        variant = _ri_variant(region, kw)
+        assert variant.combine == "unit"
+        # the variant's map is the one interpret draws with those arguments
+        direct = ri.interpret(x[200:201], **kw)
+        feats, _ = ri.transform(x[201:205])
+        acts = ri.layout_.unflatten(feats)
+        torch.testing.assert_close(
+            variant.heatmap_from_activations(acts), direct.heatmap_from_activations(acts)
+        )
+
+
 # ---------------------------------------------------------------- the pipeline
 @pytest.mark.slow
 def test_small_pipeline_on_the_tiny_model(tiny):

@@ -201,7 +201,10 @@ def _ri_variant(region: Interpretation, kw: dict[str, Any]) -> Interpretation:
     layer = kw.get("heatmap_layer")
     if _computes_weights(kw):
         return dataclasses.replace(
-            region, reader=region.reader if layer is not None else None, heatmap_layer=layer
+            region,
+            combine=kw["combine"],
+            reader=region.reader if layer is not None else None,
+            heatmap_layer=layer,
         )
     return dataclasses.replace(
         region,
