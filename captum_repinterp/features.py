@@ -406,7 +406,8 @@ def feature_batches(
     batches = (b for b in batches if int(b[0][0].shape[0]) > 0)
     first = next(batches, None)
     if first is None:
-        raise ValueError(f"{name}: the reference set is empty (no examples)")
+        what = "the reference set is empty" if name == "references" else "empty"
+        raise ValueError(f"{name}: {what} (no examples)")
     check_inputs(first[0], name)
     check_against_references(first[0], expected, name)
     b = int(first[0][0].shape[0])
@@ -464,7 +465,15 @@ def feature_batches(
                         f"({layout.shapes} vs {this_layout.shapes}); use inputs of one size"
                     )
                 rows = layout.flatten(tensors)
-                yield rows, flatten_logits(out, rows.shape[0]).argmax(dim=1).cpu(), layout
+                logits = flatten_logits(out, rows.shape[0])
+                if logits.shape[1] < 2:
+                    raise ValueError(
+                        "forward_func returns one score per example; representative "
+                        "interpretations need one score per class (at least two), e.g. "
+                        "torch.cat([torch.zeros_like(z), z], dim=1) for a binary "
+                        "model's logit z"
+                    )
+                yield rows, logits.argmax(dim=1).cpu(), layout
 
     return n, example, run
 

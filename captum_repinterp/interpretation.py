@@ -9,7 +9,7 @@ little metadata, saved as one ``.npz`` file (no pickled code).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -119,6 +119,31 @@ class Interpretation:
 
     def __len__(self) -> int:
         return int(self.members.numel())
+
+    def __eq__(self, other: object) -> bool:
+        """Same region, members, ranking and map settings (tensors compared with
+        ``torch.equal`` and their dtypes; the model, its reader and ``heatmap_layer``
+        are not compared). A loaded interpretation equals the one saved."""
+        if not isinstance(other, Interpretation):
+            return NotImplemented
+        for f in fields(self):
+            if not f.compare:
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, Tensor) or isinstance(b, Tensor):
+                same = (
+                    isinstance(a, Tensor)
+                    and isinstance(b, Tensor)
+                    and a.dtype == b.dtype
+                    and torch.equal(a.cpu(), b.cpu())
+                )
+            else:
+                same = bool(a == b)
+            if not same:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, compared by value)
 
     def __repr__(self) -> str:
         return (
@@ -301,7 +326,10 @@ class Interpretation:
         Raises
         ------
         ValueError
-            For a file of another format version, or a map drawn at a layer the given
-            model does not have.
+            For a file of another format version, an explainer whose layer is shaped
+            unlike the interpretation's, or a map drawn at a layer the given model does
+            not have.
+        TypeError, NotFittedError
+            For an ``explainer`` that is not a (fitted) explainer or reader.
         """
         return load_interpretation(cls, path, explainer)

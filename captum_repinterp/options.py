@@ -49,6 +49,10 @@ class InterpretOptions:
             self.random_state, numbers.Integral
         ):
             raise TypeError(f"random_state must be an int, got {self.random_state!r}")
+        if not -(2**63) <= self.random_state < 2**64:  # what torch.Generator takes
+            raise ValueError(
+                f"random_state must be an int in [-2**63, 2**64), got {self.random_state}"
+            )
         _check_delta(self.delta)
         if self.heatmap_layer is not None and not isinstance(self.heatmap_layer, nn.Module):
             raise TypeError(

@@ -1,0 +1,158 @@
+"""Second round of misuse found by hand: each test is a call that used to go wrong."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from captum_repinterp import Interpretation, NotFittedError, RepresentativeInterpretation
+from captum_repinterp.auditing import audit
+from captum_repinterp.visualization import compare_methods, plot_audit, plot_region
+
+NB = {"n_boundaries": 12, "bisection_steps": 12}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny, one_thread):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    return ri, model, x
+
+
+# ---------------------------------------------------------------------- global state
+def test_fit_on_a_dataset_leaves_the_global_rng_alone(tiny):
+    """fit wraps a Dataset in its own DataLoader; iterating it drew a base seed from the
+    global generator, so fitting changed the random numbers the user gets next."""
+    model, x = tiny
+    dataset = TensorDataset(x[:200])
+    state = torch.get_rng_state()
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(dataset, progress=False)
+    ri.transform(dataset)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---------------------------------------------------------------------- options
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_random_state_out_of_range_names_it(fitted, seed):
+    ri, _, x = fitted
+    with pytest.raises(ValueError, match="random_state"):
+        ri.interpret(x[200:201], random_state=seed, **NB)
+
+
+def test_one_score_per_example_is_refused_with_a_reason(tiny):
+    """A binary model with one logit: "predicts a single class" did not say why."""
+    model, x = tiny
+
+    class OneLogit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            out = self.inner(z)
+            return out[:, :1] - out[:, 1:2]
+
+    wrapped = OneLogit().eval()
+    with pytest.raises(ValueError, match="forward_func.*one score"):
+        RepresentativeInterpretation(wrapped, model.features[-1]).fit(x[:50], progress=False)
+
+
+# ---------------------------------------------------------------------- saved regions
+def test_interpretations_compare_by_value(fitted, tmp_path):
+    ri, _, x = fitted
+    region = ri.interpret(x[200:201], heatmap_rule="region-score", **NB)
+    region.save(tmp_path / "r.npz")
+    loaded = Interpretation.load(tmp_path / "r.npz")
+    assert loaded == region and region == copy.deepcopy(region)
+    other = ri.interpret(x[201:202], **NB)
+    assert region != other and region != "region"
+    changed = copy.deepcopy(region)
+    changed.members = changed.members.flip(0)
+    assert changed != region
+
+
+def test_load_with_the_explainer_of_another_layer_is_refused(fitted, tmp_path):
+    ri, model, x = fitted
+    ri.interpret(x[200:201], **NB).save(tmp_path / "r.npz")
+    other = RepresentativeInterpretation(model, model.features[0]).fit(x[:200], progress=False)
+    with pytest.raises(ValueError, match="explainer"):
+        Interpretation.load(tmp_path / "r.npz", explainer=other)
+
+
+def test_load_with_a_wrong_or_unfitted_explainer_names_it(fitted, tmp_path):
+    ri, model, x = fitted
+    ri.interpret(x[200:201], **NB).save(tmp_path / "r.npz")
+    for wrong in (model, "ri"):
+        with pytest.raises(TypeError, match="explainer"):
+            Interpretation.load(tmp_path / "r.npz", explainer=wrong)
+    with pytest.raises(NotFittedError):
+        Interpretation.load(
+            tmp_path / "r.npz", explainer=RepresentativeInterpretation(model, model.features[-1])
+        )
+    # the fitted explainer and its reader both work
+    a = Interpretation.load(tmp_path / "r.npz", explainer=ri).contains(x[:20])
+    b = Interpretation.load(tmp_path / "r.npz", explainer=ri.reader_).contains(x[:20])
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- audit
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_audit_random_state_out_of_range_fails_first(fitted, seed):
+    ri, _, x = fitted
+    with pytest.raises(ValueError, match="^random_state"):  # not scikit-learn's, later
+        audit(ri, x[200:260], target=0, random_state=seed, **NB)
+
+
+def test_audit_names_images_and_heldout(fitted):
+    ri, _, x = fitted
+    with pytest.raises(ValueError, match="^images"):
+        audit(ri, x[200:260, 0], target=0, **NB)
+    with pytest.raises(ValueError, match="^images"):
+        audit(ri, x[200:200], **NB)
+    with pytest.raises(ValueError, match="^heldout"):
+        audit(ri, x[200:260], target=0, heldout=x[260:270] * float("nan"), **NB)
+
+
+def test_audit_refuses_heatmap_layer_before_any_region(fitted):
+    ri, model, x = fitted
+    with pytest.raises(ValueError, match="^heatmap_layer"):
+        audit(ri, x[200:260], target=0, heatmap_layer=model.features[0], **NB)
+
+
+def test_audit_features_of_the_wrong_type_are_named(fitted):
+    ri, _, x = fitted
+    with pytest.raises(TypeError, match="features"):
+        audit(ri, x[:200], features=(ri.features_.numpy(), ri.predictions_), **NB)
+
+
+# ---------------------------------------------------------------------- figures
+def test_plot_region_checks_the_seed_and_labels(fitted):
+    ri, _, x = fitted
+    region = ri.interpret(x[200:201], **NB)
+    with pytest.raises(ValueError, match="seed_image"):
+        plot_region(region, x[200:202], x[:200])  # two seeds
+    with pytest.raises(ValueError, match="seed_image"):
+        plot_region(region, x[200, 0, :6], x[:200])  # not shaped like the references
+    with pytest.raises(ValueError, match="reference_labels"):
+        plot_region(region, x[200], x[:200], reference_labels=torch.zeros(5, dtype=torch.long))
+
+
+def test_plot_audit_names_its_arguments(fitted):
+    ri, _, x = fitted
+    result = audit(ri, x[200:260], target=0, subgroup_by="none", **NB)
+    with pytest.raises(TypeError, match="class_audit.*result\\[c\\]"):
+        plot_audit(result, x[200:260])
+    with pytest.raises(ValueError, match="images"):
+        plot_audit(result[0], x[200:203])
+
+
+def test_compare_methods_names_badly_shaped_images(fitted):
+    ri, model, x = fitted
+    with pytest.raises(ValueError, match="images"):
+        compare_methods(model, model.features[-1], ri, x[200], **NB)
