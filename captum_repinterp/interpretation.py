@@ -8,6 +8,7 @@ little metadata, saved as one ``.npz`` file (no pickled code).
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -159,9 +160,11 @@ class Interpretation:
 
     def similar(self, k: int = 5) -> Tensor:
         """Indices of the ``k`` members nearest to the seed by semantic distance."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"k must be a non-negative int, got {k!r}")
+        if k < 0:
             raise ValueError(f"k must be a non-negative int, got {k!r}")
-        return self.members[:k]
+        return self.members[: int(k)]
 
     # ------------------------------------------------------------------ features
     def contains_features(self, features: Tensor) -> Tensor:
@@ -201,6 +204,8 @@ class Interpretation:
             as ``target`` that are inside (NaN when there are none).
         """
         inside = self.contains_features(features)
+        if not isinstance(predictions, Tensor):
+            raise TypeError(f"predictions must be a tensor, got {type(predictions).__name__}")
         if predictions.shape[0] != inside.shape[0]:
             raise ValueError(
                 f"predictions must have one entry per row of features ({inside.shape[0]}), "

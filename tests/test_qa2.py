@@ -156,3 +156,37 @@ def test_compare_methods_names_badly_shaped_images(fitted):
     ri, model, x = fitted
     with pytest.raises(ValueError, match="images"):
         compare_methods(model, model.features[-1], ri, x[200], **NB)
+
+
+# ---------------------------------------------------------------------- command line
+@pytest.mark.parametrize("command", ["report", "demo", "evaluate"])
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_cli_random_state_out_of_range_is_a_usage_error(capsys, command, seed):
+    """The report's audit hands the seed to scikit-learn, which takes [0, 2**32): a
+    seed outside failed with a traceback after the model had run."""
+    from captum_repinterp.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([command, "--random-state", seed])
+    assert info.value.code == 2
+    assert "--random-state/--seed: must be an int in [0, 2**32)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- small API edges
+def test_similar_takes_numpy_ints_and_names_k(fitted):
+    import numpy as np
+
+    ri, _, x = fitted
+    region = ri.interpret(x[200:201], **NB)
+    assert torch.equal(region.similar(np.int64(3)), region.members[:3])
+    with pytest.raises(TypeError, match="k must be"):
+        region.similar(2.0)
+    with pytest.raises(ValueError, match="k must be"):
+        region.similar(-1)
+
+
+def test_evaluate_features_names_predictions(fitted):
+    ri, _, x = fitted
+    region = ri.interpret(x[200:201], **NB)
+    with pytest.raises(TypeError, match="predictions"):
+        region.evaluate_features(ri.features_, ri.predictions_.tolist())
