@@ -317,7 +317,37 @@ def forward_with_layer(
             raise TypeError(f"layer: the layer produced a {type(t).__name__}, not tensors")
     if not isinstance(output, Tensor):
         raise TypeError(f"forward_func must return a tensor of scores, got {type(output).__name__}")
+    if replace is None:
+        _check_rows(inputs, tensors, output, additional_forward_args)
     return tensors, was_tuple, output
+
+
+def _check_rows(
+    inputs: tuple[Tensor, ...],
+    tensors: tuple[Tensor, ...],
+    output: Tensor,
+    additional_forward_args: tuple | None,
+) -> None:
+    """The layer and the model give one row per example (else a batched extra argument
+    of another length was broadcast against the inputs)."""
+    b = inputs[0].shape[0]
+    rows = [t.shape[0] for t in (*tensors, output) if t.dim() > 0]
+    if all(r == b for r in rows):
+        return
+    batched = additional_forward_args is not None and any(
+        isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] not in (1, b)
+        for a in additional_forward_args
+    )
+    if batched:
+        raise ValueError(
+            f"additional_forward_args: for {b} example(s) the layer and the model gave "
+            f"{sorted(set(rows))} rows; give a per-example tensor one row per example of "
+            "inputs (the same rows, in the same order)"
+        )
+    raise ValueError(
+        f"forward_func: for {b} example(s) the layer and the model gave "
+        f"{sorted(set(rows))} rows; they must keep the batch dimension (one row per example)"
+    )
 
 
 def flatten_logits(output: Tensor, batch: int) -> Tensor:

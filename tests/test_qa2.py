@@ -190,3 +190,32 @@ def test_evaluate_features_names_predictions(fitted):
     region = ri.interpret(x[200:201], **NB)
     with pytest.raises(TypeError, match="predictions"):
         region.evaluate_features(ri.features_, ri.predictions_.tolist())
+
+
+def test_extra_argument_of_another_length_is_named(tiny):
+    """A per-example extra tensor with too few rows was broadcast against one seed and
+    failed deep inside with "HookHead needs the inputs of exactly one example"."""
+    model, x = tiny
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.inner(z * scale.view(-1, 1, 1, 1))
+
+    scaled = Scaled().eval()
+    scale = torch.linspace(0.5, 1.5, 300)
+    ri = RepresentativeInterpretation(scaled, model.features[-1])
+    ri.fit(x[:200], additional_forward_args=(scale[:200],), progress=False, cut_check="off")
+    good = ri.attribute(x[200:204], additional_forward_args=(scale[200:204],), **NB)
+    one_by_one = [
+        ri.attribute(x[i : i + 1], additional_forward_args=(scale[i : i + 1],), **NB)
+        for i in range(200, 204)
+    ]
+    assert torch.equal(good, torch.cat(one_by_one))
+    with pytest.raises(ValueError, match="^additional_forward_args"):
+        ri.attribute(x[200:204], additional_forward_args=(scale[200:203],), **NB)
+    with pytest.raises(ValueError, match="^additional_forward_args"):
+        ri.transform(x[:8], additional_forward_args=(scale[:3],), batch_size=1)
