@@ -11,14 +11,18 @@ over a reference set.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import captum
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
@@ -38,6 +42,7 @@ from .inputs import (
 __all__ = [
     "Example",
     "LayerLayout",
+    "caller_stacklevel",
     "eval_mode",
     "extract_features",
     "feature_batches",
@@ -145,7 +150,7 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
         for m in saved:
             m.training = False
         if warn and saved:
-            warn_training(stacklevel=4)
+            warn_training()
         yield bool(saved)
     finally:
         if handle is not None:
@@ -153,18 +158,39 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
         for m in (*saved, *switched):
             m.training = True
     if warn and switched and not saved:
-        warn_training(stacklevel=4)
+        warn_training()
 
 
-def warn_training(stacklevel: int = 3) -> None:
-    """The warning given when a call finds the model in training mode."""
+#: Frames a warning should not point at: this package's, and the context managers and
+#: Captum's usage-logging wrapper between it and the user's call.
+_NOT_THE_CALLER = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (captum, sys.modules[__package__])
+) + (os.path.abspath(contextlib.__file__),)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller of this function that
+    makes the warning point at the first frame outside this package (the user's line),
+    however deep in the package the warning is given."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _NOT_THE_CALLER
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_training(stacklevel: int | None = None) -> None:
+    """The warning given when a call finds the model in training mode (pointing at the
+    user's call unless ``stacklevel`` is given)."""
     warnings.warn(
         "the model is in training mode; RepresentativeInterpretation runs every module "
         "it calls in eval mode for the duration of the call (dropout off, batch-norm "
         "running statistics, which are never updated) and restores each module's mode "
         "afterwards",
         UserWarning,
-        stacklevel=stacklevel,
+        stacklevel=caller_stacklevel() if stacklevel is None else stacklevel,
     )
 
 
