@@ -181,7 +181,7 @@ def iter_reference_batches(
     (n, iterator)
         The number of references when known in advance, and the batches.
     """
-    check_int(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size")
     if isinstance(references, (Tensor, tuple)):
         refs = _format_tensor_into_tuples(references)
         if len(refs) == 0 or not all(isinstance(t, Tensor) for t in refs):

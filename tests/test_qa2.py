@@ -311,3 +311,15 @@ def test_no_boundary_warning_points_at_the_users_call(tiny):
     assert _warned_here(lambda: ri.interpret(x[200:201], target=3, **NB), NoBoundaryWarning) == [
         __file__
     ]
+
+
+def test_numpy_integers_are_ints(tiny):
+    """``batch_size must be a positive int, got np.int64(64)``: NumPy integers (from a
+    config or np.arange) were refused with a message that contradicted itself."""
+    import numpy as np
+
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    ri.fit(x[:200], batch_size=np.int64(64), progress=False)
+    a = ri.attribute(x[200:202], n_boundaries=np.int64(12), bisection_steps=np.int32(12))
+    assert torch.equal(a, ri.attribute(x[200:202], **NB))
