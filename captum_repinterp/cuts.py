@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .features import caller_stacklevel, eval_mode, model_device
+from .features import caller_stacklevel, eval_mode, model_device, not_scores
 from .inputs import format_inputs
 from .tracing import _trace, _Tracer
 
@@ -226,7 +226,7 @@ def _run_replaced(
 
 def _flat_output(output: Any, n: int) -> Tensor:
     if not isinstance(output, Tensor):
-        raise TypeError(f"forward_func must return a tensor of scores, got {type(output).__name__}")
+        raise TypeError(not_scores(output))
     if output.dim() == 0 or output.shape[0] != n:
         raise ValueError(
             "forward_func must return one row of scores per example, got shape "

@@ -49,6 +49,7 @@ __all__ = [
     "flatten_logits",
     "forward_with_layer",
     "model_device",
+    "not_scores",
     "warn_training",
 ]
 
@@ -342,7 +343,7 @@ def forward_with_layer(
         if not isinstance(t, Tensor):
             raise TypeError(f"layer: the layer produced a {type(t).__name__}, not tensors")
     if not isinstance(output, Tensor):
-        raise TypeError(f"forward_func must return a tensor of scores, got {type(output).__name__}")
+        raise TypeError(not_scores(output))
     if replace is None:
         _check_rows(inputs, tensors, output, additional_forward_args)
     return tensors, was_tuple, output
@@ -373,6 +374,15 @@ def _check_rows(
     raise ValueError(
         f"forward_func: for {b} example(s) the layer and the model gave "
         f"{sorted(set(rows))} rows; they must keep the batch dimension (one row per example)"
+    )
+
+
+def not_scores(output: Any) -> str:
+    """The message for a model that does not return a tensor of class scores."""
+    return (
+        f"forward_func must return a tensor of class scores, got {type(output).__name__}; "
+        "wrap the model in an nn.Module whose forward returns them (for example the "
+        "logits entry of a dict or the first element of a tuple)"
     )
 
 

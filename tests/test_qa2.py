@@ -323,3 +323,25 @@ def test_numpy_integers_are_ints(tiny):
     ri.fit(x[:200], batch_size=np.int64(64), progress=False)
     a = ri.attribute(x[200:202], n_boundaries=np.int64(12), bisection_steps=np.int32(12))
     assert torch.equal(a, ri.attribute(x[200:202], **NB))
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_model_returning_a_tuple_or_dict_says_what_to_do(tiny, kind):
+    from captum_repinterp.layers import find_layer
+
+    model, x = tiny
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z: torch.Tensor):
+            out = self.inner(z)
+            return (out, out.sum()) if kind == "tuple" else {"logits": out}
+
+    wrapped = Wrapped().eval()
+    with pytest.raises(TypeError, match=f"got {kind}; wrap the model"):
+        RepresentativeInterpretation(wrapped, model.features[-1]).fit(x[:50], progress=False)
+    with pytest.raises(TypeError, match=f"got {kind}; wrap the model"):
+        find_layer(wrapped, x[:1])
