@@ -345,3 +345,19 @@ def test_model_returning_a_tuple_or_dict_says_what_to_do(tiny, kind):
         RepresentativeInterpretation(wrapped, model.features[-1]).fit(x[:50], progress=False)
     with pytest.raises(TypeError, match=f"got {kind}; wrap the model"):
         find_layer(wrapped, x[:1])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="LayerReader.features runs eval_mode without warn=True: transform (and audit, "
+    "which reads images through it) switch a training model silently, unlike every other "
+    "entry point",
+)
+def test_transform_warns_about_training_mode_like_the_other_calls(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    model.train()
+    try:
+        assert _warned_here(lambda: ri.transform(x[:4]), UserWarning) == [__file__]
+    finally:
+        model.eval()
