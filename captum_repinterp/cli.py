@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="random_state",
         type=_random_state,
         default=0,
-        help="random seed of the split, the training and the interpretations",
+        help="random seed of the split, the training and the interpretations, in [0, 2**32)",
     )
 
     rep = sub.add_parser(
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="random_state",
         type=_random_state,
         default=0,
-        help="random seed",
+        help="random seed, in [0, 2**32)",
     )
 
     ev = sub.add_parser(
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="random_state",
         type=_random_state,
         default=0,
-        help="random seed",
+        help="random seed, in [0, 2**32)",
     )
     ev.add_argument(
         "--quick",
