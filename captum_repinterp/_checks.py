@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 __all__ = ["check_choice", "check_int"]
 
 
 def check_int(value: Any, name: str, minimum: int = 1) -> int:
-    """``value`` as an int ``>= minimum``; bools and other types are refused.
+    """``value`` as an int ``>= minimum``; bools and other types are refused (NumPy
+    integers are taken and returned as ``int``).
 
     Raises
     ------
@@ -16,10 +18,10 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
         Naming ``name``: "must be a positive int" (``minimum == 1``) or "must be an int
         >= minimum", with the value given.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:

@@ -283,7 +283,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         attribute_to_layer_input : bool, optional
             Must match what ``fit`` used (``None``: use that).
         relu_attributions, attr_dim_summation : bool
-            Keep only positive evidence; sum over dimension 1 (both True, as Grad-CAM).
+            Keep only positive evidence; sum over dimension 1. Both True by default, as
+            in the Grad-CAM paper; Captum's ``LayerGradCam`` defaults to
+            ``relu_attributions=False``, so pass the same value to both when comparing.
         inputs, target, additional_forward_args, n_boundaries, delta, random_state, ...
             As in :meth:`interpret` (and its other options).
 

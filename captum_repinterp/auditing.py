@@ -345,6 +345,17 @@ def _check_fraction(value: Any, name: str) -> float:
 
 
 # ---------------------------------------------------------------------- audit
+def _transform(ri: Any, images: Tensor, batch_size: int, name: str) -> tuple[Tensor, Tensor]:
+    """``ri.transform(images)``, its errors about ``inputs`` naming ``name`` instead."""
+    try:
+        return ri.transform(images, batch_size=batch_size)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        if not message.startswith("inputs"):
+            raise
+        raise type(exc)(name + message[len("inputs") :]) from exc
+
+
 def audit(
     ri: Any,
     images: Tensor,
@@ -470,6 +481,8 @@ def audit(
     if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
         raise TypeError(f"random_state must be an int, got {random_state!r}")
     random_state = int(random_state)
+    if not 0 <= random_state < 2**32:  # scikit-learn's range (k-means, silhouette)
+        raise ValueError(f"random_state must be an int in [0, 2**32), got {random_state}")
     if subgroup_by not in _SUBGROUP_BY:
         raise ValueError(f"subgroup_by must be one of {_SUBGROUP_BY}, got {subgroup_by!r}")
     if subgroup_by != "none":
@@ -479,11 +492,20 @@ def audit(
     for bad in ("target", "inputs"):
         if bad in interpret_kwargs:
             raise TypeError(f"audit() got an unexpected keyword argument {bad!r}")
+    if interpret_kwargs.get("heatmap_layer") is not None:
+        raise ValueError(
+            "heatmap_layer: audit draws the members' maps from their features at the "
+            "split layer, so it cannot draw them at another layer; leave heatmap_layer out"
+        )
 
     if features is None:
-        feats, preds = ri.transform(images, batch_size=batch_size)
+        feats, preds = _transform(ri, images, batch_size, "images")
     else:
-        if not (isinstance(features, tuple) and len(features) == 2):
+        if not (
+            isinstance(features, tuple)
+            and len(features) == 2
+            and all(isinstance(t, Tensor) for t in features)
+        ):
             raise TypeError("features must be a (features, predictions) tuple of tensors")
         feats, preds = features
         if feats.shape != (images.shape[0], ri.layout_.dim) or preds.shape != (images.shape[0],):
@@ -497,7 +519,7 @@ def audit(
     if heldout is not None:
         if not isinstance(heldout, Tensor):
             raise TypeError(f"heldout must be a tensor or None, got {type(heldout).__name__}")
-        held = ri.transform(heldout, batch_size=batch_size)
+        held = _transform(ri, heldout, batch_size, "heldout")
 
     if target is None:
         classes = [int(c) for c in torch.unique(preds)]

@@ -25,11 +25,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _int(text: str) -> int:
+def _random_state(text: str) -> int:
+    """``--random-state``: an int in ``[0, 2**32)``, the seeds scikit-learn's k-means (in
+    the report's audit) and NumPy take."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {text!r}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -107,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--random-state",
         "--seed",
         dest="random_state",
-        type=_int,
+        type=_random_state,
         default=0,
-        help="random seed of the split, the training and the interpretations",
+        help="random seed of the split, the training and the interpretations, in [0, 2**32)",
     )
 
     rep = sub.add_parser(
@@ -149,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--regions", type=_positive_int, default=2, help="at most this many regions per class"
     )
     rep.add_argument(
-        "--random-state", "--seed", dest="random_state", type=_int, default=0, help="random seed"
+        "--random-state",
+        "--seed",
+        dest="random_state",
+        type=_random_state,
+        default=0,
+        help="random seed, in [0, 2**32)",
     )
 
     ev = sub.add_parser(
@@ -170,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=_out_dir, default="evaluation", help="folder for results.json and .md"
     )
     ev.add_argument(
-        "--random-state", "--seed", dest="random_state", type=_int, default=0, help="random seed"
+        "--random-state",
+        "--seed",
+        dest="random_state",
+        type=_random_state,
+        default=0,
+        help="random seed, in [0, 2**32)",
     )
     ev.add_argument(
         "--quick",

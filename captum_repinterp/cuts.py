@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .features import eval_mode, model_device
+from .features import caller_stacklevel, eval_mode, model_device, not_scores
 from .inputs import format_inputs
 from .tracing import _trace, _Tracer
 
@@ -226,7 +226,7 @@ def _run_replaced(
 
 def _flat_output(output: Any, n: int) -> Tensor:
     if not isinstance(output, Tensor):
-        raise TypeError(f"forward_func must return a tensor of scores, got {type(output).__name__}")
+        raise TypeError(not_scores(output))
     if output.dim() == 0 or output.shape[0] != n:
         raise ValueError(
             "forward_func must return one row of scores per example, got shape "
@@ -618,7 +618,9 @@ def _suggest(
     return None
 
 
-def warn_or_raise_not_cut(check: CutCheck, error: bool = True, stacklevel: int = 3) -> None:
+def warn_or_raise_not_cut(
+    check: CutCheck, error: bool = True, stacklevel: int | None = None
+) -> None:
     """Act on a :class:`CutCheck`: nothing for a cut, else raise or warn.
 
     Parameters
@@ -629,8 +631,9 @@ def warn_or_raise_not_cut(check: CutCheck, error: bool = True, stacklevel: int =
         Raise :class:`NotACutError` (a ValueError) when the check is conclusive and
         fails. When False, or when the check is not conclusive (the model's output is not
         reproducible), a :class:`NotACutWarning` is given instead.
-    stacklevel : int
-        Passed to :func:`warnings.warn`.
+    stacklevel : int, optional
+        Passed to :func:`warnings.warn` (default: the first frame outside this
+        package, the user's call).
     """
     if not isinstance(check, CutCheck):
         raise TypeError(f"check must be a CutCheck, got {type(check).__name__}")
@@ -638,4 +641,6 @@ def warn_or_raise_not_cut(check: CutCheck, error: bool = True, stacklevel: int =
         return
     if error and check.conclusive:
         raise NotACutError(check.message)
+    if stacklevel is None:
+        stacklevel = caller_stacklevel()
     warnings.warn(check.message, NotACutWarning, stacklevel=stacklevel)

@@ -11,14 +11,18 @@ over a reference set.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import captum
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
@@ -38,12 +42,14 @@ from .inputs import (
 __all__ = [
     "Example",
     "LayerLayout",
+    "caller_stacklevel",
     "eval_mode",
     "extract_features",
     "feature_batches",
     "flatten_logits",
     "forward_with_layer",
     "model_device",
+    "not_scores",
     "warn_training",
 ]
 
@@ -145,7 +151,7 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
         for m in saved:
             m.training = False
         if warn and saved:
-            warn_training(stacklevel=4)
+            warn_training()
         yield bool(saved)
     finally:
         if handle is not None:
@@ -153,18 +159,39 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
         for m in (*saved, *switched):
             m.training = True
     if warn and switched and not saved:
-        warn_training(stacklevel=4)
+        warn_training()
 
 
-def warn_training(stacklevel: int = 3) -> None:
-    """The warning given when a call finds the model in training mode."""
+#: Frames a warning should not point at: this package's, and the context managers and
+#: Captum's usage-logging wrapper between it and the user's call.
+_NOT_THE_CALLER = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (captum, sys.modules[__package__])
+) + (os.path.abspath(contextlib.__file__),)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller of this function that
+    makes the warning point at the first frame outside this package (the user's line),
+    however deep in the package the warning is given."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _NOT_THE_CALLER
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_training(stacklevel: int | None = None) -> None:
+    """The warning given when a call finds the model in training mode (pointing at the
+    user's call unless ``stacklevel`` is given)."""
     warnings.warn(
         "the model is in training mode; RepresentativeInterpretation runs every module "
         "it calls in eval mode for the duration of the call (dropout off, batch-norm "
         "running statistics, which are never updated) and restores each module's mode "
         "afterwards",
         UserWarning,
-        stacklevel=stacklevel,
+        stacklevel=caller_stacklevel() if stacklevel is None else stacklevel,
     )
 
 
@@ -316,8 +343,47 @@ def forward_with_layer(
         if not isinstance(t, Tensor):
             raise TypeError(f"layer: the layer produced a {type(t).__name__}, not tensors")
     if not isinstance(output, Tensor):
-        raise TypeError(f"forward_func must return a tensor of scores, got {type(output).__name__}")
+        raise TypeError(not_scores(output))
+    if replace is None:
+        _check_rows(inputs, tensors, output, additional_forward_args)
     return tensors, was_tuple, output
+
+
+def _check_rows(
+    inputs: tuple[Tensor, ...],
+    tensors: tuple[Tensor, ...],
+    output: Tensor,
+    additional_forward_args: tuple | None,
+) -> None:
+    """The layer and the model give one row per example (else a batched extra argument
+    of another length was broadcast against the inputs)."""
+    b = inputs[0].shape[0]
+    rows = [t.shape[0] for t in (*tensors, output) if t.dim() > 0]
+    if all(r == b for r in rows):
+        return
+    batched = additional_forward_args is not None and any(
+        isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] not in (1, b)
+        for a in additional_forward_args
+    )
+    if batched:
+        raise ValueError(
+            f"additional_forward_args: for {b} example(s) the layer and the model gave "
+            f"{sorted(set(rows))} rows; give a per-example tensor one row per example of "
+            "inputs (the same rows, in the same order)"
+        )
+    raise ValueError(
+        f"forward_func: for {b} example(s) the layer and the model gave "
+        f"{sorted(set(rows))} rows; they must keep the batch dimension (one row per example)"
+    )
+
+
+def not_scores(output: Any) -> str:
+    """The message for a model that does not return a tensor of class scores."""
+    return (
+        f"forward_func must return a tensor of class scores, got {type(output).__name__}; "
+        "wrap the model in an nn.Module whose forward returns them (for example the "
+        "logits entry of a dict or the first element of a tuple)"
+    )
 
 
 def flatten_logits(output: Tensor, batch: int) -> Tensor:
@@ -406,7 +472,8 @@ def feature_batches(
     batches = (b for b in batches if int(b[0][0].shape[0]) > 0)
     first = next(batches, None)
     if first is None:
-        raise ValueError(f"{name}: the reference set is empty (no examples)")
+        what = "the reference set is empty" if name == "references" else "empty"
+        raise ValueError(f"{name}: {what} (no examples)")
     check_inputs(first[0], name)
     check_against_references(first[0], expected, name)
     b = int(first[0][0].shape[0])
@@ -464,7 +531,15 @@ def feature_batches(
                         f"({layout.shapes} vs {this_layout.shapes}); use inputs of one size"
                     )
                 rows = layout.flatten(tensors)
-                yield rows, flatten_logits(out, rows.shape[0]).argmax(dim=1).cpu(), layout
+                logits = flatten_logits(out, rows.shape[0])
+                if logits.shape[1] < 2:
+                    raise ValueError(
+                        "forward_func returns one score per example; representative "
+                        "interpretations need one score per class (at least two), e.g. "
+                        "torch.cat([torch.zeros_like(z), z], dim=1) for a binary "
+                        "model's logit z"
+                    )
+                yield rows, logits.argmax(dim=1).cpu(), layout
 
     return n, example, run
 

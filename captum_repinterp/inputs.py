@@ -181,7 +181,7 @@ def iter_reference_batches(
     (n, iterator)
         The number of references when known in advance, and the batches.
     """
-    check_int(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size")
     if isinstance(references, (Tensor, tuple)):
         refs = _format_tensor_into_tuples(references)
         if len(refs) == 0 or not all(isinstance(t, Tensor) for t in refs):
@@ -201,7 +201,11 @@ def iter_reference_batches(
 
         return n, gen_tensor()
     if isinstance(references, Dataset):
-        loader: Any = DataLoader(references, batch_size=batch_size, shuffle=False)
+        # a generator of its own: iterating a DataLoader draws a base seed (for workers)
+        # from its generator, by default the global one, which fit must not change
+        loader: Any = DataLoader(
+            references, batch_size=batch_size, shuffle=False, generator=torch.Generator()
+        )
         n = len(references) if hasattr(references, "__len__") else None  # type: ignore[arg-type]
     elif isinstance(references, DataLoader):
         loader = references

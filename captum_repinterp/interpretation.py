@@ -8,8 +8,9 @@ little metadata, saved as one ``.npz`` file (no pickled code).
 
 from __future__ import annotations
 
+import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -120,6 +121,31 @@ class Interpretation:
     def __len__(self) -> int:
         return int(self.members.numel())
 
+    def __eq__(self, other: object) -> bool:
+        """Same region, members, ranking and map settings (tensors compared with
+        ``torch.equal`` and their dtypes; the model, its reader and ``heatmap_layer``
+        are not compared). A loaded interpretation equals the one saved."""
+        if not isinstance(other, Interpretation):
+            return NotImplemented
+        for f in fields(self):
+            if not f.compare:
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, Tensor) or isinstance(b, Tensor):
+                same = (
+                    isinstance(a, Tensor)
+                    and isinstance(b, Tensor)
+                    and a.dtype == b.dtype
+                    and torch.equal(a.cpu(), b.cpu())
+                )
+            else:
+                same = bool(a == b)
+            if not same:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, compared by value)
+
     def __repr__(self) -> str:
         return (
             f"Interpretation(target={self.target}, boundaries={self.n_boundaries}, "
@@ -134,9 +160,11 @@ class Interpretation:
 
     def similar(self, k: int = 5) -> Tensor:
         """Indices of the ``k`` members nearest to the seed by semantic distance."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"k must be a non-negative int, got {k!r}")
+        if k < 0:
             raise ValueError(f"k must be a non-negative int, got {k!r}")
-        return self.members[:k]
+        return self.members[: int(k)]
 
     # ------------------------------------------------------------------ features
     def contains_features(self, features: Tensor) -> Tensor:
@@ -176,6 +204,8 @@ class Interpretation:
             as ``target`` that are inside (NaN when there are none).
         """
         inside = self.contains_features(features)
+        if not isinstance(predictions, Tensor):
+            raise TypeError(f"predictions must be a tensor, got {type(predictions).__name__}")
         if predictions.shape[0] != inside.shape[0]:
             raise ValueError(
                 f"predictions must have one entry per row of features ({inside.shape[0]}), "
@@ -301,7 +331,10 @@ class Interpretation:
         Raises
         ------
         ValueError
-            For a file of another format version, or a map drawn at a layer the given
-            model does not have.
+            For a file of another format version, an explainer whose layer is shaped
+            unlike the interpretation's, or a map drawn at a layer the given model does
+            not have.
+        TypeError, NotFittedError
+            For an ``explainer`` that is not a (fitted) explainer or reader.
         """
         return load_interpretation(cls, path, explainer)

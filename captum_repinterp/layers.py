@@ -212,7 +212,7 @@ def find_layer(
     if chosen is None:
         chosen = next((c for c in curved if cut(c).is_cut), None)
         if chosen is not None:
-            warn_nonlinear_head(chosen.nonlinear_after, stacklevel=2)
+            warn_nonlinear_head(chosen.nonlinear_after)
     if chosen is None:
         last = (exact or cands)[0]
         check = check_cut(model, last.module, inputs, extra)
@@ -222,10 +222,10 @@ def find_layer(
                 f"gives exact regions with the model's own head. For the last block: "
                 f"{check.message}"
             )
-        warn_or_raise_not_cut(check, stacklevel=2)
+        warn_or_raise_not_cut(check)
         chosen = last
         if last.nonlinear_after:
-            warn_nonlinear_head(last.nonlinear_after, stacklevel=2)
+            warn_nonlinear_head(last.nonlinear_after)
     logger.info(
         "find_layer: picked %r (%s, output %s)%s",
         chosen.name,

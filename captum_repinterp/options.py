@@ -41,14 +41,22 @@ class InterpretOptions:
     heatmap_layer: nn.Module | None = None
 
     def __post_init__(self) -> None:
-        check_int(self.n_boundaries, "n_boundaries")
-        check_int(self.bisection_steps, "bisection_steps")
+        # frozen: store the checked values as plain ints (NumPy integers are taken)
+        object.__setattr__(self, "n_boundaries", check_int(self.n_boundaries, "n_boundaries"))
+        object.__setattr__(
+            self, "bisection_steps", check_int(self.bisection_steps, "bisection_steps")
+        )
         check_choice(self.refine, "refine", REFINE_MODES)
         check_choice(self.combine, "combine", COMBINE_RULES)
         if isinstance(self.random_state, bool) or not isinstance(
             self.random_state, numbers.Integral
         ):
             raise TypeError(f"random_state must be an int, got {self.random_state!r}")
+        object.__setattr__(self, "random_state", int(self.random_state))
+        if not -(2**63) <= self.random_state < 2**64:  # what torch.Generator takes
+            raise ValueError(
+                f"random_state must be an int in [-2**63, 2**64), got {self.random_state}"
+            )
         _check_delta(self.delta)
         if self.heatmap_layer is not None and not isinstance(self.heatmap_layer, nn.Module):
             raise TypeError(

@@ -70,6 +70,28 @@ def save_interpretation(region: Interpretation, path: str | os.PathLike) -> None
         np.savez(fh, **arrays)
 
 
+def _reader_of(explainer: Any) -> Any:
+    """The :class:`~captum_repinterp.reader.LayerReader` of ``explainer`` (None: none).
+
+    Raises
+    ------
+    NotFittedError
+        For an explainer that is not fitted.
+    TypeError
+        Naming ``explainer`` when it is neither an explainer nor a reader.
+    """
+    from .reader import LayerReader
+
+    if explainer is None or isinstance(explainer, LayerReader):
+        return explainer
+    if hasattr(type(explainer), "reader_"):
+        return explainer.reader_  # NotFittedError before fit
+    raise TypeError(
+        "explainer must be a fitted RepresentativeInterpretation, its reader_, or None, "
+        f"got {type(explainer).__name__}"
+    )
+
+
 def load_interpretation(
     cls: type[Interpretation], path: str | os.PathLike, explainer: Any = None
 ) -> Interpretation:
@@ -83,9 +105,14 @@ def load_interpretation(
     ------
     ValueError
         For a file not written by :func:`save_interpretation` or of another format
-        version, or a map drawn at a layer the given model does not have.
+        version, an explainer whose layer is shaped unlike the interpretation's, or a
+        map drawn at a layer the given model does not have.
+    TypeError
+        For an ``explainer`` that is neither an explainer nor a reader.
+    NotFittedError
+        For an explainer that is not fitted.
     """
-    reader = getattr(explainer, "reader_", explainer)
+    reader = _reader_of(explainer)
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["metadata"]))
@@ -100,6 +127,13 @@ def load_interpretation(
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise ValueError(f"path: unsupported format version {version}")
+    layout = LayerLayout.from_json(meta["layout"])
+    if reader is not None and reader.layout != layout:
+        raise ValueError(
+            f"explainer: its layer gives tensors shaped {reader.layout.shapes}, but the "
+            f"interpretation was found at a layer giving {layout.shapes}; pass the explainer "
+            "(model and layer) the interpretation was made with"
+        )
     heatmap_layer = None
     if meta.get("heatmap_layer") is not None:
         model = getattr(reader, "forward_func", None)
@@ -119,7 +153,7 @@ def load_interpretation(
         delta=int(meta["delta"]),
         reached=bool(meta["reached"]),
         n_sampled=int(meta["n_sampled"]),
-        layout=LayerLayout.from_json(meta["layout"]),
+        layout=layout,
         heatmap_rule=meta["heatmap_rule"],
         combine=meta["combine"],
         reader=reader,

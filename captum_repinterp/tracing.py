@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 from torch.overrides import TorchFunctionMode
 
+from .features import caller_stacklevel
+
 __all__ = [
     "FINAL_MONOTONE_OPS",
     "NON_PIECEWISE_LINEAR_OPS",
@@ -213,8 +215,9 @@ def nonlinear_ops_in(head: Callable, layer_output: Any) -> list[str]:
     return _describe(tracer.curved_ops())
 
 
-def warn_nonlinear_head(ops: list[str] | tuple[str, ...], stacklevel: int = 3) -> None:
-    """Emit one :class:`NonPiecewiseLinearWarning` listing ``ops`` (nothing if empty)."""
+def warn_nonlinear_head(ops: list[str] | tuple[str, ...], stacklevel: int | None = None) -> None:
+    """Emit one :class:`NonPiecewiseLinearWarning` listing ``ops`` (nothing if empty),
+    pointing at the user's call unless ``stacklevel`` is given."""
     if not ops:
         return
     shown = ", ".join(ops[:6]) + (f", ... ({len(ops)} in all)" if len(ops) > 6 else "")
@@ -226,5 +229,5 @@ def warn_nonlinear_head(ops: list[str] | tuple[str, ...], stacklevel: int = 3) -
         "ReLU/LeakyReLU/PReLU, pooling, linear/conv and (eval) batch-norm layers run "
         "(captum_repinterp.layers.find_layer does this) for exact boundaries.",
         NonPiecewiseLinearWarning,
-        stacklevel=stacklevel,
+        stacklevel=caller_stacklevel() if stacklevel is None else stacklevel,
     )

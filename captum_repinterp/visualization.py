@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
+from .inputs import check_against_references
 from .interpretation import Interpretation
 
 __all__ = [
@@ -248,8 +249,29 @@ def plot_region(
     """
     members = interpretation.similar(k)
     rows = _reference_rows(reference_images, members)
+    if not isinstance(seed_image, Tensor):
+        raise TypeError(f"seed_image must be a tensor, got {type(seed_image).__name__}")
     if seed_image.dim() == rows.dim():
+        if seed_image.shape[0] != 1:
+            raise ValueError(
+                f"seed_image: one image (C x H x W or 1 x C x H x W), got a batch of "
+                f"{seed_image.shape[0]}"
+            )
         seed_image = seed_image[0]
+    if seed_image.shape != rows.shape[1:]:
+        raise ValueError(
+            f"seed_image: shape {tuple(seed_image.shape)}, but the reference images are "
+            f"{tuple(rows.shape[1:])}; pass the seed as given to interpret (x[0] or x[:1])"
+        )
+    if (
+        reference_labels is not None
+        and len(members)
+        and len(reference_labels) <= int(members.max())
+    ):
+        raise ValueError(
+            f"reference_labels: {len(reference_labels)} labels, but the region has member "
+            f"#{int(members.max())}; pass one label per reference image given to fit"
+        )
     images = torch.cat([seed_image[None], rows])
     maps = _layer_maps(interpretation.heatmap(images))
     name = _name(interpretation.target, class_names)
@@ -457,6 +479,9 @@ def compare_methods(
     Row titles give the predicted class (``class_names`` when given) and the true class
     when ``labels`` are given. Returns the figure and the attributions by method name.
     """
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a tensor, got {type(images).__name__}")
+    check_against_references((images,), ri.reader_.input_spec, "images")
     with torch.no_grad():
         preds = model(images).argmax(dim=1)
     tgt = preds if target is None else target
@@ -522,8 +547,21 @@ def plot_audit(
     labels : Tensor, optional
         True classes of ``images``.
     """
+    if not hasattr(class_audit, "regions") or not hasattr(class_audit, "target"):
+        raise TypeError(
+            "class_audit must be the ClassAudit of one class, result[c] for "
+            f"result = audit(ri, images, ...), got {type(class_audit).__name__}"
+        )
     if isinstance(n_exemplars, bool) or not isinstance(n_exemplars, int) or n_exemplars < 0:
         raise ValueError(f"n_exemplars must be a non-negative int, got {n_exemplars!r}")
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a tensor, got {type(images).__name__}")
+    top = int(class_audit.indices.max()) if class_audit.indices.numel() else -1
+    if images.shape[0] <= top:
+        raise ValueError(
+            f"images: {images.shape[0]} images, but the audit has image #{top}; pass the "
+            "images given to audit"
+        )
     n_regions = len(class_audit.regions)
     if region_labels is not None and len(region_labels) != n_regions:
         raise ValueError(f"region_labels has {len(region_labels)} entries for {n_regions} regions")
