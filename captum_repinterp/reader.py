@@ -142,7 +142,7 @@ class LayerReader:
 
         Accepts what ``fit`` accepts (tensor, tuple, Dataset, DataLoader).
         """
-        with eval_mode(self.forward_func, self.layer):
+        with eval_mode(self.forward_func, self.layer, warn=True):
             features, predictions, layout, _ = extract_features(
                 self.forward_func,
                 self.layer,

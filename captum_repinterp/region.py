@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ._captum_compat import TargetType, _format_additional_forward_args
 from .boundaries import sample_and_match
-from .features import eval_mode
+from .features import caller_stacklevel, eval_mode
 from .heatmap import RegionContext
 from .inputs import format_inputs, slice_args
 from .interpretation import Interpretation
@@ -64,7 +64,7 @@ def _warn_no_boundary(n_sampled: int, n_candidates: int, target: int) -> None:
         "has_boundaries is False, every reference is a member and the heat map is zero; "
         "the model's output may barely depend on this layer, or try more n_boundaries.",
         NoBoundaryWarning,
-        stacklevel=5,
+        stacklevel=caller_stacklevel(),
     )
 
 
@@ -120,7 +120,7 @@ def read_seeds(
     if outputs.shape[0] == 0:
         return [], activations
     targets = resolve_targets(outputs, target)
-    warn_nonlinear_head(references.head_nonlinear, stacklevel=6)
+    warn_nonlinear_head(references.head_nonlinear)
     extra = _format_additional_forward_args(additional_forward_args)
     psi = references.layout.flatten(activations)
     n = psi.shape[0]

@@ -283,11 +283,6 @@ def test_curved_head_warning_points_at_the_users_call(tiny):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="region.read_seeds passes stacklevel=6, right for attribute (Captum's "
-    "log_usage wrapper adds a frame) and one frame too far for interpret",
-)
 def test_curved_head_warning_of_interpret_points_at_the_users_call(tiny):
     from captum_repinterp.layers import NonPiecewiseLinearWarning
 
@@ -299,9 +294,6 @@ def test_curved_head_warning_of_interpret_points_at_the_users_call(tiny):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="region._warn_no_boundary passes stacklevel=5: it points into region.py"
-)
 def test_no_boundary_warning_points_at_the_users_call(tiny):
     from captum_repinterp.region import NoBoundaryWarning
 
@@ -347,12 +339,6 @@ def test_model_returning_a_tuple_or_dict_says_what_to_do(tiny, kind):
         find_layer(wrapped, x[:1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LayerReader.features runs eval_mode without warn=True: transform (and audit, "
-    "which reads images through it) switch a training model silently, unlike every other "
-    "entry point",
-)
 def test_transform_warns_about_training_mode_like_the_other_calls(tiny):
     model, x = tiny
     ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
