@@ -79,9 +79,18 @@ def _seeds(text: str) -> int | list[int]:
     return value
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except ``None`` (whose help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``captum-repinterp`` argument parser (defaults shown in ``--help``)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="captum-repinterp",
         formatter_class=fmt,

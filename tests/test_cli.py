@@ -234,6 +234,8 @@ def test_help_shows_defaults(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for d in defaults:
             assert d in text, (argv, d)
+        # options without a default say what happens in their help, not "(default: None)"
+        assert "(default: None)" not in text, argv
 
 
 @pytest.mark.parametrize(
