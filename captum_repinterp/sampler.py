@@ -385,6 +385,8 @@ def sample_boundaries(
     n_steps: int = 20,
     duplicate_tol: float = 1e-6,
     max_iter: int = 12,
+    logits: Tensor | None = None,
+    end_logits: Tensor | None = None,
 ) -> Boundaries:
     """Candidate boundaries between the seed and each candidate reference.
 
@@ -406,6 +408,11 @@ def sample_boundaries(
     max_iter : int
         Regula-falsi steps per segment before bisecting (see :func:`find_crossings`);
         0 bisects only.
+    logits : Tensor, optional
+        ``(1 + m) x C``: the head's values at the seed and at the candidates, when
+        already computed (they are not evaluated again).
+    end_logits : Tensor, optional
+        ``m x C``: the head's values at the candidates only (the seed's are evaluated).
 
     Returns
     -------
@@ -423,9 +430,13 @@ def sample_boundaries(
     m = candidate_features.shape[0]
     if m == 0:
         return empty
+    start_logits = None
+    if logits is not None:
+        start_logits, end_logits = logits[0], logits[1:]
     t_cross, valid, seed_logits, _ = find_crossings(
-        head, seed_features, candidate_features, target, n_steps, max_iter
-    )
+        head, seed_features, candidate_features, target, n_steps, max_iter,
+        start_logits=start_logits, end_logits=end_logits,
+    )  # fmt: skip
     keep = torch.nonzero(valid, as_tuple=False).flatten()
     if keep.numel() == 0:
         return empty
