@@ -33,10 +33,10 @@ from .inputs import InputSpec, all_finite
 from .layers import nonlinear_ops_after, nonlinear_ops_in
 from .projection import (
     AffineHead,
-    close_logits,
     LeadingMap,
     Projection,
     build_projection,
+    close_logits,
     find_affine_head,
     find_leading_map,
 )
@@ -336,8 +336,10 @@ def _check_store_rows(
         kept = logits[:k].to(torch.float64)
         now = None if outputs is None else outputs[:k].to(torch.float64)
         atol = rtol * max(1.0, float(kept.abs().max()))
-        if now is None or now.shape != kept.shape or not torch.allclose(
-            now, kept, rtol=rtol, atol=atol, equal_nan=True
+        if (
+            now is None
+            or now.shape != kept.shape
+            or not torch.allclose(now, kept, rtol=rtol, atol=atol, equal_nan=True)
         ):
             raise ValueError(
                 f"store: {os.fspath(store)!r} holds the outputs of another model (its first "
