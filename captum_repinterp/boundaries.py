@@ -161,14 +161,20 @@ def sample_candidates(
     """
     projection = references.projection
     leading = references.leading
-    cand_feats = references.features[candidates].to(seed_features.device, seed_features.dtype)
+
+    def cand_feats(count: int | None = None) -> Tensor:
+        """The features of the first ``count`` candidates (all by default): read only
+        where a path needs them (the projection's path reads its ``N x r`` images)."""
+        index = candidates if count is None else candidates[:count]
+        return references.features[index].to(seed_features.device, seed_features.dtype)
+
     affine = references.affine
     known = _known_logits(references, candidates, seed_logits)
     if affine is not None:
         if known is None:
-            exact = affine.agrees(head, torch.cat([seed_features[None], cand_feats[:1]]))
+            exact = affine.agrees(head, torch.cat([seed_features[None], cand_feats(1)]))
         else:
-            points = torch.cat([seed_features[None], cand_feats[:1]])
+            points = torch.cat([seed_features[None], cand_feats(1)])
             exact = close_logits(affine.predict(points), known[: points.shape[0]])
         if exact:
             return _exact_affine(affine, references, target, duplicate_tol)
@@ -185,19 +191,19 @@ def sample_candidates(
             )
             zhead, z_logits = _zhead_matching(head, projection.module, seed_features, z, known)
     elif projection is not None:
-        zhead = projection.sampling_head(head, seed_features, cand_feats[:2])
+        zhead = projection.sampling_head(head, seed_features, cand_feats(2))
     elif leading is not None and seed_features.dtype in (torch.float32, torch.float64):
         if known is None:
-            zhead = leading.sampling_head(head, seed_features, cand_feats[:2])
+            zhead = leading.sampling_head(head, seed_features, cand_feats(2))
         else:
             with torch.no_grad():
-                z = leading.z_rows(head, torch.cat([seed_features[None], cand_feats]))
+                z = leading.z_rows(head, torch.cat([seed_features[None], cand_feats()]))
             zhead, z_logits = _zhead_matching(head, leading.module, seed_features, z, known)
     gram = None
     u = None
     if zhead is None:
         found = sample_boundaries(
-            head, seed_features, cand_feats, target, n_steps=n_steps, duplicate_tol=-1.0,
+            head, seed_features, cand_feats(), target, n_steps=n_steps, duplicate_tol=-1.0,
             end_logits=None if known is None else known[1:],
         )  # fmt: skip
         weight = found.weight.to("cpu", torch.float32)
@@ -220,7 +226,7 @@ def sample_candidates(
         # the leading layer's output at the segment's ends only; the rest runs on z
         if z is None:
             with torch.no_grad():
-                z = leading.z_rows(head, torch.cat([seed_features[None], cand_feats]))
+                z = leading.z_rows(head, torch.cat([seed_features[None], cand_feats()]))
         found = sample_boundaries(
             zhead, z[0], z[1:], target, n_steps=n_steps, duplicate_tol=-1.0, logits=z_logits
         )

@@ -194,6 +194,9 @@ def _popcount(bits: np.ndarray) -> int:
     return int(np.bitwise_count(bits).sum(dtype=np.int64))
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
 def _pick(df: np.ndarray, dg: np.ndarray, available: np.ndarray, eps: float) -> int | None:
     """Index of the best candidate, or ``None`` when no candidate removes a negative.
 
@@ -208,7 +211,7 @@ def _pick(df: np.ndarray, dg: np.ndarray, available: np.ndarray, eps: float) -> 
         return None
     tied = valid & (ratio - best <= RATIO_RTOL * ratio)
     # the first index with the smallest df among the tied
-    return int(np.argmin(np.where(tied, df, np.iinfo(np.int64).max)))
+    return int(np.argmin(np.where(tied, df, _INT64_MAX)))
 
 
 def _prune(failing: Tensor, picks: list[int]) -> list[int]:
@@ -371,23 +374,27 @@ def greedy_cover_bits(
     # the positives and the negatives still inside, as two rows of words
     inside_pn = np.stack([pos_bits, neg_bits])
 
-    def counts() -> tuple[np.ndarray, np.ndarray]:
-        both = np.bitwise_count(fail[:, None, :] & inside_pn).sum(axis=2, dtype=np.int64)
-        return both[:, 0], both[:, 1]
-
+    # df, dg: for every candidate, the positives and negatives still inside that it
+    # pushes out; counted once, then lowered by what each pick removes (exact integers,
+    # counted only over the words where the pick removed something)
+    both = np.bitwise_count(fail[:, None, :] & inside_pn).sum(axis=2, dtype=np.int64)
+    df, dg = both[:, 0], both[:, 1]
     while covered < need:
-        df, dg = counts()
         j = _pick(df, dg, available, eps)
         if j is None:
             break
         picks.append(j)
         available[j] = False
         covered += int(dg[j])
+        removed = inside_pn & fail[j]
         inside_pn &= ~fail[j]
+        cols = np.flatnonzero(removed[0] | removed[1])
+        if cols.size:
+            gone = fail[:, None, cols] & removed[:, cols]
+            both -= np.bitwise_count(gone).sum(axis=2, dtype=np.int64)
     inside &= inside_pn[0] | inside_pn[1]
 
     if refine == "tighten":
-        df, _ = counts()
         extra = np.flatnonzero(available & (df == 0)).tolist()
         picks = picks + extra
         if extra:
