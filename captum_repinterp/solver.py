@@ -353,13 +353,14 @@ def greedy_cover_bits(
         fail = fail.copy()
         fail[:, -1] &= np.uint64((1 << (n % 64)) - 1)
     device = positive.device
-    negative = ~positive
-    n_neg = int(negative.sum())
     # Bit sets over the references: one row of 64-bit words per candidate (bit r set when
-    # candidate j pushes reference r out), and the positive / negative / inside sets.
-    pos_np = positive.detach().cpu().numpy()
-    pos_bits, neg_bits = pack_rows(pos_np[None])[0], pack_rows(~pos_np[None])[0]
-    inside = pack_rows(np.ones((1, n), dtype=bool))[0]
+    # candidate j pushes reference r out), and the positive / negative / inside sets
+    # (the bits past N zero in all of them); counts of sets are popcounts.
+    pos_bits = pack_rows(positive.detach().cpu().numpy()[None])[0]
+    everyone = pack_rows(np.ones((1, n), dtype=bool))[0]
+    neg_bits = everyone & ~pos_bits
+    inside = everyone.copy()
+    n_neg = _popcount(neg_bits)
     if delta is None:  # negatives no candidate separates from the seed
         separated = np.bitwise_or.reduce(fail, axis=0) if m else np.zeros_like(inside)
         d = _popcount(neg_bits & ~separated)
@@ -404,12 +405,12 @@ def greedy_cover_bits(
         failing = torch.from_numpy(unpack_rows(fail[picks], n).T)  # N x len(picks)
         kept = _prune(failing, picks)
         selected = torch.tensor(kept, dtype=torch.long, device=device)
-        inside = pack_rows(np.ones((1, n), dtype=bool))[0]
+        inside = everyone.copy()
         if kept:
             inside &= ~np.bitwise_or.reduce(fail[kept], axis=0)
     region = torch.from_numpy(unpack_rows(inside[None], n)[0]).to(device)
-    cost = int((positive & ~region).sum())
-    cover = int((negative & ~region).sum())
+    cost = _popcount(pos_bits & ~inside)
+    cover = _popcount(neg_bits & ~inside)
     return CoverResult(
         selected=selected,
         inside=region,
