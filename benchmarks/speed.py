@@ -174,8 +174,17 @@ def per_seed_and_fit(n_seeds: int, n_port: int, m: int) -> dict[str, float]:
         ours_b = sample_boundaries(head, psi_x, feats[cand], target)
         # the package's own path in parts: sampler + packed match of all references
         # (through the leading linear layer's output when it applies), then the greedy
+        with torch.no_grad():
+            seed_logits = model(x)
         t_sample, sampled = timed(
-            sample_and_match, UserHead(head, ri.layout_), psi_x, ri.references_, cand, target, 20
+            sample_and_match,
+            UserHead(head, ri.layout_),
+            psi_x,
+            ri.references_,
+            cand,
+            target,
+            20,
+            seed_logits=seed_logits,
         )
         t_cover, _ = timed(greedy_cover_bits, sampled.failing, preds == target)
         parts.append((t_sample, t_cover))

@@ -17,6 +17,11 @@ decides near-duplicates:
 
 Either way every reference's side of every boundary is computed as packed bits
 (:func:`~captum_repinterp.match.failing_bits`), the input of the greedy cover.
+
+When ``fit`` kept the references' logits (:attr:`FittedReferences.logits`) and the seed's
+are given, the head is not evaluated at the segments' ends, which are references: the
+checks of the exact shortcuts compare with those logits, and in the plain space the
+crossings start from them.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .match import failing_bits, margins
-from .projection import AffineHead
+from .projection import AffineHead, ProjectedHead, close_logits
 from .references import FittedReferences
 from .sampler import Boundaries, near_duplicates, sample_boundaries
 
@@ -79,6 +84,7 @@ def sample_and_match(
     target: int,
     n_steps: int = 20,
     duplicate_tol: float = 1e-6,
+    seed_logits: Tensor | None = None,
 ) -> SampledBoundaries:
     """Candidate boundaries between the seed and ``candidates``, matched against every
     reference.
@@ -102,14 +108,19 @@ def sample_and_match(
     duplicate_tol : float
         Boundaries whose ``[w, b]`` have cosine >= ``1 - duplicate_tol`` with an earlier
         one are merged (the first is kept).
+    seed_logits : Tensor, optional
+        The model's output on the seed (``1 x C`` or ``C``); with the references' logits
+        kept by ``fit``, the head is not evaluated at the candidates (see
+        :func:`sample_candidates`).
 
     Returns
     -------
     SampledBoundaries
     """
     bounds, u = sample_candidates(
-        head, seed_features, references, candidates, target, n_steps, duplicate_tol
-    )
+        head, seed_features, references, candidates, target, n_steps, duplicate_tol,
+        seed_logits,
+    )  # fmt: skip
     if u is None:
         fail = failing_bits(references.features, bounds.weight, bounds.bias)
     else:
@@ -125,13 +136,22 @@ def sample_candidates(
     target: int,
     n_steps: int = 20,
     duplicate_tol: float = 1e-6,
+    seed_logits: Tensor | None = None,
 ) -> tuple[Boundaries, Tensor | None]:
     """The sampling half of :func:`sample_and_match`: the candidates' boundaries, without
     matching the references.
 
-    Reads only the candidates' rows of ``references.features`` (and of the projection),
-    so a reference set held elsewhere (:mod:`captum_repinterp.distributed`) can sample
-    where the head is and match where its rows are.
+    Reads only the candidates' rows of ``references.features`` (and of the projection,
+    and of ``references.logits``), so a reference set held elsewhere
+    (:mod:`captum_repinterp.distributed`) can sample where the head is and match where
+    its rows are.
+
+    With ``seed_logits`` (the model's output on the seed) and the references' logits
+    kept by ``fit`` (``references.logits``, absent on other reference sets), the head is
+    not run at the candidates: the affine head is checked against both logits (no head
+    call at all), the head on the leading layer's output is checked on the seed and on
+    every candidate against them (its values there are the crossings' first step), and
+    the plain search takes the candidates' logits as the segments' ends.
 
     Returns
     -------
@@ -141,27 +161,62 @@ def sample_candidates(
     """
     projection = references.projection
     leading = references.leading
-    cand_feats = references.features[candidates].to(seed_features.device, seed_features.dtype)
+
+    def cand_feats(count: int | None = None) -> Tensor:
+        """The features of the first ``count`` candidates (all by default): read only
+        where a path needs them (the projection's path reads its ``N x r`` images)."""
+        index = candidates if count is None else candidates[:count]
+        return references.features[index].to(seed_features.device, seed_features.dtype)
+
     affine = references.affine
-    if affine is not None and affine.agrees(head, torch.cat([seed_features[None], cand_feats[:1]])):
-        return _exact_affine(affine, references, target, duplicate_tol)
+    known = _known_logits(references, candidates, seed_logits)
+    if affine is not None:
+        if known is None:
+            exact = affine.agrees(head, torch.cat([seed_features[None], cand_feats(1)]))
+        else:
+            points = torch.cat([seed_features[None], cand_feats(1)])
+            exact = close_logits(affine.predict(points), known[: points.shape[0]])
+        if exact:
+            return _exact_affine(affine, references, target, duplicate_tol)
     zhead = None
-    if projection is not None:
-        zhead = projection.sampling_head(head, seed_features, cand_feats[:2])
+    z = None
+    z_logits = None
+    if projection is not None and known is not None:
+        if projection.module is not None and projection.offset is not None:
+            z = torch.cat(
+                [
+                    projection.z_of(seed_features[None]),
+                    projection.z_of_references(candidates, seed_features),
+                ]
+            )
+            zhead, z_logits = _zhead_matching(head, projection.module, seed_features, z, known)
+    elif projection is not None:
+        zhead = projection.sampling_head(head, seed_features, cand_feats(2))
     elif leading is not None and seed_features.dtype in (torch.float32, torch.float64):
-        zhead = leading.sampling_head(head, seed_features, cand_feats[:2])
+        if known is None:
+            zhead = leading.sampling_head(head, seed_features, cand_feats(2))
+        else:
+            with torch.no_grad():
+                z = leading.z_rows(head, torch.cat([seed_features[None], cand_feats()]))
+            zhead, z_logits = _zhead_matching(head, leading.module, seed_features, z, known)
     gram = None
     u = None
     if zhead is None:
         found = sample_boundaries(
-            head, seed_features, cand_feats, target, n_steps=n_steps, duplicate_tol=-1.0
-        )
+            head, seed_features, cand_feats(), target, n_steps=n_steps, duplicate_tol=-1.0,
+            end_logits=None if known is None else known[1:],
+        )  # fmt: skip
         weight = found.weight.to("cpu", torch.float32)
         bias = found.bias.to("cpu", torch.float32)
     elif projection is not None:
-        z_x = projection.z_of(seed_features[None])[0]
-        z_c = projection.z_of_references(candidates, seed_features)
-        found = sample_boundaries(zhead, z_x, z_c, target, n_steps=n_steps, duplicate_tol=-1.0)
+        if z is None:
+            z_x = projection.z_of(seed_features[None])[0]
+            z_c = projection.z_of_references(candidates, seed_features)
+        else:
+            z_x, z_c = z[0], z[1:]
+        found = sample_boundaries(
+            zhead, z_x, z_c, target, n_steps=n_steps, duplicate_tol=-1.0, logits=z_logits
+        )
         weight, bias = projection.to_features(found.weight, found.bias)
         bias = bias.to(torch.float32)
         u = found.weight.cpu()
@@ -169,9 +224,12 @@ def sample_candidates(
     else:
         assert leading is not None
         # the leading layer's output at the segment's ends only; the rest runs on z
-        with torch.no_grad():
-            z = leading.z_rows(head, torch.cat([seed_features[None], cand_feats]))
-        found = sample_boundaries(zhead, z[0], z[1:], target, n_steps=n_steps, duplicate_tol=-1.0)
+        if z is None:
+            with torch.no_grad():
+                z = leading.z_rows(head, torch.cat([seed_features[None], cand_feats()]))
+        found = sample_boundaries(
+            zhead, z[0], z[1:], target, n_steps=n_steps, duplicate_tol=-1.0, logits=z_logits
+        )
         w = leading.normals(head, seed_features, found.weight)
         # u . z + b_z = w . psi + b with z = A psi + offset: b = b_z + u . z_x - w . psi_x
         b64 = (
@@ -190,6 +248,37 @@ def sample_candidates(
     elif u is not None:
         u = u[keep]
     return bounds, u
+
+
+def _known_logits(
+    references: FittedReferences, candidates: Tensor, seed_logits: Tensor | None
+) -> Tensor | None:
+    """``(1 + m) x C`` float64 (CPU): the seed's logits, then the candidates' kept by
+    ``fit``; None when either is missing or they do not have the same classes."""
+    kept = getattr(references, "logits", None)
+    if kept is None or seed_logits is None:
+        return None
+    seed = seed_logits.detach().reshape(1, -1).to("cpu", torch.float64)
+    if kept.dim() != 2 or kept.shape[1] != seed.shape[1]:
+        return None
+    return torch.cat([seed, kept[candidates.cpu()].to(torch.float64)])
+
+
+def _zhead_matching(
+    head: Callable[..., Tensor], module: nn.Module, psi: Tensor, z: Tensor, known: Tensor
+) -> tuple[ProjectedHead | None, Tensor | None]:
+    """The head as a function of the leading layer's output (anchored at ``psi``) and its
+    logits at ``z`` (the seed's row, then the candidates'), when they are ``known`` (the
+    model's outputs there) within float32 rounding; else ``(None, None)``."""
+    zhead = ProjectedHead(head, module, psi[None])
+    try:
+        with torch.no_grad():
+            out = zhead(z)
+    except (RuntimeError, ValueError, TypeError):
+        return None, None
+    if not close_logits(out.detach().to("cpu", torch.float64), known):
+        return None, None
+    return zhead, out
 
 
 #: with more classes than this and no projection, the exact boundaries of an affine head

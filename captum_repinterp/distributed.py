@@ -336,6 +336,8 @@ class ShardedReferences:
     """
 
     store = None
+    #: the references' logits kept by a local fit (``shard_references``), else None
+    logits: Tensor | None = None
 
     def __init__(
         self,
@@ -456,8 +458,9 @@ class ShardedReferences:
             preds, target, seed_in_class, options.n_boundaries, options.random_state
         )
         bounds, u = sample_candidates(
-            head, seed_features, self, candidates, target, options.bisection_steps
-        )
+            head, seed_features, self, candidates, target, options.bisection_steps,
+            seed_logits=seed_logits,
+        )  # fmt: skip
         positive = preds == target
         negative = ~positive
         token = uuid.uuid4().hex
@@ -670,11 +673,13 @@ def _finish(
     reader: LayerReader | None = None,
     leading: LeadingMap | None = None,
     affine: AffineHead | None = None,
+    logits: Tensor | None = None,
 ) -> Any:
     refs = ShardedReferences(
         actors, offsets, torch.zeros(0, dtype=torch.long), layout, attribute_to_layer_input,
         example, head_nonlinear, projection, sources, n_total, progress, leading, affine,
     )  # fmt: skip
+    refs.logits = logits  # already held by the local fit's process (RAM or its store)
     infos = refs._gather([a.info.remote() for a in actors], "loading shards")
     sizes = [info["n"] for info in infos]
     expected = [b - a for a, b in zip(offsets, offsets[1:] + [n_total])]
@@ -758,7 +763,7 @@ def shard_references(
     return _finish(
         ri, actors, offsets, fitted.example, fitted.layout, fitted.head_nonlinear, proj,
         sources, progress, fitted.attribute_to_layer_input, fitted.n, reader=ri.reader_,
-        leading=fitted.leading, affine=fitted.affine,
+        leading=fitted.leading, affine=fitted.affine, logits=fitted.logits,
     )  # fmt: skip
 
 

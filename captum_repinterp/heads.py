@@ -193,6 +193,7 @@ class HookHead:
         self.broadcast: bool | None = None  # decided on the first call with B > 1
         self.trunk: _Trunk | None = None
         self.trunk_checked = False
+        self._recorded: Tensor | None = None  # see _take_recorded
 
     def _forward(self, psi: Tensor, inputs: tuple[Tensor, ...], extra: tuple | None) -> Tensor:
         _, _, out = forward_with_layer(
@@ -215,11 +216,24 @@ class HookHead:
             out = self._forward(psi, inputs, extra)
         elif self._trunk_ok(psi):
             assert self.trunk is not None
-            with self.trunk.skipping():
-                out = self._forward(psi, inputs, extra)
+            out = self._take_recorded(b)
+            if out is None:
+                with self.trunk.skipping():
+                    out = self._forward(psi, inputs, extra)
         else:
-            out = self._forward(psi, inputs, extra)
+            out = self._take_recorded(b)
+            if out is None:
+                out = self._forward(psi, inputs, extra)
         return flatten_logits(out, b if rows is None else rows)
+
+    def _take_recorded(self, b: int) -> Tensor | None:
+        """The output of the run that recorded the trunk, when this call asks for the
+        same thing: that run was the whole model at this call's one row (``psi[:1]``,
+        with the same module replacements), without gradients. Taken once."""
+        out, self._recorded = self._recorded, None
+        if out is None or b != 1 or torch.is_grad_enabled():
+            return None
+        return out
 
     def _decided(self) -> dict[str, bool]:
         """The checks already decided for this model and layer (shared by all seeds)."""
@@ -248,12 +262,16 @@ class HookHead:
         if decided.get("trunk") is False:
             return False
         probe = psi[:1].detach()
+        recorded: list[Tensor] = []
+
+        def run() -> Tensor:
+            out = self._forward(probe, self.inputs, self.additional_forward_args)
+            recorded.append(out)
+            return out
+
         try:
-            self.trunk = _Trunk(
-                self.forward_func,
-                self.layer,
-                lambda: self._forward(probe, self.inputs, self.additional_forward_args),
-            )
+            self.trunk = _Trunk(self.forward_func, self.layer, run)
+            self._recorded = recorded[0] if recorded else None
             if decided.get("trunk"):
                 return True
             with torch.no_grad():

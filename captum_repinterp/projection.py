@@ -29,6 +29,7 @@ __all__ = [
     "Projection",
     "ProjectedHead",
     "build_projection",
+    "close_logits",
     "find_affine_head",
     "find_leading_map",
     "leading_affine_basis",
@@ -548,7 +549,7 @@ class AffineHead:
         (a per-seed check that the head is the affine map found at fit)."""
         with torch.no_grad():
             out = head(psi).detach().to("cpu", torch.float64)
-        return _close_logits(out, self.predict(psi))
+        return close_logits(out, self.predict(psi))
 
     def boundaries(self, target: int, classes: Tensor) -> tuple[Tensor, Tensor]:
         """``G_target - G_k`` for the classes ``k`` in ``classes``: ``k x D`` float32
@@ -558,7 +559,9 @@ class AffineHead:
         return w.to(torch.float32), b
 
 
-def _close_logits(out: Tensor, expected: Tensor) -> bool:
+def close_logits(out: Tensor, expected: Tensor) -> bool:
+    """Whether two ``B x C`` logit tensors agree within float32 rounding (relative
+    ``1e-4``, absolute ``1e-5`` of the larger of 1 and the expected values' scale)."""
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     return out.shape == expected.shape and bool(
         torch.allclose(out, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
@@ -590,7 +593,7 @@ def find_affine_head(
         # first a cheap test on one-row calls: affine maps keep midpoints and lines
         with torch.no_grad():
             g = [head(p[None]).double() for p in (a, b, (a + b) / 2, 2 * a - b)]
-        if not _close_logits(g[2], (g[0] + g[1]) / 2) or not _close_logits(g[3], 2 * g[0] - g[1]):
+        if not close_logits(g[2], (g[0] + g[1]) / 2) or not close_logits(g[3], 2 * g[0] - g[1]):
             return None
         c = g[0].shape[1]
         if c * features.shape[1] > max_entries:

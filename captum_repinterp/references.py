@@ -6,6 +6,10 @@ an on-disk :class:`~captum_repinterp.store.ReferenceStore`) and returns a
 the layer's layout, the input spec the model ran on, the non-piecewise-linear operations of
 the head, and the exact projection shortcut when the head starts with an affine map. The
 per-seed stages read the reference set through it and nothing else.
+
+The model's outputs on the references (their logits) come with the same pass: where the
+head gives them at the references' features (checked on the first references), the
+per-seed search takes them for the segments' ends instead of evaluating the head there.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ from .projection import (
     LeadingMap,
     Projection,
     build_projection,
+    close_logits,
     find_affine_head,
     find_leading_map,
 )
-from .store import ReferenceStore, fit_to_store
+from .store import OutputRecorder, ReferenceStore, fit_to_store, keep_logits
 
 if TYPE_CHECKING:
     from .reader import LayerReader
@@ -75,6 +80,11 @@ class FittedReferences:
         (boundaries are then sampled on its output, computed at the segments' ends).
     affine : AffineHead or None
         The head as an affine map when it is one (the boundaries are then exact).
+    logits : Tensor or None
+        ``N x C`` (float32, float64 for a float64 model; memory-mapped with a store): the
+        model's outputs on the references, kept when they are small next to the features
+        (see :func:`~captum_repinterp.store.keep_logits`) and the head gives them at the
+        references' features (checked on the first references at fit); else None.
     """
 
     features: Tensor
@@ -88,6 +98,7 @@ class FittedReferences:
     inputs: Tensor | None = field(default=None, repr=False, compare=False)
     leading: LeadingMap | None = None
     affine: AffineHead | None = None
+    logits: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -150,8 +161,9 @@ def fit_references(
     with eval_mode(forward_func, layer, head, warn=True):
         ref_store = None
         if store is None:
+            recorder = OutputRecorder(forward_func)
             features, predictions, layout, example = extract_features(
-                forward_func,
+                recorder,
                 layer,
                 references,
                 batch_size=batch_size,
@@ -160,6 +172,7 @@ def fit_references(
                 device=device,
                 progress=progress,
             )
+            logits = _recorded_logits(recorder, features.shape[0], layout.dim)
         else:
             ref_store, example = fit_to_store(
                 forward_func,
@@ -174,11 +187,12 @@ def fit_references(
                 progress=progress,
             )
             features, predictions = ref_store.features(), ref_store.predictions()
+            logits = ref_store.logits()
             layout = ref_store.layout
             if not append:
                 _check_store_rows(
                     forward_func, layer, example, features, layout, store,
-                    attribute_to_layer_input, device,
+                    attribute_to_layer_input, device, logits,
                 )  # fmt: skip
         if not all_finite(features):
             warnings.warn(
@@ -199,6 +213,10 @@ def fit_references(
             forward_func, layer, head, layout, example, features, attribute_to_layer_input,
             device, cut_check, out_path, stacklevel=5,
         )  # fmt: skip
+        logits = _checked_logits(
+            forward_func, layer, head, layout, example, features, logits,
+            attribute_to_layer_input, device,
+        )  # fmt: skip
     return FittedReferences(
         features=features,
         predictions=predictions,
@@ -211,7 +229,61 @@ def fit_references(
         inputs=references if isinstance(references, Tensor) and not append else None,
         leading=leading,
         affine=affine,
+        logits=logits,
     )
+
+
+def _recorded_logits(recorder: OutputRecorder, n: int, dim: int) -> Tensor | None:
+    """The outputs the recorder kept, ``n x C``, when there is one row per reference and
+    :func:`~captum_repinterp.store.keep_logits` keeps them."""
+    batches = recorder.batches
+    recorder.batches = []
+    if not batches or sum(b.shape[0] for b in batches) != n:
+        return None
+    if any(b.shape[1] != batches[0].shape[1] for b in batches):
+        return None
+    if not keep_logits(int(batches[0].shape[1]), dim):
+        return None
+    return torch.cat(batches)
+
+
+def _checked_logits(
+    forward_func: Callable,
+    layer: nn.Module,
+    head: Callable | None,
+    layout: LayerLayout,
+    example: Example,
+    features: Tensor,
+    logits: Tensor | None,
+    attribute_to_layer_input: bool,
+    device: torch.device | None,
+) -> Tensor | None:
+    """``logits`` when the head gives them at the features of the first (up to four)
+    references, else None.
+
+    The head is anchored at the first reference, so the other rows check that it does
+    not depend on the example it runs on (a cut, or the user's ``head`` is the model's
+    end): only then are the references' outputs the head's values at their features
+    for every seed.
+    """
+    if logits is None or features.shape[0] == 0 or logits.shape[0] != features.shape[0]:
+        return None
+    modules = head if head is not None else forward_func
+    dtype = torch.float32
+    if isinstance(modules, nn.Module):
+        dtype = next((q.dtype for q in modules.parameters() if q.is_floating_point()), dtype)
+    k = min(4, features.shape[0])
+    seed_head = make_head(
+        forward_func, layer, layout, head, example.inputs, example.additional_forward_args,
+        attribute_to_layer_input,
+    )  # fmt: skip
+    try:
+        with torch.no_grad():
+            out = seed_head(features[:k].to(device or "cpu", dtype))
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    expected = logits[:k].to(torch.float64)
+    return logits if close_logits(out.detach().to("cpu", torch.float64), expected) else None
 
 
 def _check_store_rows(
@@ -223,15 +295,19 @@ def _check_store_rows(
     store: str | os.PathLike,
     attribute_to_layer_input: bool,
     device: torch.device | None,
+    logits: Tensor | None = None,
 ) -> None:
     """Refuse a store whose first rows are not these references at this layer.
 
     A finished store is reused (and an interrupted one resumed) on its row count alone;
     recomputing the first few references catches another model, layer or reference set
-    (stale features would otherwise be used silently).
+    (stale features would otherwise be used silently); when the store keeps the
+    references' logits, the model's outputs on them are compared too (a model changed
+    after the layer would leave stale predictions and logits).
     """
+    recorder = OutputRecorder(forward_func)
     rows, _, got_layout, _ = extract_features(
-        forward_func,
+        recorder,
         layer,
         example.batch,
         batch_size=len(example.batch[0]),
@@ -255,6 +331,21 @@ def _check_store_rows(
             "model or another layer (its first rows differ from these references' "
             "features; a shuffled DataLoader also gives another order); use a new path"
         )
+    outputs = recorder.batches[0] if recorder.batches else None
+    if logits is not None and k:
+        kept = logits[:k].to(torch.float64)
+        now = None if outputs is None else outputs[:k].to(torch.float64)
+        atol = rtol * max(1.0, float(kept.abs().max()))
+        if (
+            now is None
+            or now.shape != kept.shape
+            or not torch.allclose(now, kept, rtol=rtol, atol=atol, equal_nan=True)
+        ):
+            raise ValueError(
+                f"store: {os.fspath(store)!r} holds the outputs of another model (its first "
+                "rows' features match these references' but the model's outputs on them "
+                "differ, so its predictions are stale); use a new path"
+            )
 
 
 def study_head(

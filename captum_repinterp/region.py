@@ -236,8 +236,9 @@ def find_region(
         preds, target, seed_in_class, options.n_boundaries, options.random_state
     )
     sampled = sample_and_match(
-        head, seed_features, references, candidates, target, options.bisection_steps
-    )
+        head, seed_features, references, candidates, target, options.bisection_steps,
+        seed_logits=seed_logits,
+    )  # fmt: skip
     bounds = sampled.boundaries
     positive = preds == target
     cover = greedy_cover_bits(sampled.failing, positive, delta=options.delta, refine=options.refine)

@@ -95,11 +95,17 @@ def _in_class(logits: Tensor, target: int) -> Tensor:
     return logits.argmax(dim=1) == target
 
 
-def _margin(logits: Tensor, target: int) -> Tensor:
-    """``G_c - max_{k != c} G_k`` per row (float64): positive where ``c`` wins."""
-    others = logits.detach().double().clone()
-    others[:, target] = -torch.inf
-    return logits.detach()[:, target].double() - others.amax(dim=1)
+def _as_np64(logits: Tensor) -> np.ndarray:
+    """``B x C`` logits as a float64 numpy array (on the CPU; the conversion is exact)."""
+    return logits.detach().to("cpu", torch.float64).numpy()
+
+
+def _margin_np(values: np.ndarray, target: int) -> np.ndarray:
+    """``G_c - max_{k != c} G_k`` per row of float64 logits: positive where ``c`` wins
+    (a NaN in a row gives a NaN margin)."""
+    others = values.copy()
+    others[:, target] = -np.inf
+    return values[:, target] - others.max(axis=1)
 
 
 def find_crossings(
@@ -109,6 +115,8 @@ def find_crossings(
     target: int,
     n_steps: int = 20,
     max_iter: int = 12,
+    start_logits: Tensor | None = None,
+    end_logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Where the class-``target`` decision changes on each segment ``start -> ends[i]``.
 
@@ -121,7 +129,8 @@ def find_crossings(
     ``64 eps`` of the logits' scale. Segments still open after ``max_iter`` steps are
     bisected inside their bracket until it is narrower than ``2 ** -n_steps`` in ``t``.
     Only open segments are evaluated; one head call per step for all of them. Features
-    in a half-precision type are bisected.
+    in a half-precision type are bisected. The brackets (``m`` numbers each) are kept in
+    numpy, whose per-call cost is far below torch's, in float64 as before.
 
     Parameters
     ----------
@@ -137,6 +146,11 @@ def find_crossings(
         Bisection depth of the fallback.
     max_iter : int
         Regula-falsi steps before bisecting; 0 bisects at once.
+    start_logits, end_logits : Tensor, optional
+        The head's logits at ``start`` (``C``) and at ``ends`` (``m x C``) when already
+        known (e.g. the references' outputs kept by ``fit``): they are not evaluated
+        again. ``start_logits`` is used only with ``end_logits``; without it the head
+        runs on ``start`` alone.
 
     Returns
     -------
@@ -151,73 +165,85 @@ def find_crossings(
         How many valid segments were closed at a tie (not bisected).
     """
     m = ends.shape[0]
-    with torch.no_grad():
-        both = head(torch.cat([start[None], ends], dim=0))
-    g = _margin(both, target).cpu()
-    seed_in = bool(_in_class(both[:1], target)[0])
+    if end_logits is None:
+        with torch.no_grad():
+            both = head(torch.cat([start[None], ends], dim=0))
+        seed_logits = both[0].detach()
+        values = _as_np64(both)
+    else:
+        if end_logits.shape[0] != m:
+            raise ValueError(f"end_logits must have {m} rows, got {end_logits.shape[0]}")
+        if start_logits is None:
+            with torch.no_grad():
+                start_logits = head(start[None])[0]
+        seed_logits = start_logits.detach().reshape(-1)
+        values = np.concatenate([_as_np64(seed_logits[None]), _as_np64(end_logits)])
+    g = _margin_np(values, target)
+    seed_in = int(np.argmax(values[0])) == target
     sign = 1.0 if seed_in else -1.0
     g = g * sign  # positive on the seed's side
-    valid = (_in_class(both[1:], target).cpu() != seed_in) & (g[1:] < 0)
-    seed_logits = both[0].detach()
-    lo = torch.zeros(m, dtype=torch.float64)  # seed's side
-    hi = torch.ones(m, dtype=torch.float64)  # candidate's side
-    t_cross = torch.full((m,), torch.nan, dtype=torch.float64)
-    open_ = valid.clone()
+    valid = ((values[1:].argmax(axis=1) == target) != seed_in) & (g[1:] < 0)
+    lo = np.zeros(m)  # seed's side
+    hi = np.ones(m)  # candidate's side
+    t_cross = np.full(m, np.nan)
+    open_ = valid.copy()
     direction = ends - start[None]
     n_tied = 0
     # half types are bisected: a tie within their rounding (3 digits for bfloat16) would
     # not place the point on the boundary
     exact_type = start.dtype in (torch.float32, torch.float64)
-    if max_iter > 0 and exact_type and bool(valid.any()) and bool(torch.isfinite(g[0])):
-        scale = float(both.detach().abs().amax().double())
+    if max_iter > 0 and exact_type and bool(valid.any()) and bool(np.isfinite(g[0])):
+        scale = float(np.abs(values).max())
         tol = 64 * torch.finfo(start.dtype).eps * max(scale, 1e-30)
-        g_lo = g[0].expand(m).clone()
-        g_hi = g[1:].clone()
-        last = torch.zeros(m, dtype=torch.int8)  # which end moved last: 1 lo, 2 hi
-        for _ in range(max_iter):
-            idx = torch.nonzero(open_).flatten()
-            if idx.numel() == 0:
-                break
-            lo_i, hi_i, gl, gh = lo[idx], hi[idx], g_lo[idx], g_hi[idx]
-            t = lo_i - gl * (hi_i - lo_i) / (gh - gl)
-            t = torch.where((t > lo_i) & (t < hi_i), t, 0.5 * (lo_i + hi_i))
-            dev_idx = idx.to(start.device)
-            pts = start[None] + t.to(start.device, start.dtype)[:, None] * direction[dev_idx]
-            with torch.no_grad():
-                out = head(pts)
-            gn = _margin(out, target).cpu() * sign
-            done = gn.abs() <= tol
-            t_cross[idx[done]] = t[done]
-            open_[idx[done]] = False
-            n_tied += int(done.sum())
-            seed_side = (_in_class(out, target).cpu() == seed_in) & (gn > 0)
-            lo[idx] = torch.where(seed_side, t, lo_i)
-            hi[idx] = torch.where(seed_side, hi_i, t)
-            moved = torch.where(seed_side, 1, 2).to(torch.int8)
-            again = last[idx] == moved
-            # Anderson-Bjorck: when the same end moves twice, the other end's margin
-            # is scaled by 1 - g_new / g_moved_end (by 1/2 when that is not positive)
-            scale_hi = 1 - gn / gl
-            scale_lo = 1 - gn / gh
-            half = torch.full_like(gn, 0.5)
-            scale_hi = torch.where(scale_hi > 0, scale_hi, half)
-            scale_lo = torch.where(scale_lo > 0, scale_lo, half)
-            g_lo[idx] = torch.where(seed_side, gn, torch.where(again, gl * scale_lo, gl))
-            g_hi[idx] = torch.where(seed_side, torch.where(again, gh * scale_hi, gh), gn)
-            last[idx] = moved
-    rest = torch.nonzero(open_).flatten()
-    if rest.numel():
+        g_lo = np.full(m, g[0])
+        g_hi = g[1:].copy()
+        last = np.zeros(m, dtype=np.int8)  # which end moved last: 1 lo, 2 hi
+        with np.errstate(all="ignore"):
+            for _ in range(max_iter):
+                idx = np.flatnonzero(open_)
+                if idx.size == 0:
+                    break
+                lo_i, hi_i, gl, gh = lo[idx], hi[idx], g_lo[idx], g_hi[idx]
+                t = lo_i - gl * (hi_i - lo_i) / (gh - gl)
+                t = np.where((t > lo_i) & (t < hi_i), t, 0.5 * (lo_i + hi_i))
+                t_dev = torch.from_numpy(t).to(start.device, start.dtype)
+                rows = direction[torch.from_numpy(idx).to(start.device)]
+                pts = start[None] + t_dev[:, None] * rows
+                with torch.no_grad():
+                    out = head(pts)
+                gn = _margin_np(_as_np64(out), target) * sign
+                done = np.abs(gn) <= tol
+                t_cross[idx[done]] = t[done]
+                open_[idx[done]] = False
+                n_tied += int(done.sum())
+                # gn > 0 (a number, not NaN) means the class-c decision is the seed's
+                seed_side = gn > 0
+                lo[idx] = np.where(seed_side, t, lo_i)
+                hi[idx] = np.where(seed_side, hi_i, t)
+                moved = np.where(seed_side, 1, 2).astype(np.int8)
+                again = last[idx] == moved
+                # Anderson-Bjorck: when the same end moves twice, the other end's margin
+                # is scaled by 1 - g_new / g_moved_end (by 1/2 when that is not positive)
+                scale_hi = 1 - gn / gl
+                scale_lo = 1 - gn / gh
+                scale_hi = np.where(scale_hi > 0, scale_hi, 0.5)
+                scale_lo = np.where(scale_lo > 0, scale_lo, 0.5)
+                g_lo[idx] = np.where(seed_side, gn, np.where(again, gl * scale_lo, gl))
+                g_hi[idx] = np.where(seed_side, np.where(again, gh * scale_hi, gh), gn)
+                last[idx] = moved
+    rest = np.flatnonzero(open_)
+    if rest.size:
         t_cross[rest] = _bisect(
             head,
             start,
-            direction[rest.to(start.device)],
+            direction[torch.from_numpy(rest).to(start.device)],
             target,
             seed_in,
             lo[rest],
             hi[rest],
             n_steps,
         )
-    return t_cross, valid, seed_logits, n_tied
+    return torch.from_numpy(t_cross), torch.from_numpy(valid), seed_logits, n_tied
 
 
 def _bisect(
@@ -226,20 +252,20 @@ def _bisect(
     direction: Tensor,
     target: int,
     seed_in: bool,
-    lo: Tensor,
-    hi: Tensor,
+    lo: np.ndarray,
+    hi: np.ndarray,
     n_steps: int,
-) -> Tensor:
-    """Bisect brackets ``[lo, hi]`` (``lo`` on the seed's side) until every one is
-    narrower than ``2 ** -n_steps``; returns the end of each final bracket on the
+) -> np.ndarray:
+    """Bisect brackets ``[lo, hi]`` (float64, ``lo`` on the seed's side) until every one
+    is narrower than ``2 ** -n_steps``; returns the end of each final bracket on the
     class-``target`` side (float64)."""
     # the brackets are m numbers: kept in numpy, whose per-call cost is far below
     # torch's, in the features' float type (the same IEEE arithmetic)
     np_dtype = _np_float(start.dtype)
-    lo_np = lo.numpy().astype(np_dtype)
-    hi_np = hi.numpy().astype(np_dtype)
+    lo_np = lo.astype(np_dtype)
+    hi_np = hi.astype(np_dtype)
     # as many steps as the widest bracket needs to get below 2 ** -n_steps
-    width = float((hi - lo).max()) if lo.numel() else 0.0
+    width = float((hi - lo).max()) if lo.size else 0.0
     steps = max(0, min(n_steps, n_steps + int(np.ceil(np.log2(max(width, 2.0**-60))))))
     with torch.no_grad():
         for _ in range(steps):
@@ -249,7 +275,7 @@ def _bisect(
             same = (head(points).argmax(dim=1) == target).cpu().numpy() == seed_in
             lo_np = np.where(same, mid, lo_np)
             hi_np = np.where(same, hi_np, mid)
-    return torch.from_numpy((lo_np if seed_in else hi_np).astype(np.float64))
+    return (lo_np if seed_in else hi_np).astype(np.float64)
 
 
 def bisect_segments(
@@ -287,9 +313,9 @@ def bisect_segments(
     inside = _in_class(both, target)
     seed_in = bool(inside[0])
     valid = inside[1:] != seed_in
-    zeros = torch.zeros(m, dtype=torch.float64)
+    zeros = np.zeros(m)
     t = _bisect(head, start, ends - start[None], target, seed_in, zeros, zeros + 1, n_steps)
-    return t.to(start.device), valid.cpu()
+    return torch.from_numpy(t).to(start.device), valid.cpu()
 
 
 def linear_pieces(head: Head, points: Tensor, target: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -359,6 +385,8 @@ def sample_boundaries(
     n_steps: int = 20,
     duplicate_tol: float = 1e-6,
     max_iter: int = 12,
+    logits: Tensor | None = None,
+    end_logits: Tensor | None = None,
 ) -> Boundaries:
     """Candidate boundaries between the seed and each candidate reference.
 
@@ -380,6 +408,11 @@ def sample_boundaries(
     max_iter : int
         Regula-falsi steps per segment before bisecting (see :func:`find_crossings`);
         0 bisects only.
+    logits : Tensor, optional
+        ``(1 + m) x C``: the head's values at the seed and at the candidates, when
+        already computed (they are not evaluated again).
+    end_logits : Tensor, optional
+        ``m x C``: the head's values at the candidates only (the seed's are evaluated).
 
     Returns
     -------
@@ -397,9 +430,13 @@ def sample_boundaries(
     m = candidate_features.shape[0]
     if m == 0:
         return empty
+    start_logits = None
+    if logits is not None:
+        start_logits, end_logits = logits[0], logits[1:]
     t_cross, valid, seed_logits, _ = find_crossings(
-        head, seed_features, candidate_features, target, n_steps, max_iter
-    )
+        head, seed_features, candidate_features, target, n_steps, max_iter,
+        start_logits=start_logits, end_logits=end_logits,
+    )  # fmt: skip
     keep = torch.nonzero(valid, as_tuple=False).flatten()
     if keep.numel() == 0:
         return empty

@@ -194,6 +194,9 @@ def _popcount(bits: np.ndarray) -> int:
     return int(np.bitwise_count(bits).sum(dtype=np.int64))
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
 def _pick(df: np.ndarray, dg: np.ndarray, available: np.ndarray, eps: float) -> int | None:
     """Index of the best candidate, or ``None`` when no candidate removes a negative.
 
@@ -208,7 +211,7 @@ def _pick(df: np.ndarray, dg: np.ndarray, available: np.ndarray, eps: float) -> 
         return None
     tied = valid & (ratio - best <= RATIO_RTOL * ratio)
     # the first index with the smallest df among the tied
-    return int(np.argmin(np.where(tied, df, np.iinfo(np.int64).max)))
+    return int(np.argmin(np.where(tied, df, _INT64_MAX)))
 
 
 def _prune(failing: Tensor, picks: list[int]) -> list[int]:
@@ -350,13 +353,14 @@ def greedy_cover_bits(
         fail = fail.copy()
         fail[:, -1] &= np.uint64((1 << (n % 64)) - 1)
     device = positive.device
-    negative = ~positive
-    n_neg = int(negative.sum())
     # Bit sets over the references: one row of 64-bit words per candidate (bit r set when
-    # candidate j pushes reference r out), and the positive / negative / inside sets.
-    pos_np = positive.detach().cpu().numpy()
-    pos_bits, neg_bits = pack_rows(pos_np[None])[0], pack_rows(~pos_np[None])[0]
-    inside = pack_rows(np.ones((1, n), dtype=bool))[0]
+    # candidate j pushes reference r out), and the positive / negative / inside sets
+    # (the bits past N zero in all of them); counts of sets are popcounts.
+    pos_bits = pack_rows(positive.detach().cpu().numpy()[None])[0]
+    everyone = pack_rows(np.ones((1, n), dtype=bool))[0]
+    neg_bits = everyone & ~pos_bits
+    inside = everyone.copy()
+    n_neg = _popcount(neg_bits)
     if delta is None:  # negatives no candidate separates from the seed
         separated = np.bitwise_or.reduce(fail, axis=0) if m else np.zeros_like(inside)
         d = _popcount(neg_bits & ~separated)
@@ -371,23 +375,27 @@ def greedy_cover_bits(
     # the positives and the negatives still inside, as two rows of words
     inside_pn = np.stack([pos_bits, neg_bits])
 
-    def counts() -> tuple[np.ndarray, np.ndarray]:
-        both = np.bitwise_count(fail[:, None, :] & inside_pn).sum(axis=2, dtype=np.int64)
-        return both[:, 0], both[:, 1]
-
+    # df, dg: for every candidate, the positives and negatives still inside that it
+    # pushes out; counted once, then lowered by what each pick removes (exact integers,
+    # counted only over the words where the pick removed something)
+    both = np.bitwise_count(fail[:, None, :] & inside_pn).sum(axis=2, dtype=np.int64)
+    df, dg = both[:, 0], both[:, 1]
     while covered < need:
-        df, dg = counts()
         j = _pick(df, dg, available, eps)
         if j is None:
             break
         picks.append(j)
         available[j] = False
         covered += int(dg[j])
+        removed = inside_pn & fail[j]
         inside_pn &= ~fail[j]
+        cols = np.flatnonzero(removed[0] | removed[1])
+        if cols.size:
+            gone = fail[:, None, cols] & removed[:, cols]
+            both -= np.bitwise_count(gone).sum(axis=2, dtype=np.int64)
     inside &= inside_pn[0] | inside_pn[1]
 
     if refine == "tighten":
-        df, _ = counts()
         extra = np.flatnonzero(available & (df == 0)).tolist()
         picks = picks + extra
         if extra:
@@ -397,12 +405,12 @@ def greedy_cover_bits(
         failing = torch.from_numpy(unpack_rows(fail[picks], n).T)  # N x len(picks)
         kept = _prune(failing, picks)
         selected = torch.tensor(kept, dtype=torch.long, device=device)
-        inside = pack_rows(np.ones((1, n), dtype=bool))[0]
+        inside = everyone.copy()
         if kept:
             inside &= ~np.bitwise_or.reduce(fail[kept], axis=0)
     region = torch.from_numpy(unpack_rows(inside[None], n)[0]).to(device)
-    cost = int((positive & ~region).sum())
-    cover = int((negative & ~region).sum())
+    cost = _popcount(pos_bits & ~inside)
+    cover = _popcount(neg_bits & ~inside)
     return CoverResult(
         selected=selected,
         inside=region,

@@ -1,14 +1,17 @@
 """An on-disk reference store: features and predictions as memory-mapped ``.npy`` files.
 
 ``RepresentativeInterpretation.fit(references, store=path)`` writes the layer features
-(``N x D`` float32) and predictions (``N`` int64) of the references batch by batch into a
+(``N x D`` float32), predictions (``N`` int64) and, when they are small next to the
+features, the model's outputs (``N x C``) of the references batch by batch into a
 directory::
 
     path/
         meta.json          {"n": rows written, "capacity": rows allocated, "dim": D,
-                            "layout": ..., "attribute_to_layer_input": ..., "complete": ...}
+                            "layout": ..., "attribute_to_layer_input": ..., "complete": ...,
+                            "logits": {"classes": C, "dtype": ...} when logits.npy is kept}
         features.npy       capacity x D float32  (numpy.lib.format.open_memmap)
         predictions.npy    capacity int64
+        logits.npy         capacity x C float32 (float64 for a float64 model), optional
 
 Only ``meta["n"]`` rows are valid; ``meta.json`` is rewritten (atomically) after every
 batch, once that batch's rows are flushed, so an interrupted fit leaves a consistent
@@ -44,10 +47,50 @@ from torch import Tensor
 from .features import Example, LayerLayout, feature_batches
 from .inputs import all_finite
 
-__all__ = ["ReferenceStore", "STORE_FORMAT"]
+__all__ = ["OutputRecorder", "ReferenceStore", "STORE_FORMAT", "keep_logits"]
 
 STORE_FORMAT = "captum_repinterp.reference_store/1"
 _COPY_CHUNK = 16384
+
+
+def keep_logits(n_classes: int, dim: int) -> bool:
+    """Whether the references' ``N x C`` logits are kept next to their ``N x D`` features:
+    when ``C <= max(D / 4, 64)``, a quarter of the features at most (or a few numbers
+    per reference)."""
+    return n_classes <= max(dim // 4, 64)
+
+
+def logits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type the logits are kept in: float64 for a float64 model, float32 otherwise
+    (which holds the half types exactly)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class OutputRecorder:
+    """``forward_func``, keeping a copy of each call's flattened output on the CPU.
+
+    ``fit`` runs the model on every reference anyway; its outputs are the head's logits at
+    the references' features (at a cut), which the per-seed search would otherwise
+    evaluate again at the segments' ends. ``last`` is the latest call's ``B x C`` output
+    (None when it was not a ``B x ...`` tensor); with ``keep`` every call's is appended to
+    ``batches``.
+    """
+
+    def __init__(self, forward_func: Any, keep: bool = True) -> None:
+        self.forward_func = forward_func
+        self.keep = keep
+        self.batches: list[Tensor] = []
+        self.last: Tensor | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.forward_func(*args)
+        self.last = None
+        if isinstance(out, Tensor) and out.dim() >= 2 and out.is_floating_point():
+            flat = out.detach().reshape(out.shape[0], -1)
+            self.last = flat.to("cpu", logits_dtype(flat.dtype), copy=True)
+            if self.keep:
+                self.batches.append(self.last)
+        return out
 
 
 def _readonly_tensor(array: np.ndarray) -> Tensor:
@@ -74,6 +117,7 @@ class ReferenceStore:
         self.meta = meta
         self._features: np.memmap | None = None
         self._predictions: np.memmap | None = None
+        self._logits: np.memmap | None = None
 
     # ------------------------------------------------------------------ files
     @property
@@ -87,6 +131,10 @@ class ReferenceStore:
     @property
     def _pred_path(self) -> Path:
         return self.path / "predictions.npy"
+
+    @property
+    def _logits_path(self) -> Path:
+        return self.path / "logits.npy"
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
@@ -171,6 +219,11 @@ class ReferenceStore:
     def complete(self) -> bool:
         return bool(self.meta["complete"])
 
+    @property
+    def has_logits(self) -> bool:
+        """Whether the store keeps the references' logits (``logits.npy``)."""
+        return self.meta.get("logits") is not None and self._logits_path.is_file()
+
     def __len__(self) -> int:
         return self.n
 
@@ -180,23 +233,46 @@ class ReferenceStore:
             self._close()
             self._features = open_memmap(self._feat_path, mode="r+")
             self._predictions = open_memmap(self._pred_path, mode="r+")
+            if self.has_logits:
+                self._logits = open_memmap(self._logits_path, mode="r+")
         return self._features, self._predictions  # type: ignore[return-value]
 
     def _close(self) -> None:
-        for arr in (self._features, self._predictions):
+        for arr in (self._features, self._predictions, self._logits):
             if arr is not None and isinstance(arr, np.memmap) and arr.mode == "r+":
                 arr.flush()
         self._features = None
         self._predictions = None
+        self._logits = None
+
+    def _drop_logits(self) -> None:
+        """Stop keeping logits (a batch came without them, or with another width)."""
+        self._close()
+        self.meta["logits"] = None
+        self._save_meta()
+        self._logits_path.unlink(missing_ok=True)
+
+    def _start_logits(self, logits: Tensor) -> None:
+        """Keep logits from the first row on, in a file shaped like the others."""
+        dtype = np.float64 if logits.dtype == torch.float64 else np.float32
+        shape = (int(self.meta["capacity"]), int(logits.shape[1]))
+        self._close()
+        open_memmap(self._logits_path, mode="w+", dtype=dtype, shape=shape)
+        self.meta["logits"] = {"classes": shape[1], "dtype": np.dtype(dtype).name}
+        self._save_meta()
 
     def _grow(self, needed: int) -> None:
-        """Reallocate both files with room for ``needed`` rows, copying in chunks."""
+        """Reallocate the files with room for ``needed`` rows, copying in chunks."""
         new_cap = max(needed, 2 * int(self.meta["capacity"]), 1024)
         self._close()
-        for src_path, dtype, shape in (
+        files = [
             (self._feat_path, np.float32, (new_cap, self.dim)),
             (self._pred_path, np.int64, (new_cap,)),
-        ):
+        ]
+        if self.has_logits:
+            info = self.meta["logits"]
+            files.append((self._logits_path, np.dtype(info["dtype"]), (new_cap, info["classes"])))
+        for src_path, dtype, shape in files:
             tmp = src_path.with_suffix(".tmp.npy")
             dst = open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
             src = open_memmap(src_path, mode="r")
@@ -208,13 +284,25 @@ class ReferenceStore:
         self.meta["capacity"] = new_cap
         self._save_meta()
 
-    def write(self, features: Tensor, predictions: Tensor) -> None:
-        """Append rows (``B x D`` features, ``B`` predictions); flushed, then counted."""
+    def write(self, features: Tensor, predictions: Tensor, logits: Tensor | None = None) -> None:
+        """Append rows (``B x D`` features, ``B`` predictions and, optionally, ``B x C``
+        logits); flushed, then counted.
+
+        Logits are kept only from the store's first row on and while every batch brings
+        them with the same ``C``; otherwise the store stops keeping them.
+        """
         b = int(features.shape[0])
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"features must be B x {self.dim}, got shape {tuple(features.shape)}")
         if predictions.shape != (b,):
             raise ValueError(f"predictions must have shape ({b},), got {tuple(predictions.shape)}")
+        if logits is not None and (logits.dim() != 2 or logits.shape[0] != b):
+            raise ValueError(f"logits must be {b} x C, got shape {tuple(logits.shape)}")
+        if self.has_logits:
+            if logits is None or logits.shape[1] != self.meta["logits"]["classes"]:
+                self._drop_logits()
+        elif logits is not None and self.n == 0 and keep_logits(logits.shape[1], self.dim):
+            self._start_logits(logits)
         if self.n + b > int(self.meta["capacity"]):
             self._grow(self.n + b)
         feats, preds = self._writable()
@@ -223,6 +311,9 @@ class ReferenceStore:
         preds[s : s + b] = predictions.detach().to("cpu", torch.int64).numpy()
         feats.flush()
         preds.flush()
+        if self._logits is not None and logits is not None:
+            self._logits[s : s + b] = logits.detach().cpu().numpy().astype(self._logits.dtype)
+            self._logits.flush()
         self.meta["n"] = s + b
         self.meta["complete"] = False
         self._save_meta()
@@ -249,6 +340,14 @@ class ReferenceStore:
         arr = open_memmap(self._pred_path, mode="c")
         return _readonly_tensor(arr[: self.n])
 
+    def logits(self) -> Tensor | None:
+        """``n x C`` logits backed by the memory map (copy-on-write), or None when the
+        store does not keep them (see :meth:`write`)."""
+        if not self.has_logits:
+            return None
+        arr = open_memmap(self._logits_path, mode="c")
+        return _readonly_tensor(arr[: self.n])
+
     def all_finite(self, chunk_size: int = _COPY_CHUNK) -> bool:
         """Whether every stored feature is finite (streamed in chunks)."""
         return all_finite(self.features(), chunk_elements=chunk_size * self.layout.dim)
@@ -266,7 +365,8 @@ def fit_to_store(
     device: torch.device | None = None,
     progress: bool = True,
 ) -> tuple[ReferenceStore, Example]:
-    """Stream the references' features and predictions into the store at ``path``.
+    """Stream the references' features, predictions and logits (when small, see
+    :func:`keep_logits`) into the store at ``path``.
 
     - no store at ``path``: create one and write every reference;
     - an incomplete store (interrupted fit) and ``append=False``: resume, skipping the
@@ -286,8 +386,9 @@ def fit_to_store(
     """
     if not isinstance(append, bool):
         raise TypeError(f"append must be a bool, got {type(append).__name__}")
+    recorder = OutputRecorder(forward_func, keep=False)
     n, example, run = feature_batches(
-        forward_func,
+        recorder,
         layer,
         references,
         batch_size,
@@ -327,7 +428,7 @@ def fit_to_store(
                 f"references: the layer's output shapes {layout.shapes} differ from the "
                 f"store's {store.layout.shapes}"
             )
-        store.write(rows.to("cpu", torch.float32), preds)
+        store.write(rows.to("cpu", torch.float32), preds, recorder.last)
     if store is None or store.n == 0:
         raise ValueError("references: the reference set is empty")
     store.mark_complete()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp import RepresentativeInterpretation, boundaries
 from captum_repinterp.projection import LeadingMap, find_leading_map
 
 
@@ -71,7 +71,16 @@ def test_leading_map_sampling_matches_plain_sampling(wide, user_head, monkeypatc
         used.append(zhead is not None)
         return zhead
 
+    orig_known = boundaries._zhead_matching
+
+    def spy_known(*args, **kwargs):
+        zhead, logits = orig_known(*args, **kwargs)
+        used.append(zhead is not None)
+        return zhead, logits
+
     monkeypatch.setattr(LeadingMap, "sampling_head", spy)
+    # with the references' logits kept by fit, the head on z is checked against them
+    monkeypatch.setattr(boundaries, "_zhead_matching", spy_known)
     targets = [i % 4 for i in range(8)]
     fast = ri.interpret(x[200:208], target=targets)
     assert used == [True] * 8

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp import RepresentativeInterpretation, boundaries
 from captum_repinterp.match import margins
 from captum_repinterp.projection import build_projection
 
@@ -76,7 +76,10 @@ class _SkipHead(nn.Module):
         return self.out(torch.relu(self.first(f))) + self.skip(f)
 
 
-def _count_z_path(ri):
+def _count_z_path(ri, monkeypatch):
+    """Per seed, whether the crossings ran on z: the checked head on z, found either by
+    ``Projection.sampling_head`` or, with the references' logits kept by fit, by
+    comparing its values at the seed and the candidates with them."""
     used = []
     orig = ri.projection_.sampling_head
 
@@ -85,19 +88,27 @@ def _count_z_path(ri):
         used.append(zhead is not None)
         return zhead
 
+    orig_known = boundaries._zhead_matching
+
+    def spy_known(*args, **kwargs):
+        zhead, logits = orig_known(*args, **kwargs)
+        used.append(zhead is not None)
+        return zhead, logits
+
     ri.projection_.sampling_head = spy
+    monkeypatch.setattr(boundaries, "_zhead_matching", spy_known)
     return used
 
 
 @pytest.mark.parametrize("user_head", [False, True])
-def test_sampling_in_z_gives_the_same_interpretations(tiny, user_head):
+def test_sampling_in_z_gives_the_same_interpretations(tiny, user_head, monkeypatch):
     """The bisection and backward in the leading linear layer's output space pick the
     same boundaries as on the features, for a user Sequential head and a hook head."""
     model, x = tiny
     head = model.head if user_head else None
     ri = RepresentativeInterpretation(model, model.features[-1], head=head)
     ri.fit(x[:200], progress=False)
-    used = _count_z_path(ri)
+    used = _count_z_path(ri, monkeypatch)
     fast = ri.interpret(x[200:210], target=[i % 4 for i in range(10)])
     assert used == [True] * 10
     ri.projection_ = None
@@ -108,7 +119,7 @@ def test_sampling_in_z_gives_the_same_interpretations(tiny, user_head):
         torch.testing.assert_close(a.bias, b.bias, rtol=1e-4, atol=1e-5)
 
 
-def test_sampling_in_z_is_refused_when_the_head_reads_features_again():
+def test_sampling_in_z_is_refused_when_the_head_reads_features_again(monkeypatch):
     torch.manual_seed(0)
     feats = torch.randn(60, 2, 4, 4)
     head = _SkipHead(32, 6, 3).eval()
@@ -116,7 +127,7 @@ def test_sampling_in_z_is_refused_when_the_head_reads_features_again():
     model = nn.Sequential(layer, head).eval()
     ri = RepresentativeInterpretation(model, layer, head=head).fit(feats, progress=False)
     assert ri.projection_ is not None and ri.projection_.module is head.first
-    used = _count_z_path(ri)
+    used = _count_z_path(ri, monkeypatch)
     regs = ri.interpret(feats[:4])
     assert used == [False] * 4
     # and the result is what the plain path gives
