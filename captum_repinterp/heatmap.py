@@ -582,17 +582,23 @@ class RegionContext:
         if m <= 0 or self.members.numel() == 0 or (seed_features is None and images is None):
             return self.members[:0]
         seed = seed_inputs[0] if seed_inputs is not None and len(seed_inputs) == 1 else None
-        out = []
-        for r in self.members.tolist():
+        if seed_features is None and seed is None:
+            return self.members[:m].to(torch.long)
+        # fetch candidates in one batch (a round trip for sharded references), more only
+        # when copies of the seed among the first ones leave fewer than m
+        k, n = m + 1, self.members.numel()
+        while True:
+            rows = self.members[:k]
             if seed_features is not None:
-                if torch.equal(self.references.features[r].to(seed_features), seed_features):
-                    continue
-            elif seed is not None and torch.equal(images[r].to(seed.device), seed[0]):
-                continue
-            out.append(r)
-            if len(out) == m:
-                break
-        return torch.tensor(out, dtype=torch.long)
+                cand = self.references.features[rows].reshape(rows.numel(), -1)
+                same = (cand.to(seed_features) == seed_features.reshape(1, -1)).all(dim=1)
+            else:
+                cand = images[rows].to(seed.device)
+                same = (cand == seed).reshape(rows.numel(), -1).all(dim=1)
+            kept = rows[~same.cpu()]
+            if kept.numel() >= m or k >= n:
+                return kept[:m].to(torch.long)
+            k = min(2 * k, n)
 
 
 def read_layer(

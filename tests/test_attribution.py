@@ -114,10 +114,27 @@ def test_heatmap_reuse_is_shared_direction(fitted):
     torch.testing.assert_close(
         reg.heatmap(x[242:243]), ri.attribute(x[242:243], heatmap_rule="elementwise")
     )
-    # the default rule draws the positive part of the same direction
-    positive = ri.interpret(x[242:243]).heatmap(x[:4], relu_attributions=False)
+    # elementwise-positive draws the positive part of the same direction
+    positive = ri.interpret(x[242:243], heatmap_rule="elementwise-positive")
     torch.testing.assert_close(
-        positive, (v.clamp_min(0) * acts).sum(1, keepdim=True), rtol=1e-4, atol=1e-5
+        positive.heatmap(x[:4], relu_attributions=False),
+        (v.clamp_min(0) * acts).sum(1, keepdim=True),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    # the default (elementwise-members) divides each channel of the same direction by its
+    # mean level over the seed and its 8 nearest reference members, weights of mean 1
+    default = ri.interpret(x[242:243])
+    assert torch.equal(default.direction, reg.direction)
+    nearest = default.members[:8]  # nearest first; the seed is not a reference here
+    levels = torch.cat([model.features(x[242:243]), model.features(x[nearest])]).detach()
+    inv = 1.0 / levels.mean(dim=(0, 2, 3)).double()
+    w = (inv / inv.mean()).float()
+    torch.testing.assert_close(
+        default.heatmap(x[:4], relu_attributions=False),
+        (v * w[:, None, None] * acts).sum(1, keepdim=True),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 

@@ -1,6 +1,8 @@
 """The heat-map rules that use the region: hand computations on tiny tensors, properties,
 and the rules run end to end on a tiny CNN."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,6 +220,38 @@ def test_region_members_leaves_out_the_seed_itself(fitted):
         10 not in rows.tolist()
         and rows.tolist() == [r for r in reg.members.tolist() if r != 10][:8]
     )
+
+
+class _RowFetcher:
+    """Features indexed like sharded references: any index gives ``len(index) x D``."""
+
+    def __init__(self, features):
+        self.f = features
+        self.calls = 0
+
+    def __getitem__(self, index):
+        self.calls += 1
+        return self.f[torch.as_tensor(index).reshape(-1)]
+
+
+def test_nearest_members_leaves_out_every_copy_of_the_seed():
+    feats = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    feats[[2, 5, 7]] = feats[0].clone()  # three more copies of reference 0 (the seed)
+    images = feats.reshape(10, 1, 2, 2)
+    members = torch.tensor([0, 2, 5, 1, 7, 3, 4, 6, 8, 9])
+    expect = [1, 3, 4, 6]
+    for fetch in (lambda f: f, _RowFetcher):
+        refs = SimpleNamespace(features=fetch(feats), inputs=images)
+        ctx = RegionContext(members, refs, None)
+        assert ctx.nearest_members(4, seed_features=feats[0]).tolist() == expect
+        assert ctx.nearest_members(4, (images[:1],)).tolist() == expect
+        assert ctx.nearest_members(20, seed_features=feats[0]).tolist() == [1, 3, 4, 6, 8, 9]
+        assert ctx.nearest_members(0, seed_features=feats[0]).tolist() == []
+    # one batch of m + 1 rows when the seed is not among them twice
+    refs = SimpleNamespace(features=_RowFetcher(feats), inputs=None)
+    ctx = RegionContext(torch.tensor([3, 4, 6, 8, 9]), refs, None)
+    assert ctx.nearest_members(2, seed_features=feats[0]).tolist() == [3, 4]
+    assert refs.features.calls == 1
 
 
 def test_region_members_without_reference_images_scores_the_seed_alone(tiny):
