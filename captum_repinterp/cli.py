@@ -88,6 +88,18 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_random_state(parser: argparse.ArgumentParser, what: str = "random seed") -> None:
+    """``--random-state`` (alias ``--seed``), an int in ``[0, 2**32)``, default 0."""
+    parser.add_argument(
+        "--random-state",
+        "--seed",
+        dest="random_state",
+        type=_random_state,
+        default=0,
+        help=f"{what}, in [0, 2**32)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``captum-repinterp`` argument parser (defaults shown in ``--help``)."""
     fmt = _DefaultsHelpFormatter
@@ -117,14 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "classes) or comma-separated held-out indices such as 0,100 (a single index needs "
         "a trailing comma: 7,); the faces always use one seed per class",
     )
-    demo.add_argument(
-        "--random-state",
-        "--seed",
-        dest="random_state",
-        type=_random_state,
-        default=0,
-        help="random seed of the split, the training and the interpretations, in [0, 2**32)",
-    )
+    _add_random_state(demo, "random seed of the split, the training and the interpretations")
 
     rep = sub.add_parser(
         "report",
@@ -162,14 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--regions", type=_positive_int, default=2, help="at most this many regions per class"
     )
-    rep.add_argument(
-        "--random-state",
-        "--seed",
-        dest="random_state",
-        type=_random_state,
-        default=0,
-        help="random seed, in [0, 2**32)",
-    )
+    _add_random_state(rep)
 
     ev = sub.add_parser(
         "evaluate",
@@ -188,14 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--out", type=_out_dir, default="evaluation", help="folder for results.json and .md"
     )
-    ev.add_argument(
-        "--random-state",
-        "--seed",
-        dest="random_state",
-        type=_random_state,
-        default=0,
-        help="random seed, in [0, 2**32)",
-    )
+    _add_random_state(ev)
     ev.add_argument(
         "--quick",
         action="store_true",
