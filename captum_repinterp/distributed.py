@@ -982,7 +982,7 @@ def fit_sharded(
                 "model_factory: the model built on the workers gives other layer features "
                 "than ri.forward_func on the first reference; load the same weights"
             )
-        nonlinear, projection, leading, affine = study_head(
+        nonlinear, projection, leading, affine, _ = study_head(
             forward_func, layer, head, layout, example, first_feats, attribute_to_layer_input,
             device, stacklevel=4,
         )  # fmt: skip

@@ -33,6 +33,7 @@ __all__ = [
     "find_affine_head",
     "find_leading_map",
     "leading_affine_basis",
+    "parameter_dtype",
 ]
 
 
@@ -474,7 +475,7 @@ def find_leading_map(
     features and the layer breaks them for references in different pieces. When ``T``
     widens the features, ``A`` is kept too (see :class:`LeadingMap`).
     """
-    dtype = next((q.dtype for q in modules.parameters() if q.is_floating_point()), None)
+    dtype = parameter_dtype(modules)
     if features.shape[0] < 3 or dtype not in (torch.float32, torch.float64):
         return None  # half types: their rounding would hide kinks
     device = _device_of(modules)
@@ -559,6 +560,11 @@ class AffineHead:
         return w.to(torch.float32), b
 
 
+def parameter_dtype(modules: nn.Module) -> torch.dtype | None:
+    """The type of the first floating-point parameter of ``modules`` (None without one)."""
+    return next((q.dtype for q in modules.parameters() if q.is_floating_point()), None)
+
+
 def close_logits(out: Tensor, expected: Tensor) -> bool:
     """Whether two ``B x C`` logit tensors agree within float32 rounding (relative
     ``1e-4``, absolute ``1e-5`` of the larger of 1 and the expected values' scale)."""
@@ -583,7 +589,7 @@ def find_affine_head(
     half-precision type and heads whose ``C x D`` Jacobian would exceed ``max_entries``
     numbers are not examined.
     """
-    dtype = next((q.dtype for q in modules.parameters() if q.is_floating_point()), None)
+    dtype = parameter_dtype(modules)
     n = features.shape[0]
     if n < 4 or dtype not in (torch.float32, torch.float64):
         return None

@@ -39,6 +39,7 @@ from .projection import (
     close_logits,
     find_affine_head,
     find_leading_map,
+    parameter_dtype,
 )
 from .store import OutputRecorder, ReferenceStore, fit_to_store, keep_logits
 
@@ -209,13 +210,9 @@ def fit_references(
             )
         # with a store the projection is written next to the features, memory-mapped
         out_path = None if ref_store is None else ref_store.path / "projected.npy"
-        nonlinear, projection, leading, affine = study_head(
+        nonlinear, projection, leading, affine, logits = study_head(
             forward_func, layer, head, layout, example, features, attribute_to_layer_input,
-            device, cut_check, out_path, stacklevel=5,
-        )  # fmt: skip
-        logits = _checked_logits(
-            forward_func, layer, head, layout, example, features, logits,
-            attribute_to_layer_input, device,
+            device, cut_check, out_path, stacklevel=5, logits=logits,
         )  # fmt: skip
     return FittedReferences(
         features=features,
@@ -248,16 +245,9 @@ def _recorded_logits(recorder: OutputRecorder, n: int, dim: int) -> Tensor | Non
 
 
 def _checked_logits(
-    forward_func: Callable,
-    layer: nn.Module,
-    head: Callable | None,
-    layout: LayerLayout,
-    example: Example,
-    features: Tensor,
-    logits: Tensor | None,
-    attribute_to_layer_input: bool,
+    seed_head: Callable, modules: Any, features: Tensor, logits: Tensor | None,
     device: torch.device | None,
-) -> Tensor | None:
+) -> Tensor | None:  # fmt: skip
     """``logits`` when the head gives them at the features of the first (up to four)
     references, else None.
 
@@ -268,15 +258,10 @@ def _checked_logits(
     """
     if logits is None or features.shape[0] == 0 or logits.shape[0] != features.shape[0]:
         return None
-    modules = head if head is not None else forward_func
     dtype = torch.float32
     if isinstance(modules, nn.Module):
-        dtype = next((q.dtype for q in modules.parameters() if q.is_floating_point()), dtype)
+        dtype = parameter_dtype(modules) or dtype
     k = min(4, features.shape[0])
-    seed_head = make_head(
-        forward_func, layer, layout, head, example.inputs, example.additional_forward_args,
-        attribute_to_layer_input,
-    )  # fmt: skip
     try:
         with torch.no_grad():
             out = seed_head(features[:k].to(device or "cpu", dtype))
@@ -317,15 +302,20 @@ def _check_store_rows(
         progress=False,
     )
     k = min(rows.shape[0], features.shape[0])
-    same = got_layout == layout
-    if same and k:
-        stored = features[:k].to(torch.float32)
-        dtype = example.spec[0][1]
-        eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo().eps
-        rtol = max(1e-3, 16 * eps)
-        atol = rtol * max(1.0, float(stored.abs().max()))
-        same = torch.allclose(rows[:k], stored, rtol=rtol, atol=atol, equal_nan=True)
-    if not same:
+    dtype = example.spec[0][1]
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo().eps
+    rtol = max(1e-3, 16 * eps)
+
+    def close(now: Tensor | None, kept: Tensor) -> bool:
+        """Recomputed rows equal to the stored ones, to the model's rounding."""
+        atol = rtol * max(1.0, float(kept.abs().max()))
+        return (
+            now is not None
+            and now.shape == kept.shape
+            and torch.allclose(now, kept, rtol=rtol, atol=atol, equal_nan=True)
+        )
+
+    if not (got_layout == layout and (k == 0 or close(rows[:k], features[:k].float()))):
         raise ValueError(
             f"store: {os.fspath(store)!r} holds the features of other references, another "
             "model or another layer (its first rows differ from these references' "
@@ -333,14 +323,8 @@ def _check_store_rows(
         )
     outputs = recorder.batches[0] if recorder.batches else None
     if logits is not None and k:
-        kept = logits[:k].to(torch.float64)
         now = None if outputs is None else outputs[:k].to(torch.float64)
-        atol = rtol * max(1.0, float(kept.abs().max()))
-        if (
-            now is None
-            or now.shape != kept.shape
-            or not torch.allclose(now, kept, rtol=rtol, atol=atol, equal_nan=True)
-        ):
+        if not close(now, logits[:k].to(torch.float64)):
             raise ValueError(
                 f"store: {os.fspath(store)!r} holds the outputs of another model (its first "
                 "rows' features match these references' but the model's outputs on them "
@@ -360,18 +344,22 @@ def study_head(
     cut_check: str = "raise",
     projection_path: str | os.PathLike | None = None,
     stacklevel: int = 4,
-) -> tuple[tuple[str, ...], Projection | None, LeadingMap | None, AffineHead | None]:
+    logits: Tensor | None = None,
+) -> tuple[tuple[str, ...], Projection | None, LeadingMap | None, AffineHead | None, Tensor | None]:
     """What ``fit`` learns of the head from the first references (run in eval mode).
 
     The cut check on the first (up to four) references (``cut_check``: ``"raise"``,
-    ``"warn"`` or ``"off"``), the head's non-piecewise-linear operations, and the exact
+    ``"warn"`` or ``"off"``), the head's non-piecewise-linear operations, the exact
     shortcuts of :mod:`captum_repinterp.projection` found on ``features`` (all the
-    references' rows, or only the first ones when they live elsewhere); the projection of
-    ``features`` is written to ``projection_path`` when given.
+    references' rows, or only the first ones when they live elsewhere), and whether the
+    references' ``logits`` (the model's outputs, when recorded) are the head's values at
+    their features; the projection of ``features`` is written to ``projection_path`` when
+    given.
 
     Returns
     -------
-    (nonlinear, projection, leading, affine)
+    (nonlinear, projection, leading, affine, logits)
+        ``logits`` as given when the head reproduces them, else None.
     """
     seed_head = make_head(
         forward_func, layer, layout, head, example.inputs, example.additional_forward_args,
@@ -393,7 +381,8 @@ def study_head(
             projection = build_projection(seed_head, modules, features, out_path=projection_path)
             leading = find_leading_map(seed_head, modules, features)
             affine = find_affine_head(seed_head, modules, features)
-    return tuple(nonlinear), projection, leading, affine
+    logits = _checked_logits(seed_head, modules, features, logits, device)
+    return tuple(nonlinear), projection, leading, affine, logits
 
 
 def _scan_head(
