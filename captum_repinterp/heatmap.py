@@ -231,7 +231,7 @@ class HeatmapRule:
             return reader.pulled_back(
                 inputs,
                 additional_forward_args,
-                self.score_direction(direction),
+                self.score_direction(direction, channel_weights, reader.layout),
                 self.layer,
                 relu,
                 attr_dim_summation,
@@ -242,10 +242,16 @@ class HeatmapRule:
             direction, activations, reader.layout, channel_weights, relu, attr_dim_summation
         )
 
-    def score_direction(self, direction: Tensor) -> Tensor:
+    def score_direction(
+        self,
+        direction: Tensor,
+        channel_weights: Tensor | None = None,
+        layout: LayerLayout | None = None,
+    ) -> Tensor:
         """The direction whose score ``u . psi`` is drawn at an earlier ``layer`` (rules
-        with ``supports_layer``); at the split layer its gradient times activation is the
-        rule's own map."""
+        with ``supports_layer``; ``direction`` is ``D`` or ``n x D``, ``channel_weights``
+        what :meth:`region_weights` computed, ``layout`` the split layer's); at the split
+        layer its gradient times activation is the rule's own map."""
         return direction
 
 
@@ -287,7 +293,12 @@ class ElementwisePositiveRule(HeatmapRule):
     name = "elementwise-positive"
     supports_layer = True
 
-    def score_direction(self, direction: Tensor) -> Tensor:
+    def score_direction(
+        self,
+        direction: Tensor,
+        channel_weights: Tensor | None = None,
+        layout: LayerLayout | None = None,
+    ) -> Tensor:
         return direction.clamp_min(0)
 
     def cam_weights(
@@ -313,38 +324,22 @@ class ElementwiseMembersRule(HeatmapRule):
     supports_layer = True
     n_members: ClassVar[int] = 8
 
-    def maps(
+    def score_direction(
         self,
-        reader: Any,
-        inputs: Any,
-        additional_forward_args: Any,
         direction: Tensor,
         channel_weights: Tensor | None = None,
-        relu: bool = True,
-        attr_dim_summation: bool = True,
-        activations: tuple[Tensor, ...] | None = None,
-    ) -> tuple[Tensor, ...]:
-        """At an earlier ``layer`` the score ``(v / s) . psi`` (each channel of the split
-        layer in units of its level ``s_k``) is drawn by gradient times activation; at
-        the split layer that is this rule's own map."""
-        if self.layer is not None and channel_weights is not None:
-            rows = direction if direction.dim() == 2 else direction[None]
-            parts = reader.layout.unflatten(rows)
-            if len(parts) == 1:
-                scaled = reader.layout.flatten(
-                    (parts[0] * _per_channel(channel_weights, parts[0]),)
-                )
-                direction = scaled if direction.dim() == 2 else scaled[0]
-        return super().maps(
-            reader,
-            inputs,
-            additional_forward_args,
-            direction,
-            channel_weights,
-            relu,
-            attr_dim_summation,
-            activations,
-        )
+        layout: LayerLayout | None = None,
+    ) -> Tensor:
+        """``v / s``: at an earlier ``layer`` the score ``(v / s) . psi`` (each channel of
+        the split layer in units of its level ``s_k``) is drawn by gradient times
+        activation; at the split layer that is this rule's own map."""
+        if channel_weights is None or layout is None:
+            return direction
+        parts = layout.unflatten(direction if direction.dim() == 2 else direction[None])
+        if len(parts) != 1:
+            return direction
+        scaled = layout.flatten((parts[0] * _per_channel(channel_weights, parts[0]),))
+        return scaled if direction.dim() == 2 else scaled[0]
 
     def cam_weights(
         self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
