@@ -28,7 +28,7 @@ from ._captum_compat import (
 from .inputs import check_model
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
-from .options import InterpretOptions
+from .options import DEFAULT_HEATMAP_RULE, InterpretOptions
 from .reader import LayerReader
 from .references import FittedState, NotFittedError, fit_references
 from .region import find_regions
@@ -192,7 +192,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         delta: int | float | None = None,
         random_state: int = 0,
         refine: str = "tighten",
-        heatmap_rule: str = "elementwise-members",
+        heatmap_rule: str = DEFAULT_HEATMAP_RULE,
         combine: str = "sum",
         bisection_steps: int = 20,
         progress: bool = False,
@@ -270,7 +270,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         delta: int | float | None = None,
         random_state: int = 0,
         refine: str = "tighten",
-        heatmap_rule: str = "elementwise-members",
+        heatmap_rule: str = DEFAULT_HEATMAP_RULE,
         combine: str = "sum",
         bisection_steps: int = 20,
         progress: bool = False,

@@ -15,7 +15,10 @@ from ._checks import check_choice, check_int
 from .heatmap import COMBINE_RULES, HeatmapRule, get_heatmap_rule
 from .solver import REFINE_MODES
 
-__all__ = ["InterpretOptions"]
+__all__ = ["DEFAULT_HEATMAP_RULE", "InterpretOptions"]
+
+#: The heat-map rule of ``interpret``/``attribute`` when none is given.
+DEFAULT_HEATMAP_RULE = "elementwise-members"
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class InterpretOptions:
     delta: int | float | None = None
     random_state: int = 0
     refine: str = "tighten"
-    heatmap_rule: str = "elementwise-members"
+    heatmap_rule: str = DEFAULT_HEATMAP_RULE
     combine: str = "sum"
     bisection_steps: int = 20
     progress: bool = False

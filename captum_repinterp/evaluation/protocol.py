@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..attribution import RepresentativeInterpretation
 from ..heatmap import HEATMAP_RULES, HeatmapRule
 from ..interpretation import Interpretation
-from ..options import InterpretOptions
+from ..options import DEFAULT_HEATMAP_RULE
 from .methods import (
     ChannelWeightMethod,
     acts_and_grads,
@@ -118,10 +118,6 @@ class Setup:
     notes: str = ""
     other_layers: Sequence[tuple[str, nn.Module, Any]] = ()
     heatmap_layers: Sequence[tuple[str, nn.Module]] = ()
-
-
-#: The package's default heat-map rule: the RI row ``ri`` of the evaluation.
-DEFAULT_HEATMAP_RULE: str = InterpretOptions.__dataclass_fields__["heatmap_rule"].default
 
 
 @dataclass

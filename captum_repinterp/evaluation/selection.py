@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..options import InterpretOptions
+from ..options import DEFAULT_HEATMAP_RULE
 
 __all__ = ["CURRENT_DEFAULT", "best_baseline", "choose_default"]
 
 #: The default before the rule is applied (the last tie-breaker): the package's default.
-CURRENT_DEFAULT: str = InterpretOptions.__dataclass_fields__["heatmap_rule"].default
+CURRENT_DEFAULT: str = DEFAULT_HEATMAP_RULE
 
 _BETTER = {"mAD": -1.0, "mAI": 1.0}
 
