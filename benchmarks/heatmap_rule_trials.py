@@ -59,7 +59,8 @@ def feature_space_scores(acts: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 class TrialRule(hm.RegionScoreRule):
-    """Base of the trial rules: channel weights from :meth:`trial_weights`."""
+    """Base of the trial rules: feature-space channel scores, then (``top``) the real
+    masked-image scores of the best channels."""
 
     n_members: ClassVar[int] = 0
     top: ClassVar[int] = 0  # 0: feature-space scores only; T: score T channels for real
@@ -135,19 +136,8 @@ class MaxMembers(hm.ElementwiseMembersRule):
     name = "trial-max-members"
     supports_layer = False
 
-    def region_weights(
-        self, weight, bias, seed_inputs, seed_activations, features_of, context=None
-    ):
-        seed = seed_activations[0].detach().to("cpu", torch.float32)[None]
-        if seed.dim() != 4:
-            return None
-        acts = [seed]
-        if context is not None:
-            rows = context.nearest_members(self.n_members, seed_features=seed.reshape(-1))
-            if rows.numel():
-                feats = context.references.features[rows].float()
-                acts.append(feats.reshape(rows.numel(), *seed.shape[1:]))
-        return hm.member_scale(torch.cat(acts).flatten(2).amax(dim=2))
+    def channel_levels(self, activations):
+        return activations.flatten(2).amax(dim=2)
 
 
 for _cls in (ChannelMembers, PositiveMembers, MaxMembers):

@@ -360,15 +360,12 @@ class ElementwiseMembersRule(HeatmapRule):
         if len(seed_activations) != 1 or seed_activations[0].dim() < 1:
             return None
         seed = seed_activations[0].detach().to("cpu", torch.float32)[None]
-        acts = [seed]
-        if context is not None:
-            rows = context.nearest_members(self.n_members, seed_features=seed.reshape(-1))
-            if rows.numel():
-                feats = context.references.features[rows].to(torch.float32)
-                acts.append(feats.reshape(rows.numel(), *seed.shape[1:]))
-        a = torch.cat(acts)
-        level = a.flatten(2).mean(dim=2) if a.dim() > 2 else a
-        return member_scale(level)
+        a = seed if context is None else context.with_members(seed, self.n_members)
+        return member_scale(self.channel_levels(a))
+
+    def channel_levels(self, activations: Tensor) -> Tensor:
+        """``n x K`` levels of the channels of ``n x K x ...`` activations: their means."""
+        return activations.flatten(2).mean(dim=2) if activations.dim() > 2 else activations
 
 
 def member_scale(levels: Tensor) -> Tensor:
@@ -558,6 +555,16 @@ class RegionContext:
     references: Any
     reader: Any
     additional_forward_args: tuple | None = None
+
+    def with_members(self, seed_activation: Tensor, m: int) -> Tensor:
+        """``seed_activation`` (``1 x ...``, float32 on the CPU) followed by the stored
+        features of the ``m`` nearest members, shaped like it: ``(1 + k) x ...`` with
+        ``k <= m`` (the seed itself left out when it is a reference; no forward pass)."""
+        rows = self.nearest_members(m, seed_features=seed_activation.reshape(-1))
+        if rows.numel() == 0:
+            return seed_activation
+        feats = self.references.features[rows].to(torch.float32)
+        return torch.cat([seed_activation, feats.reshape(rows.numel(), *seed_activation.shape[1:])])
 
     def nearest_members(
         self,
