@@ -345,17 +345,6 @@ def _check_fraction(value: Any, name: str) -> float:
 
 
 # ---------------------------------------------------------------------- audit
-def _transform(ri: Any, images: Tensor, batch_size: int, name: str) -> tuple[Tensor, Tensor]:
-    """``ri.transform(images)``, its errors about ``inputs`` naming ``name`` instead."""
-    try:
-        return ri.transform(images, batch_size=batch_size)
-    except (TypeError, ValueError) as exc:
-        message = str(exc)
-        if not message.startswith("inputs"):
-            raise
-        raise type(exc)(name + message[len("inputs") :]) from exc
-
-
 def audit(
     ri: Any,
     images: Tensor,
@@ -499,7 +488,7 @@ def audit(
         )
 
     if features is None:
-        feats, preds = _transform(ri, images, batch_size, "images")
+        feats, preds = ri.reader_.features(images, batch_size, name="images")
     else:
         if not (
             isinstance(features, tuple)
@@ -519,7 +508,7 @@ def audit(
     if heldout is not None:
         if not isinstance(heldout, Tensor):
             raise TypeError(f"heldout must be a tensor or None, got {type(heldout).__name__}")
-        held = _transform(ri, heldout, batch_size, "heldout")
+        held = ri.reader_.features(heldout, batch_size, name="heldout")
 
     if target is None:
         classes = [int(c) for c in torch.unique(preds)]

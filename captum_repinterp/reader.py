@@ -137,10 +137,12 @@ class LayerReader:
         batch_size: int = 128,
         additional_forward_args: Any = None,
         progress: bool = False,
+        name: str = "inputs",
     ) -> tuple[Tensor, Tensor]:
         """Layer features (``N x D`` float32, CPU) and predictions of inputs, batched.
 
-        Accepts what ``fit`` accepts (tensor, tuple, Dataset, DataLoader).
+        Accepts what ``fit`` accepts (tensor, tuple, Dataset, DataLoader); errors about
+        the inputs name them ``name``.
         """
         with eval_mode(self.forward_func, self.layer, warn=True):
             features, predictions, layout, _ = extract_features(
@@ -152,12 +154,12 @@ class LayerReader:
                 attribute_to_layer_input=self.attribute_to_layer_input,
                 device=self.device,
                 progress=progress,
-                name="inputs",
+                name=name,
                 expected=self.input_spec,
             )
         if layout != self.layout:
             raise ValueError(
-                f"inputs: layer shapes {layout.shapes} differ from the references' "
+                f"{name}: layer shapes {layout.shapes} differ from the references' "
                 f"{self.layout.shapes}"
             )
         return features, predictions
