@@ -88,20 +88,21 @@ class _Trunk:
         return _Skipping(self)
 
 
-def _detach(out: object) -> object:
+def _map_tensors(out: object, fn: Callable[[Tensor], Tensor]) -> object:
+    """``out`` with ``fn`` applied to every tensor in it (nested tuples and lists)."""
     if isinstance(out, Tensor):
-        return out.detach()
+        return fn(out)
     if isinstance(out, (tuple, list)):
-        return type(out)(_detach(o) for o in out)
+        return type(out)(_map_tensors(o, fn) for o in out)
     return out
+
+
+def _detach(out: object) -> object:
+    return _map_tensors(out, Tensor.detach)
 
 
 def _fresh(out: object) -> object:
-    if isinstance(out, Tensor):
-        return out.clone()
-    if isinstance(out, (tuple, list)):
-        return type(out)(_fresh(o) for o in out)
-    return out
+    return _map_tensors(out, Tensor.clone)
 
 
 class _Skipping:

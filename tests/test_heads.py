@@ -41,13 +41,18 @@ def _plain(model, layer, x, layout, psi):
     return torch.cat(out)
 
 
-def test_trunk_is_not_run_again_and_logits_are_exact() -> None:
+def _shared_relu_net():
+    """The net (seeded), one image, its layer tensors and their layout."""
     torch.manual_seed(0)
     model = SharedReluNet().eval()
     x = torch.randn(1, 3, 10, 10)
     with torch.no_grad():
         acts, was_tuple, _ = forward_with_layer(model, model.layer, (x,), None)
-    layout = LayerLayout.from_outputs(acts, was_tuple)
+    return model, x, acts, LayerLayout.from_outputs(acts, was_tuple)
+
+
+def test_trunk_is_not_run_again_and_logits_are_exact() -> None:
+    model, x, acts, layout = _shared_relu_net()
     psi = acts[0].reshape(1, -1) + 0.3 * torch.randn(6, layout.dim)
     head = HookHead(model, model.layer, (x,), None, layout)
     with torch.no_grad():
@@ -70,12 +75,7 @@ def test_trunk_is_not_run_again_and_logits_are_exact() -> None:
 
 
 def test_plain_function_model_runs_the_trunk() -> None:
-    torch.manual_seed(0)
-    model = SharedReluNet().eval()
-    x = torch.randn(1, 3, 10, 10)
-    with torch.no_grad():
-        acts, was_tuple, _ = forward_with_layer(model, model.layer, (x,), None)
-    layout = LayerLayout.from_outputs(acts, was_tuple)
+    model, x, acts, layout = _shared_relu_net()
     head = HookHead(lambda t: model(t), model.layer, (x,), None, layout)
     with torch.no_grad():
         out = head(acts[0].reshape(1, -1).repeat(3, 1))
