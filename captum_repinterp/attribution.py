@@ -28,7 +28,7 @@ from ._captum_compat import (
 from .inputs import check_model
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
-from .options import DEFAULT_HEATMAP_RULE, InterpretOptions
+from .options import DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, InterpretOptions
 from .reader import LayerReader
 from .references import FittedState, NotFittedError, fit_references
 from .region import find_regions
@@ -196,7 +196,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         combine: str = "sum",
         bisection_steps: int = 20,
         progress: bool = False,
-        heatmap_layer: nn.Module | None = None,
+        heatmap_layer: nn.Module | str | None = DEFAULT_HEATMAP_LAYER,
     ) -> Interpretation | list[Interpretation]:
         r"""Representative interpretation(s) of seed image(s).
 
@@ -232,8 +232,14 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             Bisection steps per candidate (bracket width ``2 ** -steps``).
         progress : bool
             Progress bar over seeds.
-        heatmap_layer : nn.Module, optional
-            Draw the elementwise map at this earlier layer (the region stays at ``layer``).
+        heatmap_layer : nn.Module, "input", "auto" or None
+            Where the elementwise rules draw the region's score (the region stays at
+            ``layer``): ``None``, the split layer; an earlier layer; ``"input"``, the
+            model's input (input times gradient, one value per pixel); ``"auto"``, the
+            split layer or the input, whichever keeps more class evidence on the
+            references (:attr:`heatmap_resolution_`, chosen once per fit; see
+            :mod:`captum_repinterp.resolution`). Other rules draw at the split layer
+            with ``"auto"``.
 
         Returns
         -------
@@ -252,10 +258,17 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             n_boundaries, delta, random_state, refine, heatmap_rule, combine,
             bisection_steps, progress, heatmap_layer,
         )  # fmt: skip
+        options = self._resolve(options)
         results, _ = find_regions(
             self.references_, self.reader_, inputs, target, additional_forward_args, options
         )
         return results[0] if len(results) == 1 else results
+
+    def _resolve(self, options: InterpretOptions) -> InterpretOptions:
+        """``heatmap_layer="auto"`` replaced by the resolution chosen on the references."""
+        if options.heatmap_layer != "auto":
+            return options
+        return options.resolved(self.heatmap_resolution_.heatmap_layer)
 
     @log_usage()
     def attribute(
@@ -274,7 +287,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         combine: str = "sum",
         bisection_steps: int = 20,
         progress: bool = False,
-        heatmap_layer: nn.Module | None = None,
+        heatmap_layer: nn.Module | str | None = DEFAULT_HEATMAP_LAYER,
     ) -> Tensor | tuple[Tensor, ...]:
         r"""Heat map of each seed's representative interpretation, on the seed itself.
 
@@ -317,6 +330,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             n_boundaries, delta, random_state, refine, heatmap_rule, combine,
             bisection_steps, progress, heatmap_layer,
         )  # fmt: skip
+        options = self._resolve(options)
         regions, activations = find_regions(
             self.references_, self.reader_, inputs, target, additional_forward_args, options
         )

@@ -486,6 +486,7 @@ def audit(
             "heatmap_layer: audit draws the members' maps from their features at the "
             "split layer, so it cannot draw them at another layer; leave heatmap_layer out"
         )
+    interpret_kwargs = {**interpret_kwargs, "heatmap_layer": None}
 
     if features is None:
         feats, preds = ri.reader_.features(images, batch_size, name="images")

@@ -46,6 +46,7 @@ from .features import LayerLayout
 __all__ = [
     "COMBINE_RULES",
     "HEATMAP_RULES",
+    "INPUT",
     "ChannelRule",
     "ElementwiseMembersRule",
     "ElementwisePositiveRule",
@@ -77,8 +78,13 @@ def register_heatmap_rule(cls: type[HeatmapRule]) -> type[HeatmapRule]:
     return cls
 
 
-def get_heatmap_rule(name: str, layer: nn.Module | None = None) -> HeatmapRule:
-    """The rule registered as ``name``, drawn at ``layer`` (None: the split layer).
+#: ``heatmap_layer`` value that draws the map at the model's input.
+INPUT = "input"
+
+
+def get_heatmap_rule(name: str, layer: nn.Module | str | None = None) -> HeatmapRule:
+    """The rule registered as ``name``, drawn at ``layer`` (None: the split layer,
+    ``"input"``: the model's input).
 
     Raises
     ------
@@ -121,9 +127,9 @@ class HeatmapRule:
 
     Parameters
     ----------
-    layer : nn.Module, optional
+    layer : nn.Module or "input", optional
         Draw the map at this earlier layer (``heatmap_layer``); only rules with
-        ``supports_layer`` accept it.
+        ``supports_layer`` accept it (``"input"``: rules with ``supports_input``).
 
     Attributes
     ----------
@@ -136,18 +142,27 @@ class HeatmapRule:
         (0 for the rules that need none).
     supports_layer : bool
         Whether the rule can be drawn at another layer than the split layer.
+    supports_input : bool
+        Whether it can be drawn at the input (``heatmap_layer="input"``: input times
+        gradient of the rule's score).
     """
 
     name: ClassVar[str] = ""
     forward_passes: ClassVar[str] = "0"
     cost_per_channel: ClassVar[int] = 0
     supports_layer: ClassVar[bool] = False
+    supports_input: ClassVar[bool] = False
 
-    def __init__(self, layer: nn.Module | None = None) -> None:
+    def __init__(self, layer: nn.Module | str | None = None) -> None:
         if layer is not None and not self.supports_layer:
             raise ValueError(
                 f"heatmap_layer draws the elementwise rules at another layer; it cannot be "
                 f"combined with heatmap_rule={self.name!r}"
+            )
+        if isinstance(layer, str) and (layer != INPUT or not self.supports_input):
+            raise ValueError(
+                f"heatmap_layer={layer!r} cannot be combined with heatmap_rule={self.name!r}"
+                f" (the input takes the elementwise rules)"
             )
         self.layer = layer
 
@@ -261,6 +276,7 @@ class ElementwiseRule(HeatmapRule):
 
     name = "elementwise"
     supports_layer = True
+    supports_input = True
 
     def cam_weights(
         self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
@@ -292,6 +308,7 @@ class ElementwisePositiveRule(HeatmapRule):
 
     name = "elementwise-positive"
     supports_layer = True
+    supports_input = True
 
     def score_direction(
         self,
@@ -322,6 +339,7 @@ class ElementwiseMembersRule(HeatmapRule):
     name = "elementwise-members"
     forward_passes = "0 (reads the stored features of 8 members)"
     supports_layer = True
+    supports_input = True
     n_members: ClassVar[int] = 8
 
     def score_direction(
@@ -722,8 +740,10 @@ def pulled_back_heatmap(
     ----------
     forward_func, layer : callable, nn.Module
         The model and the split layer.
-    heatmap_layer : nn.Module
-        A layer the model runs before ``layer``, on the path from the inputs to it.
+    heatmap_layer : nn.Module or "input"
+        A layer the model runs before ``layer``, on the path from the inputs to it, or
+        ``"input"``: the map is then ``sum_c x_c * d(v . psi)/dx_c`` per pixel (Captum's
+        ``InputXGradient``), one map per input tensor.
     inputs, additional_forward_args : tuple
         The examples (batch first) and extra arguments of ``forward_func``.
     directions : Tensor
@@ -736,9 +756,10 @@ def pulled_back_heatmap(
     Returns
     -------
     tuple of Tensor
-        ``LayerGradCam``-shaped maps at ``heatmap_layer`` (one per tensor it outputs).
+        ``LayerGradCam``-shaped maps at ``heatmap_layer`` (one per tensor it outputs; at
+        the input ``N x 1 x H x W`` per input tensor).
     """
-    from captum.attr import LayerGradientXActivation
+    from captum.attr import InputXGradient, LayerGradientXActivation
 
     n = inputs[0].shape[0]
     dirs = directions if directions.dim() == 2 else directions[None].expand(n, -1)
@@ -762,7 +783,11 @@ def pulled_back_heatmap(
         psi = layout.flatten(tensors)
         return (psi * dirs.to(psi.device, psi.dtype)).sum(dim=1)
 
-    explainer = LayerGradientXActivation(along_direction, heatmap_layer)
+    if isinstance(heatmap_layer, str):  # INPUT: input times gradient of the same score
+        explainer = InputXGradient(along_direction)
+        inputs = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+    else:
+        explainer = LayerGradientXActivation(along_direction, heatmap_layer)
     try:
         attr = explainer.attribute(
             inputs if k > 1 else inputs[0], additional_forward_args=additional_forward_args

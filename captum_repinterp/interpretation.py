@@ -66,9 +66,11 @@ class Interpretation:
         How the heat map is drawn (see :mod:`captum_repinterp.heatmap`).
     channel_weights : Tensor or None
         ``K`` channel weights of the ``"region-score"`` rule (None for the other rules).
-    heatmap_layer : nn.Module or None
-        Draw the elementwise map at this earlier layer instead of the split layer (see
+    heatmap_layer : nn.Module, "input" or None
+        Draw the elementwise map at this earlier layer, or at the input (``"input"``),
+        instead of the split layer (see
         :func:`~captum_repinterp.heatmap.pulled_back_heatmap`); None: the split layer.
+        ``interpret(heatmap_layer="auto")`` stores what ``"auto"`` resolved to.
     reader : LayerReader or None
         Reads the model's layer on new inputs (:mod:`captum_repinterp.reader`); needed by
         :meth:`contains`, :meth:`distance` and :meth:`heatmap`, not by the

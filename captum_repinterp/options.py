@@ -7,18 +7,28 @@ passed down as one object, so every check runs once per call, in one place.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from ._checks import check_choice, check_int
-from .heatmap import COMBINE_RULES, HeatmapRule, get_heatmap_rule
+from .heatmap import COMBINE_RULES, HEATMAP_RULES, INPUT, HeatmapRule, get_heatmap_rule
 from .solver import REFINE_MODES
 
-__all__ = ["DEFAULT_HEATMAP_RULE", "InterpretOptions"]
+__all__ = ["AUTO", "DEFAULT_HEATMAP_LAYER", "DEFAULT_HEATMAP_RULE", "InterpretOptions"]
 
 #: The heat-map rule of ``interpret``/``attribute`` when none is given.
 DEFAULT_HEATMAP_RULE = "elementwise-members"
+
+#: ``heatmap_layer`` value: the resolution chosen on the references
+#: (:mod:`captum_repinterp.resolution`).
+AUTO = "auto"
+
+#: The names ``heatmap_layer`` takes besides a module and None.
+HEATMAP_LAYER_NAMES = (INPUT, AUTO)
+
+#: The ``heatmap_layer`` of ``interpret``/``attribute`` when none is given.
+DEFAULT_HEATMAP_LAYER: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class InterpretOptions:
     combine: str = "sum"
     bisection_steps: int = 20
     progress: bool = False
-    heatmap_layer: nn.Module | None = None
+    heatmap_layer: nn.Module | str | None = DEFAULT_HEATMAP_LAYER
 
     def __post_init__(self) -> None:
         # frozen: store the checked values as plain ints (NumPy integers are taken)
@@ -61,17 +71,35 @@ class InterpretOptions:
                 f"random_state must be an int in [-2**63, 2**64), got {self.random_state}"
             )
         _check_delta(self.delta)
-        if self.heatmap_layer is not None and not isinstance(self.heatmap_layer, nn.Module):
+        layer = self.heatmap_layer
+        if isinstance(layer, str):
+            check_choice(layer, "heatmap_layer", HEATMAP_LAYER_NAMES)
+        elif layer is not None and not isinstance(layer, nn.Module):
             raise TypeError(
-                "heatmap_layer must be an nn.Module or None, got "
-                f"{type(self.heatmap_layer).__name__}"
+                "heatmap_layer must be an nn.Module, 'input', 'auto' or None, got "
+                f"{type(layer).__name__}"
             )
         self.rule  # noqa: B018  (validates heatmap_rule and its combination with the layer)
 
     @property
     def rule(self) -> HeatmapRule:
-        """The heat-map rule object (see :mod:`captum_repinterp.heatmap`)."""
-        return get_heatmap_rule(self.heatmap_rule, self.heatmap_layer)
+        """The heat-map rule object (see :mod:`captum_repinterp.heatmap`); with
+        ``heatmap_layer="auto"`` the rule at the split layer (the facade resolves
+        ``"auto"`` before the rule draws)."""
+        layer = self.heatmap_layer
+        if layer == AUTO:
+            return get_heatmap_rule(self.heatmap_rule, None)
+        return get_heatmap_rule(self.heatmap_rule, layer)
+
+    def resolved(self, auto_layer: str | None) -> InterpretOptions:
+        """These options with ``heatmap_layer="auto"`` replaced by ``auto_layer`` (the
+        resolution chosen on the references, see :mod:`captum_repinterp.resolution`)
+        for the rules that can be drawn there, by the split layer for the others."""
+        if self.heatmap_layer != AUTO:
+            return self
+        rule = HEATMAP_RULES[self.heatmap_rule]
+        layer = auto_layer if auto_layer is None or rule.supports_input else None
+        return replace(self, heatmap_layer=layer)
 
 
 def _check_delta(delta: object) -> None:

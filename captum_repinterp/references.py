@@ -449,6 +449,38 @@ class FittedState:
         """Reads the split layer on new inputs (:class:`~captum_repinterp.reader.LayerReader`)."""
         return self.references_ and self.__dict__["_reader"]
 
+    @property
+    def heatmap_resolution_(self) -> Any:
+        """Where ``heatmap_layer="auto"`` draws the maps
+        (:class:`~captum_repinterp.resolution.ResolutionChoice`): chosen on the
+        references on first use after :meth:`fit`, then kept.
+
+        Raises
+        ------
+        NotFittedError
+            Before :meth:`fit`.
+        """
+        from .resolution import ResolutionChoice, choose_heatmap_layer
+
+        fitted = self.references_
+        cached = self.__dict__.get("_resolution")
+        if cached is not None and cached[0] is fitted:
+            return cached[1]
+        reader = self.reader_
+        example = getattr(fitted, "example", None)
+        if example is not None and example.additional_forward_args is not None:
+            choice = ResolutionChoice(None, reason="the model takes additional_forward_args")
+        else:
+            choice = choose_heatmap_layer(
+                reader.forward_func,
+                reader.layer,
+                getattr(fitted, "inputs", None),
+                reader.attribute_to_layer_input,
+                device=reader.device,
+            )
+        self.__dict__["_resolution"] = (fitted, choice)
+        return choice
+
     features_ = _fitted("features", "``N x D`` float32 reference features (CPU).")
     predictions_ = _fitted("predictions", "``N`` int64 predicted classes of the references.")
     layout_ = _fitted("layout", "Shapes of the layer's tensors.")

@@ -112,7 +112,7 @@ def read_seeds(
         Naming ``inputs``, ``target`` or ``heatmap_layer``.
     """
     model = reader.forward_func
-    if options.heatmap_layer is not None and isinstance(model, nn.Module):
+    if isinstance(options.heatmap_layer, nn.Module) and isinstance(model, nn.Module):
         if not any(m is options.heatmap_layer for m in model.modules()):
             raise ValueError("heatmap_layer: the layer is not part of forward_func")
     inputs_t = format_inputs(inputs)

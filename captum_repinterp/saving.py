@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .features import LayerLayout
+from .heatmap import INPUT
 
 if TYPE_CHECKING:
     from .interpretation import Interpretation
@@ -44,11 +45,12 @@ def metadata(region: Interpretation) -> dict[str, Any]:
         "heatmap_rule": region.heatmap_rule,
         "combine": region.combine,
         "heatmap_layer": _heatmap_layer_name(region),
+        "heatmap_at_input": region.heatmap_layer == INPUT,
     }
 
 
 def _heatmap_layer_name(region: Interpretation) -> str | None:
-    if region.heatmap_layer is None:
+    if region.heatmap_layer is None or region.heatmap_layer == INPUT:
         return None
     model = getattr(region.reader, "forward_func", None)
     if isinstance(model, nn.Module):
@@ -134,7 +136,7 @@ def load_interpretation(
             f"interpretation was found at a layer giving {layout.shapes}; pass the explainer "
             "(model and layer) the interpretation was made with"
         )
-    heatmap_layer = None
+    heatmap_layer = INPUT if meta.get("heatmap_at_input") else None
     if meta.get("heatmap_layer") is not None:
         model = getattr(reader, "forward_func", None)
         if not isinstance(model, nn.Module):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from captum_repinterp import RepresentativeInterpretation
-from captum_repinterp.evaluation.selection import CURRENT_DEFAULT, choose_default
+from captum_repinterp.evaluation.selection import CURRENT_DEFAULT, candidate_name, choose_default
 from captum_repinterp.features import LayerLayout
 from captum_repinterp.heatmap import (
     HEATMAP_RULES,
@@ -358,4 +358,29 @@ def test_choose_default_keeps_the_cost_bound():
     # nothing eligible: the package's default stays
     only_x = _report(fewer_losses)
     del only_x["setups"]["s"]["ri_configs"]["ri"]
-    assert choose_default(only_x)["default"] == CURRENT_DEFAULT
+    assert choose_default(only_x)["default"] == candidate_name(*CURRENT_DEFAULT)
+
+
+def test_choose_default_ranks_the_input_and_auto_candidates():
+    """Candidates at ``"input"``/``"auto"`` take part (a named layer does not); with the
+    same cells the split layer goes first (cheaper), with more wins ``auto`` is chosen."""
+    rep = _report({"0.2": {"ri": (True, None), "ri[x]": (True, None)}})
+    setup = rep["setups"]["s"]
+    for name, where in (("ri[e@input]", "input"), ("ri[e@auto]", "auto")):
+        setup["ri_configs"][name] = {"heatmap_rule": "elementwise", "heatmap_layer": where,
+                                     "named_layer": False, "forward_passes": "0",
+                                     "cost_per_channel": 0}  # fmt: skip
+    part = setup["reuse"]["keep"]["0.2"]
+    part["metrics"] = {**part["metrics"], "ri[e@input]": {"mAD": 0.2, "mAI": 0.3},
+                       "ri[e@auto]": {"mAD": 0.2, "mAI": 0.3}}  # fmt: skip
+    base = [c for c in part["comparisons"] if c["ri"] == "ri"]
+    part["comparisons"] += [{**c, "ri": "ri[e@input]"} for c in base]
+    sel = choose_default(rep, max_cost_per_channel=0)
+    order = [r["rule"] for r in sel["ranking"] if r["eligible"]]
+    # same cells: the split layer first; auto has no comparisons on record: last
+    assert order == ["elementwise", "elementwise@input", "elementwise@auto"]
+    part["comparisons"] += [{**c, "ri": "ri[e@auto]", "win_AI": True} for c in base]
+    sel = choose_default(rep, max_cost_per_channel=0)
+    assert (sel["default"], sel["default_rule"], sel["default_layer"]) == (
+        "elementwise@auto", "elementwise", "auto")  # fmt: skip
+    assert sel["ranking"][0]["wins"] == 2

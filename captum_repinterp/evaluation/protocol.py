@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..attribution import RepresentativeInterpretation
 from ..heatmap import HEATMAP_RULES, HeatmapRule
 from ..interpretation import Interpretation
-from ..options import DEFAULT_HEATMAP_RULE
+from ..options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE
 from .methods import (
     ChannelWeightMethod,
     acts_and_grads,
@@ -157,6 +157,7 @@ class EvalConfig:
             "delta": None,
             "refine": "tighten",
             "heatmap_rule": DEFAULT_HEATMAP_RULE,
+            "heatmap_layer": DEFAULT_HEATMAP_LAYER,
             "combine": "sum",
         }
     )
@@ -210,6 +211,16 @@ def _ri_variant(region: Interpretation, kw: dict[str, Any]) -> Interpretation:
         channel_weights=None,
         heatmap_layer=layer,
     )
+
+
+def _resolve_auto(ri: RepresentativeInterpretation, kw: dict[str, Any]) -> dict[str, Any]:
+    """``heatmap_layer="auto"`` replaced by what it resolves to for this explainer (as
+    ``interpret`` does), so that regions shared between configs draw where they should."""
+    if kw.get("heatmap_layer") != AUTO:
+        return kw
+    rule = HEATMAP_RULES[kw.get("heatmap_rule", DEFAULT_HEATMAP_RULE)]
+    layer = ri.heatmap_resolution_.heatmap_layer if rule.supports_input else None
+    return {**kw, "heatmap_layer": layer}
 
 
 def _ri_maps_on(region: Interpretation, images: Tensor, acts: Tensor) -> Tensor:
@@ -266,6 +277,7 @@ class _Runner:
         cache: dict[tuple, list[Interpretation]] = {}
         out = {}
         for name, kw in (configs if configs is not None else self.ri_configs).items():
+            kw = _resolve_auto(ri, kw)
             key = _region_key(kw)
             if key not in cache:
                 res = ri.interpret(
@@ -773,6 +785,7 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
             result["reuse"] = run.reuse(ri, methods)
         # the main run's time only (the layer sweep calls reuse again and times itself)
         run.timings["ri_interpret_seeds"] = result["reuse"]["interpret_seconds"]
+        result["heatmap_resolution"] = dataclasses.asdict(ri.heatmap_resolution_)
         if cfg.no_reuse:
             with Timer(run.timings, "no_reuse_total", f"{tag} no_reuse"):
                 result["no_reuse"] = run.no_reuse(ri, methods)
@@ -799,10 +812,14 @@ def _describe_configs(
     for name, kw in configs.items():
         rule = kw.get("heatmap_rule", "elementwise")
         layer = kw.get("heatmap_layer")
+        passes = HEATMAP_RULES[rule].forward_passes
+        if isinstance(layer, str):
+            passes += "; at the input: one forward and backward pass per image drawn"
         out[name] = {
             "heatmap_rule": rule,
-            "heatmap_layer": None if layer is None else names.get(id(layer), "?"),
-            "forward_passes": HEATMAP_RULES[rule].forward_passes,
+            "heatmap_layer": names.get(id(layer), "?") if isinstance(layer, nn.Module) else layer,
+            "named_layer": isinstance(layer, nn.Module),
+            "forward_passes": passes,
             "cost_per_channel": HEATMAP_RULES[rule].cost_per_channel,
         }
     return out

@@ -1,13 +1,15 @@
 """The rule that chooses the default heat-map rule from an evaluation run.
 
 Written down in ``docs/choices.md`` before the run that applies it: every candidate (a
-rule selected by ``heatmap_rule=`` alone, at the split layer) is compared, in every cell
-(setup, metric, keep share) of the reuse protocol, with the best baseline of that cell,
-paired per seed; it wins the cell when the 95% interval shows it better, loses it when
-the interval shows it worse. Only candidates within the cost bound are eligible (by
-default: no extra model forward pass per seed, so that the default keeps the per-seed
-cost of the benchmarks); the others are still tabulated. Ranking: eligible first, then
-most wins, then fewest losses, then lowest cost, then the current default.
+rule selected by ``heatmap_rule=``, drawn at the split layer or, with
+``heatmap_layer="input"`` / ``"auto"``, at a resolution every model has; not at a named
+layer of one model) is compared, in every cell (setup, metric, keep share) of the reuse
+protocol, with the best baseline of that cell, paired per seed; it wins the cell when the
+95% interval shows it better, loses it when the interval shows it worse. Only candidates
+within the cost bound are eligible (by default: no extra forward pass per channel of the
+layer); the others are still tabulated. Ranking: eligible first, then most wins, then
+fewest losses, then lowest cost (passes per channel, then the split layer before the
+input), then the current default.
 """
 
 from __future__ import annotations
@@ -15,12 +17,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..options import DEFAULT_HEATMAP_RULE
+from ..options import DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE
 
-__all__ = ["CURRENT_DEFAULT", "best_baseline", "choose_default"]
+__all__ = ["CURRENT_DEFAULT", "best_baseline", "choose_default", "candidate_name"]
 
-#: The default before the rule is applied (the last tie-breaker): the package's default.
-CURRENT_DEFAULT: str = DEFAULT_HEATMAP_RULE
+#: The default before the rule is applied (the last tie-breaker): the package's default
+#: ``(heatmap_rule, heatmap_layer)``.
+CURRENT_DEFAULT: tuple[str, str | None] = (DEFAULT_HEATMAP_RULE, DEFAULT_HEATMAP_LAYER)
+
+
+def candidate_name(rule: str, layer: str | None) -> str:
+    """``rule`` at the split layer, ``rule@input`` / ``rule@auto`` elsewhere."""
+    return rule if layer is None else f"{rule}@{layer}"
+
 
 _BETTER = {"mAD": -1.0, "mAI": 1.0}
 
@@ -52,8 +61,9 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
     Returns
     -------
     dict
-        ``"ranking"``: one row per candidate (its RI config name, rule, wins, losses,
-        ties, cost, ``eligible``), eligible candidates first, best first;
+        ``"ranking"``: one row per candidate (its RI config name, ``rule`` as
+        :func:`candidate_name` writes it, ``heatmap_rule``, ``heatmap_layer``, wins,
+        losses, ties, cost, ``eligible``), eligible candidates first, best first;
         ``"cells"``: per candidate and cell the opponent, the paired difference, its
         interval and the outcome (``"win"``, ``"loss"``, ``"tie"``); ``"default"``: the
         first-ranked eligible rule (the current default when none is eligible).
@@ -62,11 +72,13 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
     candidates: dict[str, dict[str, Any]] = {}
     for res in setups.values():
         for name, desc in res.get("ri_configs", {}).items():
-            if desc["heatmap_layer"] is None and desc["heatmap_rule"] not in {
-                c["rule"] for c in candidates.values()
-            }:
+            if desc.get("named_layer", desc["heatmap_layer"] is not None):
+                continue
+            key = (desc["heatmap_rule"], desc["heatmap_layer"])
+            if key not in {c["key"] for c in candidates.values()}:
                 candidates[name] = {
-                    "rule": desc["heatmap_rule"],
+                    "key": key,
+                    "rule": candidate_name(*key),
                     "cost_per_channel": desc["cost_per_channel"],
                     "forward_passes": desc["forward_passes"],
                 }
@@ -105,6 +117,8 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
             {
                 "config": name,
                 "rule": c["rule"],
+                "heatmap_rule": c["key"][0],
+                "heatmap_layer": c["key"][1],
                 "wins": mine.count("win"),
                 "losses": mine.count("loss"),
                 "ties": mine.count("tie"),
@@ -121,11 +135,15 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
             -r["wins"],
             r["losses"],
             r["cost_per_channel"],
-            r["rule"] != CURRENT_DEFAULT,
+            r["heatmap_layer"] is not None,
+            (r["heatmap_rule"], r["heatmap_layer"]) != CURRENT_DEFAULT,
         )
     )
+    first = ranking[0] if ranking and ranking[0]["eligible"] else None
     return {
         "ranking": ranking,
         "cells": cells,
-        "default": ranking[0]["rule"] if ranking and ranking[0]["eligible"] else CURRENT_DEFAULT,
+        "default": first["rule"] if first else candidate_name(*CURRENT_DEFAULT),
+        "default_rule": first["heatmap_rule"] if first else CURRENT_DEFAULT[0],
+        "default_layer": first["heatmap_layer"] if first else CURRENT_DEFAULT[1],
     }

@@ -25,7 +25,10 @@ from typing import Any
 
 from torch import nn
 
+from ..heatmap import INPUT
+from ..options import AUTO
 from .protocol import EvalConfig, Setup, Timer, evaluate_setup
+from .selection import candidate_name
 
 __all__ = ["SETUPS", "load_setup", "markdown_report", "run_evaluation"]
 
@@ -101,8 +104,11 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
     cfg = EvalConfig(
         seeds_per_class=10, n_explain_per_class=5, n_sanity=4, n_fidelity=4, n_perturb=4
     )
-    cfg.ri_variants = {
-        f"ri[{rule}]": {"heatmap_rule": rule}
+    default = (cfg.ri_kwargs["heatmap_rule"], cfg.ri_kwargs["heatmap_layer"])
+    # the candidates of the rule in docs/choices.md: every rule at the split layer, and
+    # the elementwise rules at the two resolutions every model has (the input, "auto")
+    candidates = [
+        (rule, None)
         for rule in (
             "elementwise",
             "channel",
@@ -111,7 +117,15 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
             "region-score",
             "region-members",
         )
-        if rule != cfg.ri_kwargs["heatmap_rule"]
+    ] + [
+        (rule, where)
+        for rule in ("elementwise", "elementwise-positive", "elementwise-members")
+        for where in (INPUT, AUTO)
+    ]
+    cfg.ri_variants = {
+        f"ri[{candidate_name(rule, where)}]": {"heatmap_rule": rule, "heatmap_layer": where}
+        for rule, where in candidates
+        if (rule, where) != default
     }
     cfg.heatmap_layer_rules = ("region-score", "region-members")
 
@@ -270,23 +284,32 @@ def _selection_section(report: dict[str, Any]) -> list[str]:
         "## Choosing the default heat-map rule",
         "",
         "The rule written in `docs/choices.md` before the run: each candidate (a "
-        "`heatmap_rule` at the split layer) against the best baseline of each cell "
-        "(setup, metric, keep share), paired per seed; win / loss when the 95% interval "
-        "excludes 0. Eligible: the rules without extra forward passes per seed (the "
-        "cost bound); ranked by wins, then losses, then cost (extra forward passes per "
-        f"seed; K = channels of the layer). First: **{sel['default']}**. In the "
-        "tables `ri` is the row of the run's `heatmap_rule` (the package's default, "
-        "below each setup's title) and `ri[<rule>]` the other rules, on the same seeds "
-        "and images.",
+        "`heatmap_rule` at the split layer, or an elementwise rule drawn at the input, "
+        "`<rule>@input`, or at the resolution chosen on the references, `<rule>@auto`) "
+        "against the best baseline of each cell (setup, metric, keep share), paired per "
+        "seed; win / loss when the 95% interval excludes 0. Eligible: no extra forward "
+        "pass per channel of the layer (the cost bound); ranked by wins, then losses, "
+        "then cost (passes per seed, K = channels of the layer; then the split layer "
+        f"before the input). First: **{sel['default']}**. In the tables `ri` is the "
+        "row of the run's `heatmap_rule` and `heatmap_layer` (the package's defaults, "
+        "below each setup's title) and `ri[<candidate>]` the other candidates, on the "
+        "same seeds and images.",
         "",
         "| config | heatmap_rule | wins | losses | ties | cost | eligible |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in sel["ranking"]:
-        lines.append(
+        lines.append(  # the table of candidates
             f"| {r['config']} | {r['rule']} | {r['wins']} | {r['losses']} | {r['ties']} | "
             f"{r['forward_passes']} | {'yes' if r['eligible'] else 'no'} |"
         )
+    lines += ["", 'Where `heatmap_layer="auto"` drew (chosen on each setup\'s references):', ""]
+    for name, res in report["setups"].items():
+        c = res.get("heatmap_resolution")
+        if c:
+            where = "the input" if c["heatmap_layer"] == INPUT else "the split layer"
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in c["scores"].items())
+            lines.append(f"- {name}: {where} (mean insertion score {scores}; {c['reason']})")
     shown = [sel["ranking"][0]]
     over = [r for r in sel["ranking"] if not r["eligible"]]
     if over and shown[0]["eligible"]:
@@ -343,7 +366,8 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"top {shares} of the pixels kept (one table each), the rest set to "
             f"{cfg['baseline']}; RI: n_boundaries = {ri['n_boundaries']}, delta = "
             f"{ri['delta']}, refine = {ri['refine']}, heatmap_rule = "
-            f"{ri['heatmap_rule']}, combine = {ri['combine']}.",
+            f"{ri['heatmap_rule']}, heatmap_layer = {ri.get('heatmap_layer')}, "
+            f"combine = {ri['combine']}.",
             "",
         ]
         for key, part in res["reuse"]["keep"].items():

@@ -1,0 +1,239 @@
+"""Which resolution the heat maps are drawn at: the split layer or the input.
+
+``heatmap_layer="auto"`` (the default of ``interpret``/``attribute``) resolves here, once
+per fitted explainer. The map of a region is the gradient times activation of its linear
+score ``v . psi``, at the split layer (the paper's map, one value per position of the
+layer) or at the input (one value per pixel: input times gradient of the same score). Which
+of the two keeps the class evidence better depends on the model and the data, not on the
+region: on 28 x 28 digits on black the strokes are the evidence and pixel maps keep them;
+on faces on grey, scattered pixels are not a face and the layer's smooth map keeps more.
+
+So the choice is made on the references, before any region: for ``n_images`` references
+(a seeded random sample) both maps of the local linear piece of the head (the normal of
+the boundary between the predicted class and the runner-up, ``d(z_c - z_c') / d psi``;
+inside the piece this is exactly a boundary normal, as the region's directions are) are
+scored by insertion (Petsiuk et al., RISE, arXiv:1806.07421): keep the top share ``s`` of
+the pixels by the map, set the rest to ``baseline`` (0 in the model's input space,
+Captum's default baseline), read the softmax score of the predicted class; average over
+the shares ``INSERTION_SHARES`` and the images. The higher mean wins; a tie keeps the
+split layer.
+
+Only models whose input is one image batch (``N x C x H x W``) and whose split layer has
+one output tensor are scored; otherwise, and when ``fit`` was not given the references as
+one tensor (a store or sharded references: their images are not kept), the maps stay at
+the split layer and :attr:`ResolutionChoice.reason` says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .features import eval_mode
+from .masking import mask_images, softmax_scores, upsample
+
+__all__ = [
+    "INSERTION_SHARES",
+    "ResolutionChoice",
+    "choose_heatmap_layer",
+    "insertion_scores",
+    "margin_maps",
+]
+
+#: Shares of pixels kept when scoring a map by insertion.
+INSERTION_SHARES: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass(frozen=True)
+class ResolutionChoice:
+    """Where ``heatmap_layer="auto"`` draws the maps, and why.
+
+    Attributes
+    ----------
+    heatmap_layer : {"input", None}
+        ``"input"``: the input's resolution; ``None``: the split layer's.
+    scores : dict
+        Mean insertion score (softmax probability of the predicted class, in ``[0, 1]``)
+        per candidate, ``"layer"`` and ``"input"``; empty when nothing was scored.
+    n_images : int
+        References scored.
+    reason : str
+        How the choice was made.
+    """
+
+    heatmap_layer: str | None
+    scores: dict[str, float] = field(default_factory=dict)
+    n_images: int = 0
+    reason: str = ""
+
+
+def _margin_function(forward_func: Callable, top: Tensor, runner_up: Tensor) -> Callable:
+    """``x -> z_top(x) - z_runner_up(x)`` for a batch whose classes are fixed."""
+
+    def margin(x: Tensor) -> Tensor:
+        out = forward_func(x).reshape(x.shape[0], -1)
+        rows = torch.arange(x.shape[0], device=out.device)
+        return out[rows, top.to(out.device)] - out[rows, runner_up.to(out.device)]
+
+    return margin
+
+
+def margin_maps(
+    forward_func: Callable,
+    layer: nn.Module,
+    images: Tensor,
+    top: Tensor,
+    runner_up: Tensor,
+    attribute_to_layer_input: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Both candidate maps of the margin ``z_top - z_runner_up`` on each image.
+
+    Parameters
+    ----------
+    forward_func : callable
+        The model (``N x C x H x W`` to ``N x classes``).
+    layer : nn.Module
+        The split layer.
+    images : Tensor
+        ``N x C x H x W``.
+    top, runner_up : Tensor
+        ``N`` class indices.
+    attribute_to_layer_input : bool
+        Whether the split layer's features are its input.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``N x 1 x h x w`` at the split layer (gradient times activation summed over the
+        channels, as the elementwise rule) and ``N x 1 x H x W`` at the input (input
+        times gradient summed over the colour channels); ReLU-ed, as the maps are.
+    """
+    from captum.attr import InputXGradient, LayerGradientXActivation
+
+    margin = _margin_function(forward_func, top, runner_up)
+    x = images.detach().clone().requires_grad_(True)
+    at_layer = LayerGradientXActivation(margin, layer).attribute(
+        x, attribute_to_layer_input=attribute_to_layer_input
+    )
+    if isinstance(at_layer, tuple):
+        raise TypeError("the split layer has several output tensors")
+    at_input = InputXGradient(margin).attribute(x)
+    return (
+        at_layer.sum(dim=1, keepdim=True).clamp_min(0).detach(),
+        at_input.sum(dim=1, keepdim=True).clamp_min(0).detach(),
+    )
+
+
+def insertion_scores(
+    forward_func: Callable,
+    images: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    shares: Sequence[float] = INSERTION_SHARES,
+    baseline: float = 0.0,
+    batch_size: int = 256,
+) -> Tensor:
+    """Softmax score of ``targets`` on the images with only the top ``shares`` of their
+    pixels kept (by ``maps``, upsampled bilinearly), the rest set to ``baseline``.
+
+    Parameters
+    ----------
+    forward_func : callable
+        The model.
+    images : Tensor
+        ``N x C x H x W``.
+    maps : Tensor
+        ``N x 1 x h x w`` heat maps (any resolution).
+    targets : Tensor
+        ``N`` class indices.
+    shares : sequence of float
+        Shares of pixels kept, each in ``(0, 1]``.
+    baseline : float
+        Value of the removed pixels, in the model's input space.
+    batch_size : int
+        Images per forward pass.
+
+    Returns
+    -------
+    Tensor
+        ``N x len(shares)`` float64 probabilities.
+    """
+    size = tuple(images.shape[-2:])
+    up = upsample(maps.detach().float().cpu(), size).to(images.device)
+    masked = torch.cat([mask_images(images, up, s, baseline) for s in shares])
+    scores = softmax_scores(forward_func, masked, targets.repeat(len(shares)), batch_size)
+    return scores.reshape(len(shares), images.shape[0]).T
+
+
+def choose_heatmap_layer(
+    forward_func: Callable,
+    layer: nn.Module,
+    references: Tensor | None,
+    attribute_to_layer_input: bool = False,
+    n_images: int = 16,
+    shares: Sequence[float] = INSERTION_SHARES,
+    baseline: float = 0.0,
+    random_state: int = 0,
+    device: torch.device | None = None,
+) -> ResolutionChoice:
+    """Choose the resolution of ``heatmap_layer="auto"`` on the references (see the
+    module's text). Costs ``n_images`` forward and backward passes and
+    ``2 * n_images * len(shares)`` forward passes, once per fitted explainer.
+
+    Parameters
+    ----------
+    forward_func : callable
+        The model.
+    layer : nn.Module
+        The split layer.
+    references : Tensor or None
+        The reference images ``N x C x H x W`` given to ``fit`` (None when not kept).
+    attribute_to_layer_input : bool
+        As fit used.
+    n_images : int
+        References scored (a random sample, ``random_state``).
+    shares, baseline : sequence of float, float
+        As in :func:`insertion_scores`.
+    random_state : int
+        Seed of the sample.
+    device : torch.device, optional
+        Where the model runs.
+
+    Returns
+    -------
+    ResolutionChoice
+    """
+    if references is None:
+        return ResolutionChoice(None, reason="fit kept no reference images (store or shards)")
+    if references.dim() != 4 or not references.is_floating_point():
+        return ResolutionChoice(None, reason="the references are not one N x C x H x W batch")
+    gen = torch.Generator().manual_seed(random_state)
+    rows = torch.randperm(references.shape[0], generator=gen)[:n_images]
+    images = references[rows].detach()
+    if device is not None:
+        images = images.to(device)
+    with eval_mode(forward_func, layer):
+        with torch.no_grad():
+            out = forward_func(images).reshape(images.shape[0], -1)
+        if out.shape[1] < 2:
+            return ResolutionChoice(None, reason="the model has fewer than two outputs")
+        top, runner_up = out.topk(2, dim=1).indices.unbind(1)
+        try:
+            at_layer, at_input = margin_maps(
+                forward_func, layer, images, top, runner_up, attribute_to_layer_input
+            )
+        except (RuntimeError, TypeError, AssertionError) as exc:
+            return ResolutionChoice(None, reason=f"the maps could not be drawn ({exc})")
+        if at_layer.dim() != 4:
+            return ResolutionChoice(None, reason="the split layer has no spatial layout")
+        scores = {
+            name: float(insertion_scores(forward_func, images, m, top, shares, baseline).mean())
+            for name, m in (("layer", at_layer), ("input", at_input))
+        }
+    chosen = "input" if scores["input"] > scores["layer"] else None
+    return ResolutionChoice(
+        chosen, scores, int(images.shape[0]), reason="insertion score on the references"
+    )
