@@ -25,6 +25,8 @@ from ._captum_compat import (
     _format_output,
     log_usage,
 )
+from .features import eval_mode
+from .heatmap import INPUT
 from .inputs import check_model
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
@@ -258,10 +260,12 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             n_boundaries, delta, random_state, refine, heatmap_rule, combine,
             bisection_steps, progress, heatmap_layer,
         )  # fmt: skip
-        options = self._resolve(options)
-        results, _ = find_regions(
-            self.references_, self.reader_, inputs, target, additional_forward_args, options
-        )
+        # one training-mode warning per call (the stages' own blocks then find eval mode)
+        with eval_mode(self.forward_func, self.layer, warn=True):
+            options = self._resolve(options)
+            results, _ = find_regions(
+                self.references_, self.reader_, inputs, target, additional_forward_args, options
+            )
         return results[0] if len(results) == 1 else results
 
     def _resolve(self, options: InterpretOptions) -> InterpretOptions:
@@ -330,26 +334,33 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             n_boundaries, delta, random_state, refine, heatmap_rule, combine,
             bisection_steps, progress, heatmap_layer,
         )  # fmt: skip
-        options = self._resolve(options)
-        regions, activations = find_regions(
-            self.references_, self.reader_, inputs, target, additional_forward_args, options
-        )
-        if not regions and options.heatmap_layer is not None:
-            raise ValueError("inputs: an empty batch has no maps at heatmap_layer")
-        dim = self.layout_.dim
-        directions = torch.stack([r.direction for r in regions]) if regions else torch.zeros(0, dim)
-        weights = [r.channel_weights for r in regions] or [None]
-        maps = options.rule.maps(
-            self.reader_,
-            inputs,
-            additional_forward_args,
-            directions,
-            None if weights[0] is None else torch.stack(weights),
-            relu_attributions,
-            attr_dim_summation,
-            activations=activations,
-        )
-        return _format_output(len(maps) > 1, maps)
+        # one training-mode warning per call (the stages' own blocks then find eval mode)
+        with eval_mode(self.forward_func, self.layer, warn=True):
+            options = self._resolve(options)
+            regions, activations = find_regions(
+                self.references_, self.reader_, inputs, target, additional_forward_args, options
+            )
+            if not regions and options.heatmap_layer == INPUT:
+                maps = tuple(torch.zeros(0, 1, *shape[-2:]) for shape, _ in self.input_spec_)
+                return _format_output(len(maps) > 1, maps)
+            if not regions and options.heatmap_layer is not None:
+                raise ValueError("inputs: an empty batch has no maps at heatmap_layer")
+            dim = self.layout_.dim
+            directions = (
+                torch.stack([r.direction for r in regions]) if regions else torch.zeros(0, dim)
+            )
+            weights = [r.channel_weights for r in regions] or [None]
+            maps = options.rule.maps(
+                self.reader_,
+                inputs,
+                additional_forward_args,
+                directions,
+                None if weights[0] is None else torch.stack(weights),
+                relu_attributions,
+                attr_dim_summation,
+                activations=activations,
+            )
+            return _format_output(len(maps) > 1, maps)
 
     def audit(self, images: Tensor, target: int | None = None, **kwargs: Any) -> Any:
         """Audit the decision logics of a class: :func:`captum_repinterp.auditing.audit`."""

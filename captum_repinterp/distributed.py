@@ -338,6 +338,9 @@ class ShardedReferences:
     store = None
     #: the references' logits kept by a local fit (``shard_references``), else None
     logits: Tensor | None = None
+    #: the reference images when they were given as one tensor (a handle, no copy;
+    #: ``heatmap_layer="auto"`` scores a sample of them), else None
+    inputs: Tensor | None = None
 
     def __init__(
         self,
@@ -674,12 +677,14 @@ def _finish(
     leading: LeadingMap | None = None,
     affine: AffineHead | None = None,
     logits: Tensor | None = None,
+    inputs: Tensor | None = None,
 ) -> Any:
     refs = ShardedReferences(
         actors, offsets, torch.zeros(0, dtype=torch.long), layout, attribute_to_layer_input,
         example, head_nonlinear, projection, sources, n_total, progress, leading, affine,
     )  # fmt: skip
     refs.logits = logits  # already held by the local fit's process (RAM or its store)
+    refs.inputs = inputs
     infos = refs._gather([a.info.remote() for a in actors], "loading shards")
     sizes = [info["n"] for info in infos]
     expected = [b - a for a, b in zip(offsets, offsets[1:] + [n_total])]
@@ -764,6 +769,7 @@ def shard_references(
         ri, actors, offsets, fitted.example, fitted.layout, fitted.head_nonlinear, proj,
         sources, progress, fitted.attribute_to_layer_input, fitted.n, reader=ri.reader_,
         leading=fitted.leading, affine=fitted.affine, logits=fitted.logits,
+        inputs=fitted.inputs,
     )  # fmt: skip
 
 
@@ -992,6 +998,7 @@ def fit_sharded(
     return _finish(
         ri, actors, offsets, example, layout, nonlinear, projection, sources,
         progress, attribute_to_layer_input, n, leading=leading, affine=affine,
+        inputs=references if isinstance(references, Tensor) else None,
     )  # fmt: skip
 
 

@@ -27,8 +27,10 @@ AUTO = "auto"
 #: The names ``heatmap_layer`` takes besides a module and None.
 HEATMAP_LAYER_NAMES = (INPUT, AUTO)
 
-#: The ``heatmap_layer`` of ``interpret``/``attribute`` when none is given.
-DEFAULT_HEATMAP_LAYER: str | None = None
+#: The ``heatmap_layer`` of ``interpret``/``attribute`` when none is given: the split
+#: layer or the input, whichever keeps more class evidence on the references (chosen by
+#: the rule in ``docs/choices.md``).
+DEFAULT_HEATMAP_LAYER: str | None = AUTO
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,11 @@ class InterpretOptions:
             )
         _check_delta(self.delta)
         layer = self.heatmap_layer
-        if isinstance(layer, str):
-            check_choice(layer, "heatmap_layer", HEATMAP_LAYER_NAMES)
-        elif layer is not None and not isinstance(layer, nn.Module):
+        if isinstance(layer, str) and layer not in HEATMAP_LAYER_NAMES:
+            raise ValueError(
+                f"heatmap_layer must be an nn.Module, 'input', 'auto' or None, got {layer!r}"
+            )
+        if layer is not None and not isinstance(layer, (nn.Module, str)):
             raise TypeError(
                 "heatmap_layer must be an nn.Module, 'input', 'auto' or None, got "
                 f"{type(layer).__name__}"

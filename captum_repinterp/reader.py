@@ -210,7 +210,7 @@ class LayerReader:
         if device is not None:
             inputs_t = tuple(t.to(device) for t in inputs_t)
             directions = directions.to(device)
-        with eval_mode(self.forward_func, self.layer, heatmap_layer):
+        with eval_mode(self.forward_func, self.layer, heatmap_layer, warn=True):
             try:
                 return pulled_back_heatmap(
                     self.forward_func,

@@ -27,7 +27,14 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from ._checks import check_choice
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
-from .features import Example, LayerLayout, eval_mode, extract_features, model_device
+from .features import (
+    Example,
+    LayerLayout,
+    caller_stacklevel,
+    eval_mode,
+    extract_features,
+    model_device,
+)
 from .heads import make_head
 from .inputs import InputSpec, all_finite
 from .layers import nonlinear_ops_after, nonlinear_ops_in
@@ -477,6 +484,13 @@ class FittedState:
                 getattr(fitted, "inputs", None),
                 reader.attribute_to_layer_input,
                 device=reader.device,
+            )
+        if not choice.scores:
+            warnings.warn(
+                f'heatmap_layer="auto" draws the maps at the split layer: {choice.reason}; '
+                'pass heatmap_layer=None (or "input") to choose yourself',
+                UserWarning,
+                stacklevel=caller_stacklevel(),
             )
         self.__dict__["_resolution"] = (fitted, choice)
         return choice

@@ -215,8 +215,8 @@ def choose_heatmap_layer(
     images = references[rows].detach()
     if device is not None:
         images = images.to(device)
-    with eval_mode(forward_func, layer):
-        with torch.no_grad():
+    with eval_mode(forward_func, layer, warn=True):
+        with torch.no_grad():  # a model that fails here fails the same way in the call
             out = forward_func(images).reshape(images.shape[0], -1)
         if out.shape[1] < 2:
             return ResolutionChoice(None, reason="the model has fewer than two outputs")
@@ -225,14 +225,14 @@ def choose_heatmap_layer(
             at_layer, at_input = margin_maps(
                 forward_func, layer, images, top, runner_up, attribute_to_layer_input
             )
-        except (RuntimeError, TypeError, AssertionError) as exc:
-            return ResolutionChoice(None, reason=f"the maps could not be drawn ({exc})")
-        if at_layer.dim() != 4:
-            return ResolutionChoice(None, reason="the split layer has no spatial layout")
-        scores = {
-            name: float(insertion_scores(forward_func, images, m, top, shares, baseline).mean())
-            for name, m in (("layer", at_layer), ("input", at_input))
-        }
+            if at_layer.dim() != 4:
+                return ResolutionChoice(None, reason="the split layer has no spatial layout")
+            scores = {
+                name: float(insertion_scores(forward_func, images, m, top, shares, baseline).mean())
+                for name, m in (("layer", at_layer), ("input", at_input))
+            }
+        except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+            return ResolutionChoice(None, reason=f"the maps could not be scored ({exc})")
     chosen = "input" if scores["input"] > scores["layer"] else None
     return ResolutionChoice(
         chosen, scores, int(images.shape[0]), reason="insertion score on the references"

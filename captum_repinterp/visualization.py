@@ -89,6 +89,13 @@ def _resolution(attr: Tensor) -> str:
     return f"{h}x{w}"
 
 
+def _where(maps: Tensor, images: Tensor) -> str:
+    """Where a map was drawn, for a caption: at the layer (upsampled) or at the input."""
+    if tuple(maps.shape[-2:]) == tuple(images.shape[-2:]):
+        return f"at the input's {_resolution(images)} resolution"
+    return f"at {_resolution(maps)} layer resolution, upsampled to {_resolution(images)}"
+
+
 def _name(c: int, class_names: Sequence[str] | None) -> str:
     if class_names is not None and 0 <= c < len(class_names):
         return str(class_names[c])
@@ -312,8 +319,8 @@ def plot_region(
     )
     _caption(
         fig,
-        f"One heat map for every panel (the region's, at {_resolution(maps)} layer "
-        f"resolution, upsampled to {_resolution(images)}; one colour scale). "
+        f"One heat map for every panel (the region's, {_where(maps, images)}; one "
+        "colour scale). "
         f"Red: predicted not {name}, or true label differs.\n{SEM_DIST}.",
     )
     return fig

@@ -306,9 +306,9 @@ def test_rule_variants_keep_their_own_combine(tiny):
     model, x = tiny
     ri = RepresentativeInterpretation(model, model.features[-1], head=model.head)
     ri.fit(x[:200], progress=False)
-    region = ri.interpret(x[200:201], heatmap_rule="elementwise-members")
+    region = ri.interpret(x[200:201], heatmap_rule="elementwise-members", heatmap_layer=None)
     for rule in ("elementwise-members", "elementwise"):
-        kw = {"heatmap_rule": rule, "combine": "unit"}
+        kw = {"heatmap_rule": rule, "combine": "unit", "heatmap_layer": None}
         variant = _ri_variant(region, kw)
         assert variant.combine == "unit"
         # the variant's map is the one interpret draws with those arguments

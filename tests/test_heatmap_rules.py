@@ -384,3 +384,26 @@ def test_choose_default_ranks_the_input_and_auto_candidates():
     assert (sel["default"], sel["default_rule"], sel["default_layer"]) == (
         "elementwise@auto", "elementwise", "auto")  # fmt: skip
     assert sel["ranking"][0]["wins"] == 2
+
+
+def test_choose_default_breaks_a_tie_by_the_current_defaults_rule(monkeypatch):
+    """Two candidates with the same cells and cost, neither the current default: the one
+    with the current default's rule goes first, whatever the order of the configs."""
+    import captum_repinterp.evaluation.selection as selection
+
+    monkeypatch.setattr(selection, "CURRENT_DEFAULT", ("m", None))
+    for order in ((("ri[a@input]", "a"), ("ri[m@auto]", "m")),
+                  (("ri[m@auto]", "m"), ("ri[a@input]", "a"))):  # fmt: skip
+        rep = _report({"0.2": {"ri": (None, None)}})
+        setup = rep["setups"]["s"]
+        part = setup["reuse"]["keep"]["0.2"]
+        base = [c for c in part["comparisons"] if c["ri"] == "ri"]
+        for name, rule in order:
+            where = name.split("@")[1][:-1]
+            setup["ri_configs"][name] = {"heatmap_rule": rule, "heatmap_layer": where,
+                                         "named_layer": False, "forward_passes": "0",
+                                         "cost_per_channel": 0}  # fmt: skip
+            part["metrics"][name] = {"mAD": 0.2, "mAI": 0.3}
+            part["comparisons"] += [{**c, "ri": name, "win_AD": True} for c in base]
+        sel = selection.choose_default(rep)
+        assert sel["default"] == "m@auto", order

@@ -51,7 +51,8 @@ def test_noise_tunnel_smoothgrad(fitted):
     noisy = nt.attribute(
         seeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.2, n_boundaries=NB, target=0
     )
-    assert noisy.shape == (2, 1, 6, 6) and torch.isfinite(noisy).all() and (noisy >= 0).all()
+    # the default draws at the input here ("auto"), 12 x 12
+    assert noisy.shape == (2, 1, 12, 12) and torch.isfinite(noisy).all() and (noisy >= 0).all()
     torch.manual_seed(0)
     again = nt.attribute(
         seeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.2, n_boundaries=NB, target=0

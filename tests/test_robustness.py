@@ -158,12 +158,15 @@ def test_integer_inputs_work_when_the_model_takes_them(tiny):
     net = Scaled().eval()
     u8 = (x * 40 + 128).round().clamp(0, 255).to(torch.uint8)
     ri = RepresentativeInterpretation(net, model.features[-1]).fit(u8[:200], progress=False)
-    attr = ri.attribute(u8[200:202], n_boundaries=NB)
+    # at the split layer: there is no gradient with respect to integer inputs
+    attr = ri.attribute(u8[200:202], n_boundaries=NB, heatmap_layer=None)
     plain = RepresentativeInterpretation(model, model.features[-1])
     plain.fit((u8[:200].float() - 128) / 40, progress=False)
     torch.testing.assert_close(
-        attr, plain.attribute((u8[200:202].float() - 128) / 40, n_boundaries=NB)
+        attr, plain.attribute((u8[200:202].float() - 128) / 40, n_boundaries=NB, heatmap_layer=None)
     )
+    with pytest.warns(UserWarning, match="not one N x C x H x W batch"):
+        assert ri.attribute(u8[200:202], n_boundaries=NB).shape == attr.shape
 
 
 # ---------------------------------------------------------------- inputs
@@ -379,7 +382,7 @@ def test_non_piecewise_linear_head_warns_once_per_call(tiny, act, op):
         attr = ri.attribute(x[120:123], n_boundaries=NB)
     hits = [w for w in rec if issubclass(w.category, NonPiecewiseLinearWarning)]
     assert len(hits) == 1  # once per call, not once per seed
-    assert attr.shape == (3, 1, 6, 6) and torch.isfinite(attr).all()
+    assert attr.shape == (3, 1, 12, 12) and torch.isfinite(attr).all()  # "auto": the input
     # the same check for a user-given head (traced on the first reference's features)
     ri_head = RepresentativeInterpretation(model, model.features, head=model.head)
     with pytest.warns(NonPiecewiseLinearWarning, match=op):
@@ -564,7 +567,7 @@ def test_dtypes_float64(tiny):
     ri = RepresentativeInterpretation(m64, m64.m.features[-1]).fit(x64[:200], progress=False)
     assert ri.features_.dtype == torch.float32  # stored as float32 on the CPU
     attr = ri.attribute(x64[200:202], n_boundaries=NB)
-    assert attr.dtype == torch.float64 and attr.shape == (2, 1, 6, 6)
+    assert attr.dtype == torch.float64 and attr.shape == (2, 1, 12, 12)  # "auto": the input
     ri32 = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
     torch.testing.assert_close(
         attr.float(), ri32.attribute(x[200:202], n_boundaries=NB), rtol=1e-3, atol=1e-4

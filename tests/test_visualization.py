@@ -107,7 +107,7 @@ def test_region_figure_explains_itself(fitted, tmp_path):
     text = _texts(fig)
     assert f"region of class {names[region.target]}" in text
     assert "sem. dist." in text and "logit margin" in text  # explained in the caption
-    assert "6x6 layer resolution, upsampled to 12x12" in text
+    assert "at the input's 12x12 resolution" in text  # the default, "auto", chose the input
     members = region.similar(4)
     preds = ri.predictions_
     for j, ax in enumerate(panels):
@@ -132,6 +132,11 @@ def test_region_figure_explains_itself(fitted, tmp_path):
     fig.savefig(tmp_path / "region.png")
     assert (tmp_path / "region.png").stat().st_size > 5000
     assert matplotlib.get_backend() == backend  # no pyplot, no backend switch
+    # a map at the split layer says so
+    at_layer = ri.interpret(x[200:201], heatmap_layer=None)
+    assert "6x6 layer resolution, upsampled to 12x12" in _texts(
+        plot_region(at_layer, x[200], x[:200], k=2)
+    )
 
 
 def test_comparison_figure_titles_colourbars_and_zero_panels(fitted, tmp_path):
@@ -141,7 +146,8 @@ def test_comparison_figure_titles_colourbars_and_zero_panels(fitted, tmp_path):
         model, model.features[-1], ri, x[200:203], class_names=names, labels=[0, 1, 2]
     )
     assert set(attrs) == {"RI", "Grad-CAM", "Integrated Gradients"}
-    assert attrs["RI"].shape == attrs["Grad-CAM"].shape == (3, 1, 6, 6)
+    assert attrs["Grad-CAM"].shape == (3, 1, 6, 6)
+    assert attrs["RI"].shape == (3, 1, 12, 12)  # the default, "auto", chose the input here
     assert len(_panels(fig)) == 3 * 4
     labels = [c.get_xlabel() for c in _colorbars(fig)]
     zero_columns = {name for name, a in attrs.items() if not bool((a > 0).any())}
@@ -151,7 +157,7 @@ def test_comparison_figure_titles_colourbars_and_zero_panels(fitted, tmp_path):
     assert any("per-image" in lab for lab in labels)
     text = _texts(fig)
     assert "RI, Grad-CAM and Integrated Gradients for the predicted class" in text
-    assert "RI\n6x6 map" in text and "Integrated Gradients\n12x12 map" in text
+    assert "RI\n12x12 map" in text and "Integrated Gradients\n12x12 map" in text
     preds = model(x[200:203]).argmax(1).tolist()
     for i, ax in enumerate(_panels(fig)[::4]):
         assert f"pred {names[preds[i]]} | true {names[i]}" in ax.get_title()

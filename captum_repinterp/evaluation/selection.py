@@ -9,7 +9,7 @@ protocol, with the best baseline of that cell, paired per seed; it wins the cell
 within the cost bound are eligible (by default: no extra forward pass per channel of the
 layer); the others are still tabulated. Ranking: eligible first, then most wins, then
 fewest losses, then lowest cost (passes per channel, then the split layer before the
-input), then the current default.
+input), then the nearest to the current default (its rule, then its layer).
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
             r["losses"],
             r["cost_per_channel"],
             r["heatmap_layer"] is not None,
-            (r["heatmap_rule"], r["heatmap_layer"]) != CURRENT_DEFAULT,
+            # then the nearest to the current default: its rule, then its layer
+            r["heatmap_rule"] != CURRENT_DEFAULT[0],
+            r["heatmap_layer"] != CURRENT_DEFAULT[1],
         )
     )
     first = ranking[0] if ranking and ranking[0]["eligible"] else None

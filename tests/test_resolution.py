@@ -1,0 +1,204 @@
+"""Maps at the input (``heatmap_layer="input"``) and the resolution ``"auto"`` chooses."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.interpretation import Interpretation
+from captum_repinterp.options import InterpretOptions
+from captum_repinterp.resolution import (
+    INSERTION_SHARES,
+    ResolutionChoice,
+    choose_heatmap_layer,
+    insertion_scores,
+    margin_maps,
+)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1], head=model.head)
+    return model, x, ri.fit(x[:200], progress=False)
+
+
+def test_insertion_scores_by_hand():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
+    model[1].weight.data = w
+    images = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[2.0, 0.5], [0.5, 2.0]]]])
+    maps = torch.tensor([[[[4.0, 3.0], [2.0, 1.0]]], [[[0.0, 1.0], [2.0, 3.0]]]])
+    got = insertion_scores(model, images, maps, torch.tensor([0, 0]), shares=(0.25, 0.5, 1.0))
+    # keep the top 1, 2, 4 pixels by the map, the rest 0; p = sigmoid(z0 - z1) = sigmoid(z0)
+    kept = [
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]],
+        [[0, 0, 0, 2], [0, 0, 0.5, 2], [2, 0.5, 0.5, 2]],
+    ]
+    z = torch.tensor(kept, dtype=torch.float64) @ w[0].double()
+    torch.testing.assert_close(got, torch.sigmoid(z))
+    # maps at a coarser resolution are upsampled (bilinear) before the ranking
+    coarse = insertion_scores(model, images, maps[:, :, :1, :1], torch.tensor([0, 0]), (1.0,))
+    torch.testing.assert_close(coarse, got[:, 2:])
+
+
+def test_margin_maps_are_gradient_times_activation_of_the_margin(tiny):
+    model, x = tiny
+    images, top, ru = x[:5], torch.tensor([0, 1, 2, 3, 0]), torch.tensor([1, 2, 3, 0, 2])
+    at_layer, at_input = margin_maps(model, model.features[-1], images, top, ru)
+    xi = images.clone().requires_grad_(True)
+    acts = model.features(xi)
+    acts.retain_grad()
+    out = model.head(acts)
+    margin = out[torch.arange(5), top] - out[torch.arange(5), ru]
+    margin.sum().backward()
+    torch.testing.assert_close(at_layer, (acts.grad * acts).sum(1, keepdim=True).clamp_min(0))
+    torch.testing.assert_close(at_input, (xi.grad * xi).sum(1, keepdim=True).clamp_min(0))
+    assert at_layer.shape == (5, 1, 6, 6) and at_input.shape == (5, 1, 12, 12)
+
+
+class _Pooled(nn.Module):
+    """Class scores from the mean of each channel: the split layer (1 x 1) cannot say
+    where the evidence is, the input can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).reshape(2, 1, 1, 1))
+            self.conv.bias.zero_()
+            self.fc.weight.copy_(torch.tensor([[4.0, 0.0], [0.0, 4.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+def test_auto_picks_the_input_when_the_layer_has_no_spatial_detail():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(32, 1, 8, 8)
+    for i in range(32):  # a few strong pixels (positive or negative) somewhere
+        idx = torch.randperm(64, generator=gen)[:4]
+        images[i].view(-1)[idx] = 3.0 if i % 2 == 0 else -3.0
+    model = _Pooled().eval()
+    choice = choose_heatmap_layer(model, model.pool, images, n_images=16)
+    assert choice.heatmap_layer == "input" and choice.n_images == 16
+    assert choice.scores["input"] > choice.scores["layer"]
+    again = choose_heatmap_layer(model, model.pool, images, n_images=16)
+    assert again == choice  # seeded sample: the same choice
+
+
+def test_auto_keeps_the_split_layer_when_it_cannot_score(tiny):
+    model, x = tiny
+    layer = model.features[-1]
+    assert choose_heatmap_layer(model, layer, None).heatmap_layer is None
+    flat = choose_heatmap_layer(model, layer, x[:20].flatten(1))
+    assert flat.heatmap_layer is None and "N x C x H x W" in flat.reason
+    assert isinstance(flat, ResolutionChoice) and flat.scores == {}
+
+
+def test_auto_resolves_once_per_fit_and_by_rule(fitted, monkeypatch):
+    model, x, ri = fitted
+    import captum_repinterp.resolution as res
+
+    calls = []
+    real = res.choose_heatmap_layer
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(res, "choose_heatmap_layer", counting)
+    ri.__dict__.pop("_resolution", None)
+    choice = ri.heatmap_resolution_
+    assert ri.heatmap_resolution_ is choice and len(calls) == 1  # kept
+    reg = ri.interpret(x[200:201], heatmap_layer="auto")
+    assert reg.heatmap_layer == choice.heatmap_layer and len(calls) == 1
+    chan = ri.interpret(x[200:201], heatmap_layer="auto", heatmap_rule="channel")
+    assert chan.heatmap_layer is None  # rules that cannot be drawn at the input
+    # auto equals the resolution it chose
+    at = "input" if choice.heatmap_layer == "input" else None
+    torch.testing.assert_close(
+        ri.attribute(x[200:203], heatmap_layer="auto"), ri.attribute(x[200:203], heatmap_layer=at)
+    )
+    ri.fit(x[:200], progress=False)  # a new fit chooses again
+    assert ri.heatmap_resolution_.n_images == choice.n_images
+    assert len(calls) == 2
+
+
+def test_input_map_is_input_times_gradient_of_the_region_score(fitted):
+    model, x, ri = fitted
+    for rule in ("elementwise", "elementwise-members"):
+        reg = ri.interpret(x[200:201], heatmap_rule=rule, heatmap_layer="input")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning of Captum's about requires_grad
+            maps = reg.heatmap(x[210:216], relu_attributions=False)
+        u = reg.rule.score_direction(reg.direction, reg.channel_weights, ri.layout_)
+        xi = x[210:216].clone().requires_grad_(True)
+        (model.features(xi).flatten(1) @ u).sum().backward()
+        torch.testing.assert_close(maps, xi.grad * xi, rtol=1e-4, atol=1e-6)
+        assert not x.requires_grad and x.grad is None
+    # attribute on the seed is the region's map on the seed
+    torch.testing.assert_close(ri.attribute(x[200:201], heatmap_layer="input"),
+                               reg.heatmap(x[200:201]))  # fmt: skip
+
+
+def test_input_map_survives_save_and_load(fitted, tmp_path):
+    model, x, ri = fitted
+    reg = ri.interpret(x[200:201], heatmap_layer="input")
+    reg.save(tmp_path / "r.zip")
+    back = Interpretation.load(tmp_path / "r.zip", explainer=ri)
+    assert back.heatmap_layer == "input"
+    torch.testing.assert_close(back.heatmap(x[210:213]), reg.heatmap(x[210:213]))
+    with pytest.raises(ValueError, match="heatmap_layer"):
+        back.heatmap_from_activations(ri.layout_.unflatten(ri.features_[:2]))
+
+
+def test_bad_heatmap_layer_values():
+    with pytest.raises(
+        ValueError,
+        match="heatmap_layer must be an nn.Module, .input., .auto. or None, got .inputs.",
+    ):
+        InterpretOptions(heatmap_layer="inputs")
+    with pytest.raises(TypeError, match="heatmap_layer must be an nn.Module, 'input'"):
+        InterpretOptions(heatmap_layer=3)
+    for rule in ("channel", "region-score", "region-members"):
+        with pytest.raises(ValueError, match="heatmap_layer"):
+            InterpretOptions(heatmap_rule=rule, heatmap_layer="input")
+        assert (
+            InterpretOptions(heatmap_rule=rule, heatmap_layer="auto")
+            .resolved("input")
+            .heatmap_layer
+            is None
+        )
+
+
+def test_choice_leaves_the_model_as_it_was(tiny):
+    model, x = tiny
+    model.train()
+    model.zero_grad(set_to_none=True)
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        choose_heatmap_layer(model, model.features[-1], x[:40], n_images=8)
+        assert model.training and all(m.training for m in model.modules())
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        model.eval()
+    assert INSERTION_SHARES == (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@pytest.mark.slow
+def test_auto_on_the_bundled_models():
+    """The choice on real models and images: the input for the digits (strokes on
+    black), the split layer for the faces (grey background)."""
+    from captum_repinterp.evaluation.setups import load_setup
+
+    for name, expected in (("digits", "input"), ("faces", None)):
+        s = load_setup(name)
+        choice = choose_heatmap_layer(s.model, s.layer, s.references)
+        assert choice.heatmap_layer == expected, (name, choice)
