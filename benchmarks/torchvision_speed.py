@@ -10,6 +10,9 @@ predictions spread over the 10 classes; N random RGB references, seed 0) one run
   their ratios;
 - peak memory (peak anonymous resident memory above the level before the step, sampled
   every 2 ms) of the fit and of the per-seed calls;
+- the heat maps: the one-off choice of ``heatmap_layer="auto"`` (seconds, and what it
+  chose), and one map of a seed's region on the seed drawn at the split layer and at the
+  input (best of 3; ``interpret`` itself draws no map), against ``LayerGradCam``;
 - where a seed's time goes: candidate boundaries (crossings, normals and, for affine
   heads, the exact class boundaries), the match of all references (packed signs), the
   greedy cover, and the rest (reading the seed, ranking members, the heat-map weights);
@@ -30,6 +33,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -156,6 +160,9 @@ def run_config(spec: str, n_seeds: int, scorecam: bool) -> dict[str, object]:
         if getattr(fitted, "leading", None) is not None
         else "none"
     )
+    t = time.perf_counter()
+    choice = ri.heatmap_resolution_  # what heatmap_layer="auto" draws at, chosen once
+    t_choice = time.perf_counter() - t
     ri.interpret(seeds[:1], random_state=0)  # warm-up (one-off costs)
     stages = Stages()
     stages.install(model)
@@ -177,6 +184,16 @@ def run_config(spec: str, n_seeds: int, scorecam: bool) -> dict[str, object]:
         t = time.perf_counter()
         gc.attribute(seeds[:1], target=target)
         gc_t.append(time.perf_counter() - t)
+    map_t = {}
+    for where in (None, "input"):
+        drawn = dataclasses.replace(reg, heatmap_layer=where)
+        drawn.heatmap(seeds[:1])
+        best = []
+        for _ in range(3):
+            t = time.perf_counter()
+            drawn.heatmap(seeds[:1])
+            best.append(time.perf_counter() - t)
+        map_t[where or "layer"] = min(best)
     sc_t = float("nan")
     if scorecam:
         from pytorch_grad_cam import ScoreCAM
@@ -202,6 +219,10 @@ def run_config(spec: str, n_seeds: int, scorecam: bool) -> dict[str, object]:
         "stages": per_stage,
         "rows": rows,
         "purity": statistics.fmean(purity),
+        "choice": t_choice,
+        "chose": choice.heatmap_layer or "layer",
+        "map_layer": map_t["layer"],
+        "map_input": map_t["input"],
     }
 
 
@@ -265,6 +286,16 @@ def main() -> None:
         print(
             f"{r['spec']:<34} {both - match:>10.3f} {match:>7.3f} {cover:>7.3f} "
             f"{rest:>7.3f} {r['rows']:>6.0f}"
+        )
+    print("\nheat maps (seconds; one map of a seed's region on the seed, best of 3)")
+    print(
+        f"{'configuration':<34} {'auto choice':>11} {'chose':>6} {'at layer':>9} "
+        f"{'at input':>9} {'x GC':>6}"
+    )
+    for r in results:
+        print(
+            f"{r['spec']:<34} {r['choice']:>10.2f}s {r['chose']:>6} {r['map_layer']:>8.4f}s "
+            f"{r['map_input']:>8.4f}s {r['map_input'] / r['gc']:>5.1f}x"
         )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
