@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._captum_compat import TargetType
@@ -338,9 +339,12 @@ class ShardedReferences:
     store = None
     #: the references' logits kept by a local fit (``shard_references``), else None
     logits: Tensor | None = None
-    #: the reference images when they were given as one tensor (a handle, no copy;
-    #: ``heatmap_layer="auto"`` scores a sample of them), else None
+    #: the reference images when they were given as one tensor (a handle, no copy),
+    #: else None
     inputs: Tensor | None = None
+    #: what the references were read from (tensor, Dataset, DataLoader; a handle), else
+    #: None: ``heatmap_layer="auto"`` scores a sample of its images
+    source: Any = None
 
     def __init__(
         self,
@@ -678,6 +682,7 @@ def _finish(
     affine: AffineHead | None = None,
     logits: Tensor | None = None,
     inputs: Tensor | None = None,
+    source: Any = None,
 ) -> Any:
     refs = ShardedReferences(
         actors, offsets, torch.zeros(0, dtype=torch.long), layout, attribute_to_layer_input,
@@ -685,6 +690,7 @@ def _finish(
     )  # fmt: skip
     refs.logits = logits  # already held by the local fit's process (RAM or its store)
     refs.inputs = inputs
+    refs.source = source
     infos = refs._gather([a.info.remote() for a in actors], "loading shards")
     sizes = [info["n"] for info in infos]
     expected = [b - a for a, b in zip(offsets, offsets[1:] + [n_total])]
@@ -769,7 +775,7 @@ def shard_references(
         ri, actors, offsets, fitted.example, fitted.layout, fitted.head_nonlinear, proj,
         sources, progress, fitted.attribute_to_layer_input, fitted.n, reader=ri.reader_,
         leading=fitted.leading, affine=fitted.affine, logits=fitted.logits,
-        inputs=fitted.inputs,
+        inputs=fitted.inputs, source=fitted.source,
     )  # fmt: skip
 
 
@@ -999,6 +1005,7 @@ def fit_sharded(
         ri, actors, offsets, example, layout, nonlinear, projection, sources,
         progress, attribute_to_layer_input, n, leading=leading, affine=affine,
         inputs=references if isinstance(references, Tensor) else None,
+        source=references if isinstance(references, (Tensor, Dataset, DataLoader)) else None,
     )  # fmt: skip
 
 

@@ -163,6 +163,36 @@ def _first_element(item: Any) -> Any:
     raise TypeError(f"references: cannot read inputs from a {type(item).__name__}")
 
 
+def reference_rows(references: Any, indices: Tensor, name: str = "references") -> Tensor:
+    """Rows ``indices`` of a reference tensor, ``Dataset`` or ``DataLoader`` (of its
+    dataset, by index), stacked; a Dataset's items are tensors or ``(inputs, ...)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``name``: not one of those types, items that are not tensors, an index
+        out of range.
+    """
+    if isinstance(references, DataLoader):
+        references = references.dataset
+    if not isinstance(references, (Tensor, Dataset)):
+        raise TypeError(
+            f"{name} must be a Tensor, Dataset or DataLoader, got {type(references).__name__}"
+        )
+    n = len(references)  # type: ignore[arg-type]
+    if len(indices) and int(indices.max()) >= n:
+        raise ValueError(
+            f"{name}: row #{int(indices.max())} asked for, but only {n} references were given"
+        )
+    if isinstance(references, Tensor):
+        return references[indices]
+    items = [references[int(i)] for i in [*indices.tolist(), 0]]  # 0: the shape if empty
+    items = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
+    if not all(isinstance(it, Tensor) for it in items):
+        raise TypeError(f"{name}: Dataset items must be tensors or (tensor, ...) tuples")
+    return torch.stack(items)[:-1]
+
+
 def iter_reference_batches(
     references: Any,
     batch_size: int,

@@ -93,6 +93,10 @@ class FittedReferences:
         model's outputs on the references, kept when they are small next to the features
         (see :func:`~captum_repinterp.store.keep_logits`) and the head gives them at the
         references' features (checked on the first references at fit); else None.
+    source : Tensor, Dataset, DataLoader or None
+        What ``fit`` was given (a handle, not a copy), when it was one image tensor, a
+        ``Dataset`` or a ``DataLoader`` (not with ``append``): ``heatmap_layer="auto"``
+        reads a sample of reference images from it.
     """
 
     features: Tensor
@@ -107,6 +111,7 @@ class FittedReferences:
     leading: LeadingMap | None = None
     affine: AffineHead | None = None
     logits: Tensor | None = field(default=None, repr=False, compare=False)
+    source: Any = field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -231,6 +236,7 @@ def fit_references(
         projection=projection,
         store=ref_store,
         inputs=references if isinstance(references, Tensor) and not append else None,
+        source=None if append or isinstance(references, tuple) else references,
         leading=leading,
         affine=affine,
         logits=logits,
@@ -481,7 +487,7 @@ class FittedState:
             choice = choose_heatmap_layer(
                 reader.forward_func,
                 reader.layer,
-                getattr(fitted, "inputs", None),
+                getattr(fitted, "source", None),
                 reader.attribute_to_layer_input,
                 device=reader.device,
             )

@@ -20,8 +20,8 @@ split layer.
 
 Only models whose input is one image batch (``N x C x H x W``) and whose split layer has
 one output tensor are scored; otherwise, and when ``fit`` was not given the references as
-one tensor (a store or sharded references: their images are not kept), the maps stay at
-the split layer and :attr:`ResolutionChoice.reason` says why.
+a tensor, ``Dataset`` or ``DataLoader`` it can read by index, the maps stay at the split
+layer and :attr:`ResolutionChoice.reason` says why.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from .features import eval_mode
+from .inputs import reference_rows
 from .masking import mask_images, softmax_scores, upsample
 
 __all__ = [
@@ -189,8 +191,9 @@ def choose_heatmap_layer(
         The model.
     layer : nn.Module
         The split layer.
-    references : Tensor or None
-        The reference images ``N x C x H x W`` given to ``fit`` (None when not kept).
+    references : Tensor, Dataset, DataLoader or None
+        What ``fit`` was given (a sample of ``n_images`` is read by index; a DataLoader's
+        dataset); None when it was not kept.
     attribute_to_layer_input : bool
         As fit used.
     n_images : int
@@ -206,13 +209,23 @@ def choose_heatmap_layer(
     -------
     ResolutionChoice
     """
-    if references is None:
-        return ResolutionChoice(None, reason="fit kept no reference images (store or shards)")
-    if references.dim() != 4 or not references.is_floating_point():
-        return ResolutionChoice(None, reason="the references are not one N x C x H x W batch")
+    if not isinstance(references, (Tensor, Dataset, DataLoader)):
+        return ResolutionChoice(
+            None, reason="fit was not given one image tensor, Dataset or DataLoader"
+        )
+    source = references.dataset if isinstance(references, DataLoader) else references
+    try:
+        n = len(source)
+    except TypeError:  # an iterable-style dataset: no random access
+        return ResolutionChoice(None, reason="the references' dataset has no random access")
     gen = torch.Generator().manual_seed(random_state)
-    rows = torch.randperm(references.shape[0], generator=gen)[:n_images]
-    images = references[rows].detach()
+    rows = torch.randperm(n, generator=gen)[:n_images]
+    try:
+        images = reference_rows(source, rows).detach()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return ResolutionChoice(None, reason=f"the reference images could not be read ({exc})")
+    if images.dim() != 4 or not images.is_floating_point():
+        return ResolutionChoice(None, reason="the references are not one N x C x H x W batch")
     if device is not None:
         images = images.to(device)
     with eval_mode(forward_func, layer, warn=True):

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
-from .inputs import check_against_references
+from .inputs import check_against_references, reference_rows
 from .interpretation import Interpretation
 
 __all__ = [
@@ -186,32 +186,24 @@ def _predict(interpretation: Interpretation, images: Tensor) -> list[int] | None
 
 def _reference_rows(references: Any, indices: Tensor) -> Tensor:
     """Rows ``indices`` of a reference tensor, Dataset or DataLoader (its dataset)."""
-    if isinstance(references, DataLoader):
-        if not isinstance(references.sampler, SequentialSampler):
-            raise ValueError(
-                "reference_images: this DataLoader does not read its dataset in order "
-                "(shuffle=True or a sampler), so member indices cannot be mapped to images; "
-                "fit on a DataLoader without shuffling"
-            )
-        references = references.dataset
-    if not isinstance(references, (Tensor, Dataset)):
+    if isinstance(references, DataLoader) and not isinstance(references.sampler, SequentialSampler):
+        raise ValueError(
+            "reference_images: this DataLoader does not read its dataset in order "
+            "(shuffle=True or a sampler), so member indices cannot be mapped to images; "
+            "fit on a DataLoader without shuffling"
+        )
+    if not isinstance(references, (Tensor, Dataset, DataLoader)):
         raise TypeError(
             "reference_images must be the Tensor, Dataset or DataLoader given to fit, got "
             f"{type(references).__name__}"
         )
-    n = len(references)  # type: ignore[arg-type]
+    n = len(references.dataset if isinstance(references, DataLoader) else references)
     if len(indices) and int(indices.max()) >= n:
         raise ValueError(
             f"reference_images: the region has member #{int(indices.max())}, but only {n} "
             "reference images were given; pass the reference set given to fit"
         )
-    if isinstance(references, Tensor):
-        return references[indices]
-    items = [references[int(i)] for i in [*indices.tolist(), 0]]  # 0: the shape if empty
-    items = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
-    if not all(isinstance(it, Tensor) for it in items):
-        raise TypeError("reference_images: Dataset items must be tensors or (tensor, ...) tuples")
-    return torch.stack(items)[:-1]
+    return reference_rows(references, indices, "reference_images")
 
 
 def plot_region(

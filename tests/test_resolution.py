@@ -92,10 +92,29 @@ def test_auto_picks_the_input_when_the_layer_has_no_spatial_detail():
     assert again == choice  # seeded sample: the same choice
 
 
+def test_auto_reads_datasets_and_loaders_like_the_tensor(tiny):
+    """A Dataset of (image, label) items and a shuffled DataLoader over it give the same
+    sample of images, so the same choice and scores as the tensor."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x = tiny
+    ds = TensorDataset(x[:200], torch.arange(200) % 4)
+    by_tensor = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    for refs in (ds, DataLoader(ds, batch_size=64, shuffle=True)):
+        ri = RepresentativeInterpretation(model, model.features[-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the shuffled loader's member-order warning
+            ri.fit(refs, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            assert ri.heatmap_resolution_ == by_tensor.heatmap_resolution_
+
+
 def test_auto_keeps_the_split_layer_when_it_cannot_score(tiny):
     model, x = tiny
     layer = model.features[-1]
     assert choose_heatmap_layer(model, layer, None).heatmap_layer is None
+    assert choose_heatmap_layer(model, layer, (x[:20],)).heatmap_layer is None  # a tuple
     flat = choose_heatmap_layer(model, layer, x[:20].flatten(1))
     assert flat.heatmap_layer is None and "N x C x H x W" in flat.reason
     assert isinstance(flat, ResolutionChoice) and flat.scores == {}
