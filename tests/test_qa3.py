@@ -1,0 +1,124 @@
+"""Regression tests for maps drawn at the input (``heatmap_layer="input"``) and ``"auto"``:
+integer inputs, empty batches, and the reason ``"auto"`` gives when it cannot choose."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from captum_repinterp import RepresentativeInterpretation
+
+
+class _IntegerInput(nn.Module):
+    """The tiny CNN on integer images (e.g. quantised pixels), scaled inside the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.float() / 10)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    return model, x, ri
+
+
+@pytest.fixture(scope="module")
+def three_channels():
+    from conftest import TinyCNN
+
+    torch.manual_seed(0)
+    model = TinyCNN(in_ch=3).eval()
+    x = torch.randn(200, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x, progress=False)
+    return x, ri
+
+
+def test_input_maps_of_integer_inputs_name_heatmap_layer(tiny):
+    model, x = tiny
+    wrapped = _IntegerInput(model).eval()
+    xi = (x[:200] * 10).round().to(torch.int64)
+    ri = RepresentativeInterpretation(wrapped, model.features[-1]).fit(xi, progress=False)
+    for call in (
+        lambda: ri.attribute(xi[:2], heatmap_layer="input", n_boundaries=5),
+        lambda: ri.interpret(xi[:1], heatmap_layer="input", n_boundaries=5),
+    ):
+        with pytest.raises(TypeError, match="heatmap_layer.*floating"):
+            call()
+    # "auto" keeps the split layer for integer references, with the reason
+    with pytest.warns(UserWarning, match="not one N x C x H x W batch"):
+        assert ri.attribute(xi[:2], n_boundaries=5).shape == (2, 1, 6, 6)
+
+
+@pytest.mark.parametrize("summed", [True, False])
+def test_empty_batch_at_the_input_is_shaped_like_a_full_one(three_channels, summed):
+    x, ri = three_channels
+    full = ri.attribute(x[:2], heatmap_layer="input", n_boundaries=5, attr_dim_summation=summed)
+    empty = ri.attribute(x[:0], heatmap_layer="input", attr_dim_summation=summed)
+    assert full.shape == (2, 1 if summed else 3, 12, 12)
+    assert empty.shape == (0, *full.shape[1:]) and empty.dtype == full.dtype
+
+
+def test_empty_batch_at_the_input_of_a_vector_model():
+    torch.manual_seed(3)
+    mlp = nn.Sequential(
+        nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    ).eval()
+    x = 3 * torch.randn(200, 10, generator=torch.Generator().manual_seed(0))
+    ri = RepresentativeInterpretation(mlp, mlp[3]).fit(x, progress=False)
+    full = ri.attribute(x[:2], heatmap_layer="input", n_boundaries=5)
+    assert full.shape == (2, 1)  # input times gradient summed over the D features
+    assert ri.attribute(x[:0], heatmap_layer="input").shape == (0, 1)
+
+
+def test_empty_batch_at_the_input_keeps_float64(tiny):
+    model, x = tiny
+    m64 = type(model)().double().eval()
+    m64.load_state_dict(model.state_dict())
+    ri = RepresentativeInterpretation(m64, m64.features[-1]).fit(x[:200].double(), progress=False)
+    full = ri.attribute(x[:1].double(), heatmap_layer="input", n_boundaries=5)
+    empty = ri.attribute(x[:0].double(), heatmap_layer="input")
+    assert full.dtype == empty.dtype == torch.float64
+
+
+@pytest.mark.parametrize("heatmap_layer", ["input", None])
+@pytest.mark.parametrize("rule", ["elementwise-members", "elementwise", "region-members"])
+def test_interpretation_heatmap_on_an_empty_batch(fitted, heatmap_layer, rule):
+    _, x, ri = fitted
+    if heatmap_layer == "input" and rule == "region-members":
+        pytest.skip("region-members is drawn at the split layer only")
+    region = ri.interpret(
+        x[250:251], heatmap_layer=heatmap_layer, heatmap_rule=rule, n_boundaries=5
+    )
+    full = region.heatmap(x[250:252])
+    empty = region.heatmap(x[:0])
+    assert empty.shape == (0, *full.shape[1:]) and empty.dtype == full.dtype
+    # and as attribute() gives on an empty batch
+    got = ri.attribute(x[:0], heatmap_layer=heatmap_layer, heatmap_rule=rule)
+    assert got.shape == empty.shape
+
+
+def test_interpretation_heatmap_on_an_empty_batch_at_an_earlier_layer(fitted):
+    model, x, ri = fitted
+    region = ri.interpret(x[250:251], heatmap_layer=model.features[0], n_boundaries=5)
+    assert region.heatmap(x[250:252]).shape == (2, 1, 6, 6)
+    with pytest.raises(ValueError, match="empty batch"):
+        region.heatmap(x[:0])
+
+
+def test_auto_names_why_a_dataset_keeps_the_split_layer(tiny):
+    model, x = tiny
+    for refs in (TensorDataset(x[:200]), (x[:200],)):
+        ri = RepresentativeInterpretation(model, model.features[-1]).fit(refs, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            choice = ri.heatmap_resolution_
+        assert choice.heatmap_layer is None and not choice.scores
+        assert "not given as one tensor" in choice.reason
+        assert any("not given as one tensor" in str(w.message) for w in caught)
