@@ -122,3 +122,40 @@ def test_auto_names_why_a_dataset_keeps_the_split_layer(tiny):
         assert choice.heatmap_layer is None and not choice.scores
         assert "not given as one tensor" in choice.reason
         assert any("not given as one tensor" in str(w.message) for w in caught)
+
+
+def test_audit_takes_interprets_default_heatmap_layer(fitted):
+    from captum_repinterp.auditing import audit
+
+    _, x, ri = fitted
+    kwargs = dict(target=0, max_regions=1, n_boundaries=5, subgroup_by="none")
+    left_out = audit(ri, x[:200], **kwargs)
+    auto = audit(ri, x[:200], heatmap_layer="auto", **kwargs)
+    assert [r.interpretation.members.tolist() for r in auto[0].regions] == [
+        r.interpretation.members.tolist() for r in left_out[0].regions
+    ]
+    assert all(r.interpretation.heatmap_layer is None for r in auto[0].regions)
+    with pytest.raises(ValueError, match="^heatmap_layer"):
+        audit(ri, x[:200], heatmap_layer="input", **kwargs)
+
+
+def test_plot_region_caption_of_a_full_resolution_split_layer(tiny):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from captum_repinterp.visualization import plot_region
+
+    _, x = tiny
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 3)
+    ).eval()
+    ri = RepresentativeInterpretation(model, model[1]).fit(x[:200], progress=False)
+    texts = {}
+    for layer in (None, "input"):
+        region = ri.interpret(x[250:251], n_boundaries=5, heatmap_layer=layer)
+        fig = plot_region(region, x[250:251], x[:200])
+        texts[layer] = " ".join(t.get_text() for t in fig.texts)
+    # the split layer keeps the 12 x 12 size of the images: drawn there, not at the input
+    assert "12x12 layer resolution" in texts[None] and "input's" not in texts[None]
+    assert "at the input's 12x12 resolution" in texts["input"]
