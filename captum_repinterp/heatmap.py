@@ -819,7 +819,13 @@ def pulled_back_heatmap(
             inputs if k > 1 else inputs[0], additional_forward_args=additional_forward_args
         )
     except RuntimeError as exc:
-        if "not have been used in the graph" in str(exc) or "does not require grad" in str(exc):
+        unused = "not have been used in the graph" in str(exc)
+        if unused and isinstance(heatmap_layer, str):
+            raise ValueError(
+                "heatmap_layer='input': the score at layer does not depend on every input "
+                "tensor (an input the model ignores has no map); pass heatmap_layer=None"
+            ) from exc
+        if unused or "does not require grad" in str(exc):
             raise ValueError(
                 "heatmap_layer: the score at layer does not depend on heatmap_layer's "
                 "output; pass a layer that runs before layer, on the path to it"

@@ -159,3 +159,21 @@ def test_plot_region_caption_of_a_full_resolution_split_layer(tiny):
     # the split layer keeps the 12 x 12 size of the images: drawn there, not at the input
     assert "12x12 layer resolution" in texts[None] and "input's" not in texts[None]
     assert "at the input's 12x12 resolution" in texts["input"]
+
+
+def test_input_maps_of_an_input_the_model_ignores_say_so(tiny):
+    class Ignores(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.model(a)
+
+    model, x = tiny
+    y = torch.randn_like(x)
+    wrapped = Ignores(model).eval()
+    ri = RepresentativeInterpretation(wrapped, model.features[-1])
+    ri.fit((x[:200], y[:200]), progress=False)
+    with pytest.raises(ValueError, match="heatmap_layer='input'.*every input tensor"):
+        ri.attribute((x[:2], y[:2]), heatmap_layer="input", n_boundaries=5)
