@@ -20,8 +20,8 @@ split layer.
 
 Only models whose input is one image batch (``N x C x H x W``) and whose split layer has
 one output tensor are scored; otherwise, and when ``fit`` was not given the references as
-one tensor (a tuple, Dataset or DataLoader, or references appended to a store: their
-images are not kept), the maps stay at the split layer and :attr:`ResolutionChoice.reason` says why.
+one tensor (a store or sharded references: their images are not kept), the maps stay at
+the split layer and :attr:`ResolutionChoice.reason` says why.
 """
 
 from __future__ import annotations
@@ -207,11 +207,7 @@ def choose_heatmap_layer(
     ResolutionChoice
     """
     if references is None:
-        return ResolutionChoice(
-            None,
-            reason="fit kept no reference images (they were not given as one tensor: a "
-            "tuple, Dataset or DataLoader, or appended to a store)",
-        )
+        return ResolutionChoice(None, reason="fit kept no reference images (store or shards)")
     if references.dim() != 4 or not references.is_floating_point():
         return ResolutionChoice(None, reason="the references are not one N x C x H x W batch")
     gen = torch.Generator().manual_seed(random_state)

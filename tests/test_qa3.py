@@ -1,12 +1,11 @@
 """Regression tests for maps drawn at the input (``heatmap_layer="input"``) and ``"auto"``:
-integer inputs, empty batches, and the reason ``"auto"`` gives when it cannot choose."""
+integer inputs, empty batches, an ignored input, audit and plot_region with the default."""
 
 import warnings
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from captum_repinterp import RepresentativeInterpretation
 
@@ -110,18 +109,6 @@ def test_interpretation_heatmap_on_an_empty_batch_at_an_earlier_layer(fitted):
     assert region.heatmap(x[250:252]).shape == (2, 1, 6, 6)
     with pytest.raises(ValueError, match="empty batch"):
         region.heatmap(x[:0])
-
-
-def test_auto_names_why_a_dataset_keeps_the_split_layer(tiny):
-    model, x = tiny
-    for refs in (TensorDataset(x[:200]), (x[:200],)):
-        ri = RepresentativeInterpretation(model, model.features[-1]).fit(refs, progress=False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            choice = ri.heatmap_resolution_
-        assert choice.heatmap_layer is None and not choice.scores
-        assert "not given as one tensor" in choice.reason
-        assert any("not given as one tensor" in str(w.message) for w in caught)
 
 
 def test_audit_takes_interprets_default_heatmap_layer(fitted):
