@@ -1,8 +1,6 @@
 """Regression tests for maps drawn at the input (``heatmap_layer="input"``) and ``"auto"``:
 integer inputs, empty batches, an ignored input, audit and plot_region with the default."""
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
