@@ -26,7 +26,6 @@ from ._captum_compat import (
     log_usage,
 )
 from .features import eval_mode
-from .heatmap import INPUT
 from .inputs import check_model
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
@@ -340,10 +339,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             regions, activations = find_regions(
                 self.references_, self.reader_, inputs, target, additional_forward_args, options
             )
-            if not regions and options.heatmap_layer == INPUT:
-                maps = tuple(torch.zeros(0, 1, *shape[-2:]) for shape, _ in self.input_spec_)
-                return _format_output(len(maps) > 1, maps)
-            if not regions and options.heatmap_layer is not None:
+            if not regions and isinstance(options.heatmap_layer, nn.Module):
                 raise ValueError("inputs: an empty batch has no maps at heatmap_layer")
             dim = self.layout_.dim
             directions = (

@@ -481,7 +481,9 @@ def audit(
     for bad in ("target", "inputs"):
         if bad in interpret_kwargs:
             raise TypeError(f"audit() got an unexpected keyword argument {bad!r}")
-    if interpret_kwargs.get("heatmap_layer") is not None:
+    # "auto", interpret's default, is taken as leaving it out: the split layer
+    layer = interpret_kwargs.get("heatmap_layer")
+    if layer is not None and not (isinstance(layer, str) and layer == "auto"):
         raise ValueError(
             "heatmap_layer: audit draws the members' maps from their features at the "
             "split layer, so it cannot draw them at another layer; leave heatmap_layer out"

@@ -55,6 +55,7 @@ __all__ = [
     "RegionContext",
     "RegionMembersRule",
     "RegionScoreRule",
+    "check_input_dtypes",
     "combine_normals",
     "get_heatmap_rule",
     "member_scale",
@@ -407,7 +408,7 @@ def _per_channel(channel_weights: Tensor, activation: Tensor) -> Tensor:
     n = activation.shape[0]
     cw = channel_weights if channel_weights.dim() == 2 else channel_weights[None].expand(n, -1)
     return cw.to(activation.device, activation.dtype).reshape(
-        n, -1, *([1] * (activation.dim() - 2))
+        n, cw.shape[-1], *([1] * (activation.dim() - 2))
     )
 
 
@@ -715,6 +716,23 @@ def region_score_weights(
     return torch.stack(weights).mean(dim=0).float()
 
 
+def check_input_dtypes(inputs: tuple[Tensor, ...]) -> None:
+    """``heatmap_layer="input"`` multiplies each input tensor by its gradient, which
+    exists for floating-point tensors only.
+
+    Raises
+    ------
+    TypeError
+        Naming ``heatmap_layer``, for an input tensor of another dtype.
+    """
+    for t in inputs:
+        if isinstance(t, Tensor) and not t.is_floating_point():
+            raise TypeError(
+                f"heatmap_layer='input' draws input times gradient, which needs "
+                f"floating-point inputs, got {t.dtype}; pass heatmap_layer=None or a layer"
+            )
+
+
 def pulled_back_heatmap(
     forward_func: Callable,
     layer: nn.Module,
@@ -762,6 +780,14 @@ def pulled_back_heatmap(
     from captum.attr import InputXGradient, LayerGradientXActivation
 
     n = inputs[0].shape[0]
+    if isinstance(heatmap_layer, str):
+        check_input_dtypes(inputs)
+    if n == 0:  # no gradient to take; at the input the maps' shape is known
+        if not isinstance(heatmap_layer, str):
+            raise ValueError("inputs: an empty batch has no maps at heatmap_layer")
+        return tuple(
+            layer_map(t.detach().new_zeros(t.shape), relu, attr_dim_summation) for t in inputs
+        )
     dirs = directions if directions.dim() == 2 else directions[None].expand(n, -1)
     k = len(inputs)
 
@@ -793,7 +819,13 @@ def pulled_back_heatmap(
             inputs if k > 1 else inputs[0], additional_forward_args=additional_forward_args
         )
     except RuntimeError as exc:
-        if "not have been used in the graph" in str(exc) or "does not require grad" in str(exc):
+        unused = "not have been used in the graph" in str(exc)
+        if unused and isinstance(heatmap_layer, str):
+            raise ValueError(
+                "heatmap_layer='input': the score at layer does not depend on every input "
+                "tensor (an input the model ignores has no map); pass heatmap_layer=None"
+            ) from exc
+        if unused or "does not require grad" in str(exc):
             raise ValueError(
                 "heatmap_layer: the score at layer does not depend on heatmap_layer's "
                 "output; pass a layer that runs before layer, on the path to it"

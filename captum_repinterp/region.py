@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ._captum_compat import TargetType, _format_additional_forward_args
 from .boundaries import sample_and_match
 from .features import caller_stacklevel, eval_mode
-from .heatmap import RegionContext
+from .heatmap import RegionContext, check_input_dtypes
 from .inputs import format_inputs, slice_args
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
@@ -117,6 +117,8 @@ def read_seeds(
             raise ValueError("heatmap_layer: the layer is not part of forward_func")
     inputs_t = format_inputs(inputs)
     activations, outputs = reader.read(inputs_t, additional_forward_args)
+    if isinstance(options.heatmap_layer, str):  # after read's checks against the references
+        check_input_dtypes(inputs_t)
     if outputs.shape[0] == 0:
         return [], activations
     targets = resolve_targets(outputs, target)

@@ -89,10 +89,13 @@ def _resolution(attr: Tensor) -> str:
     return f"{h}x{w}"
 
 
-def _where(maps: Tensor, images: Tensor) -> str:
-    """Where a map was drawn, for a caption: at the layer (upsampled) or at the input."""
-    if tuple(maps.shape[-2:]) == tuple(images.shape[-2:]):
+def _where(maps: Tensor, images: Tensor, at_input: bool) -> str:
+    """Where a map was drawn, for a caption: at the input or at a layer (upsampled when
+    coarser than the images)."""
+    if at_input:
         return f"at the input's {_resolution(images)} resolution"
+    if tuple(maps.shape[-2:]) == tuple(images.shape[-2:]):
+        return f"at {_resolution(maps)} layer resolution"
     return f"at {_resolution(maps)} layer resolution, upsampled to {_resolution(images)}"
 
 
@@ -309,10 +312,10 @@ def plot_region(
         f"{interpretation.coverage:.2f} (references)",
         fontsize=8,
     )
+    where = _where(maps, images, isinstance(interpretation.heatmap_layer, str))
     _caption(
         fig,
-        f"One heat map for every panel (the region's, {_where(maps, images)}; one "
-        "colour scale). "
+        f"One heat map for every panel (the region's, {where}; one colour scale). "
         f"Red: predicted not {name}, or true label differs.\n{SEM_DIST}.",
     )
     return fig
