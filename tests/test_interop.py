@@ -237,9 +237,13 @@ def test_torchvision_architectures(arch, layer_name, exact):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonPiecewiseLinearWarning)
-        attr = ri.attribute(x[12:13], n_boundaries=4, bisection_steps=8)
+        attr = ri.attribute(x[12:13], n_boundaries=4, bisection_steps=8, heatmap_layer=None)
+        default = ri.attribute(x[12:13], n_boundaries=4, bisection_steps=8)
     gc = LayerGradCam(model, layer).attribute(x[12:13], target=0)
     assert attr.shape == gc.shape
+    # the default draws where "auto" chose: the split layer or the input
+    at = ri.heatmap_resolution_.heatmap_layer
+    assert default.shape == (attr.shape if at is None else (1, 1, *x.shape[-2:]))
     assert torch.isfinite(attr).all()
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
