@@ -160,7 +160,8 @@ def run_family(
             refs, batch_size=n_references, progress=False
         )
         regions = ri.interpret(seeds, n_boundaries=n_boundaries)
-        attr = ri.attribute(seeds[:1], n_boundaries=n_boundaries)
+        attr = ri.attribute(seeds[:1], n_boundaries=n_boundaries, heatmap_layer=None)
+        default = ri.attribute(seeds[:1], n_boundaries=n_boundaries)  # where "auto" chose
     regions = regions if isinstance(regions, list) else [regions]
     with torch.no_grad():
         pred = model(seeds[:1]).argmax(1)
@@ -181,7 +182,9 @@ def run_family(
         purity=sum(purities) / len(purities),
         purities=purities,
         coverage=sum(float(r.coverage) for r in regions) / len(regions),
-        shape_ok=tuple(attr.shape) == tuple(grad_cam.shape) and bool(torch.isfinite(attr).all()),
+        shape_ok=tuple(attr.shape) == tuple(grad_cam.shape)
+        and tuple(default.shape) in (tuple(grad_cam.shape), (1, 1, *seeds.shape[-2:]))
+        and bool(torch.isfinite(attr).all() and torch.isfinite(default).all()),
         seconds=time.perf_counter() - start,
     )
 

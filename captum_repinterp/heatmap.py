@@ -155,15 +155,15 @@ class HeatmapRule:
     supports_input: ClassVar[bool] = False
 
     def __init__(self, layer: nn.Module | str | None = None) -> None:
-        if layer is not None and not self.supports_layer:
-            raise ValueError(
-                f"heatmap_layer draws the elementwise rules at another layer; it cannot be "
-                f"combined with heatmap_rule={self.name!r}"
-            )
         if isinstance(layer, str) and (layer != INPUT or not self.supports_input):
             raise ValueError(
                 f"heatmap_layer={layer!r} cannot be combined with heatmap_rule={self.name!r}"
-                f" (the input takes the elementwise rules)"
+                " (the input takes the elementwise rules); pass heatmap_layer=None"
+            )
+        if layer is not None and not self.supports_layer:
+            raise ValueError(
+                f"heatmap_layer draws the elementwise rules at another layer; it cannot be "
+                f"combined with heatmap_rule={self.name!r}; pass heatmap_layer=None"
             )
         self.layer = layer
 

@@ -15,8 +15,10 @@ inside the piece this is exactly a boundary normal, as the region's directions a
 scored by insertion (Petsiuk et al., RISE, arXiv:1806.07421): keep the top share ``s`` of
 the pixels by the map, set the rest to ``baseline`` (0 in the model's input space,
 Captum's default baseline), read the softmax score of the predicted class; average over
-the shares ``INSERTION_SHARES`` and the images. The higher mean wins; a tie keeps the
-split layer.
+the shares ``INSERTION_SHARES``. The input is chosen only when its per-image scores are
+higher than the split layer's by a one-sided Wilcoxon signed-rank test (``p < 0.05``,
+paired over the images); otherwise, near ties included, the split layer (the paper's
+map) is kept, so that a choice does not flip with the sample.
 
 Only models whose input is one image batch (``N x C x H x W``) and whose split layer has
 one output tensor are scored; otherwise, and when ``fit`` was not given the references as
@@ -41,6 +43,7 @@ __all__ = [
     "INSERTION_SHARES",
     "ResolutionChoice",
     "choose_heatmap_layer",
+    "input_better_p_value",
     "insertion_scores",
     "margin_maps",
 ]
@@ -64,12 +67,16 @@ class ResolutionChoice:
         References scored.
     reason : str
         How the choice was made.
+    p_value : float or None
+        One-sided Wilcoxon signed-rank p-value that the input's per-image scores are
+        higher (None when nothing was scored).
     """
 
     heatmap_layer: str | None
     scores: dict[str, float] = field(default_factory=dict)
     n_images: int = 0
     reason: str = ""
+    p_value: float | None = None
 
 
 def _margin_function(forward_func: Callable, top: Tensor, runner_up: Tensor) -> Callable:
@@ -180,10 +187,12 @@ def choose_heatmap_layer(
     baseline: float = 0.0,
     random_state: int = 0,
     device: torch.device | None = None,
+    alpha: float = 0.05,
 ) -> ResolutionChoice:
     """Choose the resolution of ``heatmap_layer="auto"`` on the references (see the
-    module's text). Costs ``n_images`` forward and backward passes and
-    ``2 * n_images * len(shares)`` forward passes, once per fitted explainer.
+    module's text). Costs ``n_images`` forward passes, ``2 * n_images`` forward and
+    backward passes (the two maps) and ``2 * n_images * len(shares)`` forward passes
+    (insertion), once per fitted explainer.
 
     Parameters
     ----------
@@ -204,6 +213,9 @@ def choose_heatmap_layer(
         Seed of the sample.
     device : torch.device, optional
         Where the model runs.
+    alpha : float
+        The input is chosen when the one-sided Wilcoxon signed-rank test of its
+        per-image scores against the split layer's gives a p-value below ``alpha``.
 
     Returns
     -------
@@ -240,13 +252,31 @@ def choose_heatmap_layer(
             )
             if at_layer.dim() != 4:
                 return ResolutionChoice(None, reason="the split layer has no spatial layout")
-            scores = {
-                name: float(insertion_scores(forward_func, images, m, top, shares, baseline).mean())
+            per_image = {
+                name: insertion_scores(forward_func, images, m, top, shares, baseline).mean(1)
                 for name, m in (("layer", at_layer), ("input", at_input))
             }
         except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
             return ResolutionChoice(None, reason=f"the maps could not be scored ({exc})")
-    chosen = "input" if scores["input"] > scores["layer"] else None
+    scores = {name: float(v.mean()) for name, v in per_image.items()}
+    p_value = input_better_p_value(per_image["input"], per_image["layer"])
+    chosen = "input" if p_value < alpha else None
     return ResolutionChoice(
-        chosen, scores, int(images.shape[0]), reason="insertion score on the references"
+        chosen,
+        scores,
+        int(images.shape[0]),
+        reason=f"insertion score on the references (one-sided Wilcoxon p = {p_value:.2g})",
+        p_value=p_value,
     )
+
+
+def input_better_p_value(at_input: Tensor, at_layer: Tensor) -> float:
+    """One-sided p-value of the Wilcoxon signed-rank test that the input's per-image
+    insertion scores are higher than the split layer's (paired; 1.0 when every pair is
+    equal)."""
+    from scipy.stats import wilcoxon
+
+    d = (at_input.double() - at_layer.double()).cpu().numpy()
+    if not (d != 0).any():
+        return 1.0
+    return float(wilcoxon(d, alternative="greater").pvalue)

@@ -396,11 +396,12 @@ def test_small_pipeline_on_the_tiny_model(tiny):
     assert described["ri[region-score@features[0]]"] == {
         "heatmap_rule": "region-score",
         "heatmap_layer": "features[0]",
+        "named_layer": True,
         "forward_passes": "K (channels of the layer), once per seed",
         "cost_per_channel": 1,
     }
-    assert described["ri"]["heatmap_layer"] is None
-    # the row "ri" is what a user gets: the package's default rule; map@L is elementwise
+    # the row "ri" is what a user gets: the package's defaults; map@L is elementwise
+    assert described["ri"]["heatmap_layer"] == InterpretOptions().heatmap_layer == "auto"
     assert described["ri"]["heatmap_rule"] == InterpretOptions().heatmap_rule
     assert described["ri[map@features[0]]"]["heatmap_rule"] == "elementwise"
     assert described["ri[elementwise]"]["heatmap_layer"] is None

@@ -87,7 +87,7 @@ def test_auto_picks_the_input_when_the_layer_has_no_spatial_detail():
     model = _Pooled().eval()
     choice = choose_heatmap_layer(model, model.pool, images, n_images=16)
     assert choice.heatmap_layer == "input" and choice.n_images == 16
-    assert choice.scores["input"] > choice.scores["layer"]
+    assert choice.scores["input"] > choice.scores["layer"] and choice.p_value < 0.05
     again = choose_heatmap_layer(model, model.pool, images, n_images=16)
     assert again == choice  # seeded sample: the same choice
 
@@ -221,3 +221,20 @@ def test_auto_on_the_bundled_models():
         s = load_setup(name)
         choice = choose_heatmap_layer(s.model, s.layer, s.references)
         assert choice.heatmap_layer == expected, (name, choice)
+
+
+def test_the_input_needs_a_significant_lead():
+    """A near tie keeps the split layer; a consistent lead picks the input (one-sided
+    Wilcoxon signed-rank test, checked against scipy on the same differences)."""
+    from scipy.stats import wilcoxon
+
+    from captum_repinterp.resolution import input_better_p_value
+
+    layer = torch.linspace(0.5, 0.9, 16)
+    tiny_lead = layer + torch.tensor([0.02, -0.02, 0.001, -0.001] * 4) + 1e-4
+    assert input_better_p_value(tiny_lead, layer) > 0.05
+    clear_lead = layer + 0.05 + 0.01 * torch.rand(16, generator=torch.Generator().manual_seed(0))
+    p = input_better_p_value(clear_lead, layer)
+    d = (clear_lead.double() - layer.double()).numpy()
+    assert p == pytest.approx(wilcoxon(d, alternative="greater").pvalue) and p < 1e-3
+    assert input_better_p_value(layer, layer) == 1.0  # all equal: the split layer
