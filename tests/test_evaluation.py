@@ -346,7 +346,7 @@ def test_small_pipeline_on_the_tiny_model(tiny):
         ig_steps=8,
         ri_variants={
             "ri[region-members]": {"heatmap_rule": "region-members"},
-            "ri[elementwise]": {"heatmap_rule": "elementwise"},
+            "ri[elementwise]": {"heatmap_rule": "elementwise", "heatmap_layer": None},
         },
         heatmap_layer_rules=("region-score",),
     )
