@@ -49,7 +49,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     Usage mirrors ``LayerGradCam`` plus one :meth:`fit` over reference images::
 
         >>> ri = RepresentativeInterpretation(model, find_layer(model, images[:1]))
-        >>> attr = ri.fit(reference_images).attribute(images)  # like LayerGradCam
+        >>> attr = ri.fit(reference_images).attribute(images)  # maps, as LayerGradCam's
         >>> region = ri.interpret(images[:1])  # .similar(5), .purity, .contains(x)
 
     Parameters
@@ -308,10 +308,14 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         Returns
         -------
         Tensor or tuple of Tensor
-            Shaped like ``LayerGradCam.attribute`` on the same layer (on
-            ``heatmap_layer`` when given): ``N x 1 x h x w`` for a convolutional layer,
-            ``N x 1`` for an ``N x D`` layer, a tuple for a layer with several outputs.
-            Raw values at the layer's resolution (not scaled, not upsampled).
+            Raw values (not scaled, not upsampled) where the map is drawn. With
+            ``heatmap_layer=None``: shaped like ``LayerGradCam.attribute`` on the same
+            layer, ``N x 1 x h x w`` for a convolutional layer, ``N x 1`` for an
+            ``N x D`` layer, a tuple for a layer with several outputs; at an earlier
+            layer, like ``LayerGradCam`` on that layer; at the input, ``N x 1 x H x W``
+            per input tensor (``N x C x H x W`` with ``attr_dim_summation=False``). The
+            default ``"auto"`` gives the split layer's or the input's, as
+            :attr:`heatmap_resolution_` says.
 
         Raises
         ------

@@ -271,12 +271,13 @@ class Interpretation:
         relu_attributions: bool = True,
         attr_dim_summation: bool = True,
     ) -> Tensor | tuple[Tensor, ...]:
-        """The representative heat map reused on new inputs, shaped like ``LayerGradCam``.
+        """The representative heat map reused on new inputs.
 
         The same direction ``v`` (from the seed's selected boundaries) is applied to every
-        input's layer activations (at ``heatmap_layer`` when it is set: then the maps are
-        shaped like ``LayerGradCam`` on that layer). The maps are at the layer's
-        resolution (e.g. ``n x 1 x 7 x 7``); upsample them with
+        input's layer activations: at the split layer the maps are shaped like
+        ``LayerGradCam``'s there (e.g. ``n x 1 x 7 x 7``); at ``heatmap_layer`` like
+        ``LayerGradCam``'s on that layer; at the input (``heatmap_layer="input"``, also
+        what ``"auto"`` may have resolved to) ``n x 1 x H x W``. Upsample layer maps with
         ``LayerAttribution.interpolate(maps, inputs.shape[-2:], "bilinear")``.
         """
         maps = self.rule.maps(
