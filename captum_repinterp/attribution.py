@@ -29,7 +29,7 @@ from .features import eval_mode
 from .inputs import check_model
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
-from .options import DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, InterpretOptions
+from .options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, InterpretOptions
 from .reader import LayerReader
 from .references import FittedState, NotFittedError, fit_references
 from .region import find_regions
@@ -269,7 +269,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
 
     def _resolve(self, options: InterpretOptions) -> InterpretOptions:
         """``heatmap_layer="auto"`` replaced by the resolution chosen on the references."""
-        if options.heatmap_layer != "auto":
+        if options.heatmap_layer != AUTO:
             return options
         return options.resolved(self.heatmap_resolution_.heatmap_layer)
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from ._checks import check_int
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
+from .options import AUTO
 from .references import NotFittedError
 
 __all__ = ["AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
@@ -483,7 +484,7 @@ def audit(
             raise TypeError(f"audit() got an unexpected keyword argument {bad!r}")
     # "auto", interpret's default, is taken as leaving it out: the split layer
     layer = interpret_kwargs.get("heatmap_layer")
-    if layer is not None and not (isinstance(layer, str) and layer == "auto"):
+    if layer is not None and not (isinstance(layer, str) and layer == AUTO):
         raise ValueError(
             "heatmap_layer: audit draws the members' maps from their features at the "
             "split layer, so it cannot draw them at another layer; leave heatmap_layer out"

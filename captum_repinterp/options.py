@@ -15,7 +15,13 @@ from ._checks import check_choice, check_int
 from .heatmap import COMBINE_RULES, HEATMAP_RULES, INPUT, HeatmapRule, get_heatmap_rule
 from .solver import REFINE_MODES
 
-__all__ = ["AUTO", "DEFAULT_HEATMAP_LAYER", "DEFAULT_HEATMAP_RULE", "InterpretOptions"]
+__all__ = [
+    "AUTO",
+    "DEFAULT_HEATMAP_LAYER",
+    "DEFAULT_HEATMAP_RULE",
+    "InterpretOptions",
+    "resolve_heatmap_layer",
+]
 
 #: The heat-map rule of ``interpret``/``attribute`` when none is given.
 DEFAULT_HEATMAP_RULE = "elementwise-members"
@@ -101,9 +107,18 @@ class InterpretOptions:
         for the rules that can be drawn there, by the split layer for the others."""
         if self.heatmap_layer != AUTO:
             return self
-        rule = HEATMAP_RULES[self.heatmap_rule]
-        layer = auto_layer if auto_layer is None or rule.supports_input else None
-        return replace(self, heatmap_layer=layer)
+        return replace(
+            self, heatmap_layer=resolve_heatmap_layer(self.heatmap_rule, AUTO, auto_layer)
+        )
+
+
+def resolve_heatmap_layer(heatmap_rule: str, heatmap_layer: object, auto_layer: str | None):
+    """``heatmap_layer`` with ``"auto"`` replaced by ``auto_layer`` (the resolution chosen
+    on the references) when ``heatmap_rule`` can be drawn there, by the split layer
+    (None) when it cannot; any other value as it is."""
+    if heatmap_layer != AUTO:
+        return heatmap_layer
+    return auto_layer if HEATMAP_RULES[heatmap_rule].supports_input else None
 
 
 def _check_delta(delta: object) -> None:

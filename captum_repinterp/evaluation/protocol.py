@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..attribution import RepresentativeInterpretation
 from ..heatmap import HEATMAP_RULES, HeatmapRule
 from ..interpretation import Interpretation
-from ..options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE
+from ..options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, resolve_heatmap_layer
 from .methods import (
     ChannelWeightMethod,
     acts_and_grads,
@@ -218,8 +218,8 @@ def _resolve_auto(ri: RepresentativeInterpretation, kw: dict[str, Any]) -> dict[
     ``interpret`` does), so that regions shared between configs draw where they should."""
     if kw.get("heatmap_layer") != AUTO:
         return kw
-    rule = HEATMAP_RULES[kw.get("heatmap_rule", DEFAULT_HEATMAP_RULE)]
-    layer = ri.heatmap_resolution_.heatmap_layer if rule.supports_input else None
+    rule = kw.get("heatmap_rule", DEFAULT_HEATMAP_RULE)
+    layer = resolve_heatmap_layer(rule, AUTO, ri.heatmap_resolution_.heatmap_layer)
     return {**kw, "heatmap_layer": layer}
 
 
