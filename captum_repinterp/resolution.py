@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -118,21 +119,46 @@ def margin_maps(
     tuple of Tensor
         ``N x 1 x h x w`` at the split layer (gradient times activation summed over the
         channels, as the elementwise rule) and ``N x 1 x H x W`` at the input (input
-        times gradient summed over the colour channels); ReLU-ed, as the maps are.
-    """
-    from captum.attr import InputXGradient, LayerGradientXActivation
+        times gradient summed over the colour channels); ReLU-ed, as the maps are. Both
+        come from one forward and backward pass (what Captum's
+        ``LayerGradientXActivation`` and ``InputXGradient`` give, in one pass).
 
-    margin = _margin_function(forward_func, top, runner_up)
+    Raises
+    ------
+    TypeError
+        When the split layer gives several tensors or not a tensor.
+    ValueError
+        When the split layer does not run exactly once per forward pass.
+    """
+    seen: list[Tensor] = []
+
+    def keep(tensors: Any) -> Any:
+        if isinstance(tensors, (tuple, list)) and len(tensors) != 1:
+            raise TypeError("the split layer has several output tensors")
+        t = tensors[0] if isinstance(tensors, (tuple, list)) else tensors
+        if not isinstance(t, Tensor):
+            raise TypeError(f"the split layer gives a {type(t).__name__}, not a tensor")
+        seen.append(t)
+        # what runs after the layer gets a copy, so that an in-place operation there
+        # (a ReLU(inplace=True)) cannot change the tensor the gradient is taken at
+        return t.clone()
+
+    if attribute_to_layer_input:
+        handle = layer.register_forward_pre_hook(lambda module, args: (keep(args),))
+    else:
+        handle = layer.register_forward_hook(lambda module, inp, out: keep(out))
     x = images.detach().clone().requires_grad_(True)
-    at_layer = LayerGradientXActivation(margin, layer).attribute(
-        x, attribute_to_layer_input=attribute_to_layer_input
-    )
-    if isinstance(at_layer, tuple):
-        raise TypeError("the split layer has several output tensors")
-    at_input = InputXGradient(margin).attribute(x)
+    try:
+        margin = _margin_function(forward_func, top, runner_up)(x)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise ValueError("layer: expected the layer to run once per forward pass")
+    act = seen[0]
+    grad_x, grad_act = torch.autograd.grad(margin.sum(), (x, act))
     return (
-        at_layer.sum(dim=1, keepdim=True).clamp_min(0).detach(),
-        at_input.sum(dim=1, keepdim=True).clamp_min(0).detach(),
+        (grad_act * act).detach().sum(dim=1, keepdim=True).clamp_min(0),
+        (grad_x * x).detach().sum(dim=1, keepdim=True).clamp_min(0),
     )
 
 
@@ -190,9 +216,9 @@ def choose_heatmap_layer(
     alpha: float = 0.05,
 ) -> ResolutionChoice:
     """Choose the resolution of ``heatmap_layer="auto"`` on the references (see the
-    module's text). Costs ``n_images`` forward passes, ``2 * n_images`` forward and
-    backward passes (the two maps) and ``2 * n_images * len(shares)`` forward passes
-    (insertion), once per fitted explainer.
+    module's text). Costs ``n_images`` forward passes, ``n_images`` forward and
+    backward passes (both maps, :func:`margin_maps`) and ``2 * n_images * len(shares)``
+    forward passes (insertion), once per fitted explainer.
 
     Parameters
     ----------

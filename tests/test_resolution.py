@@ -238,3 +238,45 @@ def test_the_input_needs_a_significant_lead():
     d = (clear_lead.double() - layer.double()).numpy()
     assert p == pytest.approx(wilcoxon(d, alternative="greater").pvalue) and p < 1e-3
     assert input_better_p_value(layer, layer) == 1.0  # all equal: the split layer
+
+
+def _stack(inplace: bool) -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(inplace=inplace),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(inplace=inplace),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
+    )
+
+
+def test_margin_maps_take_the_gradient_before_an_in_place_op_after_the_layer():
+    """A ReLU(inplace=True) after the split layer must not change the maps: they equal
+    those of the same model with out-of-place ReLUs, at the layer's output and input."""
+    x = torch.randn(4, 2, 8, 8)
+    top, ru = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])
+    inplace, plain = _stack(True), _stack(False)
+    for a, b in zip(
+        margin_maps(inplace, inplace[2], x, top, ru),
+        margin_maps(plain, plain[2], x, top, ru),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    # the layer's input (the first ReLU's output) is the first ReLU's output in plain
+    got = margin_maps(inplace, inplace[2], x, top, ru, attribute_to_layer_input=True)
+    want = margin_maps(plain, plain[1], x, top, ru)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not any(p.grad is not None for p in inplace.parameters())
+    assert not inplace[2]._forward_hooks and not inplace[2]._forward_pre_hooks
+
+
+def test_margin_maps_refuse_a_layer_that_runs_twice_and_leave_no_hook():
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    model = nn.Sequential(conv, conv, nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+    with pytest.raises(ValueError, match="once per forward pass"):
+        x, top, ru = torch.randn(2, 2, 8, 8), torch.tensor([0, 1]), torch.tensor([1, 0])
+        margin_maps(model, conv, x, top, ru)
+    assert not conv._forward_hooks
