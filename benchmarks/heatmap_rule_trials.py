@@ -28,11 +28,19 @@ Run (about 2 minutes for the three setups on 2 cores)::
     OMP_NUM_THREADS=1 python benchmarks/heatmap_rule_trials.py
 
 It prints one markdown table, mAD / mAI per setup and keep share.
+
+With ``--input-blur SIGMA [SIGMA ...]`` it runs instead the default rule drawn at the
+input (``heatmap_layer="input"``) with its maps blurred by a Gaussian of ``SIGMA`` pixels
+(torchvision's ``gaussian_blur``; 0: not blurred), which asks whether the input's maps
+lose on the faces because they are too fine (about a minute per sigma)::
+
+    OMP_NUM_THREADS=1 python benchmarks/heatmap_rule_trials.py --input-blur 0 1 2 4 8
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from typing import ClassVar
 
 import torch
@@ -140,6 +148,30 @@ class MaxMembers(hm.ElementwiseMembersRule):
         return activations.flatten(2).amax(dim=2)
 
 
+class BlurredAtInput(hm.ElementwiseMembersRule):
+    """The default rule; at the input its maps are blurred by a Gaussian of ``sigma``
+    pixels."""
+
+    sigma: ClassVar[float] = 0.0
+
+    def maps(self, reader, inputs, additional_forward_args, direction, *args, **kwargs):
+        out = super().maps(reader, inputs, additional_forward_args, direction, *args, **kwargs)
+        if self.layer != hm.INPUT or self.sigma <= 0:
+            return out
+        from torchvision.transforms.functional import gaussian_blur
+
+        size = 2 * math.ceil(3 * self.sigma) + 1
+        return tuple(gaussian_blur(m, [size, size], [self.sigma, self.sigma]) for m in out)
+
+
+def blurred_rule(sigma: float) -> str:
+    """Register (once) and name the default rule blurred by ``sigma`` at the input."""
+    name = f"trial-members-blur{sigma:g}"
+    if name not in hm.HEATMAP_RULES:
+        hm.register_heatmap_rule(type(name, (BlurredAtInput,), {"name": name, "sigma": sigma}))
+    return name
+
+
 for _cls in (ChannelMembers, PositiveMembers, MaxMembers):
     hm.register_heatmap_rule(_cls)
     TRIALS[_cls.name] = {}
@@ -156,17 +188,29 @@ COMPARED = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
+    parser.add_argument("--input-blur", nargs="+", type=float, metavar="SIGMA")
     args = parser.parse_args()
+    if args.input_blur and min(args.input_blur) < 0:
+        parser.error("--input-blur: sigmas must be >= 0")
     results = {}
     for name in args.setups:
         cfg = default_config(name)
         cfg.no_reuse = cfg.sanity = cfg.fidelity = cfg.layer_sweep = False
         cfg.heatmap_layer_rules = ()
-        cfg.ri_variants = {
-            f"ri[{r}]": {"heatmap_rule": r}
-            for r in (*TRIALS, *COMPARED)
-            if r != cfg.ri_kwargs["heatmap_rule"]
-        }
+        if args.input_blur:
+            cfg.ri_variants = {
+                f"ri[{blurred_rule(s)}]": {
+                    "heatmap_rule": blurred_rule(s),
+                    "heatmap_layer": "input",
+                }
+                for s in args.input_blur
+            }
+        else:
+            cfg.ri_variants = {
+                f"ri[{r}]": {"heatmap_rule": r}
+                for r in (*TRIALS, *COMPARED)
+                if r != cfg.ri_kwargs["heatmap_rule"]
+            }
         setup = load_setup(name, cfg.seed)
         setup.heatmap_layers = []
         results[name] = evaluate_setup(setup, cfg)["reuse"]["keep"]

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._captum_compat import _format_additional_forward_args
 from ._checks import check_int
+from .inputs import slice_args
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
 from .options import AUTO
@@ -433,7 +435,10 @@ def audit(
         Batch size of ``ri.transform``.
     **interpret_kwargs
         Passed to ``ri.interpret`` (``n_boundaries``, ``delta``, ``refine``,
-        ``heatmap_rule``, ``combine``, ``bisection_steps``).
+        ``heatmap_rule``, ``combine``, ``bisection_steps``). ``additional_forward_args``
+        (Captum's: extra arguments of the model's forward after the inputs) is used for
+        ``images`` (a tensor with one row per image is per example: each seed gets its
+        row) and for ``heldout`` (only extra arguments that hold for every example).
 
     Returns
     -------
@@ -490,9 +495,16 @@ def audit(
             "split layer, so it cannot draw them at another layer; leave heatmap_layer out"
         )
     interpret_kwargs = {**interpret_kwargs, "heatmap_layer": None}
+    extra = _format_additional_forward_args(interpret_kwargs.pop("additional_forward_args", None))
+    n_images = int(images.shape[0])
+    per_example = extra is not None and any(
+        isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n_images > 1 for a in extra
+    )
 
     if features is None:
-        feats, preds = ri.reader_.features(images, batch_size, name="images")
+        feats, preds = ri.reader_.features(
+            images, batch_size, additional_forward_args=extra, name="images"
+        )
     else:
         if not (
             isinstance(features, tuple)
@@ -512,7 +524,15 @@ def audit(
     if heldout is not None:
         if not isinstance(heldout, Tensor):
             raise TypeError(f"heldout must be a tensor or None, got {type(heldout).__name__}")
-        held = ri.reader_.features(heldout, batch_size, name="heldout")
+        if per_example:
+            raise ValueError(
+                "additional_forward_args: its per-example tensors (one row per image of "
+                "images) cannot be given to heldout; pass extra arguments that hold for "
+                "every example, or leave heldout out"
+            )
+        held = ri.reader_.features(
+            heldout, batch_size, additional_forward_args=extra, name="heldout"
+        )
 
     if target is None:
         classes = [int(c) for c in torch.unique(preds)]
@@ -533,7 +553,8 @@ def audit(
         min_subgroup_size,
         float(min_silhouette),
         n_exemplars,
-        interpret_kwargs,
+        extra,
+        interpret_kwargs,  # last: the parallel runner reads heatmap_layer from it
     )
     run = getattr(ri.references_, "map_classes", None)  # classes as parallel tasks
     if run is not None and len(classes) > 1:
@@ -558,6 +579,7 @@ def _audit_class(
     min_subgroup_size: int | None,
     min_silhouette: float,
     n_exemplars: int,
+    additional_forward_args: tuple | None,
     interpret_kwargs: dict[str, Any],
 ) -> ClassAudit:
     start = time.perf_counter()
@@ -575,6 +597,9 @@ def _audit_class(
         seed_index = int(left[torch.argmin(((pts - med) ** 2).sum(1))])
         interp = ri.interpret(
             images[seed_index : seed_index + 1],
+            additional_forward_args=slice_args(
+                additional_forward_args, int(images.shape[0]), seed_index, seed_index + 1
+            ),
             target=c,
             random_state=random_state,
             **interpret_kwargs,

@@ -432,3 +432,49 @@ def test_method_is_the_function(fitted):
     a = ri.audit(x, c, max_regions=2, **FAST)[c]
     b = audit(ri, x, c, max_regions=2, **FAST)[c]
     assert [r.members.tolist() for r in a.regions] == [r.members.tolist() for r in b.regions]
+
+
+class _Shifted(torch.nn.Module):
+    """The tiny CNN on ``x + shift``: ``shift`` is an extra forward argument."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | float) -> torch.Tensor:
+        return self.model(x + shift)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_additional_forward_args_give_the_audit_of_the_shifted_images(tiny, per_example):
+    """Audit with ``additional_forward_args`` = audit of the images the model then sees,
+    on the model without the argument: same seeds, members, purity (a per-example tensor
+    gives each seed its own row)."""
+    model, x = tiny
+    x = x[:120]
+    gen = torch.Generator().manual_seed(5)
+    shift = 0.3 * torch.randn(120, 1, 1, 1, generator=gen) if per_example else 0.25
+    wrapped = _Shifted(model).eval()
+    ri = RepresentativeInterpretation(wrapped, model.features[-1], head=model.head)
+    ri.fit(x, additional_forward_args=(shift,), progress=False)
+    plain = RepresentativeInterpretation(model, model.features[-1], head=model.head)
+    plain.fit(x + shift, progress=False)
+    kw = {"coverage_target": 0.9, "max_regions": 3, "subgroup_by": "none", **FAST}
+    got = audit(ri, x, additional_forward_args=(shift,), **kw)
+    want = audit(plain, x + shift, **kw)
+    classes = [int(c) for c in want.classes]
+    assert [int(c) for c in got.classes] == classes
+    for c in classes:
+        for a, b in zip(got[c].regions, want[c].regions, strict=True):
+            assert a.seed_index == b.seed_index
+            assert a.members.tolist() == b.members.tolist()
+            assert a.purity == pytest.approx(b.purity)
+
+
+def test_per_example_additional_forward_args_are_refused_for_heldout(tiny):
+    model, x = tiny
+    shift = torch.zeros(40, 1, 1, 1)
+    ri = RepresentativeInterpretation(_Shifted(model).eval(), model.features[-1], head=model.head)
+    ri.fit(x[:40], additional_forward_args=(shift,), progress=False)
+    with pytest.raises(ValueError, match="additional_forward_args"):
+        audit(ri, x[:40], heldout=x[40:60], additional_forward_args=(shift,), **FAST)
