@@ -280,3 +280,79 @@ def test_margin_maps_refuse_a_layer_that_runs_twice_and_leave_no_hook():
         x, top, ru = torch.randn(2, 2, 8, 8), torch.tensor([0, 1]), torch.tensor([1, 0])
         margin_maps(model, conv, x, top, ru)
     assert not conv._forward_hooks
+
+
+def _fake_scores(monkeypatch, lead, noise: float = 0.05):
+    """Replace the model-based scoring by per-image scores ``layer`` ~ U(0.4, 0.6) and
+    ``input = layer + lead + noise * N(0, 1)``, a fixed function of each image's value
+    (images are ``n x 1 x 1 x 1`` tensors holding their row index); records the rows."""
+    import captum_repinterp.resolution as res
+
+    calls: list[list[int]] = []
+
+    def fake(forward_func, layer, images, attribute_to_layer_input, shares, baseline, per):
+        rows = images.flatten().long()
+        calls.append(rows.tolist())
+        gen = torch.Generator().manual_seed(0)
+        base = 0.4 + 0.2 * torch.rand(1000, generator=gen, dtype=torch.float64)
+        eps = torch.randn(1000, generator=gen, dtype=torch.float64)
+        per["layer"].append(base[rows])
+        per["input"].append(base[rows] + lead + noise * eps[rows])
+        return ""
+
+    monkeypatch.setattr(res, "_score_both", fake)
+    return calls
+
+
+def _sample(n: int = 1000) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("lead", "chosen", "looks"),
+    [
+        (0.2, "input", [16]),  # a clear lead: decided on the first 16
+        (-0.2, None, [16]),  # the split layer clearly better: decided on 16 too
+        (0.0, None, [16, 32, 64]),  # a tie: every look, then the split layer
+    ],
+)
+def test_the_sample_grows_only_while_the_choice_is_unclear(monkeypatch, lead, chosen, looks):
+    calls = _fake_scores(monkeypatch, lead)
+    choice = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample())
+    assert choice.heatmap_layer == chosen
+    sizes = [len(c) for c in calls]
+    assert [sum(sizes[: k + 1]) for k in range(len(sizes))] == looks
+    assert choice.n_images == looks[-1]
+    # the rows are the first of one seeded permutation, never scored twice
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    assert sum(calls, []) == order[: looks[-1]].tolist()
+    assert "each of 3 looks" in choice.reason
+
+
+def test_a_small_lead_is_found_on_more_images(monkeypatch):
+    """A lead the test cannot see on 16 images at the per-look level (0.05 / 3) is found
+    on 32 or 64, where the input is chosen; the p-value is that of every image scored."""
+    from captum_repinterp.resolution import input_better_p_value
+
+    calls = _fake_scores(monkeypatch, 0.016)
+    choice = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample())
+    assert len(calls[0]) == 16 and len(calls) > 1
+    assert choice.heatmap_layer == "input" and choice.n_images == 64
+    assert choice.p_value < 0.05 / 3
+    # on the first 16 alone the same test does not decide
+    gen = torch.Generator().manual_seed(0)
+    base = 0.4 + 0.2 * torch.rand(1000, generator=gen, dtype=torch.float64)
+    eps = torch.randn(1000, generator=gen, dtype=torch.float64)
+    first = torch.tensor(calls[0])
+    assert input_better_p_value(base[first] + 0.016 + 0.05 * eps[first], base[first]) > 0.05 / 3
+
+
+def test_looks_stop_at_the_references_and_bad_sizes_are_refused(monkeypatch):
+    calls = _fake_scores(monkeypatch, 0.0)
+    choice = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(40))
+    assert [len(c) for c in calls] == [16, 16, 8] and choice.n_images == 40
+    for kw in ({"n_images": 0}, {"max_images": 8}, {"n_images": True}, {"max_images": 2.5}):
+        with pytest.raises(ValueError, match="n_images|max_images"):
+            choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(40), **kw)
+    one = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(1))
+    assert one.heatmap_layer is None and "fewer than two" in one.reason
