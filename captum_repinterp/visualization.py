@@ -9,8 +9,11 @@ true) class on its image panels.
 Heat maps are upsampled with Captum's ``LayerAttribution.interpolate`` and drawn the way
 pytorch-grad-cam's ``show_cam_on_image`` draws them: a jet colour map blended half and
 half over the grey-scale image, so that the hot spots read at a glance and the image
-stays visible. Layer maps (RI, Grad-CAM) share one colour scale per figure or per
-column, in the map's own units, so panels can be compared; input attributions
+stays visible. The maps of one region (the region figure, an audit's row) share one
+colour scale, in the map's own units, so panels can be compared; in the side-by-side
+comparison each panel is scaled to its own maximum by default (its rows can come from
+different regions, whose maps differ by orders of magnitude), or per column on
+request; input attributions
 (Integrated Gradients) go through ``captum.attr.visualization.visualize_image_attr``,
 which scales each image on its own (Captum's 2% outlier clipping).
 """
@@ -409,16 +412,29 @@ def plot_comparison(
     title: str = "Attribution methods on the same images",
     per_image: Sequence[str] = (),
     bad: Sequence[bool] | None = None,
+    scale: str = "image",
 ) -> Figure:
     """Side-by-side heat maps: one row per image, the original then one column per method.
 
-    ``attributions`` maps a method name to its ``N x c x h x w`` attributions. Layer maps
-    are upsampled to the image size and share one colour scale per column (their colour
-    bar is in the method's units); methods named in ``per_image`` (input attributions
-    such as Integrated Gradients, which may be signed) are drawn by absolute value
-    through Captum's ``visualize_image_attr``, scaled per image. A panel whose map is
-    all ``<= 0`` says so instead of looking empty.
+    ``attributions`` maps a method name to its ``N x c x h x w`` attributions. Maps are
+    upsampled to the image size (bilinear) and drawn from 0 to ``scale``'s maximum:
+    ``"image"`` (default) each panel's own, so the colour bar reads as a share of it
+    (RI's rows can come from different regions, whose maps differ by orders of
+    magnitude, and on one scale the weaker ones would look empty); ``"column"`` the
+    column's, so the colour bar is in the method's units and magnitudes compare down a
+    column. Methods named in ``per_image`` (input attributions such as Integrated
+    Gradients, which may be signed) are drawn by absolute value through Captum's
+    ``visualize_image_attr``, scaled per image. A panel whose map is all ``<= 0`` says
+    so instead of looking empty.
+
+    Raises
+    ------
+    ValueError
+        When an attribution has another number of rows than ``images``, or ``scale`` is
+        not ``"image"`` or ``"column"``.
     """
+    if scale not in ("image", "column"):
+        raise ValueError(f'scale must be "image" or "column", got {scale!r}')
     n = images.shape[0]
     for name, attr in attributions.items():
         if attr.shape[0] != n:
@@ -445,11 +461,17 @@ def plot_comparison(
             for i, ax in enumerate(column):
                 mappable = _keep(mappable, _draw_captum(fig, ax, images[i], attr[i]))
             label = "|attribution| / per-image\nclip level (Captum)"
-        else:
+        elif scale == "column":
             vmax = max(float(attribution_to_hwc(a, size).max()) for a in attr)
             for i, ax in enumerate(column):
                 mappable = _keep(mappable, show_heatmap(ax, images[i], attr[i], vmax))
             label = f"{name} (model units, column scale)"
+        else:
+            for i, ax in enumerate(column):
+                top = float(attribution_to_hwc(attr[i], size).max())
+                unit = attr[i] / top if top > 0 else attr[i]
+                mappable = _keep(mappable, show_heatmap(ax, images[i], unit, 1.0))
+            label = f"{name} (share of the panel's maximum)"
         column[0].set_title(f"{name}\n{res} map", fontsize=7)
         if mappable is not None:
             cbar = fig.colorbar(mappable, ax=column, location="bottom", shrink=0.9, pad=0.01)
@@ -458,9 +480,15 @@ def plot_comparison(
     fig.suptitle(title, fontsize=8)
     _caption(
         fig,
-        "Each map blended over the grey image (jet colour map). Layer maps are upsampled "
-        f"to {size[0]}x{size[1]}; a blank panel means the map is <= 0 everywhere, which "
-        "the ReLU removes.",
+        "Each map blended over the grey image (jet colour map), upsampled to "
+        f"{size[0]}x{size[1]}; "
+        + (
+            "each panel scaled to its own maximum. "
+            if scale == "image"
+            else "one colour scale per column: a map much weaker than the column's "
+            "strongest looks faint. "
+        )
+        + "A panel that says so has a map <= 0 everywhere, which the ReLU removes.",
     )
     return fig
 

@@ -153,7 +153,7 @@ def test_comparison_figure_titles_colourbars_and_zero_panels(fitted, tmp_path):
     zero_columns = {name for name, a in attrs.items() if not bool((a > 0).any())}
     assert len(labels) == 3 - len(zero_columns)
     if "Grad-CAM" not in zero_columns:
-        assert any("Grad-CAM (model units" in lab for lab in labels)
+        assert any("Grad-CAM (share of the panel's maximum)" in lab for lab in labels)
     assert any("per-image" in lab for lab in labels)
     text = _texts(fig)
     assert "RI, Grad-CAM and Integrated Gradients for the predicted class" in text
@@ -172,6 +172,25 @@ def test_comparison_figure_titles_colourbars_and_zero_panels(fitted, tmp_path):
     assert (tmp_path / "cmp.png").stat().st_size > 5000
     with pytest.raises(ValueError, match="rows"):
         plot_comparison(x[:2], {"RI": attrs["RI"]})
+
+
+def test_comparison_scales_each_panel_or_each_column(fitted):
+    """Per panel (default), a map 1000x weaker than its neighbour's is drawn at full
+    strength; per column, on the neighbour's scale (and it looks faint)."""
+    _, _, x = fitted
+    strong = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(0)) + 0.1
+    maps = torch.cat([strong, strong * 1e-3])
+    drawn = {}
+    for scale in ("image", "column"):
+        fig = plot_comparison(x[:2], {"RI": maps}, scale=scale)
+        heat = [ax.images[-1] for ax in _panels(fig)[1::2]]
+        drawn[scale] = [(float(h.get_array().max()) / h.norm.vmax) for h in heat]
+        assert ("each panel scaled to its own maximum" in _texts(fig)) == (scale == "image")
+    assert drawn["image"] == pytest.approx([1.0, 1.0], rel=1e-3)
+    assert drawn["column"][0] == pytest.approx(1.0, rel=1e-3)
+    assert drawn["column"][1] == pytest.approx(1e-3, rel=1e-2)
+    with pytest.raises(ValueError, match="scale"):
+        plot_comparison(x[:2], {"RI": maps}, scale="row")
 
 
 def test_plot_images_and_audit_labels(fitted, tmp_path):
