@@ -268,9 +268,10 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         return results[0] if len(results) == 1 else results
 
     def _resolve(self, options: InterpretOptions) -> InterpretOptions:
-        """``heatmap_layer="auto"`` replaced by the resolution chosen on the references."""
-        if options.heatmap_layer != AUTO:
-            return options
+        """``heatmap_layer="auto"`` replaced by the resolution chosen on the references
+        (not chosen for rules that draw at the split layer anyway)."""
+        if options.heatmap_layer != AUTO or not options.rule.supports_input:
+            return options.resolved(None)
         return options.resolved(self.heatmap_resolution_.heatmap_layer)
 
     @log_usage()

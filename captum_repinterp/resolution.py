@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from .features import eval_mode
 from .inputs import reference_rows
@@ -230,10 +230,15 @@ def choose_heatmap_layer(
         n = len(source)
     except TypeError:  # an iterable-style dataset: no random access
         return ResolutionChoice(None, reason="the references' dataset has no random access")
+    pool = _rows_read(references, n)
+    if pool is None:
+        return ResolutionChoice(
+            None, reason="the DataLoader's sampler reads rows of its dataset it cannot list"
+        )
     gen = torch.Generator().manual_seed(random_state)
-    rows = torch.randperm(n, generator=gen)[:n_images]
+    rows = pool[torch.randperm(len(pool), generator=gen)[:n_images]]
     try:
-        images = reference_rows(source, rows).detach()
+        images = reference_rows(references, rows).detach()
     except (TypeError, ValueError, RuntimeError) as exc:
         return ResolutionChoice(None, reason=f"the reference images could not be read ({exc})")
     if images.dim() != 4 or not images.is_floating_point():
@@ -268,6 +273,25 @@ def choose_heatmap_layer(
         reason=f"insertion score on the references (one-sided Wilcoxon p = {p_value:.2g})",
         p_value=p_value,
     )
+
+
+def _rows_read(references: Tensor | Dataset | DataLoader, n: int) -> Tensor | None:
+    """The rows of the dataset (of ``n``) that ``fit`` read: all of them, the indices of
+    a DataLoader's ``SubsetRandomSampler`` or list sampler, None when a custom sampler
+    cannot say without drawing."""
+    if not isinstance(references, DataLoader) or references.batch_size is None:
+        return torch.arange(n)
+    sampler = references.sampler
+    if not isinstance(references.batch_sampler, BatchSampler):
+        return None
+    if isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n
+    ):
+        return torch.arange(n)
+    indices = getattr(sampler, "indices", sampler)  # SubsetRandomSampler, or a sequence
+    if isinstance(indices, (Sequence, Tensor)):
+        return torch.as_tensor(list(indices), dtype=torch.long).unique()
+    return None
 
 
 def input_better_p_value(at_input: Tensor, at_layer: Tensor) -> float:
