@@ -70,7 +70,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     -----
     Bad input gets a ValueError or TypeError naming the argument. A head that is not
     piecewise linear gets a :class:`~captum_repinterp.layers.NonPiecewiseLinearWarning`.
-    A model in training mode runs in eval mode for each call, with a warning. Source:
+    A model in training mode runs in eval mode for each call, with a warning. The calls
+    take gradients, so under ``torch.inference_mode()`` they raise a RuntimeError
+    (``torch.no_grad()`` is fine). Source:
     "Finding Representative Interpretations on Convolutional Neural Networks", ICCV 2021
     (arXiv 2108.06384).
     """

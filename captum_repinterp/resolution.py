@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from ._checks import check_grad_mode
 from .features import eval_mode
 from .inputs import reference_rows
 from .masking import mask_images, softmax_scores, upsample
@@ -221,6 +222,7 @@ def choose_heatmap_layer(
     -------
     ResolutionChoice
     """
+    check_grad_mode('heatmap_layer="auto" (the choice on the references)')
     if not isinstance(references, (Tensor, Dataset, DataLoader)):
         return ResolutionChoice(
             None, reason="fit was not given one image tensor, Dataset or DataLoader"

@@ -89,3 +89,27 @@ def test_auto_is_not_chosen_for_rules_drawn_at_the_split_layer(tiny, monkeypatch
         attr = ri.attribute(x[200:202], heatmap_rule="channel", n_boundaries=10)
     assert region.heatmap_layer is None and attr.shape == (2, 1, 6, 6)
     assert "_resolution" not in ri.__dict__
+
+
+def test_inference_mode_is_refused_and_does_not_fix_the_choice(tiny):
+    """Under torch.inference_mode() no gradient can be taken: a clear RuntimeError,
+    not autograd's, nor a misleading heatmap_layer error, nor a choice cached as the
+    split layer for the rest of the fit (torch.no_grad() is fine)."""
+    model, x = tiny
+    ri = _fit(model, x[:200])
+    expected = _choice(ri)
+    ri.__dict__.pop("_resolution", None)
+    region = ri.interpret(x[200:201], n_boundaries=10, heatmap_layer="input")
+    for call in (
+        lambda: ri.attribute(x[200:202], n_boundaries=10),
+        lambda: ri.interpret(x[200:201], n_boundaries=10, heatmap_layer=None),
+        lambda: region.heatmap(x[200:202]),
+        lambda: ri.heatmap_resolution_,
+    ):
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+            call()
+    assert _choice(ri) == expected
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ri.attribute(x[200:201], n_boundaries=10), region.heatmap(x[200:201])
+        )
