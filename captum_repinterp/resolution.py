@@ -263,6 +263,8 @@ def choose_heatmap_layer(
                 name: insertion_scores(forward_func, images, m, top, shares, baseline).mean(1)
                 for name, m in (("layer", at_layer), ("input", at_input))
             }
+        except torch.OutOfMemoryError:
+            raise  # not the model's nature: a choice kept for the whole fit must not hang on it
         except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
             return ResolutionChoice(None, reason=f"the maps could not be scored ({exc})")
     scores = {name: float(v.mean()) for name, v in per_image.items()}

@@ -113,3 +113,29 @@ def test_inference_mode_is_refused_and_does_not_fix_the_choice(tiny):
         torch.testing.assert_close(
             ri.attribute(x[200:201], n_boundaries=10), region.heatmap(x[200:201])
         )
+
+
+def test_out_of_memory_in_the_choice_is_raised_not_kept(tiny):
+    """Running out of memory while scoring the maps says nothing about the model: it is
+    raised (as the other calls do), not kept as a split-layer choice for the whole fit."""
+    from torch import nn
+
+    model, x = tiny
+
+    class OutOfMemoryOnce(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.armed = model, False
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            if self.armed and torch.is_grad_enabled():  # the maps' backward pass
+                self.armed = False
+                raise torch.OutOfMemoryError("out of memory")
+            return self.model(z)
+
+    wrapped = OutOfMemoryOnce().eval()
+    ri = RepresentativeInterpretation(wrapped, model.features[-1]).fit(x[:200], progress=False)
+    wrapped.armed = True
+    with pytest.raises(torch.OutOfMemoryError):
+        _ = ri.heatmap_resolution_
+    assert _choice(ri) == _choice(_fit(model, x[:200]))
