@@ -139,3 +139,18 @@ def test_out_of_memory_in_the_choice_is_raised_not_kept(tiny):
     with pytest.raises(torch.OutOfMemoryError):
         _ = ri.heatmap_resolution_
     assert _choice(ri) == _choice(_fit(model, x[:200]))
+
+
+def test_a_tuple_of_one_tensor_is_that_tensor(tiny):
+    """fit takes Captum's tuple form; the references (x,) give the choice x gives, and
+    the region-members rule finds their images (no fallback warning, same maps)."""
+    model, x = tiny
+    by_tensor, by_tuple = _fit(model, x[:200]), _fit(model, (x[:200],))
+    assert _choice(by_tuple) == _choice(by_tensor)
+    for rule in ("elementwise-members", "region-members"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = by_tuple.attribute((x[200:202],), n_boundaries=10, heatmap_rule=rule)
+        torch.testing.assert_close(
+            got, by_tensor.attribute(x[200:202], n_boundaries=10, heatmap_rule=rule)
+        )
