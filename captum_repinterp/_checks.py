@@ -5,7 +5,9 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-__all__ = ["check_choice", "check_int"]
+import torch
+
+__all__ = ["check_choice", "check_grad_mode", "check_int"]
 
 
 def check_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -22,6 +24,22 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
+
+
+def check_grad_mode(what: str) -> None:
+    """Refuse to run ``what``, which takes gradients, under ``torch.inference_mode()``
+    (gradients are enabled where needed, so ``torch.no_grad()`` is fine).
+
+    Raises
+    ------
+    RuntimeError
+        Saying so, instead of a failure deep in autograd or a fallback without gradients.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what} takes gradients, which torch.inference_mode() forbids; call it "
+            "outside that block (torch.no_grad() is fine)"
+        )
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:

@@ -70,7 +70,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     -----
     Bad input gets a ValueError or TypeError naming the argument. A head that is not
     piecewise linear gets a :class:`~captum_repinterp.layers.NonPiecewiseLinearWarning`.
-    A model in training mode runs in eval mode for each call, with a warning. Source:
+    A model in training mode runs in eval mode for each call, with a warning. The calls
+    take gradients, so under ``torch.inference_mode()`` they raise a RuntimeError
+    (``torch.no_grad()`` is fine). Source:
     "Finding Representative Interpretations on Convolutional Neural Networks", ICCV 2021
     (arXiv 2108.06384).
     """
@@ -268,9 +270,10 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         return results[0] if len(results) == 1 else results
 
     def _resolve(self, options: InterpretOptions) -> InterpretOptions:
-        """``heatmap_layer="auto"`` replaced by the resolution chosen on the references."""
-        if options.heatmap_layer != AUTO:
-            return options
+        """``heatmap_layer="auto"`` replaced by the resolution chosen on the references
+        (not chosen for rules that draw at the split layer anyway)."""
+        if options.heatmap_layer != AUTO or not options.rule.supports_input:
+            return options.resolved(None)
         return options.resolved(self.heatmap_resolution_.heatmap_layer)
 
     @log_usage()

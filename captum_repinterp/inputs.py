@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ._captum_compat import _format_tensor_into_tuples
 from ._checks import check_int
@@ -165,7 +165,8 @@ def _first_element(item: Any) -> Any:
 
 def reference_rows(references: Any, indices: Tensor, name: str = "references") -> Tensor:
     """Rows ``indices`` of a reference tensor, ``Dataset`` or ``DataLoader`` (of its
-    dataset, by index), stacked; a Dataset's items are tensors or ``(inputs, ...)``.
+    dataset, by index), batched as ``fit`` read them: by the DataLoader's ``collate_fn``,
+    a Dataset's items by PyTorch's default one (tensors, NumPy arrays, ``(inputs, ...)``).
 
     Raises
     ------
@@ -173,7 +174,10 @@ def reference_rows(references: Any, indices: Tensor, name: str = "references") -
         Naming ``name``: not one of those types, items that are not tensors, an index
         out of range.
     """
+    collate = default_collate
     if isinstance(references, DataLoader):
+        if references.batch_size is not None:  # else its items are batches already
+            collate = references.collate_fn
         references = references.dataset
     if not isinstance(references, (Tensor, Dataset)):
         raise TypeError(
@@ -187,10 +191,14 @@ def reference_rows(references: Any, indices: Tensor, name: str = "references") -
     if isinstance(references, Tensor):
         return references[indices]
     items = [references[int(i)] for i in [*indices.tolist(), 0]]  # 0: the shape if empty
-    items = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
-    if not all(isinstance(it, Tensor) for it in items):
-        raise TypeError(f"{name}: Dataset items must be tensors or (tensor, ...) tuples")
-    return torch.stack(items)[:-1]
+    bad = f"{name}: Dataset items must be tensors, arrays or (tensor, ...) tuples"
+    try:
+        batch = _first_element(collate(items))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{bad} ({exc})") from exc
+    if not isinstance(batch, Tensor):
+        raise TypeError(bad)
+    return batch[:-1]
 
 
 def iter_reference_batches(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._captum_compat import _expand_additional_forward_args, _format_additional_forward_args
+from ._checks import check_grad_mode
 from .features import (
     LayerLayout,
     eval_mode,
@@ -203,6 +204,7 @@ class LayerReader:
         Inputs are checked against the references as in :meth:`read`, and a model
         failure on wrongly shaped or typed inputs is translated the same way.
         """
+        check_grad_mode("a heat map at heatmap_layer")
         inputs_t = format_inputs(inputs)
         check_against_references(inputs_t, self.input_spec, "inputs")
         extra = _format_additional_forward_args(additional_forward_args)

@@ -226,6 +226,9 @@ def fit_references(
             forward_func, layer, head, layout, example, features, attribute_to_layer_input,
             device, cut_check, out_path, stacklevel=5, logits=logits,
         )  # fmt: skip
+    # a tuple of one tensor is that tensor (Captum's form of a one-input model)
+    single = isinstance(references, tuple) and len(references) == 1
+    kept = references[0] if single else references
     return FittedReferences(
         features=features,
         predictions=predictions,
@@ -235,8 +238,8 @@ def fit_references(
         head_nonlinear=nonlinear,
         projection=projection,
         store=ref_store,
-        inputs=references if isinstance(references, Tensor) and not append else None,
-        source=None if append or isinstance(references, tuple) else references,
+        inputs=kept if isinstance(kept, Tensor) and not append else None,
+        source=None if append or isinstance(kept, tuple) else kept,
         leading=leading,
         affine=affine,
         logits=logits,

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._captum_compat import TargetType, _format_additional_forward_args
+from ._checks import check_grad_mode
 from .boundaries import sample_and_match
 from .features import caller_stacklevel, eval_mode
 from .heatmap import RegionContext, check_input_dtypes
@@ -182,6 +183,7 @@ def find_regions(
     A reference set that runs seeds itself (``find_regions`` method, see
     :mod:`captum_repinterp.distributed`) is handed the call.
     """
+    check_grad_mode("interpret")
     run = getattr(references, "find_regions", None)
     if run is not None:
         return run(reader, inputs, target, additional_forward_args, options)

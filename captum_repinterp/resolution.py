@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from ._checks import check_grad_mode
 from .features import eval_mode
 from .inputs import reference_rows
 from .masking import mask_images, softmax_scores, upsample
@@ -267,6 +268,7 @@ def choose_heatmap_layer(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if max_images < n_images:
         raise ValueError(f"max_images must be >= n_images, got {max_images} < {n_images}")
+    check_grad_mode('heatmap_layer="auto" (the choice on the references)')
     if not isinstance(references, (Tensor, Dataset, DataLoader)):
         return ResolutionChoice(
             None, reason="fit was not given one image tensor, Dataset or DataLoader"
@@ -276,11 +278,16 @@ def choose_heatmap_layer(
         n = len(source)
     except TypeError:  # an iterable-style dataset: no random access
         return ResolutionChoice(None, reason="the references' dataset has no random access")
-    if n < 2:
+    pool = _rows_read(references, n)
+    if pool is None:
+        return ResolutionChoice(
+            None, reason="the DataLoader's sampler reads rows of its dataset it cannot list"
+        )
+    if len(pool) < 2:
         return ResolutionChoice(None, reason="fewer than two references to compare on")
     gen = torch.Generator().manual_seed(random_state)
-    order = torch.randperm(n, generator=gen)
-    cap = min(max_images, n)
+    order = pool[torch.randperm(len(pool), generator=gen)]
+    cap = min(max_images, len(pool))
     looks = [min(n_images, cap)]  # 16, 32, 64 by default
     while looks[-1] < cap:
         looks.append(min(2 * looks[-1], cap))
@@ -291,7 +298,7 @@ def choose_heatmap_layer(
     with eval_mode(forward_func, layer, warn=True):
         for size in looks:
             try:
-                images = reference_rows(source, order[done:size]).detach()
+                images = reference_rows(references, order[done:size]).detach()
             except (TypeError, ValueError, RuntimeError) as exc:
                 reason = f"the reference images could not be read ({exc})"
                 return ResolutionChoice(None, reason=reason)
@@ -350,9 +357,30 @@ def _score_both(
         for name, m in (("layer", at_layer), ("input", at_input)):
             scores = insertion_scores(forward_func, images, m, top, shares, baseline)
             per_image[name].append(scores.mean(1).cpu())
+    except torch.OutOfMemoryError:
+        raise  # not the model's nature: a choice kept for the whole fit must not hang on it
     except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
         return f"the maps could not be scored ({exc})"
     return ""
+
+
+def _rows_read(references: Tensor | Dataset | DataLoader, n: int) -> Tensor | None:
+    """The rows of the dataset (of ``n``) that ``fit`` read: all of them, the indices of
+    a DataLoader's ``SubsetRandomSampler`` or list sampler, None when a custom sampler
+    cannot say without drawing."""
+    if not isinstance(references, DataLoader) or references.batch_size is None:
+        return torch.arange(n)
+    sampler = references.sampler
+    if not isinstance(references.batch_sampler, BatchSampler):
+        return None
+    if isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n
+    ):
+        return torch.arange(n)
+    indices = getattr(sampler, "indices", sampler)  # SubsetRandomSampler, or a sequence
+    if isinstance(indices, (Sequence, Tensor)):
+        return torch.as_tensor(list(indices), dtype=torch.long).unique()
+    return None
 
 
 def input_better_p_value(at_input: Tensor, at_layer: Tensor) -> float:
