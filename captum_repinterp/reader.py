@@ -122,10 +122,16 @@ class LayerReader:
                 )
                 layout = LayerLayout.from_outputs(tensors, was_tuple)
                 if layout != self.layout:
+                    given = ", ".join(str(tuple(t.shape[1:])) for t in inputs_t)
+                    refs = (
+                        ", ".join(str(s) for s, _ in self.input_spec)
+                        if self.input_spec is not None
+                        else "?"
+                    )
                     raise ValueError(
-                        f"inputs: the layer's output for these inputs has shapes "
-                        f"{layout.shapes}, but the references gave {self.layout.shapes}; "
-                        "use inputs shaped like the references"
+                        f"inputs: examples of shape {given} give the layer shapes "
+                        f"{layout.shapes}, but the references (examples of shape {refs}) "
+                        f"gave {self.layout.shapes}; use inputs shaped like the references"
                     )
                 acts.append(tensors)
                 outs.append(out)

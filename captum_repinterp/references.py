@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from ._checks import check_choice
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
@@ -162,7 +162,11 @@ def fit_references(
     if append and store is None:
         raise ValueError("append=True needs a store path (store=...)")
     check_choice(cut_check, "cut_check", ("raise", "warn", "off"))
-    if isinstance(references, DataLoader) and not isinstance(references.sampler, SequentialSampler):
+    if (
+        isinstance(references, DataLoader)
+        and not isinstance(references.dataset, IterableDataset)  # read in its own order
+        and not isinstance(references.sampler, SequentialSampler)
+    ):
         warnings.warn(
             "references: the DataLoader does not read its dataset in order (shuffle=True "
             "or a sampler); member indices (similar, members) follow the order of this "

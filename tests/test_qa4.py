@@ -154,3 +154,53 @@ def test_a_tuple_of_one_tensor_is_that_tensor(tiny):
         torch.testing.assert_close(
             got, by_tensor.attribute(x[200:202], n_boundaries=10, heatmap_rule=rule)
         )
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __iter__(self):
+        return iter(self.x)
+
+
+def test_an_iterable_dataset_is_not_said_to_be_shuffled(tiny):
+    """A DataLoader over an iterable dataset reads it in its own order: no warning about
+    shuffling or samplers (the choice's own warning about random access stays)."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ri.fit(DataLoader(_Stream(x[:60]), batch_size=16), progress=False)
+    assert not [w for w in caught if "in order" in str(w.message)]
+    torch.testing.assert_close(ri.features_, _fit(model, x[:60]).features_)
+
+
+class _Pooled(torch.nn.Module):
+    """Any image size runs (global average pooling after the split layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_a_wrong_image_size_names_the_input_shapes(tiny):
+    _, x = tiny
+    model = _Pooled().eval()
+    with torch.no_grad():  # spread the predictions over the classes
+        h = model.head[:2](model.features(x[:60]))
+        y = torch.nn.functional.one_hot(torch.arange(60) % 3, 3).float()
+        sol = torch.linalg.lstsq(torch.cat([h, torch.ones(60, 1)], 1), y).solution
+        model.head[2].weight.copy_(sol[:-1].T)
+        model.head[2].bias.copy_(sol[-1])
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:60], progress=False)
+    small = torch.nn.functional.interpolate(x[:2], size=(8, 8))
+    with pytest.raises(ValueError, match=r"examples of shape \(1, 8, 8\).*\(1, 12, 12\)"):
+        ri.interpret(small[:1], heatmap_layer=None)
