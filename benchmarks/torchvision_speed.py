@@ -10,8 +10,8 @@ predictions spread over the 10 classes; N random RGB references, seed 0) one run
   their ratios;
 - peak memory (peak anonymous resident memory above the level before the step, sampled
   every 2 ms) of the fit and of the per-seed calls;
-- the heat maps: the one-off choice of ``heatmap_layer="auto"`` (seconds, and what it
-  chose), and one map of a seed's region on the seed drawn at the split layer and at the
+- the heat maps: the one-off choice of ``heatmap_layer="auto"`` (seconds, references
+  scored, and what it chose), and one map of a seed's region on the seed drawn at the split layer and at the
   input (best of 3; ``interpret`` itself draws no map), against ``LayerGradCam``;
 - where a seed's time goes: candidate boundaries (crossings, normals and, for affine
   heads, the exact class boundaries), the match of all references (packed signs), the
@@ -221,6 +221,7 @@ def run_config(spec: str, n_seeds: int, scorecam: bool) -> dict[str, object]:
         "purity": statistics.fmean(purity),
         "choice": t_choice,
         "chose": choice.heatmap_layer or "layer",
+        "scored": choice.n_images,
         "map_layer": map_t["layer"],
         "map_input": map_t["input"],
     }
@@ -289,12 +290,13 @@ def main() -> None:
         )
     print("\nheat maps (seconds; one map of a seed's region on the seed, best of 3)")
     print(
-        f"{'configuration':<34} {'auto choice':>11} {'chose':>6} {'at layer':>9} "
+        f"{'configuration':<34} {'auto choice':>11} {'refs':>4} {'chose':>6} {'at layer':>9} "
         f"{'at input':>9} {'x GC':>6}"
     )
     for r in results:
         print(
-            f"{r['spec']:<34} {r['choice']:>10.2f}s {r['chose']:>6} {r['map_layer']:>8.4f}s "
+            f"{r['spec']:<34} {r['choice']:>10.2f}s {r['scored']:>4} {r['chose']:>6} "
+            f"{r['map_layer']:>8.4f}s "
             f"{r['map_input']:>8.4f}s {r['map_input'] / r['gc']:>5.1f}x"
         )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
