@@ -226,6 +226,10 @@ class ClassAudit:
                 "sub-groups",
             ]
             lines += _table(header, rows)
+            lines.append(
+                "(size: the region's new members, of this class and in no earlier region; "
+                "inside: audited images of any class inside it)"
+            )
         return "\n".join(lines)
 
 

@@ -227,6 +227,13 @@ def _call_without_arguments(spec: str, name: str) -> Any:
     return fn()
 
 
+def _module_name(model: Any, layer: Any) -> str | None:
+    """``layer``'s qualified name in ``model`` (``"layer4"``, ``"features.7"``), or None."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return next((n for n, m in model.named_modules() if m is layer and n), None)
+
+
 def resolve_model(obj: Any) -> tuple[nn.Module, nn.Module, Callable | None]:
     """``(model, layer, head)`` from what a model factory returned.
 
@@ -748,6 +755,7 @@ def build_report(
             n_references=ri.n_references_,
             n_heldout=int(heldout.shape[0]),
             dim=ri.layout_.dim,
+            layer_name=_module_name(ri.forward_func, ri.layer),
             accuracy=accuracy,
             audited=[name(c) for c in audits],
             elapsed=time.perf_counter() - start,

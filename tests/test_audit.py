@@ -302,8 +302,9 @@ def test_repr_is_short_and_summary_is_a_table(fitted, result):
             f"class {ca.target}: {ca.indices.numel()} images, {len(ca.regions)} region"
         )
         assert block[1].split()[:6] == ["region", "seed", "size", "inside", "purity", "held-out"]
-        assert len(block) == 2 + len(ca.regions)
-        for i, (row, reg) in enumerate(zip(block[2:], ca.regions), 1):
+        assert len(block) == 3 + len(ca.regions)
+        assert block[-1].startswith("(size: the region's new members")
+        for i, (row, reg) in enumerate(zip(block[2:-1], ca.regions), 1):
             cells = row.split()
             assert cells[:4] == [str(i), str(reg.seed_index), str(reg.size), str(reg.n_inside)]
             assert float(cells[4]) == pytest.approx(reg.purity, abs=5e-4)

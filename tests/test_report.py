@@ -232,6 +232,8 @@ def test_report_intruders_labels_and_escaping(fitted, tmp_path):
     page = index.read_text()
     assert "<b>zero</b>" not in page and "&lt;b&gt;zero&lt;/b&gt;" in page  # autoescaped
     assert "one &amp; more" in page
+    name = next(n for n, m in model.named_modules() if m is model.features[-1])
+    assert f"split at\n<code>{name}</code>, a layer with D = {ri.layout_.dim} features" in page
     # model accuracy by hand
     ref_acc = float((ri.predictions_ == ref_labels).float().mean())
     held_preds = model(held).argmax(1)
