@@ -366,13 +366,18 @@ def _score_both(
 
 def _rows_read(references: Tensor | Dataset | DataLoader, n: int) -> Tensor | None:
     """The rows of the dataset (of ``n``) that ``fit`` read: all of them, the indices of
-    a DataLoader's ``SubsetRandomSampler`` or list sampler, None when a custom sampler
-    cannot say without drawing."""
+    a DataLoader's ``SubsetRandomSampler`` or list sampler (without the last partial
+    batch under ``drop_last=True`` when the order is fixed), None when a sampler cannot
+    say without drawing."""
     if not isinstance(references, DataLoader) or references.batch_size is None:
         return torch.arange(n)
     sampler = references.sampler
     if not isinstance(references.batch_sampler, BatchSampler):
         return None
+    if references.drop_last:
+        if not isinstance(sampler, SequentialSampler):
+            return None  # which rows the dropped batch held depends on the draw
+        return torch.arange(n - n % references.batch_size)
     if isinstance(sampler, SequentialSampler) or (
         isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n
     ):

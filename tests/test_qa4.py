@@ -204,3 +204,28 @@ def test_a_wrong_image_size_names_the_input_shapes(tiny):
     small = torch.nn.functional.interpolate(x[:2], size=(8, 8))
     with pytest.raises(ValueError, match=r"examples of shape \(1, 8, 8\).*\(1, 12, 12\)"):
         ri.interpret(small[:1], heatmap_layer=None)
+
+
+def test_auto_samples_only_rows_a_drop_last_loader_read(tiny, monkeypatch):
+    """With drop_last=True fit never read the last partial batch: the choice samples the
+    rows it read (in order), and with a shuffled loader, whose dropped rows depend on the
+    draw, keeps the split layer and says why."""
+    import captum_repinterp.resolution as res
+
+    model, x = tiny
+    seen: list[int] = []
+    real = res.reference_rows
+
+    def spy(references, rows, *args, **kwargs):
+        seen.extend(int(r) for r in rows)
+        return real(references, rows, *args, **kwargs)
+
+    monkeypatch.setattr(res, "reference_rows", spy)
+    loader = DataLoader(TensorDataset(x[:70]), batch_size=32, drop_last=True)
+    ri = _fit(model, loader)
+    assert ri.n_references_ == 64
+    _choice(ri)
+    assert seen and max(seen) < 64
+    shuffled = DataLoader(TensorDataset(x[:70]), batch_size=32, drop_last=True, shuffle=True)
+    choice = res.choose_heatmap_layer(model, model.features[-1], shuffled)
+    assert choice.heatmap_layer is None and "sampler" in choice.reason
