@@ -11,8 +11,9 @@ predictions spread over the 10 classes; N random RGB references, seed 0) one run
 - peak memory (peak anonymous resident memory above the level before the step, sampled
   every 2 ms) of the fit and of the per-seed calls;
 - the heat maps: the one-off choice of ``heatmap_layer="auto"`` (seconds, references
-  scored, and what it chose), and one map of a seed's region on the seed drawn at the split layer and at the
-  input (best of 3; ``interpret`` itself draws no map), against ``LayerGradCam``;
+  scored, and what it chose), and one map of a seed's region on the seed drawn at the
+  split layer and at the input (best of 3; ``interpret`` itself draws no map), against
+  ``LayerGradCam``;
 - where a seed's time goes: candidate boundaries (crossings, normals and, for affine
   heads, the exact class boundaries), the match of all references (packed signs), the
   greedy cover, and the rest (reading the seed, ranking members, the heat-map weights);
