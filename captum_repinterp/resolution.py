@@ -372,21 +372,23 @@ def _score_both(
 
 def _rows_read(references: Tensor | Dataset | DataLoader, n: int) -> Tensor | None:
     """The rows of the dataset (of ``n``) that ``fit`` read: all of them, the indices of
-    a DataLoader's ``SubsetRandomSampler`` or list sampler (without the last partial
+    a DataLoader's ``SubsetRandomSampler`` or list sampler (its own, or that of the
+    ``BatchSampler`` it was given as ``batch_sampler``; without the last partial
     batch under ``drop_last=True`` when the order is fixed), None when a sampler cannot
     say without drawing."""
-    if not isinstance(references, DataLoader) or references.batch_size is None:
+    # batch_sampler None: no batching, one item per dataset row
+    if not isinstance(references, DataLoader) or references.batch_sampler is None:
         return torch.arange(n)
-    sampler = references.sampler
-    if not isinstance(references.batch_sampler, BatchSampler):
+    batches = references.batch_sampler  # also when given as batch_sampler=
+    if not isinstance(batches, BatchSampler):
         return None
-    if references.drop_last:
-        if not isinstance(sampler, SequentialSampler):
-            return None  # which rows the dropped batch held depends on the draw
-        return torch.arange(n - n % references.batch_size)
-    if isinstance(sampler, SequentialSampler) or (
-        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n
-    ):
+    sampler = batches.sampler
+    if isinstance(sampler, SequentialSampler):
+        m = min(n, len(sampler))
+        return torch.arange(m - m % batches.batch_size if batches.drop_last else m)
+    if batches.drop_last:
+        return None  # which rows the dropped batch held depends on the draw
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n:
         return torch.arange(n)
     indices = getattr(sampler, "indices", sampler)  # SubsetRandomSampler, or a sequence
     if isinstance(indices, (Sequence, Tensor, np.ndarray)):

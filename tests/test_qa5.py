@@ -1,6 +1,7 @@
 """Regression tests for the auto choice's one-pass maps (a layer that gives a one-tensor
-tuple, a choice made under ``torch.no_grad()``), the rows a NumPy-indexed sampler read,
-and the side-by-side figure's checks of its arguments."""
+tuple, a choice made under ``torch.no_grad()``), the rows a NumPy-indexed sampler or a
+loader's ``batch_sampler`` read (with its ``collate_fn``), and the side-by-side figure's
+checks of its arguments."""
 
 import warnings
 
@@ -118,3 +119,33 @@ def test_comparison_checks_titles_bad_and_empty_images():
     with pytest.raises(ValueError, match="images"):
         plot_comparison(images[:0], {"RI": maps["RI"][:0]})
     plot_comparison(images, maps, titles=["a", "b", "c"], bad=[False, True, False])
+
+
+def test_auto_reads_a_loader_given_a_batch_sampler_as_fit_did(tiny):
+    """A DataLoader built with ``batch_sampler=`` (its ``batch_size`` is None) still
+    collates with its ``collate_fn`` and reads only its batch sampler's rows; the choice
+    equals the one on the tensor of those references."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    model, x = tiny
+    refs = x[:60]
+    expected = choose_heatmap_layer(model, model.features[-1], refs)
+    mean, std = 0.3, 2.0
+    raw = TensorDataset(refs * std + mean, torch.zeros(60))
+
+    def scale(items):
+        return (torch.stack([im for im, _ in items]) - mean) / std, None
+
+    others = TensorDataset(torch.cat([refs, 5 * torch.randn(240, *refs.shape[1:])]))
+    rows = SubsetRandomSampler(range(60), generator=torch.Generator().manual_seed(0))
+    for given in (
+        DataLoader(
+            raw, batch_sampler=BatchSampler(SequentialSampler(raw), 16, False), collate_fn=scale
+        ),
+        DataLoader(others, batch_sampler=BatchSampler(rows, 8, False)),
+    ):
+        got = choose_heatmap_layer(model, model.features[-1], given)
+        assert got.scores, got.reason
+        assert got.heatmap_layer == expected.heatmap_layer and got.n_images == expected.n_images
+        assert got.scores == pytest.approx(expected.scores, abs=1e-6)
+        assert got.p_value == pytest.approx(expected.p_value)
