@@ -192,7 +192,9 @@ def _predict(interpretation: Interpretation, images: Tensor) -> list[int] | None
 
 def _reference_rows(references: Any, indices: Tensor) -> Tensor:
     """Rows ``indices`` of a reference tensor, Dataset or DataLoader (its dataset)."""
-    if isinstance(references, DataLoader) and not isinstance(references.sampler, SequentialSampler):
+    if isinstance(references, DataLoader) and not isinstance(
+        getattr(references.batch_sampler, "sampler", references.sampler), SequentialSampler
+    ):
         raise ValueError(
             "reference_images: this DataLoader does not read its dataset in order "
             "(shuffle=True or a sampler), so member indices cannot be mapped to images; "

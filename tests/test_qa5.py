@@ -149,3 +149,21 @@ def test_auto_reads_a_loader_given_a_batch_sampler_as_fit_did(tiny):
         assert got.heatmap_layer == expected.heatmap_layer and got.n_images == expected.n_images
         assert got.scores == pytest.approx(expected.scores, abs=1e-6)
         assert got.p_value == pytest.approx(expected.p_value)
+
+
+def test_a_shuffled_batch_sampler_is_said_to_be_out_of_order(tiny):
+    """A DataLoader given ``batch_sampler=`` over a RandomSampler reads its dataset out of
+    order (its own ``sampler`` is then a SequentialSampler): fit warns as for
+    ``shuffle=True``, and reference images are not mapped by member index."""
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from captum_repinterp.visualization import _reference_rows
+
+    model, x = tiny
+    shuffled = RandomSampler(range(60), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x[:60]), batch_sampler=BatchSampler(shuffled, 8, False))
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    with pytest.warns(UserWarning, match="does not read its dataset in order"):
+        ri.fit(loader, progress=False)
+    with pytest.raises(ValueError, match="reference_images"):
+        _reference_rows(loader, torch.tensor([0, 1]))
