@@ -176,7 +176,7 @@ def reference_rows(references: Any, indices: Tensor, name: str = "references") -
     """
     collate = default_collate
     if isinstance(references, DataLoader):
-        if references.batch_size is not None:  # else its items are batches already
+        if references.batch_sampler is not None:  # else its items are batches already
             collate = references.collate_fn
         references = references.dataset
     if not isinstance(references, (Tensor, Dataset)):

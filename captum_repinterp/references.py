@@ -165,7 +165,10 @@ def fit_references(
     if (
         isinstance(references, DataLoader)
         and not isinstance(references.dataset, IterableDataset)  # read in its own order
-        and not isinstance(references.sampler, SequentialSampler)
+        # the sampler of a batch_sampler= given in place of one
+        and not isinstance(
+            getattr(references.batch_sampler, "sampler", references.sampler), SequentialSampler
+        )
     ):
         warnings.warn(
             "references: the DataLoader does not read its dataset in order (shuffle=True "

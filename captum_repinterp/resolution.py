@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
@@ -146,22 +147,27 @@ def margin_maps(
             raise TypeError(f"the split layer gives a {type(t).__name__}, not a tensor")
         seen.append(t)
         # what runs after the layer gets a copy, so that an in-place operation there
-        # (a ReLU(inplace=True)) cannot change the tensor the gradient is taken at
-        return t.clone()
+        # (a ReLU(inplace=True)) cannot change the tensor the gradient is taken at;
+        # a one-tensor tuple (list) stays one
+        copy = t.clone()
+        if isinstance(tensors, (tuple, list)):
+            return [copy] if isinstance(tensors, list) else (copy,)
+        return copy
 
     if attribute_to_layer_input:
-        handle = layer.register_forward_pre_hook(lambda module, args: (keep(args),))
+        handle = layer.register_forward_pre_hook(lambda module, args: keep(args))
     else:
         handle = layer.register_forward_hook(lambda module, inp, out: keep(out))
     x = images.detach().clone().requires_grad_(True)
-    try:
-        margin = _margin_function(forward_func, top, runner_up)(x)
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise ValueError("layer: expected the layer to run once per forward pass")
-    act = seen[0]
-    grad_x, grad_act = torch.autograd.grad(margin.sum(), (x, act))
+    with torch.enable_grad():  # also under torch.no_grad()
+        try:
+            margin = _margin_function(forward_func, top, runner_up)(x)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise ValueError("layer: expected the layer to run once per forward pass")
+        act = seen[0]
+        grad_x, grad_act = torch.autograd.grad(margin.sum(), (x, act))
     return (
         (grad_act * act).detach().sum(dim=1, keepdim=True).clamp_min(0),
         (grad_x * x).detach().sum(dim=1, keepdim=True).clamp_min(0),
@@ -366,24 +372,26 @@ def _score_both(
 
 def _rows_read(references: Tensor | Dataset | DataLoader, n: int) -> Tensor | None:
     """The rows of the dataset (of ``n``) that ``fit`` read: all of them, the indices of
-    a DataLoader's ``SubsetRandomSampler`` or list sampler (without the last partial
+    a DataLoader's ``SubsetRandomSampler`` or list sampler (its own, or that of the
+    ``BatchSampler`` it was given as ``batch_sampler``; without the last partial
     batch under ``drop_last=True`` when the order is fixed), None when a sampler cannot
     say without drawing."""
-    if not isinstance(references, DataLoader) or references.batch_size is None:
+    # batch_sampler None: no batching, one item per dataset row
+    if not isinstance(references, DataLoader) or references.batch_sampler is None:
         return torch.arange(n)
-    sampler = references.sampler
-    if not isinstance(references.batch_sampler, BatchSampler):
+    batches = references.batch_sampler  # also when given as batch_sampler=
+    if not isinstance(batches, BatchSampler):
         return None
-    if references.drop_last:
-        if not isinstance(sampler, SequentialSampler):
-            return None  # which rows the dropped batch held depends on the draw
-        return torch.arange(n - n % references.batch_size)
-    if isinstance(sampler, SequentialSampler) or (
-        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n
-    ):
+    sampler = batches.sampler
+    if isinstance(sampler, SequentialSampler):
+        m = min(n, len(sampler))
+        return torch.arange(m - m % batches.batch_size if batches.drop_last else m)
+    if batches.drop_last:
+        return None  # which rows the dropped batch held depends on the draw
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n:
         return torch.arange(n)
     indices = getattr(sampler, "indices", sampler)  # SubsetRandomSampler, or a sequence
-    if isinstance(indices, (Sequence, Tensor)):
+    if isinstance(indices, (Sequence, Tensor, np.ndarray)):
         return torch.as_tensor(list(indices), dtype=torch.long).unique()
     return None
 

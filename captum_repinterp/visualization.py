@@ -192,7 +192,9 @@ def _predict(interpretation: Interpretation, images: Tensor) -> list[int] | None
 
 def _reference_rows(references: Any, indices: Tensor) -> Tensor:
     """Rows ``indices`` of a reference tensor, Dataset or DataLoader (its dataset)."""
-    if isinstance(references, DataLoader) and not isinstance(references.sampler, SequentialSampler):
+    if isinstance(references, DataLoader) and not isinstance(
+        getattr(references.batch_sampler, "sampler", references.sampler), SequentialSampler
+    ):
         raise ValueError(
             "reference_images: this DataLoader does not read its dataset in order "
             "(shuffle=True or a sampler), so member indices cannot be mapped to images; "
@@ -430,15 +432,23 @@ def plot_comparison(
     Raises
     ------
     ValueError
-        When an attribution has another number of rows than ``images``, or ``scale`` is
-        not ``"image"`` or ``"column"``.
+        When ``images`` is empty, an attribution has another number of rows than
+        ``images`` or NaN or infinite values, ``titles`` or ``bad`` another length, or
+        ``scale`` is not ``"image"`` or ``"column"``.
     """
     if scale not in ("image", "column"):
         raise ValueError(f'scale must be "image" or "column", got {scale!r}')
     n = images.shape[0]
+    if n == 0:
+        raise ValueError("images is empty")
+    for arg, values in (("titles", titles), ("bad", bad)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{arg} has {len(values)} entries for {n} images")
     for name, attr in attributions.items():
         if attr.shape[0] != n:
             raise ValueError(f"attributions[{name!r}] has {attr.shape[0]} rows for {n} images")
+        if not bool(torch.isfinite(attr).all()):
+            raise ValueError(f"attributions[{name!r}] has NaN or infinite values")
     cols = 1 + len(attributions)
     fig = Figure(
         figsize=(panel_size * cols + 0.4, panel_size * n * 1.15 + 1.4), layout="constrained"
