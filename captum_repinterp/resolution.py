@@ -327,13 +327,16 @@ def choose_heatmap_layer(
             if input_better_p_value(at_layer, at_input) < level:
                 verdict = "the split layer's maps score higher"
                 break
+    if chosen is None and 0.5**done >= level:  # the smallest p the exact test can give
+        verdict = "too few references to decide on: the split layer is kept"
     scores = {"layer": float(at_layer.mean()), "input": float(at_input.mean())}
+    at = f"at each of {len(looks)} looks" if len(looks) > 1 else "at one look"
     return ResolutionChoice(
         chosen,
         scores,
         done,
         reason=f"insertion score on {done} references: {verdict} (one-sided Wilcoxon "
-        f"p = {p_value:.2g} for the input; level {level:.2g} at each of {len(looks)} looks)",
+        f"p = {p_value:.2g} for the input; level {level:.2g} {at})",
         p_value=p_value,
     )
 

@@ -356,3 +356,14 @@ def test_looks_stop_at_the_references_and_bad_sizes_are_refused(monkeypatch):
             choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(40), **kw)
     one = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(1))
     assert one.heatmap_layer is None and "fewer than two" in one.reason
+
+
+def test_too_few_references_say_so(monkeypatch):
+    """With 4 references the exact test's smallest p (1/16) is above 0.05: the reason
+    says the references are too few, not that the maps tie."""
+    _fake_scores(monkeypatch, 0.3)
+    choice = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(4))
+    assert choice.heatmap_layer is None and choice.n_images == 4
+    assert "too few references to decide on" in choice.reason and "at one look" in choice.reason
+    many = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(6))
+    assert many.heatmap_layer == "input"  # 1/64 < 0.05 at one look
