@@ -238,8 +238,8 @@ def test_inputs_of_another_size_through_an_adaptive_model(tiny):
     big = nn.functional.interpolate(x[200:201], size=16)
     with pytest.raises(
         ValueError,
-        match=r"inputs: the layer's output .*\(8, 8, 8\).*"
-        r"references gave \(\(8, 6, 6\),\)",
+        match=r"inputs: examples of shape \(1, 16, 16\) give the layer shapes .*\(8, 8, 8\).*"
+        r"references \(examples of shape \(1, 12, 12\)\) gave \(\(8, 6, 6\),\)",
     ):
         ri.attribute(big, n_boundaries=NB)
 
