@@ -365,6 +365,8 @@ def _score_both(
             return "the split layer has no spatial layout"
         for name, m in (("layer", at_layer), ("input", at_input)):
             scores = insertion_scores(forward_func, images, m, top, shares, baseline)
+            if not bool(torch.isfinite(scores).all()):
+                return "the model's scores on the masked references are not finite"
             per_image[name].append(scores.mean(1).cpu())
     except torch.OutOfMemoryError:
         raise  # not the model's nature: a choice kept for the whole fit must not hang on it

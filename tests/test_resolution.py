@@ -367,3 +367,25 @@ def test_too_few_references_say_so(monkeypatch):
     assert "too few references to decide on" in choice.reason and "at one look" in choice.reason
     many = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(6))
     assert many.heatmap_layer == "input"  # 1/64 < 0.05 at one look
+
+
+def test_non_finite_scores_keep_the_split_layer_and_say_why(tiny):
+    """A model whose outputs on masked images are NaN gives no p-value to decide on: the
+    choice keeps the split layer with a reason (so the explainer warns), not p = nan."""
+    model, x = tiny
+
+    class NanOnMasked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+            self.features = model.features
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            out = self.m(z)
+            masked = (z == 0).flatten(1).any(1)  # insertion sets pixels to 0
+            return torch.where(masked[:, None], torch.full_like(out, float("nan")), out)
+
+    net = NanOnMasked().eval()
+    choice = choose_heatmap_layer(net, net.features[-1], x[:40] + 10.0)
+    assert choice.heatmap_layer is None and not choice.scores
+    assert "not finite" in choice.reason
