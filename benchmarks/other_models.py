@@ -7,11 +7,13 @@ digits, 10 classes, 20 seeds, k = 10): the bundled ``SmallCNN`` trained with oth
 and a CNN whose head is global average pooling and one linear layer (``pooled``, seeds 0
 and 1), a head of another kind. For each it prints what ``heatmap_layer="auto"`` chose
 (references scored, p-value) and mAD / mAI at keep 20% and 50% of the default (``ri``),
-of the same rule at the split layer (``ri@layer``) and of the four baselines, on the
-protocol of ``benchmarks/evaluate.py``. With 2 seeds per class the bootstrap intervals
-are not computed (see ``docs/evaluation_notes.md``), so these are point values.
+of the same rule at the split layer (``ri@layer``), of two other rules
+(``elementwise-positive`` at the input, ``region-members`` at the split layer) and of
+the four baselines, on the protocol of ``benchmarks/evaluate.py``. With 2 seeds per
+class the bootstrap intervals are not computed (see ``docs/evaluation_notes.md``), so
+these are point values.
 
-Run (about 6 minutes on one thread)::
+Run (about 10 minutes on one thread)::
 
     OMP_NUM_THREADS=1 python benchmarks/other_models.py
 """
@@ -77,7 +79,11 @@ def run(name: str, setup: Setup) -> None:
     cfg.no_reuse = cfg.sanity = cfg.fidelity = cfg.layer_sweep = False
     cfg.heatmap_layer_rules = ()
     rule = cfg.ri_kwargs["heatmap_rule"]
-    cfg.ri_variants = {"ri@layer": {"heatmap_rule": rule, "heatmap_layer": None}}
+    cfg.ri_variants = {
+        "ri@layer": {"heatmap_rule": rule, "heatmap_layer": None},
+        "positive@input": {"heatmap_rule": "elementwise-positive", "heatmap_layer": "input"},
+        "region-members": {"heatmap_rule": "region-members", "heatmap_layer": None},
+    }
     setup.heatmap_layers = []
     start = time.perf_counter()
     result = evaluate_setup(setup, cfg)
@@ -90,7 +96,7 @@ def run(name: str, setup: Setup) -> None:
     keeps = result["reuse"]["keep"]
     print("| method | " + " | ".join(f"keep {float(k):.0%}" for k in keeps) + " |")
     print("|---|" + "---|" * len(keeps))
-    for m in ("ri", "ri@layer", *BASELINES):
+    for m in ("ri", "ri@layer", "positive@input", "region-members", *BASELINES):
         cells = [keeps[k]["metrics"][m] for k in keeps]
         print(f"| {m} | " + " | ".join(f"{c['mAD']:.3f} / {c['mAI']:.3f}" for c in cells) + " |")
 
