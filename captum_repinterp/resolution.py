@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from ._checks import check_grad_mode
+from ._checks import check_grad_mode, check_int
 from .features import eval_mode
 from .inputs import reference_rows
 from .masking import mask_images, softmax_scores, upsample
@@ -269,9 +269,7 @@ def choose_heatmap_layer(
         When ``n_images`` or ``max_images`` is not a positive int, or
         ``max_images < n_images``.
     """
-    for value, name in ((n_images, "n_images"), (max_images, "max_images")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    n_images, max_images = check_int(n_images, "n_images"), check_int(max_images, "max_images")
     if max_images < n_images:
         raise ValueError(f"max_images must be >= n_images, got {max_images} < {n_images}")
     check_grad_mode('heatmap_layer="auto" (the choice on the references)')
