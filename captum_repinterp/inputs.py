@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, default_collate
 
 from ._captum_compat import _format_tensor_into_tuples
 from ._checks import check_int
@@ -161,6 +161,12 @@ def _first_element(item: Any) -> Any:
     if isinstance(item, dict):
         raise TypeError("references: dict batches are not supported; yield (inputs, ...) tuples")
     raise TypeError(f"references: cannot read inputs from a {type(item).__name__}")
+
+
+def reads_in_order(loader: DataLoader) -> bool:
+    """Whether ``loader`` reads its dataset's rows in order: its sampler (or that of the
+    ``batch_sampler`` given in place of one) is a ``SequentialSampler``."""
+    return isinstance(getattr(loader.batch_sampler, "sampler", loader.sampler), SequentialSampler)
 
 
 def reference_rows(references: Any, indices: Tensor, name: str = "references") -> Tensor:

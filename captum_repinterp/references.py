@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset
 
 from ._checks import check_choice
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
@@ -36,7 +36,7 @@ from .features import (
     model_device,
 )
 from .heads import make_head
-from .inputs import InputSpec, all_finite
+from .inputs import InputSpec, all_finite, reads_in_order
 from .layers import nonlinear_ops_after, nonlinear_ops_in
 from .projection import (
     AffineHead,
@@ -165,10 +165,7 @@ def fit_references(
     if (
         isinstance(references, DataLoader)
         and not isinstance(references.dataset, IterableDataset)  # read in its own order
-        # the sampler of a batch_sampler= given in place of one
-        and not isinstance(
-            getattr(references.batch_sampler, "sampler", references.sampler), SequentialSampler
-        )
+        and not reads_in_order(references)
     ):
         warnings.warn(
             "references: the DataLoader does not read its dataset in order (shuffle=True "

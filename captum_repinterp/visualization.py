@@ -30,9 +30,9 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 from captum.attr import visualization as viz
 from matplotlib.figure import Figure
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
-from .inputs import check_against_references, reference_rows
+from .inputs import check_against_references, reads_in_order, reference_rows
 from .interpretation import Interpretation
 
 __all__ = [
@@ -192,9 +192,7 @@ def _predict(interpretation: Interpretation, images: Tensor) -> list[int] | None
 
 def _reference_rows(references: Any, indices: Tensor) -> Tensor:
     """Rows ``indices`` of a reference tensor, Dataset or DataLoader (its dataset)."""
-    if isinstance(references, DataLoader) and not isinstance(
-        getattr(references.batch_sampler, "sampler", references.sampler), SequentialSampler
-    ):
+    if isinstance(references, DataLoader) and not reads_in_order(references):
         raise ValueError(
             "reference_images: this DataLoader does not read its dataset in order "
             "(shuffle=True or a sampler), so member indices cannot be mapped to images; "
