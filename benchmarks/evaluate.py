@@ -2,8 +2,11 @@
 
 Usage::
 
-    python benchmarks/evaluate.py [--setups mnist faces digits] [--out DIR] [--quick]
+    python benchmarks/evaluate.py [--setups mnist faces digits ...] [--out DIR] [--quick]
                                   [--keep 0.2 0.5] [--update-docs]
+
+By default every setup runs: the three bundled ones and the four check setups on which,
+with them, the default heat map is chosen (``docs/choices.md``).
 
 Writes ``results.json`` and ``evaluation.md`` to ``--out`` (default
 ``benchmarks/out/evaluation``) and prints where. Only with ``--update-docs`` are they
@@ -24,14 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from captum_repinterp.evaluation import SETUPS, run_evaluation  # noqa: E402
+from captum_repinterp.evaluation import ALL_SETUPS, run_evaluation  # noqa: E402
 
 DOCS = ROOT / "docs"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
+    parser.add_argument("--setups", nargs="+", choices=ALL_SETUPS, default=list(ALL_SETUPS))
     parser.add_argument(
         "--out",
         default=str(ROOT / "benchmarks" / "out" / "evaluation"),

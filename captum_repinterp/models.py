@@ -53,6 +53,10 @@ class SmallCNN(nn.Module):
         features[2]: Conv2d(16, 32, 3, padding=1) - ReLU  (no pooling)     -> 32 x 7 x 7
         head:        Flatten - Linear(32 * 7 * 7, 64) - ReLU - Linear(64, n_classes)
 
+    With ``head="pooled"`` the head is global average pooling and one linear layer,
+    ``AdaptiveAvgPool2d(1) - Flatten - Linear(32, n_classes)``, the head of the torchvision
+    classifiers (ResNets, DenseNets, EfficientNets).
+
     The narrow early blocks keep training fast on a CPU (most of the cost is in the
     convolutions at full resolution), while the interpreted layer ``features[-1]`` still
     has 32 channels.  The head is piecewise linear, so ``model.features[-1]`` can be
@@ -70,6 +74,13 @@ class SmallCNN(nn.Module):
         Output channels of the three convolutional blocks.
     hidden : int, default 64
         Width of the hidden linear layer of the head.
+    head : {"flatten", "pooled"}, default "flatten"
+        The head: flatten and two linear layers, or global average pooling and one.
+
+    Raises
+    ------
+    ValueError
+        If ``image_size`` is not divisible by 4 or ``head`` is not one of the two.
     """
 
     def __init__(
@@ -79,10 +90,13 @@ class SmallCNN(nn.Module):
         image_size: int = 28,
         channels: tuple[int, int, int] = (8, 16, 32),
         hidden: int = 64,
+        head: str = "flatten",
     ) -> None:
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size must be divisible by 4, got {image_size}")
+        if head not in ("flatten", "pooled"):
+            raise ValueError(f'head must be "flatten" or "pooled", got {head!r}')
         c1, c2, c3 = channels
         self.features = nn.Sequential(
             nn.Sequential(nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
@@ -90,6 +104,11 @@ class SmallCNN(nn.Module):
             nn.Sequential(nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU()),
         )
         side = image_size // 4
+        if head == "pooled":
+            self.head = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c3, n_classes)
+            )
+            return
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(c3 * side * side, hidden),
@@ -137,6 +156,8 @@ def train_small_cnn(
     cache: bool = True,
     n_classes: int | None = None,
     max_shift: int = 1,
+    channels: tuple[int, int, int] = (8, 16, 32),
+    head: str = "flatten",
 ) -> SmallCNN:
     """Train a :class:`SmallCNN` deterministically on the CPU (or load it from the cache).
 
@@ -170,6 +191,10 @@ def train_small_cnn(
     max_shift : int, default 1
         Training images are translated by a random integer offset in
         ``[-max_shift, max_shift]`` pixels along each axis (0 switches this off).
+    channels : tuple of int, default (8, 16, 32)
+        Output channels of the three convolutional blocks (:class:`SmallCNN`).
+    head : {"flatten", "pooled"}, default "flatten"
+        The head (:class:`SmallCNN`).
 
     Returns
     -------
@@ -199,8 +224,19 @@ def train_small_cnn(
         "threads": 1,
     }
 
+    if tuple(channels) != (8, 16, 32) or head != "flatten":
+        # only in the key when not the defaults, so the cached default models keep theirs
+        config["channels"] = [int(c) for c in channels]
+        config["head"] = str(head)
+
     def build() -> SmallCNN:
-        return SmallCNN(config["in_channels"], config["n_classes"], config["image_size"])
+        return SmallCNN(
+            config["in_channels"],
+            config["n_classes"],
+            config["image_size"],
+            channels=tuple(channels),
+            head=head,
+        )
 
     path = None
     if cache:

@@ -407,3 +407,76 @@ def test_choose_default_breaks_a_tie_by_the_current_defaults_rule(monkeypatch):
             part["comparisons"] += [{**c, "ri": name, "win_AD": True} for c in base]
         sel = selection.choose_default(rep)
         assert sel["default"] == "m@auto", order
+
+
+def _two_setup_report(choices, outcomes):
+    """Setups ``s0``, ``s1``, ... where ``"auto"`` chose ``choices[i]`` (``"input"`` or None),
+    configs ``ri[a]`` (rule a at the split layer), ``ri[b@input]``, ``ri[a@input]``;
+    ``outcomes[setup][config]`` is the (win_AD, win_AI) of the only keep share."""
+    setups = {}
+    for i, choice in enumerate(choices):
+        name = f"s{i}"
+        comps = [{"ri": ri, "baseline": "scorecam", "dAD": -0.1, "dAD_ci": [-0.2, -0.05],
+                  "dAI": 0.1, "dAI_ci": [0.05, 0.2], "estimable": True,
+                  "win_AD": wad, "win_AI": wai}
+                 for ri, (wad, wai) in outcomes[name].items()]  # fmt: skip
+        metrics = {ri: {"mAD": 0.2, "mAI": 0.3} for ri in outcomes[name]}
+        metrics["scorecam"] = {"mAD": 0.25, "mAI": 0.25}
+        cfg = {"forward_passes": "0", "cost_per_channel": 0, "named_layer": False}
+        setups[name] = {
+            "methods": [*outcomes[name], "scorecam"],
+            "ri_configs": {
+                "ri[a]": {**cfg, "heatmap_rule": "a", "heatmap_layer": None},
+                "ri[b@input]": {**cfg, "heatmap_rule": "b", "heatmap_layer": "input"},
+                "ri[a@input]": {**cfg, "heatmap_rule": "a", "heatmap_layer": "input"},
+            },
+            "heatmap_resolution": {"heatmap_layer": choice},
+            "reuse": {"keep": {"0.2": {"metrics": metrics, "comparisons": comps}}},
+        }
+    return {"setups": setups}
+
+
+def test_choose_default_pairs_take_the_cells_of_the_resolution_auto_chose():
+    """A pair for ``"auto"`` (a at the split layer, b at the input) has, on each setup,
+    the cells of the config ``"auto"`` would have drawn: a's where the layer was kept,
+    b@input's where the input was chosen; a pair of one rule is not added."""
+    outcomes = {
+        "s0": {"ri[a]": (True, True), "ri[b@input]": (False, False), "ri[a@input]": (None, None)},
+        "s1": {"ri[a]": (False, False), "ri[b@input]": (True, None), "ri[a@input]": (None, None)},
+    }
+    sel = choose_default(_two_setup_report([None, "input"], outcomes), max_cost_per_channel=0)
+    rows = {r["rule"]: r for r in sel["ranking"]}
+    assert "a/b@auto" in rows and "b/a@auto" not in rows  # b is not run at the split layer
+    assert "a/a@auto" not in rows and "a@auto" not in rows
+    pair = rows["a/b@auto"]
+    assert (pair["wins"], pair["losses"], pair["ties"]) == (3, 0, 1)
+    assert (pair["heatmap_rule"], pair["heatmap_layer"], pair["input_rule"]) == ("a", "auto", "b")
+    cells = [c for c in sel["cells"] if c["candidate"] == "ri[a/b@auto]"]
+    assert {(c["setup"], c["source"]) for c in cells} == {("s0", "ri[a]"), ("s1", "ri[b@input]")}
+    assert sel["default"] == "a/b@auto"
+    assert (sel["default_rule"], sel["default_layer"], sel["default_input_rule"]) == (
+        "a", "auto", "b")  # fmt: skip
+    # the same outcomes with the choices swapped: the pair now has the other cells
+    sel = choose_default(_two_setup_report(["input", None], outcomes), max_cost_per_channel=0)
+    pair = next(r for r in sel["ranking"] if r["rule"] == "a/b@auto")
+    assert (pair["wins"], pair["losses"], pair["ties"]) == (0, 4, 0)
+
+
+def test_choose_default_ranks_by_wins_minus_losses():
+    """Three wins and two losses rank below two wins and no loss (by wins first they
+    would not)."""
+    tie = (None, None)
+    outcomes = {
+        "s0": {"ri[a]": (True, True), "ri[b@input]": (True, True), "ri[a@input]": tie},
+        "s1": {"ri[a]": (True, False), "ri[b@input]": tie, "ri[a@input]": tie},
+        "s2": {"ri[a]": (False, None), "ri[b@input]": tie, "ri[a@input]": tie},
+    }
+    report = _two_setup_report(["input"] * 3, outcomes)
+    sel = choose_default(report, max_cost_per_channel=0)
+    rows = {r["rule"]: r for r in sel["ranking"]}
+    assert (rows["a"]["wins"], rows["a"]["losses"]) == (3, 2)
+    assert (rows["b@input"]["wins"], rows["b@input"]["losses"]) == (2, 0)
+    order = [r["rule"] for r in sel["ranking"]]
+    assert order.index("b@input") < order.index("a")
+    # auto chose the input everywhere, so the pair a/b@auto has b@input's cells
+    assert order.index("a/b@auto") < order.index("a")

@@ -53,6 +53,45 @@ def test_small_cnn_options() -> None:
     assert model(torch.rand(2, 3, 16, 16)).shape == (2, 4)
     with pytest.raises(ValueError):
         SmallCNN(image_size=30)
+    with pytest.raises(ValueError, match="head"):
+        SmallCNN(head="dense")
+
+
+def test_small_cnn_pooled_head_averages_each_channel() -> None:
+    """``head="pooled"``: the logits are the linear layer of each channel's mean (a
+    hand computation), so moving the features around within a channel changes nothing."""
+    torch.manual_seed(0)
+    model = SmallCNN(channels=(4, 8, 6), head="pooled").eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        feats = model.features(x)
+        lin = model.head[-1]
+        expected = feats.mean(dim=(2, 3)) @ lin.weight.T + lin.bias
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        assert torch.allclose(model.head(feats.flip(-1)), model.head(feats), atol=1e-6)
+
+
+def test_training_cache_keys_the_head(
+    digits_subset: tuple[torch.Tensor, torch.Tensor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAPTUM_REPINTERP_CACHE", str(tmp_path))
+    x, y = digits_subset
+    flat = train_small_cnn(x, y, seed=0, epochs=1, batch_size=32)
+    pooled = train_small_cnn(
+        x, y, seed=0, epochs=1, batch_size=32, head="pooled", channels=(4, 8, 8)
+    )
+    assert (
+        isinstance(pooled.head[0], nn.AdaptiveAvgPool2d)
+        and pooled.features[-1][0].out_channels == 8
+    )
+    assert isinstance(flat.head[0], nn.Flatten)
+    assert len(list((tmp_path / "models").glob("*.pt"))) == 2
+    again = train_small_cnn(
+        x, y, seed=0, epochs=1, batch_size=32, head="pooled", channels=(4, 8, 8)
+    )
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in pooled.state_dict().items())
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,11 @@ from .protocol import (
     randomise,
 )
 from .selection import choose_default
-from .setups import SETUPS, load_setup, markdown_report, run_evaluation
+from .setups import ALL_SETUPS, CHECK_SETUPS, SETUPS, load_setup, markdown_report, run_evaluation
 
 __all__ = [
+    "ALL_SETUPS",
+    "CHECK_SETUPS",
     "SETUPS",
     "ChannelWeightMethod",
     "EvalConfig",

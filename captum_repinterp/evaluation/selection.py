@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..options import DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE
+from ..options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, INPUT
 
 __all__ = ["CURRENT_DEFAULT", "best_baseline", "choose_default", "candidate_name"]
 
@@ -26,9 +26,15 @@ __all__ = ["CURRENT_DEFAULT", "best_baseline", "choose_default", "candidate_name
 CURRENT_DEFAULT: tuple[str, str | None] = (DEFAULT_HEATMAP_RULE, DEFAULT_HEATMAP_LAYER)
 
 
-def candidate_name(rule: str, layer: str | None) -> str:
-    """``rule`` at the split layer, ``rule@input`` / ``rule@auto`` elsewhere."""
-    return rule if layer is None else f"{rule}@{layer}"
+def candidate_name(rule: str, layer: str | None, input_rule: str | None = None) -> str:
+    """``rule`` at the split layer, ``rule@input`` / ``rule@auto`` elsewhere; a pair for
+    ``"auto"`` (``rule`` where it keeps the split layer, ``input_rule`` where it draws at
+    the input) is ``rule/input_rule@auto``."""
+    if layer is None:
+        return rule
+    if input_rule is not None and input_rule != rule:
+        return f"{rule}/{input_rule}@{layer}"
+    return f"{rule}@{layer}"
 
 
 _BETTER = {"mAD": -1.0, "mAI": 1.0}
@@ -74,7 +80,8 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
         for name, desc in res.get("ri_configs", {}).items():
             if desc.get("named_layer", desc["heatmap_layer"] is not None):
                 continue
-            key = (desc["heatmap_rule"], desc["heatmap_layer"])
+            rule, layer = desc["heatmap_rule"], desc["heatmap_layer"]
+            key = (rule, layer, None if layer is None else rule)
             if key not in {c["key"] for c in candidates.values()}:
                 candidates[name] = {
                     "key": key,
@@ -82,6 +89,56 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
                     "cost_per_channel": desc["cost_per_channel"],
                     "forward_passes": desc["forward_passes"],
                 }
+    cells = _cells(setups, candidates)
+    cells += _pair_cells(setups, candidates)
+    ranking = []
+    for name, c in candidates.items():
+        mine = [x["outcome"] for x in cells if x["candidate"] == name]
+        ranking.append(
+            {
+                "config": name,
+                "rule": c["rule"],
+                "heatmap_rule": c["key"][0],
+                "heatmap_layer": c["key"][1],
+                "input_rule": c["key"][2],
+                "wins": mine.count("win"),
+                "losses": mine.count("loss"),
+                "ties": mine.count("tie"),
+                "cells": len(mine),
+                "cost_per_channel": c["cost_per_channel"],
+                "forward_passes": c["forward_passes"],
+                "eligible": max_cost_per_channel is None
+                or c["cost_per_channel"] <= max_cost_per_channel,
+            }
+        )
+    current_input = None if CURRENT_DEFAULT[1] is None else CURRENT_DEFAULT[0]
+    ranking.sort(
+        key=lambda r: (
+            not r["eligible"],
+            -(r["wins"] - r["losses"]),
+            -r["wins"],
+            r["cost_per_channel"],
+            r["heatmap_layer"] is not None,
+            # then the nearest to the current default: its layer rule, its input rule,
+            # then its layer
+            r["heatmap_rule"] != CURRENT_DEFAULT[0],
+            r["input_rule"] != current_input,
+            r["heatmap_layer"] != CURRENT_DEFAULT[1],
+        )
+    )
+    first = ranking[0] if ranking and ranking[0]["eligible"] else None
+    return {
+        "ranking": ranking,
+        "cells": cells,
+        "default": first["rule"] if first else candidate_name(*CURRENT_DEFAULT),
+        "default_rule": first["heatmap_rule"] if first else CURRENT_DEFAULT[0],
+        "default_layer": first["heatmap_layer"] if first else CURRENT_DEFAULT[1],
+        "default_input_rule": first["input_rule"] if first else current_input,
+    }
+
+
+def _cells(setups: dict[str, Any], candidates: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every candidate's cells (setup, keep share, metric) against the cell's best baseline."""
     cells = []
     for setup, res in setups.items():
         baselines = [m for m in res["methods"] if not m.startswith("ri")]
@@ -110,42 +167,51 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
                             "outcome": outcome,
                         }
                     )
-    ranking = []
-    for name, c in candidates.items():
-        mine = [x["outcome"] for x in cells if x["candidate"] == name]
-        ranking.append(
-            {
-                "config": name,
-                "rule": c["rule"],
-                "heatmap_rule": c["key"][0],
-                "heatmap_layer": c["key"][1],
-                "wins": mine.count("win"),
-                "losses": mine.count("loss"),
-                "ties": mine.count("tie"),
-                "cells": len(mine),
-                "cost_per_channel": c["cost_per_channel"],
-                "forward_passes": c["forward_passes"],
-                "eligible": max_cost_per_channel is None
-                or c["cost_per_channel"] <= max_cost_per_channel,
+    return cells
+
+
+def _pair_cells(
+    setups: dict[str, Any], candidates: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Add the pairs for ``"auto"`` to ``candidates`` and return their cells.
+
+    A pair is a rule at the split layer that needs no extra forward pass and a rule at the
+    input, both run as candidates; on each setup its cells are the layer rule's (at the
+    split layer) or the input rule's (at the input), whichever ``"auto"`` chose on that
+    setup's references. The regions, seeds and images do not depend on the rule, so these
+    are the cells the pair would have had. A pair of one rule is that rule's ``@auto``.
+    """
+    by_key = {c["key"]: name for name, c in candidates.items()}
+    at_layer = {k[0]: n for k, n in by_key.items() if k[1] is None}
+    at_input = {k[0]: n for k, n in by_key.items() if k[1] == INPUT}
+    cells: list[dict[str, Any]] = []
+    for layer_rule, layer_name in at_layer.items():
+        if candidates[layer_name]["cost_per_channel"] > 0:
+            continue
+        for input_rule, input_name in at_input.items():
+            if layer_rule == input_rule:
+                continue
+            key = (layer_rule, AUTO, input_rule)
+            name = f"ri[{candidate_name(*key)}]"
+            sources = {}
+            for setup, res in setups.items():
+                choice = res.get("heatmap_resolution")
+                if choice is not None:
+                    sources[setup] = input_name if choice["heatmap_layer"] == INPUT else layer_name
+            if not sources:
+                continue
+            parts = (candidates[layer_name], candidates[input_name])
+            costlier = max(parts, key=lambda c: c["cost_per_channel"])
+            candidates[name] = {
+                "key": key,
+                "rule": candidate_name(*key),
+                "cost_per_channel": costlier["cost_per_channel"],
+                "forward_passes": costlier["forward_passes"],
             }
-        )
-    ranking.sort(
-        key=lambda r: (
-            not r["eligible"],
-            -r["wins"],
-            r["losses"],
-            r["cost_per_channel"],
-            r["heatmap_layer"] is not None,
-            # then the nearest to the current default: its rule, then its layer
-            r["heatmap_rule"] != CURRENT_DEFAULT[0],
-            r["heatmap_layer"] != CURRENT_DEFAULT[1],
-        )
-    )
-    first = ranking[0] if ranking and ranking[0]["eligible"] else None
-    return {
-        "ranking": ranking,
-        "cells": cells,
-        "default": first["rule"] if first else candidate_name(*CURRENT_DEFAULT),
-        "default_rule": first["heatmap_rule"] if first else CURRENT_DEFAULT[0],
-        "default_layer": first["heatmap_layer"] if first else CURRENT_DEFAULT[1],
-    }
+            sub = _cells(setups, {n: candidates[n] for n in set(sources.values())})
+            cells += [
+                {**c, "candidate": name, "source": c["candidate"]}
+                for c in sub
+                if sources.get(c["setup"]) == c["candidate"]
+            ]
+    return cells

@@ -30,15 +30,62 @@ from ..options import AUTO
 from .protocol import EvalConfig, Setup, Timer, evaluate_setup
 from .selection import candidate_name
 
-__all__ = ["SETUPS", "load_setup", "markdown_report", "run_evaluation"]
+__all__ = [
+    "ALL_SETUPS",
+    "CHECK_SETUPS",
+    "SETUPS",
+    "load_setup",
+    "markdown_report",
+    "run_evaluation",
+]
 
+#: The bundled setups: the published tables and the figures.
 SETUPS = ("mnist", "faces", "digits")
+#: Models trained only for the rule that chooses the default heat map (``docs/choices.md``,
+#: fourth version): the bundled ``SmallCNN`` with seed 4, and the same CNN with a
+#: global-average-pooling head (``SmallCNN(head="pooled")``) with seed 2, each on
+#: MNIST-5k and on digits. Their seed is in their name.
+CHECK_SETUPS = ("mnist-s4", "digits-s4", "pooled-mnist-s2", "pooled-digits-s2")
+ALL_SETUPS = SETUPS + CHECK_SETUPS
+
+
+def _check_setup(name: str) -> Setup:
+    from .. import datasets, models
+
+    pooled = name.startswith("pooled-")
+    data, seed = name.removeprefix("pooled-").split("-s")
+    x, y = datasets.load_mnist5k() if data == "mnist" else datasets.load_digits(28)
+    train, test = datasets.split_indices(len(y), 0.2, seed=int(seed), stratify=y)
+    kwargs = {"head": "pooled", "channels": (16, 32, 64)} if pooled else {}
+    model = models.train_small_cnn(x[train], y[train], seed=int(seed), **kwargs).eval()
+    label = "MNIST-5k" if data == "mnist" else "scikit-learn digits (28x28)"
+    kind = (
+        "SmallCNN with a global-average-pooling head (16, 32, 64 channels)"
+        if pooled
+        else "SmallCNN"
+    )
+    return Setup(
+        name,
+        model,
+        model.features[-1],
+        x[train],
+        x[test],
+        head=model.head,
+        notes=f"check setup: {kind} trained with seed {seed} on {label}; references = "
+        f"train split ({len(train)}), unseen = test split ({len(test)}); masked pixels = 0",
+    )
 
 
 def load_setup(name: str, seed: int = 0) -> Setup:
-    """Build one of :data:`SETUPS` (data and models come from installed packages)."""
+    """Build one of :data:`ALL_SETUPS` (data and models come from installed packages).
+
+    ``seed`` is the split and training seed of the bundled setups; a check setup's seed
+    is in its name (``mnist-s4``: seed 4).
+    """
     from .. import datasets, models
 
+    if name in CHECK_SETUPS:
+        return _check_setup(name)
     if name in ("mnist", "digits"):
         x, y = datasets.load_mnist5k() if name == "mnist" else datasets.load_digits(28)
         train, test = datasets.split_indices(len(y), 0.2, seed=seed, stratify=y)
@@ -96,7 +143,7 @@ def load_setup(name: str, seed: int = 0) -> Setup:
             f"= train split ({len(train)}), unseen = test split ({len(test)}); "
             "masked pixels = 0 in input space (mid grey)",
         )
-    raise ValueError(f"name must be one of {SETUPS}, got {name!r}")
+    raise ValueError(f"name must be one of {ALL_SETUPS}, got {name!r}")
 
 
 def default_config(name: str, quick: bool = False) -> EvalConfig:
@@ -132,6 +179,10 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
     if name == "faces":
         cfg.seeds_per_class = 15
         cfg.n_explain_per_class = 10
+    if name in CHECK_SETUPS:  # the reuse protocol only: the cells of the selection rule
+        cfg.seeds_per_class = 5
+        cfg.no_reuse = cfg.sanity = cfg.fidelity = cfg.layer_sweep = False
+        cfg.heatmap_layer_rules = ()
     if quick:
         cfg.seeds_per_class, cfg.k, cfg.n_explain_per_class = 1, 4, 1
         cfg.n_sanity, cfg.n_fidelity, cfg.n_perturb = 2, 2, 2
@@ -152,7 +203,7 @@ def run_evaluation(
     Parameters
     ----------
     setups : list of str
-        Names from :data:`SETUPS`.
+        Names from :data:`ALL_SETUPS` (the bundled setups and the check setups).
     out : str or Path
         Folder for the results (created if needed); its paths are printed at the end.
     seed : int
@@ -173,8 +224,8 @@ def run_evaluation(
         (:func:`~captum_repinterp.evaluation.protocol.keep_key`).
     """
     for s in setups:
-        if s not in SETUPS:
-            raise ValueError(f"setups: {s!r} is not one of {SETUPS}")
+        if s not in ALL_SETUPS:
+            raise ValueError(f"setups: {s!r} is not one of {ALL_SETUPS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
