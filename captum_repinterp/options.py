@@ -20,11 +20,13 @@ __all__ = [
     "DEFAULT_HEATMAP_LAYER",
     "DEFAULT_HEATMAP_RULE",
     "InterpretOptions",
+    "is_default_layer",
     "resolve_heatmap_layer",
 ]
 
-#: The heat-map rule of ``interpret``/``attribute`` when none is given.
-DEFAULT_HEATMAP_RULE = "elementwise-members"
+#: The heat-map rule of ``interpret``/``attribute`` when none is given (chosen by the
+#: rule in ``docs/choices.md``, fourth version).
+DEFAULT_HEATMAP_RULE = "elementwise-positive"
 
 #: ``heatmap_layer`` value: the resolution chosen on the references
 #: (:mod:`captum_repinterp.resolution`).
@@ -33,10 +35,28 @@ AUTO = "auto"
 #: The names ``heatmap_layer`` takes besides a module and None.
 HEATMAP_LAYER_NAMES = (INPUT, AUTO)
 
-#: The ``heatmap_layer`` of ``interpret``/``attribute`` when none is given: the split
-#: layer or the input, whichever keeps more class evidence on the references (chosen by
-#: the rule in ``docs/choices.md``).
-DEFAULT_HEATMAP_LAYER: str | None = AUTO
+
+class _DefaultLayer(str):
+    """The default ``heatmap_layer``: equal to ``"input"``, but for the rules that cannot
+    be drawn at the input (``channel``, ``region-score``, ``region-members``) it means the
+    split layer, where an explicit ``"input"`` is refused with a ValueError."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+
+#: The ``heatmap_layer`` of ``interpret``/``attribute`` when none is given: the input
+#: (input times gradient of the region's score, one value per pixel) for the rules that
+#: can be drawn there, the split layer for the others (chosen by the rule in
+#: ``docs/choices.md``, fourth version).
+DEFAULT_HEATMAP_LAYER: str | None = _DefaultLayer(INPUT)
+
+
+def is_default_layer(heatmap_layer: object) -> bool:
+    """Whether ``heatmap_layer`` is the default value, not an explicit ``"input"``."""
+    return isinstance(heatmap_layer, _DefaultLayer)
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,12 @@ class InterpretOptions:
             )
         _check_delta(self.delta)
         layer = self.heatmap_layer
+        if is_default_layer(layer):
+            rule = (
+                HEATMAP_RULES.get(self.heatmap_rule) if isinstance(self.heatmap_rule, str) else None
+            )
+            layer = INPUT if rule is None or rule.supports_input else None
+            object.__setattr__(self, "heatmap_layer", layer)
         if isinstance(layer, str) and layer not in HEATMAP_LAYER_NAMES:
             raise ValueError(
                 f"heatmap_layer must be an nn.Module, 'input', 'auto' or None, got {layer!r}"

@@ -200,13 +200,13 @@ def _pair_cells(
                     sources[setup] = input_name if choice["heatmap_layer"] == INPUT else layer_name
             if not sources:
                 continue
-            parts = (candidates[layer_name], candidates[input_name])
-            costlier = max(parts, key=lambda c: c["cost_per_channel"])
+            at_l, at_i = candidates[layer_name], candidates[input_name]
             candidates[name] = {
                 "key": key,
                 "rule": candidate_name(*key),
-                "cost_per_channel": costlier["cost_per_channel"],
-                "forward_passes": costlier["forward_passes"],
+                "cost_per_channel": max(at_l["cost_per_channel"], at_i["cost_per_channel"]),
+                "forward_passes": f"{at_i['forward_passes']}; at the split layer: "
+                f"{at_l['forward_passes']}",
             }
             sub = _cells(setups, {n: candidates[n] for n in set(sources.values())})
             cells += [

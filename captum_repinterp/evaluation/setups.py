@@ -334,15 +334,18 @@ def _selection_section(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Choosing the default heat-map rule",
         "",
-        "The rule written in `docs/choices.md` before the run: each candidate (a "
-        "`heatmap_rule` at the split layer, or an elementwise rule drawn at the input, "
-        "`<rule>@input`, or at the resolution chosen on the references, `<rule>@auto`) "
-        "against the best baseline of each cell (setup, metric, keep share), paired per "
+        "The rule written in `docs/choices.md` (fourth version) before the run: each "
+        "candidate (a `heatmap_rule` at the split layer; an elementwise rule drawn at the "
+        'input, `<rule>@input`, or where `heatmap_layer="auto"` chose on the '
+        'references, `<rule>@auto`; or a pair for `"auto"`, `<layer rule>/<input '
+        "rule>@auto`, whose cells on each setup are those of its layer rule or of its "
+        'input rule, as `"auto"` chose there) against the best baseline of each cell '
+        "(setup, metric, keep share; the bundled setups and the check setups), paired per "
         "seed; win / loss when the 95% interval excludes 0. Eligible: no extra forward "
-        "pass per channel of the layer (the cost bound); ranked by wins, then losses, "
-        "then cost (passes per seed, K = channels of the layer; then the split layer "
-        f"before the input). First: **{sel['default']}**. In the tables `ri` is the "
-        "row of the run's `heatmap_rule` and `heatmap_layer` (the package's defaults, "
+        "pass per channel of the layer (the cost bound); ranked by wins minus losses, "
+        "then wins, then cost (passes per seed, K = channels of the layer; then the split "
+        f"layer before the input). First: **{sel['default']}**. In the tables `ri` is "
+        "the row of the run's `heatmap_rule` and `heatmap_layer` (the package's defaults, "
         "below each setup's title) and `ri[<candidate>]` the other candidates, on the "
         "same seeds and images.",
         "",
