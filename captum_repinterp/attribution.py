@@ -12,6 +12,7 @@ pipeline stages in order::
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +26,18 @@ from ._captum_compat import (
     _format_output,
     log_usage,
 )
-from .features import eval_mode
+from .features import caller_stacklevel, eval_mode
+from .heatmap import get_heatmap_rule
 from .inputs import check_model
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
-from .options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, InterpretOptions
+from .options import (
+    AUTO,
+    DEFAULT_HEATMAP_LAYER,
+    DEFAULT_HEATMAP_RULE,
+    InterpretOptions,
+    is_default_layer,
+)
 from .reader import LayerReader
 from .references import FittedState, NotFittedError, fit_references
 from .region import find_regions
@@ -270,11 +278,32 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         return results[0] if len(results) == 1 else results
 
     def _resolve(self, options: InterpretOptions) -> InterpretOptions:
-        """``heatmap_layer="auto"`` replaced by the resolution chosen on the references
-        (not chosen for rules that draw at the split layer anyway)."""
+        """The default ``heatmap_layer`` replaced by the input, or by the split layer
+        (with a warning) when this model's input cannot be drawn; ``"auto"`` by the
+        resolution chosen on the references (not chosen for rules that draw at the split
+        layer anyway)."""
+        if is_default_layer(options.heatmap_layer):
+            rule = get_heatmap_rule(options.heatmap_rule, None)
+            reason = self._input_map_unavailable() if rule.supports_input else None
+            if reason is not None:
+                warnings.warn(
+                    "heatmap_layer: the default draws the maps at the input, but here at "
+                    f"the split layer: {reason}; pass heatmap_layer=None to choose it",
+                    UserWarning,
+                    stacklevel=caller_stacklevel(),
+                )
+            return options.at_default_layer(reason)
         if options.heatmap_layer != AUTO or not options.rule.supports_input:
             return options.resolved(None)
         return options.resolved(self.heatmap_resolution_.heatmap_layer)
+
+    def _input_map_unavailable(self) -> str | None:
+        """Why a map cannot be drawn at this model's input (None when it can)."""
+        if self.layout_.is_tuple:
+            return "the layer has several outputs"
+        if not all(dtype.is_floating_point for _, dtype in self.input_spec_):
+            return "an input is not floating point (no gradient with respect to it)"
+        return None
 
     @log_usage()
     def attribute(

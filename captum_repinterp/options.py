@@ -100,12 +100,6 @@ class InterpretOptions:
             )
         _check_delta(self.delta)
         layer = self.heatmap_layer
-        if is_default_layer(layer):
-            rule = (
-                HEATMAP_RULES.get(self.heatmap_rule) if isinstance(self.heatmap_rule, str) else None
-            )
-            layer = INPUT if rule is None or rule.supports_input else None
-            object.__setattr__(self, "heatmap_layer", layer)
         if isinstance(layer, str) and layer not in HEATMAP_LAYER_NAMES:
             raise ValueError(
                 f"heatmap_layer must be an nn.Module, 'input', 'auto' or None, got {layer!r}"
@@ -123,9 +117,22 @@ class InterpretOptions:
         ``heatmap_layer="auto"`` the rule at the split layer (the facade resolves
         ``"auto"`` before the rule draws)."""
         layer = self.heatmap_layer
-        if layer == AUTO:
+        if layer == AUTO or (is_default_layer(layer) and not self._rule_at_input()):
             return get_heatmap_rule(self.heatmap_rule, None)
         return get_heatmap_rule(self.heatmap_rule, layer)
+
+    def _rule_at_input(self) -> bool:
+        rule = HEATMAP_RULES.get(self.heatmap_rule) if isinstance(self.heatmap_rule, str) else None
+        return rule is None or rule.supports_input  # an unknown name fails in get_heatmap_rule
+
+    def at_default_layer(self, input_unavailable: str | None) -> InterpretOptions:
+        """These options with the default ``heatmap_layer`` replaced by where it draws:
+        the input; the split layer for a rule that cannot be drawn there, or when
+        ``input_unavailable`` (why this model's input cannot be drawn) is given."""
+        if not is_default_layer(self.heatmap_layer):
+            return self
+        at_input = self._rule_at_input() and input_unavailable is None
+        return replace(self, heatmap_layer=INPUT if at_input else None)
 
     def resolved(self, auto_layer: str | None) -> InterpretOptions:
         """These options with ``heatmap_layer="auto"`` replaced by ``auto_layer`` (the

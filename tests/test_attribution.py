@@ -62,9 +62,10 @@ def test_non_spatial_layer_shape(tiny):
     model, x = tiny
     layer = model.head[2]  # ReLU after the hidden linear layer: N x 24
     ri = RepresentativeInterpretation(model, layer).fit(x[:200], progress=False)
-    attr = ri.attribute(x[200:203])
+    attr = ri.attribute(x[200:203], heatmap_layer=None)
     gc = LayerGradCam(model, layer).attribute(x[200:203], target=1)
     assert attr.shape == gc.shape == (3, 1)
+    assert ri.attribute(x[200:203]).shape == (3, 1, *x.shape[-2:])  # the default: the input
 
 
 def test_batch_equals_per_sample_and_seed_determinism(fitted):
@@ -128,9 +129,9 @@ def test_heatmap_reuse_is_shared_direction(fitted):
         rtol=1e-4,
         atol=1e-5,
     )
-    # the default (elementwise-members) divides each channel of the same direction by its
-    # mean level over the seed and its 8 nearest reference members, weights of mean 1
-    default = ri.interpret(x[242:243], heatmap_layer=None)
+    # elementwise-members divides each channel of the same direction by its mean level
+    # over the seed and its 8 nearest reference members, weights of mean 1
+    default = ri.interpret(x[242:243], heatmap_rule="elementwise-members", heatmap_layer=None)
     assert torch.equal(default.direction, reg.direction)
     nearest = default.members[:8]  # nearest first; the seed is not a reference here
     levels = torch.cat([model.features(x[242:243]), model.features(x[nearest])]).detach()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from captum_repinterp.evaluation import (
+    ALL_SETUPS,
     EvalConfig,
     Setup,
     average_drop_increase,
@@ -464,7 +465,7 @@ def test_benchmark_script_leaves_docs_alone_unless_asked(tmp_path, monkeypatch, 
     assert list(docs.iterdir()) == []  # nothing written to docs
     assert str(out.resolve()) in capsys.readouterr().out
     assert script.main(["--out", str(out), "--keep", "0.3", "--update-docs"]) == 0
-    assert calls[-1] == (["mnist", "faces", "digits"], 0, False, (0.3,))
+    assert calls[-1] == (list(ALL_SETUPS), 0, False, (0.3,))
     assert (docs / "evaluation.md").read_text() == "# tables"
     assert (docs / "evaluation_results.json").read_text() == "{}"
     with pytest.raises(SystemExit):

@@ -214,7 +214,8 @@ def test_extra_argument_of_another_length_is_named(tiny):
         ri.attribute(x[i : i + 1], additional_forward_args=(scale[i : i + 1],), **NB)
         for i in range(200, 204)
     ]
-    assert torch.equal(good, torch.cat(one_by_one))
+    # at the input (the default) the batched backward pass rounds differently
+    torch.testing.assert_close(good, torch.cat(one_by_one), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="^additional_forward_args"):
         ri.attribute(x[200:204], additional_forward_args=(scale[200:203],), **NB)
     with pytest.raises(ValueError, match="^additional_forward_args"):

@@ -162,8 +162,10 @@ def test_input_map_is_input_times_gradient_of_the_region_score(fitted):
         torch.testing.assert_close(maps, xi.grad * xi, rtol=1e-4, atol=1e-6)
         assert not x.requires_grad and x.grad is None
     # attribute on the seed is the region's map on the seed
-    torch.testing.assert_close(ri.attribute(x[200:201], heatmap_layer="input"),
-                               reg.heatmap(x[200:201]))  # fmt: skip
+    torch.testing.assert_close(
+        ri.attribute(x[200:201], heatmap_rule="elementwise-members", heatmap_layer="input"),
+        reg.heatmap(x[200:201]),
+    )
 
 
 def test_input_map_survives_save_and_load(fitted, tmp_path):
