@@ -231,12 +231,13 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             After the greedy loop: add every zero-cost boundary, drop boundaries that
             change neither count, or nothing.
         heatmap_rule : str
-            A rule registered in :mod:`captum_repinterp.heatmap`: ``"elementwise-members"``
-            (default: the region's direction with each channel in units of its mean level
-            over the seed and its 8 nearest members, no extra forward pass),
-            ``"elementwise"`` (the authors' rule), ``"elementwise-positive"``,
-            ``"channel"``, ``"region-score"`` (``K`` forward passes per seed),
-            ``"region-members"`` (``9 K``).
+            A rule registered in :mod:`captum_repinterp.heatmap`:
+            ``"elementwise-positive"`` (default: the positive part of the region's
+            direction, no extra forward pass), ``"elementwise"`` (the authors' rule),
+            ``"elementwise-members"`` (each channel in units of its mean level over the
+            seed and its 8 nearest members), ``"channel"``, ``"region-score"`` (``K``
+            forward passes per seed), ``"region-members"`` (``9 K``). The default was
+            chosen by the rule in ``docs/choices.md``.
         combine : {"sum", "unit"}
             How the selected normals are combined into the heat-map direction.
         bisection_steps : int
@@ -245,12 +246,15 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             Progress bar over seeds.
         heatmap_layer : nn.Module, "input", "auto" or None
             Where the elementwise rules draw the region's score (the region stays at
-            ``layer``): ``None``, the split layer; an earlier layer; ``"input"``, the
-            model's input (input times gradient, one value per pixel); ``"auto"``, the
-            split layer or the input, whichever keeps more class evidence on the
-            references (:attr:`heatmap_resolution_`, chosen once per fit; see
-            :mod:`captum_repinterp.resolution`). Other rules draw at the split layer
-            with ``"auto"``.
+            ``layer``): ``"input"`` (default), the model's input (input times gradient,
+            one value per pixel); ``None``, the split layer; an earlier layer;
+            ``"auto"``, the split layer or the input, whichever keeps more class
+            evidence on the references (:attr:`heatmap_resolution_`, chosen once per
+            fit; see :mod:`captum_repinterp.resolution`). Left at its default, rules
+            that cannot be drawn at the input (``"channel"``, ``"region-score"``,
+            ``"region-members"``) draw at the split layer, and so does every rule, with
+            a warning, when the layer has several outputs or an input is not floating
+            point; given explicitly, ``"input"`` with those rules is a ValueError.
 
         Returns
         -------
@@ -345,8 +349,8 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             layer, ``N x 1 x h x w`` for a convolutional layer, ``N x 1`` for an
             ``N x D`` layer, a tuple for a layer with several outputs; at an earlier
             layer, like ``LayerGradCam`` on that layer; at the input, ``N x 1 x H x W``
-            per input tensor (``N x C x H x W`` with ``attr_dim_summation=False``). The
-            default ``"auto"`` gives the split layer's or the input's, as
+            per input tensor (``N x C x H x W`` with ``attr_dim_summation=False``), as
+            by default; ``"auto"`` gives the split layer's or the input's, as
             :attr:`heatmap_resolution_` says.
 
         Raises
