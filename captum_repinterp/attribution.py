@@ -253,8 +253,11 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             fit; see :mod:`captum_repinterp.resolution`). Left at its default, rules
             that cannot be drawn at the input (``"channel"``, ``"region-score"``,
             ``"region-members"``) draw at the split layer, and so does every rule, with
-            a warning, when the layer has several outputs or an input is not floating
-            point; given explicitly, ``"input"`` with those rules is a ValueError.
+            a warning, when the layer has several outputs, an input is not floating
+            point, or the layer's tensors have no or a zero gradient with respect to an
+            input on the first references (an unused or detached input, a rounding
+            step; checked once per fit); given explicitly, ``"input"`` with those rules
+            is a ValueError.
 
         Returns
         -------
@@ -307,7 +310,14 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             return "the layer has several outputs"
         if not all(dtype.is_floating_point for _, dtype in self.input_spec_):
             return "an input is not floating point (no gradient with respect to it)"
-        return None
+        fitted = self.references_
+        cached = self.__dict__.get("_input_gradient")
+        if cached is not None and cached[0] is fitted:
+            return cached[1]
+        reason = _input_gradient_missing(self.reader_, fitted.example)
+        if not torch.is_inference_mode_enabled():  # there the call refuses anyway
+            self.__dict__["_input_gradient"] = (fitted, reason)
+        return reason
 
     @log_usage()
     def attribute(
@@ -403,3 +413,50 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         from .auditing import audit
 
         return audit(self, images, target, **kwargs)
+
+
+def _input_gradient_missing(reader: LayerReader, example: Any) -> str | None:
+    """Why input times gradient would fail or be zero everywhere on this model (None when
+    it would not): the layer's tensors, projected on a fixed random direction, are
+    differentiated with respect to the first references (``example.batch``, up to four)
+    once per fit. An input the score does not reach (unused, detached, only compared) has
+    no gradient; a rounding or quantising step gives a zero one."""
+    if torch.is_inference_mode_enabled():
+        return None
+    batch = example.batch or example.inputs
+    extra = example.batch_args if example.batch else example.additional_forward_args
+    inputs = tuple(t.detach().clone().requires_grad_(True) for t in batch)
+    seen: list[Any] = []
+    if reader.attribute_to_layer_input:
+        handle = reader.layer.register_forward_pre_hook(lambda module, args: seen.append(args))
+    else:
+        handle = reader.layer.register_forward_hook(lambda module, i, out: seen.append(out))
+    try:
+        with torch.enable_grad():
+            reader.forward_func(*inputs, *(extra or ()))
+            if len(seen) != 1:
+                return None  # the call itself says what is wrong with the layer
+            value = seen[0]
+            tensors = [
+                t
+                for t in (value if isinstance(value, (tuple, list)) else (value,))
+                if isinstance(t, Tensor) and t.is_floating_point()
+            ]
+            if not any(t.requires_grad for t in tensors):
+                return "the layer's tensors do not depend on the input through a gradient"
+            gen = torch.Generator().manual_seed(0)
+            score = sum(
+                (t * torch.randn(t.shape, generator=gen).to(t.device, t.dtype)).sum()
+                for t in tensors
+                if t.requires_grad
+            )
+            grads = torch.autograd.grad(score, inputs, allow_unused=True)
+    except RuntimeError as exc:  # e.g. an in-place operation on the input
+        return f"the model cannot be differentiated with respect to its input ({exc})"
+    finally:
+        handle.remove()
+    if any(g is None for g in grads):
+        return "the layer's tensors do not depend on an input through a gradient"
+    if not all(bool(g.any()) for g in grads):
+        return "the gradient of the layer's tensors with respect to an input is zero"
+    return None

@@ -795,10 +795,19 @@ def pulled_back_heatmap(
     def along_direction(*args: Any) -> Tensor:
         seen: list[Any] = []
 
-        def keep(module: nn.Module, inp: Any, out: Any) -> None:
-            seen.append(inp if attribute_to_layer_input else out)
+        def keep(value: Any) -> Any:
+            # what runs after gets copies, so that an in-place operation there (DenseNet's
+            # F.relu(features, inplace=True), or the layer itself on its input) cannot
+            # change the tensors the score is taken at: psi as fit read it
+            seen.append(value)
+            if isinstance(value, (tuple, list)):
+                return type(value)(t.clone() if isinstance(t, Tensor) else t for t in value)
+            return value.clone() if isinstance(value, Tensor) else value
 
-        handle = layer.register_forward_hook(keep)
+        if attribute_to_layer_input:
+            handle = layer.register_forward_pre_hook(lambda module, inp: keep(inp))
+        else:
+            handle = layer.register_forward_hook(lambda module, inp, out: keep(out))
         try:
             forward_func(*args)
         finally:
