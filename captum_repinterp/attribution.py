@@ -12,7 +12,6 @@ pipeline stages in order::
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,18 +25,11 @@ from ._captum_compat import (
     _format_output,
     log_usage,
 )
-from .features import caller_stacklevel, eval_mode
-from .heatmap import get_heatmap_rule
+from .features import eval_mode
 from .inputs import check_model
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
-from .options import (
-    AUTO,
-    DEFAULT_HEATMAP_LAYER,
-    DEFAULT_HEATMAP_RULE,
-    InterpretOptions,
-    is_default_layer,
-)
+from .options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, InterpretOptions
 from .reader import LayerReader
 from .references import FittedState, NotFittedError, fit_references
 from .region import find_regions
@@ -57,7 +49,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     Usage mirrors ``LayerGradCam`` plus one :meth:`fit` over reference images::
 
         >>> ri = RepresentativeInterpretation(model, find_layer(model, images[:1]))
-        >>> attr = ri.fit(reference_images).attribute(images)  # N x 1 x H x W, at the input
+        >>> attr = ri.fit(reference_images).attribute(images)  # maps, as LayerGradCam's
         >>> region = ri.interpret(images[:1])  # .similar(5), .purity, .contains(x)
 
     Parameters
@@ -231,13 +223,12 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             After the greedy loop: add every zero-cost boundary, drop boundaries that
             change neither count, or nothing.
         heatmap_rule : str
-            A rule registered in :mod:`captum_repinterp.heatmap`:
-            ``"elementwise-positive"`` (default: the positive part of the region's
-            direction, no extra forward pass), ``"elementwise"`` (the authors' rule),
-            ``"elementwise-members"`` (each channel in units of its mean level over the
-            seed and its 8 nearest members), ``"channel"``, ``"region-score"`` (``K``
-            forward passes per seed), ``"region-members"`` (``9 K``). The default was
-            chosen by the rule in ``docs/choices.md``.
+            A rule registered in :mod:`captum_repinterp.heatmap`: ``"elementwise-members"``
+            (default: the region's direction with each channel in units of its mean level
+            over the seed and its 8 nearest members, no extra forward pass),
+            ``"elementwise"`` (the authors' rule), ``"elementwise-positive"``,
+            ``"channel"``, ``"region-score"`` (``K`` forward passes per seed),
+            ``"region-members"`` (``9 K``).
         combine : {"sum", "unit"}
             How the selected normals are combined into the heat-map direction.
         bisection_steps : int
@@ -246,18 +237,12 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             Progress bar over seeds.
         heatmap_layer : nn.Module, "input", "auto" or None
             Where the elementwise rules draw the region's score (the region stays at
-            ``layer``): ``"input"`` (default), the model's input (input times gradient,
-            one value per pixel); ``None``, the split layer; an earlier layer;
-            ``"auto"``, the split layer or the input, whichever keeps more class
-            evidence on the references (:attr:`heatmap_resolution_`, chosen once per
-            fit; see :mod:`captum_repinterp.resolution`). Left at its default, rules
-            that cannot be drawn at the input (``"channel"``, ``"region-score"``,
-            ``"region-members"``) draw at the split layer, and so does every rule, with
-            a warning, when the layer has several outputs, an input is not floating
-            point, or the layer's tensors have no or a zero gradient with respect to an
-            input on the first references (an unused or detached input, a rounding
-            step; checked once per fit); given explicitly, ``"input"`` with those rules
-            is a ValueError.
+            ``layer``): ``None``, the split layer; an earlier layer; ``"input"``, the
+            model's input (input times gradient, one value per pixel); ``"auto"``, the
+            split layer or the input, whichever keeps more class evidence on the
+            references (:attr:`heatmap_resolution_`, chosen once per fit; see
+            :mod:`captum_repinterp.resolution`). Other rules draw at the split layer
+            with ``"auto"``.
 
         Returns
         -------
@@ -285,39 +270,11 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         return results[0] if len(results) == 1 else results
 
     def _resolve(self, options: InterpretOptions) -> InterpretOptions:
-        """The default ``heatmap_layer`` replaced by the input, or by the split layer
-        (with a warning) when this model's input cannot be drawn; ``"auto"`` by the
-        resolution chosen on the references (not chosen for rules that draw at the split
-        layer anyway)."""
-        if is_default_layer(options.heatmap_layer):
-            rule = get_heatmap_rule(options.heatmap_rule, None)
-            reason = self._input_map_unavailable() if rule.supports_input else None
-            if reason is not None:
-                warnings.warn(
-                    "heatmap_layer: the default draws the maps at the input, but here at "
-                    f"the split layer: {reason}; pass heatmap_layer=None to choose it",
-                    UserWarning,
-                    stacklevel=caller_stacklevel(),
-                )
-            return options.at_default_layer(reason)
+        """``heatmap_layer="auto"`` replaced by the resolution chosen on the references
+        (not chosen for rules that draw at the split layer anyway)."""
         if options.heatmap_layer != AUTO or not options.rule.supports_input:
             return options.resolved(None)
         return options.resolved(self.heatmap_resolution_.heatmap_layer)
-
-    def _input_map_unavailable(self) -> str | None:
-        """Why a map cannot be drawn at this model's input (None when it can)."""
-        if self.layout_.is_tuple:
-            return "the layer has several outputs"
-        if not all(dtype.is_floating_point for _, dtype in self.input_spec_):
-            return "an input is not floating point (no gradient with respect to it)"
-        fitted = self.references_
-        cached = self.__dict__.get("_input_gradient")
-        if cached is not None and cached[0] is fitted:
-            return cached[1]
-        reason = _input_gradient_missing(self.reader_, fitted.example)
-        if not torch.is_inference_mode_enabled():  # there the call refuses anyway
-            self.__dict__["_input_gradient"] = (fitted, reason)
-        return reason
 
     @log_usage()
     def attribute(
@@ -359,8 +316,8 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             layer, ``N x 1 x h x w`` for a convolutional layer, ``N x 1`` for an
             ``N x D`` layer, a tuple for a layer with several outputs; at an earlier
             layer, like ``LayerGradCam`` on that layer; at the input, ``N x 1 x H x W``
-            per input tensor (``N x C x H x W`` with ``attr_dim_summation=False``), as
-            by default; ``"auto"`` gives the split layer's or the input's, as
+            per input tensor (``N x C x H x W`` with ``attr_dim_summation=False``). The
+            default ``"auto"`` gives the split layer's or the input's, as
             :attr:`heatmap_resolution_` says.
 
         Raises
@@ -413,50 +370,3 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         from .auditing import audit
 
         return audit(self, images, target, **kwargs)
-
-
-def _input_gradient_missing(reader: LayerReader, example: Any) -> str | None:
-    """Why input times gradient would fail or be zero everywhere on this model (None when
-    it would not): the layer's tensors, projected on a fixed random direction, are
-    differentiated with respect to the first references (``example.batch``, up to four)
-    once per fit. An input the score does not reach (unused, detached, only compared) has
-    no gradient; a rounding or quantising step gives a zero one."""
-    if torch.is_inference_mode_enabled():
-        return None
-    batch = example.batch or example.inputs
-    extra = example.batch_args if example.batch else example.additional_forward_args
-    inputs = tuple(t.detach().clone().requires_grad_(True) for t in batch)
-    seen: list[Any] = []
-    if reader.attribute_to_layer_input:
-        handle = reader.layer.register_forward_pre_hook(lambda module, args: seen.append(args))
-    else:
-        handle = reader.layer.register_forward_hook(lambda module, i, out: seen.append(out))
-    try:
-        with torch.enable_grad():
-            reader.forward_func(*inputs, *(extra or ()))
-            if len(seen) != 1:
-                return None  # the call itself says what is wrong with the layer
-            value = seen[0]
-            tensors = [
-                t
-                for t in (value if isinstance(value, (tuple, list)) else (value,))
-                if isinstance(t, Tensor) and t.is_floating_point()
-            ]
-            if not any(t.requires_grad for t in tensors):
-                return "the layer's tensors do not depend on the input through a gradient"
-            gen = torch.Generator().manual_seed(0)
-            score = sum(
-                (t * torch.randn(t.shape, generator=gen).to(t.device, t.dtype)).sum()
-                for t in tensors
-                if t.requires_grad
-            )
-            grads = torch.autograd.grad(score, inputs, allow_unused=True)
-    except RuntimeError as exc:  # e.g. an in-place operation on the input
-        return f"the model cannot be differentiated with respect to its input ({exc})"
-    finally:
-        handle.remove()
-    if any(g is None for g in grads):
-        return "the layer's tensors do not depend on an input through a gradient"
-    if not all(bool(g.any()) for g in grads):
-        return "the gradient of the layer's tensors with respect to an input is zero"
-    return None

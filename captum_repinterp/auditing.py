@@ -32,7 +32,7 @@ from ._checks import check_int
 from .inputs import slice_args
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
-from .options import AUTO, is_default_layer
+from .options import AUTO
 from .references import NotFittedError
 
 __all__ = ["AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
@@ -491,13 +491,9 @@ def audit(
     for bad in ("target", "inputs"):
         if bad in interpret_kwargs:
             raise TypeError(f"audit() got an unexpected keyword argument {bad!r}")
-    # interpret's default and "auto" are taken as leaving it out: the split layer
+    # "auto", interpret's default, is taken as leaving it out: the split layer
     layer = interpret_kwargs.get("heatmap_layer")
-    if (
-        layer is not None
-        and not is_default_layer(layer)
-        and not (isinstance(layer, str) and layer == AUTO)
-    ):
+    if layer is not None and not (isinstance(layer, str) and layer == AUTO):
         raise ValueError(
             "heatmap_layer: audit draws the members' maps from their features at the "
             "split layer, so it cannot draw them at another layer; leave heatmap_layer out"

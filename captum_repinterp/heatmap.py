@@ -11,9 +11,8 @@ method, :meth:`HeatmapRule.cam_weights` (as pytorch-grad-cam's CAM variants impl
   one boundary; with ``layer=`` (``heatmap_layer``) it is drawn at an earlier layer, the
   gradient of the score ``v . psi`` there standing for ``v`` (:func:`pulled_back_heatmap`);
 - ``"channel"``: Grad-CAM-like, ``weights_k = mean_p v[k, p]``;
-- ``"elementwise-positive"`` (default, drawn at the input by default): ``weights =
-  max(v, 0)``;
-- ``"elementwise-members"``: ``weights = v / s_k``, ``s_k`` the mean activation of
+- ``"elementwise-positive"``: ``weights = max(v, 0)``;
+- ``"elementwise-members"`` (default): ``weights = v / s_k``, ``s_k`` the mean activation of
   channel ``k`` over the seed and its 8 nearest reference members (no forward pass);
 - ``"region-score"``: Score-CAM-like channel weights scored by the *region*: each
   channel's activation on the seed, upsampled and min-max scaled, masks the seed; ``s_k``

@@ -70,8 +70,7 @@ class Interpretation:
         Draw the elementwise map at this earlier layer, or at the input (``"input"``),
         instead of the split layer (see
         :func:`~captum_repinterp.heatmap.pulled_back_heatmap`); None: the split layer.
-        ``interpret`` stores what its default (the input, or the split layer) or
-        ``"auto"`` resolved to.
+        ``interpret(heatmap_layer="auto")`` stores what ``"auto"`` resolved to.
     reader : LayerReader or None
         Reads the model's layer on new inputs (:mod:`captum_repinterp.reader`); needed by
         :meth:`contains`, :meth:`distance` and :meth:`heatmap`, not by the
@@ -278,8 +277,7 @@ class Interpretation:
         input's layer activations: at the split layer the maps are shaped like
         ``LayerGradCam``'s there (e.g. ``n x 1 x 7 x 7``); at ``heatmap_layer`` like
         ``LayerGradCam``'s on that layer; at the input (``heatmap_layer="input"``, also
-        the default and what ``"auto"`` may have resolved to) ``n x 1 x H x W``.
-        Upsample layer maps with
+        what ``"auto"`` may have resolved to) ``n x 1 x H x W``. Upsample layer maps with
         ``LayerAttribution.interpolate(maps, inputs.shape[-2:], "bilinear")``.
         """
         maps = self.rule.maps(

@@ -20,13 +20,11 @@ __all__ = [
     "DEFAULT_HEATMAP_LAYER",
     "DEFAULT_HEATMAP_RULE",
     "InterpretOptions",
-    "is_default_layer",
     "resolve_heatmap_layer",
 ]
 
-#: The heat-map rule of ``interpret``/``attribute`` when none is given (chosen by the
-#: rule in ``docs/choices.md``, fourth version).
-DEFAULT_HEATMAP_RULE = "elementwise-positive"
+#: The heat-map rule of ``interpret``/``attribute`` when none is given.
+DEFAULT_HEATMAP_RULE = "elementwise-members"
 
 #: ``heatmap_layer`` value: the resolution chosen on the references
 #: (:mod:`captum_repinterp.resolution`).
@@ -35,28 +33,10 @@ AUTO = "auto"
 #: The names ``heatmap_layer`` takes besides a module and None.
 HEATMAP_LAYER_NAMES = (INPUT, AUTO)
 
-
-class _DefaultLayer(str):
-    """The default ``heatmap_layer``: equal to ``"input"``, but for the rules that cannot
-    be drawn at the input (``channel``, ``region-score``, ``region-members``) it means the
-    split layer, where an explicit ``"input"`` is refused with a ValueError."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return repr(str(self))
-
-
-#: The ``heatmap_layer`` of ``interpret``/``attribute`` when none is given: the input
-#: (input times gradient of the region's score, one value per pixel) for the rules that
-#: can be drawn there, the split layer for the others (chosen by the rule in
-#: ``docs/choices.md``, fourth version).
-DEFAULT_HEATMAP_LAYER: str | None = _DefaultLayer(INPUT)
-
-
-def is_default_layer(heatmap_layer: object) -> bool:
-    """Whether ``heatmap_layer`` is the default value, not an explicit ``"input"``."""
-    return isinstance(heatmap_layer, _DefaultLayer)
+#: The ``heatmap_layer`` of ``interpret``/``attribute`` when none is given: the split
+#: layer or the input, whichever keeps more class evidence on the references (chosen by
+#: the rule in ``docs/choices.md``).
+DEFAULT_HEATMAP_LAYER: str | None = AUTO
 
 
 @dataclass(frozen=True)
@@ -117,22 +97,9 @@ class InterpretOptions:
         ``heatmap_layer="auto"`` the rule at the split layer (the facade resolves
         ``"auto"`` before the rule draws)."""
         layer = self.heatmap_layer
-        if layer == AUTO or (is_default_layer(layer) and not self._rule_at_input()):
+        if layer == AUTO:
             return get_heatmap_rule(self.heatmap_rule, None)
         return get_heatmap_rule(self.heatmap_rule, layer)
-
-    def _rule_at_input(self) -> bool:
-        rule = HEATMAP_RULES.get(self.heatmap_rule) if isinstance(self.heatmap_rule, str) else None
-        return rule is None or rule.supports_input  # an unknown name fails in get_heatmap_rule
-
-    def at_default_layer(self, input_unavailable: str | None) -> InterpretOptions:
-        """These options with the default ``heatmap_layer`` replaced by where it draws:
-        the input; the split layer for a rule that cannot be drawn there, or when
-        ``input_unavailable`` (why this model's input cannot be drawn) is given."""
-        if not is_default_layer(self.heatmap_layer):
-            return self
-        at_input = self._rule_at_input() and input_unavailable is None
-        return replace(self, heatmap_layer=INPUT if at_input else None)
 
     def resolved(self, auto_layer: str | None) -> InterpretOptions:
         """These options with ``heatmap_layer="auto"`` replaced by ``auto_layer`` (the

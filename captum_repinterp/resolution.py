@@ -1,13 +1,12 @@
 """Which resolution the heat maps are drawn at: the split layer or the input.
 
-``heatmap_layer="auto"`` (an option of ``interpret``/``attribute``, whose default draws
-at the input) resolves here, once per fitted explainer. The map of a region is the
-gradient times activation of its linear score ``v . psi``, at the split layer (the
-paper's map, one value per position of the layer) or at the input (one value per pixel:
-input times gradient of the same score). Which of the two keeps the class evidence better
-depends on the model and the data, not on the region: on 28 x 28 digits on black the
-strokes are the evidence and pixel maps keep them; on faces on grey, scattered pixels are
-not a face and the layer's smooth map keeps more.
+``heatmap_layer="auto"`` (the default of ``interpret``/``attribute``) resolves here, once
+per fitted explainer. The map of a region is the gradient times activation of its linear
+score ``v . psi``, at the split layer (the paper's map, one value per position of the
+layer) or at the input (one value per pixel: input times gradient of the same score). Which
+of the two keeps the class evidence better depends on the model and the data, not on the
+region: on 28 x 28 digits on black the strokes are the evidence and pixel maps keep them;
+on faces on grey, scattered pixels are not a face and the layer's smooth map keeps more.
 
 So the choice is made on the references, before any region: for a seeded random sample
 of references both maps of the local linear piece of the head (the normal of

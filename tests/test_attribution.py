@@ -65,7 +65,8 @@ def test_non_spatial_layer_shape(tiny):
     attr = ri.attribute(x[200:203], heatmap_layer=None)
     gc = LayerGradCam(model, layer).attribute(x[200:203], target=1)
     assert attr.shape == gc.shape == (3, 1)
-    assert ri.attribute(x[200:203]).shape == (3, 1, *x.shape[-2:])  # the default: the input
+    # the default ("auto"): the split layer here (a layer without a spatial layout)
+    assert ri.attribute(x[200:203]).shape == (3, 1)
 
 
 def test_batch_equals_per_sample_and_seed_determinism(fitted):

@@ -402,9 +402,7 @@ def test_small_pipeline_on_the_tiny_model(tiny):
         "cost_per_channel": 1,
     }
     # the row "ri" is what a user gets: the package's defaults; map@L is elementwise
-    assert described["ri"]["heatmap_layer"] == InterpretOptions().heatmap_layer == "input"
-    # the default heatmap_layer with a rule that cannot be drawn at the input: the split layer
-    assert described["ri[region-members]"]["heatmap_layer"] is None
+    assert described["ri"]["heatmap_layer"] == InterpretOptions().heatmap_layer == "auto"
     assert described["ri"]["heatmap_rule"] == InterpretOptions().heatmap_rule
     assert described["ri[map@features[0]]"]["heatmap_rule"] == "elementwise"
     assert described["ri[elementwise]"]["heatmap_layer"] is None

@@ -48,11 +48,9 @@ def test_input_maps_of_integer_inputs_name_heatmap_layer(tiny):
     ):
         with pytest.raises(TypeError, match="heatmap_layer.*floating"):
             call()
-    # the default keeps the split layer for integer inputs, with the reason; so does "auto"
-    with pytest.warns(UserWarning, match="split layer: an input is not floating point"):
-        assert ri.attribute(xi[:2], n_boundaries=5).shape == (2, 1, 6, 6)
+    # "auto" (the default) keeps the split layer for integer references, with the reason
     with pytest.warns(UserWarning, match="not one N x C x H x W batch"):
-        assert ri.attribute(xi[:2], n_boundaries=5, heatmap_layer="auto").shape == (2, 1, 6, 6)
+        assert ri.attribute(xi[:2], n_boundaries=5).shape == (2, 1, 6, 6)
 
 
 @pytest.mark.parametrize("summed", [True, False])

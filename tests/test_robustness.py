@@ -165,7 +165,7 @@ def test_integer_inputs_work_when_the_model_takes_them(tiny):
     torch.testing.assert_close(
         attr, plain.attribute((u8[200:202].float() - 128) / 40, n_boundaries=NB, heatmap_layer=None)
     )
-    with pytest.warns(UserWarning, match="split layer: an input is not floating point"):
+    with pytest.warns(UserWarning, match="not one N x C x H x W batch"):
         assert ri.attribute(u8[200:202], n_boundaries=NB).shape == attr.shape
 
 
@@ -475,8 +475,8 @@ def test_layer_with_several_outputs(tiny):
         net.fc.bias.copy_(sol[-1])
     ri = RepresentativeInterpretation(net, net.pair).fit(x[:200], progress=False)
     assert ri.layout_.is_tuple and ri.layout_.shapes == ((4, 6, 6), (5, 6, 6))
-    # the default draws at the split layer here, and says why
-    with pytest.warns(UserWarning, match="split layer: the layer has several outputs"):
+    # the default ("auto") draws at the split layer here, and says why
+    with pytest.warns(UserWarning, match="draws the maps at the split layer"):
         ri.attribute(x[200:201], n_boundaries=NB)
     attr = ri.attribute(x[200:202], n_boundaries=NB, heatmap_layer=None)
     gc = LayerGradCam(net, net.pair).attribute(x[200:202], target=0)

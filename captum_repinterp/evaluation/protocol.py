@@ -28,16 +28,9 @@ from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor, nn
 
 from ..attribution import RepresentativeInterpretation
-from ..heatmap import HEATMAP_RULES, INPUT, HeatmapRule
+from ..heatmap import HEATMAP_RULES, HeatmapRule
 from ..interpretation import Interpretation
-from ..options import (
-    AUTO,
-    DEFAULT_HEATMAP_LAYER,
-    DEFAULT_HEATMAP_RULE,
-    InterpretOptions,
-    is_default_layer,
-    resolve_heatmap_layer,
-)
+from ..options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, resolve_heatmap_layer
 from .methods import (
     ChannelWeightMethod,
     acts_and_grads,
@@ -221,15 +214,8 @@ def _ri_variant(region: Interpretation, kw: dict[str, Any]) -> Interpretation:
 
 
 def _resolve_auto(ri: RepresentativeInterpretation, kw: dict[str, Any]) -> dict[str, Any]:
-    """The default ``heatmap_layer`` and ``"auto"`` replaced by what they resolve to for
-    this explainer (as ``interpret`` does), so that regions shared between configs draw
-    where they should."""
-    if is_default_layer(kw.get("heatmap_layer")):
-        options = InterpretOptions(
-            heatmap_rule=kw.get("heatmap_rule", DEFAULT_HEATMAP_RULE),
-            heatmap_layer=kw["heatmap_layer"],
-        )
-        return {**kw, "heatmap_layer": ri._resolve(options).heatmap_layer}
+    """``heatmap_layer="auto"`` replaced by what it resolves to for this explainer (as
+    ``interpret`` does), so that regions shared between configs draw where they should."""
     if kw.get("heatmap_layer") != AUTO:
         return kw
     rule = kw.get("heatmap_rule", DEFAULT_HEATMAP_RULE)
@@ -826,8 +812,6 @@ def _describe_configs(
     for name, kw in configs.items():
         rule = kw.get("heatmap_rule", "elementwise")
         layer = kw.get("heatmap_layer")
-        if is_default_layer(layer):  # the input, or the split layer for rules not drawn there
-            layer = INPUT if HEATMAP_RULES[rule].supports_input else None
         passes = HEATMAP_RULES[rule].forward_passes
         if isinstance(layer, str):
             passes += "; at the input: one forward and backward pass per image drawn"
