@@ -18,7 +18,7 @@ reuse) with rules that try to get the same channel weights for less:
   other channels get weight 0.
 - ``trial-top16-members``: the same on the seed and its 8 nearest members (``9 T``).
 
-And variants of ``elementwise-members``, the fourth round's default (no forward pass):
+And variants of the default ``elementwise-members`` (no forward pass):
 ``trial-channel-members`` (one weight per channel, ``mean_p v[k, p] / s_k``),
 ``trial-positive-members`` (``max(v, 0) / s_k``) and ``trial-max-members`` (``s_k`` the
 channel's largest level over the seed and members instead of its mean).
@@ -29,11 +29,10 @@ Run (about 2 minutes for the three setups on 2 cores)::
 
 It prints one markdown table, mAD / mAI per setup and keep share.
 
-With ``--input-blur SIGMA [SIGMA ...]`` it runs instead ``elementwise-members`` (the
-fourth round's default) drawn at the input (``heatmap_layer="input"``) with its maps
-blurred by a Gaussian of ``SIGMA`` pixels (torchvision's ``gaussian_blur``; 0: not
-blurred), which asks whether the input's maps lose on the faces because they are too fine
-(about a minute per sigma)::
+With ``--input-blur SIGMA [SIGMA ...]`` it runs instead the default rule drawn at the
+input (``heatmap_layer="input"``) with its maps blurred by a Gaussian of ``SIGMA`` pixels
+(torchvision's ``gaussian_blur``; 0: not blurred), which asks whether the input's maps
+lose on the faces because they are too fine (about a minute per sigma)::
 
     OMP_NUM_THREADS=1 python benchmarks/heatmap_rule_trials.py --input-blur 0 1 2 4 8
 """
@@ -150,8 +149,8 @@ class MaxMembers(hm.ElementwiseMembersRule):
 
 
 class BlurredAtInput(hm.ElementwiseMembersRule):
-    """``elementwise-members`` (the fourth round's default); at the input its maps are
-    blurred by a Gaussian of ``sigma`` pixels."""
+    """The default rule; at the input its maps are blurred by a Gaussian of ``sigma``
+    pixels."""
 
     sigma: ClassVar[float] = 0.0
 
@@ -166,7 +165,7 @@ class BlurredAtInput(hm.ElementwiseMembersRule):
 
 
 def blurred_rule(sigma: float) -> str:
-    """Register (once) and name ``elementwise-members`` blurred by ``sigma`` at the input."""
+    """Register (once) and name the default rule blurred by ``sigma`` at the input."""
     name = f"trial-members-blur{sigma:g}"
     if name not in hm.HEATMAP_RULES:
         hm.register_heatmap_rule(type(name, (BlurredAtInput,), {"name": name, "sigma": sigma}))

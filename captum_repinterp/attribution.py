@@ -49,7 +49,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     Usage mirrors ``LayerGradCam`` plus one :meth:`fit` over reference images::
 
         >>> ri = RepresentativeInterpretation(model, find_layer(model, images[:1]))
-        >>> attr = ri.fit(reference_images).attribute(images)  # maps, as LayerGradCam's
+        >>> attr = ri.fit(reference_images).attribute(images)  # where heatmap_layer="auto" chose
         >>> region = ri.interpret(images[:1])  # .similar(5), .purity, .contains(x)
 
     Parameters
