@@ -347,7 +347,9 @@ def _selection_section(report: dict[str, Any]) -> list[str]:
         f"layer before the input). First: **{sel['default']}**. In the tables `ri` is "
         "the row of the run's `heatmap_rule` and `heatmap_layer` (the package's defaults, "
         "below each setup's title) and `ri[<candidate>]` the other candidates, on the "
-        "same seeds and images.",
+        "same seeds and images. Where `ri` is not the first-ranked candidate, the "
+        "package's default differs from the rule's answer, and `docs/choices.md` says "
+        "why.",
         "",
         "| config | heatmap_rule | wins | losses | ties | cost | eligible |",
         "|---|---|---|---|---|---|---|",
