@@ -19,6 +19,7 @@ from captum_repinterp.evaluation import (
     average_drop_increase,
     bootstrap_ci,
     channel_weight_methods,
+    choose_default,
     drop_increase,
     evaluate_setup,
     gradcam_package_available,
@@ -470,3 +471,20 @@ def test_benchmark_script_leaves_docs_alone_unless_asked(tmp_path, monkeypatch, 
     assert (docs / "evaluation_results.json").read_text() == "{}"
     with pytest.raises(SystemExit):
         script.main(["--out", str(out), "--quick", "--update-docs"])
+
+
+def test_published_evaluation_page_is_the_results_file_and_the_package_default():
+    """docs/evaluation.md is the report of docs/evaluation_results.json; its row ``ri`` is
+    the package's default on every setup; docs/choices.md names the rule's first-ranked
+    candidate with the counts the results give."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    report = json.loads((docs / "evaluation_results.json").read_text())
+    assert markdown_report(report) == (docs / "evaluation.md").read_text()
+    assert set(report["setups"]) == set(ALL_SETUPS)
+    for res in report["setups"].values():
+        ri = res["ri_configs"]["ri"]
+        assert (ri["heatmap_rule"], ri["heatmap_layer"]) == (
+            InterpretOptions().heatmap_rule, InterpretOptions().heatmap_layer)  # fmt: skip
+    first = choose_default(report)["ranking"][0]
+    counts = f"`{first['rule']}` {first['wins']} / {first['losses']} / {first['ties']} first"
+    assert counts in " ".join((docs / "choices.md").read_text().split())
