@@ -65,8 +65,9 @@ def test_non_spatial_layer_shape(tiny):
     attr = ri.attribute(x[200:203], heatmap_layer=None)
     gc = LayerGradCam(model, layer).attribute(x[200:203], target=1)
     assert attr.shape == gc.shape == (3, 1)
-    # the default ("auto"): the split layer here (a layer without a spatial layout)
-    assert ri.attribute(x[200:203]).shape == (3, 1)
+    # the default ("auto"): the split layer here (a layer without a spatial layout), said
+    with pytest.warns(UserWarning, match="draws the maps at the split layer"):
+        assert ri.attribute(x[200:203]).shape == (3, 1)
 
 
 def test_batch_equals_per_sample_and_seed_determinism(fitted):
