@@ -9,13 +9,14 @@ true) class on its image panels.
 Heat maps are upsampled with Captum's ``LayerAttribution.interpolate`` and drawn the way
 pytorch-grad-cam's ``show_cam_on_image`` draws them: a jet colour map blended half and
 half over the grey-scale image, so that the hot spots read at a glance and the image
-stays visible. The maps of one region (the region figure, an audit's row) share one
-colour scale, in the map's own units, so panels can be compared; in the side-by-side
-comparison each panel is scaled to its own maximum by default (its rows can come from
-different regions, whose maps differ by orders of magnitude), or per column on
-request; input attributions
-(Integrated Gradients) go through ``captum.attr.visualization.visualize_image_attr``,
-which scales each image on its own (Captum's 2% outlier clipping).
+stays visible. Panels without a map (exemplars, seeds) show the image in its own colours,
+so that a colour cue the model may use stays visible. The maps of one region (the region
+figure, an audit's row) share one colour scale, in the map's own units, so panels can be
+compared; in the side-by-side comparison each panel is scaled to its own maximum by
+default (its rows can come from different regions, whose maps differ by orders of
+magnitude), or per column on request; input attributions (Integrated Gradients) go
+through ``captum.attr.visualization.visualize_image_attr``, which scales each image on
+its own (Captum's 2% outlier clipping).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def _blank(ax: Any) -> None:
 
 
 def show_heatmap(ax: Any, image: Tensor, attr: Tensor | None, vmax: float | None = None) -> Any:
-    """Draw ``attr`` (``c x h x w``, any resolution) blended over the grey ``image``.
+    """Draw ``attr`` (``c x h x w``, any resolution) blended over the grey ``image``;
+    with ``attr=None`` the image alone, in its own colours.
 
     The map is upsampled to the image (bilinear), coloured with :data:`CMAP` on
     ``[0, vmax]`` (default: its own maximum) and blended with weight :data:`ALPHA` over
@@ -147,10 +149,14 @@ def show_heatmap(ax: Any, image: Tensor, attr: Tensor | None, vmax: float | None
         The heat-map layer (for a colour bar), None when nothing was drawn.
     """
     img = to_hwc(image)
-    ax.imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=1)
     _blank(ax)
-    if attr is None:
+    if attr is None:  # the image itself, in its own colours (a colour shortcut shows)
+        if image.dim() == 3 and image.shape[0] == 3:
+            ax.imshow(img)
+        else:
+            ax.imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=1)
         return None
+    ax.imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=1)
     heat = attribution_to_hwc(attr, img.shape[:2])[..., 0]
     top = float(heat.max()) if vmax is None else float(vmax)
     if not np.any(heat > 0) or top <= 0:

@@ -85,6 +85,29 @@ def test_show_heatmap_blends_jet_over_grey():
     assert "all values <= 0\nafter ReLU" in [t.get_text() for t in ax2.texts]
 
 
+def test_panels_without_a_map_keep_the_images_colours():
+    """An exemplar (no map) of a colour image is drawn in colour, so a colour cue shows;
+    a grey image stays grey; under a heat map the image is grey (the map's colours)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    red = torch.zeros(3, 6, 6)
+    red[0, :3] = 1.0  # top half red, bottom black
+    ax = fig.add_subplot(1, 3, 1)
+    assert show_heatmap(ax, red, None) is None
+    (shown,) = ax.images
+    arr = np.asarray(shown.get_array())
+    assert arr.shape == (6, 6, 3)
+    assert np.allclose(arr[0, 0], [1, 0, 0]) and np.allclose(arr[5, 5], [0, 0, 0])
+    ax = fig.add_subplot(1, 3, 2)
+    show_heatmap(ax, red[:1], None)
+    (grey,) = ax.images
+    assert grey.get_cmap().name == "gray" and np.asarray(grey.get_array()).ndim == 2
+    ax = fig.add_subplot(1, 3, 3)
+    show_heatmap(ax, red, torch.ones(1, 2, 2))
+    assert ax.images[0].get_cmap().name == "gray"
+
+
 def test_region_figure_explains_itself(fitted, tmp_path):
     ri, model, x = fitted
     backend = matplotlib.get_backend()
