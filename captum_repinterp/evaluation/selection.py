@@ -7,9 +7,12 @@ layer of one model) is compared, in every cell (setup, metric, keep share) of th
 protocol, with the best baseline of that cell, paired per seed; it wins the cell when the
 95% interval shows it better, loses it when the interval shows it worse. Only candidates
 within the cost bound are eligible (by default: no extra forward pass per channel of the
-layer); the others are still tabulated. Ranking: eligible first, then most wins, then
-fewest losses, then lowest cost (passes per channel, then the split layer before the
-input), then the nearest to the current default (its rule, then its layer).
+layer); the others are still tabulated. The pairs for ``"auto"`` (one rule where it
+keeps the split layer, another where it draws at the input) take, on each setup, the
+cells of the rule ``"auto"`` drew there. Ranking (fourth version): eligible first, then
+wins minus losses, then wins, then lowest cost (passes per channel, then the split layer
+before the input), then the nearest to the current default (its layer rule, its input
+rule, then its layer).
 """
 
 from __future__ import annotations
