@@ -380,9 +380,11 @@ def test_small_pipeline_on_the_tiny_model(tiny):
     for s in stages:
         for m in methods:
             assert s[m] is None or -1 <= s[m] <= 1
-        # RI's map on the randomised copy: only the row "ri" is drawn, never a config
-        # whose heatmap_layer belongs to the original model
+        # RI's maps on the randomised copy: every config drawn at the split layer or the
+        # input, never one whose heatmap_layer belongs to the original model
         assert "heatmap_layer" not in s.get("note", "")
+        assert {"ri", "ri[region-members]", "ri[elementwise]"} <= set(s)
+        assert not any("@features" in k for k in s)
     # every RI config is also measured on the baselines' images, with paired comparisons
     assert "ri @nn" in reuse["metrics"]
     # the map drawn at an earlier layer, on both image sets and without reuse

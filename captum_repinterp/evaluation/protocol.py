@@ -470,8 +470,19 @@ class _Runner:
             preds_u, max(1, cfg.n_sanity // max(1, preds_u.unique().numel())), self.gen
         )[: cfg.n_sanity]
         images, targets = s.unseen[idx], preds_u[idx]
+        # every RI config that the randomised copy can draw (not those at a named layer of
+        # the original model), so that each candidate rule's sanity is measured
+        ri_names = tuple(
+            name
+            for name, kw in self.ri_configs.items()
+            if not isinstance(kw.get("heatmap_layer"), nn.Module)
+        )
         base = self.explain_all(
-            ri0, channel_weight_methods(self.model, s.layer, cfg.include_package), images, targets
+            ri0,
+            channel_weight_methods(self.model, s.layer, cfg.include_package),
+            images,
+            targets,
+            ri_names,
         )
         stages = []
         names = [name for name, _ in s.cascade]
@@ -487,7 +498,7 @@ class _Runner:
             maps = {}
             if ri is not None:
                 try:
-                    maps.update(self.explain_all(ri, [], images, targets, ("ri",), False))
+                    maps.update(self.explain_all(ri, [], images, targets, ri_names, False))
                 except (ValueError, RuntimeError) as exc:
                     note = str(exc)[:120]
             maps.update(self.explain_all(None, methods, images, targets, (), True, model=model))

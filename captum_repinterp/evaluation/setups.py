@@ -490,6 +490,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         if "sanity" in res:
             stages = res["sanity"]["stages"]
             names = [k for k in stages[0] if k not in ("randomised", "note")]
+            configs = [n for n in names if n.startswith("ri[")]
+            names = [n for n in names if not n.startswith("ri[")]
             lines += [
                 "",
                 "### Sanity check: Spearman correlation with the original maps "
@@ -505,6 +507,16 @@ def markdown_report(report: dict[str, Any]) -> str:
                     + " | ".join(_f(st[n]) for n in names)
                     + f" | {st.get('note', '')} |"
                 )
+            if configs:
+                lines += [
+                    "",
+                    "The other RI configs on the same images, the first stage (the head "
+                    f"randomised: {stages[0]['randomised']}):",
+                    "",
+                    "| config | Spearman correlation |",
+                    "|---|---|",
+                    *(f"| {n} | {_f(stages[0][n])} |" for n in configs),
+                ]
         if "fidelity" in res:
             fid = res["fidelity"]
             lines += [
