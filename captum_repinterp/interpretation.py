@@ -65,7 +65,10 @@ class Interpretation:
     heatmap_rule, combine : str
         How the heat map is drawn (see :mod:`captum_repinterp.heatmap`).
     channel_weights : Tensor or None
-        ``K`` channel weights of the ``"region-score"`` rule (None for the other rules).
+        ``K`` per-region channel weights, computed once on the seed: the softmax weights
+        of ``"region-score"`` and ``"region-members"``, the ``1 / s_k`` levels of
+        ``"elementwise-members"`` (the default; scaled to mean 1); None for the other
+        rules.
     heatmap_layer : nn.Module, "input" or None
         Draw the elementwise map at this earlier layer, or at the input (``"input"``),
         instead of the split layer (see

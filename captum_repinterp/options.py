@@ -35,7 +35,8 @@ HEATMAP_LAYER_NAMES = (INPUT, AUTO)
 
 #: The ``heatmap_layer`` of ``interpret``/``attribute`` when none is given: the split
 #: layer or the input, whichever keeps more class evidence on the references (chosen by
-#: the rule in ``docs/choices.md``).
+#: the third version of the rule in ``docs/choices.md``; the fourth version's answer,
+#: ``"input"`` with ``"elementwise-positive"``, was overridden).
 DEFAULT_HEATMAP_LAYER: str | None = AUTO
 
 

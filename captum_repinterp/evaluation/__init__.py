@@ -8,8 +8,8 @@ The protocol is described in ``docs/method.md``; the results are in
   package, optional), Integrated Gradients;
 - :mod:`.protocol`: :func:`evaluate_setup` runs the whole protocol on one setup, with the
   masking metrics at each keep share (20% and 50% by default);
-- :mod:`.setups`: the real setups (MNIST-5k, faces, digits), the check setups of the
-  selection rule, and the report;
+- :mod:`.setups`: the real setups (MNIST-5k, faces, digits, and the check setups of the
+  rule that chooses the default heat map) and the report;
 - :mod:`.selection`: :func:`choose_default`, the rule that picks the default heat-map
   rule from a run (``docs/choices.md``).
 """

@@ -7,12 +7,13 @@ layer of one model) is compared, in every cell (setup, metric, keep share) of th
 protocol, with the best baseline of that cell, paired per seed; it wins the cell when the
 95% interval shows it better, loses it when the interval shows it worse. Only candidates
 within the cost bound are eligible (by default: no extra forward pass per channel of the
-layer); the others are still tabulated. The pairs for ``"auto"`` (one rule where it
-keeps the split layer, another where it draws at the input) take, on each setup, the
-cells of the rule ``"auto"`` drew there. Ranking (fourth version): eligible first, then
+layer); the others are still tabulated. The candidates for ``"auto"`` include pairs: one
+rule where ``"auto"`` keeps the split layer, another where it draws at the input
+(:func:`candidate_name`). Ranking (the fourth version of the rule): eligible first, then
 wins minus losses, then wins, then lowest cost (passes per channel, then the split layer
 before the input), then the nearest to the current default (its layer rule, its input
-rule, then its layer).
+rule, then its layer). The package's default is the first-ranked candidate unless
+``docs/choices.md`` records it as overridden (the fourth version's answer was).
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ setup             model, layer                           references / unseen
 ``digits``        ``SmallCNN`` on scikit-learn digits     80% / 20%
 ================  =====================================  ==================================
 
-The check setups (:data:`CHECK_SETUPS`) are trained only for the rule that chooses the
-default heat map: ``SmallCNN`` with seed 4 on MNIST-5k and digits, and ``SmallCNN(head=
-"pooled", channels=(16, 32, 64))`` with seed 2 on both; the reuse protocol only, 5 seeds
-per class.
+The check setups (:data:`CHECK_SETUPS`: ``mnist-s4``, ``digits-s4``, ``pooled-mnist-s2``,
+``pooled-digits-s2``) run the reuse protocol only, for the rule that chooses the default
+heat map: the ``SmallCNN`` trained with seed 4, and a ``SmallCNN`` with a
+global-average-pooling head trained with seed 2, each on MNIST-5k and on digits (80% /
+20%, stratified, split with the same seed).
 
 Masked pixels are set to 0 **in the model's input space**: black for the digit setups
 (inputs in [0, 1]) and mid grey (raw value 127.5) for the MTCNN-scaled faces, whose
