@@ -27,7 +27,8 @@ Run (about 2 minutes for the three setups on 2 cores)::
 
     OMP_NUM_THREADS=1 python benchmarks/heatmap_rule_trials.py
 
-It prints one markdown table, mAD / mAI per setup and keep share.
+It prints one markdown table, mAD / mAI per setup and keep share; every row, the default
+rule's (``ri``) included, is drawn at the split layer (``heatmap_layer=None``).
 
 With ``--input-blur SIGMA [SIGMA ...]`` it runs instead the default rule drawn at the
 input (``heatmap_layer="input"``) with its maps blurred by a Gaussian of ``SIGMA`` pixels
@@ -205,9 +206,10 @@ def main() -> None:
                 }
                 for s in args.input_blur
             }
-        else:
+        else:  # every rule at the split layer, the default rule's row (ri) included
+            cfg.ri_kwargs = {**cfg.ri_kwargs, "heatmap_layer": None}
             cfg.ri_variants = {
-                f"ri[{r}]": {"heatmap_rule": r}
+                f"ri[{r}]": {"heatmap_rule": r, "heatmap_layer": None}
                 for r in (*TRIALS, *COMPARED)
                 if r != cfg.ri_kwargs["heatmap_rule"]
             }
