@@ -94,7 +94,7 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
                     "forward_passes": desc["forward_passes"],
                 }
     cells = _cells(setups, candidates)
-    cells += _pair_cells(setups, candidates)
+    cells += _pair_cells(setups, candidates, cells)
     ranking = []
     for name, c in candidates.items():
         mine = [x["outcome"] for x in cells if x["candidate"] == name]
@@ -175,9 +175,10 @@ def _cells(setups: dict[str, Any], candidates: dict[str, dict[str, Any]]) -> lis
 
 
 def _pair_cells(
-    setups: dict[str, Any], candidates: dict[str, dict[str, Any]]
+    setups: dict[str, Any], candidates: dict[str, dict[str, Any]], cells: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Add the pairs for ``"auto"`` to ``candidates`` and return their cells.
+    """Add the pairs for ``"auto"`` to ``candidates`` and return their cells, taken from
+    the candidates' ``cells``.
 
     A pair is a rule at the split layer that needs no extra forward pass and a rule at the
     input, both run as candidates; on each setup its cells are the layer rule's (at the
@@ -188,7 +189,7 @@ def _pair_cells(
     by_key = {c["key"]: name for name, c in candidates.items()}
     at_layer = {k[0]: n for k, n in by_key.items() if k[1] is None}
     at_input = {k[0]: n for k, n in by_key.items() if k[1] == INPUT}
-    cells: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
     for layer_rule, layer_name in at_layer.items():
         if candidates[layer_name]["cost_per_channel"] > 0:
             continue
@@ -212,10 +213,9 @@ def _pair_cells(
                 "forward_passes": f"{at_i['forward_passes']}; at the split layer: "
                 f"{at_l['forward_passes']}",
             }
-            sub = _cells(setups, {n: candidates[n] for n in set(sources.values())})
-            cells += [
+            pairs += [
                 {**c, "candidate": name, "source": c["candidate"]}
-                for c in sub
+                for c in cells
                 if sources.get(c["setup"]) == c["candidate"]
             ]
-    return cells
+    return pairs
