@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..heatmap import INPUT
 from ..options import AUTO
@@ -55,16 +55,25 @@ CHECK_SETUPS = ("mnist-s4", "digits-s4", "pooled-mnist-s2", "pooled-digits-s2")
 ALL_SETUPS = SETUPS + CHECK_SETUPS
 
 
+def _digit_data(data: str, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
+    """Images, labels, train and test indices (80% / 20%, stratified, ``seed``) and a
+    label of MNIST-5k (``"mnist"``) or scikit-learn's digits at 28 x 28 (``"digits"``)."""
+    from .. import datasets
+
+    x, y = datasets.load_mnist5k() if data == "mnist" else datasets.load_digits(28)
+    train, test = datasets.split_indices(len(y), 0.2, seed=seed, stratify=y)
+    label = "MNIST-5k" if data == "mnist" else "scikit-learn digits (28x28)"
+    return x, y, train, test, label
+
+
 def _check_setup(name: str) -> Setup:
-    from .. import datasets, models
+    from .. import models
 
     pooled = name.startswith("pooled-")
     data, seed = name.removeprefix("pooled-").split("-s")
-    x, y = datasets.load_mnist5k() if data == "mnist" else datasets.load_digits(28)
-    train, test = datasets.split_indices(len(y), 0.2, seed=int(seed), stratify=y)
+    x, y, train, test, label = _digit_data(data, int(seed))
     kwargs = {"head": "pooled", "channels": (16, 32, 64)} if pooled else {}
     model = models.train_small_cnn(x[train], y[train], seed=int(seed), **kwargs).eval()
-    label = "MNIST-5k" if data == "mnist" else "scikit-learn digits (28x28)"
     kind = (
         "SmallCNN with a global-average-pooling head (16, 32, 64 channels)"
         if pooled
@@ -93,8 +102,7 @@ def load_setup(name: str, seed: int = 0) -> Setup:
     if name in CHECK_SETUPS:
         return _check_setup(name)
     if name in ("mnist", "digits"):
-        x, y = datasets.load_mnist5k() if name == "mnist" else datasets.load_digits(28)
-        train, test = datasets.split_indices(len(y), 0.2, seed=seed, stratify=y)
+        x, y, train, test, label = _digit_data(name, seed)
         model = models.train_small_cnn(x[train], y[train], seed=seed).eval()
         f = model.features
         cascade = [
@@ -103,7 +111,6 @@ def load_setup(name: str, seed: int = 0) -> Setup:
             ("features[1]", f[1]),
             ("features[0]", f[0]),
         ]
-        label = "MNIST-5k" if name == "mnist" else "scikit-learn digits (28x28)"
         other = [
             (f"features[{i}]", f[i], nn.Sequential(*f[i + 1 :], model.head).eval())
             for i in reversed(range(len(f) - 1))
