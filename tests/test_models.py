@@ -71,29 +71,6 @@ def test_small_cnn_pooled_head_averages_each_channel() -> None:
         assert torch.allclose(model.head(feats.flip(-1)), model.head(feats), atol=1e-6)
 
 
-def test_training_cache_keys_the_head(
-    digits_subset: tuple[torch.Tensor, torch.Tensor],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("CAPTUM_REPINTERP_CACHE", str(tmp_path))
-    x, y = digits_subset
-    flat = train_small_cnn(x, y, seed=0, epochs=1, batch_size=32)
-    pooled = train_small_cnn(
-        x, y, seed=0, epochs=1, batch_size=32, head="pooled", channels=(4, 8, 8)
-    )
-    assert (
-        isinstance(pooled.head[0], nn.AdaptiveAvgPool2d)
-        and pooled.features[-1][0].out_channels == 8
-    )
-    assert isinstance(flat.head[0], nn.Flatten)
-    assert len(list((tmp_path / "models").glob("*.pt"))) == 2
-    again = train_small_cnn(
-        x, y, seed=0, epochs=1, batch_size=32, head="pooled", channels=(4, 8, 8)
-    )
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in pooled.state_dict().items())
-
-
 @pytest.fixture(scope="module")
 def digits_subset() -> tuple[torch.Tensor, torch.Tensor]:
     pytest.importorskip("sklearn")
@@ -150,6 +127,21 @@ def test_training_cache(
     train_small_cnn(x2, y, seed=0, epochs=1, batch_size=32)
     assert len(list((tmp_path / "models").glob("*.pt"))) == 4
     assert not list((tmp_path / "models").glob("*.tmp"))
+
+    # another head or other channels: another entry, and the model built with them
+    pooled = train_small_cnn(
+        x, y, seed=0, epochs=1, batch_size=32, head="pooled", channels=(4, 8, 8)
+    )
+    assert (
+        isinstance(pooled.head[0], nn.AdaptiveAvgPool2d)
+        and pooled.features[-1][0].out_channels == 8
+    )
+    assert isinstance(a.head[0], nn.Flatten)
+    assert len(list((tmp_path / "models").glob("*.pt"))) == 5
+    again = train_small_cnn(
+        x, y, seed=0, epochs=1, batch_size=32, head="pooled", channels=(4, 8, 8)
+    )
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in pooled.state_dict().items())
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
