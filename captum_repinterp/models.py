@@ -6,6 +6,9 @@ linear (ReLU / PReLU and linear layers only), as representative interpretations 
 
 * :class:`SmallCNN`, trained on the fly by :func:`train_small_cnn` in seconds, with the
   trained weights cached under ``cache_dir() / "models"``.
+* torchvision's ResNet-18 (``weights=None``), trained by :func:`train_resnet18` on
+  colour images such as :func:`~captum_repinterp.datasets.make_shapes` in minutes, cached
+  the same way (its head, ``layer4`` to the logits, is piecewise linear too).
 * :class:`ONet` and :class:`RNet`, re-implementations of the face / non-face networks of
   MTCNN (K. Zhang, Z. Zhang, Z. Li and Y. Qiao, "Joint Face Detection and Alignment
   using Multitask Cascaded Convolutional Networks", IEEE Signal Processing Letters, 2016),
@@ -23,7 +26,7 @@ import hashlib
 import importlib.util
 import json
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +41,7 @@ __all__ = [
     "SmallCNN",
     "load_onet",
     "load_rnet",
+    "train_resnet18",
     "train_small_cnn",
 ]
 
@@ -201,12 +205,7 @@ def train_small_cnn(
     SmallCNN
         The trained model, on the CPU and in eval mode.
     """
-    images = images.detach().to("cpu", torch.float32).contiguous()
-    labels = labels.detach().to("cpu", torch.int64).reshape(-1).contiguous()
-    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"images must be N x C x H x H, got shape {tuple(images.shape)}")
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    images, labels = _check_training_data(images, labels)
     if n_classes is None:
         n_classes = int(labels.max()) + 1
     config = {
@@ -238,11 +237,35 @@ def train_small_cnn(
             head=head,
         )
 
+    return _train_cached(
+        "smallcnn", config, images, labels, build, cache, max_shift, lr, epochs, batch_size, seed
+    )
+
+
+def _train_cached(
+    prefix: str,
+    config: dict,
+    images: Tensor,
+    labels: Tensor,
+    build: Callable[[], nn.Module],
+    cache: bool,
+    max_shift: int,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> nn.Module:
+    """Load the model of ``config`` and the data from the cache, or train and cache it.
+
+    The key is the SHA-1 of ``config`` and of the tensors' bytes; the weights are
+    initialised under ``torch.manual_seed(seed)`` (the caller's RNG is left untouched),
+    and trained on one thread with Adam and a one-cycle schedule.
+    """
     path = None
     if cache:
         key_src = json.dumps(config, sort_keys=True) + _tensor_sha1(images) + _tensor_sha1(labels)
         key = hashlib.sha1(key_src.encode()).hexdigest()[:20]
-        path = cache_dir() / "models" / f"smallcnn-{key}.pt"
+        path = cache_dir() / "models" / f"{prefix}-{key}.pt"
         if path.is_file():
             model = build()
             try:
@@ -275,6 +298,91 @@ def train_small_cnn(
         state = model.state_dict()
         _atomic_write(path, lambda f: torch.save(state, f))
     return model
+
+
+def _check_training_data(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    images = images.detach().to("cpu", torch.float32).contiguous()
+    labels = labels.detach().to("cpu", torch.int64).reshape(-1).contiguous()
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"images must be N x C x H x H, got shape {tuple(images.shape)}")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def train_resnet18(
+    images: Tensor,
+    labels: Tensor,
+    seed: int = 0,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    cache: bool = True,
+    n_classes: int | None = None,
+    max_shift: int = 2,
+) -> nn.Module:
+    """Train torchvision's ResNet-18 (``weights=None``) deterministically on the CPU, or
+    load it from the cache.
+
+    The same procedure as :func:`train_small_cnn` (seeded initialisation inside
+    ``torch.random.fork_rng``, seeded batch order and random shifts, Adam with a
+    one-cycle schedule, one thread, cached under ``cache_dir() / "models"``). Nothing is
+    downloaded. K. He, X. Zhang, S. Ren and J. Sun, "Deep Residual Learning for Image
+    Recognition", CVPR 2016, arXiv:1512.03385.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``N x 3 x H x W`` float images (``H == W``).
+    labels : torch.Tensor
+        ``N`` integer labels in ``0 .. n_classes - 1``.
+    seed, epochs, batch_size, lr, cache, n_classes, max_shift
+        As in :func:`train_small_cnn` (defaults: 3 epochs, peak learning rate 1e-3,
+        shifts of up to 2 pixels).
+
+    Returns
+    -------
+    torchvision.models.ResNet
+        The trained model, on the CPU and in eval mode.
+
+    Raises
+    ------
+    ValueError
+        If ``images`` is not ``N x 3 x H x H`` or the lengths differ.
+    ImportError
+        If torchvision is not installed (``pip install captum-repinterp[vision]``).
+    """
+    try:
+        import torchvision
+    except ImportError as err:
+        raise ImportError(
+            "train_resnet18 needs torchvision: pip install captum-repinterp[vision]"
+        ) from err
+    images, labels = _check_training_data(images, labels)
+    if images.shape[1] != 3:
+        raise ValueError(f"images must have 3 channels, got shape {tuple(images.shape)}")
+    if n_classes is None:
+        n_classes = int(labels.max()) + 1
+    config = {
+        "arch": "torchvision-resnet18-v1",
+        "torchvision": torchvision.__version__.split("+")[0],
+        "n_classes": int(n_classes),
+        "image_size": int(images.shape[-1]),
+        "seed": int(seed),
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "max_shift": int(max_shift),
+        "optimizer": "adam-onecycle",
+        "threads": 1,
+    }
+
+    def build() -> nn.Module:
+        return torchvision.models.resnet18(weights=None, num_classes=int(n_classes))
+
+    return _train_cached(
+        "resnet18", config, images, labels, build, cache, max_shift, lr, epochs, batch_size, seed
+    )
 
 
 # ------------------------------------------------------------------------ MTCNN nets

@@ -15,6 +15,7 @@ from captum_repinterp.datasets import (
     load_digits,
     load_faces,
     load_mnist5k,
+    make_shapes,
     split_indices,
 )
 
@@ -183,3 +184,42 @@ def test_split_indices_errors() -> None:
         split_indices(10, 1.0)
     with pytest.raises(ValueError):
         split_indices(10, 0.2, stratify=torch.zeros(9))
+
+
+def _fill_mask(image: torch.Tensor) -> torch.Tensor:
+    """The pixels of the shape: those of the image's most frequent colour."""
+    pixels = image.reshape(3, -1).T
+    colours, inverse, counts = torch.unique(pixels, dim=0, return_inverse=True, return_counts=True)
+    return (inverse == counts.argmax()).reshape(image.shape[1:])
+
+
+def test_make_shapes_fills_each_class_with_its_shape() -> None:
+    """Each image holds one shape of one colour; the share of its bounding box that it
+    fills is the shape's (hand computation: circle pi / 4; square 1; the triangle
+    0.5; the cross, two arms 2r x 0.5r, (2 * r^2 - r^2 / 4) / (4 r^2) = 0.4375)."""
+    x, y = make_shapes(64, 64, seed=3)
+    assert x.shape == (64, 3, 64, 64) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1, 2, 3}
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    expected = {0: torch.pi / 4, 1: 1.0, 2: 0.5, 3: 0.4375}
+    for image, label in zip(x, y.tolist()):
+        mask = _fill_mask(image)
+        rows, cols = torch.nonzero(mask, as_tuple=True)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert abs(mask.sum().item() / box.item() - expected[label]) < 0.08, label
+        # the shape is bright on a dark background: two channels of its colour >= 0.5
+        fill = image[:, mask][:, 0]
+        assert int((fill >= 0.5).sum()) >= 2
+        assert image[:, ~mask].mean() < 0.35
+
+
+def test_make_shapes_is_seeded_and_checks_its_arguments() -> None:
+    a, ya = make_shapes(5, 32, seed=1)
+    b, yb = make_shapes(5, 32, seed=1)
+    c, _ = make_shapes(5, 32, seed=2)
+    assert torch.equal(a, b) and torch.equal(ya, yb) and not torch.equal(a, c)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="n_samples"):
+            make_shapes(bad)
+    with pytest.raises(ValueError, match="size"):
+        make_shapes(4, size=8)

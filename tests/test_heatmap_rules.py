@@ -481,3 +481,55 @@ def test_choose_default_ranks_by_wins_minus_losses():
     assert order.index("b@input") < order.index("a")
     # auto chose the input everywhere, so the pair a/b@auto has b@input's cells
     assert order.index("a/b@auto") < order.index("a")
+
+
+def test_choose_default_weighs_every_family_the_same():
+    """``a`` wins 2 cells on each of three setups of one family, ``b@input`` wins 2 on the
+    fourth setup, its own family: by counts ``a`` leads 6 to 2; by families (6 / 3 = 2
+    against 2 / 1 = 2) they tie, and the weighted wins then tie too, so cost decides
+    (the split layer first). When one of ``a``'s wins becomes a loss, its score is
+    2 - 2 / 3 and ``b@input`` goes first although ``a`` still has more wins."""
+    tie = (None, None)
+    outcomes = {f"s{i}": {"ri[a]": (True, True), "ri[b@input]": tie, "ri[a@input]": tie}
+                for i in range(3)}  # fmt: skip
+    outcomes["s3"] = {"ri[a]": tie, "ri[b@input]": (True, True), "ri[a@input]": tie}
+    report = _two_setup_report([None] * 4, outcomes)
+    for i, res in enumerate(report["setups"].values()):
+        res["family"] = "big" if i < 3 else "small"
+    rows = {r["rule"]: r for r in choose_default(report)["ranking"]}
+    assert (rows["a"]["wins"], rows["b@input"]["wins"]) == (6, 2)
+    assert rows["a"]["score"] == pytest.approx(2.0) == rows["b@input"]["score"]
+    assert choose_default(report)["default"] == "a"
+    report["setups"]["s1"]["reuse"]["keep"]["0.2"]["comparisons"][0]["win_AI"] = False
+    sel = choose_default(report)
+    rows = {r["rule"]: r for r in sel["ranking"]}
+    assert rows["a"]["score"] == pytest.approx(2.0 - 2 / 3)  # a win became a loss
+    assert sel["default"] == "b@input"
+    # without families every setup is its own family: counts decide, a first
+    for res in report["setups"].values():
+        del res["family"]
+    assert choose_default(report)["default"] == "a"
+
+
+def test_choose_default_keeps_the_sanity_bound():
+    """A candidate whose maps stay correlated above the bound with the maps of the
+    randomised top block, on any setup, is not eligible; a pair takes the value of the
+    rule it draws on each setup."""
+    tie = (None, None)
+    outcomes = {
+        "s0": {"ri[a]": (True, True), "ri[b@input]": (True, None), "ri[a@input]": tie},
+        "s1": {"ri[a]": (True, True), "ri[b@input]": (True, None), "ri[a@input]": tie},
+    }
+    report = _two_setup_report([None, "input"], outcomes)
+    report["setups"]["s0"]["sanity"] = {"stages": [{"ri[a]": 0.2, "ri[b@input]": 0.9}]}
+    report["setups"]["s1"]["sanity"] = {"stages": [{"ri[a]": 0.7, "ri[b@input]": 0.1}]}
+    sel = choose_default(report)
+    rows = {r["rule"]: r for r in sel["ranking"]}
+    assert rows["a"]["sanity"] == 0.7 and not rows["a"]["eligible"]
+    assert rows["b@input"]["sanity"] == 0.9 and not rows["b@input"]["eligible"]
+    # the pair draws a on s0 (0.2) and b at the input on s1 (0.1)
+    pair = rows["a/b@auto"]
+    assert pair["sanity_by_setup"] == {"s0": 0.2, "s1": 0.1} and pair["eligible"]
+    assert sel["default"] == "a/b@auto"
+    assert choose_default(report, max_sanity=None)["default"] == "a"  # 4 wins, cheaper
+    assert not rows["a"]["within_sanity"] and rows["a"]["within_cost"]

@@ -244,3 +244,35 @@ def test_mtcnn_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
     for loader in (load_onet, load_rnet):
         with pytest.raises(ImportError, match="pip install --no-deps facenet-pytorch==2.6.0"):
             loader()
+
+
+# ------------------------------------------------------------------------- ResNet-18
+def test_train_resnet18_is_deterministic_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("torchvision")
+    from captum_repinterp.datasets import make_shapes
+    from captum_repinterp.models import train_resnet18
+
+    x, y = make_shapes(12, 32, seed=0)
+    rng_state = torch.get_rng_state()
+    a = train_resnet18(x, y, seed=1, epochs=1, batch_size=6, cache=False, n_classes=4)
+    assert torch.equal(rng_state, torch.get_rng_state())
+    b = train_resnet18(x, y, seed=1, epochs=1, batch_size=6, cache=False, n_classes=4)
+    assert not a.training and a.fc.out_features == 4
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    # the batch-norm statistics moved: the model was trained in train mode
+    assert not torch.equal(a.bn1.running_mean, torch.zeros_like(a.bn1.running_mean))
+
+    monkeypatch.setenv("CAPTUM_REPINTERP_CACHE", str(tmp_path))
+    c = train_resnet18(x, y, seed=1, epochs=1, batch_size=6, n_classes=4)
+    assert all(torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+    assert len(list((tmp_path / "models").glob("resnet18-*.pt"))) == 1
+    monkeypatch.setattr(models.torch.optim, "Adam", None)  # a retrain would fail
+    d = train_resnet18(x, y, seed=1, epochs=1, batch_size=6, n_classes=4)
+    assert all(torch.equal(v, d.state_dict()[k]) for k, v in a.state_dict().items())
+
+    with pytest.raises(ValueError, match="3 channels"):
+        train_resnet18(x[:, :1], y, cache=False)
+    with pytest.raises(ValueError, match="labels"):
+        train_resnet18(x, y[:3], cache=False)

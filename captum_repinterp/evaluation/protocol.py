@@ -104,7 +104,8 @@ class Setup:
     on which the reuse protocol is run again (every method at the same layer);
     ``heatmap_layers`` lists earlier layers ``(name, module)`` at which the RI map is also
     drawn (``interpret(..., heatmap_layer=module)``, the row ``ri[map@name]``) with the
-    region still at ``layer``.
+    region still at ``layer``. ``family`` names the model family (the selection rule
+    weighs every family the same; empty: the setup is its own family).
     """
 
     name: str
@@ -118,6 +119,7 @@ class Setup:
     notes: str = ""
     other_layers: Sequence[tuple[str, nn.Module, Any]] = ()
     heatmap_layers: Sequence[tuple[str, nn.Module]] = ()
+    family: str = ""
 
 
 @dataclass
@@ -784,6 +786,7 @@ def evaluate_setup(setup: Setup, config: EvalConfig | None = None) -> dict[str, 
         methods = channel_weight_methods(run.model, setup.layer, cfg.include_package)
         result: dict[str, Any] = {
             "setup": setup.name,
+            "family": setup.family or setup.name,
             "notes": setup.notes,
             "n_references": int(setup.references.shape[0]),
             "n_unseen": int(setup.unseen.shape[0]),

@@ -9,11 +9,15 @@ protocol, with the best baseline of that cell, paired per seed; it wins the cell
 within the cost bound are eligible (by default: no extra forward pass per channel of the
 layer); the others are still tabulated. The candidates for ``"auto"`` include pairs: one
 rule where ``"auto"`` keeps the split layer, another where it draws at the input
-(:func:`candidate_name`). Ranking (the fourth version of the rule): eligible first, then
-wins minus losses, then wins, then lowest cost (passes per channel, then the split layer
-before the input), then the nearest to the current default (its layer rule, its input
-rule, then its layer). The package's default is the first-ranked candidate unless
-``docs/choices.md`` records it as overridden (the fourth version's answer was).
+(:func:`candidate_name`). Candidates whose maps stay correlated above a bound with their
+maps after the top block is randomised (the sanity check) are not eligible either.
+Ranking (the fifth version of the rule): eligible first, then the score (wins minus
+losses, each cell weighted by one over its model family's number of setups, so that every
+family weighs the same), then the weighted wins, then lowest cost (passes per channel,
+then the split layer before the input), then the nearest to the current default (its
+layer rule, its input rule, then its layer). The package's default is the first-ranked
+candidate unless ``docs/choices.md`` records it as overridden (the fourth version's answer
+was).
 """
 
 from __future__ import annotations
@@ -55,7 +59,11 @@ def best_baseline(metrics: dict[str, Any], baselines: list[str], metric: str) ->
     return max(scored)[1] if scored else None
 
 
-def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0) -> dict[str, Any]:
+def choose_default(
+    report: dict[str, Any],
+    max_cost_per_channel: int | None = 0,
+    max_sanity: float | None = 0.5,
+) -> dict[str, Any]:
     """Apply the selection rule to a report of
     :func:`~captum_repinterp.evaluation.run_evaluation` (or its ``results.json``).
 
@@ -67,13 +75,21 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
         The cost bound: candidates whose extra forward passes per seed per channel of
         the layer exceed it are not eligible (``0``: rules without extra forward
         passes; ``None``: no bound).
+    max_sanity : float or None
+        The sanity bound: candidates whose maps keep a mean Spearman correlation above it
+        with their maps after the top block is re-initialised (the first stage of a
+        setup's sanity check), on any setup where it was measured, are not eligible
+        (``None``: no bound). Adebayo et al. 2018, arXiv:1810.03292.
 
     Returns
     -------
     dict
         ``"ranking"``: one row per candidate (its RI config name, ``rule`` as
         :func:`candidate_name` writes it, ``heatmap_rule``, ``heatmap_layer``, wins,
-        losses, ties, cost, ``eligible``), eligible candidates first, best first;
+        losses, ties, ``score`` (wins minus losses with each cell weighted by one over
+        its family's number of setups: every model family weighs the same), cost,
+        ``sanity`` (the largest correlation over the setups), ``eligible``), eligible
+        candidates first, best first;
         ``"cells"``: per candidate and cell the opponent, the paired difference, its
         interval and the outcome (``"win"``, ``"loss"``, ``"tie"``); ``"default"``: the
         first-ranked eligible rule (the current default when none is eligible).
@@ -95,9 +111,16 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
                 }
     cells = _cells(setups, candidates)
     cells += _pair_cells(setups, candidates, cells)
+    family = {setup: res.get("family") or setup for setup, res in setups.items()}
+    n_setups = {f: list(family.values()).count(f) for f in family.values()}
+    sign = {"win": 1.0, "loss": -1.0, "tie": 0.0}
     ranking = []
     for name, c in candidates.items():
-        mine = [x["outcome"] for x in cells if x["candidate"] == name]
+        own = [x for x in cells if x["candidate"] == name]
+        mine = [x["outcome"] for x in own]
+        weight = [1.0 / n_setups[family[x["setup"]]] for x in own]
+        sanity = _sanity(setups, name, c.get("sources", {}))
+        worst = max(sanity.values(), default=float("nan"))
         ranking.append(
             {
                 "config": name,
@@ -109,18 +132,24 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
                 "losses": mine.count("loss"),
                 "ties": mine.count("tie"),
                 "cells": len(mine),
+                "score": round(sum(w * sign[o] for w, o in zip(weight, mine)), 6),
+                "weighted_wins": round(sum(w for w, o in zip(weight, mine) if o == "win"), 6),
                 "cost_per_channel": c["cost_per_channel"],
                 "forward_passes": c["forward_passes"],
-                "eligible": max_cost_per_channel is None
+                "sanity": worst,
+                "sanity_by_setup": sanity,
+                "within_cost": max_cost_per_channel is None
                 or c["cost_per_channel"] <= max_cost_per_channel,
+                "within_sanity": max_sanity is None or not worst > max_sanity,
             }
         )
+        ranking[-1]["eligible"] = ranking[-1]["within_cost"] and ranking[-1]["within_sanity"]
     current_input = None if CURRENT_DEFAULT[1] is None else CURRENT_DEFAULT[0]
     ranking.sort(
         key=lambda r: (
             not r["eligible"],
-            -(r["wins"] - r["losses"]),
-            -r["wins"],
+            -r["score"],
+            -r["weighted_wins"],
             r["cost_per_channel"],
             r["heatmap_layer"] is not None,
             # then the nearest to the current default: its layer rule, its input rule,
@@ -139,6 +168,19 @@ def choose_default(report: dict[str, Any], max_cost_per_channel: int | None = 0)
         "default_layer": first["heatmap_layer"] if first else CURRENT_DEFAULT[1],
         "default_input_rule": first["input_rule"] if first else current_input,
     }
+
+
+def _sanity(setups: dict[str, Any], name: str, sources: dict[str, str]) -> dict[str, float]:
+    """The candidate's mean correlation with its maps after the top block is randomised
+    (the first stage of the sanity check), per setup where it was measured; a pair's is
+    its source rule's on that setup."""
+    out = {}
+    for setup, res in setups.items():
+        stages = res.get("sanity", {}).get("stages", [])
+        value = stages[0].get(sources.get(setup, name)) if stages else None
+        if isinstance(value, (int, float)) and not math.isnan(value):
+            out[setup] = float(value)
+    return out
 
 
 def _cells(setups: dict[str, Any], candidates: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -208,6 +250,7 @@ def _pair_cells(
             at_l, at_i = candidates[layer_name], candidates[input_name]
             candidates[name] = {
                 "key": key,
+                "sources": sources,
                 "rule": candidate_name(*key),
                 "cost_per_channel": max(at_l["cost_per_channel"], at_i["cost_per_channel"]),
                 "forward_passes": f"{at_i['forward_passes']}; at the split layer: "

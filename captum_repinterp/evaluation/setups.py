@@ -11,10 +11,17 @@ setup             model, layer                           references / unseen
 ================  =====================================  ==================================
 
 The check setups (:data:`CHECK_SETUPS`: ``mnist-s4``, ``digits-s4``, ``pooled-mnist-s2``,
-``pooled-digits-s2``) run the reuse protocol only, for the rule that chooses the default
-heat map: the ``SmallCNN`` trained with seed 4, and a ``SmallCNN`` with a
-global-average-pooling head trained with seed 2, each on MNIST-5k and on digits (80% /
-20%, stratified, split with the same seed).
+``pooled-digits-s2``, ``resnet18-shapes``) run the reuse protocol and the sanity check of
+the top block only, for the rule that chooses the default heat map: the ``SmallCNN``
+trained with seed 4, and a ``SmallCNN`` with a global-average-pooling head trained with
+seed 2, each on MNIST-5k and on digits (80% / 20%, stratified, split with the same seed);
+and torchvision's ResNet-18 (``weights=None``) trained with seed 5 on 3,000 synthetic
+coloured shapes at 64 px (:func:`~captum_repinterp.datasets.make_shapes`, data seed 1),
+split at ``layer3``, with the first 1,500 training images as references and 600 images
+it was not trained on as unseen images (masked pixels = 0, black).
+
+Each setup belongs to a model family (:data:`FAMILIES`); the rule weighs every family
+the same.
 
 Masked pixels are set to 0 **in the model's input space**: black for the digit setups
 (inputs in [0, 1]) and mid grey (raw value 127.5) for the MTCNN-scaled faces, whose
@@ -39,6 +46,7 @@ from .selection import candidate_name
 __all__ = [
     "ALL_SETUPS",
     "CHECK_SETUPS",
+    "FAMILIES",
     "SETUPS",
     "load_setup",
     "markdown_report",
@@ -51,8 +59,26 @@ SETUPS = ("mnist", "faces", "digits")
 #: fourth version): the bundled ``SmallCNN`` with seed 4, and the same CNN with a
 #: global-average-pooling head (``SmallCNN(head="pooled")``) with seed 2, each on
 #: MNIST-5k and on digits. Their seed is in their name.
-CHECK_SETUPS = ("mnist-s4", "digits-s4", "pooled-mnist-s2", "pooled-digits-s2")
+CHECK_SETUPS = (
+    "mnist-s4",
+    "digits-s4",
+    "pooled-mnist-s2",
+    "pooled-digits-s2",
+    "resnet18-shapes",
+)
 ALL_SETUPS = SETUPS + CHECK_SETUPS
+#: The model family of each setup (the fifth version of the rule weighs every family the
+#: same, whatever its number of setups).
+FAMILIES = {
+    "mnist": "SmallCNN",
+    "digits": "SmallCNN",
+    "mnist-s4": "SmallCNN",
+    "digits-s4": "SmallCNN",
+    "pooled-mnist-s2": "SmallCNN, pooled head",
+    "pooled-digits-s2": "SmallCNN, pooled head",
+    "faces": "MTCNN ONet",
+    "resnet18-shapes": "ResNet-18",
+}
 
 
 def _digit_data(data: str, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
@@ -66,9 +92,32 @@ def _digit_data(data: str, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, s
     return x, y, train, test, label
 
 
+def _resnet_setup(name: str) -> Setup:
+    from .. import datasets, models
+
+    x, y = datasets.make_shapes(3600, 64, seed=1)
+    model = models.train_resnet18(x[:3000], y[:3000], seed=5).eval()
+    return Setup(
+        name,
+        model,
+        model.layer3,
+        x[:1500],
+        x[3000:],
+        cascade=[("fc", model.fc)],
+        class_names=list(datasets.SHAPE_CLASSES),
+        family=FAMILIES[name],
+        notes="check setup: torchvision ResNet-18 (weights=None) trained with seed 5 on "
+        "3,000 synthetic coloured shapes at 64 px (make_shapes, data seed 1), split at "
+        "layer3 (256 x 4 x 4); references = the first 1,500 training images, unseen = "
+        "600 images not trained on; masked pixels = 0 (black)",
+    )
+
+
 def _check_setup(name: str) -> Setup:
     from .. import models
 
+    if name == "resnet18-shapes":
+        return _resnet_setup(name)
     pooled = name.startswith("pooled-")
     data, seed = name.removeprefix("pooled-").split("-s")
     x, y, train, test, label = _digit_data(data, int(seed))
@@ -86,6 +135,8 @@ def _check_setup(name: str) -> Setup:
         x[train],
         x[test],
         head=model.head,
+        cascade=[("head", model.head)],
+        family=FAMILIES[name],
         notes=f"check setup: {kind} trained with seed {seed} on {label}; references = "
         f"train split ({len(train)}), unseen = test split ({len(test)}); masked pixels = 0",
     )
@@ -125,6 +176,7 @@ def load_setup(name: str, seed: int = 0) -> Setup:
             cascade=cascade,
             other_layers=other,
             heatmap_layers=[(n, m) for n, m, _ in other],
+            family=FAMILIES[name],
             notes=f"SmallCNN on {label}; references = train split "
             f"({len(train)}), unseen = test split ({len(test)}); "
             "masked pixels = 0 (black)",
@@ -152,6 +204,7 @@ def load_setup(name: str, seed: int = 0) -> Setup:
             class_names=["non-face", "face"],
             other_layers=other,
             heatmap_layers=[(n, m) for n, m, _ in other],
+            family=FAMILIES[name],
             notes=f"pretrained MTCNN ONet (facenet-pytorch) on lfw_subset; references "
             f"= train split ({len(train)}), unseen = test split ({len(test)}); "
             "masked pixels = 0 in input space (mid grey)",
@@ -162,7 +215,7 @@ def load_setup(name: str, seed: int = 0) -> Setup:
 def default_config(name: str, quick: bool = False) -> EvalConfig:
     """The configuration used for each setup by the benchmark (recorded in the results)."""
     cfg = EvalConfig(
-        seeds_per_class=10, n_explain_per_class=5, n_sanity=4, n_fidelity=4, n_perturb=4
+        seeds_per_class=10, n_explain_per_class=5, n_sanity=8, n_fidelity=4, n_perturb=4
     )
     default = (cfg.ri_kwargs["heatmap_rule"], cfg.ri_kwargs["heatmap_layer"])
     # the candidates of the rule in docs/choices.md: every rule at the split layer, and
@@ -194,7 +247,8 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
         cfg.n_explain_per_class = 10
     if name in CHECK_SETUPS:  # the reuse protocol only: the cells of the selection rule
         cfg.seeds_per_class = 5
-        cfg.no_reuse = cfg.sanity = cfg.fidelity = cfg.layer_sweep = False
+        # the reuse protocol and the sanity check of the top block (cascade of one)
+        cfg.no_reuse = cfg.fidelity = cfg.layer_sweep = False
         cfg.heatmap_layer_rules = ()
     if quick:
         cfg.seeds_per_class, cfg.k, cfg.n_explain_per_class = 1, 4, 1
@@ -344,10 +398,11 @@ def _selection_section(report: dict[str, Any]) -> list[str]:
     sel = choose_default(report)
     if not sel["ranking"]:
         return []
+    families = [res.get("family") or name for name, res in report["setups"].items()]
     lines = [
         "## Choosing the default heat-map rule",
         "",
-        "The rule written in `docs/choices.md` (fourth version) before the run: each "
+        "The rule written in `docs/choices.md` (fifth version) before the run: each "
         "candidate (a `heatmap_rule` at the split layer; an elementwise rule drawn at the "
         'input, `<rule>@input`, or where `heatmap_layer="auto"` chose on the '
         'references, `<rule>@auto`; or a pair for `"auto"`, `<layer rule>/<input '
@@ -355,22 +410,31 @@ def _selection_section(report: dict[str, Any]) -> list[str]:
         'input rule, as `"auto"` chose there) against the best baseline of each cell '
         "(setup, metric, keep share; the bundled setups and the check setups), paired per "
         "seed; win / loss when the 95% interval excludes 0. Eligible: no extra forward "
-        "pass per channel of the layer (the cost bound); ranked by wins minus losses, "
-        "then wins, then cost (passes per seed, K = channels of the layer; then the split "
-        f"layer before the input). First: **{sel['default']}**. In the tables `ri` is "
-        "the row of the run's `heatmap_rule` and `heatmap_layer` (the package's defaults, "
-        "below each setup's title) and `ri[<candidate>]` the other candidates, on the "
-        "same seeds and images. Where `ri` is not the first-ranked candidate, the "
-        "package's default differs from the rule's answer, and `docs/choices.md` says "
-        "why.",
+        "pass per channel of the layer (the cost bound) and, on every setup, a mean "
+        "Spearman correlation of at most 0.5 between its maps and its maps after the top "
+        "block is re-initialised (the sanity bound; `sanity` is the largest over the "
+        "setups). Ranked by the score (wins minus losses, each cell weighted by one over "
+        "its model family's number of setups: "
+        + "; ".join(f"{f}: {families.count(f)} setups" for f in dict.fromkeys(families))
+        + "), then the weighted wins, then cost (passes per seed, K = channels of the "
+        f"layer; then the split layer before the input). First: **{sel['default']}**. In "
+        "the tables `ri` is the row of the run's `heatmap_rule` and `heatmap_layer` (the "
+        "package's defaults, below each setup's title) and `ri[<candidate>]` the other "
+        "candidates, on the same seeds and images. Where `ri` is not the first-ranked "
+        "candidate, the package's default differs from the rule's answer, and "
+        "`docs/choices.md` says why.",
         "",
-        "| config | heatmap_rule | wins | losses | ties | cost | eligible |",
-        "|---|---|---|---|---|---|---|",
+        "| config | heatmap_rule | score | wins | losses | ties | sanity | cost | eligible |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sel["ranking"]:
+        why = [] if r["within_cost"] else ["cost"]
+        why += [] if r["within_sanity"] else ["sanity"]
+        eligible = "yes" if r["eligible"] else "no (" + ", ".join(why) + ")"
         lines.append(  # the table of candidates
-            f"| {r['config']} | {r['rule']} | {r['wins']} | {r['losses']} | {r['ties']} | "
-            f"{r['forward_passes']} | {'yes' if r['eligible'] else 'no'} |"
+            f"| {r['config']} | {r['rule']} | {r['score']:.2f} | {r['wins']} | "
+            f"{r['losses']} | {r['ties']} | {_f(r['sanity'])} | {r['forward_passes']} | "
+            f"{eligible} |"
         )
     lines += ["", 'Where `heatmap_layer="auto"` drew (chosen on each setup\'s references):', ""]
     for name, res in report["setups"].items():
@@ -380,11 +444,14 @@ def _selection_section(report: dict[str, Any]) -> list[str]:
             scores = ", ".join(f"{k} {v:.3f}" for k, v in c["scores"].items())
             lines.append(f"- {name}: {where} (mean insertion score {scores}; {c['reason']})")
     shown = [sel["ranking"][0]]
+    shown += [r for r in sel["ranking"] if r["config"] == "ri" and r is not shown[0]]
     over = [r for r in sel["ranking"] if not r["eligible"]]
     if over and shown[0]["eligible"]:
-        shown.append(over[0])  # the best candidate above the cost bound, for comparison
+        shown.append(over[0])  # the best candidate out of the bounds, for comparison
     for row in shown:
-        bound = "" if row["eligible"] else ", above the cost bound"
+        bound = "" if row["eligible"] else ", out of the bounds"
+        if row["config"] == "ri" and row is not shown[0]:
+            bound = " (the package's default)"
         lines += [
             "",
             f"Cells of {row['config']}{bound} (value, best baseline's value, difference "
