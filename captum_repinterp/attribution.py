@@ -11,6 +11,7 @@ pipeline stages in order::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -223,12 +224,15 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             After the greedy loop: add every zero-cost boundary, drop boundaries that
             change neither count, or nothing.
         heatmap_rule : str
-            A rule registered in :mod:`captum_repinterp.heatmap`: ``"elementwise-members"``
-            (default: the region's direction with each channel in units of its mean level
-            over the seed and its 8 nearest members, no extra forward pass),
-            ``"elementwise"`` (the authors' rule), ``"elementwise-positive"``,
-            ``"channel"``, ``"region-score"`` (``K`` forward passes per seed),
-            ``"region-members"`` (``9 K``).
+            A rule registered in :mod:`captum_repinterp.heatmap`: ``"channel-members"``
+            (default: at the split layer Grad-CAM's form with the region's direction,
+            ``relu(sum_k mean_p v[k, p] A_k)``; at the input or an earlier layer the
+            region's score with each channel in units of its mean level over the seed
+            and its 8 nearest members, drawn by gradient times activation; no extra
+            forward pass), ``"elementwise-members"`` (that member-scaled score at every
+            resolution), ``"elementwise"`` (the authors' rule),
+            ``"elementwise-positive"``, ``"channel"``, ``"region-score"`` (``K`` forward
+            passes per seed), ``"region-members"`` (``9 K``).
         combine : {"sum", "unit"}
             How the selected normals are combined into the heat-map direction.
         bisection_steps : int
@@ -236,7 +240,8 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         progress : bool
             Progress bar over seeds.
         heatmap_layer : nn.Module, "input", "auto" or None
-            Where the elementwise rules draw the region's score (the region stays at
+            Where the elementwise rules and ``"channel-members"`` draw the region's
+            score (the region stays at
             ``layer``): ``None``, the split layer; an earlier layer; ``"input"``, the
             model's input (input times gradient, one value per pixel); ``"auto"``, the
             split layer or the input, whichever keeps more class evidence on the
@@ -271,7 +276,10 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
 
     def _resolve(self, options: InterpretOptions) -> InterpretOptions:
         """``heatmap_layer="auto"`` replaced by the resolution chosen on the references
-        (not chosen for rules that draw at the split layer anyway)."""
+        (not chosen for rules that draw at the split layer anyway); the split layer named
+        as a module is the split layer (None: each rule's own map there)."""
+        if options.heatmap_layer is self.layer:
+            return dataclasses.replace(options, heatmap_layer=None)
         if options.heatmap_layer != AUTO or not options.rule.supports_input:
             return options.resolved(None)
         return options.resolved(self.heatmap_resolution_.heatmap_layer)

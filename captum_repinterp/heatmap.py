@@ -12,8 +12,10 @@ method, :meth:`HeatmapRule.cam_weights` (as pytorch-grad-cam's CAM variants impl
   gradient of the score ``v . psi`` there standing for ``v`` (:func:`pulled_back_heatmap`);
 - ``"channel"``: Grad-CAM-like, ``weights_k = mean_p v[k, p]``;
 - ``"elementwise-positive"``: ``weights = max(v, 0)``;
-- ``"elementwise-members"`` (default): ``weights = v / s_k``, ``s_k`` the mean activation of
+- ``"elementwise-members"``: ``weights = v / s_k``, ``s_k`` the mean activation of
   channel ``k`` over the seed and its 8 nearest reference members (no forward pass);
+- ``"channel-members"`` (default): ``"channel"`` at the split layer,
+  ``"elementwise-members"`` drawn at the input or an earlier layer (``layer=``);
 - ``"region-score"``: Score-CAM-like channel weights scored by the *region*: each
   channel's activation on the seed, upsampled and min-max scaled, masks the seed; ``s_k``
   is how far the masked seed lies inside the region (the smallest signed distance
@@ -47,6 +49,7 @@ __all__ = [
     "COMBINE_RULES",
     "HEATMAP_RULES",
     "INPUT",
+    "ChannelMembersRule",
     "ChannelRule",
     "ElementwiseMembersRule",
     "ElementwisePositiveRule",
@@ -385,6 +388,29 @@ class ElementwiseMembersRule(HeatmapRule):
     def channel_levels(self, activations: Tensor) -> Tensor:
         """``n x K`` levels of the channels of ``n x K x ...`` activations: their means."""
         return activations.flatten(2).mean(dim=2) if activations.dim() > 2 else activations
+
+
+@register_heatmap_rule
+class ChannelMembersRule(ElementwiseMembersRule):
+    """The ``"channel"`` map at the split layer, the ``"elementwise-members"`` map
+    anywhere else (the input, or an earlier layer given by ``heatmap_layer``).
+
+    At the split layer: ``relu(sum_k mean_p(v[k, p]) * A_k)``, Grad-CAM's form with the
+    region's direction in place of the gradient. At the input or an earlier layer: the
+    score ``(v / s) . psi`` (each channel in units of its level over the seed and its 8
+    nearest reference members) drawn by gradient times activation. With
+    ``heatmap_layer="auto"`` (the default) this is the pair the fifth version of the rule
+    in ``docs/choices.md`` ranked first: the channel form where ``"auto"`` keeps the split
+    layer (a deep head such as a ResNet's ``layer4``, or faces on grey), the member-scaled
+    score where it draws at the input. No extra forward pass.
+    """
+
+    name = "channel-members"
+
+    def cam_weights(
+        self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
+    ) -> Tensor:
+        return ChannelRule.cam_weights(self, direction, activation, channel_weights)
 
 
 def member_scale(levels: Tensor) -> Tensor:

@@ -67,7 +67,8 @@ class Interpretation:
     channel_weights : Tensor or None
         ``K`` per-region channel weights, computed once on the seed: the softmax weights
         of ``"region-score"`` and ``"region-members"``, the ``1 / s_k`` levels of
-        ``"elementwise-members"`` (the default; scaled to mean 1); None for the other
+        ``"elementwise-members"`` and ``"channel-members"`` (the default; scaled to mean
+        1; ``"channel-members"`` uses them away from the split layer); None for the other
         rules.
     heatmap_layer : nn.Module, "input" or None
         Draw the elementwise map at this earlier layer, or at the input (``"input"``),

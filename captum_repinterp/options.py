@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: The heat-map rule of ``interpret``/``attribute`` when none is given.
-DEFAULT_HEATMAP_RULE = "elementwise-members"
+DEFAULT_HEATMAP_RULE = "channel-members"
 
 #: ``heatmap_layer`` value: the resolution chosen on the references
 #: (:mod:`captum_repinterp.resolution`).
@@ -34,9 +34,8 @@ AUTO = "auto"
 HEATMAP_LAYER_NAMES = (INPUT, AUTO)
 
 #: The ``heatmap_layer`` of ``interpret``/``attribute`` when none is given: the split
-#: layer or the input, whichever keeps more class evidence on the references (chosen by
-#: the third version of the rule in ``docs/choices.md``; the fourth version's answer,
-#: ``"input"`` with ``"elementwise-positive"``, was overridden).
+#: layer or the input, whichever keeps more class evidence on the references (with
+#: ``"channel-members"``, the fifth version of the rule in ``docs/choices.md``).
 DEFAULT_HEATMAP_LAYER: str | None = AUTO
 
 

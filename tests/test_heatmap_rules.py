@@ -533,3 +533,29 @@ def test_choose_default_keeps_the_sanity_bound():
     assert sel["default"] == "a/b@auto"
     assert choose_default(report, max_sanity=None)["default"] == "a"  # 4 wins, cheaper
     assert not rows["a"]["within_sanity"] and rows["a"]["within_cost"]
+
+
+def test_channel_members_is_channel_at_the_split_layer_and_members_elsewhere(fitted, tmp_path):
+    """The pair rule: at the split layer its map is the channel rule's, by hand
+    (``relu(sum_k mean_p v[k, p] A_k)``); at the input and at an earlier layer it is the
+    elementwise-members rule's, with the same member levels."""
+    ri, model, x = fitted
+    seed = x[244:245]
+    pair = ri.interpret(seed, heatmap_rule="channel-members", heatmap_layer=None)
+    members = ri.interpret(seed, heatmap_rule="elementwise-members", heatmap_layer=None)
+    torch.testing.assert_close(pair.channel_weights, members.channel_weights)
+    v = pair.direction.reshape(model.features(seed).shape[1:])  # K x h x w
+    acts = model.features(x[:3]).detach()
+    alpha = v.mean(dim=(1, 2))
+    expect = (alpha[None, :, None, None] * acts).sum(1, keepdim=True).clamp_min(0)
+    torch.testing.assert_close(pair.heatmap(x[:3]), expect, rtol=1e-4, atol=1e-5)
+    channel = ri.interpret(seed, heatmap_rule="channel", heatmap_layer=None)
+    torch.testing.assert_close(pair.heatmap(x[:3]), channel.heatmap(x[:3]))
+    for where in ("input", model.features[0]):
+        pair = ri.interpret(seed, heatmap_rule="channel-members", heatmap_layer=where)
+        members = ri.interpret(seed, heatmap_rule="elementwise-members", heatmap_layer=where)
+        torch.testing.assert_close(pair.heatmap(x[:3]), members.heatmap(x[:3]))
+        assert not torch.allclose(pair.heatmap(x[:3]).sum(), torch.zeros(()))
+    pair.save(tmp_path / "p.npz")
+    back = Interpretation.load(tmp_path / "p.npz", explainer=ri)
+    assert back.heatmap_rule == "channel-members"
