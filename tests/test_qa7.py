@@ -1,0 +1,69 @@
+"""The channel-members default, the split layer named as ``heatmap_layer``, and a split at
+the input of a head's leading Linear layer."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.heatmap import HEATMAP_RULES
+
+
+def _spread(model: nn.Module, fc: nn.Linear, x: torch.Tensor) -> None:
+    """Re-draw a final Linear so that random inputs spread over its classes."""
+    seen = []
+    handle = fc.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        fc.weight.mul_(20.0)
+        fc.bias.copy_(-(seen[0] @ fc.weight.T).mean(0))
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_split_layer_as_heatmap_layer_is_the_split_layer_for_every_rule(tiny, to_input):
+    """``heatmap_layer=ri.layer`` draws each rule's own map at the split layer, as None
+    does, for every registered rule (``"channel"`` and the others drawn only at the
+    split layer included)."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    ri.fit(x[:240], batch_size=64, progress=False, attribute_to_layer_input=to_input)
+    seeds = x[244:246]
+    for rule in HEATMAP_RULES:
+        at_none = ri.attribute(seeds, heatmap_rule=rule, heatmap_layer=None)
+        at_layer = ri.attribute(seeds, heatmap_rule=rule, heatmap_layer=ri.layer)
+        torch.testing.assert_close(at_layer, at_none, rtol=0, atol=0, msg=rule)
+        region = ri.interpret(seeds[:1], heatmap_rule=rule, heatmap_layer=ri.layer)
+        assert region.heatmap_layer is None, rule
+
+
+def _mlp() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)
+    ).eval()
+    x = torch.randn(300, 10)
+    _spread(mlp, mlp[4], x)
+    return mlp, x
+
+
+def test_split_at_the_input_of_the_heads_leading_linear():
+    """Split at the input of ``mlp[2]``, the head's first Linear layer (N x 16): the
+    region is found (it failed with a reshape error: the leading layer's input was read
+    before the head put the points there), holds the seed, and the channel-members map
+    at the split layer is ``relu(v . psi)`` by hand (one position per channel)."""
+    mlp, x = _mlp()
+    ri = RepresentativeInterpretation(mlp, mlp[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ri.fit(x[:200], progress=False, attribute_to_layer_input=True)
+    seed = x[200:201]
+    region = ri.interpret(seed, heatmap_rule="channel-members", heatmap_layer=None)
+    assert region.has_boundaries and bool(region.contains(seed)[0])
+    psi = mlp[1](mlp[0](x[:5])).detach()
+    expect = (psi @ region.direction).clamp_min(0)[:, None]
+    torch.testing.assert_close(region.heatmap(x[:5]), expect, rtol=1e-5, atol=1e-6)
