@@ -159,3 +159,19 @@ def test_choose_default_checks_max_sanity():
     for bad in ("0.5", True):
         with pytest.raises(TypeError, match="max_sanity"):
             choose_default(report, max_sanity=bad)
+
+
+def test_audit_takes_the_split_layer_as_heatmap_layer(tiny):
+    """``heatmap_layer=ri.layer`` is the split layer, as in ``interpret``: audit gives the
+    same result as without it (it said the maps cannot be drawn "at another layer")."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    ri.fit(x[:240], batch_size=64, progress=False)
+    plain = ri.audit(x[240:300], target=0, progress=False)
+    named = ri.audit(x[240:300], target=0, progress=False, heatmap_layer=ri.layer)
+    assert len(plain[0].regions) == len(named[0].regions) > 0
+    for a, b in zip(plain[0].regions, named[0].regions):
+        assert (a.size, a.purity) == (b.size, b.purity)
+        assert a.interpretation == b.interpretation
+    with pytest.raises(ValueError, match="heatmap_layer"):
+        ri.audit(x[240:300], target=0, progress=False, heatmap_layer=model.features[0])
