@@ -11,7 +11,6 @@ pipeline stages in order::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -264,7 +263,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         """
         options = InterpretOptions(
             n_boundaries, delta, random_state, refine, heatmap_rule, combine,
-            bisection_steps, progress, heatmap_layer,
+            bisection_steps, progress, self._split_layer_as_none(heatmap_layer),
         )  # fmt: skip
         # one training-mode warning per call (the stages' own blocks then find eval mode)
         with eval_mode(self.forward_func, self.layer, warn=True):
@@ -274,12 +273,14 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             )
         return results[0] if len(results) == 1 else results
 
+    def _split_layer_as_none(self, heatmap_layer: Any) -> Any:
+        """The split layer named as a module is the split layer: None, before the
+        options are checked (rules drawn only at the split layer accept it too)."""
+        return None if heatmap_layer is self.layer else heatmap_layer
+
     def _resolve(self, options: InterpretOptions) -> InterpretOptions:
         """``heatmap_layer="auto"`` replaced by the resolution chosen on the references
-        (not chosen for rules that draw at the split layer anyway); the split layer named
-        as a module is the split layer (None: each rule's own map there)."""
-        if options.heatmap_layer is self.layer:
-            return dataclasses.replace(options, heatmap_layer=None)
+        (not chosen for rules that draw at the split layer anyway)."""
         if options.heatmap_layer != AUTO or not options.rule.supports_input:
             return options.resolved(None)
         return options.resolved(self.heatmap_resolution_.heatmap_layer)
@@ -346,7 +347,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             )
         options = InterpretOptions(
             n_boundaries, delta, random_state, refine, heatmap_rule, combine,
-            bisection_steps, progress, heatmap_layer,
+            bisection_steps, progress, self._split_layer_as_none(heatmap_layer),
         )  # fmt: skip
         # one training-mode warning per call (the stages' own blocks then find eval mode)
         with eval_mode(self.forward_func, self.layer, warn=True):

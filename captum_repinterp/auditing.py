@@ -491,9 +491,10 @@ def audit(
     for bad in ("target", "inputs"):
         if bad in interpret_kwargs:
             raise TypeError(f"audit() got an unexpected keyword argument {bad!r}")
-    # "auto", interpret's default, is taken as leaving it out: the split layer
+    # "auto", interpret's default, and the split layer itself are taken as leaving it out
     layer = interpret_kwargs.get("heatmap_layer")
-    if layer is not None and not (isinstance(layer, str) and layer == AUTO):
+    at_split = layer is None or layer is ri.layer or (isinstance(layer, str) and layer == AUTO)
+    if not at_split:
         raise ValueError(
             "heatmap_layer: audit draws the members' maps from their features at the "
             "split layer, so it cannot draw them at another layer; leave heatmap_layer out"

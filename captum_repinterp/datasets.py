@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_int
+
 __all__ = [
     "cache_dir",
     "load_digits",
@@ -256,7 +258,8 @@ def make_shapes(n_samples: int, size: int = 64, seed: int = 0) -> tuple[Tensor, 
     size : int, default 64
         Side of the images in pixels (at least 16).
     seed : int, default 0
-        Seed of the ``numpy.random.Generator``; the same arguments give the same images.
+        Seed of the ``numpy.random.Generator`` (a non-negative int); the same arguments
+        give the same images.
 
     Returns
     -------
@@ -268,14 +271,12 @@ def make_shapes(n_samples: int, size: int = 64, seed: int = 0) -> tuple[Tensor, 
     Raises
     ------
     ValueError
-        If ``n_samples`` is not a positive int or ``size`` is not an int of at least 16.
+        If ``n_samples`` is not a positive int, ``size`` not an int of at least 16 or
+        ``seed`` not a non-negative int (NumPy integers are taken).
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
-        raise ValueError(f"size must be an int of at least 16, got {size!r}")
-    rng = np.random.default_rng(seed)
-    n = n_samples
+    n = check_int(n_samples, "n_samples")
+    size = check_int(size, "size", minimum=16)
+    rng = np.random.default_rng(check_int(seed, "seed", minimum=0))
     labels = rng.integers(0, len(SHAPE_CLASSES), n)
     background = rng.uniform(0.0, 0.3, (n, 3, 1, 1))
     noise = rng.normal(0.0, 0.05, (n, 3, size, size))

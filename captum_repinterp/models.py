@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .datasets import _atomic_write, cache_dir
 
 __all__ = [
@@ -205,9 +206,7 @@ def train_small_cnn(
     SmallCNN
         The trained model, on the CPU and in eval mode.
     """
-    images, labels = _check_training_data(images, labels)
-    if n_classes is None:
-        n_classes = int(labels.max()) + 1
+    images, labels, n_classes = _check_training_data(images, labels, n_classes)
     config = {
         "arch": "SmallCNN-v1",  # change this tag when the architecture or training changes
         "in_channels": int(images.shape[1]),
@@ -261,13 +260,16 @@ def _train_cached(
     initialised under ``torch.manual_seed(seed)`` (the caller's RNG is left untouched),
     and trained on one thread with Adam and a one-cycle schedule.
     """
+    check_int(batch_size, "batch_size")
+    check_int(epochs, "epochs", minimum=0)
     path = None
     if cache:
         key_src = json.dumps(config, sort_keys=True) + _tensor_sha1(images) + _tensor_sha1(labels)
         key = hashlib.sha1(key_src.encode()).hexdigest()[:20]
         path = cache_dir() / "models" / f"{prefix}-{key}.pt"
         if path.is_file():
-            model = build()
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG is left untouched
+                model = build()
             try:
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
                 return model.eval()
@@ -300,14 +302,39 @@ def _train_cached(
     return model
 
 
-def _check_training_data(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def _check_training_data(
+    images: Tensor, labels: Tensor, n_classes: int | None
+) -> tuple[Tensor, Tensor, int]:
+    """The images (float32), labels (int64) and number of classes of a training call.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: not tensors, shapes or lengths that do not fit, no images,
+        non-finite images, labels that are not integers in ``0 .. n_classes - 1``.
+    """
+    for name, t in (("images", images), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        raise ValueError("labels must be integer class indices")
     images = images.detach().to("cpu", torch.float32).contiguous()
     labels = labels.detach().to("cpu", torch.int64).reshape(-1).contiguous()
     if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"images must be N x C x H x H, got shape {tuple(images.shape)}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    return images, labels
+    if len(images) == 0:
+        raise ValueError("images: no images to train on")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images must be finite (no NaN or inf)")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {lo}")
+    n_classes = check_int(hi + 1 if n_classes is None else n_classes, "n_classes")
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(f"labels must be in 0 .. {n_classes - 1} (n_classes), got {lo} .. {hi}")
+    return images, labels, n_classes
 
 
 def train_resnet18(
@@ -348,7 +375,10 @@ def train_resnet18(
     Raises
     ------
     ValueError
-        If ``images`` is not ``N x 3 x H x H`` or the lengths differ.
+        If ``images`` is not ``N x 3 x H x H`` (at least 2 images, finite), the lengths
+        differ, or a label is not in ``0 .. n_classes - 1``. A last mini-batch of one
+        image is skipped (batch normalisation cannot train on it; the image is in other
+        epochs' batches).
     ImportError
         If torchvision is not installed (``pip install captum-repinterp[vision]``).
     """
@@ -358,11 +388,11 @@ def train_resnet18(
         raise ImportError(
             "train_resnet18 needs torchvision: pip install captum-repinterp[vision]"
         ) from err
-    images, labels = _check_training_data(images, labels)
+    images, labels, n_classes = _check_training_data(images, labels, n_classes)
     if images.shape[1] != 3:
         raise ValueError(f"images must have 3 channels, got shape {tuple(images.shape)}")
-    if n_classes is None:
-        n_classes = int(labels.max()) + 1
+    if len(images) < 2:
+        raise ValueError("images: batch normalisation needs at least 2 images to train on")
     config = {
         "arch": "torchvision-resnet18-v1",
         "torchvision": torchvision.__version__.split("+")[0],
@@ -624,10 +654,13 @@ def _train_epochs(
     sched: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
     n = len(images)
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
+            if len(idx) == 1 and has_batch_norm:
+                continue  # batch norm cannot train on one image (seen in other epochs)
             batch = _random_shift(images[idx], max_shift, gen)
             loss = F.cross_entropy(model(batch), labels[idx])
             opt.zero_grad(set_to_none=True)

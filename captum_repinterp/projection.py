@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -335,17 +336,23 @@ def _linear_input(head: Callable[..., Tensor], module: nn.Module, psi: Tensor) -
             head(psi[:2].detach())
     captured: list[Tensor] = []
 
-    def grab(mod: nn.Module, args: tuple) -> None:
+    def grab(*args: Any, **kwargs: Any) -> None:
         captured.append(args[0])
         raise _Stop
 
-    handle = module.register_forward_pre_hook(grab)
+    # the module's forward, not a pre-hook: it sees the input after the module's own
+    # pre-hooks, among them the head's replacement when the split is at its input
+    previous = module.__dict__.get("forward")
+    module.__dict__["forward"] = grab
     try:
         head(psi)
     except _Stop:
         pass
     finally:
-        handle.remove()
+        if previous is None:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = previous
     if not captured:
         raise ValueError("the head did not reach its leading linear layer")
     return captured[0].reshape(psi.shape[0], -1)

@@ -93,7 +93,17 @@ def choose_default(
         ``"cells"``: per candidate and cell the opponent, the paired difference, its
         interval and the outcome (``"win"``, ``"loss"``, ``"tie"``); ``"default"``: the
         first-ranked eligible rule (the current default when none is eligible).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``max_sanity`` when it is not a number (or None), or NaN.
     """
+    if max_sanity is not None:
+        if isinstance(max_sanity, bool) or not isinstance(max_sanity, (int, float)):
+            raise TypeError(f"max_sanity must be a number or None, got {max_sanity!r}")
+        if math.isnan(max_sanity):
+            raise ValueError("max_sanity must not be NaN (None: no sanity bound)")
     setups = report["setups"]
     candidates: dict[str, dict[str, Any]] = {}
     for res in setups.values():
