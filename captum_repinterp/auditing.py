@@ -35,7 +35,11 @@ from .match import margins, semantic_distance
 from .options import AUTO
 from .references import NotFittedError
 
-__all__ = ["AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
+__all__ = ["AUDIT_HEATMAP_RULE", "AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
+
+#: The heat-map rule of :func:`audit` when none is given: the region's direction position
+#: by position at the split layer (the sub-groups are split by where the evidence lies).
+AUDIT_HEATMAP_RULE = "elementwise-members"
 
 _SUBGROUP_BY = ("heatmap", "margins", "none")
 
@@ -439,7 +443,11 @@ def audit(
         Batch size of ``ri.transform``.
     **interpret_kwargs
         Passed to ``ri.interpret`` (``n_boundaries``, ``delta``, ``refine``,
-        ``heatmap_rule``, ``combine``, ``bisection_steps``). ``additional_forward_args``
+        ``heatmap_rule``, ``combine``, ``bisection_steps``). The maps are drawn at the
+        split layer, by default with ``heatmap_rule=AUDIT_HEATMAP_RULE``
+        (``"elementwise-members"``: the region's direction position by position, so that
+        sub-groups split by where the evidence lies; ``interpret``'s default,
+        ``"channel-members"``, draws one weight per channel there). ``additional_forward_args``
         (Captum's: extra arguments of the model's forward after the inputs) is used for
         ``images`` (a tensor with one row per image is per example: each seed gets its
         row) and for ``heldout`` (only extra arguments that hold for every example).
@@ -499,7 +507,14 @@ def audit(
             "heatmap_layer: audit draws the members' maps from their features at the "
             "split layer, so it cannot draw them at another layer; leave heatmap_layer out"
         )
-    interpret_kwargs = {**interpret_kwargs, "heatmap_layer": None}
+    # the members' maps are clustered by where their evidence lies: by default the
+    # region's direction position by position (interpret's default draws one weight per
+    # channel at the split layer, which blurs a cue at one place, such as a patch)
+    interpret_kwargs = {
+        "heatmap_rule": AUDIT_HEATMAP_RULE,
+        **interpret_kwargs,
+        "heatmap_layer": None,
+    }
     extra = _format_additional_forward_args(interpret_kwargs.pop("additional_forward_args", None))
     n_images = int(images.shape[0])
     per_example = extra is not None and any(

@@ -479,3 +479,19 @@ def test_per_example_additional_forward_args_are_refused_for_heldout(tiny):
     ri.fit(x[:40], additional_forward_args=(shift,), progress=False)
     with pytest.raises(ValueError, match="additional_forward_args"):
         audit(ri, x[:40], heldout=x[40:60], additional_forward_args=(shift,), **FAST)
+
+
+def test_audit_draws_position_by_position_unless_told(fitted):
+    """Audit's maps use AUDIT_HEATMAP_RULE (the direction position by position at the
+    split layer), not interpret's default; heatmap_rule= still chooses."""
+    from captum_repinterp.auditing import AUDIT_HEATMAP_RULE
+    from captum_repinterp.options import DEFAULT_HEATMAP_RULE
+
+    ri, x = fitted
+    c = int(ri.predictions_[0])
+    assert AUDIT_HEATMAP_RULE == "elementwise-members" != DEFAULT_HEATMAP_RULE
+    default = audit(ri, x, c, max_regions=1, **FAST)[c].regions[0]
+    assert default.interpretation.heatmap_rule == AUDIT_HEATMAP_RULE
+    chosen = audit(ri, x, c, max_regions=1, heatmap_rule="channel", **FAST)[c].regions[0]
+    assert chosen.interpretation.heatmap_rule == "channel"
+    assert not torch.allclose(default.mean_heatmap, chosen.mean_heatmap)
