@@ -25,6 +25,7 @@ from ._captum_compat import (
     _format_output,
     log_usage,
 )
+from ._checks import check_grad_mode
 from .features import eval_mode
 from .inputs import check_model
 from .interpretation import Interpretation
@@ -339,6 +340,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         >>> attr = ri.attribute(images)
         >>> up = LayerAttribution.interpolate(attr, images.shape[-2:], "bilinear")
         """
+        check_grad_mode("attribute")
         fitted_to_input = self.attribute_to_layer_input_
         if attribute_to_layer_input is not None and attribute_to_layer_input != fitted_to_input:
             raise ValueError(

@@ -25,6 +25,11 @@ does not flip with the sample. A clear difference is found on 16 images, a small
 on up to 64 (on 16 alone, one small CNN on 28 x 28 digits kept the split layer, p = .13,
 where the input's maps were far better).
 
+The split layer's candidate is always the elementwise map (gradient times activation of
+the margin), whatever rule then draws there: with the default ``"channel-members"`` the
+drawn map is the channel form, which is not scored (see ``docs/choices.md``).
+Per-image differences of at most :data:`SCORE_TIE` are ties.
+
 Only models whose input is one image batch (``N x C x H x W``) and whose split layer has
 one output tensor are scored; otherwise, and when ``fit`` was not given the references as
 a tensor, ``Dataset`` or ``DataLoader`` it can read by index, the maps stay at the split
@@ -49,6 +54,7 @@ from .masking import mask_images, softmax_scores, upsample
 
 __all__ = [
     "INSERTION_SHARES",
+    "SCORE_TIE",
     "ResolutionChoice",
     "choose_heatmap_layer",
     "input_better_p_value",
@@ -399,13 +405,21 @@ def _rows_read(references: Tensor | Dataset | DataLoader, n: int) -> Tensor | No
     return None
 
 
+#: Per-image differences of insertion scores (softmax probabilities) at most this large
+#: count as ties: they are float noise, not evidence (a model whose logits are all about
+#: 1e-13 scores 0.25 with every map, up to such differences).
+SCORE_TIE = 1e-6
+
+
 def input_better_p_value(at_input: Tensor, at_layer: Tensor) -> float:
     """One-sided p-value of the Wilcoxon signed-rank test that the input's per-image
-    insertion scores are higher than the split layer's (paired; 1.0 when every pair is
-    equal)."""
+    insertion scores are higher than the split layer's (paired; differences of at most
+    :data:`SCORE_TIE` are ties and left out, as the test leaves out zeros; 1.0 when
+    every pair is tied)."""
     from scipy.stats import wilcoxon
 
     d = (at_input.double() - at_layer.double()).cpu().numpy()
+    d[np.abs(d) <= SCORE_TIE] = 0.0
     if not (d != 0).any():
         return 1.0
     return float(wilcoxon(d, alternative="greater").pvalue)

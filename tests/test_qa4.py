@@ -108,6 +108,8 @@ def test_inference_mode_is_refused_and_does_not_fix_the_choice(tiny):
     ):
         with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
             call()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="^attribute takes"):
+        ri.attribute(x[200:202], n_boundaries=10)  # names the call the user made
     assert _choice(ri) == expected
     with torch.no_grad():
         torch.testing.assert_close(

@@ -391,3 +391,17 @@ def test_non_finite_scores_keep_the_split_layer_and_say_why(tiny):
     choice = choose_heatmap_layer(net, net.features[-1], x[:40] + 10.0)
     assert choice.heatmap_layer is None and not choice.scores
     assert "not finite" in choice.reason
+
+
+def test_float_noise_is_a_tie_not_a_lead():
+    """A degenerate model (logits about 1e-13) scores 0.25 with every map, up to float
+    noise: differences of at most SCORE_TIE are ties, so the split layer is kept; one
+    real difference among them still counts."""
+    from captum_repinterp.resolution import SCORE_TIE, input_better_p_value
+
+    layer = torch.full((16,), 0.25, dtype=torch.float64)
+    noise = layer + torch.linspace(1e-13, 1e-10, 16, dtype=torch.float64)
+    assert input_better_p_value(noise, layer) == 1.0
+    assert input_better_p_value(layer + 0.5 * SCORE_TIE, layer) == 1.0
+    lead = layer + torch.linspace(0.01, 0.05, 16, dtype=torch.float64)
+    assert input_better_p_value(lead, layer) < 1e-3
