@@ -212,14 +212,6 @@ def train_small_cnn(
         "in_channels": int(images.shape[1]),
         "n_classes": int(n_classes),
         "image_size": int(images.shape[-1]),
-        "seed": int(seed),
-        "epochs": int(epochs),
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "max_shift": int(max_shift),
-        "optimizer": "adam-onecycle",
-        # one thread: float sums (and so the weights) do not depend on the machine's cores
-        "threads": 1,
     }
 
     if tuple(channels) != (8, 16, 32) or head != "flatten":
@@ -237,8 +229,9 @@ def train_small_cnn(
         )
 
     return _train_cached(
-        "smallcnn", config, images, labels, build, cache, max_shift, lr, epochs, batch_size, seed
-    )
+        "smallcnn", config, images, labels, build, cache,
+        seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, max_shift=max_shift,
+    )  # fmt: skip
 
 
 def _train_cached(
@@ -248,20 +241,34 @@ def _train_cached(
     labels: Tensor,
     build: Callable[[], nn.Module],
     cache: bool,
-    max_shift: int,
-    lr: float,
+    *,
+    seed: int,
     epochs: int,
     batch_size: int,
-    seed: int,
+    lr: float,
+    max_shift: int,
 ) -> nn.Module:
-    """Load the model of ``config`` and the data from the cache, or train and cache it.
+    """Load the model of ``config`` (the architecture's keys) and the data from the
+    cache, or train and cache it.
 
-    The key is the SHA-1 of ``config`` and of the tensors' bytes; the weights are
-    initialised under ``torch.manual_seed(seed)`` (the caller's RNG is left untouched),
-    and trained on one thread with Adam and a one-cycle schedule.
+    The key is the SHA-1 of ``config`` with the training hyperparameters added and of the
+    tensors' bytes; the weights are initialised under ``torch.manual_seed(seed)`` (the
+    caller's RNG is left untouched), and trained on one thread with Adam and a one-cycle
+    schedule.
     """
     check_int(batch_size, "batch_size")
     check_int(epochs, "epochs", minimum=0)
+    config = {
+        **config,
+        "seed": int(seed),
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "max_shift": int(max_shift),
+        "optimizer": "adam-onecycle",
+        # one thread: float sums (and so the weights) do not depend on the machine's cores
+        "threads": 1,
+    }
     path = None
     if cache:
         key_src = json.dumps(config, sort_keys=True) + _tensor_sha1(images) + _tensor_sha1(labels)
@@ -332,7 +339,7 @@ def _check_training_data(
     if lo < 0:
         raise ValueError(f"labels must be class indices >= 0, got {lo}")
     n_classes = check_int(hi + 1 if n_classes is None else n_classes, "n_classes")
-    if lo < 0 or hi >= n_classes:
+    if hi >= n_classes:
         raise ValueError(f"labels must be in 0 .. {n_classes - 1} (n_classes), got {lo} .. {hi}")
     return images, labels, n_classes
 
@@ -398,21 +405,15 @@ def train_resnet18(
         "torchvision": torchvision.__version__.split("+")[0],
         "n_classes": int(n_classes),
         "image_size": int(images.shape[-1]),
-        "seed": int(seed),
-        "epochs": int(epochs),
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "max_shift": int(max_shift),
-        "optimizer": "adam-onecycle",
-        "threads": 1,
     }
 
     def build() -> nn.Module:
         return torchvision.models.resnet18(weights=None, num_classes=int(n_classes))
 
     return _train_cached(
-        "resnet18", config, images, labels, build, cache, max_shift, lr, epochs, batch_size, seed
-    )
+        "resnet18", config, images, labels, build, cache,
+        seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, max_shift=max_shift,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------ MTCNN nets

@@ -131,6 +131,8 @@ def choose_default(
         weight = [1.0 / n_setups[family[x["setup"]]] for x in own]
         sanity = _sanity(setups, name, c.get("sources", {}))
         worst = max(sanity.values(), default=float("nan"))
+        within_cost = max_cost_per_channel is None or c["cost_per_channel"] <= max_cost_per_channel
+        within_sanity = max_sanity is None or not worst > max_sanity
         ranking.append(
             {
                 "config": name,
@@ -148,12 +150,11 @@ def choose_default(
                 "forward_passes": c["forward_passes"],
                 "sanity": worst,
                 "sanity_by_setup": sanity,
-                "within_cost": max_cost_per_channel is None
-                or c["cost_per_channel"] <= max_cost_per_channel,
-                "within_sanity": max_sanity is None or not worst > max_sanity,
+                "within_cost": within_cost,
+                "within_sanity": within_sanity,
+                "eligible": within_cost and within_sanity,
             }
         )
-        ranking[-1]["eligible"] = ranking[-1]["within_cost"] and ranking[-1]["within_sanity"]
     current_input = None if CURRENT_DEFAULT[1] is None else CURRENT_DEFAULT[0]
     ranking.sort(
         key=lambda r: (

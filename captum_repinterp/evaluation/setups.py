@@ -56,9 +56,10 @@ __all__ = [
 #: The bundled setups: the published tables and the figures.
 SETUPS = ("mnist", "faces", "digits")
 #: Models trained only for the rule that chooses the default heat map (``docs/choices.md``,
-#: fourth version): the bundled ``SmallCNN`` with seed 4, and the same CNN with a
-#: global-average-pooling head (``SmallCNN(head="pooled")``) with seed 2, each on
-#: MNIST-5k and on digits. Their seed is in their name.
+#: fourth and fifth versions): the bundled ``SmallCNN`` with seed 4, and the same CNN with
+#: a global-average-pooling head (``SmallCNN(head="pooled")``) with seed 2, each on
+#: MNIST-5k and on digits (their seed is in their name); torchvision's ResNet-18 on
+#: synthetic coloured shapes (``resnet18-shapes``, seed 5).
 CHECK_SETUPS = (
     "mnist-s4",
     "digits-s4",
@@ -245,9 +246,8 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
     if name == "faces":
         cfg.seeds_per_class = 15
         cfg.n_explain_per_class = 10
-    if name in CHECK_SETUPS:  # the reuse protocol only: the cells of the selection rule
+    if name in CHECK_SETUPS:  # the reuse protocol and the sanity check of the top block
         cfg.seeds_per_class = 5
-        # the reuse protocol and the sanity check of the top block (cascade of one)
         cfg.no_reuse = cfg.fidelity = cfg.layer_sweep = False
         cfg.heatmap_layer_rules = ()
     if quick:
