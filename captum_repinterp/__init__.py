@@ -16,6 +16,7 @@ __all__ = [
     "NotACutWarning",
     "NonPiecewiseLinearWarning",
     "NotFittedError",
+    "ProbabilityOutputWarning",
     "RepresentativeInterpretation",
     "audit",
     "find_layer",
@@ -32,6 +33,7 @@ _LAZY = {
     "audit": "auditing",
     "find_layer": "layers",
     "NonPiecewiseLinearWarning": "layers",
+    "ProbabilityOutputWarning": "tracing",
 }
 
 

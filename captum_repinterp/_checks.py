@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_choice", "check_grad_mode", "check_int"]
+__all__ = ["check_choice", "check_grad_mode", "check_int", "describe_value"]
 
 
 def check_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -22,8 +22,17 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        raise ValueError(f"{name} must be {what}, got {describe_value(value)}")
     return int(value)
+
+
+def describe_value(value: Any) -> str:
+    """``repr(value)``, or ``"a Tensor of shape (80,)"`` for an array or tensor (whose
+    repr would print its values)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, numbers.Number) and len(shape) > 0:
+        return f"a {type(value).__name__} of shape {tuple(shape)}"
+    return repr(value)
 
 
 def check_grad_mode(what: str) -> None:

@@ -34,6 +34,7 @@ from .options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, Interpre
 from .reader import LayerReader
 from .references import FittedState, NotFittedError, fit_references
 from .region import find_regions
+from .tracing import warn_probability_output
 
 __all__ = ["RepresentativeInterpretation", "NotFittedError"]
 
@@ -170,6 +171,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             self.head,
         )
         warn_nonlinear_head(fitted.head_nonlinear)
+        warn_probability_output(fitted.head_output_op)
         return self
 
     def transform(

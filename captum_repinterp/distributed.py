@@ -66,6 +66,7 @@ from .region import (
 )
 from .sampler import choose_candidates
 from .solver import greedy_cover_oracle
+from .tracing import warn_probability_output
 
 __all__ = ["ShardLostError", "ShardedReferences", "fit_sharded", "shard_references"]
 
@@ -994,10 +995,11 @@ def fit_sharded(
                 "model_factory: the model built on the workers gives other layer features "
                 "than ri.forward_func on the first reference; load the same weights"
             )
-        nonlinear, projection, leading, affine, _ = study_head(
+        nonlinear, projection, leading, affine, _, output_op = study_head(
             forward_func, layer, head, layout, example, first_feats, attribute_to_layer_input,
             device, stacklevel=4,
         )  # fmt: skip
+        warn_probability_output(output_op)
     basis32 = None if projection is None else projection.basis32.numpy()
     sources = [("dataset", part) for part in parts]
     actors = _start_actors(sources, offsets, basis32, spill_dir, max_restarts, actor_options)

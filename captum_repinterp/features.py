@@ -532,12 +532,23 @@ def feature_batches(
                     )
                 rows = layout.flatten(tensors)
                 logits = flatten_logits(out, rows.shape[0])
+                row0 = stop - rows.shape[0]  # the batch's first example
                 if logits.shape[1] < 2:
                     raise ValueError(
                         "forward_func returns one score per example; representative "
                         "interpretations need one score per class (at least two), e.g. "
                         "torch.cat([torch.zeros_like(z), z], dim=1) for a binary "
                         "model's logit z"
+                    )
+                finite = torch.isfinite(logits).all(dim=1)
+                if not bool(finite.all()):
+                    bad = torch.nonzero(~finite).flatten()
+                    raise ValueError(
+                        f"{name}: the model's outputs are NaN or inf for {bad.numel()} "
+                        f"of the examples {row0} to {stop - 1} (first: example "
+                        f"{row0 + int(bad[0])}), so their predicted class is "
+                        "undefined; check those inputs or the model (an overflow, a "
+                        "division by zero), or leave those examples out"
                     )
                 yield rows, logits.argmax(dim=1).cpu(), layout
 

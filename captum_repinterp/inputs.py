@@ -96,6 +96,16 @@ def translate_forward_error(
         return None
     said = f"forward_func raised {type(exc).__name__}: {exc}"
     if isinstance(exc, TypeError) and "positional argument" in str(exc):
+        if len(inputs) > 1 and any(
+            t.dim() == 1 and not t.is_floating_point() for t in inputs[1:]
+        ):  # (images, labels) given as a tuple: a tuple means one tensor per model input
+            return TypeError(
+                f"{name}: a tuple of {len(inputs)} tensors is {len(inputs)} inputs of the "
+                f"model (shapes {_shapes(inputs)}), and forward_func does not take them; "
+                "if the 1-D integer tensor is labels, pass the images alone (labels are "
+                "not used), or a Dataset/DataLoader of (image, label) items. "
+                f"{said}"
+            )
         return TypeError(
             f"additional_forward_args: forward_func was called with {name} and the "
             "additional_forward_args given, and does not take them; pass the extra "

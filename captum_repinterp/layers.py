@@ -118,8 +118,15 @@ def layer_candidates(
             translated = translate_forward_error(exc, one, "example_input", None)
             if translated is None:
                 raise
+            if isinstance(translated, ValueError) and inputs[0].dim() == 3:
+                raise ValueError(
+                    f"example_input: got a tensor of shape {tuple(inputs[0].shape)}, read "
+                    f"as a batch of {inputs[0].shape[0]} examples of shape "
+                    f"{tuple(inputs[0].shape[1:])}, and the model failed on them; for one "
+                    "image add the batch dimension first (x[None] or images[:1]). "
+                    f"{translated}"
+                ) from exc
             raise translated from exc
-    curved = tracer.curved_ops()
     conv_ends = [
         tracer.ends[id(m)][0]
         for m in model.modules()
@@ -137,7 +144,7 @@ def layer_candidates(
         if not (_has_conv(m) or block_end):
             continue
         end = tracer.ends[id(m)][0]
-        after = tuple(_describe([e for e in curved if e.index > end]))
+        after = tuple(_describe(tracer.curved_ops(id(m), end)))
         out.append((end, LayerCandidate(name, m, tuple(o.shape), after)))
     out.sort(key=lambda p: -p[0])
     return [c for _, c in out]

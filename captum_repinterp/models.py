@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -301,12 +302,34 @@ def _train_cached(
     finally:
         torch.set_num_threads(threads)
     model.eval()
+    _warn_if_untrained(model, images, labels, prefix, batch_size)
 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = model.state_dict()
         _atomic_write(path, lambda f: torch.save(state, f))
     return model
+
+
+def _warn_if_untrained(
+    model: nn.Module, images: Tensor, labels: Tensor, name: str, batch_size: int
+) -> float:
+    """The trained model's accuracy on its training images; a ``UserWarning`` when it is
+    less than a quarter of the way from the majority class's share to 1 (a model that
+    has learnt little: too few images or epochs)."""
+    with torch.no_grad():
+        pred = torch.cat([model(images[i : i + 256]).argmax(1) for i in range(0, len(images), 256)])
+    accuracy = float((pred == labels).float().mean())
+    majority = float(labels.bincount().max()) / len(labels)
+    if accuracy < majority + 0.25 * (1 - majority):
+        warnings.warn(
+            f"the trained {name} classifies {accuracy:.1%} of its own training "
+            f"images correctly (the largest class is {majority:.1%} of them): it has "
+            "learnt little; train on more images or for more epochs",
+            UserWarning,
+            stacklevel=4,  # the user's call of train_small_cnn / train_resnet18
+        )
+    return accuracy
 
 
 def _check_training_data(

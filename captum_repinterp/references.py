@@ -37,7 +37,6 @@ from .features import (
 )
 from .heads import make_head
 from .inputs import InputSpec, all_finite, reads_in_order
-from .layers import nonlinear_ops_after, nonlinear_ops_in
 from .projection import (
     AffineHead,
     LeadingMap,
@@ -49,6 +48,7 @@ from .projection import (
     parameter_dtype,
 )
 from .store import OutputRecorder, ReferenceStore, fit_to_store, keep_logits
+from .tracing import HeadScan, scan_after, scan_head
 
 if TYPE_CHECKING:
     from .reader import LayerReader
@@ -74,6 +74,9 @@ class FittedReferences:
         The first reference as the model ran on it (input spec, inputs, extra arguments).
     head_nonlinear : tuple of str
         Operations of the head that are not piecewise linear (empty when it is).
+    head_output_op : str or None
+        ``"softmax"`` or ``"sigmoid"`` when one produces the model's output (the
+        boundaries' normals are then in probabilities), else None.
     projection : Projection or None
         The exact shortcut of :mod:`captum_repinterp.projection`, when the head starts
         with an affine map.
@@ -105,6 +108,7 @@ class FittedReferences:
     attribute_to_layer_input: bool
     example: Example
     head_nonlinear: tuple[str, ...] = ()
+    head_output_op: str | None = None
     projection: Projection | None = None
     store: ReferenceStore | None = None
     inputs: Tensor | None = field(default=None, repr=False, compare=False)
@@ -226,7 +230,7 @@ def fit_references(
             )
         # with a store the projection is written next to the features, memory-mapped
         out_path = None if ref_store is None else ref_store.path / "projected.npy"
-        nonlinear, projection, leading, affine, logits = study_head(
+        nonlinear, projection, leading, affine, logits, output_op = study_head(
             forward_func, layer, head, layout, example, features, attribute_to_layer_input,
             device, cut_check, out_path, stacklevel=5, logits=logits,
         )  # fmt: skip
@@ -240,6 +244,7 @@ def fit_references(
         attribute_to_layer_input=attribute_to_layer_input,
         example=example,
         head_nonlinear=nonlinear,
+        head_output_op=output_op,
         projection=projection,
         store=ref_store,
         inputs=kept if isinstance(kept, Tensor) and not append else None,
@@ -365,7 +370,14 @@ def study_head(
     projection_path: str | os.PathLike | None = None,
     stacklevel: int = 4,
     logits: Tensor | None = None,
-) -> tuple[tuple[str, ...], Projection | None, LeadingMap | None, AffineHead | None, Tensor | None]:
+) -> tuple[
+    tuple[str, ...],
+    Projection | None,
+    LeadingMap | None,
+    AffineHead | None,
+    Tensor | None,
+    str | None,
+]:
     """What ``fit`` learns of the head from the first references (run in eval mode).
 
     The cut check on the first (up to four) references (``cut_check``: ``"raise"``,
@@ -378,8 +390,9 @@ def study_head(
 
     Returns
     -------
-    (nonlinear, projection, leading, affine, logits)
-        ``logits`` as given when the head reproduces them, else None.
+    (nonlinear, projection, leading, affine, logits, output_op)
+        ``logits`` as given when the head reproduces them, else None; ``output_op``
+        the softmax or sigmoid that produces the model's output, if any.
     """
     seed_head = make_head(
         forward_func, layer, layout, head, example.inputs, example.additional_forward_args,
@@ -391,7 +404,7 @@ def study_head(
             forward_func, layer, pairs, pair_args, attribute_to_layer_input, head=head
         )
         warn_or_raise_not_cut(check, error=cut_check == "raise", stacklevel=stacklevel)
-    nonlinear = _scan_head(
+    scan = _scan_head(
         forward_func, layer, head, example, features, layout, device, attribute_to_layer_input
     )
     modules = head if head is not None else forward_func
@@ -402,7 +415,45 @@ def study_head(
             leading = find_leading_map(seed_head, modules, features)
             affine = find_affine_head(seed_head, modules, features)
     logits = _checked_logits(seed_head, modules, features, logits, device)
-    return tuple(nonlinear), projection, leading, affine, logits
+    if affine is not None and not _affine_everywhere(
+        affine, seed_head, modules, features, logits, device
+    ):
+        affine = None
+    return tuple(scan.nonlinear), projection, leading, affine, logits, scan.output_op
+
+
+def _affine_everywhere(
+    affine: AffineHead,
+    seed_head: Callable,
+    modules: nn.Module,
+    features: Tensor,
+    logits: Tensor | None,
+    device: torch.device | None,
+    chunk: int = 256,
+) -> bool:
+    """Whether ``affine`` gives the head's logits at every reference's features.
+
+    The affine test looks at a few references; a kink that only the others cross (a
+    ReLU in the head that one class alone switches on) would let the exact boundaries
+    misjudge those references. The references' recorded logits are compared when they
+    are the head's values (no extra pass), else the head runs on the feature rows at
+    hand, ``chunk`` rows at a time.
+    """
+    dtype = parameter_dtype(modules)
+    for start in range(0, features.shape[0], chunk):
+        rows = features[start : start + chunk]
+        if logits is not None:
+            expected = logits[start : start + chunk].to(torch.float64)
+        else:
+            try:
+                with torch.no_grad():
+                    out = seed_head(rows.to(device or "cpu", dtype))
+            except (RuntimeError, ValueError, TypeError):
+                return False
+            expected = out.detach().to("cpu", torch.float64)
+        if not close_logits(affine.predict(rows), expected):
+            return False
+    return True
 
 
 def _scan_head(
@@ -414,10 +465,11 @@ def _scan_head(
     layout: LayerLayout,
     device: torch.device | None,
     attribute_to_layer_input: bool,
-) -> list[str]:
-    """Non-piecewise-linear operations of the head, traced on the first reference."""
+) -> HeadScan:
+    """Non-piecewise-linear operations of the head, traced on the first reference, and
+    the softmax or sigmoid producing the output."""
     if head is None:
-        return nonlinear_ops_after(
+        return scan_after(
             forward_func,
             layer,
             example.inputs,
@@ -428,7 +480,7 @@ def _scan_head(
     if not dtype.is_floating_point:
         dtype = torch.float32
     parts = layout.unflatten(features[:1].to(device or "cpu", dtype))
-    return nonlinear_ops_in(head, parts if layout.is_tuple else parts[0])
+    return scan_head(head, parts if layout.is_tuple else parts[0])
 
 
 class NotFittedError(RuntimeError, AttributeError):

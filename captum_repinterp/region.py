@@ -122,6 +122,13 @@ def read_seeds(
         check_input_dtypes(inputs_t)
     if outputs.shape[0] == 0:
         return [], activations
+    finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(
+            f"inputs: the model's outputs are NaN or inf for example(s) {bad[:10]}, so "
+            "they have no decision region; check those inputs (or the model)"
+        )
     targets = resolve_targets(outputs, target)
     warn_nonlinear_head(references.head_nonlinear)
     extra = _format_additional_forward_args(additional_forward_args)

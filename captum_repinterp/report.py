@@ -30,6 +30,7 @@ import os
 import pkgutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .attribution import RepresentativeInterpretation
 from .auditing import AuditRegion, ClassAudit, audit
+from .features import caller_stacklevel
 from .interpretation import Interpretation
 from .visualization import SEM_DIST, plot_audit, plot_images, plot_region
 
@@ -275,6 +277,11 @@ def _labels(value: Any, images: Tensor, name: str) -> Tensor | None:
             f"data: {name} must be {images.shape[0]} integer labels, got shape "
             f"{tuple(labels.shape)} ({labels.dtype})"
         )
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(
+            f"data: {name} must be class indices >= 0, got {int(labels.min())} (labels "
+            "are compared with the model's predicted classes)"
+        )
     return labels.long()
 
 
@@ -293,7 +300,19 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
     refs, held = obj[0], obj[1]
     for value, what in ((refs, "reference_images"), (held, "heldout_images")):
         if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] == 0:
-            raise TypeError(f"data: {what} must be a non-empty tensor of images, batch first")
+            got = (
+                f"a {type(value).__name__} of shape {tuple(value.shape)}"
+                if hasattr(value, "shape")
+                else type(value).__name__
+            )
+            hint = (
+                " (torch.from_numpy(a) converts a NumPy array)"
+                if hasattr(value, "__array__") and not isinstance(value, Tensor)
+                else ""
+            )
+            raise TypeError(
+                f"data: {what} must be a non-empty tensor of images, batch first; got {got}{hint}"
+            )
     if refs.shape[1:] != held.shape[1:]:
         raise ValueError(
             f"data: reference and held-out images differ in shape: {tuple(refs.shape[1:])} "
@@ -329,7 +348,7 @@ def audit_regions(
         Held-out images; seeds are taken from them and regions are scored on them.
     classes : sequence of int, optional
         Predicted classes to audit (default: every class predicted on ``heldout``);
-        classes not predicted on ``heldout`` are skipped.
+        classes not predicted on ``heldout`` are skipped with a ``UserWarning``.
     regions_per_class : int
         At most this many regions per class.
     coverage_target : float
@@ -353,6 +372,15 @@ def audit_regions(
     check_int(regions_per_class, "regions_per_class")
     feats, preds = ri.transform(heldout) if features is None else features
     present = set(preds.unique().tolist())
+    if classes is not None:
+        skipped = sorted({int(c) for c in classes} - present)
+        if skipped:
+            warnings.warn(
+                f"classes: {skipped} not predicted on heldout (predicted: "
+                f"{sorted(present)}); skipped",
+                UserWarning,
+                stacklevel=caller_stacklevel(),
+            )
     classes = sorted(present) if classes is None else [int(c) for c in classes if c in present]
     rows: list[RegionRow] = []
     audits: dict[int, ClassAudit] = {}

@@ -94,6 +94,20 @@ def _reader_of(explainer: Any) -> Any:
     )
 
 
+def _check_members(members: torch.Tensor, explainer: Any) -> None:
+    """Refuse a fitted explainer with fewer references than the members point to."""
+    if explainer is None or not hasattr(type(explainer), "references_") or not members.numel():
+        return
+    n = int(explainer.references_.predictions.shape[0])
+    last = int(members.max())
+    if last >= n:
+        raise ValueError(
+            f"explainer: the interpretation's members are reference indices up to {last}, "
+            f"but the explainer was fitted on {n} references; pass the explainer fitted "
+            "on the references the interpretation was found with"
+        )
+
+
 def load_interpretation(
     cls: type[Interpretation], path: str | os.PathLike, explainer: Any = None
 ) -> Interpretation:
@@ -107,8 +121,9 @@ def load_interpretation(
     ------
     ValueError
         For a file not written by :func:`save_interpretation` or of another format
-        version, an explainer whose layer is shaped unlike the interpretation's, or a
-        map drawn at a layer the given model does not have.
+        version, an explainer whose layer is shaped unlike the interpretation's or
+        that was fitted on fewer references than the members' indices need, or a map
+        drawn at a layer the given model does not have.
     TypeError
         For an ``explainer`` that is neither an explainer nor a reader.
     NotFittedError
@@ -136,6 +151,7 @@ def load_interpretation(
             f"interpretation was found at a layer giving {layout.shapes}; pass the explainer "
             "(model and layer) the interpretation was made with"
         )
+    _check_members(tensors["members"], explainer)
     heatmap_layer = INPUT if meta.get("heatmap_at_input") else None
     if meta.get("heatmap_layer") is not None:
         model = getattr(reader, "forward_func", None)

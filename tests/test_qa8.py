@@ -15,7 +15,7 @@ from torch import nn
 
 from captum_repinterp import (
     Interpretation,
-    NonPiecewiseLinearWarning,
+    ProbabilityOutputWarning,
     RepresentativeInterpretation,
     audit,
 )
@@ -61,12 +61,6 @@ class _CurvedAfter(nn.Module):
         return self.inner.head(f)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the trace lists op names only: a product of two feature-dependent tensors "
-    "(ReLU/Hardsigmoid gates, f*f), a division by a norm, logsumexp and cos are curved "
-    "but give no NonPiecewiseLinearWarning, so the regions are silently approximate",
-)
 @pytest.mark.parametrize(
     "kind", ["relu-gated", "hardsigmoid-gated", "square", "l2-normalised", "logsumexp", "cos"]
 )
@@ -124,13 +118,6 @@ def _kinked_data() -> tuple[nn.Module, torch.Tensor]:
     return _KinkedHead().eval(), x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="find_affine_head probes 4 references and 2 extrapolations; all lie left of "
-    "the kink, so the head is taken for affine, and on seeds whose first candidate is "
-    "also left of it the 'exact' affine boundaries let all 30 class-2 references in "
-    "(purity 0.825), where the sampled boundaries (other random_state) give purity 1",
-)
 def test_a_kink_the_affine_probes_miss_does_not_let_another_class_in():
     model, x = _kinked_data()
     pred = model(x).argmax(1)
@@ -171,11 +158,6 @@ class _NaNWhere(nn.Module):
         return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit accepts references whose logits are NaN (15 of 240 here) and stores "
-    "them as predicted class 0 (argmax of NaN), where the model's own logits say 2 or 3",
-)
 def test_references_with_nan_logits_are_refused(tiny):
     model, x = tiny
     nan_model = _NaNWhere(model).eval()
@@ -185,11 +167,6 @@ def test_references_with_nan_logits_are_refused(tiny):
         RepresentativeInterpretation(nan_model, model.features[-1]).fit(refs, progress=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a seed with NaN logits fails deep inside with 'RuntimeError: atol must be "
-    "greater than or equal to zero, but got -nan' instead of a ValueError naming inputs",
-)
 def test_a_seed_with_nan_logits_names_inputs(tiny):
     model, x = tiny
     nan_model = _NaNWhere(model).eval()
@@ -234,43 +211,30 @@ def test_log_softmax_output_gives_the_logits_regions_and_maps(tiny, kind):
     torch.testing.assert_close(mb, scale * ma, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a final softmax is not warned about (it keeps every boundary), but each "
-    "boundary's normal is scaled by the softmax at its tie point, so similar(k) ranks "
-    "members in another order and the maps differ (up to 5% of their maximum) from the "
-    "logits model's, with semantic distances ~3.5x smaller though documented in logits",
-)
-def test_final_softmax_gives_the_logits_ranking_and_maps_or_warns(tiny):
+def test_final_softmax_warns_that_normals_are_in_probabilities(tiny):
+    """A final softmax keeps the regions (same members) but scales each boundary's
+    normal by the softmax's slope at its tie point, so the member order and the maps
+    are not the logits model's: fit says so (ProbabilityOutputWarning); log_softmax,
+    which gives the logits' normals exactly, does not warn."""
     model, x = tiny
     seeds = x[250:256]
     base = _fit(model, model.features[-1], x[:240])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with pytest.warns(ProbabilityOutputWarning, match="softmax"):
         soft = RepresentativeInterpretation(_Out(model, "softmax").eval(), model.features[-1])
         soft.fit(x[:240], progress=False)
-        ra, rb = base.interpret(seeds, **NB), soft.interpret(seeds, **NB)
-    if any(issubclass(w.category, NonPiecewiseLinearWarning) for w in caught):
-        return  # warned: fine
-    for a, b in zip(ra, rb):
-        assert set(a.members.tolist()) == set(b.members.tolist())  # holds
-        assert a.members.tolist() == b.members.tolist()  # the ranking: fails
-    ma = base.attribute(seeds, heatmap_layer=None, **NB)
-    mb = soft.attribute(seeds, heatmap_layer=None, **NB)
-    na = ma / ma.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
-    nb = mb / mb.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
-    torch.testing.assert_close(na, nb, rtol=1e-3, atol=1e-3)
+    assert soft.references_.head_output_op == "softmax"
+    for a, b in zip(base.interpret(seeds, **NB), soft.interpret(seeds, **NB)):
+        assert set(a.members.tolist()) == set(b.members.tolist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbabilityOutputWarning)
+        log = RepresentativeInterpretation(_Out(model, "log_softmax").eval(), model.features[-1])
+        log.fit(x[:240], progress=False)
+    assert log.references_.head_output_op is None
 
 
 # --------------------------------------------------------------- loading
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Interpretation.load checks the layer's shape only: an explainer fitted on "
-    "60 references takes a region whose members go up to #221 (similar() then returns "
-    "indices that are not in its references; plot_region catches it only later)",
-)
 def test_load_with_an_explainer_of_fewer_references_is_refused(tiny, tmp_path):
     model, x = tiny
     ri = _fit(model, model.features[-1], x[:240])
@@ -437,3 +401,88 @@ def test_channels_last_model_and_inputs_match_contiguous():
     ma = a.attribute(x[20:22], n_boundaries=6, heatmap_layer=None)
     mb = b.attribute(xc[20:22], n_boundaries=6, heatmap_layer=None)
     torch.testing.assert_close(ma, mb, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------- after the fixes
+
+
+def test_parameter_functions_and_a_hand_written_relu_are_not_curved(tiny):
+    """The trace follows input dependence: a norm of the weights after the layer (weight
+    normalisation) and ``f * (f > 0)`` (a ReLU written by hand) are piecewise linear in
+    the features; ``f * f`` next to them is not."""
+    model, x = tiny
+
+    class Normed(nn.Module):
+        def __init__(self, square: bool) -> None:
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(8, 1, 1))
+            self.square = square
+
+        def forward(self, z):
+            f = model.features(z)
+            f = f * (self.g / self.g.norm()) * (f > 0).float()
+            if self.square:
+                f = f * f
+            return model.head(f)
+
+    assert nonlinear_ops_after(Normed(False), model.features, (x[:1],)) == []
+    assert nonlinear_ops_after(Normed(True), model.features, (x[:1],)) == [
+        "mul (of two tensors that depend on the layer)"
+    ]
+
+
+def test_affine_check_runs_the_head_when_no_logits_are_kept():
+    """Without recorded logits the head itself is run on every reference's features:
+    the kinked head is refused, its affine left part accepted."""
+    from captum_repinterp.projection import find_affine_head
+    from captum_repinterp.references import _affine_everywhere
+
+    model, x = _kinked_data()
+    affine = find_affine_head(model, model, x)
+    assert affine is not None  # the probes miss the kink
+    assert not _affine_everywhere(affine, model, model, x, None, None, chunk=64)
+    left = x[x[:, 0] < 5]
+    assert _affine_everywhere(affine, model, model, left, None, None, chunk=64)
+    torch.testing.assert_close(affine.predict(left), model(left).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_labels_given_with_the_references_get_a_clear_error(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    labels = torch.arange(80) % 4
+    with pytest.raises(TypeError, match=r"references: a tuple of 2 tensors .* labels"):
+        ri.fit((x[:80], labels), progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be .* a Tensor of shape \(80,\)"):
+        ri.fit(x[:80], labels, progress=False)
+
+
+def test_find_layer_on_one_image_without_its_batch_dimension_says_so(tiny):
+    from captum_repinterp import find_layer
+
+    model, x = tiny
+    with pytest.raises(ValueError, match=r"shape \(1, 12, 12\).*add the batch dimension"):
+        find_layer(model, x[0])
+
+
+def test_report_data_errors_name_what_was_given(tiny):
+    from captum_repinterp.report import audit_regions, resolve_data
+
+    model, x = tiny
+    with pytest.raises(TypeError, match=r"got a ndarray of shape \(80, 1, 12, 12\).*from_numpy"):
+        resolve_data((x[:80].numpy(), x[80:100]))
+    with pytest.raises(ValueError, match="reference_labels must be class indices >= 0"):
+        resolve_data((x[:80], x[80:100], torch.arange(80) - 5, torch.zeros(20, dtype=int)))
+    ri = _fit(model, model.features[-1], x[:240])
+    with pytest.warns(UserWarning, match=r"classes: \[9\] not predicted on heldout"):
+        rows, _ = audit_regions(ri, x[240:], [0, 9], 1, **NB)
+    assert {r.target for r in rows} == {0}
+
+
+def test_training_that_learns_nothing_warns():
+    from captum_repinterp.models import train_small_cnn
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 1, 12, 12, generator=g)
+    labels = torch.arange(64) % 4
+    with pytest.warns(UserWarning, match=r"classifies .* training images correctly"):
+        train_small_cnn(images, labels, epochs=0, cache=False)
