@@ -19,6 +19,8 @@ The sub-groups are clustered with scikit-learn (``pip install captum_repinterp[a
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -350,7 +352,8 @@ def _group(
 
 
 def _check_fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    """``value`` as a float in (0, 1] (Python or NumPy numbers; not bools)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
     return float(value)
 
@@ -494,8 +497,10 @@ def audit(
         raise ValueError(f"subgroup_by must be one of {_SUBGROUP_BY}, got {subgroup_by!r}")
     if subgroup_by != "none":
         _sklearn()  # fail before any region is computed
-    if isinstance(min_silhouette, bool) or not isinstance(min_silhouette, (int, float)):
+    if isinstance(min_silhouette, bool) or not isinstance(min_silhouette, numbers.Real):
         raise TypeError(f"min_silhouette must be a number, got {min_silhouette!r}")
+    if not math.isfinite(min_silhouette):
+        raise ValueError(f"min_silhouette must be finite, got {min_silhouette!r}")
     for bad in ("target", "inputs"):
         if bad in interpret_kwargs:
             raise TypeError(f"audit() got an unexpected keyword argument {bad!r}")
@@ -609,7 +614,8 @@ def _audit_class(
     uncovered = in_class.clone()
     regions: list[AuditRegion] = []
     while len(regions) < max_regions and bool(uncovered.any()):
-        if 1 - int(uncovered.sum()) / n_class >= coverage_target:
+        # covered share >= coverage_target, in integers (1 - 9/10 < 0.1 in floats)
+        if n_class - int(uncovered.sum()) >= math.ceil(coverage_target * n_class - 1e-9):
             break
         left = torch.nonzero(uncovered).flatten()
         pts = feats[left]

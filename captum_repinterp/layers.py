@@ -144,7 +144,7 @@ def layer_candidates(
         if not (_has_conv(m) or block_end):
             continue
         end = tracer.ends[id(m)][0]
-        after = tuple(_describe(tracer.curved_ops(id(m), end)))
+        after = tuple(_describe(tracer.curved_ops(id(m))))
         out.append((end, LayerCandidate(name, m, tuple(o.shape), after)))
     out.sort(key=lambda p: -p[0])
     return [c for _, c in out]

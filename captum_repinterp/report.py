@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .attribution import RepresentativeInterpretation
 from .auditing import AuditRegion, ClassAudit, audit
-from .features import caller_stacklevel
+from .features import caller_stacklevel, eval_mode
 from .interpretation import Interpretation
 from .visualization import SEM_DIST, plot_audit, plot_images, plot_region
 
@@ -372,7 +372,8 @@ def audit_regions(
     check_int(regions_per_class, "regions_per_class")
     feats, preds = ri.transform(heldout) if features is None else features
     present = set(preds.unique().tolist())
-    if classes is not None:
+    if classes is not None:  # each class once, in the order given
+        classes = list(dict.fromkeys(check_int(c, "classes", 0) for c in classes))
         skipped = sorted({int(c) for c in classes} - present)
         if skipped:
             warnings.warn(
@@ -816,7 +817,8 @@ class ReportInputs:
 
 
 def _predicted_classes(model: nn.Module, images: Tensor, batch_size: int = 512) -> set[int]:
-    with torch.no_grad():
+    """The classes ``model`` predicts on ``images`` (run in eval mode; modes restored)."""
+    with eval_mode(model), torch.no_grad():
         return {
             int(c)
             for s in range(0, len(images), batch_size)
@@ -845,7 +847,7 @@ def prepare_report(
     if (model_factory is None) != (data is None):
         raise ValueError("give both --model-factory and --data, or neither (the demo)")
     if classes is not None:
-        classes = [check_int(c, "classes", 0) for c in classes]
+        classes = list(dict.fromkeys(check_int(c, "classes", 0) for c in classes))
     if model_factory is None:
         from .demo import mnist_setup
 

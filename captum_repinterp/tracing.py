@@ -8,19 +8,22 @@ boundaries are then local linear approximations (tangent planes), and the method
 A softmax (or sigmoid) that produces the model's output is the exception: it keeps the
 predicted class and every boundary ``G_c = G_c'``.
 
-Detection runs the model once on one example and records, in execution order, every
-module call (global module hooks) and every torch function call (a
-``torch.overrides.TorchFunctionMode``), so functional calls such as ``F.gelu`` or
-``x.sigmoid()`` are seen as well as modules. It also follows which module outputs every
-floating-point tensor depends on (a call passes the dependences of its arguments on to
-its floating-point results; comparisons and other integer or boolean results pass none),
-so that curved operations made of piecewise-linear parts are found too: a product of two
-tensors that both depend on the layer's output (a gate such as a squeeze-and-excitation
-block, ``f * f``, a matrix product of two of them), a division by one (``f / f.norm()``),
-and functions such as ``norm``, ``logsumexp`` or ``cos`` of one
-(``DEPENDENT_CURVED_OPS``). Functions of the parameters alone, and products with a
-tensor computed before the layer only, are not counted. All hooks and the mode are
-removed before returning, also when the model raises.
+Detection runs the model once on one example and records every module call (global
+module hooks) and every torch function call (a ``torch.overrides.TorchFunctionMode``), so
+functional calls such as ``F.gelu`` or ``x.sigmoid()`` are seen as well as modules. It
+follows which module outputs every floating-point tensor depends on: a call passes the
+dependences of its arguments on to its results (not to integer or boolean results, nor
+from piecewise-constant calls such as ``sign``), and a module's output depends on its
+inputs. A call counts for a layer when it is curved in a tensor that depends on the
+layer's output (:mod:`captum_repinterp.curved_ops` says which calls are curved in which
+arguments): a sigmoid of the features, a product of two tensors that both depend on
+them (a squeeze-and-excitation gate, ``f * f``), a division by one (``f / f.norm()``).
+Functions of the parameters alone (weight normalisation, ``FrozenBatchNorm2d``'s
+``rsqrt`` of its buffers, ``logit_scale.exp()``) and products with a tensor computed
+before the layer only do not count. What runs outside Python's view is not seen: a
+scripted (``torch.jit``) function, or a value read into Python with ``item()`` (that one
+is reported). All hooks and the mode are removed before returning, also when the model
+raises.
 """
 
 from __future__ import annotations
@@ -36,10 +39,17 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 from torch.overrides import TorchFunctionMode
 
+from .curved_ops import (
+    CURVED_OPS,
+    FINAL_MONOTONE_OPS,
+    curved_in,
+    normalise,
+    propagates,
+    tensors_in,
+)
 from .features import caller_stacklevel
 
 __all__ = [
-    "DEPENDENT_CURVED_OPS",
     "FINAL_MONOTONE_OPS",
     "NON_PIECEWISE_LINEAR_OPS",
     "HeadScan",
@@ -55,173 +65,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Names of torch functions (and Tensor methods) that are not piecewise linear in their
-#: tensor argument. ``log_softmax`` is absent on purpose: it shifts all logits of a row by
-#: the same amount, so differences of logits (the boundaries) are unchanged. A softmax or
-#: sigmoid producing the model's output is not counted either (``FINAL_MONOTONE_OPS``).
-NON_PIECEWISE_LINEAR_OPS = frozenset(
-    {
-        "sigmoid",
-        "sigmoid_",
-        "tanh",
-        "tanh_",
-        "gelu",
-        "silu",
-        "silu_",
-        "elu",
-        "elu_",
-        "selu",
-        "selu_",
-        "celu",
-        "celu_",
-        "softmax",
-        "_softmax",
-        "softmin",
-        "softplus",
-        "mish",
-        "mish_",
-        "hardswish",
-        "hardswish_",
-        "logsigmoid",
-        "softsign",
-        "tanhshrink",
-        "glu",
-        "exp",
-        "exp_",
-        "log",
-        "log_",
-        "erf",
-        "sqrt",
-        "rsqrt",
-        "pow",
-        "pow_",
-        "__pow__",
-        "square",
-        "layer_norm",
-        "group_norm",
-        "instance_norm",
-        "normalize",
-        "local_response_norm",
-        "reciprocal",
-        "scaled_dot_product_attention",
-    }
-)
-
-
-#: Functions that are curved in their tensor argument, counted only when it depends on the
-#: layer's output (a norm of the parameters, as in weight normalisation, is not counted).
-DEPENDENT_CURVED_OPS = frozenset(
-    {
-        "norm",
-        "vector_norm",
-        "linalg_vector_norm",
-        "matrix_norm",
-        "frobenius_norm",
-        "nuclear_norm",
-        "rms_norm",
-        "logsumexp",
-        "log1p",
-        "log2",
-        "log10",
-        "expm1",
-        "exp2",
-        "xlogy",
-        "cos",
-        "sin",
-        "tan",
-        "acos",
-        "asin",
-        "atan",
-        "atan2",
-        "cosh",
-        "sinh",
-        "asinh",
-        "acosh",
-        "atanh",
-        "std",
-        "var",
-        "std_mean",
-        "var_mean",
-        "prod",
-        "cumprod",
-        "cosine_similarity",
-        "pairwise_distance",
-        "cdist",
-        "lgamma",
-        "digamma",
-        "erfc",
-        "erfinv",
-        "sinc",
-        "logit",
-    }
-)
-
-#: Bilinear functions and the positions of their two factors: curved when both factors
-#: depend on the layer's output (a gate ``f * g(f)``, ``f @ f.T``, a convolution whose
-#: weight is computed from it); with one factor constant they are linear.
-PRODUCT_OPS: dict[str, tuple[int, ...]] = {
-    **dict.fromkeys(
-        (
-            "mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply",
-            "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "dot", "vdot", "inner",
-            "outer", "ger", "kron", "tensordot", "linear", "bilinear", "grid_sample",
-            "conv1d", "conv2d", "conv3d",
-            "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-        ),
-        (0, 1),
-    ),
-    **dict.fromkeys(
-        ("addcmul", "addcmul_", "addmm", "addbmm", "baddbmm", "addmv", "addr"), (1, 2)
-    ),
-    "einsum": (),  # every tensor operand
-}  # fmt: skip
-
-#: Divisions and the position of the divisor: curved when the divisor depends on the
-#: layer's output (``__rtruediv__(a, b)`` computes ``b / a``).
-DIVISION_OPS: dict[str, int] = {
-    **dict.fromkeys(
-        ("div", "div_", "__truediv__", "__itruediv__", "true_divide", "divide"), 1
-    ),
-    "__rtruediv__": 0,
-    "__rdiv__": 0,
-    "addcdiv": 2,
-    "addcdiv_": 2,
-}  # fmt: skip
-
-#: Keyword names of the positional operands above (``torch.mul(input=a, other=b)``).
-_OPERAND_KEYWORDS = ("input", "other", "weight", "tensor1", "tensor2", "mat1", "mat2")
-
-
-def _tensors(obj: Any) -> list[Tensor]:
-    """The tensors in ``obj`` (nested tuples, lists and dict values)."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
-    return []
-
-
-def _operands(op: str, args: tuple, kwargs: dict) -> list[Any]:
-    """The positional operands of ``op``, keyword operands appended in order."""
-    operands = list(args)
-    if op == "einsum":
-        return _tensors(operands[1:])
-    operands += [kwargs[k] for k in _OPERAND_KEYWORDS if k in kwargs]
-    return operands
+#: Kept under its former name: the functions that are curved in their arguments.
+NON_PIECEWISE_LINEAR_OPS = CURVED_OPS
 
 
 class NonPiecewiseLinearWarning(UserWarning):
     """The head after the chosen layer is not piecewise linear (boundaries approximate)."""
-
-
-#: Operations that change neither the predicted class nor the decision boundaries when
-#: they are the last operation producing the output: softmax is strictly increasing in
-#: each logit with the same normaliser for all classes, so ``softmax(z)_c > softmax(z)_c'``
-#: exactly where ``z_c > z_c'``; sigmoid is one strictly increasing function applied to
-#: every class alike. Anywhere else they count as curved.
-FINAL_MONOTONE_OPS = frozenset({"softmax", "_softmax", "sigmoid"})
 
 
 #: The source key of the traced function's own arguments (modules are keyed by ``id``,
@@ -235,13 +84,7 @@ class _Event:
     op: str
     module: str | None
     result: Any = None  # kept for FINAL_MONOTONE_OPS only (is it the model's output?)
-    # for a call curved only in its dependent arguments: the sources it is curved in
-    keys: frozenset[int] | None = None
-
-    def counts_for(self, key: int, after: int) -> bool:
-        """Whether this event is curved in the tensors of source ``key`` (a listed
-        operation: whether it runs after index ``after``)."""
-        return self.index > after if self.keys is None else key in self.keys
+    keys: frozenset[int] = frozenset()  # the sources the call is curved in
 
 
 class _Tracer(TorchFunctionMode):
@@ -263,37 +106,19 @@ class _Tracer(TorchFunctionMode):
         # tensor id -> (the tensor, kept alive so ids stay unique; its source keys)
         self.sources: dict[int, tuple[Tensor, frozenset[int]]] = {}
 
-    def add_source(self, obj: Any, key: int) -> None:
-        """Mark every tensor in ``obj`` as depending on source ``key``."""
-        for t in _tensors(obj):
-            self.sources[id(t)] = (t, self._of(t) | {key})
+    def add_source(self, obj: Any, keys: frozenset[int]) -> None:
+        """Mark every tensor in ``obj`` as depending on ``keys`` too."""
+        for t in tensors_in(obj):
+            self.sources[id(t)] = (t, self._of(t) | keys)
 
     def _of(self, obj: Any) -> frozenset[int]:
+        """The sources the tensors in ``obj`` depend on."""
         keys: frozenset[int] = frozenset()
-        for t in _tensors(obj):
+        for t in tensors_in(obj):
             entry = self.sources.get(id(t))
             if entry is not None:
                 keys = keys | entry[1]
         return keys
-
-    def _curved_keys(self, op: str, args: tuple, kwargs: dict, keys: frozenset[int]) -> tuple:
-        """The sources this call is curved in, and how (``(frozenset(), "")``: none)."""
-        if op in DEPENDENT_CURVED_OPS:
-            return keys, op
-        if op in PRODUCT_OPS:
-            operands = _operands(op, args, kwargs)
-            picked = operands if op == "einsum" else [
-                operands[i] for i in PRODUCT_OPS[op] if i < len(operands)
-            ]  # fmt: skip
-            sets = [self._of(o) for o in picked]
-            twice = frozenset(k for k in keys if sum(k in ks for ks in sets) >= 2)
-            return twice, f"{op} (of two tensors that depend on the layer)"
-        if op in DIVISION_OPS:
-            operands = _operands(op, args, kwargs)
-            i = DIVISION_OPS[op]
-            divisor = self._of(operands[i]) if i < len(operands) else frozenset()
-            return divisor, f"{op} (by a tensor that depends on the layer)"
-        return frozenset(), ""
 
     def name_of(self, m: nn.Module) -> str:
         return self.names.get(id(m), type(m).__name__)
@@ -301,30 +126,28 @@ class _Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         self.counter += 1
-        op = getattr(func, "__name__", "")
         result = func(*args, **kwargs)
-        module = self.stack[-1] if self.stack else None
         keys = self._of((args, kwargs)) if self.sources else frozenset()
-        if op in NON_PIECEWISE_LINEAR_OPS:
-            kept = result if op in FINAL_MONOTONE_OPS else None
-            self.ops.append(_Event(self.counter, op, module, kept))
-        elif keys:
-            curved, how = self._curved_keys(op, args, kwargs, keys)
-            if curved:
-                self.ops.append(_Event(self.counter, how, module, keys=curved))
         if keys:
-            for t in _tensors(result):
-                if t.is_floating_point() or t.is_complex():
-                    self.sources[id(t)] = (t, self._of(t) | keys)
+            name = normalise(getattr(func, "__name__", ""))
+            curved, how = curved_in(name, args, kwargs, self._of)
+            if curved:
+                module = self.stack[-1] if self.stack else None
+                kept = result if name in FINAL_MONOTONE_OPS else None
+                self.ops.append(_Event(self.counter, how, module, kept, curved))
+            if propagates(name, kwargs):
+                for t in tensors_in(result):
+                    if t.is_floating_point() or t.is_complex():
+                        self.sources[id(t)] = (t, self._of(t) | keys)
         return result
 
-    def curved_ops(self, key: int = INPUT_KEY, after: int = 0) -> list[_Event]:
-        """The events curved in the tensors of source ``key`` (listed operations: run
-        after index ``after``), without a final softmax/sigmoid producing the output."""
+    def curved_ops(self, key: int = INPUT_KEY) -> list[_Event]:
+        """The calls curved in the tensors of source ``key``, without a final softmax,
+        log-softmax or sigmoid producing the output."""
         return [
             e
             for e in self.ops
-            if e.counts_for(key, after) and not (e.result is not None and e.result is self.result)
+            if key in e.keys and not (e.result is not None and e.result is self.result)
         ]
 
     def pre(self, m: nn.Module, args: Any) -> None:
@@ -335,13 +158,14 @@ class _Tracer(TorchFunctionMode):
             self.depth0.append(m)
         name = self.name_of(m)
         self.stack.append(f"{name} ({type(m).__name__})" if name else "")
-        self.add_source(args, -id(m))
+        self.add_source(args, frozenset({-id(m)}))
 
     def post(self, m: nn.Module, args: Any, out: Any) -> None:
         self.counter += 1
         self.ends.setdefault(id(m), []).append(self.counter)
         self.outputs[id(m)] = out
-        self.add_source(out, id(m))
+        # a module's output depends on its inputs (also when its inside is not traced)
+        self.add_source(out, self._of(args) | {id(m)})
         if self.stack:
             self.stack.pop()
 
@@ -349,7 +173,7 @@ class _Tracer(TorchFunctionMode):
 def _trace(fn: Callable, args: tuple, root: Any) -> _Tracer:
     names = {id(m): n for n, m in root.named_modules()} if isinstance(root, nn.Module) else {}
     tracer = _Tracer(names)
-    tracer.add_source(args, INPUT_KEY)
+    tracer.add_source(args, frozenset({INPUT_KEY}))
     h1 = _module_mod.register_module_forward_pre_hook(tracer.pre)
     h2 = _module_mod.register_module_forward_hook(tracer.post)
     try:
@@ -388,9 +212,11 @@ class HeadScan:
 
 
 def _output_op(tracer: _Tracer, after: int = 0) -> str | None:
+    """The softmax or sigmoid producing the output (not log-softmax: it keeps the
+    logits' differences exactly)."""
     final = [e for e in tracer.ops if e.result is not None and e.result is tracer.result]
-    final = [e for e in final if e.index > after]
-    return None if not final else final[-1].op.strip("_")
+    final = [e.op for e in final if e.index > after]
+    return final[-1] if final and final[-1] != "log_softmax" else None
 
 
 def scan_after(
@@ -408,7 +234,7 @@ def scan_after(
         return HeadScan([], None)
     after = marks[id(layer)][0] if attribute_to_layer_input else marks[id(layer)][-1]
     key = -id(layer) if attribute_to_layer_input else id(layer)
-    return HeadScan(_describe(tracer.curved_ops(key, after)), _output_op(tracer, after))
+    return HeadScan(_describe(tracer.curved_ops(key)), _output_op(tracer, after))
 
 
 def scan_head(head: Callable, layer_output: Any) -> HeadScan:

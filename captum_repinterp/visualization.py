@@ -606,6 +606,11 @@ def plot_audit(
             f"images: {images.shape[0]} images, but the audit has image #{top}; pass the "
             "images given to audit"
         )
+    if labels is not None and len(labels) != images.shape[0]:
+        raise ValueError(
+            f"labels: {len(labels)} labels for {images.shape[0]} images; pass one true "
+            "class per image given to audit"
+        )
     n_regions = len(class_audit.regions)
     if region_labels is not None and len(region_labels) != n_regions:
         raise ValueError(f"region_labels has {len(region_labels)} entries for {n_regions} regions")
