@@ -489,7 +489,7 @@ def test_audit_draws_position_by_position_unless_told(fitted):
 
     ri, x = fitted
     c = int(ri.predictions_[0])
-    assert AUDIT_HEATMAP_RULE == "elementwise-members" != DEFAULT_HEATMAP_RULE
+    assert AUDIT_HEATMAP_RULE == "elementwise" != DEFAULT_HEATMAP_RULE
     default = audit(ri, x, c, max_regions=1, **FAST)[c].regions[0]
     assert default.interpretation.heatmap_rule == AUDIT_HEATMAP_RULE
     chosen = audit(ri, x, c, max_regions=1, heatmap_rule="channel", **FAST)[c].regions[0]
