@@ -620,8 +620,10 @@ class RegionContext:
         """The ``m`` nearest members (indices into the references), leaving out the seed
         itself when it is a reference.
 
-        With ``seed_features`` (``D``) a member whose stored features equal them is left
-        out, and no reference images are needed. Otherwise the rule needs the reference
+        With ``seed_features`` (``D``) a member whose stored features equal them (within
+        ``1e-5`` of their largest absolute value, or of 1: a one-image forward pass and
+        ``fit``'s batches round differently) is left out, and no reference images are
+        needed. Otherwise the rule needs the reference
         images: a member whose image equals ``seed_inputs``' is left out, and the result
         is empty when ``fit`` was not given a tensor.
         """
@@ -637,8 +639,12 @@ class RegionContext:
         while True:
             rows = self.members[:k]
             if seed_features is not None:
+                # the seed's features come from a one-image forward pass, the stored
+                # ones from fit's batches: equal up to float32 rounding
                 cand = self.references.features[rows].reshape(rows.numel(), -1)
-                same = (cand.to(seed_features) == seed_features.reshape(1, -1)).all(dim=1)
+                diff = (cand.to(seed_features) - seed_features.reshape(1, -1)).abs()
+                scale = max(1.0, float(seed_features.abs().max()))
+                same = diff.amax(dim=1) <= 1e-5 * scale
             else:
                 cand = images[rows].to(seed.device)
                 same = (cand == seed).reshape(rows.numel(), -1).all(dim=1)
@@ -656,7 +662,8 @@ def read_layer(
     Raises
     ------
     ValueError
-        When the layer does not run, runs more than once, or gives several tensors.
+        When the layer does not run, runs more than once, gives several tensors, or
+        finishes after ``reader``'s split layer.
     """
     from ._captum_compat import _format_additional_forward_args
     from .inputs import format_inputs
@@ -667,15 +674,34 @@ def read_layer(
         inputs_t = tuple(t.to(device) for t in inputs_t)
     extra = _format_additional_forward_args(additional_forward_args)
     seen: list[Any] = []
-    handle = layer.register_forward_hook(lambda module, inp, out: seen.append(out))
+    split = getattr(reader, "layer", None)
+    split_first: list[bool] = []  # at layer's end: had the split layer finished?
+    split_ends: list[bool] = []
+
+    def keep(module: nn.Module, inp: Any, out: Any) -> None:
+        seen.append(out)
+        split_first.append(bool(split_ends))
+
+    def split_end(module: nn.Module, inp: Any, out: Any) -> None:
+        split_ends.append(True)
+
+    handles = [layer.register_forward_hook(keep)]
+    if split is not None and split is not layer:
+        handles.append(split.register_forward_hook(split_end))
     try:
         with torch.no_grad():
             reader.forward_func(*inputs_t, *(extra or ()))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if len(seen) != 1 or not isinstance(seen[0], Tensor):
         raise ValueError(
             "heatmap_layer: expected a layer that runs once per forward pass and outputs one tensor"
+        )
+    if split_first and split_first[0]:  # the split layer finished first
+        raise ValueError(
+            "heatmap_layer: the layer runs after the split layer; pass a layer that runs "
+            "before it, on the path to it (a finer map of the same region)"
         )
     return seen[0].detach()
 
@@ -711,13 +737,13 @@ def region_score_weights(
     Tensor
         ``K`` weights, the mean over images of
         ``softmax_k(s_ik)``, ``s_ik = min_j h_j(psi(x_i * M_ik)) / ||w_j||`` (divided by
-        ``std_k s_ik`` when ``scale_free``), float32 on the CPU; uniform when no
-        boundary is selected.
+        ``std_k s_ik`` when ``scale_free``), float32 on the CPU; zeros when no
+        boundary is selected (the map is then zero, like every rule's).
     """
     acts = seed_activation if seed_activation.dim() == 4 else seed_activation[None]
     k_channels = acts.shape[1]
-    if weight.shape[0] == 0:
-        return torch.full((k_channels,), 1.0 / k_channels)
+    if weight.shape[0] == 0:  # no boundary: no region score, a zero map (as documented)
+        return torch.zeros(k_channels)
     w = weight.to("cpu", torch.float32)
     b = bias.to("cpu", torch.float32)
     norms = w.norm(dim=1)
@@ -833,12 +859,25 @@ def pulled_back_heatmap(
             handle = layer.register_forward_pre_hook(lambda module, inp: keep(inp))
         else:
             handle = layer.register_forward_hook(lambda module, inp, out: keep(out))
+        calls: list[int] = []
+        counter = (
+            None
+            if isinstance(heatmap_layer, str)
+            else heatmap_layer.register_forward_hook(lambda *_: calls.append(1))
+        )
         try:
             forward_func(*args)
         finally:
             handle.remove()
+            if counter is not None:
+                counter.remove()
         if len(seen) != 1:
             raise ValueError("layer: expected the layer to run once per forward pass")
+        if counter is not None and len(calls) != 1:
+            raise ValueError(
+                f"heatmap_layer: the layer runs {len(calls)} times per forward pass; pass a "
+                "layer that runs once (its map would mix the calls)"
+            )
         value = seen[0]
         tensors = tuple(value) if isinstance(value, (tuple, list)) else (value,)
         psi = layout.flatten(tensors)

@@ -1,8 +1,9 @@
 """QA round 10: heat-map rules and resolutions against hand computations, odd layers,
 the members' scale, and the cover solver under duplicated candidates.
 
-Plain tests check important cases by hand; ``xfail(strict=True)`` tests record bugs
-found in this round (the reason says what should happen).
+Plain tests check important cases by hand; the bugs this round found (the seed counted
+twice in the members' scale, a nonzero map without boundaries, region rules at a layer
+after the split, a heat-map layer that runs twice) are fixed and tested here.
 """
 
 from __future__ import annotations
@@ -277,12 +278,6 @@ def test_one_by_one_split_layer_channel_is_elementwise(two_conv):
         torch.testing.assert_close(reg.heatmap(x[130:134]), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="region-score/region-members take a heatmap_layer that runs AFTER the split "
-    "layer and draw a map there (the elementwise rules refuse it with a ValueError naming "
-    "heatmap_layer; the docs say the region-scored rules use 'that earlier, finer layer')",
-)
 @pytest.mark.parametrize("rule", ["region-score", "region-members"])
 def test_region_scored_rules_refuse_a_layer_after_the_split(two_conv, rule):
     model, x = two_conv
@@ -306,13 +301,6 @@ class SharedReLU(nn.Module):
         return self.fc(self.pool(self.act(self.c2(self.act(self.c1(x))))).flatten(1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a heatmap_layer that runs twice per forward pass is silently accepted by the "
-    "elementwise rules (the map is taken at its last call); region-score refuses the same "
-    "layer with 'expected a layer that runs once per forward pass', and the split layer "
-    "must run once too: it should be a ValueError naming heatmap_layer",
-)
 def test_heatmap_layer_running_twice_is_refused():
     torch.manual_seed(0)
     model = SharedReLU().eval()
@@ -325,13 +313,6 @@ def test_heatmap_layer_running_twice_is_refused():
 
 
 # ----------------------------------------------------------------- members' scale
-@pytest.mark.xfail(
-    strict=True,
-    reason="elementwise-members leaves the seed out of its 8 members only when the seed's "
-    "features equal the stored row bit for bit; the seed's one-image forward differs from "
-    "fit's batched one by float rounding, so a reference seed is counted twice in s_k "
-    "(documented: the seed and its 8 nearest members, a reference equal to the seed left out)",
-)
 def test_members_scale_leaves_out_a_reference_seed(tiny):
     model, x = tiny
     ri = _fit(model, model.features[-1], x[:200])
@@ -350,12 +331,6 @@ def test_members_scale_leaves_out_a_reference_seed(tiny):
 
 
 # ----------------------------------------------------------------- no boundary
-@pytest.mark.xfail(
-    strict=True,
-    reason="a region without boundary draws a nonzero map with region-score and "
-    "region-members (uniform channel weights: the mean activation), while the "
-    "NoBoundaryWarning, has_boundaries' docstring and docs/choices.md say its map is zero",
-)
 @pytest.mark.parametrize("rule", ["region-score", "region-members"])
 def test_region_without_boundary_has_a_zero_map(relu_fit, rule):
     model, x, ri = relu_fit
