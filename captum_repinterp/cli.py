@@ -223,9 +223,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs = prepare_report(args.model_factory, args.data, args.classes, args.random_state)
         except (ValueError, TypeError) as exc:
             args.subparser.error(str(exc))
-        run_report(
-            args.out, regions_per_class=args.regions, random_state=args.random_state, inputs=inputs
-        )
+        from .cuts import NotACutError
+
+        try:
+            run_report(
+                args.out,
+                regions_per_class=args.regions,
+                random_state=args.random_state,
+                inputs=inputs,
+            )
+        except NotACutError as exc:  # the factory's layer: an argument error, found at fit
+            args.subparser.error(f"model-factory: {exc}")
     elif args.command == "demo":
         from .demo import run_demo
 

@@ -71,7 +71,8 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     (
         "#157",
         "the index of an image in its set: held-out images for seeds and class "
-        "exemplars (#157), reference images for members (ref #157).",
+        "exemplars (#157), reference images for members (ref #157 in the figures, the "
+        "'reference' column of the tables).",
     ),
     (
         "boundaries",
@@ -81,13 +82,15 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     ),
     (
         "delta",
-        "how many references of other classes the region was allowed to keep inside "
-        "when its boundaries were chosen (0: none).",
+        "how many references of other classes the region may keep inside. By default it "
+        "is the fewest the candidate boundaries can reach, so it is the number left "
+        "inside (0: none).",
     ),
     (
         "reached",
         "yes when the chosen boundaries met that bound (at most delta references "
-        "of other classes inside); no when the sampled boundaries could not shut them out.",
+        "of other classes inside); no when a delta asked for could not be met. With the "
+        "default delta it is always yes.",
     ),
     ("members", "reference images inside the region."),
     (

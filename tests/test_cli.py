@@ -54,6 +54,24 @@ USER_MODULE = textwrap.dedent(
 
     def bad_data():
         return data()[0]
+
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 10 * 10, 3))
+
+        def forward(self, x):
+            h = torch.relu(self.conv1(x))
+            return self.head(torch.relu(self.conv2(h) + h))
+
+
+    def not_a_cut():
+        torch.manual_seed(0)
+        model = Skip().eval()
+        return model, model.conv2  # inside the residual block: h bypasses it
     """
 )
 
@@ -142,6 +160,14 @@ def test_report_argument_errors(capsys, tmp_path, user_module, argv, message):
     assert line.startswith("captum-repinterp report: error: ")
     assert message in line
     assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_report_factory_layer_that_is_not_a_cut_is_a_usage_error(capsys, tmp_path, user_module):
+    """The factory's layer is an argument: fit's NotACutError ends in one line, status 2."""
+    argv = ["--model-factory", "ri_user_mod:not_a_cut", "--data", "ri_user_mod:data"]
+    line = _usage_error(capsys, ["report", "--out", str(tmp_path / "o"), *argv])
+    assert line.startswith("captum-repinterp report: error: model-factory: ")
+    assert "cut" in line
 
 
 def test_demo_report_bad_class_is_a_usage_error(capsys, monkeypatch):
