@@ -33,6 +33,7 @@ Resume and append (see :meth:`RepresentativeInterpretation.fit`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -42,12 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.lib.format import open_memmap
-from torch import Tensor
+from torch import Tensor, nn
 
 from .features import Example, LayerLayout, feature_batches
 from .inputs import all_finite
 
-__all__ = ["OutputRecorder", "ReferenceStore", "STORE_FORMAT", "keep_logits"]
+__all__ = ["OutputRecorder", "ReferenceStore", "STORE_FORMAT", "keep_logits", "model_fingerprint"]
 
 STORE_FORMAT = "captum_repinterp.reference_store/1"
 _COPY_CHUNK = 16384
@@ -353,6 +354,37 @@ class ReferenceStore:
         return all_finite(self.features(), chunk_elements=chunk_size * self.layout.dim)
 
 
+def model_fingerprint(model: Any) -> str | None:
+    """SHA-1 of a model's parameters and buffers (names, dtypes, shapes, values), or
+    None when ``model`` is not an ``nn.Module``. Two models with the same weights give
+    the same fingerprint; any changed value, dtype or shape gives another."""
+    if not isinstance(model, nn.Module):
+        return None
+    digest = hashlib.sha1()
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=False).items():
+            if not isinstance(t, Tensor):
+                continue
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            try:
+                raw = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+            except (RuntimeError, TypeError):  # a type without a byte view (quantized)
+                continue
+            digest.update(raw.numpy())
+    return digest.hexdigest()
+
+
+def _check_fingerprint(store: ReferenceStore, fingerprint: str | None, path: Any) -> None:
+    """Refuse a store written by another model (stores without a fingerprint pass)."""
+    stored = store.meta.get("model")
+    if fingerprint is not None and stored is not None and stored != fingerprint:
+        raise ValueError(
+            f"store: {os.fspath(path)!r} was written by a model with other weights (its "
+            "parameters and buffers differ from this model's); its rows cannot be mixed "
+            "with these or reused: use a new path"
+        )
+
+
 def fit_to_store(
     forward_func: Any,
     layer: Any,
@@ -376,7 +408,10 @@ def fit_to_store(
       ``ValueError``;
     - ``append=True``: write all references after the rows already stored.
 
-    Only one batch of features is in memory at a time.
+    The store keeps a fingerprint of the model's weights (:func:`model_fingerprint`); a
+    store written by a model with other weights is refused in every case (its rows would
+    be mixed with, or stand for, this model's). Only one batch of features is in memory
+    at a time.
 
     Returns
     -------
@@ -399,8 +434,10 @@ def fit_to_store(
         desc="fit: reference features (store)",
     )
     store = ReferenceStore.open(path) if ReferenceStore.exists(path) else None
+    fingerprint = model_fingerprint(forward_func)
     skip = 0
     if store is not None:
+        _check_fingerprint(store, fingerprint, path)
         if store.attribute_to_layer_input != attribute_to_layer_input:
             raise ValueError(
                 f"store: {os.fspath(path)!r} was fitted with attribute_to_layer_input="
@@ -423,6 +460,7 @@ def fit_to_store(
     for rows, preds, layout in run(skip):
         if store is None:
             store = ReferenceStore.create(path, layout, n or 1024, attribute_to_layer_input)
+            store.meta["model"] = fingerprint
         elif layout != store.layout:
             raise ValueError(
                 f"references: the layer's output shapes {layout.shapes} differ from the "

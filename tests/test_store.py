@@ -77,6 +77,42 @@ def test_append_equals_one_fit(tmp_path):
     assert reopened.n == 700 and reopened.complete
 
 
+def test_append_with_another_model_is_refused(tmp_path):
+    """Appending (or reusing) a store written by a model with other weights would mix
+    two models' rows: refused. The same weights in a new object pass; a store without
+    a fingerprint (written before it was kept) passes too."""
+    import json
+
+    from captum_repinterp.store import model_fingerprint
+
+    model, other = _model(), _model(seed=3)
+    twin = _model()
+    assert model_fingerprint(model) == model_fingerprint(twin)
+    assert model_fingerprint(model) != model_fingerprint(other)
+    assert model_fingerprint(lambda x: x) is None
+    refs = _refs(300)
+    path = tmp_path / "s"
+    RepresentativeInterpretation(model, model[0]).fit(refs[:150], progress=False, store=path)
+    assert json.loads((path / "meta.json").read_text())["model"] == model_fingerprint(model)
+    for stranger in (other, _model().double()):
+        with pytest.raises(ValueError, match="written by a model with other weights"):
+            RepresentativeInterpretation(stranger, stranger[0]).fit(
+                refs[150:].to(next(stranger.parameters()).dtype),
+                progress=False,
+                store=path,
+                append=True,
+            )
+    ri = RepresentativeInterpretation(twin, twin[0])
+    ri.fit(refs[150:], progress=False, store=path, append=True)
+    assert ri.n_references_ == 300
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["model"]  # a store from before the fingerprint
+    (path / "meta.json").write_text(json.dumps(meta))
+    ri = RepresentativeInterpretation(other, other[0])
+    ri.fit(refs[:50], progress=False, store=path, append=True)
+    assert ri.n_references_ == 350
+
+
 def test_resume_after_interruption(tmp_path):
     model = _model()
     refs = _refs(500)
