@@ -673,37 +673,29 @@ def read_layer(
     if device is not None:
         inputs_t = tuple(t.to(device) for t in inputs_t)
     extra = _format_additional_forward_args(additional_forward_args)
-    seen: list[Any] = []
-    split = getattr(reader, "layer", None)
-    split_first: list[bool] = []  # at layer's end: had the split layer finished?
+    seen: list[tuple[Any, bool]] = []  # (layer's output, had the split layer finished?)
     split_ends: list[bool] = []
-
-    def keep(module: nn.Module, inp: Any, out: Any) -> None:
-        seen.append(out)
-        split_first.append(bool(split_ends))
-
-    def split_end(module: nn.Module, inp: Any, out: Any) -> None:
-        split_ends.append(True)
-
-    handles = [layer.register_forward_hook(keep)]
+    split = getattr(reader, "layer", None)
+    handles = [layer.register_forward_hook(lambda m, i, out: seen.append((out, bool(split_ends))))]
     if split is not None and split is not layer:
-        handles.append(split.register_forward_hook(split_end))
+        handles.append(split.register_forward_hook(lambda *_: split_ends.append(True)))
     try:
         with torch.no_grad():
             reader.forward_func(*inputs_t, *(extra or ()))
     finally:
         for h in handles:
             h.remove()
-    if len(seen) != 1 or not isinstance(seen[0], Tensor):
+    if len(seen) != 1 or not isinstance(seen[0][0], Tensor):
         raise ValueError(
             "heatmap_layer: expected a layer that runs once per forward pass and outputs one tensor"
         )
-    if split_first and split_first[0]:  # the split layer finished first
+    out, after_split = seen[0]
+    if after_split:
         raise ValueError(
             "heatmap_layer: the layer runs after the split layer; pass a layer that runs "
             "before it, on the path to it (a finer map of the same region)"
         )
-    return seen[0].detach()
+    return out.detach()
 
 
 def region_score_weights(

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .datasets import _atomic_write, cache_dir
+from .store import tensor_sha1
 
 __all__ = [
     "ONet",
@@ -125,13 +126,6 @@ class SmallCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits, ``head(features(x))``."""
         return self.head(self.features(x))
-
-
-def _tensor_sha1(t: Tensor) -> str:
-    t = t.detach().to("cpu").contiguous()
-    h = hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _random_shift(images: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
@@ -272,7 +266,7 @@ def _train_cached(
     }
     path = None
     if cache:
-        key_src = json.dumps(config, sort_keys=True) + _tensor_sha1(images) + _tensor_sha1(labels)
+        key_src = json.dumps(config, sort_keys=True) + tensor_sha1(images) + tensor_sha1(labels)
         key = hashlib.sha1(key_src.encode()).hexdigest()[:20]
         path = cache_dir() / "models" / f"{prefix}-{key}.pt"
         if path.is_file():
@@ -302,7 +296,7 @@ def _train_cached(
     finally:
         torch.set_num_threads(threads)
     model.eval()
-    _warn_if_untrained(model, images, labels, prefix, batch_size)
+    _warn_if_untrained(model, images, labels, prefix)
 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,9 +305,7 @@ def _train_cached(
     return model
 
 
-def _warn_if_untrained(
-    model: nn.Module, images: Tensor, labels: Tensor, name: str, batch_size: int
-) -> float:
+def _warn_if_untrained(model: nn.Module, images: Tensor, labels: Tensor, name: str) -> float:
     """The trained model's accuracy on its training images; a ``UserWarning`` when it is
     less than a quarter of the way from the majority class's share to 1 (a model that
     has learnt little: too few images or epochs)."""

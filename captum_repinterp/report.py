@@ -42,7 +42,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from ._checks import check_int
+from ._checks import check_int, describe_value
 from .attribution import RepresentativeInterpretation
 from .auditing import AuditRegion, ClassAudit, audit
 from .features import caller_stacklevel, eval_mode
@@ -303,11 +303,7 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
     refs, held = obj[0], obj[1]
     for value, what in ((refs, "reference_images"), (held, "heldout_images")):
         if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] == 0:
-            got = (
-                f"a {type(value).__name__} of shape {tuple(value.shape)}"
-                if hasattr(value, "shape")
-                else type(value).__name__
-            )
+            got = describe_value(value) if hasattr(value, "shape") else type(value).__name__
             hint = (
                 " (torch.from_numpy(a) converts a NumPy array)"
                 if hasattr(value, "__array__") and not isinstance(value, Tensor)
@@ -377,7 +373,7 @@ def audit_regions(
     present = set(preds.unique().tolist())
     if classes is not None:  # each class once, in the order given
         classes = list(dict.fromkeys(check_int(c, "classes", 0) for c in classes))
-        skipped = sorted({int(c) for c in classes} - present)
+        skipped = sorted(set(classes) - present)
         if skipped:
             warnings.warn(
                 f"classes: {skipped} not predicted on heldout (predicted: "
@@ -385,7 +381,7 @@ def audit_regions(
                 UserWarning,
                 stacklevel=caller_stacklevel(),
             )
-    classes = sorted(present) if classes is None else [int(c) for c in classes if c in present]
+    classes = sorted(present) if classes is None else [c for c in classes if c in present]
     rows: list[RegionRow] = []
     audits: dict[int, ClassAudit] = {}
     for c in classes:
@@ -850,7 +846,7 @@ def prepare_report(
     if (model_factory is None) != (data is None):
         raise ValueError("give both --model-factory and --data, or neither (the demo)")
     if classes is not None:
-        classes = list(dict.fromkeys(check_int(c, "classes", 0) for c in classes))
+        classes = [check_int(c, "classes", 0) for c in classes]
     if model_factory is None:
         from .demo import mnist_setup
 

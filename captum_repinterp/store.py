@@ -48,7 +48,14 @@ from torch import Tensor, nn
 from .features import Example, LayerLayout, feature_batches
 from .inputs import all_finite
 
-__all__ = ["OutputRecorder", "ReferenceStore", "STORE_FORMAT", "keep_logits", "model_fingerprint"]
+__all__ = [
+    "OutputRecorder",
+    "ReferenceStore",
+    "STORE_FORMAT",
+    "keep_logits",
+    "model_fingerprint",
+    "tensor_sha1",
+]
 
 STORE_FORMAT = "captum_repinterp.reference_store/1"
 _COPY_CHUNK = 16384
@@ -354,23 +361,28 @@ class ReferenceStore:
         return all_finite(self.features(), chunk_elements=chunk_size * self.layout.dim)
 
 
+def tensor_sha1(t: Tensor) -> str:
+    """SHA-1 of a tensor's dtype, shape and bytes (on the CPU)."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def model_fingerprint(model: Any) -> str | None:
-    """SHA-1 of a model's parameters and buffers (names, dtypes, shapes, values), or
+    """SHA-1 of a model's parameters and buffers (names and :func:`tensor_sha1`), or
     None when ``model`` is not an ``nn.Module``. Two models with the same weights give
     the same fingerprint; any changed value, dtype or shape gives another."""
     if not isinstance(model, nn.Module):
         return None
     digest = hashlib.sha1()
-    with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=False).items():
-            if not isinstance(t, Tensor):
-                continue
+    for name, t in model.state_dict(keep_vars=False).items():
+        if not isinstance(t, Tensor):
+            continue
+        try:
+            digest.update(f"{name}:{tensor_sha1(t)};".encode())
+        except (RuntimeError, TypeError):  # a type without a byte view (quantized)
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            try:
-                raw = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-            except (RuntimeError, TypeError):  # a type without a byte view (quantized)
-                continue
-            digest.update(raw.numpy())
     return digest.hexdigest()
 
 

@@ -136,9 +136,8 @@ class _Tracer(TorchFunctionMode):
                 kept = result if name in FINAL_MONOTONE_OPS else None
                 self.ops.append(_Event(self.counter, how, module, kept, curved))
             if propagates(name, kwargs):
-                for t in tensors_in(result):
-                    if t.is_floating_point() or t.is_complex():
-                        self.sources[id(t)] = (t, self._of(t) | keys)
+                floats = [t for t in tensors_in(result) if t.is_floating_point() or t.is_complex()]
+                self.add_source(floats, keys)
         return result
 
     def curved_ops(self, key: int = INPUT_KEY) -> list[_Event]:
