@@ -1,6 +1,8 @@
 """Shared fixtures: a temporary cache, a tiny CNN with a piecewise-linear head, images."""
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -85,3 +87,25 @@ class Boom(nn.Module):
 def boom_cls() -> type[Boom]:
     """The exploding wrapper class, for side-effect tests."""
     return Boom
+
+
+class Interrupted(RuntimeError):
+    """Raised by :func:`interrupt_on_call` (a fit stopped part-way)."""
+
+
+@contextlib.contextmanager
+def interrupt_on_call(module: nn.Module, n: int) -> Iterator[None]:
+    """Raise :class:`Interrupted` at the end of ``module``'s ``n``-th forward call inside
+    the block (an interrupted fit); the hook is removed on leaving it."""
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+        if calls[0] == n:
+            raise Interrupted
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -384,23 +384,11 @@ def test_store_resumed_inside_a_batch_with_another_batch_size_equals_ram(relu_fi
     resume starts inside a batch), stores what the in-memory fit keeps, and its regions
     and maps are the same."""
     model, x, ram = relu_fit
+    from conftest import Interrupted, interrupt_on_call
+
     refs = x[:120]
-    calls = {"n": 0}
-
-    class Stop(RuntimeError):
-        pass
-
-    def hook(_m, _i, _o):  # noqa: ANN001
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Stop
-
-    handle = model.pool.register_forward_hook(hook)
-    try:
-        with pytest.raises(Stop):
-            _fit(model, model.pool, refs, batch_size=32, store=tmp_path / "s")
-    finally:
-        handle.remove()
+    with interrupt_on_call(model.pool, 3), pytest.raises(Interrupted):
+        _fit(model, model.pool, refs, batch_size=32, store=tmp_path / "s")
     partial = ReferenceStore.open(tmp_path / "s")
     assert not partial.complete and partial.n % 50 != 0 and 0 < partial.n < 120
     ri = _fit(model, model.pool, refs, batch_size=50, store=tmp_path / "s")

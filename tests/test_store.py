@@ -115,22 +115,12 @@ def test_append_with_another_model_is_refused(tmp_path):
 
 def test_resume_after_interruption(tmp_path):
     model = _model()
+    from conftest import Interrupted, interrupt_on_call
+
     refs = _refs(500)
-    calls = {"n": 0}
-
-    class Boom(RuntimeError):
-        pass
-
-    def hook(_m, _inp, _out):  # noqa: ANN001
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise Boom
-
-    handle = model[0].register_forward_hook(hook)
     ri = RepresentativeInterpretation(model, model[0])
-    with pytest.raises(Boom):
+    with interrupt_on_call(model[0], 4), pytest.raises(Interrupted):
         ri.fit(refs, batch_size=64, progress=False, store=tmp_path / "r")
-    handle.remove()
     partial = ReferenceStore.open(tmp_path / "r")
     assert partial.n == 3 * 64 and not partial.complete
     # resume: only the remaining rows are computed
