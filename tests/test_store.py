@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import sys
 
 import numpy as np
@@ -204,12 +205,19 @@ def test_margins_reads_in_chunks():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_sampler_sees_a_short_lived_allocation():
-    """PeakAnon catches a 64 MiB block that is freed before the block ends."""
+    """PeakAnon catches a 64 MiB block that is freed before the block ends.
+
+    The block is a private anonymous mapping of its own, written page by page, and
+    unmapped at the end: malloc (``np.ones``) could serve it from freed heap pages still
+    resident after earlier tests, and then RssAnon did not grow (a CI run saw 4 KiB).
+    (``mmap.mmap(-1, n)`` alone is a shared mapping, counted as RssShmem.)"""
+    size = 64 * 2**20
     before = rss_anon_kb()
     with PeakAnon() as mem:
-        block = np.ones(64 * 2**20 // 8)  # 64 MiB of touched anonymous pages
+        block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        np.frombuffer(block, dtype=np.uint8)[:] = 1  # touch every page
         held = rss_anon_kb()
-        del block
+        block.close()
     assert held - before >= 60 * 1024
     # the sampler's own baseline is read when the block starts; under load other pages
     # of the process come and go meanwhile (a CI run measured 59.7 MB once)
