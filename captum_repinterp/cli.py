@@ -50,6 +50,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _name_list(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"must be comma-separated non-empty names, got {text!r}")
+    return names
+
+
 def _out_dir(text: str) -> str:
     """``--out``: a folder that exists or can be made (checked before any work)."""
     path = Path(text)
@@ -165,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
         "predicted classes for your model)",
     )
     rep.add_argument(
+        "--layer",
+        default=None,
+        metavar="NAME|auto",
+        help="split layer of --model-factory's model: a module name as in "
+        "model.named_modules() (e.g. layer3, features.7), or auto (find_layer); replaces "
+        "the factory's layer (default: the factory's)",
+    )
+    rep.add_argument(
+        "--class-names",
+        type=_name_list,
+        default=None,
+        metavar="NAME,NAME,...",
+        help="comma-separated names of classes 0, 1, ... of --model-factory's model, shown "
+        "next to the class indices",
+    )
+    rep.add_argument(
         "--regions", type=_positive_int, default=2, help="at most this many regions per class"
     )
     _add_random_state(rep)
@@ -220,7 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .report import prepare_report, run_report
 
         try:
-            inputs = prepare_report(args.model_factory, args.data, args.classes, args.random_state)
+            inputs = prepare_report(
+                args.model_factory,
+                args.data,
+                args.classes,
+                args.random_state,
+                layer=args.layer,
+                class_names=args.class_names,
+            )
         except (ValueError, TypeError) as exc:
             args.subparser.error(str(exc))
         from .cuts import NotACutError

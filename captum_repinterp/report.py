@@ -261,7 +261,8 @@ def resolve_model(obj: Any) -> tuple[nn.Module, nn.Module, Callable | None]:
         if not isinstance(features, nn.Sequential) or len(features) == 0:
             raise ValueError(
                 "model factory: the model has no non-empty nn.Sequential .features; "
-                "return (model, layer) to name the layer to interpret (find_layer helps)"
+                "return (model, layer) to name the layer to interpret, or name it with "
+                "--layer (a module name, or 'auto' for find_layer)"
             )
         layer = features[-1]
     if not isinstance(model, nn.Module):
@@ -825,11 +826,43 @@ def _predicted_classes(model: nn.Module, images: Tensor, batch_size: int = 512) 
         }
 
 
+def _named_layer(model: nn.Module, name: str, references: Tensor) -> nn.Module:
+    """The split layer the report's ``layer`` argument names (``"auto"``: find_layer)."""
+    if name == "auto":
+        from .layers import find_layer
+
+        return find_layer(model, references[:4])
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_children()]
+        raise ValueError(
+            f"layer: the model has no submodule {name!r} (a dotted name as in "
+            f"model.named_modules(), e.g. 'layer4' or 'features.7', or 'auto'; its "
+            f"children: {names[:12]})"
+        ) from None
+
+
+def _class_names(names: Sequence[str] | None, present: set[int]) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError("class_names must be a sequence of str (one name per class index)")
+    if present and max(present) >= len(names):
+        raise ValueError(
+            f"class_names: {len(names)} names, but the model predicts class {max(present)} "
+            "on the held-out images (one name per class index from 0)"
+        )
+    return list(names)
+
+
 def prepare_report(
     model_factory: str | None = None,
     data: str | None = None,
     classes: Sequence[int] | None = None,
     random_state: int = 0,
+    layer: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> ReportInputs:
     """Resolve the report's arguments: load model and data, check the classes.
 
@@ -838,6 +871,13 @@ def prepare_report(
     :func:`captum_repinterp.demo.mnist_setup`) audits ``classes`` (default ``0, 1, 2``
     to keep it fast).
 
+    ``layer`` names the split layer in the factory's model (a dotted name as in
+    ``model.named_modules()``, e.g. ``"layer3"``; ``"auto"`` runs
+    :func:`captum_repinterp.find_layer` on the first references) and replaces the one the
+    factory returned; a factory that also returned a head cannot be given one (the head
+    belongs to its own layer). ``class_names`` gives one name per class index, shown next
+    to the indices (the demo has its own).
+
     Raises
     ------
     ValueError, TypeError
@@ -845,6 +885,8 @@ def prepare_report(
     """
     if (model_factory is None) != (data is None):
         raise ValueError("give both --model-factory and --data, or neither (the demo)")
+    if model_factory is None and (layer is not None or class_names is not None):
+        raise ValueError("--layer and --class-names apply to --model-factory's model, not the demo")
     if classes is not None:
         classes = [check_int(c, "classes", 0) for c in classes]
     if model_factory is None:
@@ -864,11 +906,25 @@ def prepare_report(
             s.class_names,
         )
     else:
-        model, layer, head = resolve_model(_call_without_arguments(model_factory, "model_factory"))
+        built = _call_without_arguments(model_factory, "model_factory")
         refs, held, ref_labels, held_labels = resolve_data(_call_without_arguments(data, "data"))
+        if layer is None:
+            model, split, head = resolve_model(built)
+        else:
+            model = built[0] if isinstance(built, (tuple, list)) else built
+            if isinstance(built, (tuple, list)) and len(built) == 3:
+                raise ValueError(
+                    "layer: the model factory also returned a head, which belongs to its "
+                    "own layer; return model or (model, layer) to choose the layer here"
+                )
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    f"model factory must return an nn.Module, got {type(model).__name__}"
+                )
+            split, head = _named_layer(model, layer, refs), None
         inputs = ReportInputs(
             model,
-            layer,
+            split,
             head,
             refs,
             held,
@@ -877,8 +933,12 @@ def prepare_report(
             classes,
             f"Audit report: {model_factory}",
         )
+    if inputs.classes is None and class_names is None:
+        return inputs
+    present = _predicted_classes(inputs.model, inputs.heldout)
+    if class_names is not None:
+        inputs.class_names = _class_names(class_names, present)
     if inputs.classes is not None:
-        present = _predicted_classes(inputs.model, inputs.heldout)
         if not present.intersection(inputs.classes):
             raise ValueError(
                 f"classes: none of {inputs.classes} is predicted on the held-out images "

@@ -68,6 +68,16 @@ USER_MODULE = textwrap.dedent(
             return self.head(torch.relu(self.conv2(h) + h))
 
 
+    def with_head():
+        model = factory()
+        return model, model.features[-1], model.head
+
+
+    def skip_model():
+        torch.manual_seed(0)
+        return Skip().eval()
+
+
     def not_a_cut():
         torch.manual_seed(0)
         model = Skip().eval()
@@ -115,6 +125,54 @@ def _usage_error(capsys, argv: list[str]) -> str:
 )
 def test_parse_errors(capsys, argv, message):
     assert message in _usage_error(capsys, argv)
+
+
+_USER = ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:data"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([*_USER, "--layer", "nope"], "layer: the model has no submodule 'nope'"),
+        ([*_USER, "--layer", "features.9"], "layer: the model has no submodule 'features.9'"),
+        (["--layer", "features"], "--layer and --class-names apply to --model-factory's"),
+        (["--class-names", "a,b,c"], "--layer and --class-names apply to --model-factory's"),
+        ([*_USER, "--class-names", "a,,c"], "--class-names: must be comma-separated non-empty"),
+        ([*_USER, "--class-names", "a"], "class_names: 1 names, but the model predicts class"),
+        (
+            ["--model-factory", "ri_user_mod:with_head", "--data", "ri_user_mod:data"]
+            + ["--layer", "features.0"],
+            "layer: the model factory also returned a head",
+        ),
+    ],
+)
+def test_report_layer_and_class_names_errors(capsys, tmp_path, user_module, argv, message):
+    line = _usage_error(capsys, ["report", "--out", str(tmp_path / "o"), *argv])
+    assert message in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_report_layer_by_name_or_auto(user_module):
+    import ri_user_mod
+
+    from captum_repinterp import find_layer
+
+    named = prepare_report("ri_user_mod:factory", "ri_user_mod:data", layer="features.0.1")
+    assert named.layer is named.model.features[0][1] and named.head is None
+    auto = prepare_report("ri_user_mod:factory", "ri_user_mod:data", layer="auto")
+    assert auto.layer is find_layer(auto.model, ri_user_mod.data()[0][:4])
+    # a bare model without .features, made usable by --layer
+    skip = prepare_report("ri_user_mod:skip_model", "ri_user_mod:data", layer="conv1")
+    assert skip.layer is skip.model.conv1
+
+
+def test_report_with_layer_and_class_names(tmp_path, user_module):
+    out = tmp_path / "out"
+    argv = ["report", "--out", str(out), *_USER, "--regions", "1", "--classes", "2"]
+    assert main([*argv, "--layer", "features.0", "--class-names", "ant,bee,cat"]) == 0
+    page = (out / "index.html").read_text()
+    assert "2 (cat)" in page
+    assert "features.0" in page  # the split layer the report names
 
 
 @pytest.mark.parametrize(
@@ -176,7 +234,7 @@ def test_demo_report_bad_class_is_a_usage_error(capsys, monkeypatch):
 
     calls = []
 
-    def fake(model_factory, data, classes, random_state):
+    def fake(model_factory, data, classes, random_state, **_):
         calls.append(classes)
         raise ValueError(f"classes: none of {classes} is predicted on the held-out images")
 
