@@ -7,7 +7,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_choice", "check_grad_mode", "check_int", "describe_value"]
+__all__ = [
+    "check_choice",
+    "check_finite_outputs",
+    "check_grad_mode",
+    "check_int",
+    "describe_value",
+]
 
 
 def check_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -24,6 +30,29 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {describe_value(value)}")
     return int(value)
+
+
+def check_finite_outputs(outputs: torch.Tensor, name: str, first: int = 0) -> None:
+    """Refuse examples whose model outputs (``n x ...``) hold NaN or inf.
+
+    Their predicted class is undefined, so they can neither be references nor seeds.
+    ``first`` is the index of ``outputs``' first row in the argument ``name``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` and the first (up to 10) offending examples.
+    """
+    finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = (torch.nonzero(~finite).flatten() + first).tolist()
+    shown = ", ".join(map(str, bad[:10])) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
+    raise ValueError(
+        f"{name}: the model's outputs are NaN or inf for example(s) {shown}, so their "
+        "predicted class is undefined and they have no decision region; check those "
+        "inputs or the model (an overflow, a division by zero), or leave them out"
+    )
 
 
 def describe_value(value: Any) -> str:

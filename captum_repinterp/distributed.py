@@ -995,17 +995,18 @@ def fit_sharded(
                 "model_factory: the model built on the workers gives other layer features "
                 "than ri.forward_func on the first reference; load the same weights"
             )
-        nonlinear, projection, leading, affine, _, output_op = study_head(
+        study = study_head(
             forward_func, layer, head, layout, example, first_feats, attribute_to_layer_input,
             device, stacklevel=4,
         )  # fmt: skip
-        warn_probability_output(output_op)
+        warn_probability_output(study.output_op)
+    projection = study.projection
     basis32 = None if projection is None else projection.basis32.numpy()
     sources = [("dataset", part) for part in parts]
     actors = _start_actors(sources, offsets, basis32, spill_dir, max_restarts, actor_options)
     return _finish(
-        ri, actors, offsets, example, layout, nonlinear, projection, sources,
-        progress, attribute_to_layer_input, n, leading=leading, affine=affine,
+        ri, actors, offsets, example, layout, study.nonlinear, projection, sources,
+        progress, attribute_to_layer_input, n, leading=study.leading, affine=study.affine,
         inputs=references if isinstance(references, Tensor) else None,
         source=references if isinstance(references, (Tensor, Dataset, DataLoader)) else None,
     )  # fmt: skip

@@ -29,6 +29,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from tqdm.auto import tqdm
 
 from ._captum_compat import _format_additional_forward_args
+from ._checks import check_finite_outputs
 from .inputs import (
     InputSpec,
     check_against_references,
@@ -540,16 +541,7 @@ def feature_batches(
                         "torch.cat([torch.zeros_like(z), z], dim=1) for a binary "
                         "model's logit z"
                     )
-                finite = torch.isfinite(logits).all(dim=1)
-                if not bool(finite.all()):
-                    bad = torch.nonzero(~finite).flatten()
-                    raise ValueError(
-                        f"{name}: the model's outputs are NaN or inf for {bad.numel()} "
-                        f"of the examples {row0} to {stop - 1} (first: example "
-                        f"{row0 + int(bad[0])}), so their predicted class is "
-                        "undefined; check those inputs or the model (an overflow, a "
-                        "division by zero), or leave those examples out"
-                    )
+                check_finite_outputs(logits, name, first=row0)
                 yield rows, logits.argmax(dim=1).cpu(), layout
 
     return n, example, run

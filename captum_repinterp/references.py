@@ -53,7 +53,14 @@ from .tracing import HeadScan, scan_after, scan_head
 if TYPE_CHECKING:
     from .reader import LayerReader
 
-__all__ = ["FittedReferences", "FittedState", "NotFittedError", "fit_references", "study_head"]
+__all__ = [
+    "FittedReferences",
+    "FittedState",
+    "HeadStudy",
+    "NotFittedError",
+    "fit_references",
+    "study_head",
+]
 
 
 @dataclass(frozen=True)
@@ -230,7 +237,7 @@ def fit_references(
             )
         # with a store the projection is written next to the features, memory-mapped
         out_path = None if ref_store is None else ref_store.path / "projected.npy"
-        nonlinear, projection, leading, affine, logits, output_op = study_head(
+        study = study_head(
             forward_func, layer, head, layout, example, features, attribute_to_layer_input,
             device, cut_check, out_path, stacklevel=5, logits=logits,
         )  # fmt: skip
@@ -243,15 +250,15 @@ def fit_references(
         layout=layout,
         attribute_to_layer_input=attribute_to_layer_input,
         example=example,
-        head_nonlinear=nonlinear,
-        head_output_op=output_op,
-        projection=projection,
+        head_nonlinear=study.nonlinear,
+        head_output_op=study.output_op,
+        projection=study.projection,
         store=ref_store,
         inputs=kept if isinstance(kept, Tensor) and not append else None,
         source=None if append or isinstance(kept, tuple) else kept,
-        leading=leading,
-        affine=affine,
-        logits=logits,
+        leading=study.leading,
+        affine=study.affine,
+        logits=study.logits,
     )
 
 
@@ -357,6 +364,30 @@ def _check_store_rows(
             )
 
 
+@dataclass(frozen=True)
+class HeadStudy:
+    """What :func:`study_head` learned of the head from the first references.
+
+    Attributes
+    ----------
+    nonlinear : tuple of str
+        The head's operations that are not piecewise linear (empty when it is).
+    projection, leading, affine : optional
+        The exact shortcuts of :mod:`captum_repinterp.projection` that apply, else None.
+    logits : Tensor or None
+        The references' recorded outputs, ``N x C``, when the head reproduces them.
+    output_op : str or None
+        The softmax or sigmoid that produces the model's output, if any.
+    """
+
+    nonlinear: tuple[str, ...]
+    projection: Projection | None
+    leading: LeadingMap | None
+    affine: AffineHead | None
+    logits: Tensor | None
+    output_op: str | None
+
+
 def study_head(
     forward_func: Callable,
     layer: nn.Module,
@@ -370,14 +401,7 @@ def study_head(
     projection_path: str | os.PathLike | None = None,
     stacklevel: int = 4,
     logits: Tensor | None = None,
-) -> tuple[
-    tuple[str, ...],
-    Projection | None,
-    LeadingMap | None,
-    AffineHead | None,
-    Tensor | None,
-    str | None,
-]:
+) -> HeadStudy:
     """What ``fit`` learns of the head from the first references (run in eval mode).
 
     The cut check on the first (up to four) references (``cut_check``: ``"raise"``,
@@ -390,9 +414,8 @@ def study_head(
 
     Returns
     -------
-    (nonlinear, projection, leading, affine, logits, output_op)
-        ``logits`` as given when the head reproduces them, else None; ``output_op``
-        the softmax or sigmoid that produces the model's output, if any.
+    HeadStudy
+        ``logits`` as given when the head reproduces them, else None.
     """
     seed_head = make_head(
         forward_func, layer, layout, head, example.inputs, example.additional_forward_args,
@@ -419,7 +442,7 @@ def study_head(
         affine, seed_head, modules, features, logits, device
     ):
         affine = None
-    return tuple(scan.nonlinear), projection, leading, affine, logits, scan.output_op
+    return HeadStudy(tuple(scan.nonlinear), projection, leading, affine, logits, scan.output_op)
 
 
 def _affine_everywhere(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._captum_compat import TargetType, _format_additional_forward_args
-from ._checks import check_grad_mode
+from ._checks import check_finite_outputs, check_grad_mode
 from .boundaries import sample_and_match
 from .features import caller_stacklevel, eval_mode
 from .heatmap import RegionContext, check_input_dtypes
@@ -122,13 +122,7 @@ def read_seeds(
         check_input_dtypes(inputs_t)
     if outputs.shape[0] == 0:
         return [], activations
-    finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        raise ValueError(
-            f"inputs: the model's outputs are NaN or inf for example(s) {bad[:10]}, so "
-            "they have no decision region; check those inputs (or the model)"
-        )
+    check_finite_outputs(outputs, "inputs")
     targets = resolve_targets(outputs, target)
     warn_nonlinear_head(references.head_nonlinear)
     extra = _format_additional_forward_args(additional_forward_args)

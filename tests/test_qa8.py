@@ -163,8 +163,15 @@ def test_references_with_nan_logits_are_refused(tiny):
     nan_model = _NaNWhere(model).eval()
     refs = x[:240]
     assert int((refs.flatten(1)[:, 0] > 1.5).sum()) == 15
-    with pytest.raises(ValueError, match="references"):
-        RepresentativeInterpretation(nan_model, model.features[-1]).fit(refs, progress=False)
+    bad = (refs.flatten(1)[:, 0] > 1.5).nonzero().flatten().tolist()
+    with pytest.raises(ValueError, match="references") as info:
+        # batches of 64: the indices are counted from the first reference, not the batch's
+        RepresentativeInterpretation(nan_model, model.features[-1]).fit(
+            refs, batch_size=64, progress=False
+        )
+    first_batch = [i for i in bad if i < 64]  # the fit stops at the first bad batch
+    assert first_batch
+    assert f"example(s) {', '.join(map(str, first_batch[:10]))}" in str(info.value)
 
 
 def test_a_seed_with_nan_logits_names_inputs(tiny):
