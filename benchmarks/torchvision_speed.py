@@ -57,7 +57,9 @@ from captum_repinterp import RepresentativeInterpretation  # noqa: E402
 FULL = (
     "resnet18:layer4:112:2000,resnet18:layer3:112:2000,resnet50:layer3:112:2000,"
     "vgg11:features[-1]:112:2000,vgg16:features[-1]:112:2000,"
-    "resnet18:layer4:224:2000,resnet18:layer3:224:2000"
+    "resnet18:layer4:224:2000,resnet18:layer3:224:2000,"
+    "densenet121:features:112:2000,efficientnet_b0:features:112:2000,"
+    "efficientnet_b0:features:224:2000"
 )
 QUICK = "resnet18:layer4:112:500,resnet18:layer3:112:500"
 

@@ -246,7 +246,9 @@ def plot_region(
         The reference set given to ``fit`` (indexed by ``interpretation.members``; a
         DataLoader's ``dataset``, items ``(image, label, ...)`` give the image).
     k : int
-        Number of members to show, nearest by semantic distance first.
+        Number of members to show, nearest by semantic distance first. A seed that is
+        itself a reference (the same image) is not shown again as a member; the caption
+        gives its index.
     class_names : sequence of str, optional
         Names shown instead of class indices.
     panel_size : float
@@ -258,7 +260,8 @@ def plot_region(
     title : str, optional
         First line of the title (default: ``"region of class <name>"``).
     """
-    members = interpretation.similar(k)
+    interpretation.similar(k)  # checks k
+    members = torch.as_tensor(interpretation.similar(k + 1))
     rows = _reference_rows(reference_images, members)
     if not isinstance(seed_image, Tensor):
         raise TypeError(f"seed_image must be a tensor, got {type(seed_image).__name__}")
@@ -274,6 +277,12 @@ def plot_region(
             f"seed_image: shape {tuple(seed_image.shape)}, but the reference images are "
             f"{tuple(rows.shape[1:])}; pass the seed as given to interpret (x[0] or x[:1])"
         )
+    # a seed taken from the references is its own nearest member: not shown twice
+    is_seed = (rows == seed_image.to(rows.device, rows.dtype)).flatten(1).all(1)
+    shown = torch.nonzero(~is_seed.cpu()).flatten()[:k]
+    seed_ref = [int(m) for m in members[is_seed.cpu()]]
+    members, rows = members[shown], rows[shown.to(rows.device)]
+    dists = interpretation.member_distances[shown]
     if (
         reference_labels is not None
         and len(members)
@@ -292,7 +301,6 @@ def plot_region(
         figsize=(panel_size * images.shape[0] + 1.2, panel_size * 1.8), layout="constrained"
     )
     axes = fig.subplots(1, images.shape[0], squeeze=False)[0]
-    dists = interpretation.member_distances[: len(members)]
     mappable = None
     for j, ax in enumerate(axes):
         true = None
@@ -322,10 +330,11 @@ def plot_region(
         fontsize=8,
     )
     where = _where(maps, images, isinstance(interpretation.heatmap_layer, str))
+    again = f" The seed is reference #{seed_ref[0]}, not shown again." if seed_ref else ""
     _caption(
         fig,
         f"One heat map for every panel (the region's, {where}; one colour scale). "
-        f"Red: predicted not {name}, or true label differs.\n{SEM_DIST}.",
+        f"Red: predicted not {name}, or true label differs.{again}\n{SEM_DIST}.",
     )
     return fig
 

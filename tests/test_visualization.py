@@ -162,6 +162,28 @@ def test_region_figure_explains_itself(fitted, tmp_path):
     )
 
 
+def test_region_figure_does_not_show_a_reference_seed_twice(fitted):
+    ri, model, x = fitted
+    with torch.no_grad():
+        seed = next(i for i in range(200) if int(model(x[i : i + 1]).argmax(1)) == 1)
+    region = ri.interpret(x[seed : seed + 1])
+    assert int(region.similar(1)[0]) == seed  # its own nearest member
+    assert len(region) >= 4
+    fig = plot_region(region, x[seed], x[:200], k=3)
+    titles = [ax.get_title() for ax in _panels(fig)]
+    assert len(titles) == 4 and titles[0].startswith("seed")
+    # the next three members, in the order of similar(), with their own distances
+    shown = [int(m) for m in region.similar(4)[1:]]
+    for j, (ref, title) in enumerate(zip(shown, titles[1:]), start=1):
+        assert f"member {j} (ref #{ref})" in title
+        assert f"sem. dist. {float(region.member_distances[j]):.3g}" in title
+    assert f"The seed is reference #{seed}, not shown again." in " ".join(_texts(fig).split())
+    # a held-out seed: members from the first, and no such note
+    held = plot_region(ri.interpret(x[200:201]), x[200], x[:200], k=3)
+    assert "not shown again" not in _texts(held)
+    assert f"(ref #{int(ri.interpret(x[200:201]).similar(1)[0])})" in _panels(held)[1].get_title()
+
+
 def test_comparison_figure_titles_colourbars_and_zero_panels(fitted, tmp_path):
     ri, model, x = fitted
     names = ["zero", "one", "two", "three"]
