@@ -621,7 +621,7 @@ class RegionContext:
         itself when it is a reference.
 
         With ``seed_features`` (``D``) a member whose stored features equal them (within
-        ``1e-5`` of their largest absolute value, or of 1: a one-image forward pass and
+        ``1e-5`` times their largest absolute value: a one-image forward pass and
         ``fit``'s batches round differently) is left out, and no reference images are
         needed. Otherwise the rule needs the reference
         images: a member whose image equals ``seed_inputs``' is left out, and the result
@@ -643,7 +643,10 @@ class RegionContext:
                 # ones from fit's batches: equal up to float32 rounding
                 cand = self.references.features[rows].reshape(rows.numel(), -1)
                 diff = (cand.to(seed_features) - seed_features.reshape(1, -1)).abs()
-                scale = max(1.0, float(seed_features.abs().max()))
+                # relative to the features' size: the rounding is, and features can be
+                # small (a tolerance of at least 1e-5 took every member of features
+                # scaled by 1e-6 for the seed)
+                scale = float(seed_features.abs().max())
                 same = diff.amax(dim=1) <= 1e-5 * scale
             else:
                 cand = images[rows].to(seed.device)
