@@ -80,6 +80,7 @@ class Row:
     is_cut: bool
     cut_error: float
     curved_head: bool
+    exact: bool
     head_ops: tuple[str, ...]
     classes: int
     purity: float
@@ -177,6 +178,7 @@ def run_family(
         is_cut=check.is_cut,
         cut_error=check.max_error / max(check.scale, 1e-30),
         curved_head=curved,
+        exact=ri.affine_ is not None,
         head_ops=tuple(ri.head_nonlinear_),
         classes=int(ri.predictions_.unique().numel()),
         purity=sum(purities) / len(purities),
@@ -193,13 +195,15 @@ def table(rows: list[Row]) -> str:
     """The rows as a Markdown table."""
     head = (
         "| family | model | input | layer picked | layer output | cut | curved head "
-        "| classes in refs | purity (mean) | coverage (mean) | shape = LayerGradCam | time (s) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| regions | classes in refs | purity (mean) | coverage (mean) | shape = LayerGradCam "
+        "| time (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r.family} | {r.arch} | {r.size}x{r.size} | `{r.layer}` | "
         f"{'x'.join(map(str, r.layer_shape))} | {'yes' if r.is_cut else 'NO'} | "
-        f"{'yes' if r.curved_head else 'no'} | {r.classes} | {r.purity:.2f} | "
+        f"{'yes' if r.curved_head else 'no'} | {'exact' if r.exact else 'sampled'} | "
+        f"{r.classes} | {r.purity:.2f} | "
         f"{r.coverage:.2f} | {'yes' if r.shape_ok else 'NO'} | {r.seconds:.1f} |"
         for r in rows
     ]

@@ -140,7 +140,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         -------
         self
             With ``references_``, ``reader_``, ``features_`` (``N x D`` float32, CPU),
-            ``predictions_`` (``N`` int64), ``layout_``, ``projection_``, ``store_``.
+            ``predictions_`` (``N`` int64), ``layout_``, ``projection_``, ``store_``,
+            ``affine_`` (the head as an affine map when it is one at every reference:
+            then the regions are exact, else None and they are sampled).
 
         Raises
         ------

@@ -590,5 +590,10 @@ class FittedState:
     input_spec_ = _fitted("input_spec", "Per-example shapes and dtypes of the references.")
     head_nonlinear_ = _fitted("head_nonlinear", "Non-piecewise-linear operations of the head.")
     projection_ = _fitted("projection", "The exact projection shortcut, or None.")
+    affine_ = _fitted(
+        "affine",
+        "The head as an affine map when it is affine at every reference (regions are then "
+        "exact, built from its class boundaries, not sampled), else None.",
+    )
     store_ = _fitted("store", "The on-disk reference store, or None.")
     attribute_to_layer_input_ = _fitted("attribute_to_layer_input", "As given to ``fit``.")
