@@ -7,12 +7,13 @@ written another way must give the same regions and maps).
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
 
-from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp import Interpretation, RepresentativeInterpretation, find_layer
 
 
 class Scale(nn.Module):
@@ -79,3 +80,53 @@ def test_regions_do_not_depend_on_the_features_units(tiny, one_thread, kind):
     for a, b in zip(regions[1.0], regions[2.0**20]):
         assert sorted(a.members) == sorted(b.members)
         assert a.weight.shape == b.weight.shape
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_a_compiled_model_gives_the_eager_models_results(tiny, one_thread, how):
+    """``torch.compile(model)`` (an ``OptimizedModule``) and ``model.compile()`` (compiled
+    in place) are the same function as the model: every call must give the eager model's
+    maps, and find_layer its layer. Before, the compiled graph ran without the hooks
+    registered after compiling, so fit failed with "the given layer was not called
+    during the forward pass" (the layer does run), and names started with
+    ``_orig_mod.``."""
+    model, x = tiny
+    refs, seeds = x[:120], x[200:203]
+    eager = RepresentativeInterpretation(model, model.features).fit(refs, progress=False)
+    if how == "torch.compile":
+        compiled = torch.compile(model)
+    else:
+        compiled = copy.deepcopy(model)
+        compiled.compile()
+    with torch.no_grad():
+        compiled(seeds)  # compiled before it is explained, as deployed
+    layer = compiled.get_submodule("features") if how != "torch.compile" else model.features
+    ri = RepresentativeInterpretation(compiled, layer).fit(refs, progress=False)
+    for heatmap_layer in (None, "input"):
+        assert torch.equal(
+            ri.attribute(seeds, heatmap_layer=heatmap_layer),
+            eager.attribute(seeds, heatmap_layer=heatmap_layer),
+        )
+    assert find_layer(compiled, seeds[:1], return_name=True) == ("features", layer)
+
+
+def test_saving_to_an_int_is_refused_and_writes_nothing(tiny, one_thread, tmp_path):
+    """``open`` takes an int as a file descriptor: ``region.save(1)`` wrote the ``.npz``
+    into stdout and closed it. Here the descriptor is a pipe's writing end: nothing may
+    reach the pipe and the descriptor must stay open."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features).fit(x[:120], progress=False)
+    region = ri.interpret(x[200:201], n_boundaries=10)
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+            region.save(write_end)
+        os.write(write_end, b"!")  # still open
+        assert os.read(read_end, 1 << 16) == b"!"  # and nothing else was written
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+            Interpretation.load(read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    region.save(tmp_path / "r.npz")  # a path still works
+    assert Interpretation.load(str(tmp_path / "r.npz"), explainer=ri) == region
