@@ -130,3 +130,35 @@ def test_saving_to_an_int_is_refused_and_writes_nothing(tiny, one_thread, tmp_pa
         os.close(write_end)
     region.save(tmp_path / "r.npz")  # a path still works
     assert Interpretation.load(str(tmp_path / "r.npz"), explainer=ri) == region
+
+
+def test_a_store_never_overwrites_files_it_did_not_write(tiny, one_thread, tmp_path):
+    """``fit(store=folder)`` on a folder that holds no store but a file of a name the
+    store writes (``features.npy`` of the user's own) overwrote it without a word. It
+    must refuse, naming the file, and leave it as it was; other files are no obstacle,
+    and a path below a file is a ValueError naming ``store``."""
+    import numpy as np
+
+    model, x = tiny
+    mine = tmp_path / "results"
+    mine.mkdir()
+    np.save(mine / "features.npy", np.arange(5.0))
+    ri = RepresentativeInterpretation(model, model.features)
+    with pytest.raises(ValueError, match=r"store: .*results.* holds features\.npy"):
+        ri.fit(x[:40], progress=False, store=mine)
+    assert np.array_equal(np.load(mine / "features.npy"), np.arange(5.0))
+    assert sorted(p.name for p in mine.iterdir()) == ["features.npy"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    ri.fit(x[:40], progress=False, store=other)
+    assert torch.equal(
+        ri.features_,
+        RepresentativeInterpretation(model, model.features).fit(x[:40], progress=False).features_,
+    )
+    assert (other / "notes.txt").read_text() == "mine"
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"store: cannot make the directory .*a_file/sub"):
+        ri.fit(x[:40], progress=False, store=tmp_path / "a_file" / "sub")
