@@ -153,7 +153,9 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
     plain = any(callable(r) and not isinstance(r, nn.Module) for r in roots)
     handle = register_module_forward_pre_hook(to_eval) if plain else None
     # a compiled graph runs without the hooks registered after compiling: run eagerly
-    eager = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+    # (torch.compiler.set_stance came with torch 2.6)
+    stance = getattr(torch.compiler, "set_stance", None)
+    eager = stance("force_eager") if compiled and stance else contextlib.nullcontext()
     try:
         for m in saved:
             m.training = False
