@@ -27,7 +27,7 @@ from ._captum_compat import (
 )
 from ._checks import check_grad_mode
 from .features import eval_mode
-from .inputs import check_model
+from .inputs import check_model, uncompiled
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
 from .options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, InterpretOptions
@@ -87,6 +87,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         head: Callable | None = None,
     ) -> None:
         check_model(forward_func, layer, head)
+        forward_func = uncompiled(forward_func)  # explained eagerly (same function)
         LayerAttribution.__init__(self, forward_func, layer, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.head = head

@@ -106,8 +106,8 @@ def sample_and_match(
     n_steps : int
         Bisection steps.
     duplicate_tol : float
-        Boundaries whose ``[w, b]`` have cosine >= ``1 - duplicate_tol`` with an earlier
-        one are merged (the first is kept).
+        Boundaries whose ``[w, b / s]`` (``s`` the seed's feature norm) have cosine
+        >= ``1 - duplicate_tol`` with an earlier one are merged (the first is kept).
     seed_logits : Tensor, optional
         The model's output on the seed (``1 x C`` or ``C``); with the references' logits
         kept by ``fit``, the head is not evaluated at the candidates (see
@@ -168,6 +168,8 @@ def sample_candidates(
         index = candidates if count is None else candidates[:count]
         return references.features[index].to(seed_features.device, seed_features.dtype)
 
+    # the features' size, in whose units near-duplicate offsets are compared
+    scale = float(torch.linalg.vector_norm(seed_features.double()))
     affine = references.affine
     known = _known_logits(references, candidates, seed_logits)
     if affine is not None:
@@ -177,7 +179,7 @@ def sample_candidates(
             points = torch.cat([seed_features[None], cand_feats(1)])
             exact = close_logits(affine.predict(points), known[: points.shape[0]])
         if exact:
-            return _exact_affine(affine, references, target, duplicate_tol)
+            return _exact_affine(affine, references, target, duplicate_tol, scale)
     zhead = None
     z = None
     z_logits = None
@@ -240,7 +242,7 @@ def sample_candidates(
         weight = w.to("cpu", torch.float32)
         bias = b64.to("cpu", torch.float32)
     # near-duplicates are judged on the features' [w, b] in both spaces
-    keep = ~near_duplicates(weight, bias, duplicate_tol, gram=gram)
+    keep = ~near_duplicates(weight, bias, duplicate_tol, gram=gram, scale=scale)
     weight, bias = weight[keep], bias[keep]
     bounds = Boundaries(weight, bias, found.source[keep], found.runner_up[keep])
     if u is None and projection is not None:
@@ -288,9 +290,14 @@ MAX_ALL_CLASSES = 256
 
 
 def _exact_affine(
-    affine: AffineHead, references: FittedReferences, target: int, duplicate_tol: float
+    affine: AffineHead,
+    references: FittedReferences,
+    target: int,
+    duplicate_tol: float,
+    scale: float = 1.0,
 ) -> tuple[Boundaries, Tensor | None]:
-    """The exact boundaries ``G_c - G_k > 0`` of an affine head (and their ``u``)."""
+    """The exact boundaries ``G_c - G_k > 0`` of an affine head (and their ``u``);
+    ``scale`` as in :func:`~captum_repinterp.sampler.near_duplicates`."""
     n_classes = affine.weight.shape[0]
     if references.projection is not None or n_classes - 1 <= MAX_ALL_CLASSES:
         classes = torch.arange(n_classes)
@@ -300,7 +307,7 @@ def _exact_affine(
     weight, bias64 = affine.boundaries(target, classes)
     good = weight.abs().sum(dim=1) > 0  # a class whose logit equals c's everywhere
     weight, bias64, classes = weight[good], bias64[good], classes[good]
-    keep = ~near_duplicates(weight, bias64.to(torch.float32), duplicate_tol)
+    keep = ~near_duplicates(weight, bias64.to(torch.float32), duplicate_tol, scale=scale)
     weight, bias, classes = weight[keep], bias64[keep].to(torch.float32), classes[keep]
     source = torch.full((classes.numel(),), -1, dtype=torch.long)
     bounds = Boundaries(weight, bias, source, classes.to(torch.long))

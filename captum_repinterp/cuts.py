@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .features import caller_stacklevel, eval_mode, model_device, not_scores
-from .inputs import format_inputs
+from .inputs import format_inputs, uncompiled
 from .tracing import _trace, _Tracer
 
 __all__ = [
@@ -397,6 +397,7 @@ def check_cut(
     for name, v in (("rtol", rtol), ("atol", atol)):
         if v is not None and (not isinstance(v, (int, float)) or v < 0 or math.isnan(v)):
             raise ValueError(f"{name} must be a non-negative number or None, got {v!r}")
+    forward_func = uncompiled(forward_func)
     inputs = format_inputs(inputs, "inputs")
     n_all = inputs[0].shape[0]
     if n_all < 2:

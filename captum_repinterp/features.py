@@ -35,6 +35,7 @@ from .inputs import (
     check_against_references,
     check_inputs,
     input_spec,
+    is_compiled,
     iter_reference_batches,
     slice_args,
     translate_forward_error,
@@ -114,7 +115,9 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
     cannot be listed in advance: a global forward pre-hook puts each module in eval mode
     right before it runs, for the duration of the block, so batch-norm statistics never
     change and dropout is off. Flags are restored module by module (not with
-    ``.train()``, which would overwrite submodules set differently on purpose).
+    ``.train()``, which would overwrite submodules set differently on purpose). A
+    compiled module (:func:`is_compiled`) runs eagerly inside the block: its compiled
+    graph would skip the hooks the package registers on its layers.
 
     Parameters
     ----------
@@ -133,9 +136,11 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
     # goes through nn.Module.__setattr__, which is slow enough to matter per seed)
     saved: list[nn.Module] = []
     seen: set[int] = set()
+    compiled = False
     for root in roots:
         if isinstance(root, nn.Module):
             for m in root.modules():
+                compiled = compiled or is_compiled(m)
                 if m.training and id(m) not in seen:
                     seen.add(id(m))
                     saved.append(m)
@@ -148,12 +153,17 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
 
     plain = any(callable(r) and not isinstance(r, nn.Module) for r in roots)
     handle = register_module_forward_pre_hook(to_eval) if plain else None
+    # a compiled graph runs without the hooks registered after compiling: run eagerly
+    # (torch.compiler.set_stance came with torch 2.6)
+    stance = getattr(torch.compiler, "set_stance", None)
+    eager = stance("force_eager") if compiled and stance else contextlib.nullcontext()
     try:
         for m in saved:
             m.training = False
         if warn and saved:
             warn_training()
-        yield bool(saved)
+        with eager:
+            yield bool(saved)
     finally:
         if handle is not None:
             handle.remove()

@@ -8,6 +8,7 @@ into a ``ValueError``/``TypeError`` that names the argument.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,9 +27,11 @@ __all__ = [
     "check_inputs",
     "format_inputs",
     "input_spec",
+    "is_compiled",
     "iter_reference_batches",
     "slice_args",
     "translate_forward_error",
+    "uncompiled",
 ]
 
 
@@ -323,6 +326,33 @@ def check_inputs(inputs: tuple[Tensor, ...], name: str = "inputs") -> None:
     n = inputs[0].shape[0]
     if any(t.shape[0] != n for t in inputs):
         raise ValueError(f"{name}: all tensors must have the same batch size")
+
+
+def _optimized_module_type() -> type | None:
+    frame = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile
+    return getattr(frame, "OptimizedModule", None)
+
+
+def is_compiled(module: Any) -> bool:
+    """Whether ``module`` runs a ``torch.compile`` graph: an ``OptimizedModule``
+    (``torch.compile(model)``) or a module compiled in place (``model.compile()``)."""
+    optimized = _optimized_module_type()
+    if optimized is not None and isinstance(module, optimized):
+        return True
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def uncompiled(model: Any) -> Any:
+    """The module that ``torch.compile(model)`` wrapped (``model`` itself otherwise).
+
+    The package runs its models eagerly: a compiled graph skips the hooks registered on
+    a layer after compiling, and the wrapper fires global hooks once more for itself
+    (module names would start with ``_orig_mod.``). Both compute the same function.
+    """
+    optimized = _optimized_module_type()
+    while optimized is not None and isinstance(model, optimized):
+        model = model._orig_mod
+    return model
 
 
 def check_model(forward_func: Any, layer: Any, head: Any = None) -> None:

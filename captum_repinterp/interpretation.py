@@ -324,7 +324,13 @@ class Interpretation:
         return metadata(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save as one ``.npz`` file: the tensors as arrays and the metadata as JSON."""
+        """Save as one ``.npz`` file: the tensors as arrays and the metadata as JSON.
+
+        Raises
+        ------
+        TypeError
+            For a ``path`` that is not a str or os.PathLike.
+        """
         save_interpretation(self, path)
 
     @classmethod
@@ -344,6 +350,7 @@ class Interpretation:
             have. (The model's weights are not compared: pass the explainer the
             interpretation was made with.)
         TypeError, NotFittedError
-            For an ``explainer`` that is not a (fitted) explainer or reader.
+            For an ``explainer`` that is not a (fitted) explainer or reader; a ``path``
+            that is not a str or os.PathLike is a TypeError too.
         """
         return load_interpretation(cls, path, explainer)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .cuts import CutCheck, NotACutError, check_cut, cut_check_examples, warn_or_raise_not_cut
 from .features import eval_mode, model_device
-from .inputs import format_inputs, slice_args, translate_forward_error
+from .inputs import format_inputs, slice_args, translate_forward_error, uncompiled
 from .tracing import (
     FINAL_MONOTONE_OPS,
     NON_PIECEWISE_LINEAR_OPS,
@@ -98,6 +98,7 @@ def layer_candidates(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = uncompiled(model)
     inputs = format_inputs(example_input, "example_input")
     if inputs[0].shape[0] == 0:
         raise ValueError("example_input: the batch is empty; give one example (images[:1])")
@@ -199,6 +200,7 @@ def find_layer(
         output is not reproducible (random operations in eval mode) the check cannot
         decide; the last block is then returned with a :class:`NotACutWarning`.
     """
+    model = uncompiled(model)
     cands = layer_candidates(model, example_input, additional_forward_args)
     if not cands:
         raise ValueError(

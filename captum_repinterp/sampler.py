@@ -15,6 +15,7 @@ runner-up there) is read off with one backward pass for the whole batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -354,22 +355,34 @@ def linear_pieces(head: Head, points: Tensor, target: int) -> tuple[Tensor, Tens
 
 
 def near_duplicates(
-    weight: Tensor, bias: Tensor, tol: float = 1e-6, gram: Tensor | None = None
+    weight: Tensor,
+    bias: Tensor,
+    tol: float = 1e-6,
+    gram: Tensor | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
-    """Mask of boundaries that repeat an earlier one (cosine of ``[w, b]`` >= 1 - tol).
+    """Mask of boundaries that repeat an earlier one (cosine of ``[w, b / scale]`` >=
+    1 - tol).
 
     The first of each group is kept. Computed with one ``k x k`` Gram matrix; ``gram``
     (``k x k``, the normals' ``w_i . w_j``) may be given when it is cheaper to get
     another way. A negative ``tol`` merges nothing.
+
+    ``scale`` is the features' size (the seed's feature norm): the offsets are compared
+    in units of it, so that the test does not depend on the features' units. With
+    features ``s`` times larger the normals are ``s`` times smaller and the offsets
+    unchanged; on ``[w, b]`` alone the offsets then dominate, and at ``s = 1e6`` every
+    boundary whose offset has the same sign was merged into the first.
     """
     k = weight.shape[0]
     if k < 2 or tol < 0:
         return torch.zeros(k, dtype=torch.bool, device=weight.device)
+    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
     if gram is None:
-        full = torch.cat([weight, bias[:, None]], dim=1).double()
+        full = torch.cat([weight.double(), bias.double()[:, None] / scale], dim=1)
         prod = full @ full.T
     else:
-        b = bias.double()
+        b = bias.double() / scale
         prod = gram.double() + b[:, None] * b[None, :]
     norm = prod.diagonal().clamp_min(0).sqrt().clamp_min(1e-300)
     cos = prod / norm[:, None] / norm[None, :]
@@ -403,8 +416,8 @@ def sample_boundaries(
     n_steps : int
         Bisection steps of the fallback (see :func:`find_crossings`).
     duplicate_tol : float
-        Boundaries whose ``[w, b]`` have cosine >= ``1 - duplicate_tol`` with an earlier
-        one are merged (only the first is kept).
+        Boundaries whose ``[w, b / s]`` (``s`` the seed's feature norm) have cosine
+        >= ``1 - duplicate_tol`` with an earlier one are merged (only the first is kept).
     max_iter : int
         Regula-falsi steps per segment before bisecting (see :func:`find_crossings`);
         0 bisects only.
@@ -455,7 +468,8 @@ def sample_boundaries(
     good = (h_seed != 0) & torch.isfinite(h_seed) & (weight.abs().sum(dim=1) > 0)
     # duplicates among the good ones only, so a degenerate piece never hides one
     idx = torch.nonzero(good, as_tuple=False).flatten()
-    dup = near_duplicates(weight[idx], bias[idx], duplicate_tol)
+    scale = float(torch.linalg.vector_norm(seed_features.double()))
+    dup = near_duplicates(weight[idx], bias[idx], duplicate_tol, scale=scale)
     idx = idx[~dup]
     return Boundaries(
         weight[idx].detach(),

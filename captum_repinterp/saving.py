@@ -62,8 +62,22 @@ def _heatmap_layer_name(region: Interpretation) -> str | None:
     )
 
 
+def _check_path(path: Any) -> None:
+    """Refuse a ``path`` that is not a str or os.PathLike: ``open`` takes an int as a file
+    descriptor, so ``save(1)`` wrote the file into stdout and closed it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+
+
 def save_interpretation(region: Interpretation, path: str | os.PathLike) -> None:
-    """Write ``region`` to ``path`` (see the module docstring)."""
+    """Write ``region`` to ``path`` (see the module docstring).
+
+    Raises
+    ------
+    TypeError
+        For a ``path`` that is not a str or os.PathLike.
+    """
+    _check_path(path)
     arrays = {name: getattr(region, name).detach().cpu().numpy() for name in TENSORS}
     if region.channel_weights is not None:
         arrays["channel_weights"] = region.channel_weights.detach().cpu().numpy()
@@ -125,10 +139,12 @@ def load_interpretation(
         that was fitted on fewer references than the members' indices need, or a map
         drawn at a layer the given model does not have.
     TypeError
-        For an ``explainer`` that is neither an explainer nor a reader.
+        For an ``explainer`` that is neither an explainer nor a reader, or a ``path``
+        that is not a str or os.PathLike.
     NotFittedError
         For an explainer that is not fitted.
     """
+    _check_path(path)
     reader = _reader_of(explainer)
     try:
         with np.load(path, allow_pickle=False) as data:

@@ -51,6 +51,7 @@ from .inputs import all_finite
 __all__ = [
     "OutputRecorder",
     "ReferenceStore",
+    "STORE_FILES",
     "STORE_FORMAT",
     "keep_logits",
     "model_fingerprint",
@@ -58,6 +59,10 @@ __all__ = [
 ]
 
 STORE_FORMAT = "captum_repinterp.reference_store/1"
+
+#: The files a store writes next to its ``meta.json`` (``projected.npy``: the features'
+#: projection, written by ``fit``; see :mod:`captum_repinterp.references`)
+STORE_FILES = ("features.npy", "predictions.npy", "logits.npy", "projected.npy")
 _COPY_CHUNK = 16384
 
 
@@ -177,13 +182,33 @@ class ReferenceStore:
         capacity: int,
         attribute_to_layer_input: bool = False,
     ) -> ReferenceStore:
-        """Create an empty store with room for ``capacity`` rows (it grows if needed)."""
+        """Create an empty store with room for ``capacity`` rows (it grows if needed).
+
+        Raises
+        ------
+        ValueError
+            Naming ``store``: ``path`` is a file or cannot be made a directory, already
+            holds a store, or holds files of the names a store writes
+            (:data:`STORE_FILES`), which it would overwrite.
+        """
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise ValueError(f"store: {os.fspath(path)!r} exists and is not a directory")
-        p.mkdir(parents=True, exist_ok=True)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent is a file, no permission
+            raise ValueError(
+                f"store: cannot make the directory {os.fspath(path)!r} ({exc})"
+            ) from exc
         if cls.exists(p):
             raise ValueError(f"store: {os.fspath(path)!r} already holds a reference store")
+        # files of the names a store writes, not a store's (no meta.json): the user's
+        taken = sorted(name for name in STORE_FILES if (p / name).exists())
+        if taken:
+            raise ValueError(
+                f"store: {os.fspath(path)!r} holds {', '.join(taken)} but no reference "
+                "store, and a store would overwrite them; use a new or empty directory"
+            )
         capacity = max(int(capacity), 1)
         meta = {
             "format": STORE_FORMAT,
