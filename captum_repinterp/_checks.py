@@ -5,9 +5,11 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
+    "check_bool",
     "check_choice",
     "check_finite_outputs",
     "check_grad_mode",
@@ -30,6 +32,20 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {describe_value(value)}")
     return int(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` when it is a bool (NumPy's ``bool_`` is taken and returned as ``bool``).
+
+    Raises
+    ------
+    TypeError
+        Naming ``name``: a string such as ``"no"`` or a number would be truthy or falsy
+        without saying so.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {describe_value(value)}")
 
 
 def check_finite_outputs(outputs: torch.Tensor, name: str, first: int = 0) -> None:

@@ -25,7 +25,7 @@ from ._captum_compat import (
     _format_output,
     log_usage,
 )
-from ._checks import check_grad_mode
+from ._checks import check_bool, check_grad_mode
 from .features import eval_mode
 from .inputs import check_model, uncompiled
 from .interpretation import Interpretation
@@ -159,9 +159,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             batch_size,
             additional_forward_args,
             attribute_to_layer_input,
-            progress,
+            check_bool(progress, "progress"),
             store,
-            append,
+            check_bool(append, "append"),
             cut_check,
         )
         self._references = fitted
@@ -189,7 +189,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         For scoring interpretations on many held-out images with
         :meth:`Interpretation.contains_features`; accepts what :meth:`fit` accepts.
         """
-        return self.reader_.features(inputs, batch_size, additional_forward_args, progress)
+        return self.reader_.features(
+            inputs, batch_size, additional_forward_args, check_bool(progress, "progress")
+        )
 
     # ------------------------------------------------------------------ interpret
     def interpret(
@@ -346,6 +348,8 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         >>> up = LayerAttribution.interpolate(attr, images.shape[-2:], "bilinear")
         """
         check_grad_mode("attribute")
+        relu_attributions = check_bool(relu_attributions, "relu_attributions")
+        attr_dim_summation = check_bool(attr_dim_summation, "attr_dim_summation")
         fitted_to_input = self.attribute_to_layer_input_
         if attribute_to_layer_input is not None and attribute_to_layer_input != fitted_to_input:
             raise ValueError(

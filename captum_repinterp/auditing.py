@@ -528,6 +528,10 @@ def audit(
     }
     extra = _format_additional_forward_args(interpret_kwargs.pop("additional_forward_args", None))
     n_images = int(images.shape[0])
+    if n_images == 0:
+        raise ValueError("images: empty (no examples); audit needs images of the class")
+    if isinstance(heldout, Tensor) and heldout.dim() > 0 and heldout.shape[0] == 0:
+        raise ValueError("heldout: empty (no examples); pass None to leave it out")
     per_example = extra is not None and any(
         isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n_images > 1 for a in extra
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from ._checks import check_choice, check_int
+from ._checks import check_bool, check_choice, check_int
 from .heatmap import COMBINE_RULES, HEATMAP_RULES, INPUT, HeatmapRule, get_heatmap_rule
 from .solver import REFINE_MODES
 
@@ -79,6 +79,7 @@ class InterpretOptions:
                 f"random_state must be an int in [-2**63, 2**64), got {self.random_state}"
             )
         _check_delta(self.delta)
+        object.__setattr__(self, "progress", check_bool(self.progress, "progress"))
         layer = self.heatmap_layer
         if isinstance(layer, str) and layer not in HEATMAP_LAYER_NAMES:
             raise ValueError(

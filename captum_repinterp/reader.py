@@ -149,8 +149,12 @@ class LayerReader:
         """Layer features (``N x D`` float32, CPU) and predictions of inputs, batched.
 
         Accepts what ``fit`` accepts (tensor, tuple, Dataset, DataLoader); errors about
-        the inputs name them ``name``.
+        the inputs name them ``name``. An empty batch gives empty results, as
+        ``contains``, ``distance`` and ``attribute`` do.
         """
+        first = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
+        if isinstance(first, Tensor) and first.dim() > 0 and first.shape[0] == 0:
+            return torch.zeros(0, self.layout.dim), torch.zeros(0, dtype=torch.long)
         with eval_mode(self.forward_func, self.layer, warn=True):
             features, predictions, layout, _ = extract_features(
                 self.forward_func,

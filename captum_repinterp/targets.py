@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,7 +26,8 @@ def resolve_targets(output: Tensor, target: TargetType) -> Tensor:
     output : Tensor
         The model's output, ``n x ...``.
     target : TargetType
-        As in Captum.
+        As in Captum; also labels read from arrays: a NumPy integer, an integer NumPy
+        array, or a list of NumPy integers or one-element integer tensors.
 
     Returns
     -------
@@ -40,6 +44,7 @@ def resolve_targets(output: Tensor, target: TargetType) -> Tensor:
     flat = output.reshape(n, -1)
     if target is None:
         return flat.argmax(dim=1).cpu()
+    target = _from_numpy(target)
     if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
         raise TypeError("target must be an int, a tuple, a list or an integer tensor, not bool")
     if isinstance(target, Tensor) and target.is_floating_point():
@@ -66,3 +71,31 @@ def resolve_targets(output: Tensor, target: TargetType) -> Tensor:
             f"shaped {tuple(output.shape)}"
         )
     return selected.long()
+
+
+def _integral(value: Any) -> bool:
+    """A NumPy integer or a one-element integer tensor: what a label read from an array
+    or a tensor of labels looks like."""
+    if isinstance(value, np.integer):
+        return True
+    return (
+        isinstance(value, Tensor)
+        and value.numel() == 1
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+    )
+
+
+def _from_numpy(target: Any) -> Any:
+    """Labels taken from NumPy arrays or tensors, in the forms Captum takes: a NumPy
+    integer becomes an int, an integer array a tensor, and a list's NumPy integers or
+    one-element tensors ints (Captum refuses all three)."""
+    if isinstance(target, np.integer):
+        return int(target)
+    if isinstance(target, np.ndarray):
+        if target.dtype.kind not in "iu":
+            raise TypeError(f"target must be an integer array, got dtype {target.dtype}")
+        return torch.from_numpy(target.astype(np.int64))
+    if isinstance(target, list) and any(_integral(t) for t in target):
+        return [int(t) if _integral(t) else t for t in target]
+    return target
