@@ -413,6 +413,12 @@ def audit(
        images. A split is not by itself a shortcut: on a ResNet-18 trained on synthetic
        shapes, clean classes split at 0.35-0.49 by where the shape sits, and the class
        with a planted mark at 0.50-0.55. Read each group's exemplars and mean map.)
+       The maps are drawn at the split layer, so groups split by *where* the evidence
+       lies can be no finer than its grid: split where the layer's output is at least
+       4 x 4. (A DenseNet-121 at 64 px trained on shapes with a corner patch on half of
+       one class, in a user trial: at ``features``, 2 x 2, the groups were 73% / 26% /
+       40% patched; at ``features.denseblock3``, 4 x 4, every patched image fell in one
+       group, 84% patched, and the other groups were clean.)
 
     This stops when at least ``coverage_target`` of the class is covered, after
     ``max_regions`` regions, or when nothing is left.

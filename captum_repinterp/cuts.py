@@ -517,7 +517,12 @@ def _check(
         "purity and heat maps would be wrong."
     )
     if suggestion is not None:
-        msg += f" Split at {suggestion!r} instead, which is a cut on the same examples."
+        msg += (
+            f" Split at {suggestion!r} instead, which is a cut on the same examples (its "
+            "head may still be curved, e.g. SiLU or squeeze-and-excitation in later "
+            "blocks: find_layer(model, inputs) picks the last cut whose head is piecewise "
+            "linear)."
+        )
     elif "head" not in bypass:
         msg += " Split at the output of the enclosing block (after the addition or the join)."
     if not conclusive:

@@ -259,6 +259,12 @@ class Interpretation:
 
         This is the interpretation used as a rule: the model should predict ``target``
         for the images it contains (its precision is measured on held-out images).
+
+        One forward pass per image, so that an image's answer does not depend on the
+        batch it came in (as for ``distance`` and ``heatmap``). For many images the
+        batched route is about 3x faster on torchvision CNNs: ``features, _ =
+        ri.transform(images, batch_size=256)``, then ``contains_features(features)``
+        (features equal up to float rounding, so an image on a boundary can differ).
         """
         activations, _ = self._need_reader("contains").read(inputs, additional_forward_args)
         return self.contains_features(self.layout.flatten(activations).cpu())

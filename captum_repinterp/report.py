@@ -11,7 +11,7 @@ Regions are numbered ``R1, R2, ...`` over the whole page, and the table, the sum
 chart, the class figures and the region sections all use these numbers. Each region gets
 its figure (seed and nearest members under the shared heat map, with predicted and true
 labels), its numbers, the images inside it that the model puts in another class
-(*intruders*) or, when true labels are known, that carry another label (*mislabelled*),
+(*intruders*) or, when true labels are known, that carry another label (*misclassified*),
 and a table of its nearest members. The page carries a glossary of every column.
 
 The page is rendered from the jinja2 template ``templates/report.html.j2`` with
@@ -128,10 +128,10 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
         "model puts in another class; they are what lowers purity and held-out precision.",
     ),
     (
-        "mislabelled",
-        "images inside the region that the model puts in the class but whose "
-        "true label is another (only when true labels are given): the model's mistakes that "
-        "this decision logic makes.",
+        "misclassified",
+        "images inside the region (references and held-out images) that the model puts "
+        "in the class but whose true label is another (only when true labels are given): "
+        "the model's mistakes that this decision logic makes (or wrong labels).",
     ),
     ("sem. dist.", SEM_DIST[len("sem. dist. = ") :] + "; 0 for the seed itself."),
     (
@@ -444,7 +444,7 @@ class _Odd:
     index: int
     pred: int
     true: int | None
-    intruder: bool  # predicted another class (else: mislabelled)
+    intruder: bool  # predicted another class (else: misclassified)
 
 
 def _odd_images(
@@ -455,7 +455,7 @@ def _odd_images(
     ref_labels: Tensor | None,
     held_labels: Tensor | None,
 ) -> list[_Odd]:
-    """Intruders (predicted another class) then mislabelled images inside the region."""
+    """Intruders (predicted another class) then misclassified images inside the region."""
     c = row.target
     out = []
     members = row.interpretation.members.tolist()
@@ -544,7 +544,11 @@ def _summary_figure(
     if has_labels:
         n_mis = [sum(not o.intruder for o in odd[r.label]) for r in rows]
         right.barh(
-            y + 0.2, n_mis, 0.4, color="tab:orange", label="mislabelled (true label another class)"
+            y + 0.2,
+            n_mis,
+            0.4,
+            color="tab:orange",
+            label="misclassified (true label another class)",
         )
     right.set_yticks(
         y, [f"{r.label} (class {_class_name(r.target, class_names)})" for r in rows], fontsize=7
@@ -617,7 +621,7 @@ def build_report(
         Show progress bars.
     reference_labels, heldout_labels : Tensor, optional
         True classes of the images: then the page gives the model's accuracy, the figures
-        and tables the true labels, and each region its mislabelled images.
+        and tables the true labels, and each region its misclassified images.
     **interpret_kwargs
         More options of :meth:`RepresentativeInterpretation.interpret`.
 

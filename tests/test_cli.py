@@ -295,9 +295,9 @@ def test_report_with_labelled_data(tmp_path, user_module):
         == 0
     )
     page = (out / "index.html").read_text()
-    # the labels are the model's own predictions: accuracy 100%, nothing mislabelled
+    # the labels are the model's own predictions: accuracy 100%, nothing misclassified
     assert "on the references 100.0%" in page and "on the held-out images 100.0%" in page
-    assert "<th>mislabelled</th>" in page
+    assert "<th>misclassified</th>" in page
 
 
 def test_prepare_report_resolves_without_running(user_module):

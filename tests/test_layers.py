@@ -281,6 +281,8 @@ def test_residual_inner_layer_is_not_a_cut_and_block_output_is():
     assert check.suggestion == "out_relu"
     assert check.layer == "conv2" and check.n_pairs == 4
     assert "'conv2' is not a cut" in check.message
+    assert "Split at 'out_relu' instead" in check.message
+    assert "find_layer(model, inputs) picks the last cut whose head is piecewise" in check.message
     assert "skip connection" in check.message and "'out_relu'" in check.message
     assert check.max_error > check.tolerance
     good = check_cut(net, net.out_relu, x)

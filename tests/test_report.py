@@ -203,7 +203,7 @@ def test_report_in_browser(fitted, tmp_path):
     n = len(re.findall(r'<section id="region-', page))
     assert 2 <= n <= 4
     assert "<th>held-out precision</th>" in page
-    assert "No true labels were given" in page and "<th>mislabelled</th>" not in page
+    assert "No true labels were given" in page and "<th>misclassified</th>" not in page
     _check_page(index, tmp_path)
 
 
