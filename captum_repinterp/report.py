@@ -959,14 +959,18 @@ def run_report(
     regions_per_class: int = 2,
     random_state: int = 0,
     inputs: ReportInputs | None = None,
+    layer: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """What ``captum-repinterp report`` runs: user model and data, or the bundled demo.
 
-    See :func:`prepare_report` for ``model_factory``, ``data`` and ``classes``; pass
-    ``inputs`` instead when they were prepared already.
+    See :func:`prepare_report` for ``model_factory``, ``data``, ``classes``, ``layer``
+    and ``class_names``; pass ``inputs`` instead when they were prepared already.
     """
     if inputs is None:
-        inputs = prepare_report(model_factory, data, classes, random_state)
+        inputs = prepare_report(
+            model_factory, data, classes, random_state, layer=layer, class_names=class_names
+        )
     index = build_report(
         out_dir,
         inputs.model,

@@ -39,6 +39,17 @@ class TinyCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class Scale(nn.Module):
+    """Multiplies by a constant: a cut that changes only the features' units."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.k
+
+
 @pytest.fixture(scope="session")
 def tiny() -> tuple[TinyCNN, torch.Tensor]:
     torch.manual_seed(0)

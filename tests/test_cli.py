@@ -157,8 +157,11 @@ def test_prepare_report_layer_by_name_or_auto(user_module):
 
     from captum_repinterp import find_layer
 
-    named = prepare_report("ri_user_mod:factory", "ri_user_mod:data", layer="features.0.1")
+    named = prepare_report(
+        "ri_user_mod:factory", "ri_user_mod:data", layer="features.0.1", class_names=["a", "b", "c"]
+    )
     assert named.layer is named.model.features[0][1] and named.head is None
+    assert named.class_names == ["a", "b", "c"]
     auto = prepare_report("ri_user_mod:factory", "ri_user_mod:data", layer="auto")
     assert auto.layer is find_layer(auto.model, ri_user_mod.data()[0][:4])
     # a bare model without .features, made usable by --layer

@@ -14,6 +14,7 @@ every member for the seed).
 
 import pytest
 import torch
+from conftest import Scale
 from torch import nn
 
 from captum_repinterp import RepresentativeInterpretation
@@ -22,15 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCALES = [1e-6, 1e-3, 1e3, 1e6]
 RULES = ["channel-members", "elementwise-members", "elementwise", "channel", "region-members"]
-
-
-class Scale(nn.Module):
-    def __init__(self, s: float) -> None:
-        super().__init__()
-        self.s = s
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.s
 
 
 class Rescaled(nn.Module):

@@ -11,20 +11,10 @@ import os
 
 import pytest
 import torch
+from conftest import Scale
 from torch import nn
 
 from captum_repinterp import Interpretation, RepresentativeInterpretation, find_layer
-
-
-class Scale(nn.Module):
-    """Multiplies by a constant: a cut that changes only the features' units."""
-
-    def __init__(self, k: float) -> None:
-        super().__init__()
-        self.k = k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.k
 
 
 def affine_copy(tiny: tuple[nn.Module, torch.Tensor]) -> nn.Sequential:
