@@ -1,0 +1,64 @@
+"""Breaker round 5: references read from Datasets, heat-map consistency, audits at their
+limits, numeric edge cases. Each test is a call that used to go wrong."""
+
+import numpy as np
+import pytest
+import torch
+
+from captum_repinterp import RepresentativeInterpretation, audit
+from captum_repinterp.auditing import _split
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny, one_thread):
+    model, x = tiny
+    return RepresentativeInterpretation(model, model.features).fit(x, progress=False)
+
+
+def test_split_stops_at_n_minus_one_groups():
+    """Three members, min_size 1, up to 5 groups: the silhouette is defined for 2 groups
+    only (k = 3 is one member per group; scikit-learn raised "Number of labels is 3").
+    By hand, {0, 0.1} and {10}: s = 1 - 0.1/10, 1 - 0.1/9.9 and 0 for the singleton."""
+    x = np.array([[0.0], [0.1], [10.0]])
+    labels, score = _split(x, max_groups=5, min_size=1, min_silhouette=-1.0, random_state=0)
+    assert labels.tolist() == [0, 0, 1]
+    assert score == pytest.approx((1 - 0.1 / 10 + 1 - 0.1 / 9.9 + 0) / 3, abs=1e-12)
+    # two members: no split has a silhouette, so one group and no score
+    labels, score = _split(x[:2], max_groups=3, min_size=1, min_silhouette=-1.0, random_state=0)
+    assert labels.tolist() == [0, 0] and np.isnan(score)
+
+
+def test_split_skips_a_group_the_silhouette_subsample_misses():
+    """1001 members (the silhouette is then taken on a seeded subsample of 1000): one far
+    member, placed where the subsample leaves it out, is a group of one that the
+    subsample cannot score (scikit-learn raised "Number of labels is 1"); the split is
+    skipped and the region stays one group."""
+    n, rs = 1001, 3
+    left_out = int(np.random.RandomState(rs).permutation(n)[-1])
+    x = np.random.default_rng(0).normal(size=(n, 2)) * 0.01
+    x[left_out] = 100.0
+    labels, score = _split(x, max_groups=2, min_size=1, min_silhouette=-1.0, random_state=rs)
+    assert labels.tolist() == [0] * n and np.isnan(score)
+
+
+def test_audit_of_small_classes_with_groups_of_one(fitted, tiny):
+    """min_subgroup_size=1 and max_subgroups above a region's size (classes of 2-6
+    images): every region is split at most into n - 1 groups, the groups partition it,
+    and the same random_state gives the same audit."""
+    _, x = tiny
+    images = x[:10]
+    kw = dict(min_subgroup_size=1, max_subgroups=20, min_silhouette=-1.0)
+    first = audit(fitted, images, **kw)
+    again = audit(fitted, images, **kw)
+    for c in first.classes:
+        for r, s in zip(first[c].regions, again[c].regions):
+            sizes = [g.size for g in r.subgroups]
+            assert sum(sizes) == r.size
+            assert len(sizes) == 1 or 2 <= len(sizes) <= r.size - 1
+            joined = torch.sort(torch.cat([g.members for g in r.subgroups])).values
+            assert torch.equal(joined, torch.sort(r.members).values)
+            assert [g.members.tolist() for g in r.subgroups] == [
+                g.members.tolist() for g in s.subgroups
+            ]
