@@ -1,6 +1,8 @@
 """Breaker round 5: references read from Datasets, heat-map consistency, audits at their
 limits, numeric edge cases. Each test is a call that used to go wrong."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -62,3 +64,50 @@ def test_audit_of_small_classes_with_groups_of_one(fitted, tiny):
             assert [g.members.tolist() for g in r.subgroups] == [
                 g.members.tolist() for g in s.subgroups
             ]
+
+
+class _Shifted(torch.utils.data.Dataset):
+    """(image, label) items; with ``random=True`` each read rolls the image by a random
+    offset of up to 2 pixels and flips it at random (RandomCrop / RandomHorizontalFlip
+    in spirit), drawn from the global torch RNG as torchvision's transforms do."""
+
+    def __init__(self, x, random):
+        self.x, self.random = x, random
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        img = self.x[i]
+        if self.random:
+            dy, dx = torch.randint(-2, 3, (2,)).tolist()
+            img = torch.roll(img, (dy, dx), dims=(1, 2))
+            if torch.rand(()) < 0.5:
+                img = img.flip(-1)
+        return img, i % 4
+
+
+@pytest.mark.parametrize("wrap", ["dataset", "loader"])
+def test_references_with_random_transforms_are_said_to_be_so(tiny, one_thread, wrap):
+    """Two reads of one reference give two images: the features fit keeps are of one
+    draw, while plot_region and heatmap_layer="auto" read the references again. fit
+    says so (it said nothing), and only for random items; the check draws nothing from
+    the global RNG: after fit it is where reading the references once leaves it."""
+    model, x = tiny
+    for random in (True, False):
+        ds = _Shifted(x[:64], random)
+        refs = ds if wrap == "dataset" else torch.utils.data.DataLoader(ds, batch_size=16)
+        torch.manual_seed(5)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            ri = RepresentativeInterpretation(model, model.features).fit(refs, progress=False)
+        after_fit = torch.get_rng_state()
+        said = [str(w.message) for w in record if "random transforms" in str(w.message)]
+        assert len(said) == (1 if random else 0), said
+        if random:
+            assert said[0].startswith("references:")
+            torch.manual_seed(5)
+            for _ in refs if wrap == "loader" else (ds[i] for i in range(len(ds))):
+                pass
+            assert torch.equal(torch.get_rng_state(), after_fit)
+        assert ri.features_.shape[0] == 64
