@@ -111,3 +111,51 @@ def test_references_with_random_transforms_are_said_to_be_so(tiny, one_thread, w
                 pass
             assert torch.equal(torch.get_rng_state(), after_fit)
         assert ri.features_.shape[0] == 64
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """(image, label) items in order, without random access."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __iter__(self):
+        return ((img, i % 4) for i, img in enumerate(self.x))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Items that are batches of 10 references, for ``DataLoader(batch_size=None)``."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x) // 10
+
+    def __getitem__(self, i):
+        return self.x[10 * i : 10 * i + 10], torch.zeros(10, dtype=torch.long)
+
+
+@pytest.mark.parametrize("kind", ["iterable", "iterable-loader", "unbatched-loader"])
+def test_plot_region_says_why_references_without_rows_cannot_be_drawn(tiny, one_thread, kind):
+    """References fit reads in order but plot_region cannot read by index: an iterable
+    dataset (a raw "object of type ... has no len()", or inside a DataLoader "does not
+    read its dataset in order (shuffle=True or a sampler)", which it does) and a
+    DataLoader with batch_size=None, whose items are batches ("only 6 reference images
+    were given; pass the reference set given to fit", which the user did)."""
+    from captum_repinterp.visualization import plot_region
+
+    model, x = tiny
+    x = x[:60]
+    refs = {
+        "iterable": _Stream(x),
+        "iterable-loader": torch.utils.data.DataLoader(_Stream(x), batch_size=16),
+        "unbatched-loader": torch.utils.data.DataLoader(_Batches(x), batch_size=None),
+    }[kind]
+    ri = RepresentativeInterpretation(model, model.features).fit(refs, progress=False)
+    assert torch.equal(ri.features_, ri.transform(x)[0])  # fit read every row, in order
+    region = ri.interpret(x[:1], heatmap_layer=None)
+    why = "batch_size=None" if kind == "unbatched-loader" else "iterable-style"
+    with pytest.raises(ValueError, match=f"reference_images: .*{why}"):
+        plot_region(region, x[0], refs)
+    plot_region(region, x[0], x)  # the same rows as a tensor draw
