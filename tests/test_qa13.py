@@ -205,3 +205,27 @@ def test_a_finished_store_of_a_loader_reading_some_rows_is_reused(
             hook.remove()
     assert torch.equal(torch.as_tensor(again.features_), torch.as_tensor(first.features_))
     assert sum(rows_run) < 32  # the first rows checked, nothing recomputed
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_fit_progress_counts_a_loaders_own_batches(tiny, one_thread, monkeypatch, drop_last):
+    """A DataLoader keeps its own batch size: the progress bar's total was
+    ceil(len(dataset) / batch_size) with fit's batch_size (128), so a loader of 100
+    rows in batches of 16 showed 7/1."""
+    import captum_repinterp.features as features
+
+    totals = []
+
+    def recording_tqdm(iterable, total=None, **kwargs):
+        totals.append(total)
+        return iterable
+
+    monkeypatch.setattr(features, "tqdm", recording_tqdm)
+    model, x = tiny
+    ds = torch.utils.data.TensorDataset(x[:100])
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, drop_last=drop_last)
+    RepresentativeInterpretation(model, model.features).fit(loader, progress=True)
+    assert totals[0] == len(list(loader)) == (6 if drop_last else 7)
+    totals.clear()
+    RepresentativeInterpretation(model, model.features).fit(ds, batch_size=16, progress=True)
+    assert totals[0] == 7
