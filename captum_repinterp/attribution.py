@@ -116,7 +116,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         references : Tensor, tuple of Tensor, Dataset or DataLoader
             Reference images, batch first, scaled as the model expects; unlabelled (the
             model's predictions are used, at least two classes; labels of ``(inputs,
-            label)`` items are ignored).
+            label)`` items are ignored). Transforms must be deterministic: the figures
+            and ``heatmap_layer="auto"`` read the references again, and a Dataset whose
+            first items read twice differ (random crops or flips) gets a warning.
         batch_size : int
             Batch size for tensors and Datasets (a DataLoader keeps its own).
         additional_forward_args : any, optional

@@ -307,6 +307,9 @@ def _split(
     k-means is scikit-learn's ``KMeans`` (k-means++ starts, 4 restarts, seeded); the mean
     silhouette (Euclidean) is ``silhouette_score`` on all members, or on a seeded subsample
     of 1000 members above that. Splits with a group smaller than ``min_size`` are skipped.
+    A silhouette needs 2 to ``m - 1`` groups among the ``m`` members it is taken on, so
+    ``k`` stops at ``n - 1``, and a split of which the subsample holds one group only
+    (a small group it missed) is skipped.
     Groups are numbered by size (largest first), ties by their smallest member index.
     """
     n = x.shape[0]
@@ -314,14 +317,19 @@ def _split(
     if max_groups < 2 or n < 2 * min_size:
         return one, float("nan")
     kmeans, silhouette_score = _sklearn()
-    sample = _SILHOUETTE_SAMPLE if n > _SILHOUETTE_SAMPLE else None
+    rows = None  # the subsample silhouette_score(sample_size=, random_state=) would draw
+    if n > _SILHOUETTE_SAMPLE:
+        rows = np.random.RandomState(random_state).permutation(n)[:_SILHOUETTE_SAMPLE]
     best, best_score = one, -np.inf
-    for k in range(2, max_groups + 1):
+    for k in range(2, min(max_groups, n - 1) + 1):
         labels = kmeans(n_clusters=k, n_init=4, random_state=random_state).fit_predict(x)
         sizes = np.bincount(labels, minlength=k)
         if sizes.min() < min_size:
             continue
-        score = float(silhouette_score(x, labels, sample_size=sample, random_state=random_state))
+        scored = labels if rows is None else labels[rows]
+        if np.unique(scored).size < 2:
+            continue
+        score = float(silhouette_score(x if rows is None else x[rows], scored))
         if score > best_score + 1e-12:
             best, best_score = labels.astype(np.int64), score
     if best_score < min_silhouette:

@@ -26,6 +26,7 @@ import captum
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ._captum_compat import _format_additional_forward_args
@@ -480,6 +481,11 @@ def feature_batches(
     extra = _format_additional_forward_args(additional_forward_args)
     n, batches = iter_reference_batches(references, batch_size, extra, name)
     total = None if n is None else math.ceil(n / batch_size)
+    if isinstance(references, DataLoader):  # it keeps its own batches
+        try:
+            total = len(references)
+        except TypeError:
+            total = None
     batches = (b for b in batches if int(b[0][0].shape[0]) > 0)
     first = next(batches, None)
     if first is None:

@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, SequentialSampler, default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    SequentialSampler,
+    default_collate,
+)
 
 from ._captum_compat import _format_tensor_into_tuples
 from ._checks import check_int
@@ -180,6 +186,23 @@ def reads_in_order(loader: DataLoader) -> bool:
     """Whether ``loader`` reads its dataset's rows in order: its sampler (or that of the
     ``batch_sampler`` given in place of one) is a ``SequentialSampler``."""
     return isinstance(getattr(loader.batch_sampler, "sampler", loader.sampler), SequentialSampler)
+
+
+def rows_read(references: Any, n: int | None) -> int | None:
+    """How many references ``fit`` reads from ``references``, ``n`` the length of the
+    tensor or dataset: fewer than ``n`` for a DataLoader whose sampler reads some rows
+    or that drops its last partial batch (``drop_last=True``); None when unknown (a
+    DataLoader without batching, or with a batch sampler that has no ``sampler``)."""
+    if not isinstance(references, DataLoader) or n is None:
+        return n
+    batches = references.batch_sampler
+    if not isinstance(batches, BatchSampler):
+        return None
+    try:
+        m = len(batches.sampler)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return m - m % batches.batch_size if batches.drop_last else m
 
 
 def reference_rows(references: Any, indices: Tensor, name: str = "references") -> Tensor:

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ._checks import check_choice
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
@@ -36,7 +38,7 @@ from .features import (
     model_device,
 )
 from .heads import make_head
-from .inputs import InputSpec, all_finite, reads_in_order
+from .inputs import InputSpec, all_finite, reads_in_order, reference_rows
 from .projection import (
     AffineHead,
     LeadingMap,
@@ -217,11 +219,12 @@ def fit_references(
             features, predictions = ref_store.features(), ref_store.predictions()
             logits = ref_store.logits()
             layout = ref_store.layout
-            if not append:
-                _check_store_rows(
-                    forward_func, layer, example, features, layout, store,
-                    attribute_to_layer_input, device, logits,
-                )  # fmt: skip
+        _warn_if_read_differently(references, example)
+        if ref_store is not None and not append:
+            _check_store_rows(
+                forward_func, layer, example, features, layout, store,
+                attribute_to_layer_input, device, logits,
+            )  # fmt: skip
         if not all_finite(features):
             warnings.warn(
                 "fit: some reference features are NaN or inf; they are kept but can never "
@@ -301,6 +304,54 @@ def _checked_logits(
         return None
     expected = logits[:k].to(torch.float64)
     return logits if close_logits(out.detach().to("cpu", torch.float64), expected) else None
+
+
+def _warn_if_read_differently(references: Any, example: Example) -> None:
+    """Warn when the first references, read again, are not the images ``fit`` read.
+
+    A Dataset with random transforms (``RandomCrop``, ``RandomHorizontalFlip``) gives
+    another image on each read: the features ``fit`` keeps are of one draw, while
+    ``plot_region``, ``heatmap_layer="auto"`` and a reused store read the references
+    again. Up to four rows are read again (no forward pass) when ``references`` is a
+    Dataset, or a DataLoader that reads its dataset in order, of one image tensor; the
+    global random number generators are left as they were.
+    """
+    if isinstance(references, DataLoader):
+        if references.batch_sampler is None or not reads_in_order(references):
+            return
+        dataset = references.dataset
+    else:
+        dataset = references
+    if not isinstance(dataset, Dataset) or isinstance(dataset, IterableDataset):
+        return
+    if len(example.batch) != 1:
+        return
+    first = example.batch[0].detach().cpu()
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            again = reference_rows(references, torch.arange(first.shape[0]))
+    except (TypeError, ValueError, RuntimeError):
+        return
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    again = again.detach().cpu()
+    if again.shape == first.shape and again.dtype == first.dtype:
+        if not first.is_floating_point():
+            if torch.equal(again, first):
+                return
+        elif torch.allclose(again, first, rtol=1e-5, atol=1e-6 * float(first.abs().max())):
+            return
+    warnings.warn(
+        "references: reading the first references again gave other images than fit read "
+        "(random transforms in the Dataset, such as RandomCrop or RandomHorizontalFlip?); "
+        "the features are of the images fit read, while plot_region, "
+        "heatmap_layer='auto' and a reused store read the references again and get "
+        "others; give fit deterministic transforms (e.g. Resize and CenterCrop)",
+        UserWarning,
+        stacklevel=caller_stacklevel(),
+    )
 
 
 def _check_store_rows(

@@ -46,7 +46,7 @@ from numpy.lib.format import open_memmap
 from torch import Tensor, nn
 
 from .features import Example, LayerLayout, feature_batches
-from .inputs import all_finite
+from .inputs import all_finite, rows_read
 
 __all__ = [
     "OutputRecorder",
@@ -441,8 +441,9 @@ def fit_to_store(
     - an incomplete store (interrupted fit) and ``append=False``: resume, skipping the
       ``n`` references already written (same reference sequence expected);
     - a complete store and ``append=False``: nothing is recomputed when it holds as many
-      rows as there are references (a finished fit of the same references), otherwise
-      ``ValueError``;
+      rows as ``fit`` reads from the references (a finished fit of the same references;
+      a DataLoader's sampler or ``drop_last`` can read fewer than its dataset holds),
+      otherwise ``ValueError``;
     - ``append=True``: write all references after the rows already stored.
 
     The store keeps a fingerprint of the model's weights (:func:`model_fingerprint`); a
@@ -481,17 +482,18 @@ def fit_to_store(
                 f"{store.attribute_to_layer_input}"
             )
         if not append:
+            m = rows_read(references, n)
             if store.complete:
-                if n is not None and n == store.n:
+                if m is not None and m == store.n:
                     return store, example
                 raise ValueError(
                     f"store: {os.fspath(path)!r} already holds a finished fit of {store.n} "
                     "references; pass append=True to add these, or use a new path"
                 )
             skip = store.n  # resume
-            if n is not None and skip > n:
+            if m is not None and skip > m:
                 raise ValueError(
-                    f"store: {os.fspath(path)!r} holds {skip} rows but only {n} references "
+                    f"store: {os.fspath(path)!r} holds {skip} rows but only {m} references "
                     "were given to resume with"
                 )
     for rows, preds, layout in run(skip):

@@ -31,7 +31,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 from captum.attr import visualization as viz
 from matplotlib.figure import Figure
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .inputs import check_against_references, reads_in_order, reference_rows
 from .interpretation import Interpretation
@@ -198,6 +198,18 @@ def _predict(interpretation: Interpretation, images: Tensor) -> list[int] | None
 
 def _reference_rows(references: Any, indices: Tensor) -> Tensor:
     """Rows ``indices`` of a reference tensor, Dataset or DataLoader (its dataset)."""
+    dataset = references.dataset if isinstance(references, DataLoader) else references
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            "reference_images: an iterable-style dataset has no random access, so member "
+            "indices cannot be mapped to images; pass the reference images as a tensor"
+        )
+    if isinstance(references, DataLoader) and references.batch_sampler is None:
+        raise ValueError(
+            "reference_images: this DataLoader does not batch (batch_size=None), so each "
+            "item of its dataset holds several references and member indices cannot be "
+            "mapped to items; pass the reference images as a tensor"
+        )
     if isinstance(references, DataLoader) and not reads_in_order(references):
         raise ValueError(
             "reference_images: this DataLoader does not read its dataset in order "
@@ -244,7 +256,10 @@ def plot_region(
         ``C x H x W`` or ``1 x C x H x W``.
     reference_images : Tensor, Dataset or DataLoader
         The reference set given to ``fit`` (indexed by ``interpretation.members``; a
-        DataLoader's ``dataset``, items ``(image, label, ...)`` give the image).
+        DataLoader's ``dataset``, items ``(image, label, ...)`` give the image). Rows
+        are read by index, so a shuffled DataLoader, one without batching
+        (``batch_size=None``) and an iterable-style dataset are refused: pass the
+        images as a tensor then.
     k : int
         Number of members to show, nearest by semantic distance first. A seed that is
         itself a reference (the same image) is not shown again as a member; the caption
