@@ -18,6 +18,7 @@ __all__ = [
     "NotFittedError",
     "ProbabilityOutputWarning",
     "RepresentativeInterpretation",
+    "SeedOnBoundaryWarning",
     "audit",
     "find_layer",
 ]
@@ -28,6 +29,7 @@ _LAZY = {
     "NotFittedError": "attribution",
     "Interpretation": "interpretation",
     "NoBoundaryWarning": "region",
+    "SeedOnBoundaryWarning": "region",
     "NotACutError": "cuts",
     "NotACutWarning": "cuts",
     "audit": "auditing",

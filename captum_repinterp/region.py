@@ -25,7 +25,7 @@ from .heatmap import RegionContext, check_input_dtypes
 from .inputs import format_inputs, slice_args
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
-from .match import semantic_distance
+from .match import margins, semantic_distance
 from .options import InterpretOptions
 from .reader import LayerReader
 from .references import FittedReferences
@@ -36,6 +36,7 @@ from .targets import resolve_targets
 __all__ = [
     "NoBoundaryWarning",
     "Seed",
+    "SeedOnBoundaryWarning",
     "assemble_interpretation",
     "find_region",
     "find_regions",
@@ -46,6 +47,25 @@ __all__ = [
 
 class NoBoundaryWarning(UserWarning):
     """A seed's region got no boundary: it is not a decision region and its map is zero."""
+
+
+class SeedOnBoundaryWarning(UserWarning):
+    """The seed is not strictly inside its own region: it lies on one of the region's
+    boundaries (its two largest logits tie, or nearly)."""
+
+
+def _warn_seed_on_boundary(seed_margins: Tensor, target: int) -> None:
+    worst = float(seed_margins.min())
+    warnings.warn(
+        f"the seed is predicted as class {target} but lies on one of its region's "
+        f"boundaries (smallest margin {worst:.3g} logits: its two largest logits tie, up "
+        "to float rounding), so the region, which holds the points strictly on the "
+        f"class-{target} side, does not contain the seed: contains(seed) is False and "
+        "references equal to the seed are not members. Interpret a nearby image, or "
+        "read the region as that of the class beside the tie.",
+        SeedOnBoundaryWarning,
+        stacklevel=caller_stacklevel(),
+    )
 
 
 def _warn_no_boundary(n_sampled: int, n_candidates: int, target: int) -> None:
@@ -284,6 +304,14 @@ def assemble_interpretation(
     """
     w_sel, b_sel = bounds.weight[selected], bounds.bias[selected]
     seed_m = (w_sel.double() @ seed_features.double()) + b_sel.double()
+    # checked as contains_features checks membership
+    seed_row = seed_features.reshape(1, -1).float()
+    if (
+        seed_in_class
+        and selected.numel() > 0
+        and not bool((margins(seed_row, w_sel, b_sel) > 0).all())
+    ):
+        _warn_seed_on_boundary(seed_m, target)
     if selected.numel() > 0:
         dist = semantic_distance(seed_m, member_values)
     else:

@@ -89,3 +89,34 @@ def test_audit_refuses_empty_images_and_empty_heldout(fitted):
         audit(ri, x[200:200], **NB)
     with pytest.raises(ValueError, match="^heldout: empty"):
         audit(ri, x[200:260], target=0, heldout=x[260:260], **NB)
+
+
+def _tied_model() -> tuple[torch.nn.Module, torch.Tensor]:
+    """Logits (x0, x1, -x0 - x1) of ReLU(x): classes 0 and 1 tie on the line x0 = x1."""
+    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        model[1].bias.zero_()
+    refs = torch.rand(200, 2, generator=torch.Generator().manual_seed(0)) * 2
+    return model, refs
+
+
+def test_a_seed_on_a_tie_is_warned_about_and_outside_its_region():
+    from captum_repinterp import SeedOnBoundaryWarning
+
+    model, refs = _tied_model()
+    ri = RepresentativeInterpretation(model, model[0]).fit(refs, progress=False)
+    assert ri.affine_ is not None  # exact boundaries: x0 > x1 and 2 x0 + x1 > 0
+    seed = torch.tensor([[1.0, 1.0]])  # logits (1, 1, -2): argmax picks class 0
+    with pytest.warns(SeedOnBoundaryWarning, match="smallest margin 0 logits"):
+        region = ri.interpret(seed, heatmap_layer=None)
+    assert region.target == 0 and not bool(region.contains(seed)[0])
+    # the region is class 0's decision region among the references, by hand: x0 > x1
+    assert torch.equal(region.contains(refs), refs[:, 0] > refs[:, 1])
+    # a seed off the tie: no warning, inside its region
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeedOnBoundaryWarning)
+        off = ri.interpret(torch.tensor([[1.0, 0.5]]), heatmap_layer=None)
+    assert bool(off.contains(torch.tensor([[1.0, 0.5]]))[0])
