@@ -177,7 +177,7 @@ def sample_candidates(
             exact = affine.agrees(head, torch.cat([seed_features[None], cand_feats(1)]))
         else:
             points = torch.cat([seed_features[None], cand_feats(1)])
-            exact = close_logits(affine.predict(points), known[: points.shape[0]])
+            exact = affine.matches(points, known[: points.shape[0]])
         if exact:
             return _exact_affine(affine, references, target, duplicate_tol, scale)
     zhead = None

@@ -552,12 +552,33 @@ class AffineHead:
         """``psi @ weight.T + bias`` (``B x C``, float64)."""
         return psi.detach().to("cpu", torch.float64) @ self.weight.double().T + self.bias
 
+    def matches(self, psi: Tensor, expected: Tensor) -> bool:
+        """Whether :meth:`predict` gives ``expected`` (``B x C`` logits computed by the
+        head) at the rows of ``psi``, within the head's rounding.
+
+        The tolerance is :func:`close_logits`' plus ``4 eps`` times the sum of the
+        absolute terms, ``|psi| @ |weight|.T + |bias|`` (``eps`` of the weight's float32):
+        the rounding of a float32 dot product grows with its terms, not with its result,
+        and heads whose terms cancel (a ResNet-18's ``fc`` on ``layer4`` at 224 px: terms
+        800 times the logits) round by more than ``1e-5`` of the logits' scale. A kink
+        that the map misses changes logits by far more than this bound.
+        """
+        pred = self.predict(psi)
+        if pred.shape != expected.shape:
+            return False
+        exp = expected.detach().to("cpu", torch.float64)
+        scale = max(float(exp.abs().max()), 1.0) if exp.numel() else 1.0
+        terms = psi.detach().to("cpu", torch.float64).abs() @ self.weight.double().abs().T
+        eps = torch.finfo(self.weight.dtype).eps
+        tol = 1e-5 * scale + 1e-4 * exp.abs() + 4 * eps * (terms + self.bias.abs())
+        return bool(((pred - exp).abs() <= tol).all())
+
     def agrees(self, head: Callable[..., Tensor], psi: Tensor) -> bool:
         """Whether ``head`` gives :meth:`predict`'s logits at the rows of ``psi``
         (a per-seed check that the head is the affine map found at fit)."""
         with torch.no_grad():
-            out = head(psi).detach().to("cpu", torch.float64)
-        return close_logits(out, self.predict(psi))
+            out = head(psi).detach()
+        return self.matches(psi, out)
 
     def boundaries(self, target: int, classes: Tensor) -> tuple[Tensor, Tensor]:
         """``G_target - G_k`` for the classes ``k`` in ``classes``: ``k x D`` float32
@@ -589,12 +610,13 @@ def find_affine_head(
 ) -> AffineHead | None:
     """The head as an :class:`AffineHead` when it is affine, else None.
 
-    The head must keep the midpoint of two references and the line through them
-    (one-row calls); then its Jacobian (one backward pass over ``C`` rows) at both must
-    agree, and the affine map it defines must give the head's logits at three more
-    points (two references and an extrapolation), within float32 rounding. Heads in a
-    half-precision type and heads whose ``C x D`` Jacobian would exceed ``max_entries``
-    numbers are not examined.
+    The affine map defined by the head's Jacobian at a reference ``a`` (one backward pass
+    over ``C`` rows) must give the head's logits (one-row calls) at ``a``, at a second
+    reference ``b``, at their midpoint and on the line beyond ``a``; the Jacobian at
+    ``b`` must equal it; and the map must give the head's logits at three more points
+    (two references and the extrapolation, one batched call), all within the head's
+    float32 rounding (:meth:`AffineHead.matches`). Heads in a half-precision type and
+    heads whose ``C x D`` Jacobian would exceed ``max_entries`` numbers are not examined.
     """
     dtype = parameter_dtype(modules)
     n = features.shape[0]
@@ -603,20 +625,21 @@ def find_affine_head(
     device = _device_of(modules)
     a, b = features[0].to(device, dtype), features[n // 2].to(device, dtype)
     try:
-        # first a cheap test on one-row calls: affine maps keep midpoints and lines
+        points = torch.stack([a, b, (a + b) / 2, 2 * a - b])
         with torch.no_grad():
-            g = [head(p[None]).double() for p in (a, b, (a + b) / 2, 2 * a - b)]
-        if not close_logits(g[2], (g[0] + g[1]) / 2) or not close_logits(g[3], 2 * g[0] - g[1]):
-            return None
-        c = g[0].shape[1]
+            g = torch.cat([head(p[None]) for p in points])  # one-row calls
+        c = g.shape[1]
         if c * features.shape[1] > max_entries:
             return None
         jac_a, out_a = _jacobian(head, a, c)
+        bias = out_a.double() - jac_a.double() @ a.double()
+        affine = AffineHead(jac_a.to(torch.float32).cpu(), bias.cpu())
+        # affine maps keep midpoints and lines
+        if not affine.matches(points, g):
+            return None
         jac_b, _ = _jacobian(head, b, c)
         if not torch.allclose(jac_a, jac_b, rtol=1e-5, atol=1e-6 * float(jac_a.abs().max())):
             return None
-        bias = out_a.double() - jac_a.double() @ a.double()
-        affine = AffineHead(jac_a.to(torch.float32).cpu(), bias.cpu())
         probes = torch.stack(
             [features[n // 3].to(device, dtype), features[-1].to(device, dtype), 2 * a - b]
         )
