@@ -65,8 +65,11 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     device_ids : list of int, optional
         As in Captum's layer methods (kept for signature compatibility).
     head : callable, optional
-        ``head(layer_output) -> logits``; faster than the default, which re-runs the model
-        on the seed with the layer's output replaced.
+        ``head(layer_output) -> logits``. The default runs the model with the layer's
+        output replaced, the modules before the layer answering with their outputs
+        recorded once per seed, so a given head saves little (a new user measured the
+        same times on a ResNet-18 split at ``layer3``); give one when the model cannot
+        be run that way.
 
     Notes
     -----

@@ -326,8 +326,16 @@ def format_inputs(inputs: Any, name: str = "inputs") -> tuple[Tensor, ...]:
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
     if not isinstance(inputs, tuple):
+        hint = ""
+        if isinstance(inputs, (Dataset, DataLoader)):
+            hint = (
+                " (a Dataset or DataLoader: stack the images to explain into a tensor; to "
+                "test many images against a region, features, _ = ri.transform(data), "
+                "then region.contains_features(features))"
+            )
         raise TypeError(
-            f"{name} must be a torch.Tensor or a tuple of tensors, got {type(inputs).__name__}"
+            f"{name} must be a torch.Tensor or a tuple of tensors, got "
+            f"{type(inputs).__name__}{hint}"
         )
     check_inputs(inputs, name)
     return inputs

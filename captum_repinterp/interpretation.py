@@ -261,10 +261,11 @@ class Interpretation:
         for the images it contains (its precision is measured on held-out images).
 
         One forward pass per image, so that an image's answer does not depend on the
-        batch it came in (as for ``distance`` and ``heatmap``). For many images the
-        batched route is about 3x faster on torchvision CNNs: ``features, _ =
-        ri.transform(images, batch_size=256)``, then ``contains_features(features)``
-        (features equal up to float rounding, so an image on a boundary can differ).
+        batch it came in (as for ``distance`` and ``heatmap``). For many images, or a
+        Dataset or DataLoader, the batched route: ``features, _ = ri.transform(images)``,
+        then ``contains_features(features)`` (features equal up to float rounding, so an
+        image on a boundary can differ); measured 3.7x faster on a VGG-11 at 64 px,
+        1.1x on a ResNet-18 at 224 px, where each image's own compute dominates.
         """
         activations, _ = self._need_reader("contains").read(inputs, additional_forward_args)
         return self.contains_features(self.layout.flatten(activations).cpu())

@@ -292,16 +292,22 @@ def _labels(value: Any, images: Tensor, name: str) -> Tensor | None:
 def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """``(references, heldout, reference_labels, heldout_labels)`` from a data factory.
 
-    Accepts ``(reference_images, heldout_images)`` (no true labels) or
+    Accepts ``(reference_images, heldout_images)`` or
     ``(reference_images, heldout_images, reference_labels, heldout_labels)`` (either
-    label entry may be None).
+    label entry may be None). The images may be tensors, or Datasets / DataLoaders of
+    images or ``(image, label, ...)`` items (an ``ImageFolder``), which are stacked into
+    tensors (the report indexes its images, so it holds them in memory); the items'
+    integer labels are the true labels unless labels are given.
     """
     if not isinstance(obj, (tuple, list)) or len(obj) not in (2, 4):
         raise ValueError(
             "data must return (reference_images, heldout_images) or (reference_images, "
             "heldout_images, reference_labels, heldout_labels)"
         )
-    refs, held = obj[0], obj[1]
+    (refs, item_ref_labels), (held, item_held_labels) = (
+        _as_images(obj[0], "reference_images"),
+        _as_images(obj[1], "heldout_images"),
+    )
     for value, what in ((refs, "reference_images"), (held, "heldout_images")):
         if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] == 0:
             got = describe_value(value) if hasattr(value, "shape") else type(value).__name__
@@ -311,7 +317,8 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
                 else ""
             )
             raise TypeError(
-                f"data: {what} must be a non-empty tensor of images, batch first; got {got}{hint}"
+                f"data: {what} must be a non-empty tensor of images (batch first), a "
+                f"Dataset or a DataLoader of them; got {got}{hint}"
             )
     if refs.shape[1:] != held.shape[1:]:
         raise ValueError(
@@ -319,13 +326,41 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
             f"vs {tuple(held.shape[1:])}"
         )
     if len(obj) == 2:
-        return refs, held, None, None
+        obj = (*obj, item_ref_labels, item_held_labels)
     return (
         refs,
         held,
         _labels(obj[2], refs, "reference_labels"),
         _labels(obj[3], held, "heldout_labels"),
     )
+
+
+def _as_images(value: Any, what: str) -> tuple[Any, Tensor | None]:
+    """A Dataset or DataLoader of images (an ``ImageFolder``) as one tensor, and the
+    integer labels its items carry (``(image, label)``), else None; anything else is
+    returned as it is. The report indexes its images, so they are held in memory."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if not isinstance(value, (Dataset, DataLoader)):
+        return value, None
+    if isinstance(value, Dataset) and not hasattr(value, "__len__"):
+        raise TypeError(f"data: {what} is a dataset without a length; pass a tensor")
+    loader = value if isinstance(value, DataLoader) else DataLoader(value, batch_size=64)
+    images, labels = [], []
+    for batch in loader:
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(first, Tensor):
+            raise TypeError(
+                f"data: the items of {what} must be images or (image, label, ...) "
+                f"tuples, got {type(first).__name__}"
+            )
+        images.append(first)
+        second = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        if isinstance(second, Tensor) and second.dim() == 1 and not second.is_floating_point():
+            labels.append(second)
+    stacked = torch.cat(images) if images else torch.zeros(0)
+    have_labels = labels and sum(len(t) for t in labels) == len(stacked)
+    return stacked, torch.cat(labels) if have_labels else None
 
 
 def audit_regions(
@@ -889,6 +924,7 @@ def prepare_report(
     """
     if (model_factory is None) != (data is None):
         raise ValueError("give both --model-factory and --data, or neither (the demo)")
+    auto_names: list[str] | None = None
     if model_factory is None and (layer is not None or class_names is not None):
         raise ValueError("--layer and --class-names apply to --model-factory's model, not the demo")
     if classes is not None:
@@ -911,7 +947,12 @@ def prepare_report(
         )
     else:
         built = _call_without_arguments(model_factory, "model_factory")
-        refs, held, ref_labels, held_labels = resolve_data(_call_without_arguments(data, "data"))
+        raw = _call_without_arguments(data, "data")
+        refs, held, ref_labels, held_labels = resolve_data(raw)
+        # an ImageFolder's folder names, unless class_names are given
+        names = getattr(getattr(raw[0], "dataset", raw[0]), "classes", None)
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            auto_names = list(names)
         if layer is None:
             model, split, head = resolve_model(built)
         else:
@@ -937,6 +978,8 @@ def prepare_report(
             classes,
             f"Audit report: {model_factory}",
         )
+    if class_names is None and auto_names is not None:
+        inputs.class_names = auto_names
     if inputs.classes is None and class_names is None:
         return inputs
     present = _predicted_classes(inputs.model, inputs.heldout)

@@ -56,6 +56,18 @@ USER_MODULE = textwrap.dedent(
         return data()[0]
 
 
+    class Folder(torch.utils.data.TensorDataset):
+        # (image, label) items and folder names, as an ImageFolder gives
+        classes = ["ant", "bee", "cat"]
+
+
+    def folder():
+        x, y, ref_labels, held_labels = labelled()
+        refs = Folder(x, ref_labels)
+        held = torch.utils.data.DataLoader(Folder(y, held_labels), batch_size=16)
+        return refs, held
+
+
     class Skip(nn.Module):
         def __init__(self):
             super().__init__()
@@ -150,6 +162,19 @@ def test_report_layer_and_class_names_errors(capsys, tmp_path, user_module, argv
     line = _usage_error(capsys, ["report", "--out", str(tmp_path / "o"), *argv])
     assert message in line
     assert not (tmp_path / "o").exists()
+
+
+def test_report_data_as_datasets_with_labels_and_folder_names(user_module):
+    import ri_user_mod
+
+    x, y, ref_labels, held_labels = ri_user_mod.labelled()
+    inputs = prepare_report("ri_user_mod:factory", "ri_user_mod:folder")
+    assert torch.equal(inputs.references, x) and torch.equal(inputs.heldout, y)
+    assert torch.equal(inputs.reference_labels, ref_labels)
+    assert torch.equal(inputs.heldout_labels, held_labels)
+    assert inputs.class_names == ["ant", "bee", "cat"]
+    named = prepare_report("ri_user_mod:factory", "ri_user_mod:folder", class_names=["a"] * 3)
+    assert named.class_names == ["a", "a", "a"]
 
 
 def test_prepare_report_layer_by_name_or_auto(user_module):

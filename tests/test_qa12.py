@@ -172,3 +172,16 @@ def test_a_kinked_head_at_the_same_scale_is_not_taken_for_affine():
     assert on.any(0).all() and (~on).any(0).all()  # every unit crosses its kink
     ri = RepresentativeInterpretation(model, model[0]).fit(refs, progress=False)
     assert ri.affine_ is None
+
+
+def test_a_dataset_given_to_contains_points_at_the_batched_route(fitted):
+    from torch.utils.data import TensorDataset
+
+    ri, x = fitted
+    region = ri.interpret(x[200:201], **NB)
+    data = TensorDataset(x[:50])
+    with pytest.raises(TypeError, match=r"ri.transform\(data\).*contains_features"):
+        region.contains(data)
+    # the route it names gives contains' answers
+    features, _ = ri.transform(data)
+    assert torch.equal(region.contains_features(features), region.contains(x[:50]))
