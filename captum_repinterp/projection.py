@@ -610,10 +610,12 @@ def find_affine_head(
 ) -> AffineHead | None:
     """The head as an :class:`AffineHead` when it is affine, else None.
 
-    The affine map defined by the head's Jacobian at a reference ``a`` (one backward pass
-    over ``C`` rows) must give the head's logits (one-row calls) at ``a``, at a second
-    reference ``b``, at their midpoint and on the line beyond ``a``; the Jacobian at
-    ``b`` must equal it; and the map must give the head's logits at three more points
+    A loose first test (``1e-3`` of the logits' scale) that the head keeps the midpoint
+    of two references ``a, b`` and the line through them (one-row calls) stops most
+    curved heads before any backward pass. Then the affine map defined by the head's
+    Jacobian at ``a`` (one backward pass over ``C`` rows) must give those logits at
+    ``a``, ``b``, their midpoint and on the line beyond ``a``; the Jacobian at ``b``
+    must equal it; and the map must give the head's logits at three more points
     (two references and the extrapolation, one batched call), all within the head's
     float32 rounding (:meth:`AffineHead.matches`). Heads in a half-precision type and
     heads whose ``C x D`` Jacobian would exceed ``max_entries`` numbers are not examined.
@@ -628,13 +630,21 @@ def find_affine_head(
         points = torch.stack([a, b, (a + b) / 2, 2 * a - b])
         with torch.no_grad():
             g = torch.cat([head(p[None]) for p in points])  # one-row calls
+        # a cheap first test, loose enough for any rounding: affine maps keep
+        # midpoints and lines (most curved heads stop here, before any backward pass)
+        g64 = g.double()
+        loose = 1e-3 * max(float(g64.abs().max()), 1.0)
+        if (g64[2] - (g64[0] + g64[1]) / 2).abs().max() > loose or (
+            g64[3] - (2 * g64[0] - g64[1])
+        ).abs().max() > loose:
+            return None
         c = g.shape[1]
         if c * features.shape[1] > max_entries:
             return None
         jac_a, out_a = _jacobian(head, a, c)
         bias = out_a.double() - jac_a.double() @ a.double()
         affine = AffineHead(jac_a.to(torch.float32).cpu(), bias.cpu())
-        # affine maps keep midpoints and lines
+        # the same points, within the head's rounding
         if not affine.matches(points, g):
             return None
         jac_b, _ = _jacobian(head, b, c)
