@@ -239,37 +239,48 @@ def _module_name(model: Any, layer: Any) -> str | None:
     return next((n for n, m in model.named_modules() if m is layer and n), None)
 
 
-def resolve_model(obj: Any) -> tuple[nn.Module, nn.Module, Callable | None]:
+def resolve_model(
+    obj: Any, layer: str | None = None, references: Tensor | None = None
+) -> tuple[nn.Module, nn.Module, Callable | None]:
     """``(model, layer, head)`` from what a model factory returned.
 
     Accepts ``model`` (then ``layer = model.features[-1]``), ``(model, layer)`` or
     ``(model, layer, head)``. Pick a layer with :func:`captum_repinterp.find_layer` when
-    the model has no ``features``.
+    the model has no ``features``. A ``layer`` name (see :func:`prepare_report`)
+    replaces the factory's layer; ``"auto"`` runs ``find_layer`` on ``references``.
     """
-    head = None
+    head = split = None
     if isinstance(obj, (tuple, list)):
         if len(obj) not in (2, 3):
             raise ValueError(
                 "model factory must return model, (model, layer) or (model, layer, head); "
                 f"got a sequence of length {len(obj)}"
             )
-        model, layer = obj[0], obj[1]
+        model, split = obj[0], obj[1]
         head = obj[2] if len(obj) == 3 else None
+        if layer is not None and head is not None:
+            raise ValueError(
+                "layer: the model factory also returned a head, which belongs to its "
+                "own layer; return model or (model, layer) to choose the layer here"
+            )
     else:
         model = obj
-        features = getattr(model, "features", None)
-        if not isinstance(features, nn.Sequential) or len(features) == 0:
-            raise ValueError(
-                "model factory: the model has no non-empty nn.Sequential .features; "
-                "return (model, layer) to name the layer to interpret, or name it with "
-                "--layer (a module name, or 'auto' for find_layer)"
-            )
-        layer = features[-1]
+        if layer is None:
+            features = getattr(model, "features", None)
+            if not isinstance(features, nn.Sequential) or len(features) == 0:
+                raise ValueError(
+                    "model factory: the model has no non-empty nn.Sequential .features; "
+                    "return (model, layer) to name the layer to interpret, or name it with "
+                    "--layer (a module name, or 'auto' for find_layer)"
+                )
+            split = features[-1]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory must return an nn.Module, got {type(model).__name__}")
-    if not isinstance(layer, nn.Module):
-        raise TypeError(f"model factory: layer must be an nn.Module, got {type(layer).__name__}")
-    return model, layer, head
+    if layer is not None:
+        split = _named_layer(model, layer, references)
+    if not isinstance(split, nn.Module):
+        raise TypeError(f"model factory: layer must be an nn.Module, got {type(split).__name__}")
+    return model, split, head
 
 
 def _labels(value: Any, images: Tensor, name: str) -> Tensor | None:
@@ -924,7 +935,6 @@ def prepare_report(
     """
     if (model_factory is None) != (data is None):
         raise ValueError("give both --model-factory and --data, or neither (the demo)")
-    auto_names: list[str] | None = None
     if model_factory is None and (layer is not None or class_names is not None):
         raise ValueError("--layer and --class-names apply to --model-factory's model, not the demo")
     if classes is not None:
@@ -949,24 +959,11 @@ def prepare_report(
         built = _call_without_arguments(model_factory, "model_factory")
         raw = _call_without_arguments(data, "data")
         refs, held, ref_labels, held_labels = resolve_data(raw)
-        # an ImageFolder's folder names, unless class_names are given
+        model, split, head = resolve_model(built, layer, refs)
+        # an ImageFolder's folder names (replaced by class_names when given)
         names = getattr(getattr(raw[0], "dataset", raw[0]), "classes", None)
-        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
-            auto_names = list(names)
-        if layer is None:
-            model, split, head = resolve_model(built)
-        else:
-            model = built[0] if isinstance(built, (tuple, list)) else built
-            if isinstance(built, (tuple, list)) and len(built) == 3:
-                raise ValueError(
-                    "layer: the model factory also returned a head, which belongs to its "
-                    "own layer; return model or (model, layer) to choose the layer here"
-                )
-            if not isinstance(model, nn.Module):
-                raise TypeError(
-                    f"model factory must return an nn.Module, got {type(model).__name__}"
-                )
-            split, head = _named_layer(model, layer, refs), None
+        if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+            names = None
         inputs = ReportInputs(
             model,
             split,
@@ -977,9 +974,8 @@ def prepare_report(
             held_labels,
             classes,
             f"Audit report: {model_factory}",
+            None if names is None else list(names),
         )
-    if class_names is None and auto_names is not None:
-        inputs.class_names = auto_names
     if inputs.classes is None and class_names is None:
         return inputs
     present = _predicted_classes(inputs.model, inputs.heldout)
