@@ -570,7 +570,7 @@ class AffineHead:
         scale = max(float(exp.abs().max()), 1.0) if exp.numel() else 1.0
         terms = psi.detach().to("cpu", torch.float64).abs() @ self.weight.double().abs().T
         eps = torch.finfo(self.weight.dtype).eps
-        tol = 1e-5 * scale + 1e-4 * exp.abs() + 4 * eps * (terms + self.bias.abs())
+        tol = LOGIT_ATOL * scale + LOGIT_RTOL * exp.abs() + 4 * eps * (terms + self.bias.abs())
         return bool(((pred - exp).abs() <= tol).all())
 
     def agrees(self, head: Callable[..., Tensor], psi: Tensor) -> bool:
@@ -593,12 +593,17 @@ def parameter_dtype(modules: nn.Module) -> torch.dtype | None:
     return next((q.dtype for q in modules.parameters() if q.is_floating_point()), None)
 
 
+#: :func:`close_logits`' tolerance: relative to each value, and absolute as a share of
+#: the larger of 1 and the expected values' scale
+LOGIT_RTOL, LOGIT_ATOL = 1e-4, 1e-5
+
+
 def close_logits(out: Tensor, expected: Tensor) -> bool:
     """Whether two ``B x C`` logit tensors agree within float32 rounding (relative
     ``1e-4``, absolute ``1e-5`` of the larger of 1 and the expected values' scale)."""
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     return out.shape == expected.shape and bool(
-        torch.allclose(out, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+        torch.allclose(out, expected, rtol=LOGIT_RTOL, atol=LOGIT_ATOL * max(scale, 1.0))
     )
 
 
