@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .match import failing_bits, margins
 from .projection import AffineHead, ProjectedHead, close_logits
 from .references import FittedReferences
-from .sampler import Boundaries, near_duplicates, sample_boundaries
+from .sampler import Boundaries, feature_scale, near_duplicates, sample_boundaries
 
 __all__ = ["SampledBoundaries", "sample_and_match", "sample_candidates"]
 
@@ -169,7 +169,7 @@ def sample_candidates(
         return references.features[index].to(seed_features.device, seed_features.dtype)
 
     # the features' size, in whose units near-duplicate offsets are compared
-    scale = float(torch.linalg.vector_norm(seed_features.double()))
+    scale = feature_scale(seed_features)
     affine = references.affine
     known = _known_logits(references, candidates, seed_logits)
     if affine is not None:

@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = [
     "Boundaries",
     "choose_candidates",
+    "feature_scale",
     "bisect_segments",
     "find_crossings",
     "linear_pieces",
@@ -354,6 +355,12 @@ def linear_pieces(head: Head, points: Tensor, target: int) -> tuple[Tensor, Tens
     return weight, bias, runner_up
 
 
+def feature_scale(seed_features: Tensor) -> float:
+    """The seed's feature norm: the unit in which :func:`near_duplicates` compares the
+    boundaries' offsets."""
+    return float(torch.linalg.vector_norm(seed_features.double()))
+
+
 def near_duplicates(
     weight: Tensor,
     bias: Tensor,
@@ -468,8 +475,7 @@ def sample_boundaries(
     good = (h_seed != 0) & torch.isfinite(h_seed) & (weight.abs().sum(dim=1) > 0)
     # duplicates among the good ones only, so a degenerate piece never hides one
     idx = torch.nonzero(good, as_tuple=False).flatten()
-    scale = float(torch.linalg.vector_norm(seed_features.double()))
-    dup = near_duplicates(weight[idx], bias[idx], duplicate_tol, scale=scale)
+    dup = near_duplicates(weight[idx], bias[idx], duplicate_tol, scale=feature_scale(seed_features))
     idx = idx[~dup]
     return Boundaries(
         weight[idx].detach(),
