@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._captum_compat import _format_output
+from ._checks import check_bool
 from .features import LayerLayout
 from .heatmap import HeatmapRule, combine_normals, get_heatmap_rule
 from .match import margins, semantic_distance
@@ -255,11 +256,32 @@ class Interpretation:
         return self.reader
 
     def contains(self, inputs: Any, additional_forward_args: Any = None) -> Tensor:
-        """Whether each new input lies in the decision region (bool, one per example).
+        """Whether each new input lies in the decision region.
 
         This is the interpretation used as a rule: the model should predict ``target``
         for the images it contains (its precision is measured on held-out images).
 
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensor
+            ``n x ...`` images, scaled as the model expects (as for ``attribute``).
+        additional_forward_args : any, optional
+            As in Captum; tensors of ``n`` rows are sliced per image.
+
+        Returns
+        -------
+        Tensor
+            ``n`` bools.
+
+        Raises
+        ------
+        RuntimeError
+            When the interpretation has no model (loaded without ``explainer=``).
+        TypeError, ValueError
+            For inputs the model's reader cannot take, naming the argument.
+
+        Notes
+        -----
         One forward pass per image, so that an image's answer does not depend on the
         batch it came in (as for ``distance`` and ``heatmap``). For many images, or a
         Dataset or DataLoader, the batched route: ``features, _ = ri.transform(images)``,
@@ -271,7 +293,12 @@ class Interpretation:
         return self.contains_features(self.layout.flatten(activations).cpu())
 
     def distance(self, inputs: Any, additional_forward_args: Any = None) -> Tensor:
-        """Semantic distance of each new input to the seed (float64, logit-margin units)."""
+        """Semantic distance of each new input to the seed.
+
+        Parameters and errors as for :meth:`contains`. Returns ``n`` float64 distances in
+        logit-margin units: the sum over the selected boundaries of
+        ``|h_j(seed) - h_j(x)|`` (inputs outside the region get one too).
+        """
         activations, _ = self._need_reader("distance").read(inputs, additional_forward_args)
         return self.distance_features(self.layout.flatten(activations).cpu())
 
@@ -285,12 +312,38 @@ class Interpretation:
         """The representative heat map reused on new inputs.
 
         The same direction ``v`` (from the seed's selected boundaries) is applied to every
-        input's layer activations: at the split layer the maps are shaped like
-        ``LayerGradCam``'s there (e.g. ``n x 1 x 7 x 7``); at ``heatmap_layer`` like
-        ``LayerGradCam``'s on that layer; at the input (``heatmap_layer="input"``, also
-        what ``"auto"`` may have resolved to) ``n x 1 x H x W``. Upsample layer maps with
-        ``LayerAttribution.interpolate(maps, inputs.shape[-2:], "bilinear")``.
+        input's activations, so one map explains every image in the region.
+
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensor
+            ``n x ...`` images, scaled as the model expects.
+        additional_forward_args : any, optional
+            As in Captum.
+        relu_attributions : bool
+            Keep only the positive part of the map, as ``LayerGradCam``.
+        attr_dim_summation : bool
+            Sum over channels (``n x 1 x h x w``), as ``LayerGradCam``; False keeps one
+            map per channel.
+
+        Returns
+        -------
+        Tensor or tuple of Tensor
+            At the split layer shaped like ``LayerGradCam``'s there (e.g.
+            ``n x 1 x 7 x 7``); at ``heatmap_layer`` like ``LayerGradCam``'s on that
+            layer; at the input (``heatmap_layer="input"``, also what ``"auto"`` may have
+            resolved to) ``n x 1 x H x W``. Upsample layer maps with
+            ``LayerAttribution.interpolate(maps, inputs.shape[-2:], "bilinear")``.
+
+        Raises
+        ------
+        RuntimeError
+            When the interpretation has no model (loaded without ``explainer=``).
+        TypeError
+            When ``relu_attributions`` or ``attr_dim_summation`` is not a bool.
         """
+        relu_attributions = check_bool(relu_attributions, "relu_attributions")
+        attr_dim_summation = check_bool(attr_dim_summation, "attr_dim_summation")
         maps = self.rule.maps(
             self._need_reader("heatmap"),
             inputs,
@@ -310,7 +363,29 @@ class Interpretation:
         relu_attributions: bool = True,
         attr_dim_summation: bool = True,
     ) -> tuple[Tensor, ...]:
-        """Heat maps of the shared direction on given layer activations."""
+        """Heat maps of the shared direction on given split-layer activations.
+
+        Parameters
+        ----------
+        activations : tuple of Tensor
+            The split layer's outputs for ``n`` images (as a forward hook records them).
+        relu_attributions, attr_dim_summation : bool
+            As for :meth:`heatmap`.
+
+        Returns
+        -------
+        tuple of Tensor
+            The maps, shaped as :meth:`heatmap`'s at the split layer.
+
+        Raises
+        ------
+        ValueError
+            When the map is drawn at another layer or the input (that needs the model).
+        TypeError
+            When a flag is not a bool.
+        """
+        relu_attributions = check_bool(relu_attributions, "relu_attributions")
+        attr_dim_summation = check_bool(attr_dim_summation, "attr_dim_summation")
         if self.heatmap_layer is not None:
             raise ValueError(
                 "this interpretation draws its map at heatmap_layer, which needs the model: "

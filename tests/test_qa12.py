@@ -55,6 +55,31 @@ def test_attribute_flags_must_be_bools(fitted, name):
     assert ri.attribute(x[200:201], **{name: np.bool_(True)}, **NB).shape[0] == 1
 
 
+@pytest.mark.parametrize("name", ["relu_attributions", "attr_dim_summation"])
+def test_interpretation_heatmap_flags_must_be_bools(fitted, name):
+    ri, x = fitted
+    region = ri.interpret(x[200:201], **NB)  # one image: one Interpretation
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got 'no'"):
+        region.heatmap(x[200:202], **{name: "no"})
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got 1"):
+        region.heatmap_from_activations((model_layer_output(ri, x[200:202]),), **{name: 1})
+    flag = {name: np.bool_(False)}
+    assert torch.equal(
+        region.heatmap(x[200:202], **flag), region.heatmap(x[200:202], **{name: False})
+    )
+
+
+def model_layer_output(ri, images):
+    out = []
+    handle = ri.layer.register_forward_hook(lambda m, i, o: out.append(o.detach()))
+    try:
+        with torch.no_grad():
+            ri.forward_func(images)
+    finally:
+        handle.remove()
+    return out[0]
+
+
 def test_fit_and_transform_flags_must_be_bools(tiny, fitted):
     model, x = tiny
     ri, _ = fitted
