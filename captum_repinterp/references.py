@@ -189,6 +189,12 @@ def fit_references(
             stacklevel=3,
         )
     device = model_device(forward_func, layer)
+    if device is not None and device.type == "meta":
+        raise ValueError(
+            "forward_func: the model's parameters are on the meta device (shapes without "
+            "values); load its weights first (e.g. model.to_empty(device='cpu'), then "
+            "load_state_dict)"
+        )
     with eval_mode(forward_func, layer, head, warn=True):
         ref_store = None
         if store is None:

@@ -226,3 +226,48 @@ def test_heads_that_jump_are_warned_about(tiny, one_thread, act, named):
     else:
         assert len(said) == 1 and named in said[0]
         assert ri.head_nonlinear_ == (f"head.3 ({type(act).__name__}): {named}",)
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_it(tiny):
+    """A model built on the meta device has no weights: fit said the references failed
+    in the model ("check that references have the shape ... the model expects"), after
+    moving them to the meta device; it now names forward_func and the cause."""
+    import copy
+
+    model, x = tiny
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match="forward_func: the model's parameters are on the meta"):
+        RepresentativeInterpretation(meta, meta.features).fit(x[:8], progress=False)
+
+
+def test_a_reader_of_another_layout_is_refused_even_with_as_many_features(tiny, fitted):
+    """``reader`` is a documented attribute: set to the reader of another model's layer
+    shaped 2 x 12 x 12 (288 features, as many as the tiny CNN's 8 x 6 x 6), contains,
+    distance and heatmap reshaped that layer's tensors into this layout and answered;
+    load refused such an explainer, a reader set by hand was not checked."""
+    model, x = tiny
+    region = fitted.interpret(x[60:61], n_boundaries=10)
+    other = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4)
+    ).eval()
+    _spread_sequential(other, x[:40])
+    ri = RepresentativeInterpretation(other, other[1]).fit(x[:40], progress=False)
+    assert ri.layout_.dim == region.layout.dim and ri.layout_ != region.layout
+    region.reader = ri.reader_
+    for call in (region.contains, region.distance, region.heatmap):
+        with pytest.raises(ValueError, match="reader: its layer gives tensors shaped"):
+            call(x[:2])
+    region.reader = fitted.reader_
+    assert region.contains(x[60:61]).tolist() == [True]
+
+
+def _spread_sequential(model: nn.Sequential, images: torch.Tensor) -> None:
+    """Refit the last linear map of a Sequential to the tiny set's labels."""
+    with torch.no_grad():
+        h = model[:-1](images)
+        labels = torch.arange(images.shape[0]) % 4
+        sol = torch.linalg.lstsq(
+            torch.cat([h, torch.ones(len(h), 1)], 1), nn.functional.one_hot(labels, 4).float()
+        ).solution
+        model[-1].weight.copy_(sol[:-1].T)
+        model[-1].bias.copy_(sol[-1])
