@@ -10,6 +10,9 @@ tensor. :func:`curved_in` answers for one call, given a function that tells whic
   sources both factors depend on (a squeeze-and-excitation gate ``f * g(f)``);
 - a division (``DIVISION_OPS``) is curved in the sources of its divisor, unless it
   rounds (``rounding_mode``: piecewise constant);
+- a piecewise-linear call with a jump (``threshold`` whose ``value`` is not its
+  threshold, ``hardshrink``) is counted with them: a boundary found at a jump is no
+  linear piece of the logits' difference;
 - ``batch_norm`` with batch statistics (``training=True``, also a batch norm without
   running statistics in eval mode) is curved in its input;
 - reading a value into Python (``item``, ``float(t)``, ``numpy``) is reported too: what
@@ -172,6 +175,29 @@ def _arg(args: tuple, kwargs: dict, i: int, key: str) -> Any:
     return args[i] if i < len(args) else kwargs.get(key)
 
 
+def _jump(name: str, args: tuple, kwargs: dict) -> str:
+    """How to name a piecewise-linear call that is not continuous (``""``: it is).
+
+    ``threshold(x, th, value)`` jumps from ``value`` to ``th`` at ``th`` unless the two
+    are equal (then it is a shifted ReLU); ``hardshrink(x, lambd)`` jumps from 0 to
+    ``+-lambd`` at ``+-lambd``. A boundary found at a jump is not a linear piece of the
+    logits' difference: the plane read off there misses it.
+    """
+    try:
+        if name == "threshold":
+            th, value = _arg(args, kwargs, 1, "threshold"), _arg(args, kwargs, 2, "value")
+            if th is not None and value is not None and float(th) != float(value):
+                return f"threshold (a jump from {float(value):g} to {float(th):g})"
+        if name == "hardshrink":
+            lambd = _arg(args, kwargs, 1, "lambd")
+            lambd = 0.5 if lambd is None else float(lambd)
+            if lambd != 0:
+                return f"hardshrink (jumps at +-{lambd:g})"
+    except (TypeError, ValueError, RuntimeError):  # a tensor threshold: not judged
+        return ""
+    return ""
+
+
 def curved_in(
     name: str,
     args: tuple,
@@ -193,6 +219,9 @@ def curved_in(
         return sources((args, kwargs)), name
     if name in PYTHON_VALUE_OPS:
         return sources(args[:1]), f"{name} (a value read into Python, not followed)"
+    jump = _jump(name, args, kwargs)
+    if jump:
+        return sources(args[:1]), jump
     if name == "batch_norm" and bool(_arg(args, kwargs, 5, "training")):
         return sources(args[:1]), "batch_norm (batch statistics)"
     if name in PRODUCT_OPS:

@@ -351,6 +351,8 @@ def forward_with_layer(
             "choose a module that is used once (e.g. a dedicated nn.ReLU instance)"
         )
     tensors, was_tuple = seen[0]
+    if attribute_to_layer_input:
+        _check_layer_inputs(tensors)
     for t in tensors:
         if not isinstance(t, Tensor):
             raise TypeError(f"layer: the layer produced a {type(t).__name__}, not tensors")
@@ -359,6 +361,26 @@ def forward_with_layer(
     if replace is None:
         _check_rows(inputs, tensors, output, additional_forward_args)
     return tensors, was_tuple, output
+
+
+def _check_layer_inputs(args: tuple) -> None:
+    """With ``attribute_to_layer_input=True`` the layer's positional arguments are its
+    features: there must be some, and all tensors (a forward pre-hook does not see
+    keyword arguments)."""
+    if not args:
+        raise ValueError(
+            "layer: attribute_to_layer_input=True, but the layer was called without "
+            "positional arguments (keyword arguments cannot be read or replaced); split "
+            "at the output of the module that computes its input, or call the layer "
+            "with its input as a positional argument"
+        )
+    for a in args:
+        if not isinstance(a, Tensor):
+            raise TypeError(
+                "layer: attribute_to_layer_input=True, but the layer's positional "
+                f"arguments include a {type(a).__name__}, not only tensors; split at the "
+                "output of the module that computes its input instead"
+            )
 
 
 def _check_rows(

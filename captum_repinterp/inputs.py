@@ -352,6 +352,11 @@ def check_inputs(inputs: tuple[Tensor, ...], name: str = "inputs") -> None:
             )
         if t.dim() == 0:
             raise ValueError(f"{name}: tensors need a batch dimension (got a 0-d tensor)")
+        if t.is_meta:
+            raise ValueError(
+                f"{name}: a tensor on the meta device has a shape but no values; move it "
+                "to the model's device with the values loaded (e.g. x.to('cpu') on real data)"
+            )
         if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"{name} contains NaN or inf values")
     n = inputs[0].shape[0]

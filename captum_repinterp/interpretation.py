@@ -253,6 +253,13 @@ class Interpretation:
                 f"{what} needs the model: load the interpretation with "
                 "Interpretation.load(path, explainer=ri) or use the *_features methods"
             )
+        layout = getattr(self.reader, "layout", self.layout)
+        if layout != self.layout:  # a reader set by hand: as many features can still differ
+            raise ValueError(
+                f"reader: its layer gives tensors shaped {layout.shapes}, but the "
+                f"interpretation was found at a layer giving {self.layout.shapes}; use the "
+                "reader of the explainer the interpretation was made with"
+            )
         return self.reader
 
     def contains(self, inputs: Any, additional_forward_args: Any = None) -> Tensor:

@@ -35,6 +35,7 @@ from .features import (
     caller_stacklevel,
     eval_mode,
     extract_features,
+    forward_with_layer,
     model_device,
 )
 from .heads import make_head
@@ -188,6 +189,12 @@ def fit_references(
             stacklevel=3,
         )
     device = model_device(forward_func, layer)
+    if device is not None and device.type == "meta":
+        raise ValueError(
+            "forward_func: the model's parameters are on the meta device (shapes without "
+            "values); load its weights first (e.g. model.to_empty(device='cpu'), then "
+            "load_state_dict)"
+        )
     with eval_mode(forward_func, layer, head, warn=True):
         ref_store = None
         if store is None:
@@ -220,6 +227,10 @@ def fit_references(
             logits = ref_store.logits()
             layout = ref_store.layout
         _warn_if_read_differently(references, example)
+        if ref_store is None:  # a store's first rows are compared below
+            _warn_if_batch_dependent(
+                forward_func, layer, example, features, layout, attribute_to_layer_input
+            )
         if ref_store is not None and not append:
             _check_store_rows(
                 forward_func, layer, example, features, layout, store,
@@ -349,6 +360,70 @@ def _warn_if_read_differently(references: Any, example: Example) -> None:
         "the features are of the images fit read, while plot_region, "
         "heatmap_layer='auto' and a reused store read the references again and get "
         "others; give fit deterministic transforms (e.g. Resize and CenterCrop)",
+        UserWarning,
+        stacklevel=caller_stacklevel(),
+    )
+
+
+def _warn_if_batch_dependent(
+    forward_func: Callable,
+    layer: nn.Module,
+    example: Example,
+    features: Tensor,
+    layout: LayerLayout,
+    attribute_to_layer_input: bool,
+) -> None:
+    """Warn when the first reference's features depend on the batch it ran in.
+
+    ``fit`` and ``transform`` run the model on batches, while the seeds, ``contains``
+    and the maps read one image per forward pass. A model that mixes the examples of a
+    batch before the layer (batch norm with batch statistics, e.g.
+    ``BatchNorm2d(track_running_stats=False)``, which eval mode does not switch off)
+    gives each reference features that depend on the batch size and on its neighbours,
+    and unlike a seed's. The first reference is run alone (twice: a model whose runs
+    differ, such as random augmentations inside ``forward``, is left to the cut check)
+    and compared with its row of the first batch, when that batch had other rows
+    (in-RAM fits: an on-disk store's first rows are recomputed in a batch of up to four
+    and compared with the stored ones, which such a model fails).
+    """
+    if len(example.batch) == 0 or example.batch[0].shape[0] < 2 or features.shape[0] == 0:
+        return
+    try:
+        with torch.no_grad():
+            runs = [
+                layout.flatten(
+                    forward_with_layer(
+                        forward_func,
+                        layer,
+                        example.inputs,
+                        example.additional_forward_args,
+                        attribute_to_layer_input,
+                    )[0]
+                )
+                .detach()
+                .to("cpu", torch.float32)
+                for _ in range(2)
+            ]
+    except (RuntimeError, ValueError, TypeError):
+        return
+    kept = features[:1].float()
+    dtype = example.spec[0][1]
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo().eps
+    rtol = max(1e-3, 16 * eps)
+    atol = rtol * max(1.0, float(kept.abs().max()))
+    if runs[0].shape != kept.shape or not torch.allclose(runs[0], runs[1]):
+        return
+    if torch.allclose(runs[0], kept, rtol=rtol, atol=atol, equal_nan=True):
+        return
+    gap = float((runs[0] - kept).abs().max())
+    warnings.warn(
+        "fit: the first reference's features at the layer differ when it runs alone and "
+        f"in its batch (largest difference {gap:.3g}): the model mixes the examples of a "
+        "batch before the layer (batch norm with batch statistics, such as "
+        "BatchNorm2d(track_running_stats=False), which eval mode does not switch off). "
+        "The references' features and predictions then depend on batch_size, while "
+        "seeds, contains and the maps read one image at a time; use running "
+        "statistics, or fit(..., batch_size=1)",
         UserWarning,
         stacklevel=caller_stacklevel(),
     )

@@ -312,8 +312,14 @@ def choose_heatmap_layer(
             except (TypeError, ValueError, RuntimeError) as exc:
                 reason = f"the reference images could not be read ({exc})"
                 return ResolutionChoice(None, reason=reason)
-            if images.dim() != 4 or not images.is_floating_point():
+            if images.dim() != 4:
                 reason = "the references are not one N x C x H x W batch"
+                return ResolutionChoice(None, reason=reason)
+            if not images.is_floating_point():
+                reason = (
+                    f"the references are {images.dtype} images, and the input's maps (input "
+                    "times gradient) need floating-point inputs"
+                )
                 return ResolutionChoice(None, reason=reason)
             if device is not None:
                 images = images.to(device)

@@ -49,7 +49,7 @@ def test_input_maps_of_integer_inputs_name_heatmap_layer(tiny):
         with pytest.raises(TypeError, match="heatmap_layer.*floating"):
             call()
     # "auto" (the default) keeps the split layer for integer references, with the reason
-    with pytest.warns(UserWarning, match="not one N x C x H x W batch"):
+    with pytest.warns(UserWarning, match="torch.int64 images"):
         assert ri.attribute(xi[:2], n_boundaries=5).shape == (2, 1, 6, 6)
 
 

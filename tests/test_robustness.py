@@ -165,7 +165,7 @@ def test_integer_inputs_work_when_the_model_takes_them(tiny):
     torch.testing.assert_close(
         attr, plain.attribute((u8[200:202].float() - 128) / 40, n_boundaries=NB, heatmap_layer=None)
     )
-    with pytest.warns(UserWarning, match="not one N x C x H x W batch"):
+    with pytest.warns(UserWarning, match="torch.uint8 images"):
         assert ri.attribute(u8[200:202], n_boundaries=NB).shape == attr.shape
 
 
