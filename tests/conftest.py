@@ -1,7 +1,10 @@
-"""Shared fixtures: a temporary cache, a tiny CNN with a piecewise-linear head, images."""
+"""Shared fixtures and helpers: a temporary cache, a tiny CNN with a piecewise-linear head
+and its images (and its explainer fitted at the last block), a small pooled CNN fitted at
+its pool, ``fit`` with chosen warnings hidden, an exploding wrapper and an interrupted fit."""
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -120,3 +123,61 @@ def interrupt_on_call(module: nn.Module, n: int) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def fit(model, layer, references, ignore_warnings=None, **kwargs):
+    """``RepresentativeInterpretation(model, layer).fit(references, progress=False, **kwargs)``.
+
+    ``ignore_warnings``: a warning category (``UserWarning``, ``Warning`` for all) not
+    shown while the explainer is built and fitted; None shows every warning.
+    """
+    from captum_repinterp import RepresentativeInterpretation
+
+    if ignore_warnings is None:
+        return RepresentativeInterpretation(model, layer).fit(references, progress=False, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ignore_warnings)
+        return RepresentativeInterpretation(model, layer).fit(references, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def last_block_fit(tiny, one_thread):
+    """The tiny CNN's explainer split at its last block, fitted on the first 200 images:
+    ``(ri, model, x)``."""
+    from captum_repinterp import RepresentativeInterpretation
+
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    return ri, model, x
+
+
+class PoolNet(nn.Module):
+    """conv -> ReLU -> max-pool (split) -> linear head (or one hidden ReLU layer)."""
+
+    def __init__(self, hidden: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        layers: list[nn.Module] = [nn.Flatten()]
+        if hidden:
+            layers += [nn.Linear(48, hidden), nn.ReLU(), nn.Linear(hidden, 3)]
+        else:
+            layers += [nn.Linear(48, 3)]
+        self.head = nn.Sequential(*layers)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.act(self.conv(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+@pytest.fixture(scope="module")
+def relu_fit():
+    """A :class:`PoolNet` with one hidden ReLU layer in its head, its 150 images and the
+    explainer split at its pool, fitted on the first 120: ``(model, x, ri)``."""
+    torch.manual_seed(0)
+    model = PoolNet(hidden=5).eval()
+    x = torch.randn(150, 1, 8, 8)
+    return model, x, fit(model, model.pool, x[:120], ignore_warnings=Warning)

@@ -1,14 +1,26 @@
 """The Captum facade: shapes, determinism, batch independence, no side effects."""
 
+import copy
+import random
+import warnings
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from captum.attr import visualization as viz
+from conftest import fit
 from matplotlib.figure import Figure
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from captum_repinterp import Interpretation, NotFittedError, RepresentativeInterpretation
+from captum_repinterp import (
+    Interpretation,
+    NotFittedError,
+    RepresentativeInterpretation,
+    audit,
+)
 from captum_repinterp.saving import TENSORS
 
 
@@ -397,3 +409,187 @@ def test_fit_from_a_stream_of_unknown_length_keeps_every_batch(fitted):
     ri2.fit(torch.utils.data.DataLoader(Stream(), batch_size=None), progress=False)
     torch.testing.assert_close(ri2.features_, ri.features_)
     assert torch.equal(ri2.predictions_, ri.predictions_)
+
+
+# --------------------------------------------- state, random generators, batches and memory format
+NB = {"n_boundaries": 10}
+
+
+_fit = partial(fit, ignore_warnings=UserWarning)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fit_on_a_dataset_leaves_the_global_rng_alone(tiny):
+    """fit wraps a Dataset in its own DataLoader; iterating it drew a base seed from the
+    global generator, so fitting changed the random numbers the user gets next."""
+    model, x = tiny
+    dataset = TensorDataset(x[:200])
+    state = torch.get_rng_state()
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(dataset, progress=False)
+    ri.transform(dataset)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class _BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+        )  # fmt: skip
+        self.h = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.5), nn.Linear(288, 24), nn.ReLU(), nn.Linear(24, 4)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.h(self.f(z))
+
+
+def _snapshot(m: nn.Module) -> dict:
+    return {
+        "training": {n: s.training for n, s in m.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in m.named_parameters()},
+        "grad": {n: None if p.grad is None else p.grad.clone() for n, p in m.named_parameters()},
+        "state": {k: v.clone() for k, v in m.state_dict().items()},
+        "hooks": {
+            n: (
+                tuple(s._forward_hooks),
+                tuple(s._forward_pre_hooks),
+                tuple(s._backward_hooks),
+                tuple(s._backward_pre_hooks),
+            )
+            for n, s in m.named_modules()
+        },
+        "attrs": {n: sorted(s.__dict__) for n, s in m.named_modules()},
+    }
+
+
+def _assert_same(a: dict, b: dict, what: str) -> None:
+    for key in ("training", "requires_grad", "hooks", "attrs"):
+        assert a[key] == b[key], (what, key)
+    for key in ("grad", "state"):
+        for name, va in a[key].items():
+            vb = b[key][name]
+            assert (va is None) == (vb is None), (what, key, name)
+            if va is not None:
+                assert torch.equal(va, vb), (what, key, name)
+
+
+def test_every_call_leaves_a_training_bn_model_as_it_was(tiny):
+    """A model in training mode with batch norm, dropout, a frozen conv, a gradient left
+    in a Linear and user hooks: after fit, attribute (every resolution and the
+    forward-pass rules), interpret, heatmap, transform, audit and a failing call, the
+    flags, requires_grad, grads, BN running statistics, hooks and module attributes are
+    those of before; the user's hook saw the calls."""
+    _, x = tiny
+    torch.manual_seed(0)
+    m = _BNNet()
+    with torch.no_grad():
+        m.train()
+        for _ in range(2):
+            m(x)
+        m.h[4].weight.mul_(10)
+    m.f[0].weight.requires_grad_(False)
+    m.h[2].weight.grad = torch.ones_like(m.h[2].weight)
+    calls = []
+    m.f[4].register_forward_hook(lambda *a: calls.append(1))
+    m.f.register_forward_pre_hook(lambda *a: None)
+    before = _snapshot(m)
+    seeds = x[250:252]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ri = RepresentativeInterpretation(m, m.f[6]).fit(x[:200], progress=False)
+        _assert_same(before, _snapshot(m), "fit")
+        for hl in ("auto", None, "input", m.f[2]):
+            ri.attribute(seeds, heatmap_layer=hl, **NB)
+            _assert_same(before, _snapshot(m), f"attribute {hl}")
+        ri.attribute(seeds, heatmap_rule="region-members", **NB)
+        _assert_same(before, _snapshot(m), "region-members")
+        region = ri.interpret(seeds[:1], **NB)
+        region.heatmap(x[:3])
+        region.contains(x[:20])
+        ri.transform(x[:3])
+        _assert_same(before, _snapshot(m), "interpret")
+        audit(ri, x[240:300], target=int(ri.predictions_.mode().values), **NB)
+        _assert_same(before, _snapshot(m), "audit")
+        with pytest.raises(ValueError, match="inputs"):
+            ri.attribute(torch.randn(2, 1, 10, 10))
+        _assert_same(before, _snapshot(m), "error")
+    assert calls
+
+
+def test_calls_leave_every_global_rng_alone(tiny):
+    model, x = tiny
+    ri = _fit(model, model.features[-1], x[:240])
+    torch_state = torch.get_rng_state()
+    np_state = np.random.get_state()[1].copy()
+    py_state = random.getstate()
+    ri.attribute(x[250:253], **NB)
+    ri.interpret(x[250:253], **NB)
+    audit(ri, x[240:300], target=0, **NB)
+    assert torch.equal(torch_state, torch.get_rng_state())
+    assert np.array_equal(np_state, np.random.get_state()[1])
+    assert random.getstate() == py_state
+
+
+def test_regions_hold_their_seed_and_their_members_are_those_inside(tiny):
+    """For 30 seeds: the seed is inside, ``members`` is exactly the references
+    ``contains`` accepts, purity and coverage are the shares by the stored predictions,
+    and a batch gives what its seeds give one at a time (regions and maps)."""
+    model, x = tiny
+    ri = _fit(model, model.features[-1], x[:240])
+    pred = ri.predictions_
+    seeds = x[240:270]
+    regions = ri.interpret(seeds, **NB)
+    inside = torch.stack([r.contains(x[:240]) for r in regions])
+    for i, r in enumerate(regions):
+        assert bool(r.contains(seeds[i : i + 1]))
+        assert set(r.members.tolist()) == set(inside[i].nonzero().flatten().tolist())
+        same = (pred[r.members] == r.target).double()
+        assert r.purity == pytest.approx(float(same.mean()) if len(r) else 1.0)
+        n_class = int((pred == r.target).sum())
+        assert r.coverage == pytest.approx(float(same.sum()) / n_class)
+    for i in (0, 7, 29):
+        assert ri.interpret(seeds[i : i + 1], **NB) == regions[i]
+    maps = ri.attribute(seeds[:4], heatmap_layer="input", **NB)
+    one = torch.cat([ri.attribute(seeds[i : i + 1], heatmap_layer="input", **NB) for i in range(4)])
+    torch.testing.assert_close(maps, one, rtol=1e-5, atol=1e-6)
+    for i, r in enumerate(ri.interpret(seeds[:4], heatmap_layer="input", **NB)):
+        torch.testing.assert_close(r.heatmap(seeds[i : i + 1]), maps[i : i + 1])
+
+
+def test_channels_last_model_and_inputs_match_contiguous():
+    """A torchvision ResNet-18 (weights=None, 32 px) converted to channels_last, fitted
+    and explained on channels_last images: the same features, members and maps as the
+    contiguous model (float rounding only)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # spread the random logits over the classes
+        net.fc.weight.mul_(30)
+        net.fc.bias.sub_(net(x).mean(0))
+    assert len(net(x).argmax(1).unique()) > 1
+    a = _fit(net, net.layer3, x[:20])
+    net2 = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    xc = x.to(memory_format=torch.channels_last)
+    b = _fit(net2, net2.layer3, xc[:20])
+    torch.testing.assert_close(a.features_, b.features_, rtol=1e-4, atol=1e-4)
+    ra, rb = a.interpret(x[20:22], n_boundaries=6), b.interpret(xc[20:22], n_boundaries=6)
+    assert [r.members.tolist() for r in ra] == [r.members.tolist() for r in rb]
+    ma = a.attribute(x[20:22], n_boundaries=6, heatmap_layer=None)
+    mb = b.attribute(xc[20:22], n_boundaries=6, heatmap_layer=None)
+    torch.testing.assert_close(ma, mb, rtol=1e-4, atol=1e-4)
+
+
+def test_load_with_an_explainer_of_fewer_references_is_refused(tiny, tmp_path):
+    model, x = tiny
+    ri = _fit(model, model.features[-1], x[:240])
+    region = ri.interpret(x[250:251], **NB)
+    assert int(region.members.max()) >= 60
+    path = tmp_path / "region.npz"
+    region.save(path)
+    small = _fit(model, model.features[-1], x[:60])
+    with pytest.raises(ValueError, match="explainer"):
+        Interpretation.load(path, small)

@@ -397,3 +397,46 @@ def test_tests_use_a_temporary_cache(temporary_cache):
 
     assert str(cache_dir()) == temporary_cache
     assert os.environ["CAPTUM_REPINTERP_CACHE"] == temporary_cache
+
+
+# ---------------------------------------------------------- --out, --model-factory, --random-state
+@pytest.mark.parametrize("command", ["demo", "report", "evaluate"])
+def test_cli_out_that_cannot_be_a_folder_is_a_usage_error(capsys, tmp_path, command):
+    from captum_repinterp.cli import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "below"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--out", str(out)])  # fails before any work
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"captum-repinterp {command}: error: ")
+        assert "argument --out" in err
+    assert a_file.read_text() == "x"
+
+
+def test_cli_model_factory_that_needs_arguments_names_it(capsys, tmp_path):
+    from captum_repinterp.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["report", "--out", str(tmp_path / "r"), "--model-factory", "os.path:join",
+              "--data", "os:getcwd"])  # fmt: skip
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("captum-repinterp report: error: model_factory: os.path:join must ")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("command", ["report", "demo", "evaluate"])
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_cli_random_state_out_of_range_is_a_usage_error(capsys, command, seed):
+    """The report's audit hands the seed to scikit-learn, which takes [0, 2**32): a
+    seed outside failed with a traceback after the model had run."""
+    from captum_repinterp.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([command, "--random-state", seed])
+    assert info.value.code == 2
+    assert "--random-state/--seed: must be an int in [0, 2**32)" in capsys.readouterr().err

@@ -223,3 +223,22 @@ def test_make_shapes_is_seeded_and_checks_its_arguments() -> None:
             make_shapes(bad)
     with pytest.raises(ValueError, match="size"):
         make_shapes(4, size=8)
+
+
+# -------------------------------------------------------------------------- make_shapes' arguments
+def test_make_shapes_takes_numpy_ints_and_checks_its_seed():
+    """NumPy integers are ints (as everywhere else in the package); a seed that is not a
+    non-negative int gets a ValueError naming ``seed`` (not numpy's message, and not
+    ``None``, which would give other images on every call)."""
+    import numpy as np
+
+    from captum_repinterp.datasets import make_shapes
+
+    a, ya = make_shapes(np.int64(3), np.int32(32), np.int64(5))
+    b, yb = make_shapes(3, 32, 5)
+    assert a.shape == (3, 3, 32, 32) and torch.equal(a, b) and torch.equal(ya, yb)
+    for bad in (-1, 1.5, None, "1", True):
+        with pytest.raises(ValueError, match="seed"):
+            make_shapes(3, 32, bad)
+    with pytest.raises(ValueError, match="size"):
+        make_shapes(3, 16.0)

@@ -87,6 +87,33 @@ def test_missing_ray_names_the_extra(monkeypatch):
         distributed._ray()
 
 
+# ----------------------------------------------------- argument errors (before any cluster starts)
+def test_distributed_argument_errors_do_not_start_ray(tiny):
+    ray = pytest.importorskip("ray")
+    from captum_repinterp.distributed import fit_sharded, shard_references
+
+    if ray.is_initialized():
+        pytest.skip("Ray is running already: cannot tell whether these calls start it")
+    model, x = tiny
+    fitted = _fit(model, model.features, x[:40])
+    fresh = RepresentativeInterpretation(model, model.features)
+    with pytest.raises(TypeError, match="^ri "):
+        shard_references(object())
+    with pytest.raises(TypeError, match="^actor_options "):
+        shard_references(fitted, actor_options=[("num_cpus", 1)])
+    with pytest.raises(TypeError, match="^ri "):
+        fit_sharded(fitted.references_, x[:40])
+    with pytest.raises(ValueError, match="^num_cpus "):
+        fit_sharded(fresh, x[:40], num_cpus=-1, progress=False)
+    with pytest.raises(ValueError, match="^num_cpus "):
+        fit_sharded(fresh, x[:40], num_cpus=0, progress=False)
+    with pytest.raises(ValueError, match="^concurrency "):
+        fit_sharded(fresh, x[:40], concurrency=0, progress=False)
+    with pytest.raises(TypeError, match="^actor_options "):
+        fit_sharded(fresh, x[:40], actor_options="num_cpus=1", progress=False)
+    assert not ray.is_initialized()
+
+
 # ---------------------------------------------------------------------- a local cluster
 ray = pytest.importorskip("ray")
 from captum_repinterp import distributed  # noqa: E402

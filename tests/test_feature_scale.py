@@ -12,6 +12,8 @@ members' rules had an absolute floor on "the seed's own features" (small feature
 every member for the seed).
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import Scale
@@ -74,3 +76,59 @@ def test_regions_and_maps_do_not_depend_on_the_features_scale(tiny, unscaled, s)
         ref = base_maps[key] * (s if key[0] == "region-members" else 1.0)
         assert ref.abs().max() > 0, key
         assert torch.allclose(m, ref, rtol=1e-4, atol=1e-5 * ref.abs().max()), key
+
+
+# --------------------------------------------------------------------- features 2**20 times larger
+def affine_copy(tiny: tuple[nn.Module, torch.Tensor]) -> nn.Sequential:
+    """The tiny CNN's features with one linear layer fitted to its predictions' classes."""
+    model, x = tiny
+    features = copy.deepcopy(model.features)
+    lin = nn.Linear(8 * 6 * 6, 4)
+    with torch.no_grad():
+        h = features(x).flatten(1)
+        labels = model(x).argmax(1)
+        sol = torch.linalg.lstsq(
+            torch.cat([h, torch.ones(len(h), 1)], 1), nn.functional.one_hot(labels, 4).float()
+        ).solution
+        lin.weight.copy_(sol[:-1].T)
+        lin.bias.copy_(sol[-1])
+    return nn.Sequential(features, nn.Sequential(nn.Flatten(), lin)).eval()
+
+
+def scaled(model: nn.Sequential, k: float) -> nn.Sequential:
+    """``model`` (features, head) with its features times ``k`` and the weights of the
+    head's first linear layer divided by ``k``: for a power of two ``k``, the same
+    function bit for bit, its features in other units."""
+    features, head = copy.deepcopy(model[0]), copy.deepcopy(model[1])
+    lin = next(m for m in head.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        lin.weight.div_(k)
+    return nn.Sequential(features, Scale(k), head).eval()
+
+
+@pytest.mark.parametrize("kind", ["affine", "sampled"])
+def test_regions_do_not_depend_on_the_features_units(tiny, one_thread, kind):
+    """Features 2**20 times larger (the weights after them as much smaller) describe the
+    same boundaries, so the regions must be the same. Before, near-duplicate boundaries
+    were judged by the cosine of ``[w, b]``, which the offsets dominate once the normals
+    are small: every boundary with an offset of the same sign was merged into the first,
+    and an affine head's region (exactly the references predicted as the seed's class)
+    took in references of every class (a random-weight Inception-v3, whose features
+    reach 6e5, had purity 0.14 to 0.38)."""
+    model, x = tiny
+    base = affine_copy(tiny) if kind == "affine" else nn.Sequential(model.features, model.head)
+    refs, seeds = x[:200], x[200:206]
+    regions = {}
+    for k in (1.0, 2.0**20):
+        net = scaled(base, k)
+        ri = RepresentativeInterpretation(net, net[1]).fit(refs, progress=False)
+        regions[k] = ri.interpret(seeds, n_boundaries=20)
+        if kind == "affine":  # exact: the region is {G_c > G_k for every k}
+            with torch.no_grad():
+                pred = net(refs).argmax(1)
+            for r in regions[k]:
+                assert sorted(r.members) == torch.nonzero(pred == r.target).flatten().tolist()
+                assert r.purity == 1.0
+    for a, b in zip(regions[1.0], regions[2.0**20]):
+        assert sorted(a.members) == sorted(b.members)
+        assert a.weight.shape == b.weight.shape

@@ -6,6 +6,7 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.heatmap import HEATMAP_RULES
 from captum_repinterp.interpretation import Interpretation
 
 EW = "elementwise"  # the rule heatmap_layer draws by gradient times activation
@@ -102,3 +103,37 @@ def test_save_and_load_keep_the_heatmap_layer(fitted, tmp_path):
     torch.testing.assert_close(back.heatmap(x[210:214]), reg.heatmap(x[210:214]))
     with pytest.raises(ValueError, match="explainer"):
         Interpretation.load(tmp_path / "r.npz")
+
+
+# ---------------------------------------------------------- the split layer named as heatmap_layer
+@pytest.mark.parametrize("to_input", [False, True])
+def test_split_layer_as_heatmap_layer_is_the_split_layer_for_every_rule(tiny, to_input):
+    """``heatmap_layer=ri.layer`` draws each rule's own map at the split layer, as None
+    does, for every registered rule (``"channel"`` and the others drawn only at the
+    split layer included)."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    ri.fit(x[:240], batch_size=64, progress=False, attribute_to_layer_input=to_input)
+    seeds = x[244:246]
+    for rule in HEATMAP_RULES:
+        at_none = ri.attribute(seeds, heatmap_rule=rule, heatmap_layer=None)
+        at_layer = ri.attribute(seeds, heatmap_rule=rule, heatmap_layer=ri.layer)
+        torch.testing.assert_close(at_layer, at_none, rtol=0, atol=0, msg=rule)
+        region = ri.interpret(seeds[:1], heatmap_rule=rule, heatmap_layer=ri.layer)
+        assert region.heatmap_layer is None, rule
+
+
+def test_audit_takes_the_split_layer_as_heatmap_layer(tiny):
+    """``heatmap_layer=ri.layer`` is the split layer, as in ``interpret``: audit gives the
+    same result as without it (it said the maps cannot be drawn "at another layer")."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    ri.fit(x[:240], batch_size=64, progress=False)
+    plain = ri.audit(x[240:300], target=0, progress=False)
+    named = ri.audit(x[240:300], target=0, progress=False, heatmap_layer=ri.layer)
+    assert len(plain[0].regions) == len(named[0].regions) > 0
+    for a, b in zip(plain[0].regions, named[0].regions):
+        assert (a.size, a.purity) == (b.size, b.purity)
+        assert a.interpretation == b.interpretation
+    with pytest.raises(ValueError, match="heatmap_layer"):
+        ri.audit(x[240:300], target=0, progress=False, heatmap_layer=model.features[0])

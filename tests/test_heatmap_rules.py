@@ -559,3 +559,29 @@ def test_channel_members_is_channel_at_the_split_layer_and_members_elsewhere(fit
     pair.save(tmp_path / "p.npz")
     back = Interpretation.load(tmp_path / "p.npz", explainer=ri)
     assert back.heatmap_rule == "channel-members"
+
+
+# --------------------------------------------------------------------- choose_default's max_sanity
+def test_choose_default_checks_max_sanity():
+    """A NaN bound would make every candidate eligible without a word (``x > nan`` is
+    False), a string failed in a comparison, a bool was taken as 1: each gets an error
+    naming ``max_sanity``; None still switches the bound off."""
+    from test_heatmap_rules import _two_setup_report
+
+    from captum_repinterp.evaluation.selection import choose_default
+
+    tie = (None, None)
+    outcomes = {
+        "s0": {"ri[a]": (True, True), "ri[b@input]": (True, None), "ri[a@input]": tie},
+        "s1": {"ri[a]": (True, True), "ri[b@input]": (True, None), "ri[a@input]": tie},
+    }
+    report = _two_setup_report([None, "input"], outcomes)
+    report["setups"]["s0"]["sanity"] = {"stages": [{"ri[a]": 0.2, "ri[b@input]": 0.1}]}
+    report["setups"]["s1"]["sanity"] = {"stages": [{"ri[a]": 0.7, "ri[b@input]": 0.1}]}
+    assert choose_default(report)["default"] == "a/b@auto"  # a is out of the bound on s1
+    assert choose_default(report, max_sanity=None)["default"] == "a"
+    with pytest.raises(ValueError, match="max_sanity"):
+        choose_default(report, max_sanity=float("nan"))
+    for bad in ("0.5", True):
+        with pytest.raises(TypeError, match="max_sanity"):
+            choose_default(report, max_sanity=bad)

@@ -1,6 +1,8 @@
 """Interoperability with Captum's wrappers, metrics and visualisation, Quantus, grad-cam,
 and torchvision architectures (random weights, never downloaded)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,8 @@ from captum.attr import visualization as viz
 from captum.metrics import infidelity, sensitivity_max
 from torch import nn
 
-from captum_repinterp import RepresentativeInterpretation
-from captum_repinterp.layers import NonPiecewiseLinearWarning, find_layer
+from captum_repinterp import RepresentativeInterpretation, find_layer
+from captum_repinterp.layers import NonPiecewiseLinearWarning
 
 NB = 8
 
@@ -247,3 +249,32 @@ def test_torchvision_architectures(arch, layer_name, exact):
     assert torch.isfinite(attr).all()
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_a_compiled_model_gives_the_eager_models_results(tiny, one_thread, how):
+    """``torch.compile(model)`` (an ``OptimizedModule``) and ``model.compile()`` (compiled
+    in place) are the same function as the model: every call must give the eager model's
+    maps, and find_layer its layer. Before, the compiled graph ran without the hooks
+    registered after compiling, so fit failed with "the given layer was not called
+    during the forward pass" (the layer does run), and names started with
+    ``_orig_mod.``."""
+    model, x = tiny
+    refs, seeds = x[:120], x[200:203]
+    eager = RepresentativeInterpretation(model, model.features).fit(refs, progress=False)
+    if how == "torch.compile":
+        compiled = torch.compile(model)
+    else:
+        compiled = copy.deepcopy(model)
+        compiled.compile()
+    with torch.no_grad():
+        compiled(seeds)  # compiled before it is explained, as deployed
+    layer = compiled.get_submodule("features") if how != "torch.compile" else model.features
+    ri = RepresentativeInterpretation(compiled, layer).fit(refs, progress=False)
+    for heatmap_layer in (None, "input"):
+        assert torch.equal(
+            ri.attribute(seeds, heatmap_layer=heatmap_layer),
+            eager.attribute(seeds, heatmap_layer=heatmap_layer),
+        )
+    assert find_layer(compiled, seeds[:1], return_name=True) == ("features", layer)

@@ -2,6 +2,7 @@
 projection: the same interpretations as sampling on the features."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -104,3 +105,43 @@ def test_no_leading_map_through_a_kink():
     affine = WideHeadCNN().eval()
     found = find_leading_map(affine.head, affine.head, torch.randn(50, 8, 3, 3))
     assert found is not None and found.module is affine.head[2]
+
+
+# ----------------------------------------- a split at the input of the head's leading Linear layer
+def _spread(model: nn.Module, fc: nn.Linear, x: torch.Tensor) -> None:
+    """Re-draw a final Linear so that random inputs spread over its classes."""
+    seen = []
+    handle = fc.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        fc.weight.mul_(20.0)
+        fc.bias.copy_(-(seen[0] @ fc.weight.T).mean(0))
+
+
+def _mlp() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)
+    ).eval()
+    x = torch.randn(300, 10)
+    _spread(mlp, mlp[4], x)
+    return mlp, x
+
+
+def test_split_at_the_input_of_the_heads_leading_linear():
+    """Split at the input of ``mlp[2]``, the head's first Linear layer (N x 16): the
+    region is found (it failed with a reshape error: the leading layer's input was read
+    before the head put the points there), holds the seed, and the channel-members map
+    at the split layer is ``relu(v . psi)`` by hand (one position per channel)."""
+    mlp, x = _mlp()
+    ri = RepresentativeInterpretation(mlp, mlp[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ri.fit(x[:200], progress=False, attribute_to_layer_input=True)
+    seed = x[200:201]
+    region = ri.interpret(seed, heatmap_rule="channel-members", heatmap_layer=None)
+    assert region.has_boundaries and bool(region.contains(seed)[0])
+    psi = mlp[1](mlp[0](x[:5])).detach()
+    expect = (psi @ region.direction).clamp_min(0)[:, None]
+    torch.testing.assert_close(region.heatmap(x[:5]), expect, rtol=1e-5, atol=1e-6)

@@ -276,3 +276,63 @@ def test_train_resnet18_is_deterministic_and_cached(
         train_resnet18(x[:, :1], y, cache=False)
     with pytest.raises(ValueError, match="labels"):
         train_resnet18(x, y[:3], cache=False)
+
+
+# ------------------------------------ training: bad inputs, the cache, a model that learns nothing
+def test_train_resnet18_bad_inputs_and_a_last_batch_of_one(monkeypatch):
+    """13 images in batches of 6 leave a last batch of one image, on which batch
+    normalisation cannot train (it failed after the rest of the epoch); bad labels,
+    batch sizes and images get errors naming them; the caller's threads and RNG stay."""
+    pytest.importorskip("torchvision")
+    from captum_repinterp.datasets import make_shapes
+    from captum_repinterp.models import train_resnet18
+
+    x, y = make_shapes(13, 32, seed=0)
+    threads, state = torch.get_num_threads(), torch.get_rng_state()
+    model = train_resnet18(x, y, epochs=1, batch_size=6, cache=False, n_classes=4)
+    assert not model.training and model.fc.out_features == 4
+    assert torch.get_num_threads() == threads and torch.equal(state, torch.get_rng_state())
+    for kwargs, match in (
+        ({"n_classes": 2}, "labels"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"epochs": -1}, "epochs"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            train_resnet18(x, y, cache=False, **kwargs)
+    for images, labels, match in (
+        (x, y - 5, "labels"),
+        (x, y.float() + 0.5, "labels"),
+        (x[:0], y[:0], "images"),
+        (x[:1], y[:1], "images"),
+        (x * float("nan"), y, "images"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            train_resnet18(images, labels, cache=False)
+    with pytest.raises(TypeError, match="images"):
+        train_resnet18(x.tolist(), y, cache=False)
+
+
+def test_train_resnet18_cache_hit_leaves_the_callers_rng(tmp_path, monkeypatch):
+    """Loading from the cache builds the model (its random initialisation) without
+    advancing the caller's global RNG, as training does."""
+    pytest.importorskip("torchvision")
+    from captum_repinterp.datasets import make_shapes
+    from captum_repinterp.models import train_resnet18
+
+    monkeypatch.setenv("CAPTUM_REPINTERP_CACHE", str(tmp_path))
+    x, y = make_shapes(12, 32, seed=0)
+    a = train_resnet18(x, y, epochs=1, batch_size=6, n_classes=4)
+    state = torch.get_rng_state()
+    b = train_resnet18(x, y, epochs=1, batch_size=6, n_classes=4)  # from the cache
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_training_that_learns_nothing_warns():
+    from captum_repinterp.models import train_small_cnn
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 1, 12, 12, generator=g)
+    labels = torch.arange(64) % 4
+    with pytest.warns(UserWarning, match=r"classifies .* training images correctly"):
+        train_small_cnn(images, labels, epochs=0, cache=False)

@@ -5,13 +5,17 @@ import math
 import re
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit
 from torch import nn
 
-from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp import (
+    RepresentativeInterpretation,
+)
 from captum_repinterp.cli import main
 from captum_repinterp.report import (
     audit_regions,
@@ -299,3 +303,24 @@ def test_cli_demo_report_in_browser(tmp_path, capsys):
     assert all(float(cells[6]) >= 0.95 for cells in rows.values()), rows
     _check_page(index, tmp_path)
     shutil.copy(tmp_path / "screenshot.png", out / "screenshot.png")  # for a human look
+
+
+# ------------------------------------------------------------------------------------- data errors
+NB = {"n_boundaries": 10}
+
+
+_fit = partial(fit, ignore_warnings=UserWarning)
+
+
+def test_report_data_errors_name_what_was_given(tiny):
+    from captum_repinterp.report import audit_regions, resolve_data
+
+    model, x = tiny
+    with pytest.raises(TypeError, match=r"got a ndarray of shape \(80, 1, 12, 12\).*from_numpy"):
+        resolve_data((x[:80].numpy(), x[80:100]))
+    with pytest.raises(ValueError, match="reference_labels must be class indices >= 0"):
+        resolve_data((x[:80], x[80:100], torch.arange(80) - 5, torch.zeros(20, dtype=int)))
+    ri = _fit(model, model.features[-1], x[:240])
+    with pytest.warns(UserWarning, match=r"classes: \[9\] not predicted on heldout"):
+        rows, _ = audit_regions(ri, x[240:], [0, 9], 1, **NB)
+    assert {r.target for r in rows} == {0}

@@ -423,3 +423,37 @@ def test_argument_validation() -> None:
         greedy_cover(match, positive, eps="0.1")
     with pytest.raises(TypeError, match="match"):
         region_mask(match.float(), [0])
+
+
+# --------------------------------------------------------------------------- duplicated candidates
+@st.composite
+def _instances(draw):
+    n = draw(st.integers(1, 80))
+    m = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    match = torch.from_numpy(rng.random((n, m)) < draw(st.floats(0.2, 0.9)))
+    positive = torch.from_numpy(rng.random(n) < draw(st.floats(0.0, 1.0)))
+    dup = draw(st.integers(0, m - 1))
+    return match, positive, dup
+
+
+@settings(max_examples=80, deadline=None)
+@given(inst=_instances(), delta=st.sampled_from([None, 0, 0.5]))
+def test_a_duplicated_candidate_changes_no_region(inst, delta):
+    """Appending a copy of a candidate column changes neither the region nor the counts
+    (the copy can only tie with its original, and ties go to the smaller index)."""
+    match, positive, dup = inst
+    doubled = torch.cat([match, match[:, dup : dup + 1]], dim=1)
+    for refine in ("none", "tighten", "prune"):
+        a = greedy_cover(match, positive, delta=delta, refine=refine)
+        b = greedy_cover(doubled, positive, delta=delta, refine=refine)
+        assert torch.equal(a.inside, b.inside), refine
+        assert (a.cost, a.cover, a.delta, a.reached) == (b.cost, b.cover, b.delta, b.reached)
+        m = match.shape[1]
+        picks = b.selected.tolist()
+        if refine != "tighten":
+            assert picks == a.selected.tolist()
+        else:  # the copy joins exactly when its original is a zero-cost addition or pick
+            assert [j for j in picks if j < m] == a.selected.tolist()
+            assert (m in picks) == (dup in picks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import mmap
 import sys
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import fit as _fit
 from torch import nn
 
 from captum_repinterp import RepresentativeInterpretation
@@ -227,3 +229,99 @@ def test_peak_memory_sampler_sees_a_short_lived_allocation():
     assert idle.mb < 8
     with pytest.raises(ValueError, match="interval"):
         PeakAnon(interval=0)
+
+
+# --------------------- stores of other references, files it did not write, a resume inside a batch
+def test_store_of_another_layer_is_refused(tiny, tmp_path):
+    model, x = tiny
+    refs = x[:60]
+    _fit(model, model.features, refs, store=tmp_path)
+    # same number of rows, another layer: the stored features must not be reused
+    with pytest.raises(ValueError, match="store"):
+        _fit(model, model.features[0], refs, store=tmp_path)
+
+
+def test_store_of_another_model_is_refused(tiny, tmp_path):
+    model, x = tiny
+    refs = x[:60]
+    first = _fit(model, model.features, refs, store=tmp_path)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.features[1][0].weight.mul_(-1)
+    with pytest.raises(ValueError, match="store"):
+        _fit(other, other.features, refs, store=tmp_path)
+    # the refused fit did not change the store: the first model still reuses it
+    again = _fit(model, model.features, refs, store=tmp_path)
+    assert torch.equal(again.predictions_, first.predictions_)
+    assert torch.equal(again.predictions_, model(refs).argmax(1))
+
+
+def test_store_of_other_references_is_refused(tiny, tmp_path):
+    model, x = tiny
+    _fit(model, model.features, x[:60], store=tmp_path)
+    with pytest.raises(ValueError, match="store"):
+        _fit(model, model.features, x[60:120], store=tmp_path)
+
+
+def test_store_append_still_works(tiny, tmp_path):
+    model, x = tiny
+    _fit(model, model.features, x[:40], store=tmp_path)
+    ri = _fit(model, model.features, x[40:60], store=tmp_path, append=True)
+    assert torch.equal(ri.predictions_, model(x[:60]).argmax(1))
+
+
+def test_a_store_never_overwrites_files_it_did_not_write(tiny, one_thread, tmp_path):
+    """``fit(store=folder)`` on a folder that holds no store but a file of a name the
+    store writes (``features.npy`` of the user's own) overwrote it without a word. It
+    must refuse, naming the file, and leave it as it was; other files are no obstacle,
+    and a path below a file is a ValueError naming ``store``."""
+    import numpy as np
+
+    model, x = tiny
+    mine = tmp_path / "results"
+    mine.mkdir()
+    np.save(mine / "features.npy", np.arange(5.0))
+    ri = RepresentativeInterpretation(model, model.features)
+    with pytest.raises(ValueError, match=r"store: .*results.* holds features\.npy"):
+        ri.fit(x[:40], progress=False, store=mine)
+    assert np.array_equal(np.load(mine / "features.npy"), np.arange(5.0))
+    assert sorted(p.name for p in mine.iterdir()) == ["features.npy"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    ri.fit(x[:40], progress=False, store=other)
+    assert torch.equal(
+        ri.features_,
+        RepresentativeInterpretation(model, model.features).fit(x[:40], progress=False).features_,
+    )
+    assert (other / "notes.txt").read_text() == "mine"
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"store: cannot make the directory .*a_file/sub"):
+        ri.fit(x[:40], progress=False, store=tmp_path / "a_file" / "sub")
+
+
+def test_store_resumed_inside_a_batch_with_another_batch_size_equals_ram(relu_fit, tmp_path):
+    """A fit interrupted after two batches of 32, resumed with batches of 50 (so the
+    resume starts inside a batch), stores what the in-memory fit keeps, and its regions
+    and maps are the same."""
+    model, x, ram = relu_fit
+    from conftest import Interrupted, interrupt_on_call
+
+    refs = x[:120]
+    with interrupt_on_call(model.pool, 3), pytest.raises(Interrupted):
+        _fit(model, model.pool, refs, batch_size=32, store=tmp_path / "s")
+    partial = ReferenceStore.open(tmp_path / "s")
+    assert not partial.complete and partial.n % 50 != 0 and 0 < partial.n < 120
+    ri = _fit(model, model.pool, refs, batch_size=50, store=tmp_path / "s")
+    assert ri.store_.n == 120 and ri.store_.complete
+    torch.testing.assert_close(ri.features_, ram.features_, rtol=0, atol=1e-6)
+    assert torch.equal(ri.predictions_, ram.predictions_)
+    for rule in ("elementwise", "channel-members"):
+        a = ram.interpret(x[125:126], heatmap_rule=rule, heatmap_layer=None)
+        b = ri.interpret(x[125:126], heatmap_rule=rule, heatmap_layer=None)
+        assert torch.equal(a.members, b.members)
+        torch.testing.assert_close(a.weight, b.weight)
+        torch.testing.assert_close(a.heatmap(x[130:133]), b.heatmap(x[130:133]))
+    assert ri.heatmap_resolution_ == ram.heatmap_resolution_

@@ -65,3 +65,50 @@ def test_second_fit_on_a_finished_store_keeps_the_projection(tmp_path):
     a, b = first.interpret(x[:3]), second.interpret(x[:3])
     for r1, r2 in zip(a, b):
         assert torch.equal(r1.members, r2.members) and torch.equal(r1.weight, r2.weight)
+
+
+# ---------------------------------------------------- a loader that reads some rows of its dataset
+@pytest.mark.parametrize("sampling", ["drop_last", "list_sampler", "subset_random"])
+def test_a_finished_store_of_a_loader_reading_some_rows_is_reused(
+    tiny, one_thread, tmp_path, sampling
+):
+    """A DataLoader that reads fewer rows than its dataset holds (drop_last=True, or a
+    sampler of some indices): fit again with the same loader and store reuses the
+    store (it said "already holds a finished fit of 256 references; pass append=True
+    to add these", comparing with len(dataset)). A random sampler reads another order
+    the second time: refused as other references."""
+    model, x = tiny
+    ds = torch.utils.data.TensorDataset(x[:100], torch.zeros(100, dtype=torch.long))
+    kw = {
+        "drop_last": dict(batch_size=32, drop_last=True),
+        "list_sampler": dict(batch_size=16, sampler=list(range(99, 19, -1))),
+        "subset_random": dict(
+            batch_size=16,
+            sampler=torch.utils.data.SubsetRandomSampler(
+                range(20, 100), generator=torch.Generator().manual_seed(0)
+            ),
+        ),
+    }[sampling]
+    loader = torch.utils.data.DataLoader(ds, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the samplers' "not in order" warning
+        first = RepresentativeInterpretation(model, model.features).fit(
+            loader, progress=False, store=tmp_path
+        )
+        assert first.features_.shape[0] == (96 if sampling == "drop_last" else 80)
+        rows_run = []
+        hook = model.register_forward_hook(lambda m, i, o: rows_run.append(i[0].shape[0]))
+        try:
+            if sampling == "subset_random":
+                with pytest.raises(ValueError, match="store: .*other references"):
+                    RepresentativeInterpretation(model, model.features).fit(
+                        loader, progress=False, store=tmp_path
+                    )
+                return
+            again = RepresentativeInterpretation(model, model.features).fit(
+                loader, progress=False, store=tmp_path
+            )
+        finally:
+            hook.remove()
+    assert torch.equal(torch.as_tensor(again.features_), torch.as_tensor(first.features_))
+    assert sum(rows_run) < 32  # the first rows checked, nothing recomputed

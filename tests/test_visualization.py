@@ -4,6 +4,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from captum_repinterp import RepresentativeInterpretation
 from captum_repinterp.auditing import audit
@@ -270,3 +271,50 @@ def test_plot_images_and_audit_labels(fitted, tmp_path):
     with pytest.raises(ValueError, match="region_labels"):
         plot_audit(ca, held, region_labels=["R1"] * (n + 1))
     fig.savefig(tmp_path / "audit.png")
+
+
+# ------------------------------------------------------------ captions and the comparison's checks
+def test_plot_region_caption_of_a_full_resolution_split_layer(tiny):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from captum_repinterp.visualization import plot_region
+
+    _, x = tiny
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 3)
+    ).eval()
+    ri = RepresentativeInterpretation(model, model[1]).fit(x[:200], progress=False)
+    texts = {}
+    for layer in (None, "input"):
+        region = ri.interpret(x[250:251], n_boundaries=5, heatmap_layer=layer)
+        fig = plot_region(region, x[250:251], x[:200])
+        texts[layer] = " ".join(t.get_text() for t in fig.texts)
+    # the split layer keeps the 12 x 12 size of the images: drawn there, not at the input
+    assert "12x12 layer resolution" in texts[None] and "input's" not in texts[None]
+    assert "at the input's 12x12 resolution" in texts["input"]
+
+
+@pytest.mark.parametrize("scale", ["image", "column"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("per_image", [(), ("M",)])
+def test_comparison_refuses_maps_that_are_not_finite(scale, bad, per_image):
+    """A NaN or infinite value gave a NaN/infinite colour scale for the whole column, an
+    infinite map labelled 'all values <= 0', or an IndexError inside Captum."""
+    images = torch.rand(3, 1, 12, 12)
+    maps = torch.rand(3, 1, 12, 12)
+    maps[1, 0, 2, 2] = bad
+    with pytest.raises(ValueError, match=r"attributions\['M'\].*(NaN|infinite)"):
+        plot_comparison(images, {"M": maps}, scale=scale, per_image=per_image)
+
+
+def test_comparison_checks_titles_bad_and_empty_images():
+    images, maps = torch.rand(3, 1, 12, 12), {"RI": torch.rand(3, 1, 6, 6)}
+    with pytest.raises(ValueError, match="titles"):
+        plot_comparison(images, maps, titles=["a"])
+    with pytest.raises(ValueError, match="bad"):
+        plot_comparison(images, maps, bad=[True])
+    with pytest.raises(ValueError, match="images"):
+        plot_comparison(images[:0], {"RI": maps["RI"][:0]})
+    plot_comparison(images, maps, titles=["a", "b", "c"], bad=[False, True, False])

@@ -1,13 +1,19 @@
-"""Regression tests for maps drawn at the input (``heatmap_layer="input"``) and ``"auto"``:
-integer inputs, empty batches, an ignored input, audit and plot_region with the default."""
+"""Maps drawn at the input (``heatmap_layer="input"``): integer inputs, an input the model
+ignores, empty batches shaped like full ones, audit's default, and the region's score
+taken on the layer's tensors as ``fit`` read them (before in-place operations after the
+layer)."""
+
+from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captum_repinterp import RepresentativeInterpretation
 
 
+# ------------------------------ integer inputs, empty batches, audit's default
 class _IntegerInput(nn.Module):
     """The tiny CNN on integer images (e.g. quantised pixels), scaled inside the model."""
 
@@ -124,28 +130,6 @@ def test_audit_takes_interprets_default_heatmap_layer(fitted):
         audit(ri, x[:200], heatmap_layer="input", **kwargs)
 
 
-def test_plot_region_caption_of_a_full_resolution_split_layer(tiny):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from captum_repinterp.visualization import plot_region
-
-    _, x = tiny
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 3)
-    ).eval()
-    ri = RepresentativeInterpretation(model, model[1]).fit(x[:200], progress=False)
-    texts = {}
-    for layer in (None, "input"):
-        region = ri.interpret(x[250:251], n_boundaries=5, heatmap_layer=layer)
-        fig = plot_region(region, x[250:251], x[:200])
-        texts[layer] = " ".join(t.get_text() for t in fig.texts)
-    # the split layer keeps the 12 x 12 size of the images: drawn there, not at the input
-    assert "12x12 layer resolution" in texts[None] and "input's" not in texts[None]
-    assert "at the input's 12x12 resolution" in texts["input"]
-
-
 def test_input_maps_of_an_input_the_model_ignores_say_so(tiny):
     class Ignores(nn.Module):
         def __init__(self, model: nn.Module) -> None:
@@ -162,3 +146,74 @@ def test_input_maps_of_an_input_the_model_ignores_say_so(tiny):
     ri.fit((x[:200], y[:200]), progress=False)
     with pytest.raises(ValueError, match="heatmap_layer='input'.*every input tensor"):
         ri.attribute((x[:2], y[:2]), heatmap_layer="input", n_boundaries=5)
+
+
+# --------------- the region's score before in-place operations after the layer
+def _spread(model: nn.Module, fc: nn.Linear, x: torch.Tensor, scale: float = 20.0) -> None:
+    """Re-draw a final Linear so that random inputs spread over its classes."""
+    seen = []
+    handle = fc.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(*x) if isinstance(x, tuple) else model(x)
+        handle.remove()
+        fc.weight.mul_(scale)
+        fc.bias.copy_(-(seen[0] @ fc.weight.T).mean(0))
+
+
+def _input_x_grad(model, layer, x, direction, to_layer_input=False):
+    """Input times gradient of relu(direction) . psi(x), psi the layer's tensor as the
+    layer gives it (copied before anything after it runs), summed over channels, ReLU-ed."""
+    xi = x.detach().clone().requires_grad_(True)
+    seen = []
+    if to_layer_input:
+        handle = layer.register_forward_pre_hook(lambda m, i: seen.append(i[0].clone()))
+    else:
+        handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    try:
+        model(xi)
+    finally:
+        handle.remove()
+    psi = seen[0].reshape(x.shape[0], -1)
+    (grad,) = torch.autograd.grad((psi * direction.clamp_min(0)).sum(), xi)
+    return (grad * xi).sum(1, keepdim=True).clamp_min(0)
+
+
+class _InplaceAfter(nn.Module):
+    """The split layer's output (negative values too) is ReLU-ed in place afterwards, as
+    DenseNet's forward does with ``F.relu(features, inplace=True)``."""
+
+    def __init__(self, relu_module: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+        self.relu_module = relu_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        if self.relu_module:  # the ReLU module changes its input in place
+            a = self.relu(a)
+        else:
+            F.relu(a, inplace=True)
+        return self.fc(F.adaptive_avg_pool2d(a, 4).flatten(1))
+
+
+@pytest.mark.parametrize("to_layer_input", [False, True])
+def test_input_map_takes_the_score_at_the_layer_before_in_place_ops(to_layer_input):
+    torch.manual_seed(0)
+    model = _InplaceAfter(relu_module=to_layer_input).eval()
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    _spread(model, model.fc, x)
+    # to_layer_input: the features are the input of the in-place ReLU, which it changes
+    layer = model.relu if to_layer_input else model.conv
+    ri = RepresentativeInterpretation(model, layer).fit(
+        x, progress=False, attribute_to_layer_input=to_layer_input
+    )
+    assert bool((ri.features_ < 0).any())  # the in-place ReLU matters
+    kw = {"n_boundaries": 10, "heatmap_rule": "elementwise-positive", "heatmap_layer": "input"}
+    region = ri.interpret(x[:1], **kw)
+    assert region.heatmap_layer == "input"
+    hand = _input_x_grad(model, layer, x[:4], region.direction, to_layer_input)
+    torch.testing.assert_close(region.heatmap(x[:4]), hand)
+    attr = ri.attribute(x[:1], **kw)
+    torch.testing.assert_close(attr, hand[:1])

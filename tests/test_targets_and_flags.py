@@ -1,5 +1,8 @@
-"""Lead's round after breaker round 4: labels from NumPy as targets, booleans that must be
-booleans, an empty batch to ``transform``."""
+"""Arguments given in another type: labels from NumPy arrays as targets, flags that must
+be booleans (NumPy booleans are), an empty batch to ``transform`` and to the audit, and a
+Dataset given to ``contains``."""
+
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -114,89 +117,6 @@ def test_audit_refuses_empty_images_and_empty_heldout(fitted):
         audit(ri, x[200:200], **NB)
     with pytest.raises(ValueError, match="^heldout: empty"):
         audit(ri, x[200:260], target=0, heldout=x[260:260], **NB)
-
-
-def _tied_model() -> tuple[torch.nn.Module, torch.Tensor]:
-    """Logits (x0, x1, -x0 - x1) of ReLU(x): classes 0 and 1 tie on the line x0 = x1."""
-    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 3)).eval()
-    with torch.no_grad():
-        model[1].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
-        model[1].bias.zero_()
-    refs = torch.rand(200, 2, generator=torch.Generator().manual_seed(0)) * 2
-    return model, refs
-
-
-def test_a_seed_on_a_tie_is_warned_about_and_outside_its_region():
-    from captum_repinterp import SeedOnBoundaryWarning
-
-    model, refs = _tied_model()
-    ri = RepresentativeInterpretation(model, model[0]).fit(refs, progress=False)
-    assert ri.affine_ is not None  # exact boundaries: x0 > x1 and 2 x0 + x1 > 0
-    seed = torch.tensor([[1.0, 1.0]])  # logits (1, 1, -2): argmax picks class 0
-    with pytest.warns(SeedOnBoundaryWarning, match="smallest margin 0 logits"):
-        region = ri.interpret(seed, heatmap_layer=None)
-    assert region.target == 0 and not bool(region.contains(seed)[0])
-    # the region is class 0's decision region among the references, by hand: x0 > x1
-    assert torch.equal(region.contains(refs), refs[:, 0] > refs[:, 1])
-    # a seed off the tie: no warning, inside its region
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", SeedOnBoundaryWarning)
-        off = ri.interpret(torch.tensor([[1.0, 0.5]]), heatmap_layer=None)
-    assert bool(off.contains(torch.tensor([[1.0, 0.5]]))[0])
-
-
-def _cancelling(kinked: bool) -> tuple[torch.nn.Module, torch.Tensor]:
-    """Features around 100 in 4096 dimensions and a head whose terms cancel: logits of
-    order 1 from sums of |terms| near 5000, as a ResNet's fc on layer4 at 224 px (terms
-    800 times the logits), so float32 rounds the logits by ~1e-4, above 1e-5 of their
-    scale. ``kinked``: a hidden ReLU layer that the references switch on and off."""
-    g = torch.Generator().manual_seed(0)
-    d = 4096
-    refs = 100 + torch.randn(600, d, generator=g)
-    if kinked:
-        hidden = torch.nn.Linear(d, 16)
-        head = torch.nn.Sequential(hidden, torch.nn.ReLU(), torch.nn.Linear(16, 5))
-        with torch.no_grad():
-            hidden.weight.copy_(torch.randn(16, d, generator=g) / d**0.5)
-            hidden.bias.copy_(-(refs @ hidden.weight.T).mean(0))  # half the rows off
-    else:
-        head = torch.nn.Linear(d, 5)
-    model = torch.nn.Sequential(torch.nn.ReLU(), head).eval()
-    last = head if not kinked else head[2]
-    with torch.no_grad():
-        last.weight.copy_(torch.randn(5, last.in_features, generator=g) / last.in_features**0.5)
-        last.bias.zero_()
-        last.bias.copy_(-model(refs).mean(0))
-    return model, refs
-
-
-def test_an_affine_head_whose_terms_cancel_is_found_affine():
-    from captum_repinterp.projection import close_logits
-
-    model, refs = _cancelling(kinked=False)
-    ri = RepresentativeInterpretation(model, model[0]).fit(refs, progress=False)
-    assert ri.affine_ is not None
-    with torch.no_grad():
-        logits = model(refs)
-    # the tolerance of the logits' scale alone rejects this head's own rounding
-    assert not close_logits(ri.affine_.predict(refs), logits.double())
-    preds = logits.argmax(1)
-    for i in (0, 1, 2):
-        region = ri.interpret(refs[i : i + 1], heatmap_layer=None)
-        # exact regions: the class's decision region among the references, by brute force
-        assert torch.equal(region.contains(refs), preds == preds[i])
-        assert region.purity == 1.0 and region.coverage == 1.0
-
-
-def test_a_kinked_head_at_the_same_scale_is_not_taken_for_affine():
-    model, refs = _cancelling(kinked=True)
-    with torch.no_grad():
-        on = model[1][1](model[1][0](refs)) > 0
-    assert on.any(0).all() and (~on).any(0).all()  # every unit crosses its kink
-    ri = RepresentativeInterpretation(model, model[0]).fit(refs, progress=False)
-    assert ri.affine_ is None
 
 
 def test_a_dataset_given_to_contains_points_at_the_batched_route(fitted):

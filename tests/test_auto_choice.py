@@ -1,16 +1,24 @@
-"""Regression tests for ``heatmap_layer="auto"``: the references it scores are the ones
-``fit`` read (a DataLoader's collate_fn and sampler, a Dataset of NumPy arrays), and the
-choice is only made when the rule can use it."""
+"""``heatmap_layer="auto"`` reads the references as ``fit`` read them (a Dataset of NumPy
+arrays, a DataLoader's collate_fn, sampler, batch_sampler or drop_last, an iterable
+dataset, a tuple of one tensor), scores layers that give a one-tensor tuple, is made the
+same under ``torch.no_grad()``, and is only made when the rule can use it."""
+
+from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from captum.attr import InputXGradient, LayerGradientXActivation
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, TensorDataset
 
 from captum_repinterp import RepresentativeInterpretation
+from captum_repinterp.resolution import choose_heatmap_layer, margin_maps
 
 
+# -------------------------------------------- references read as fit read them
 def _fit(model, refs):
     ri = RepresentativeInterpretation(model, model.features[-1])
     with warnings.catch_warnings():
@@ -178,36 +186,6 @@ def test_an_iterable_dataset_is_not_said_to_be_shuffled(tiny):
     torch.testing.assert_close(ri.features_, _fit(model, x[:60]).features_)
 
 
-class _Pooled(torch.nn.Module):
-    """Any image size runs (global average pooling after the split layer)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
-        self.head = torch.nn.Sequential(
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def test_a_wrong_image_size_names_the_input_shapes(tiny):
-    _, x = tiny
-    model = _Pooled().eval()
-    with torch.no_grad():  # spread the predictions over the classes
-        h = model.head[:2](model.features(x[:60]))
-        y = torch.nn.functional.one_hot(torch.arange(60) % 3, 3).float()
-        sol = torch.linalg.lstsq(torch.cat([h, torch.ones(60, 1)], 1), y).solution
-        model.head[2].weight.copy_(sol[:-1].T)
-        model.head[2].bias.copy_(sol[-1])
-    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:60], progress=False)
-    small = torch.nn.functional.interpolate(x[:2], size=(8, 8))
-    with pytest.raises(ValueError, match=r"examples of shape \(1, 8, 8\).*\(1, 12, 12\)"):
-        ri.interpret(small[:1], heatmap_layer=None)
-
-
 def test_auto_samples_only_rows_a_drop_last_loader_read(tiny, monkeypatch):
     """With drop_last=True fit never read the last partial batch: the choice samples the
     rows it read (in order), and with a shuffled loader, whose dropped rows depend on the
@@ -231,3 +209,114 @@ def test_auto_samples_only_rows_a_drop_last_loader_read(tiny, monkeypatch):
     shuffled = DataLoader(TensorDataset(x[:70]), batch_size=32, drop_last=True, shuffle=True)
     choice = res.choose_heatmap_layer(model, model.features[-1], shuffled)
     assert choice.heatmap_layer is None and "sampler" in choice.reason
+
+
+# -------------------- a layer that gives a one-tensor tuple, no_grad, samplers
+class _TupleConv(nn.Module):
+    """A layer whose output is a tuple of one tensor (unpacked by the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.relu(self.conv(x)),)
+
+
+class _UnpacksTuple(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = _TupleConv()
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (h,) = self.block(x)
+        return self.fc(h.flatten(1))
+
+
+def test_margin_maps_keep_a_one_tensor_tuple_a_tuple():
+    """The copy handed on after the layer has the layer's output structure: the model
+    unpacking ``(h,)`` runs, and the maps are Captum's."""
+    model = _UnpacksTuple().eval()
+    x = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    top, ru = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])
+    at_layer, at_input = margin_maps(model, model.block, x, top, ru)
+
+    def margin(inp):
+        out = model(inp)
+        return out[torch.arange(4), top] - out[torch.arange(4), ru]
+
+    layer = LayerGradientXActivation(margin, model.block).attribute(x)
+    layer = layer[0] if isinstance(layer, tuple) else layer
+    torch.testing.assert_close(at_layer, layer.sum(1, keepdim=True).clamp_min(0))
+    inp = InputXGradient(margin).attribute(x.clone().requires_grad_(True))
+    torch.testing.assert_close(at_input, inp.sum(1, keepdim=True).clamp_min(0))
+    assert not model.block._forward_hooks
+
+
+def test_auto_scores_a_layer_that_gives_a_one_tensor_tuple():
+    model = _UnpacksTuple().eval()
+    x = torch.randn(40, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    choice = choose_heatmap_layer(model, model.block, x)
+    assert choice.scores, choice.reason
+
+
+def test_auto_chosen_under_no_grad_is_the_same_choice(tiny):
+    """``torch.no_grad()`` is said to be fine: a choice first made inside it (and kept for
+    the fit) is the one made outside, not a fallback to the split layer."""
+    model, x = tiny
+    want = choose_heatmap_layer(model, model.features[-1], x[:80])
+    with torch.no_grad():
+        got = choose_heatmap_layer(model, model.features[-1], x[:80])
+    assert got == want and got.scores
+    ri = RepresentativeInterpretation(model, model.features[-1], head=model.head)
+    ri.fit(x[:80], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "draws the maps at the split layer" warning
+        with torch.no_grad():
+            ri.attribute(x[:1], target=int(ri.predictions_[0]))
+    assert ri.heatmap_resolution_ == want
+
+
+def test_auto_reads_a_sampler_of_numpy_indices(tiny):
+    """A ``SubsetRandomSampler`` over a NumPy array of indices (a common split) lists its
+    rows as a list of the same indices does."""
+    model, x = tiny
+    rows = np.arange(0, 120, 2)
+    data = TensorDataset(x[:120])
+    by_list = DataLoader(data, batch_size=16, sampler=SubsetRandomSampler(rows.tolist()))
+    by_array = DataLoader(data, batch_size=16, sampler=SubsetRandomSampler(rows))
+    want = choose_heatmap_layer(model, model.features[-1], by_list)
+    got = choose_heatmap_layer(model, model.features[-1], by_array)
+    assert got == want and got.scores, got.reason
+
+
+def test_auto_reads_a_loader_given_a_batch_sampler_as_fit_did(tiny):
+    """A DataLoader built with ``batch_sampler=`` (its ``batch_size`` is None) still
+    collates with its ``collate_fn`` and reads only its batch sampler's rows; the choice
+    equals the one on the tensor of those references."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    model, x = tiny
+    refs = x[:60]
+    expected = choose_heatmap_layer(model, model.features[-1], refs)
+    mean, std = 0.3, 2.0
+    raw = TensorDataset(refs * std + mean, torch.zeros(60))
+
+    def scale(items):
+        return (torch.stack([im for im, _ in items]) - mean) / std, None
+
+    others = TensorDataset(torch.cat([refs, 5 * torch.randn(240, *refs.shape[1:])]))
+    rows = SubsetRandomSampler(range(60), generator=torch.Generator().manual_seed(0))
+    for given in (
+        DataLoader(
+            raw, batch_sampler=BatchSampler(SequentialSampler(raw), 16, False), collate_fn=scale
+        ),
+        DataLoader(others, batch_sampler=BatchSampler(rows, 8, False)),
+    ):
+        got = choose_heatmap_layer(model, model.features[-1], given)
+        assert got.scores, got.reason
+        assert got.heatmap_layer == expected.heatmap_layer and got.n_images == expected.n_images
+        assert got.scores == pytest.approx(expected.scores, abs=1e-6)
+        assert got.p_value == pytest.approx(expected.p_value)

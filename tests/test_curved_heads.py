@@ -1,34 +1,28 @@
-"""Breaker round: heads the trace misjudges (curved heads it misses, piecewise-linear
-heads it flags), each checked against a numerical curvature test; and audit, the report,
-the plots and saving on odd inputs (two classes, many classes, non-square, 2- and
-4-channel images, a 1 x 1 split layer, one image).
+"""The trace's verdict on the head after the split layer: curved heads it must find
+(each checked by a numerical curvature test along a line through the features),
+piecewise-linear heads it must pass, and fit's NonPiecewiseLinearWarning.
 
-The heads were missed or flagged before the trace followed dependences; the one
-``xfail(strict=True)`` left is a documented limitation (a scripted function is not seen).
+The one ``xfail(strict=True)`` is a documented limitation: a scripted function runs in the
+TorchScript interpreter, which the trace does not see.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_repinterp import Interpretation, RepresentativeInterpretation, audit
+from captum_repinterp import (
+    RepresentativeInterpretation,
+)
 from captum_repinterp.layers import nonlinear_ops_after
 
-FAST = {"n_boundaries": 8, "bisection_steps": 10}
 
-
-# ------------------------------------------------------------------ a small split model
-
-
+# --------------------------------------------------------- a small split model
 class Split(nn.Module):
     """features (8 x 6 x 6 from 1 x 12 x 12) -> ``op`` -> a ReLU head of 4 classes."""
 
@@ -88,9 +82,7 @@ def _curved_share(op: nn.Module, steps: int = 301) -> float:
     return float((second > 1e-13 * scale).double().mean())
 
 
-# ------------------------------------------------------- curved heads the trace misses
-
-
+# -------------------------------------------- curved heads the trace must find
 @torch.jit.script
 def _jit_mish(f: torch.Tensor) -> torch.Tensor:  # timm-style scripted activation
     return f * torch.tanh(F.softplus(f))
@@ -232,9 +224,7 @@ def test_the_trace_finds_a_curved_head(name):
     assert _trace(CURVED_MISSED[name][0]()) != []
 
 
-# --------------------------------------------- piecewise-linear heads the trace flags
-
-
+# ---------------------------------- piecewise-linear heads the trace must pass
 class _FrozenBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -313,9 +303,7 @@ def test_frozen_bn_resnet_split_before_the_last_block():
     assert nonlinear_ops_after(model, model.layer3, (torch.randn(1, 3, 64, 64),)) == []
 
 
-# ------------------------------------------------------- what the trace gets right
-
-
+# ------------------------------------------------------ piecewise-linear forms
 PL_PASSED = {
     "f * (f > 0).float()": lambda f: f * (f > 0.1).float(),
     "where": lambda f: torch.where(f > 0.1, f, 0.3 * f),
@@ -368,171 +356,7 @@ def test_a_product_with_a_detached_copy_is_curved_and_flagged():
     assert _trace(op) != []
 
 
-# ------------------------------------------------------------------ audit and report
-
-
-def _fitted(in_ch=1, n_classes=4, h=12, w=12, n=120):
-    """A TinyCNN-like model whose last layer is re-fitted so that its predictions
-    spread over the classes; fitted on its ``n`` images."""
-    torch.manual_seed(0)
-    features = nn.Sequential(
-        nn.Conv2d(in_ch, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-    )  # fmt: skip
-    dim = 8 * (h // 2) * (w // 2)
-    head = nn.Sequential(nn.Flatten(), nn.Linear(dim, 24), nn.ReLU(), nn.Linear(24, n_classes))
-    model = nn.Sequential(features, head).eval()
-    g = torch.Generator().manual_seed(1)
-    base = torch.randn(n_classes, in_ch, h, w, generator=g)
-    labels = torch.arange(n) % n_classes
-    x = base[labels] + 0.7 * torch.randn(n, in_ch, h, w, generator=g)
-    with torch.no_grad():
-        z = head[:3](features(x))
-        sol = torch.linalg.lstsq(
-            torch.cat([z, torch.ones(n, 1)], 1), F.one_hot(labels, n_classes).float()
-        ).solution
-        head[3].weight.copy_(sol[:-1].T)
-        head[3].bias.copy_(sol[-1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        ri = RepresentativeInterpretation(model, features).fit(x, progress=False)
-    return model, ri, x
-
-
-@pytest.mark.parametrize(
-    "in_ch, n_classes, h, w",
-    [(1, 2, 12, 12), (4, 3, 8, 16), (2, 4, 12, 12), (1, 4, 2, 2)],
-    ids=["two-classes", "4ch-non-square", "2ch", "1x1-layer"],
-)
-def test_audit_plots_and_saving_on_odd_shapes(tmp_path, in_ch, n_classes, h, w):
-    """Regions partition each class, the plots draw, and a saved region loads the same,
-    for two classes, 4-channel non-square images, 2-channel images and a split layer
-    whose output is 1 x 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from captum_repinterp.visualization import plot_audit, plot_region
-
-    _, ri, x = _fitted(in_ch, n_classes, h, w)
-    result = audit(ri, x, max_regions=2, coverage_target=1.0, **FAST)
-    for ca in result:
-        covered = torch.cat([r.members for r in ca.regions] + [ca.uncovered])
-        assert sorted(covered.tolist()) == sorted(ca.indices.tolist())
-        assert all(r.members[0] == r.seed_index for r in ca.regions)
-    plot_audit(next(iter(result)), x)
-    it = ri.interpret(x[:1], **FAST)
-    plot_region(it, x[:1], x)
-    it.save(tmp_path / "r.npz")
-    back = Interpretation.load(tmp_path / "r.npz", ri)
-    assert back.members.tolist() == it.members.tolist()
-    torch.testing.assert_close(back.heatmap(x[:3]), it.heatmap(x[:3]))
-
-
-def test_audit_of_a_class_with_one_image_and_heldout_without_the_class():
-    _, ri, x = _fitted()
-    c = int(ri.predictions_[0])
-    others = x[ri.predictions_ != c][:10]
-    result = audit(ri, x[:1], heldout=others, **FAST)
-    (region,) = result[c].regions
-    assert region.members.tolist() == [0] and region.purity == 1.0
-    assert region.heldout["n_inside"] == 0 or region.heldout_precision == 0.0
-    assert f"class {c}: 1 images, 1 region, 0 uncovered" in result.summary()
-
-
-def test_audit_refuses_a_nan_min_silhouette():
-    _, ri, x = _fitted()
-    with pytest.raises(ValueError, match="min_silhouette"):
-        audit(ri, x, target=0, min_silhouette=float("nan"), **FAST)
-
-
-def test_audit_takes_a_numpy_float32_coverage_target():
-    _, ri, x = _fitted()
-    result = audit(ri, x, target=0, coverage_target=np.float32(0.5), **FAST)
-    assert result[0].uncovered_share <= 0.5
-
-
-def test_plot_audit_labels_of_the_wrong_length_name_labels():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from captum_repinterp.visualization import plot_audit
-
-    _, ri, x = _fitted()
-    result = audit(ri, x, target=0, **FAST)
-    with pytest.raises(ValueError, match="labels"):
-        plot_audit(result[0], x, labels=torch.zeros(3, dtype=torch.long))
-
-
-def test_report_regions_of_a_repeated_class_are_not_repeated():
-    from captum_repinterp.report import audit_regions
-
-    _, ri, x = _fitted()
-    rows, _ = audit_regions(ri, x, classes=[1, 1], regions_per_class=1, **FAST)
-    assert len({r.seed_index for r in rows}) == len(rows)
-
-
-_FACTORY = """
-import torch
-from torch import nn
-
-
-class M(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-MODEL = M()  # left in training mode, as a fresh nn.Module is
-
-
-def model():
-    return MODEL
-
-
-def data():
-    g = torch.Generator().manual_seed(0)
-    return 3 + torch.randn(60, 1, 8, 8, generator=g), 3 + torch.randn(30, 1, 8, 8, generator=g)
-"""
-
-
-def test_report_class_check_leaves_a_training_model_alone(tmp_path, monkeypatch):
-    from captum_repinterp.report import prepare_report
-
-    (tmp_path / "qa9_factory.py").write_text(_FACTORY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("qa9_factory", None)
-    import qa9_factory
-
-    bn = qa9_factory.MODEL.features[1]
-    before = (bn.running_mean.clone(), int(bn.num_batches_tracked))
-    try:
-        prepare_report("qa9_factory:model", "qa9_factory:data", classes=[0, 1, 2])
-        assert int(bn.num_batches_tracked) == before[1]
-        torch.testing.assert_close(bn.running_mean, before[0])
-    finally:
-        sys.modules.pop("qa9_factory", None)
-
-
-def test_report_with_four_channel_non_square_images(tmp_path):
-    """build_report end to end on 4-channel 8 x 16 images of three classes."""
-    from captum_repinterp.report import build_report
-
-    model, _, x = _fitted(4, 3, 8, 16, n=90)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        index = build_report(tmp_path, model, model[0], x, x[:45], regions_per_class=1, **FAST)
-    page = index.read_text()
-    assert "R1" in page and page.count(".png") >= 2
-    pngs = [p for p in os.listdir(tmp_path) if p.endswith(".png")]
-    assert pngs and all((tmp_path / p).stat().st_size > 0 for p in pngs)
-
-
+# --------------------------------------------------------------- fit's warning
 def test_fit_warns_for_an_attention_pooled_head():
     from captum_repinterp import NonPiecewiseLinearWarning
 
@@ -552,3 +376,79 @@ def test_fit_warns_for_an_attention_pooled_head():
         warnings.simplefilter("always")
         RepresentativeInterpretation(model, model.features).fit(x, progress=False)
     assert any(issubclass(w.category, NonPiecewiseLinearWarning) for w in caught)
+
+
+# ----------------------------- curved operations after the tiny CNN's features
+class _CurvedAfter(nn.Module):
+    """The tiny CNN with a curved operation between its features and its head, made of
+    calls the trace does not list (products of two feature tensors, a division by a
+    norm, logsumexp, cos)."""
+
+    def __init__(self, inner: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.kind = kind
+        self.gate = nn.Linear(8, 8)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        f = self.inner.features(z)
+        if self.kind == "relu-gated":  # squeeze-and-excitation gated by a ReLU
+            f = f * torch.relu(self.gate(f.mean((2, 3))))[:, :, None, None]
+        elif self.kind == "hardsigmoid-gated":  # MobileNetV3's gate
+            f = f * nn.functional.hardsigmoid(self.gate(f.mean((2, 3))))[:, :, None, None]
+        elif self.kind == "square":
+            f = f * f
+        elif self.kind == "l2-normalised":  # a cosine classifier written by hand
+            f = f / (f.flatten(1).norm(dim=1)[:, None, None, None] + 1e-3)
+        elif self.kind == "logsumexp":
+            f = f - torch.logsumexp(f, 1, keepdim=True)
+        elif self.kind == "cos":
+            f = torch.cos(f)
+        return self.inner.head(f)
+
+
+@pytest.mark.parametrize(
+    "kind", ["relu-gated", "hardsigmoid-gated", "square", "l2-normalised", "logsumexp", "cos"]
+)
+def test_curved_heads_without_a_listed_op_are_warned(tiny, kind):
+    """The trace that decides fit's NonPiecewiseLinearWarning (and find_layer's
+    choice) finds nothing after ``features``; a listed op (``pow``) is found."""
+    model, x = tiny
+    torch.manual_seed(0)
+    curved = _CurvedAfter(model, kind).eval()
+    assert nonlinear_ops_after(curved, model.features, (x[:1],)) != []
+
+
+def test_a_listed_curved_op_after_the_layer_is_found(tiny):
+    model, x = tiny
+
+    class Pow(nn.Module):
+        def forward(self, z):
+            return model.head(model.features(z) ** 2)
+
+    assert nonlinear_ops_after(Pow(), model.features, (x[:1],)) == ["pow"]
+
+
+def test_parameter_functions_and_a_hand_written_relu_are_not_curved(tiny):
+    """The trace follows input dependence: a norm of the weights after the layer (weight
+    normalisation) and ``f * (f > 0)`` (a ReLU written by hand) are piecewise linear in
+    the features; ``f * f`` next to them is not."""
+    model, x = tiny
+
+    class Normed(nn.Module):
+        def __init__(self, square: bool) -> None:
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(8, 1, 1))
+            self.square = square
+
+        def forward(self, z):
+            f = model.features(z)
+            f = f * (self.g / self.g.norm()) * (f > 0).float()
+            if self.square:
+                f = f * f
+            return model.head(f)
+
+    assert nonlinear_ops_after(Normed(False), model.features, (x[:1],)) == []
+    assert nonlinear_ops_after(Normed(True), model.features, (x[:1],)) == [
+        "mul (of two tensors that depend on the layer)"
+    ]

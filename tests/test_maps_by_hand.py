@@ -1,29 +1,25 @@
-"""QA round 10: heat-map rules and resolutions against hand computations, odd layers,
-the members' scale, and the cover solver under duplicated candidates.
-
-Plain tests check important cases by hand; the bugs this round found (the seed counted
-twice in the members' scale, a nonzero map without boundaries, region rules at a layer
-after the split, a heat-map layer that runs twice) are fixed and tested here.
-"""
+"""Heat maps against hand computations: every rule's map on an affine head, the unit
+combination, the input map, the ``"auto"`` choice recomputed from its documented protocol,
+layers that give a tuple or a 1 x 1 map, heat-map layers the region rules refuse, the
+members' scale, and the zero map of a region without boundaries."""
 
 from __future__ import annotations
 
-import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from conftest import PoolNet, fit
 from scipy.stats import wilcoxon
 from torch import nn
 
-from captum_repinterp import RepresentativeInterpretation
 from captum_repinterp.heatmap import member_scale
-from captum_repinterp.solver import greedy_cover
-from captum_repinterp.store import ReferenceStore
 
+_fit = partial(fit, ignore_warnings=Warning)
+
+# ---------------------------------------------------------------- maps by hand
 RULES = (
     "elementwise",
     "channel",
@@ -35,36 +31,6 @@ RULES = (
 )
 
 
-class PoolNet(nn.Module):
-    """conv -> ReLU -> max-pool (split) -> linear head (or one hidden ReLU layer)."""
-
-    def __init__(self, hidden: int | None = None) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.act = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        layers: list[nn.Module] = [nn.Flatten()]
-        if hidden:
-            layers += [nn.Linear(48, hidden), nn.ReLU(), nn.Linear(hidden, 3)]
-        else:
-            layers += [nn.Linear(48, 3)]
-        self.head = nn.Sequential(*layers)
-
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.act(self.conv(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
-
-
-def _fit(
-    model: nn.Module, layer: nn.Module, refs: torch.Tensor, **kw
-) -> RepresentativeInterpretation:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return RepresentativeInterpretation(model, layer).fit(refs, progress=False, **kw)
-
-
 @pytest.fixture(scope="module")
 def linear_fit():
     torch.manual_seed(0)
@@ -73,15 +39,6 @@ def linear_fit():
     return model, x, _fit(model, model.pool, x[:120])
 
 
-@pytest.fixture(scope="module")
-def relu_fit():
-    torch.manual_seed(0)
-    model = PoolNet(hidden=5).eval()
-    x = torch.randn(150, 1, 8, 8)
-    return model, x, _fit(model, model.pool, x[:120])
-
-
-# ----------------------------------------------------------------- maps by hand
 def _expected_map(rule: str, v: torch.Tensor, cw: torch.Tensor | None, a: torch.Tensor):
     """Each rule's documented map at the split layer (``v``: K x h x w, ``a``: n x K x h x w)."""
     if rule == "elementwise":
@@ -154,7 +111,7 @@ def test_input_map_is_input_times_gradient_per_image(relu_fit):
     torch.testing.assert_close(maps, F.relu((g * xi).sum(1, keepdim=True)).detach())
 
 
-# ----------------------------------------------------------------- auto by hand
+# ---------------------------------------------------------------- auto by hand
 def test_auto_choice_reproduced_by_an_independent_computation(relu_fit):
     """``heatmap_resolution_``: insertion of both margin maps on the first 16 rows of a
     seed-0 permutation of the references, compared by a one-sided Wilcoxon test at
@@ -203,7 +160,7 @@ def test_auto_choice_reproduced_by_an_independent_computation(relu_fit):
     assert again == choice
 
 
-# ----------------------------------------------------------------- odd layers
+# ------------------------------------------------------------------ odd layers
 class _Split(nn.Module):
     def forward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return a[:, :2], a[:, 2:]
@@ -312,7 +269,7 @@ def test_heatmap_layer_running_twice_is_refused():
         ri.attribute(x[130:132], heatmap_rule="elementwise", heatmap_layer=model.act)
 
 
-# ----------------------------------------------------------------- members' scale
+# -------------------------------------------------------------- members' scale
 def test_members_scale_leaves_out_a_reference_seed(tiny):
     model, x = tiny
     ri = _fit(model, model.features[-1], x[:200])
@@ -342,63 +299,3 @@ def test_region_without_boundary_has_a_zero_map(relu_fit, rule):
         )
     assert not reg.has_boundaries
     assert float(reg.heatmap(x[130:133]).abs().max()) == 0.0
-
-
-# ----------------------------------------------------------------- solver
-@st.composite
-def _instances(draw):
-    n = draw(st.integers(1, 80))
-    m = draw(st.integers(1, 6))
-    seed = draw(st.integers(0, 2**31 - 1))
-    rng = np.random.default_rng(seed)
-    match = torch.from_numpy(rng.random((n, m)) < draw(st.floats(0.2, 0.9)))
-    positive = torch.from_numpy(rng.random(n) < draw(st.floats(0.0, 1.0)))
-    dup = draw(st.integers(0, m - 1))
-    return match, positive, dup
-
-
-@settings(max_examples=80, deadline=None)
-@given(inst=_instances(), delta=st.sampled_from([None, 0, 0.5]))
-def test_a_duplicated_candidate_changes_no_region(inst, delta):
-    """Appending a copy of a candidate column changes neither the region nor the counts
-    (the copy can only tie with its original, and ties go to the smaller index)."""
-    match, positive, dup = inst
-    doubled = torch.cat([match, match[:, dup : dup + 1]], dim=1)
-    for refine in ("none", "tighten", "prune"):
-        a = greedy_cover(match, positive, delta=delta, refine=refine)
-        b = greedy_cover(doubled, positive, delta=delta, refine=refine)
-        assert torch.equal(a.inside, b.inside), refine
-        assert (a.cost, a.cover, a.delta, a.reached) == (b.cost, b.cover, b.delta, b.reached)
-        m = match.shape[1]
-        picks = b.selected.tolist()
-        if refine != "tighten":
-            assert picks == a.selected.tolist()
-        else:  # the copy joins exactly when its original is a zero-cost addition or pick
-            assert [j for j in picks if j < m] == a.selected.tolist()
-            assert (m in picks) == (dup in picks)
-
-
-# ----------------------------------------------------------------- store
-def test_store_resumed_inside_a_batch_with_another_batch_size_equals_ram(relu_fit, tmp_path):
-    """A fit interrupted after two batches of 32, resumed with batches of 50 (so the
-    resume starts inside a batch), stores what the in-memory fit keeps, and its regions
-    and maps are the same."""
-    model, x, ram = relu_fit
-    from conftest import Interrupted, interrupt_on_call
-
-    refs = x[:120]
-    with interrupt_on_call(model.pool, 3), pytest.raises(Interrupted):
-        _fit(model, model.pool, refs, batch_size=32, store=tmp_path / "s")
-    partial = ReferenceStore.open(tmp_path / "s")
-    assert not partial.complete and partial.n % 50 != 0 and 0 < partial.n < 120
-    ri = _fit(model, model.pool, refs, batch_size=50, store=tmp_path / "s")
-    assert ri.store_.n == 120 and ri.store_.complete
-    torch.testing.assert_close(ri.features_, ram.features_, rtol=0, atol=1e-6)
-    assert torch.equal(ri.predictions_, ram.predictions_)
-    for rule in ("elementwise", "channel-members"):
-        a = ram.interpret(x[125:126], heatmap_rule=rule, heatmap_layer=None)
-        b = ri.interpret(x[125:126], heatmap_rule=rule, heatmap_layer=None)
-        assert torch.equal(a.members, b.members)
-        torch.testing.assert_close(a.weight, b.weight)
-        torch.testing.assert_close(a.heatmap(x[130:133]), b.heatmap(x[130:133]))
-    assert ri.heatmap_resolution_ == ram.heatmap_resolution_

@@ -1,0 +1,259 @@
+"""Bad inputs get a ValueError or TypeError naming the argument: seeds, images, extra
+forward arguments, ``random_state``, ``k``, predictions, the audit's and the figures'
+arguments, ``find_layer``'s example input, labels given with the references; and NumPy
+integers are ints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import fit as _fit
+from torch import nn
+
+from captum_repinterp import (
+    RepresentativeInterpretation,
+    audit,
+)
+from captum_repinterp.visualization import compare_methods, plot_audit, plot_region
+
+NB = {"n_boundaries": 12, "bisection_steps": 12}
+
+RANDOM_STATE = {"random_state": 0}
+
+
+@pytest.fixture(scope="module")
+def fitted(last_block_fit):
+    """The tiny CNN's explainer at its last block: ``(ri, model, x)``."""
+    return last_block_fit
+
+
+# ------------------------ seeds, random_state, k, predictions, extra arguments
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_random_state_out_of_range_names_it(fitted, seed):
+    ri, _, x = fitted
+    with pytest.raises(ValueError, match="random_state"):
+        ri.interpret(x[200:201], random_state=seed, **NB)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_similar_takes_numpy_ints_and_names_k(fitted):
+    import numpy as np
+
+    ri, _, x = fitted
+    region = ri.interpret(x[200:201], **NB)
+    assert torch.equal(region.similar(np.int64(3)), region.members[:3])
+    with pytest.raises(TypeError, match="k must be"):
+        region.similar(2.0)
+    with pytest.raises(ValueError, match="k must be"):
+        region.similar(-1)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_features_names_predictions(fitted):
+    ri, _, x = fitted
+    region = ri.interpret(x[200:201], **NB)
+    with pytest.raises(TypeError, match="predictions"):
+        region.evaluate_features(ri.features_, ri.predictions_.tolist())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_extra_argument_of_another_length_is_named(tiny):
+    """A per-example extra tensor with too few rows was broadcast against one seed and
+    failed deep inside with "HookHead needs the inputs of exactly one example"."""
+    model, x = tiny
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.inner(z * scale.view(-1, 1, 1, 1))
+
+    scaled = Scaled().eval()
+    scale = torch.linspace(0.5, 1.5, 300)
+    ri = RepresentativeInterpretation(scaled, model.features[-1])
+    ri.fit(x[:200], additional_forward_args=(scale[:200],), progress=False, cut_check="off")
+    good = ri.attribute(x[200:204], additional_forward_args=(scale[200:204],), **NB)
+    one_by_one = [
+        ri.attribute(x[i : i + 1], additional_forward_args=(scale[i : i + 1],), **NB)
+        for i in range(200, 204)
+    ]
+    # at the input (the default) the batched backward pass rounds differently
+    torch.testing.assert_close(good, torch.cat(one_by_one), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="^additional_forward_args"):
+        ri.attribute(x[200:204], additional_forward_args=(scale[200:203],), **NB)
+    with pytest.raises(ValueError, match="^additional_forward_args"):
+        ri.transform(x[:8], additional_forward_args=(scale[:3],), batch_size=1)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_numpy_integers_are_ints(tiny):
+    """``batch_size must be a positive int, got np.int64(64)``: NumPy integers (from a
+    config or np.arange) were refused with a message that contradicted itself."""
+    import numpy as np
+
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    ri.fit(x[:200], batch_size=np.int64(64), progress=False)
+    a = ri.attribute(x[200:202], n_boundaries=np.int64(12), bisection_steps=np.int32(12))
+    assert torch.equal(a, ri.attribute(x[200:202], **NB))
+
+
+# ----------------------------------------------------------------------- audit
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_audit_random_state_out_of_range_fails_first(fitted, seed):
+    ri, _, x = fitted
+    with pytest.raises(ValueError, match="^random_state"):  # not scikit-learn's, later
+        audit(ri, x[200:260], target=0, random_state=seed, **NB)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_audit_names_images_and_heldout(fitted):
+    ri, _, x = fitted
+    with pytest.raises(ValueError, match="^images"):
+        audit(ri, x[200:260, 0], target=0, **NB)
+    with pytest.raises(ValueError, match="^images"):
+        audit(ri, x[200:200], **NB)
+    with pytest.raises(ValueError, match="^heldout"):
+        audit(ri, x[200:260], target=0, heldout=x[260:270] * float("nan"), **NB)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_audit_refuses_heatmap_layer_before_any_region(fitted):
+    ri, model, x = fitted
+    with pytest.raises(ValueError, match="^heatmap_layer"):
+        audit(ri, x[200:260], target=0, heatmap_layer=model.features[0], **NB)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_audit_features_of_the_wrong_type_are_named(fitted):
+    ri, _, x = fitted
+    with pytest.raises(TypeError, match="features"):
+        audit(ri, x[:200], features=(ri.features_.numpy(), ri.predictions_), **NB)
+
+
+# --------------------------------------------------------------------- figures
+@pytest.mark.usefixtures("one_thread")
+def test_plot_region_checks_the_seed_and_labels(fitted):
+    ri, _, x = fitted
+    region = ri.interpret(x[200:201], **NB)
+    with pytest.raises(ValueError, match="seed_image"):
+        plot_region(region, x[200:202], x[:200])  # two seeds
+    with pytest.raises(ValueError, match="seed_image"):
+        plot_region(region, x[200, 0, :6], x[:200])  # not shaped like the references
+    with pytest.raises(ValueError, match="reference_labels"):
+        plot_region(region, x[200], x[:200], reference_labels=torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_plot_audit_names_its_arguments(fitted):
+    ri, _, x = fitted
+    result = audit(ri, x[200:260], target=0, subgroup_by="none", **NB)
+    with pytest.raises(TypeError, match="class_audit.*result\\[c\\]"):
+        plot_audit(result, x[200:260])
+    with pytest.raises(ValueError, match="images"):
+        plot_audit(result[0], x[200:203])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compare_methods_names_badly_shaped_images(fitted):
+    ri, model, x = fitted
+    with pytest.raises(ValueError, match="images"):
+        compare_methods(model, model.features[-1], ri, x[200], **NB)
+
+
+# ---------------------- forward arguments, find_layer, references, image sizes
+class _Scaled(torch.nn.Module):
+    """A model with a second forward argument."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, scale):
+        return self.model(x * scale)
+
+
+def test_wrong_additional_forward_args_name_the_argument(tiny):
+    model, x = tiny
+    refs, seeds = x[:80], x[200:202]
+    ri = _fit(model, model.features, refs)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        ri.attribute(seeds, additional_forward_args=(2.0,), **RANDOM_STATE)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        _fit(model, model.features, refs, additional_forward_args=(2.0,))
+    scaled = _Scaled(model).eval()
+    ri2 = _fit(scaled, model.features, refs, additional_forward_args=(1.0,))
+    assert torch.equal(ri2.predictions_, ri.predictions_)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        ri2.attribute(seeds, **RANDOM_STATE)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        ri2.interpret(seeds, additional_forward_args=(1.0, 2.0), **RANDOM_STATE)
+    with pytest.raises(TypeError, match="^additional_forward_args: "):
+        _fit(scaled, model.features, refs)
+
+
+def test_find_layer_bad_example_input_names_it(tiny):
+    from captum_repinterp import find_layer
+
+    model, x = tiny
+    assert find_layer(model, x[:1]) is model.features
+    for bad in (x[0], x[:1, :, :7, :7], torch.randn(1, 3, 12, 12)):
+        with pytest.raises(ValueError, match="^example_input: "):
+            find_layer(model, bad)
+    with pytest.raises(TypeError, match="^example_input: "):
+        find_layer(model, (x[:1] * 100).to(torch.uint8))
+    with pytest.raises(ValueError, match="^example_input: "):
+        find_layer(model, x[:0])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_find_layer_on_one_image_without_its_batch_dimension_says_so(tiny):
+    from captum_repinterp import find_layer
+
+    model, x = tiny
+    with pytest.raises(ValueError, match=r"shape \(1, 12, 12\).*add the batch dimension"):
+        find_layer(model, x[0])
+
+
+def test_labels_given_with_the_references_get_a_clear_error(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    labels = torch.arange(80) % 4
+    with pytest.raises(TypeError, match=r"references: a tuple of 2 tensors .* labels"):
+        ri.fit((x[:80], labels), progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be .* a Tensor of shape \(80,\)"):
+        ri.fit(x[:80], labels, progress=False)
+
+
+class _Pooled(torch.nn.Module):
+    """Any image size runs (global average pooling after the split layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_a_wrong_image_size_names_the_input_shapes(tiny):
+    _, x = tiny
+    model = _Pooled().eval()
+    with torch.no_grad():  # spread the predictions over the classes
+        h = model.head[:2](model.features(x[:60]))
+        y = torch.nn.functional.one_hot(torch.arange(60) % 3, 3).float()
+        sol = torch.linalg.lstsq(torch.cat([h, torch.ones(60, 1)], 1), y).solution
+        model.head[2].weight.copy_(sol[:-1].T)
+        model.head[2].bias.copy_(sol[-1])
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:60], progress=False)
+    small = torch.nn.functional.interpolate(x[:2], size=(8, 8))
+    with pytest.raises(ValueError, match=r"examples of shape \(1, 8, 8\).*\(1, 12, 12\)"):
+        ri.interpret(small[:1], heatmap_layer=None)

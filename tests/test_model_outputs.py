@@ -1,0 +1,156 @@
+"""What the model returns: one score per example, a tuple or a dict, NaN logits for some
+references or a seed, and a final log_softmax, affine map or softmax (whose boundary
+normals are in probabilities, said by ProbabilityOutputWarning)."""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import pytest
+import torch
+from conftest import fit
+from torch import nn
+
+from captum_repinterp import (
+    ProbabilityOutputWarning,
+    RepresentativeInterpretation,
+)
+
+NB = {"n_boundaries": 10}
+
+
+_fit = partial(fit, ignore_warnings=UserWarning)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_one_score_per_example_is_refused_with_a_reason(tiny):
+    """A binary model with one logit: "predicts a single class" did not say why."""
+    model, x = tiny
+
+    class OneLogit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            out = self.inner(z)
+            return out[:, :1] - out[:, 1:2]
+
+    wrapped = OneLogit().eval()
+    with pytest.raises(ValueError, match="forward_func.*one score"):
+        RepresentativeInterpretation(wrapped, model.features[-1]).fit(x[:50], progress=False)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_model_returning_a_tuple_or_dict_says_what_to_do(tiny, kind):
+    from captum_repinterp.layers import find_layer
+
+    model, x = tiny
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z: torch.Tensor):
+            out = self.inner(z)
+            return (out, out.sum()) if kind == "tuple" else {"logits": out}
+
+    wrapped = Wrapped().eval()
+    with pytest.raises(TypeError, match=f"got {kind}; wrap the model"):
+        RepresentativeInterpretation(wrapped, model.features[-1]).fit(x[:50], progress=False)
+    with pytest.raises(TypeError, match=f"got {kind}; wrap the model"):
+        find_layer(wrapped, x[:1])
+
+
+class _NaNWhere(nn.Module):
+    """The tiny CNN, with NaN logits for images whose first pixel is above 1.5."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.inner(z)
+        bad = z.flatten(1)[:, :1] > 1.5
+        return torch.where(bad, torch.full_like(out, float("nan")), out)
+
+
+def test_references_with_nan_logits_are_refused(tiny):
+    model, x = tiny
+    nan_model = _NaNWhere(model).eval()
+    refs = x[:240]
+    assert int((refs.flatten(1)[:, 0] > 1.5).sum()) == 15
+    bad = (refs.flatten(1)[:, 0] > 1.5).nonzero().flatten().tolist()
+    with pytest.raises(ValueError, match="references") as info:
+        # batches of 64: the indices are counted from the first reference, not the batch's
+        RepresentativeInterpretation(nan_model, model.features[-1]).fit(
+            refs, batch_size=64, progress=False
+        )
+    first_batch = [i for i in bad if i < 64]  # the fit stops at the first bad batch
+    assert first_batch
+    assert f"example(s) {', '.join(map(str, first_batch[:10]))}" in str(info.value)
+
+
+def test_a_seed_with_nan_logits_names_inputs(tiny):
+    model, x = tiny
+    nan_model = _NaNWhere(model).eval()
+    refs = x[:240][x[:240].flatten(1)[:, 0] <= 1.5]
+    ri = _fit(nan_model, model.features[-1], refs)
+    seed = x[240:300][x[240:300].flatten(1)[:, 0] > 1.5][:1]
+    with pytest.raises(ValueError, match="inputs"):
+        ri.interpret(seed, **NB)
+
+
+class _Out(nn.Module):
+    def __init__(self, inner: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.kind = kind
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.inner(z)
+        if self.kind == "softmax":
+            return out.softmax(1)
+        if self.kind == "log_softmax":
+            return out.log_softmax(1)
+        return 2 * out + 1  # "affine": a shift and a scale shared by all classes
+
+
+@pytest.mark.parametrize("kind", ["log_softmax", "affine"])
+def test_log_softmax_output_gives_the_logits_regions_and_maps(tiny, kind):
+    """log_softmax shifts every logit of a row alike: members, their order and the maps
+    are those of the logits model (a common scale 2 scales distances by 2)."""
+    model, x = tiny
+    seeds = x[250:254]
+    base = _fit(model, model.features[-1], x[:240])
+    other = _fit(_Out(model, kind).eval(), model.features[-1], x[:240])
+    for a, b in zip(base.interpret(seeds, **NB), other.interpret(seeds, **NB)):
+        assert a.members.tolist() == b.members.tolist()
+    ma = base.attribute(seeds, heatmap_layer=None, **NB)
+    mb = other.attribute(seeds, heatmap_layer=None, **NB)
+    scale = 2.0 if kind == "affine" else 1.0
+    torch.testing.assert_close(mb, scale * ma, rtol=1e-4, atol=1e-6)
+
+
+def test_final_softmax_warns_that_normals_are_in_probabilities(tiny):
+    """A final softmax keeps the regions (same members) but scales each boundary's
+    normal by the softmax's slope at its tie point, so the member order and the maps
+    are not the logits model's: fit says so (ProbabilityOutputWarning); log_softmax,
+    which gives the logits' normals exactly, does not warn."""
+    model, x = tiny
+    seeds = x[250:256]
+    base = _fit(model, model.features[-1], x[:240])
+    with pytest.warns(ProbabilityOutputWarning, match="softmax"):
+        soft = RepresentativeInterpretation(_Out(model, "softmax").eval(), model.features[-1])
+        soft.fit(x[:240], progress=False)
+    assert soft.references_.head_output_op == "softmax"
+    for a, b in zip(base.interpret(seeds, **NB), soft.interpret(seeds, **NB)):
+        assert set(a.members.tolist()) == set(b.members.tolist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbabilityOutputWarning)
+        log = RepresentativeInterpretation(_Out(model, "log_softmax").eval(), model.features[-1])
+        log.fit(x[:240], progress=False)
+    assert log.references_.head_output_op is None

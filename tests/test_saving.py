@@ -1,0 +1,120 @@
+"""Saving and loading a region: compared by value, checked against the explainer it is
+loaded with, and refusals naming ``path`` or ``explainer`` (a file that is no
+interpretation, a file descriptor)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from conftest import fit as _fit
+
+from captum_repinterp import (
+    Interpretation,
+    NotFittedError,
+    RepresentativeInterpretation,
+)
+
+NB = {"n_boundaries": 12, "bisection_steps": 12}
+
+RANDOM_STATE = {"random_state": 0}
+
+
+@pytest.fixture(scope="module")
+def fitted(last_block_fit):
+    """The tiny CNN's explainer at its last block: ``(ri, model, x)``."""
+    return last_block_fit
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_interpretations_compare_by_value(fitted, tmp_path):
+    ri, _, x = fitted
+    region = ri.interpret(x[200:201], heatmap_rule="region-score", **NB)
+    region.save(tmp_path / "r.npz")
+    loaded = Interpretation.load(tmp_path / "r.npz")
+    assert loaded == region and region == copy.deepcopy(region)
+    other = ri.interpret(x[201:202], **NB)
+    assert region != other and region != "region"
+    changed = copy.deepcopy(region)
+    changed.members = changed.members.flip(0)
+    assert changed != region
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_load_with_the_explainer_of_another_layer_is_refused(fitted, tmp_path):
+    ri, model, x = fitted
+    ri.interpret(x[200:201], **NB).save(tmp_path / "r.npz")
+    other = RepresentativeInterpretation(model, model.features[0]).fit(x[:200], progress=False)
+    with pytest.raises(ValueError, match="explainer"):
+        Interpretation.load(tmp_path / "r.npz", explainer=other)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_load_with_a_wrong_or_unfitted_explainer_names_it(fitted, tmp_path):
+    ri, model, x = fitted
+    ri.interpret(x[200:201], **NB).save(tmp_path / "r.npz")
+    for wrong in (model, "ri"):
+        with pytest.raises(TypeError, match="explainer"):
+            Interpretation.load(tmp_path / "r.npz", explainer=wrong)
+    with pytest.raises(NotFittedError):
+        Interpretation.load(
+            tmp_path / "r.npz", explainer=RepresentativeInterpretation(model, model.features[-1])
+        )
+    # the fitted explainer and its reader both work
+    a = Interpretation.load(tmp_path / "r.npz", explainer=ri).contains(x[:20])
+    b = Interpretation.load(tmp_path / "r.npz", explainer=ri.reader_).contains(x[:20])
+    assert torch.equal(a, b)
+
+
+def test_load_of_a_file_that_is_no_interpretation_names_path(tiny, tmp_path):
+    import numpy as np
+
+    from captum_repinterp import Interpretation
+
+    model, x = tiny
+    ri = _fit(model, model.features, x[:80])
+    region = ri.interpret(x[200:201], **RANDOM_STATE)
+    good = tmp_path / "region.npz"
+    region.save(good)
+    loaded = Interpretation.load(good, explainer=ri)
+    assert torch.equal(loaded.members, region.members)
+    assert torch.equal(loaded.contains(x[:80]), region.contains(x[:80]))
+    text = tmp_path / "text.npz"
+    text.write_text("not an interpretation")
+    torch_file = tmp_path / "state.pt"
+    torch.save(model.state_dict(), torch_file)
+    other_npz = tmp_path / "other.npz"
+    np.savez(other_npz, a=np.zeros(3))
+    odd_meta = tmp_path / "odd.npz"
+    with np.load(good) as data:
+        arrays = dict(data)
+    np.savez(odd_meta, **{**arrays, "metadata": np.array("[1, 2]")})
+    for path in (text, torch_file, other_npz, odd_meta):
+        with pytest.raises(ValueError, match="^path: "):
+            Interpretation.load(path, explainer=ri)
+    with pytest.raises(FileNotFoundError):
+        Interpretation.load(tmp_path / "missing.npz")
+
+
+def test_saving_to_an_int_is_refused_and_writes_nothing(tiny, one_thread, tmp_path):
+    """``open`` takes an int as a file descriptor: ``region.save(1)`` wrote the ``.npz``
+    into stdout and closed it. Here the descriptor is a pipe's writing end: nothing may
+    reach the pipe and the descriptor must stay open."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features).fit(x[:120], progress=False)
+    region = ri.interpret(x[200:201], n_boundaries=10)
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+            region.save(write_end)
+        os.write(write_end, b"!")  # still open
+        assert os.read(read_end, 1 << 16) == b"!"  # and nothing else was written
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+            Interpretation.load(read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    region.save(tmp_path / "r.npz")  # a path still works
+    assert Interpretation.load(str(tmp_path / "r.npz"), explainer=ri) == region

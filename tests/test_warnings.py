@@ -1,0 +1,110 @@
+"""Warnings point at the user's call (not at the package's own lines, which Python's
+default filter would show once per session): training mode, a curved head, a target
+without boundaries."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from torch import nn
+
+from captum_repinterp import RepresentativeInterpretation
+
+NB = {"n_boundaries": 12, "bisection_steps": 12}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _warned_here(call, category) -> list[str]:
+    """Files the warnings of ``category`` given by ``call()`` point at; "helper" for
+    this function's own line (one frame too far up from the lambda)."""
+    import inspect
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        call()
+    return [
+        "helper" if (w.filename, w.lineno) == (__file__, line) else w.filename
+        for w in caught
+        if issubclass(w.category, category)
+    ]
+
+
+def test_training_mode_warning_points_at_the_users_call(tiny):
+    """It pointed at the package's own ``with eval_mode(...)`` lines (reader.py,
+    references.py), so Python's default filter showed it once per session."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    region = ri.interpret(x[200:201], **NB)
+    model.train()
+    try:
+        calls = {
+            "fit": lambda: RepresentativeInterpretation(model, model.features[-1]).fit(
+                x[:200], progress=False
+            ),
+            "interpret": lambda: ri.interpret(x[200:201], **NB),
+            "attribute": lambda: ri.attribute(x[200:201], **NB),
+            "contains": lambda: region.contains(x[:4]),
+            "heatmap": lambda: region.heatmap(x[:4]),
+        }
+        for name, call in calls.items():
+            assert _warned_here(call, UserWarning) == [__file__], name
+    finally:
+        model.eval()
+
+
+def test_transform_warns_about_training_mode_like_the_other_calls(tiny):
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    model.train()
+    try:
+        assert _warned_here(lambda: ri.transform(x[:4]), UserWarning) == [__file__]
+    finally:
+        model.eval()
+
+
+def _tanh_head(model):
+    curved = copy.deepcopy(model)
+    curved.head[2] = nn.Tanh()
+    return curved.eval()
+
+
+def test_curved_head_warning_points_at_the_users_call(tiny):
+    from captum_repinterp.layers import NonPiecewiseLinearWarning, find_layer
+
+    model, x = tiny
+    curved = _tanh_head(model)
+    assert _warned_here(lambda: find_layer(curved, x[:1]), NonPiecewiseLinearWarning) == [__file__]
+    ri = RepresentativeInterpretation(curved, curved.features[-1])
+    assert _warned_here(lambda: ri.fit(x[:200], progress=False), NonPiecewiseLinearWarning) == [
+        __file__
+    ]
+    assert _warned_here(lambda: ri.attribute(x[200:201], **NB), NonPiecewiseLinearWarning) == [
+        __file__
+    ]
+
+
+def test_curved_head_warning_of_interpret_points_at_the_users_call(tiny):
+    from captum_repinterp.layers import NonPiecewiseLinearWarning
+
+    model, x = tiny
+    curved = _tanh_head(model)
+    ri = RepresentativeInterpretation(curved, curved.features[-1]).fit(x[:200], progress=False)
+    assert _warned_here(lambda: ri.interpret(x[200:201], **NB), NonPiecewiseLinearWarning) == [
+        __file__
+    ]
+
+
+def test_no_boundary_warning_points_at_the_users_call(tiny):
+    from captum_repinterp.region import NoBoundaryWarning
+
+    model, x = tiny
+    keep = model(x[:200]).argmax(1) <= 1  # no reference of class 3
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200][keep], progress=False)
+    assert _warned_here(lambda: ri.interpret(x[200:201], target=3, **NB), NoBoundaryWarning) == [
+        __file__
+    ]
