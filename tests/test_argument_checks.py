@@ -1,19 +1,25 @@
 """Bad inputs get a ValueError or TypeError naming the argument: seeds, images, extra
 forward arguments, ``random_state``, ``k``, predictions, the audit's and the figures'
-arguments, ``find_layer``'s example input, labels given with the references; and NumPy
-integers are ints."""
+arguments, ``find_layer``'s example input, labels given with the references, tensors on the
+meta device, a layer read at its input through keywords or non-tensors, an
+interpretation's reader set by hand to another layer; and NumPy integers are ints."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from conftest import fit as _fit
+from conftest import refit_last_linear
 from torch import nn
 
 from captum_repinterp import (
     RepresentativeInterpretation,
     audit,
+    find_layer,
 )
+from captum_repinterp.cuts import check_cut
 from captum_repinterp.visualization import compare_methods, plot_audit, plot_region
 
 NB = {"n_boundaries": 12, "bisection_steps": 12}
@@ -257,3 +263,105 @@ def test_a_wrong_image_size_names_the_input_shapes(tiny):
     small = torch.nn.functional.interpolate(x[:2], size=(8, 8))
     with pytest.raises(ValueError, match=r"examples of shape \(1, 8, 8\).*\(1, 12, 12\)"):
         ri.interpret(small[:1], heatmap_layer=None)
+
+
+# ------------------------------------- meta tensors, layer inputs, readers
+
+
+@pytest.fixture(scope="module")
+def features_fit(tiny, one_thread):
+    """The tiny CNN split after its whole ``features`` block, fitted on 60 images."""
+    model, x = tiny
+    return RepresentativeInterpretation(model, model.features).fit(x[:60], progress=False)
+
+
+def test_meta_tensors_are_refused_naming_the_argument(tiny, features_fit):
+    """A tensor on the meta device has a shape and no values: every entry point says so,
+    naming its argument (the NaN check raised torch's "Tensor.item() cannot be called on
+    meta tensors")."""
+    model, x = tiny
+    meta = x[:2].to("meta")
+    with pytest.raises(ValueError, match="references: a tensor on the meta device"):
+        RepresentativeInterpretation(model, model.features).fit(meta, progress=False)
+    for call in (features_fit.attribute, features_fit.interpret, features_fit.transform):
+        with pytest.raises(ValueError, match="inputs: a tensor on the meta device"):
+            call(meta)
+    with pytest.raises(ValueError, match="example_input: a tensor on the meta device"):
+        find_layer(model, meta)
+    with pytest.raises(ValueError, match="inputs: a tensor on the meta device"):
+        check_cut(model, model.features, meta)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 1)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return torch.relu(self.conv(x)) * scale
+
+
+class _CallsBlock(nn.Module):
+    """Calls its block with the features as a keyword, or with an extra float."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU())
+        self.block = _Block()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = self.block(x=h) if self.how == "keyword" else self.block(h, 2.0)
+        return self.head(h)
+
+
+@pytest.mark.parametrize(
+    ("how", "error", "says"),
+    [
+        ("keyword", ValueError, "called without positional arguments"),
+        ("float", TypeError, "positional arguments include a float"),
+    ],
+)
+def test_layer_input_that_cannot_be_read(tiny, one_thread, how, error, says):
+    """attribute_to_layer_input=True reads the layer's positional arguments (a forward
+    pre-hook does not see keywords): a layer called with its input as a keyword gave
+    torch's "torch.cat(): expected a non-empty list of Tensors", one called with an
+    extra float "the layer produced a float". Both name the layer and the option; at
+    the layer's output the same models fit."""
+    _, x = tiny
+    torch.manual_seed(0)
+    model = _CallsBlock(how).eval()
+    with pytest.raises(error, match=f"layer: attribute_to_layer_input=True, but the .*{says}"):
+        RepresentativeInterpretation(model, model.block).fit(
+            x[:20], progress=False, attribute_to_layer_input=True
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random model may predict one class
+        try:
+            RepresentativeInterpretation(model, model.block).fit(x[:20], progress=False)
+        except ValueError as exc:
+            assert "single class" in str(exc)
+
+
+def test_a_reader_of_another_layout_is_refused_even_with_as_many_features(tiny, features_fit):
+    """``reader`` is a documented attribute: set to the reader of another model's layer
+    shaped 2 x 12 x 12 (288 features, as many as the tiny CNN's 8 x 6 x 6), contains,
+    distance and heatmap reshaped that layer's tensors into this layout and answered;
+    load refused such an explainer, a reader set by hand was not checked."""
+    model, x = tiny
+    region = features_fit.interpret(x[60:61], n_boundaries=10)
+    other = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4)
+    ).eval()
+    with torch.no_grad():
+        refit_last_linear(other[-1], other[:-1](x[:40]))
+    ri = RepresentativeInterpretation(other, other[1]).fit(x[:40], progress=False)
+    assert ri.layout_.dim == region.layout.dim and ri.layout_ != region.layout
+    region.reader = ri.reader_
+    for call in (region.contains, region.distance, region.heatmap):
+        with pytest.raises(ValueError, match="reader: its layer gives tensors shaped"):
+            call(x[:2])
+    region.reader = features_fit.reader_
+    assert region.contains(x[60:61]).tolist() == [True]

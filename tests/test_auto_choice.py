@@ -320,3 +320,33 @@ def test_auto_reads_a_loader_given_a_batch_sampler_as_fit_did(tiny):
         assert got.heatmap_layer == expected.heatmap_layer and got.n_images == expected.n_images
         assert got.scores == pytest.approx(expected.scores, abs=1e-6)
         assert got.p_value == pytest.approx(expected.p_value)
+
+
+def test_integer_references_say_why_auto_keeps_the_split_layer(one_thread):
+    """uint8 references (the model scales them itself): ``heatmap_layer="auto"`` keeps
+    the split layer because the input's maps need float inputs; the reason said "the
+    references are not one N x C x H x W batch", which they are."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x.float() / 255 - 0.5))
+
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    with torch.no_grad():  # spread the predictions over the classes
+        z = model.head[:2](model.features(images.float() / 255 - 0.5))
+        model.head[2].weight.copy_(torch.randn(4, 24, generator=gen) / z.std(0).clamp_min(1e-6))
+        model.head[2].bias.copy_(-(z @ model.head[2].weight.T).mean(0))
+    ri = RepresentativeInterpretation(model, model.features).fit(images, progress=False)
+    with pytest.warns(UserWarning, match="torch.uint8 images"):
+        choice = ri.heatmap_resolution_
+    assert choice.heatmap_layer is None
+    assert "floating-point inputs" in choice.reason
+    assert ri.attribute(images[:2]).shape == (2, 1, 8, 8)

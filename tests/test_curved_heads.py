@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import refit_last_linear
 from torch import nn
 
 from captum_repinterp import (
@@ -452,3 +453,53 @@ def test_parameter_functions_and_a_hand_written_relu_are_not_curved(tiny):
     assert nonlinear_ops_after(Normed(True), model.features, (x[:1],)) == [
         "mul (of two tensors that depend on the layer)"
     ]
+
+
+# ------------------------------------------------- jumps in the head
+
+
+class _JumpHead(nn.Module):
+    """The tiny CNN's features, then an activation between two linear maps."""
+
+    def __init__(self, features: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16), act, nn.Linear(16, 4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize(
+    ("act", "named"),
+    [
+        (nn.Threshold(0.1, 20.0), "threshold (a jump from 20 to 0.1)"),
+        (nn.Hardshrink(0.3), "hardshrink (jumps at +-0.3)"),
+        (nn.Threshold(0.1, 0.1), None),  # a shifted ReLU: continuous
+        (nn.Softshrink(0.3), None),  # continuous
+        (nn.ReLU6(), None),
+    ],
+)
+def test_heads_that_jump_are_warned_about(tiny, one_thread, act, named):
+    """A threshold whose value is not its threshold, or a hard shrink, makes the head
+    piecewise linear but discontinuous: a boundary found at the jump is no linear piece
+    of the logits' difference, and on such a head the regions' purity fell to 0.1-0.4
+    without any warning. The trace now names the jump; continuous ones stay silent."""
+    from captum_repinterp.layers import NonPiecewiseLinearWarning
+
+    model, x = tiny
+    torch.manual_seed(0)
+    jumpy = _JumpHead(model.features, act).eval()
+    with torch.no_grad():
+        refit_last_linear(jumpy.head[-1], jumpy.head[:-1](jumpy.features(x[:40])))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ri = RepresentativeInterpretation(jumpy, jumpy.features).fit(x[:40], progress=False)
+    said = [str(w.message) for w in caught if issubclass(w.category, NonPiecewiseLinearWarning)]
+    if named is None:
+        assert said == [] and ri.head_nonlinear_ == ()
+    else:
+        assert len(said) == 1 and named in said[0]
+        assert ri.head_nonlinear_ == (f"head.3 ({type(act).__name__}): {named}",)

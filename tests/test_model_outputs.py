@@ -1,6 +1,8 @@
-"""What the model returns: one score per example, a tuple or a dict, NaN logits for some
-references or a seed, and a final log_softmax, affine map or softmax (whose boundary
-normals are in probabilities, said by ProbabilityOutputWarning)."""
+"""What the model returns and how it computes: one score per example, a tuple or a dict,
+NaN logits for some references or a seed, a final log_softmax, affine map or softmax
+(whose boundary normals are in probabilities, said by ProbabilityOutputWarning), a model
+on the meta device, and batch statistics before the layer (features that depend on the
+batch, warned about)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import fit
+from conftest import fit, refit_last_linear
 from torch import nn
 
 from captum_repinterp import (
@@ -154,3 +156,76 @@ def test_final_softmax_warns_that_normals_are_in_probabilities(tiny):
         log = RepresentativeInterpretation(_Out(model, "log_softmax").eval(), model.features[-1])
         log.fit(x[:240], progress=False)
     assert log.references_.head_output_op is None
+
+
+# --------------------------------------------- meta device, batch statistics
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_it(tiny):
+    """A model built on the meta device has no weights: fit said the references failed
+    in the model ("check that references have the shape ... the model expects"), after
+    moving them to the meta device; it now names forward_func and the cause."""
+    import copy
+
+    model, x = tiny
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match="forward_func: the model's parameters are on the meta"):
+        RepresentativeInterpretation(meta, meta.features).fit(x[:8], progress=False)
+
+
+def _spread(model: nn.Module, images: torch.Tensor) -> None:
+    """Spread the predictions of a model with ``features`` and a ``head`` ending in a
+    Linear layer over the classes."""
+    with torch.no_grad():
+        refit_last_linear(model.head[-1], model.head[:-1](model.features(images)))
+
+
+class _BatchStatsCNN(nn.Module):
+    """A batch norm with batch statistics before the split layer (eval mode keeps them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1),
+            nn.BatchNorm2d(6, track_running_stats=False),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_features_that_depend_on_the_batch_are_warned_about(tiny, one_thread):
+    """With batch statistics before the layer a reference's features depend on its
+    batch: fits with batch_size 40 and 8 differ, and so do one image's features read
+    alone and in a batch (transform), while seeds are read one at a time. fit warned of
+    nothing; it now compares the first reference alone with its row of the first batch.
+    The same model with running statistics, and a fit in batches of one, get no warning."""
+    _, x = tiny
+    torch.manual_seed(0)
+    model = _BatchStatsCNN().eval()
+    refs = x[:40]
+    _spread(model, refs)
+    with pytest.warns(UserWarning, match="differ when it runs alone and in its batch"):
+        big = RepresentativeInterpretation(model, model.features).fit(
+            refs, batch_size=40, progress=False
+        )
+    with pytest.warns(UserWarning, match="differ when it runs alone and in its batch"):
+        small = RepresentativeInterpretation(model, model.features).fit(
+            refs, batch_size=8, progress=False
+        )
+    assert (big.features_ - small.features_).abs().max() > 1e-2  # what the warning is for
+    alone = torch.cat([big.transform(refs[i : i + 1])[0] for i in range(3)])
+    assert (big.transform(refs[:3])[0] - alone).abs().max() > 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ones = RepresentativeInterpretation(model, model.features).fit(
+            refs, batch_size=1, progress=False
+        )
+        assert torch.allclose(ones.features_[:3], alone, atol=1e-5)
+        model.features[1] = nn.BatchNorm2d(6).eval()  # running statistics
+        _spread(model, refs)
+        RepresentativeInterpretation(model, model.features).fit(refs, progress=False)
