@@ -157,20 +157,20 @@ def data():
 def test_report_class_check_leaves_a_training_model_alone(tmp_path, monkeypatch):
     from captum_repinterp.report import prepare_report
 
-    (tmp_path / "qa9_factory.py").write_text(_FACTORY)
+    (tmp_path / "training_bn_factory.py").write_text(_FACTORY)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("qa9_factory", None)
-    import qa9_factory
+    sys.modules.pop("training_bn_factory", None)
+    import training_bn_factory
 
-    bn = qa9_factory.MODEL.features[1]
+    bn = training_bn_factory.MODEL.features[1]
     before = (bn.running_mean.clone(), int(bn.num_batches_tracked))
     try:
-        prepare_report("qa9_factory:model", "qa9_factory:data", classes=[0, 1, 2])
+        prepare_report("training_bn_factory:model", "training_bn_factory:data", classes=[0, 1, 2])
         assert int(bn.num_batches_tracked) == before[1]
         torch.testing.assert_close(bn.running_mean, before[0])
     finally:
-        sys.modules.pop("qa9_factory", None)
+        sys.modules.pop("training_bn_factory", None)
 
 
 def test_report_with_four_channel_non_square_images(tmp_path):

@@ -566,7 +566,6 @@ def test_choose_default_checks_max_sanity():
     """A NaN bound would make every candidate eligible without a word (``x > nan`` is
     False), a string failed in a comparison, a bool was taken as 1: each gets an error
     naming ``max_sanity``; None still switches the bound off."""
-    from test_heatmap_rules import _two_setup_report
 
     from captum_repinterp.evaluation.selection import choose_default
 
