@@ -115,11 +115,12 @@ def test_split_layer_as_heatmap_layer_is_the_split_layer_for_every_rule(tiny, to
     ri = RepresentativeInterpretation(model, model.features[-1])
     ri.fit(x[:240], batch_size=64, progress=False, attribute_to_layer_input=to_input)
     seeds = x[244:246]
+    nb = {"n_boundaries": 16}  # the identity checked needs no more
     for rule in HEATMAP_RULES:
-        at_none = ri.attribute(seeds, heatmap_rule=rule, heatmap_layer=None)
-        at_layer = ri.attribute(seeds, heatmap_rule=rule, heatmap_layer=ri.layer)
+        at_none = ri.attribute(seeds, heatmap_rule=rule, heatmap_layer=None, **nb)
+        at_layer = ri.attribute(seeds, heatmap_rule=rule, heatmap_layer=ri.layer, **nb)
         torch.testing.assert_close(at_layer, at_none, rtol=0, atol=0, msg=rule)
-        region = ri.interpret(seeds[:1], heatmap_rule=rule, heatmap_layer=ri.layer)
+        region = ri.interpret(seeds[:1], heatmap_rule=rule, heatmap_layer=ri.layer, **nb)
         assert region.heatmap_layer is None, rule
 
 
