@@ -27,26 +27,20 @@ NB = {"n_boundaries": 12, "bisection_steps": 12}
 RANDOM_STATE = {"random_state": 0}
 
 
-@pytest.fixture(scope="module")
-def fitted(last_block_fit):
-    """The tiny CNN's explainer at its last block: ``(ri, model, x)``."""
-    return last_block_fit
-
-
 # ------------------------ seeds, random_state, k, predictions, extra arguments
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
-def test_random_state_out_of_range_names_it(fitted, seed):
-    ri, _, x = fitted
+def test_random_state_out_of_range_names_it(last_block_fit, seed):
+    ri, _, x = last_block_fit
     with pytest.raises(ValueError, match="random_state"):
         ri.interpret(x[200:201], random_state=seed, **NB)
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_similar_takes_numpy_ints_and_names_k(fitted):
+def test_similar_takes_numpy_ints_and_names_k(last_block_fit):
     import numpy as np
 
-    ri, _, x = fitted
+    ri, _, x = last_block_fit
     region = ri.interpret(x[200:201], **NB)
     assert torch.equal(region.similar(np.int64(3)), region.members[:3])
     with pytest.raises(TypeError, match="k must be"):
@@ -56,8 +50,8 @@ def test_similar_takes_numpy_ints_and_names_k(fitted):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_evaluate_features_names_predictions(fitted):
-    ri, _, x = fitted
+def test_evaluate_features_names_predictions(last_block_fit):
+    ri, _, x = last_block_fit
     region = ri.interpret(x[200:201], **NB)
     with pytest.raises(TypeError, match="predictions"):
         region.evaluate_features(ri.features_, ri.predictions_.tolist())
@@ -110,15 +104,15 @@ def test_numpy_integers_are_ints(tiny):
 # ----------------------------------------------------------------------- audit
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("seed", [-1, 2**32])
-def test_audit_random_state_out_of_range_fails_first(fitted, seed):
-    ri, _, x = fitted
+def test_audit_random_state_out_of_range_fails_first(last_block_fit, seed):
+    ri, _, x = last_block_fit
     with pytest.raises(ValueError, match="^random_state"):  # not scikit-learn's, later
         audit(ri, x[200:260], target=0, random_state=seed, **NB)
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_audit_names_images_and_heldout(fitted):
-    ri, _, x = fitted
+def test_audit_names_images_and_heldout(last_block_fit):
+    ri, _, x = last_block_fit
     with pytest.raises(ValueError, match="^images"):
         audit(ri, x[200:260, 0], target=0, **NB)
     with pytest.raises(ValueError, match="^images"):
@@ -128,23 +122,23 @@ def test_audit_names_images_and_heldout(fitted):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_audit_refuses_heatmap_layer_before_any_region(fitted):
-    ri, model, x = fitted
+def test_audit_refuses_heatmap_layer_before_any_region(last_block_fit):
+    ri, model, x = last_block_fit
     with pytest.raises(ValueError, match="^heatmap_layer"):
         audit(ri, x[200:260], target=0, heatmap_layer=model.features[0], **NB)
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_audit_features_of_the_wrong_type_are_named(fitted):
-    ri, _, x = fitted
+def test_audit_features_of_the_wrong_type_are_named(last_block_fit):
+    ri, _, x = last_block_fit
     with pytest.raises(TypeError, match="features"):
         audit(ri, x[:200], features=(ri.features_.numpy(), ri.predictions_), **NB)
 
 
 # --------------------------------------------------------------------- figures
 @pytest.mark.usefixtures("one_thread")
-def test_plot_region_checks_the_seed_and_labels(fitted):
-    ri, _, x = fitted
+def test_plot_region_checks_the_seed_and_labels(last_block_fit):
+    ri, _, x = last_block_fit
     region = ri.interpret(x[200:201], **NB)
     with pytest.raises(ValueError, match="seed_image"):
         plot_region(region, x[200:202], x[:200])  # two seeds
@@ -155,8 +149,8 @@ def test_plot_region_checks_the_seed_and_labels(fitted):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_plot_audit_names_its_arguments(fitted):
-    ri, _, x = fitted
+def test_plot_audit_names_its_arguments(last_block_fit):
+    ri, _, x = last_block_fit
     result = audit(ri, x[200:260], target=0, subgroup_by="none", **NB)
     with pytest.raises(TypeError, match="class_audit.*result\\[c\\]"):
         plot_audit(result, x[200:260])
@@ -165,8 +159,8 @@ def test_plot_audit_names_its_arguments(fitted):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_compare_methods_names_badly_shaped_images(fitted):
-    ri, model, x = fitted
+def test_compare_methods_names_badly_shaped_images(last_block_fit):
+    ri, model, x = last_block_fit
     with pytest.raises(ValueError, match="images"):
         compare_methods(model, model.features[-1], ri, x[200], **NB)
 

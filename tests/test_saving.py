@@ -22,15 +22,9 @@ NB = {"n_boundaries": 12, "bisection_steps": 12}
 RANDOM_STATE = {"random_state": 0}
 
 
-@pytest.fixture(scope="module")
-def fitted(last_block_fit):
-    """The tiny CNN's explainer at its last block: ``(ri, model, x)``."""
-    return last_block_fit
-
-
 @pytest.mark.usefixtures("one_thread")
-def test_interpretations_compare_by_value(fitted, tmp_path):
-    ri, _, x = fitted
+def test_interpretations_compare_by_value(last_block_fit, tmp_path):
+    ri, _, x = last_block_fit
     region = ri.interpret(x[200:201], heatmap_rule="region-score", **NB)
     region.save(tmp_path / "r.npz")
     loaded = Interpretation.load(tmp_path / "r.npz")
@@ -43,8 +37,8 @@ def test_interpretations_compare_by_value(fitted, tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_load_with_the_explainer_of_another_layer_is_refused(fitted, tmp_path):
-    ri, model, x = fitted
+def test_load_with_the_explainer_of_another_layer_is_refused(last_block_fit, tmp_path):
+    ri, model, x = last_block_fit
     ri.interpret(x[200:201], **NB).save(tmp_path / "r.npz")
     other = RepresentativeInterpretation(model, model.features[0]).fit(x[:200], progress=False)
     with pytest.raises(ValueError, match="explainer"):
@@ -52,8 +46,8 @@ def test_load_with_the_explainer_of_another_layer_is_refused(fitted, tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_load_with_a_wrong_or_unfitted_explainer_names_it(fitted, tmp_path):
-    ri, model, x = fitted
+def test_load_with_a_wrong_or_unfitted_explainer_names_it(last_block_fit, tmp_path):
+    ri, model, x = last_block_fit
     ri.interpret(x[200:201], **NB).save(tmp_path / "r.npz")
     for wrong in (model, "ri"):
         with pytest.raises(TypeError, match="explainer"):
