@@ -334,11 +334,18 @@ def choose_heatmap_layer(
             if p_value < level:
                 chosen, verdict = "input", "the input's maps score higher"
                 break
-            if input_better_p_value(at_layer, at_input) < level:
+            layer_p_value = input_better_p_value(at_layer, at_input)
+            if layer_p_value < level:
                 verdict = "the split layer's maps score higher"
                 break
     if chosen is None and 0.5**done >= level:  # the smallest p the exact test can give
         verdict = "too few references to decide on: the split layer is kept"
+    elif chosen is None and layer_p_value >= level and at_layer.mean() > at_input.mean():
+        # not "no difference" without a word: the kept layer scored higher, not clearly
+        verdict = (
+            "no clear difference at this level (the split layer's maps scored higher on "
+            f"average, p = {layer_p_value:.2g} for them): the split layer is kept"
+        )
     scores = {"layer": float(at_layer.mean()), "input": float(at_input.mean())}
     at = f"at each of {len(looks)} looks" if len(looks) > 1 else "at one look"
     return ResolutionChoice(

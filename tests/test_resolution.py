@@ -405,3 +405,31 @@ def test_float_noise_is_a_tie_not_a_lead():
     assert input_better_p_value(layer + 0.5 * SCORE_TIE, layer) == 1.0
     lead = layer + torch.linspace(0.01, 0.05, 16, dtype=torch.float64)
     assert input_better_p_value(lead, layer) < 1e-3
+
+
+@pytest.mark.parametrize("lead", [-0.01, 0.01])
+def test_an_unclear_lead_of_the_split_layer_is_said_to_be_one(monkeypatch, lead):
+    """When neither map is clearly better the split layer is kept; when it also scored
+    higher on average the reason says so, with its p-value, instead of a bare "no clear
+    difference" next to a higher layer score (a new user read that as a contradiction).
+    An unclear lead of the input keeps the plain wording."""
+    from captum_repinterp.resolution import input_better_p_value
+
+    _fake_scores(monkeypatch, lead)
+    choice = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample())
+    assert choice.heatmap_layer is None and choice.n_images == 64
+    layer, inp = choice.scores["layer"], choice.scores["input"]
+    assert (layer > inp) == (lead < 0)
+    if lead < 0:
+        gen = torch.Generator().manual_seed(0)
+        base = 0.4 + 0.2 * torch.rand(1000, generator=gen, dtype=torch.float64)
+        eps = torch.randn(1000, generator=gen, dtype=torch.float64)
+        rows = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:64]
+        p_layer = input_better_p_value(base[rows], base[rows] + lead + 0.05 * eps[rows])
+        assert 0.05 / 3 <= p_layer < 0.5  # higher, not clearly
+        assert (
+            "no clear difference at this level (the split layer's maps scored higher on "
+            f"average, p = {p_layer:.2g} for them): the split layer is kept" in choice.reason
+        )
+    else:
+        assert "no clear difference: the split layer is kept (" in choice.reason
