@@ -1,16 +1,20 @@
 """The HTML audit report: its numbers, its glossary, and the page in a real headless browser."""
 
 import html
+import itertools
 import math
 import re
 import shutil
 import subprocess
+import warnings
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import fit
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from captum_repinterp import (
@@ -18,8 +22,10 @@ from captum_repinterp import (
 )
 from captum_repinterp.cli import main
 from captum_repinterp.report import (
+    LABEL_ORDER_MARGIN,
     audit_regions,
     build_report,
+    label_order_mismatch,
     load_callable,
     resolve_data,
     resolve_model,
@@ -324,3 +330,83 @@ def test_report_data_errors_name_what_was_given(tiny):
     with pytest.warns(UserWarning, match=r"classes: \[9\] not predicted on heldout"):
         rows, _ = audit_regions(ri, x[240:], [0, 9], 1, **NB)
     assert {r.target for r in rows} == {0}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 4).flatmap(
+        lambda c: st.tuples(
+            st.just(c),
+            st.lists(st.tuples(st.integers(0, c - 1), st.integers(0, c - 1)), min_size=1),
+        )
+    )
+)
+def test_label_order_mismatch_is_the_best_relabelling(case):
+    """Against a brute force over every relabelling (permutation of the classes): the
+    accuracy relabelled is the best one, reported only when it beats the labels as given
+    by the margin, and the relabelling moves only labels that occur."""
+    n_classes, pairs = case
+    labels = torch.tensor([a for a, _ in pairs])
+    preds = torch.tensor([b for _, b in pairs])
+    given_acc = float((labels == preds).float().mean())
+    best = max(
+        float((torch.tensor(p)[labels] == preds).float().mean())
+        for p in itertools.permutations(range(n_classes))
+    )
+    found = label_order_mismatch(labels, preds)
+    if best - given_acc < LABEL_ORDER_MARGIN:
+        assert found is None
+    else:
+        moved, acc, acc_best = found
+        assert acc == pytest.approx(given_acc) and acc_best == pytest.approx(best)
+        relabel = torch.arange(n_classes)
+        for a, b in moved.items():
+            assert a in labels.tolist() and a != b
+            relabel[a] = b
+        assert float((relabel[labels] == preds).float().mean()) == pytest.approx(best)
+
+
+def test_report_says_when_the_labels_are_in_another_order(fitted, tmp_path):
+    """An ImageFolder whose folders sort in another order than the model's classes gives
+    labels that are the true ones renumbered: the page showed a low accuracy and other
+    classes' names without a word. Labels equal to the predictions but for a cyclic
+    renumbering get the warning (on the page and as a UserWarning); the labels as the
+    model numbers them do not."""
+    model, refs, held, ri = fitted
+    held_preds = model(held).argmax(1)
+    kw = {
+        "head": model.head,
+        "classes": [0],
+        "regions_per_class": 1,
+        "n_boundaries": 8,
+        "members_shown": 3,
+        "class_names": ["circle", "cross", "square", "triangle"],
+    }
+    shifted = {
+        "reference_labels": (ri.predictions_ + 1) % 4,
+        "heldout_labels": (held_preds + 1) % 4,
+    }
+    with pytest.warns(UserWarning, match="labels: the true labels look numbered in another order"):
+        index = build_report(tmp_path / "a", model, model.features[-1], refs, held, **shifted, **kw)
+    page = html.unescape(index.read_text())
+    said = page[page.index('id="label-order"') :].split("</p>")[0]
+    assert "1 (cross) -> class 0" in said, said
+    assert "on 100% of the images, as given on 0%" in said, said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        same = {"reference_labels": ri.predictions_, "heldout_labels": held_preds}
+        index = build_report(tmp_path / "b", model, model.features[-1], refs, held, **same, **kw)
+    assert 'id="label-order"' not in index.read_text()
+
+
+def test_label_order_warning_needs_enough_labelled_images():
+    """A full renumbering is reported from LABEL_ORDER_MIN_IMAGES labelled images on, not
+    below (where labels drawn at random can beat their order by the margin)."""
+    from captum_repinterp.report import LABEL_ORDER_MIN_IMAGES, _label_order_warning
+
+    preds = torch.arange(LABEL_ORDER_MIN_IMAGES) % 4
+    labels = (preds + 1) % 4
+    assert _label_order_warning(labels[:-1], preds[:-1], None, "labels") == ""
+    said = _label_order_warning(labels, preds, None, "labels")
+    assert said.startswith("labels: the true labels look numbered in another order")
+    assert "1 -> class 0" in said and "on 100% of the images, as given on 0%" in said
