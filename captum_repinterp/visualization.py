@@ -589,13 +589,15 @@ def plot_audit(
     panel_size: float = 1.6,
     region_labels: Sequence[str] | None = None,
     labels: Tensor | None = None,
+    scale: str = "shared",
 ) -> Figure:
     """An audit of one class: one row per region (or per sub-group of a region).
 
     Each row starts with the group's mean heat map drawn over the mean of its members'
-    images (one colour scale for the figure), followed by its exemplars (nearest to the
-    group's centre first), each titled with its index into ``images`` (``#157``) and,
-    when ``labels`` are given, its true class (red when it is not the audited class).
+    images (one colour scale for the figure, or one per row), followed by its exemplars
+    (nearest to the group's centre first), each titled with its index into ``images``
+    (``#157``) and, when ``labels`` are given, its true class (red when it is not the
+    audited class).
 
     Parameters
     ----------
@@ -614,7 +616,19 @@ def plot_audit(
         add ``", group a"``, ``", group b"``, ...
     labels : Tensor, optional
         True classes of ``images``.
+    scale : {"shared", "row"}
+        ``"shared"``: one colour scale for every row (with a colour bar, in logit units),
+        so the rows' strengths compare; ``"row"``: each row's map on its own scale (its
+        maximum in its title), so a weak group's map stays visible next to a strong one
+        (the sub-groups are split on maps scaled to unit norm).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument at fault.
     """
+    if scale not in ("shared", "row"):
+        raise ValueError(f'scale must be "shared" or "row", got {scale!r}')
     if not hasattr(class_audit, "regions") or not hasattr(class_audit, "target"):
         raise TypeError(
             "class_audit must be the ClassAudit of one class, result[c] for "
@@ -657,15 +671,19 @@ def plot_audit(
     axes = fig.subplots(len(rows), cols, squeeze=False)
     heat = [_layer_maps(group.mean_heatmap) for _, _, group in rows]
     size = tuple(images.shape[-2:])
-    vmax = max(float(attribution_to_hwc(h, size).max()) if h.dim() >= 2 else 0.0 for h in heat)
+    row_max = [float(attribution_to_hwc(h, size).max()) if h.dim() >= 2 else 0.0 for h in heat]
+    vmax = max(row_max)
     mappable = None
     for r, (label, _region, group) in enumerate(rows):
         hm = heat[r]
         mean_img = images[group.members].mean(dim=0) if group.size else images[0] * 0
         text = f"{label}: {group.size} images\n({group.size / n_class:.0%} of class), mean"
         if hm.dim() >= 2:
-            drawn = show_heatmap(axes[r][0], mean_img, hm, vmax if vmax > 0 else None)
+            top = vmax if scale == "shared" else row_max[r]
+            drawn = show_heatmap(axes[r][0], mean_img, hm, top if top > 0 else None)
             mappable = _keep(mappable, drawn)
+            if scale == "row":
+                text += f", max {row_max[r]:.3g}"
         else:
             show_heatmap(axes[r][0], mean_img, None)
         axes[r][0].set_title(text, fontsize=7)
@@ -683,7 +701,7 @@ def plot_audit(
                 )
             else:
                 ax.axis("off")
-    if mappable is not None:
+    if mappable is not None and scale == "shared":
         fig.colorbar(
             mappable, ax=axes[:, 0].tolist(), location="left", shrink=0.8, pad=0.02
         ).set_label("mean RI heat (logit units)", fontsize=7)
@@ -696,7 +714,12 @@ def plot_audit(
         fig,
         "Each row: a region (or a sub-group of its images, split by their heat maps); "
         "first panel: mean heat map over the mean image, at "
-        f"{_resolution(heat[0]) if heat[0].dim() >= 2 else 'layer'} resolution; then the "
-        "images nearest the group's centre, #i = index into the audited images.",
+        f"{_resolution(heat[0]) if heat[0].dim() >= 2 else 'layer'} resolution"
+        + (
+            ", each row on its own colour scale (its maximum in its title)"
+            if scale == "row"
+            else ""
+        )
+        + "; then the images nearest the group's centre, #i = index into the audited images.",
     )
     return fig

@@ -343,6 +343,34 @@ def test_plot_audit(fitted, result):
         plot_audit(ca, x, n_exemplars=-1)
 
 
+def test_plot_audit_scale_per_row(fitted):
+    """``scale="row"``: each row's mean map on its own colour scale, its maximum (that of
+    the map upsampled to the images, by hand) in the row's title and as the top of the
+    colour range; no shared colour bar. ``"shared"``: one top for every row, the largest.
+    Anything else names ``scale``."""
+    from captum_repinterp.visualization import attribution_to_hwc
+
+    ri, x = fitted
+    c = int(ri.predictions_[0])
+    ca = audit(ri, x, target=c, coverage_target=1.0, max_regions=3, random_state=0, **FAST)[c]
+    maps = [r.mean_heatmap for r in ca.regions]
+    maps = [m[0] if isinstance(m, tuple) else m for m in maps]
+    tops = [float(attribution_to_hwc(m, tuple(x.shape[-2:])).max()) for m in maps]
+    assert len(tops) > 1 and min(tops) < max(tops)  # rows of different strength
+    for scale, want in (("row", tops), ("shared", [max(tops)] * len(tops))):
+        fig = plot_audit(ca, x, n_exemplars=1, subgroups=False, scale=scale)
+        first = [a for a in fig.axes if a.get_label() != "<colorbar>"][::2]
+        drawn = [a.images[-1].get_clim()[1] if len(a.images) > 1 else 0.0 for a in first]
+        assert drawn == pytest.approx([t if t > 0 else 0.0 for t in want], rel=1e-5)
+        has_bar = any(a.get_label() == "<colorbar>" for a in fig.axes)
+        assert has_bar == (scale == "shared")
+        if scale == "row":
+            for a, t in zip(first, tops):
+                assert a.get_title().endswith(f"max {t:.3g}"), a.get_title()
+    with pytest.raises(ValueError, match="scale must be"):
+        plot_audit(ca, x, scale="per-row")
+
+
 # --------------------------------------------------------------------- planted shortcut
 SHORTCUT_CLASS, PATCH, PATCH_SHARE = 7, 4, 0.6
 
