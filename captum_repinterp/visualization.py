@@ -503,13 +503,13 @@ def plot_comparison(
             vmax = max(float(attribution_to_hwc(a, size).max()) for a in attr)
             for i, ax in enumerate(column):
                 mappable = _keep(mappable, show_heatmap(ax, images[i], attr[i], vmax))
-            label = f"{name} (model units, column scale)"
+            label = "model units, column scale"  # the column's title names the method
         else:
             for i, ax in enumerate(column):
                 top = float(attribution_to_hwc(attr[i], size).max())
                 unit = attr[i] / top if top > 0 else attr[i]
                 mappable = _keep(mappable, show_heatmap(ax, images[i], unit, 1.0))
-            label = f"{name} (share of the panel's maximum)"
+            label = "share of the panel's maximum"
         column[0].set_title(f"{name}\n{res} map", fontsize=7)
         if mappable is not None:
             cbar = fig.colorbar(mappable, ax=column, location="bottom", shrink=0.9, pad=0.01)
