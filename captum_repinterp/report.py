@@ -835,8 +835,10 @@ def build_report(
                 bad=[True] * len(shown),
                 title=f"{r.label} (class {name(r.target)}): images inside that the model "
                 "puts in another class, or whose true label is another",
-                caption="Under the region's heat map (one colour scale). ref #i: reference "
-                "image i; held-out #i: held-out image i.",
+                caption="Under the region's heat map: the region's one direction applied to "
+                "each image's activations (not each image's own explanation; a coarse layer "
+                "draws similar blobs), one colour scale. ref #i: reference image i; held-out "
+                "#i: held-out image i.",
             ).savefig(out / intruder_figure, dpi=80)
         member_rows = []
         for rank in range(min(members_shown, len(it))):
