@@ -375,7 +375,8 @@ class Interpretation:
         Parameters
         ----------
         activations : tuple of Tensor
-            The split layer's outputs for ``n`` images (as a forward hook records them).
+            The split layer's outputs for ``n`` images (as a forward hook records them);
+            one tensor stands for a tuple of one.
         relu_attributions, attr_dim_summation : bool
             As for :meth:`heatmap`.
 
@@ -387,9 +388,10 @@ class Interpretation:
         Raises
         ------
         ValueError
-            When the map is drawn at another layer or the input (that needs the model).
+            When the map is drawn at another layer or the input (that needs the model),
+            or ``activations`` are not shaped as the split layer's outputs.
         TypeError
-            When a flag is not a bool.
+            When a flag is not a bool, or ``activations`` not tensors.
         """
         relu_attributions = check_bool(relu_attributions, "relu_attributions")
         attr_dim_summation = check_bool(attr_dim_summation, "attr_dim_summation")
@@ -398,6 +400,7 @@ class Interpretation:
                 "this interpretation draws its map at heatmap_layer, which needs the model: "
                 "use heatmap(inputs)"
             )
+        activations = self._check_activations(activations)
         return self.rule.draw(
             self.direction,
             activations,
@@ -406,6 +409,28 @@ class Interpretation:
             relu_attributions,
             attr_dim_summation,
         )
+
+    def _check_activations(self, activations: Any) -> tuple[Tensor, ...]:
+        """``activations`` as a tuple shaped as the split layer's outputs (a bare tensor
+        was iterated over its images, each read as a batch: maps of the wrong images)."""
+        if isinstance(activations, Tensor):
+            activations = (activations,)
+        if not isinstance(activations, (tuple, list)) or not all(
+            isinstance(a, Tensor) for a in activations
+        ):
+            raise TypeError(
+                "activations must be a tensor or a tuple of tensors (the split layer's "
+                f"outputs), got {type(activations).__name__}"
+            )
+        shapes = tuple(tuple(a.shape[1:]) for a in activations)
+        sizes = {a.shape[0] for a in activations if a.dim() > 0}
+        if shapes != self.layout.shapes or len(sizes) != 1:
+            got = tuple(tuple(a.shape) for a in activations)
+            raise ValueError(
+                f"activations: shaped {got}, but the split layer gives n x "
+                f"{self.layout.shapes} per output (n images, the same n for each)"
+            )
+        return tuple(activations)
 
     # ------------------------------------------------------------------ persistence
     def metadata(self) -> dict[str, Any]:

@@ -365,6 +365,57 @@ def _warn_if_read_differently(references: Any, example: Example) -> None:
     )
 
 
+def _rows_close(now: Tensor, kept: Tensor, dtype: torch.dtype) -> bool:
+    """Recomputed features or outputs equal to the kept ones, to the model's rounding.
+
+    The tolerance is relative to the rows' own scale (their largest finite magnitude):
+    rounding grows with the values, so features of any size, ``1e-5`` as well as
+    ``1e5``, are compared alike.
+    """
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo().eps
+    rtol = max(1e-3, 16 * eps)
+    both = torch.cat([now.reshape(-1), kept.reshape(-1)])
+    finite = both[torch.isfinite(both)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    atol = rtol * scale + torch.finfo(torch.float32).tiny
+    return torch.allclose(now, kept, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def _run_alone(
+    forward_func: Callable,
+    layer: nn.Module,
+    example: Example,
+    layout: LayerLayout,
+    attribute_to_layer_input: bool,
+) -> Tensor | None:
+    """The first reference's features when it runs alone (``1 x D`` float32, CPU).
+
+    Run twice: None when the two runs differ (a model with randomness in ``forward`` is
+    left to the cut check) or the model fails on one example.
+    """
+    try:
+        with torch.no_grad():
+            runs = [
+                layout.flatten(
+                    forward_with_layer(
+                        forward_func,
+                        layer,
+                        example.inputs,
+                        example.additional_forward_args,
+                        attribute_to_layer_input,
+                    )[0]
+                )
+                .detach()
+                .to("cpu", torch.float32)
+                for _ in range(2)
+            ]
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    if runs[0].shape != runs[1].shape or not torch.allclose(runs[0], runs[1]):
+        return None
+    return runs[0]
+
+
 def _warn_if_batch_dependent(
     forward_func: Callable,
     layer: nn.Module,
@@ -388,34 +439,13 @@ def _warn_if_batch_dependent(
     """
     if len(example.batch) == 0 or example.batch[0].shape[0] < 2 or features.shape[0] == 0:
         return
-    try:
-        with torch.no_grad():
-            runs = [
-                layout.flatten(
-                    forward_with_layer(
-                        forward_func,
-                        layer,
-                        example.inputs,
-                        example.additional_forward_args,
-                        attribute_to_layer_input,
-                    )[0]
-                )
-                .detach()
-                .to("cpu", torch.float32)
-                for _ in range(2)
-            ]
-    except (RuntimeError, ValueError, TypeError):
-        return
     kept = features[:1].float()
-    dtype = example.spec[0][1]
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo().eps
-    rtol = max(1e-3, 16 * eps)
-    atol = rtol * max(1.0, float(kept.abs().max()))
-    if runs[0].shape != kept.shape or not torch.allclose(runs[0], runs[1]):
+    alone = _run_alone(forward_func, layer, example, layout, attribute_to_layer_input)
+    if alone is None or alone.shape != kept.shape:
         return
-    if torch.allclose(runs[0], kept, rtol=rtol, atol=atol, equal_nan=True):
+    if _rows_close(alone, kept, example.spec[0][1]):
         return
-    gap = float((runs[0] - kept).abs().max())
+    gap = float((alone - kept).abs().max())
     warnings.warn(
         "fit: the first reference's features at the layer differ when it runs alone and "
         f"in its batch (largest difference {gap:.3g}): the model mixes the examples of a "
@@ -461,19 +491,24 @@ def _check_store_rows(
     )
     k = min(rows.shape[0], features.shape[0])
     dtype = example.spec[0][1]
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo().eps
-    rtol = max(1e-3, 16 * eps)
 
     def close(now: Tensor | None, kept: Tensor) -> bool:
         """Recomputed rows equal to the stored ones, to the model's rounding."""
-        atol = rtol * max(1.0, float(kept.abs().max()))
-        return (
-            now is not None
-            and now.shape == kept.shape
-            and torch.allclose(now, kept, rtol=rtol, atol=atol, equal_nan=True)
-        )
+        return now is not None and now.shape == kept.shape and _rows_close(now, kept, dtype)
 
     if not (got_layout == layout and (k == 0 or close(rows[:k], features[:k].float()))):
+        alone = None
+        if got_layout == layout and rows.shape[0] >= 2:
+            alone = _run_alone(forward_func, layer, example, layout, attribute_to_layer_input)
+        if alone is not None and alone.shape == rows[:1].shape and not close(alone, rows[:1]):
+            raise ValueError(
+                "store: the first reference's features at the layer differ when it runs "
+                "alone and in a batch: the model mixes the examples of a batch before the "
+                "layer (batch norm with batch statistics, such as "
+                "BatchNorm2d(track_running_stats=False), which eval mode does not switch "
+                "off), so the stored features depend on batch_size; use running "
+                "statistics, or fit(..., batch_size=1)"
+            )
         raise ValueError(
             f"store: {os.fspath(store)!r} holds the features of other references, another "
             "model or another layer (its first rows differ from these references' "

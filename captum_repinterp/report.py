@@ -501,16 +501,21 @@ def label_order_mismatch(
     labels, predictions = labels.long().cpu(), predictions.long().cpu()
     if labels.numel() == 0:
         return None
-    n = int(max(int(labels.max()), int(predictions.max()))) + 1
-    counts = torch.zeros(n, n, dtype=torch.long)
-    counts.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
+    # counts over the labels and classes that occur (a label such as 10**6 must not
+    # size the matrix); every label can keep its own number or take any class
+    seen, label_row = torch.unique(labels, return_inverse=True)
+    classes = torch.unique(torch.cat([seen, predictions]))
+    class_col = torch.searchsorted(classes, predictions)
+    counts = torch.zeros(len(seen), len(classes), dtype=torch.long)
+    counts.index_put_((label_row, class_col), torch.ones_like(labels), accumulate=True)
     rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
-    given = float(counts.diagonal().sum()) / labels.numel()
+    given = float((labels == predictions).sum()) / labels.numel()
     best = float(counts[rows, cols].sum()) / labels.numel()
     if best - given < margin:
         return None
-    present = set(labels.tolist())
-    moved = {int(r): int(c) for r, c in zip(rows, cols) if r != c and int(r) in present}
+    moved = {
+        int(seen[r]): int(classes[c]) for r, c in zip(rows, cols) if int(seen[r]) != int(classes[c])
+    }
     return moved, given, best
 
 

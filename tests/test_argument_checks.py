@@ -359,3 +359,28 @@ def test_a_reader_of_another_layout_is_refused_even_with_as_many_features(tiny, 
             call(x[:2])
     region.reader = features_fit.reader_
     assert region.contains(x[60:61]).tolist() == [True]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_heatmap_from_activations_checks_the_activations(last_block_fit):
+    """A bare tensor of the split layer's outputs was iterated over its images, each
+    read as a batch: the maps of 2 images came back as one 8 x 1 x 6 x 6 map of nobody;
+    another layer's outputs ended in torch's size mismatch. A tensor now stands for a
+    tuple of one (the same maps as the tuple), other shapes are refused naming
+    ``activations``."""
+    ri, model, x = last_block_fit
+    region = ri.interpret(x[200:201], n_boundaries=10, heatmap_layer=None)
+    with torch.no_grad():
+        acts = model.features(x[:2])
+    (want,) = region.heatmap_from_activations((acts,))
+    assert want.shape == (2, 1, 6, 6)
+    (got,) = region.heatmap_from_activations(acts)
+    assert torch.equal(got, want)
+    assert torch.allclose(region.heatmap(x[:2]), want, atol=1e-6)  # one image a pass
+    with torch.no_grad():
+        first = model.features[0](x[:2])  # 6 x 6 x 6: another layer
+    for bad in ((first,), (acts, acts), (acts[0],)):
+        with pytest.raises(ValueError, match="activations: shaped"):
+            region.heatmap_from_activations(bad)
+    with pytest.raises(TypeError, match="activations must be a tensor or a tuple"):
+        region.heatmap_from_activations(acts.numpy())

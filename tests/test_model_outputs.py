@@ -229,3 +229,66 @@ def test_features_that_depend_on_the_batch_are_warned_about(tiny, one_thread):
         model.features[1] = nn.BatchNorm2d(6).eval()  # running statistics
         _spread(model, refs)
         RepresentativeInterpretation(model, model.features).fit(refs, progress=False)
+
+
+class _SubtractBatchMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(dim=0, keepdim=True)
+
+
+class _BatchMeanCNN(nn.Module):
+    """Bias-free convolutions around an optional layer that subtracts the batch's mean:
+    the features scale with the inputs, so tiny inputs give tiny features."""
+
+    def __init__(self, mix: bool) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1, bias=False),
+            _SubtractBatchMean() if mix else nn.Identity(),
+            nn.Conv2d(6, 8, 3, padding=1, bias=False),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_batch_dependence_is_found_at_any_feature_scale(tiny, one_thread, scale):
+    """The comparison's tolerance follows the features' own scale: inputs (and so
+    features) of size 1e-4 hid a batch-mean subtraction that changes them by about 100%
+    (the tolerance had a floor of 1e-3 in absolute terms); without the subtraction no
+    scale warns."""
+    _, x = tiny
+    refs = x[:40] * scale
+    for mix in (True, False):
+        torch.manual_seed(0)
+        model = _BatchMeanCNN(mix).eval()
+        _spread(model, refs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            RepresentativeInterpretation(model, model.features).fit(
+                refs, batch_size=40, progress=False
+            )
+        said = [w for w in caught if "differ when it runs alone" in str(w.message)]
+        assert bool(said) == mix, (mix, [str(w.message) for w in caught])
+
+
+def test_a_store_of_a_batch_dependent_model_says_why(tiny, one_thread, tmp_path):
+    """A fresh store of a model with batch statistics failed the check of its first
+    rows (recomputed in a batch of four) with "holds the features of other references
+    ... use a new path", which a new path does not cure; it now names the batch mixing,
+    and a fit in batches of one works."""
+    _, x = tiny
+    torch.manual_seed(0)
+    model = _BatchStatsCNN().eval()
+    refs = x[:40]
+    _spread(model, refs)
+    ri = RepresentativeInterpretation(model, model.features)
+    with pytest.raises(ValueError, match="store: .*mixes the examples of a batch"):
+        ri.fit(refs, batch_size=16, progress=False, store=tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ri.fit(refs, batch_size=1, progress=False, store=tmp_path / "b")
+    assert ri.features_.shape[0] == 40

@@ -410,3 +410,34 @@ def test_label_order_warning_needs_enough_labelled_images():
     said = _label_order_warning(labels, preds, None, "labels")
     assert said.startswith("labels: the true labels look numbered in another order")
     assert "1 -> class 0" in said and "on 100% of the images, as given on 0%" in said
+
+
+def test_label_order_mismatch_with_label_numbers_far_beyond_the_classes():
+    """The confusion counts were a square matrix sized by the largest label: a label
+    such as 10**6 asked for 8 TB and crashed the report (10**4: 800 MB, seconds). They
+    are now counted over the labels and classes that occur: the same answers as a
+    brute force over relabellings, with labels far beyond the model's classes."""
+    preds = torch.arange(200) % 4
+    big = 10**6
+    labels = preds.clone()
+    labels[::50] = big  # four images of a class the model does not have
+    assert label_order_mismatch(labels, preds) is None
+    moved, given, best = label_order_mismatch(big + (preds + 1) % 4, preds)
+    assert moved == {big + (c + 1) % 4: c for c in range(4)}
+    assert given == 0.0 and best == 1.0
+    # one label renumbered into another's place, one extra label: the best injective
+    # relabelling (brute force over where each occurring label goes)
+    labels = torch.where(preds == 0, 3, torch.where(preds == 3, 0, preds))
+    labels[:7] = big
+    found = label_order_mismatch(labels, preds)
+    targets = sorted(set(labels.tolist()) | set(preds.tolist()))
+    seen = sorted(set(labels.tolist()))
+    best = max(
+        sum(dict(zip(seen, p))[int(a)] == int(b) for a, b in zip(labels, preds))
+        for p in itertools.permutations(targets, len(seen))
+    ) / len(labels)
+    moved, given, acc = found
+    assert acc == pytest.approx(best) and given == pytest.approx(
+        float((labels == preds).float().mean())
+    )
+    assert moved[0] == 3 and moved[3] == 0

@@ -433,3 +433,52 @@ def test_an_unclear_lead_of_the_split_layer_is_said_to_be_one(monkeypatch, lead)
         )
     else:
         assert "no clear difference: the split layer is kept (" in choice.reason
+
+
+def _fake_differences(monkeypatch, diff):
+    """Per-image scores ``layer = 0.5`` and ``input = 0.5 + diff(row)``."""
+    import captum_repinterp.resolution as res
+
+    def fake(forward_func, layer, images, attribute_to_layer_input, shares, baseline, per):
+        rows = images.flatten().long()
+        per["layer"].append(torch.full((len(rows),), 0.5, dtype=torch.float64))
+        per["input"].append(0.5 + diff(rows).double())
+        return ""
+
+    monkeypatch.setattr(res, "_score_both", fake)
+
+
+def test_tied_references_do_not_shrink_the_p_value(monkeypatch):
+    """Ties are left out before the test: with the zeros passed on, scipy switched to
+    its normal approximation and gave p = .023 for 4 differing images of 16 (the exact
+    test's smallest p on 4 is 1/16), so the input was chosen on 4 images. Now the p is
+    the exact one, and the reason says the differing references are too few."""
+    from captum_repinterp.resolution import input_better_p_value
+
+    layer = torch.full((16,), 0.5, dtype=torch.float64)
+    lead = torch.tensor([0.1] * 4 + [0.0] * 12, dtype=torch.float64)
+    assert input_better_p_value(layer + lead, layer) == pytest.approx(1 / 16)
+    assert input_better_p_value(layer[:4] + lead[:4], layer[:4]) == pytest.approx(1 / 16)
+    _fake_differences(monkeypatch, lambda rows: torch.where(rows < 4, 0.1, 0.0))
+    choice = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(16))
+    assert choice.heatmap_layer is None and choice.p_value == pytest.approx(1 / 16)
+    assert "too few references to decide on (4 of 16 score differently)" in choice.reason
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_lead_on_most_references_with_a_lower_mean_says_so(monkeypatch, sign):
+    """The test is on signed ranks: one map can win on 15 of 16 references by a little
+    and lose on one by a lot, so that it is chosen (or the split layer is) while its
+    mean score is lower. The reason said "the input's maps score higher" next to a
+    lower input score; it now says "on most references, though lower on average"."""
+    _fake_differences(monkeypatch, lambda rows: sign * torch.where(rows == 0, -0.4, 0.01))
+    choice = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(16))
+    winner = "input" if sign == 1 else "layer"
+    assert choice.heatmap_layer == ("input" if sign == 1 else None)
+    assert choice.scores[winner] < choice.scores["layer" if sign == 1 else "input"]
+    said = "the input's maps" if sign == 1 else "the split layer's maps"
+    assert f"{said} score higher on most references, though lower on average" in choice.reason
+    # where the mean agrees, the plain wording
+    _fake_differences(monkeypatch, lambda rows: sign * torch.full((len(rows),), 0.01))
+    plain = choose_heatmap_layer(lambda x: x, nn.Identity().eval(), _sample(16))
+    assert f"{said} score higher (" in plain.reason
