@@ -240,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick:
             print(QUICK_NOTE)
     elif args.command == "report":
-        from .report import prepare_report, run_report
+        from .report import run_report
+        from .report_inputs import prepare_report
 
         try:
             inputs = prepare_report(

@@ -155,7 +155,7 @@ def data():
 
 
 def test_report_class_check_leaves_a_training_model_alone(tmp_path, monkeypatch):
-    from captum_repinterp.report import prepare_report
+    from captum_repinterp.report_inputs import prepare_report
 
     (tmp_path / "training_bn_factory.py").write_text(_FACTORY)
     monkeypatch.chdir(tmp_path)

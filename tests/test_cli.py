@@ -9,7 +9,7 @@ import torch
 
 from captum_repinterp import cli
 from captum_repinterp.cli import main
-from captum_repinterp.report import prepare_report
+from captum_repinterp.report_inputs import prepare_report
 
 USER_MODULE = textwrap.dedent(
     """
@@ -258,7 +258,7 @@ def test_report_factory_layer_that_is_not_a_cut_is_a_usage_error(capsys, tmp_pat
 
 def test_demo_report_bad_class_is_a_usage_error(capsys, monkeypatch):
     """``report --classes 42`` on the demo: one line, status 2 (the demo is not run)."""
-    import captum_repinterp.report as report
+    import captum_repinterp.report_inputs as report_inputs
 
     calls = []
 
@@ -266,7 +266,7 @@ def test_demo_report_bad_class_is_a_usage_error(capsys, monkeypatch):
         calls.append(classes)
         raise ValueError(f"classes: none of {classes} is predicted on the held-out images")
 
-    monkeypatch.setattr(report, "prepare_report", fake)
+    monkeypatch.setattr(report_inputs, "prepare_report", fake)
     line = _usage_error(capsys, ["report", "--classes", "42"])
     assert calls == [[42]]
     assert "classes: none of [42]" in line

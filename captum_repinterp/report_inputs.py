@@ -1,0 +1,349 @@
+"""What ``captum-repinterp report`` is given: the model factory and data functions
+(``"package.module:function"`` strings), resolved and checked before any work.
+
+:func:`prepare_report` turns the command's arguments into :class:`ReportInputs` (the
+model, its split layer and head, reference and held-out images as tensors, true labels,
+classes and their names) for :func:`captum_repinterp.report.run_report`. Datasets and
+DataLoaders (an ``ImageFolder``) are stacked into tensors: the report indexes its images,
+so it holds them in memory. Bad arguments raise a ValueError or TypeError naming the
+argument; the command line turns them into a usage error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_int, describe_value
+from .features import eval_mode
+
+__all__ = [
+    "ReportInputs",
+    "load_callable",
+    "prepare_report",
+    "resolve_data",
+    "resolve_model",
+]
+
+
+def load_callable(spec: str, name: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"`` and return the function.
+
+    The current directory is put on ``sys.path`` first, so a module next to the user's
+    working directory is found. Resolution is :func:`pkgutil.resolve_name`.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` when ``spec`` is malformed, cannot be imported or is not callable.
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"{name} must look like 'package.module:function', got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module_name = spec.split(":")[0]
+    try:
+        fn = pkgutil.resolve_name(spec)
+    except ImportError as exc:
+        raise ValueError(f"{name}: cannot import module {module_name!r}: {exc}") from exc
+    except AttributeError:
+        fn = None
+    if not callable(fn):
+        raise ValueError(f"{name}: {module_name!r} has no callable {spec.split(':')[1]!r}")
+    return fn
+
+
+def _call_without_arguments(spec: str, name: str) -> Any:
+    """Load ``spec`` with :func:`load_callable` and call it with no arguments; a
+    function that needs arguments is a ValueError naming ``name``."""
+    fn = load_callable(spec, name)
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as exc:
+        raise ValueError(f"{name}: {spec} must take no arguments ({exc})") from None
+    except ValueError:  # no signature to check (some builtins)
+        pass
+    return fn()
+
+
+def resolve_model(
+    obj: Any, layer: str | None = None, references: Tensor | None = None
+) -> tuple[nn.Module, nn.Module, Callable | None]:
+    """``(model, layer, head)`` from what a model factory returned.
+
+    Accepts ``model`` (then ``layer = model.features[-1]``), ``(model, layer)`` or
+    ``(model, layer, head)``. Pick a layer with :func:`captum_repinterp.find_layer` when
+    the model has no ``features``. A ``layer`` name (see :func:`prepare_report`)
+    replaces the factory's layer; ``"auto"`` runs ``find_layer`` on ``references``.
+    """
+    head = split = None
+    if isinstance(obj, (tuple, list)):
+        if len(obj) not in (2, 3):
+            raise ValueError(
+                "model factory must return model, (model, layer) or (model, layer, head); "
+                f"got a sequence of length {len(obj)}"
+            )
+        model, split = obj[0], obj[1]
+        head = obj[2] if len(obj) == 3 else None
+        if layer is not None and head is not None:
+            raise ValueError(
+                "layer: the model factory also returned a head, which belongs to its "
+                "own layer; return model or (model, layer) to choose the layer here"
+            )
+    else:
+        model = obj
+        if layer is None:
+            features = getattr(model, "features", None)
+            if not isinstance(features, nn.Sequential) or len(features) == 0:
+                raise ValueError(
+                    "model factory: the model has no non-empty nn.Sequential .features; "
+                    "return (model, layer) to name the layer to interpret, or name it with "
+                    "--layer (a module name, or 'auto' for find_layer)"
+                )
+            split = features[-1]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model factory must return an nn.Module, got {type(model).__name__}")
+    if layer is not None:
+        split = _named_layer(model, layer, references)
+    if not isinstance(split, nn.Module):
+        raise TypeError(f"model factory: layer must be an nn.Module, got {type(split).__name__}")
+    return model, split, head
+
+
+def _labels(value: Any, images: Tensor, name: str) -> Tensor | None:
+    if value is None:
+        return None
+    labels = torch.as_tensor(value)
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+        raise ValueError(
+            f"data: {name} must be {images.shape[0]} integer labels, got shape "
+            f"{tuple(labels.shape)} ({labels.dtype})"
+        )
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(
+            f"data: {name} must be class indices >= 0, got {int(labels.min())} (labels "
+            "are compared with the model's predicted classes)"
+        )
+    return labels.long()
+
+
+def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(references, heldout, reference_labels, heldout_labels)`` from a data factory.
+
+    Accepts ``(reference_images, heldout_images)`` or
+    ``(reference_images, heldout_images, reference_labels, heldout_labels)`` (either
+    label entry may be None). The images may be tensors, or Datasets / DataLoaders of
+    images or ``(image, label, ...)`` items (an ``ImageFolder``), which are stacked into
+    tensors (the report indexes its images, so it holds them in memory); the items'
+    integer labels are the true labels unless labels are given.
+    """
+    if not isinstance(obj, (tuple, list)) or len(obj) not in (2, 4):
+        raise ValueError(
+            "data must return (reference_images, heldout_images) or (reference_images, "
+            "heldout_images, reference_labels, heldout_labels)"
+        )
+    (refs, item_ref_labels), (held, item_held_labels) = (
+        _as_images(obj[0], "reference_images"),
+        _as_images(obj[1], "heldout_images"),
+    )
+    for value, what in ((refs, "reference_images"), (held, "heldout_images")):
+        if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] == 0:
+            got = describe_value(value) if hasattr(value, "shape") else type(value).__name__
+            hint = (
+                " (torch.from_numpy(a) converts a NumPy array)"
+                if hasattr(value, "__array__") and not isinstance(value, Tensor)
+                else ""
+            )
+            raise TypeError(
+                f"data: {what} must be a non-empty tensor of images (batch first), a "
+                f"Dataset or a DataLoader of them; got {got}{hint}"
+            )
+    if refs.shape[1:] != held.shape[1:]:
+        raise ValueError(
+            f"data: reference and held-out images differ in shape: {tuple(refs.shape[1:])} "
+            f"vs {tuple(held.shape[1:])}"
+        )
+    if len(obj) == 2:
+        obj = (*obj, item_ref_labels, item_held_labels)
+    return (
+        refs,
+        held,
+        _labels(obj[2], refs, "reference_labels"),
+        _labels(obj[3], held, "heldout_labels"),
+    )
+
+
+def _as_images(value: Any, what: str) -> tuple[Any, Tensor | None]:
+    """A Dataset or DataLoader of images (an ``ImageFolder``) as one tensor, and the
+    integer labels its items carry (``(image, label)``), else None; anything else is
+    returned as it is. The report indexes its images, so they are held in memory."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if not isinstance(value, (Dataset, DataLoader)):
+        return value, None
+    if isinstance(value, Dataset) and not hasattr(value, "__len__"):
+        raise TypeError(f"data: {what} is a dataset without a length; pass a tensor")
+    loader = value if isinstance(value, DataLoader) else DataLoader(value, batch_size=64)
+    images, labels = [], []
+    for batch in loader:
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(first, Tensor):
+            raise TypeError(
+                f"data: the items of {what} must be images or (image, label, ...) "
+                f"tuples, got {type(first).__name__}"
+            )
+        images.append(first)
+        second = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        if isinstance(second, Tensor) and second.dim() == 1 and not second.is_floating_point():
+            labels.append(second)
+    stacked = torch.cat(images) if images else torch.zeros(0)
+    have_labels = labels and sum(len(t) for t in labels) == len(stacked)
+    return stacked, torch.cat(labels) if have_labels else None
+
+
+@dataclass
+class ReportInputs:
+    """Everything :func:`build_report` needs, resolved and checked."""
+
+    model: nn.Module
+    layer: nn.Module
+    head: Callable | None
+    references: Tensor
+    heldout: Tensor
+    reference_labels: Tensor | None
+    heldout_labels: Tensor | None
+    classes: list[int] | None
+    title: str
+    class_names: list[str] | None = None
+
+
+def _predicted_classes(model: nn.Module, images: Tensor, batch_size: int = 512) -> set[int]:
+    """The classes ``model`` predicts on ``images`` (run in eval mode; modes restored)."""
+    with eval_mode(model), torch.no_grad():
+        return {
+            int(c)
+            for s in range(0, len(images), batch_size)
+            for c in model(images[s : s + batch_size]).argmax(1).unique()
+        }
+
+
+def _named_layer(model: nn.Module, name: str, references: Tensor) -> nn.Module:
+    """The split layer the report's ``layer`` argument names (``"auto"``: find_layer)."""
+    if name == "auto":
+        from .layers import find_layer
+
+        return find_layer(model, references[:4])
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_children()]
+        raise ValueError(
+            f"layer: the model has no submodule {name!r} (a dotted name as in "
+            f"model.named_modules(), e.g. 'layer4' or 'features.7', or 'auto'; its "
+            f"children: {names[:12]})"
+        ) from None
+
+
+def _class_names(names: Sequence[str] | None, present: set[int]) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError("class_names must be a sequence of str (one name per class index)")
+    if present and max(present) >= len(names):
+        raise ValueError(
+            f"class_names: {len(names)} names, but the model predicts class {max(present)} "
+            "on the held-out images (one name per class index from 0)"
+        )
+    return list(names)
+
+
+def prepare_report(
+    model_factory: str | None = None,
+    data: str | None = None,
+    classes: Sequence[int] | None = None,
+    random_state: int = 0,
+    layer: str | None = None,
+    class_names: Sequence[str] | None = None,
+) -> ReportInputs:
+    """Resolve the report's arguments: load model and data, check the classes.
+
+    ``model_factory`` and ``data`` are ``"package.module:function"`` strings; give both
+    or neither. Without them the demo (small CNN, MNIST-5k, see
+    :func:`captum_repinterp.demo.mnist_setup`) audits ``classes`` (default ``0, 1, 2``
+    to keep it fast).
+
+    ``layer`` names the split layer in the factory's model (a dotted name as in
+    ``model.named_modules()``, e.g. ``"layer3"``; ``"auto"`` runs
+    :func:`captum_repinterp.find_layer` on the first references) and replaces the one the
+    factory returned; a factory that also returned a head cannot be given one (the head
+    belongs to its own layer). ``class_names`` gives one name per class index, shown next
+    to the indices (the demo has its own).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming the argument at fault (the CLI turns them into a usage error).
+    """
+    if (model_factory is None) != (data is None):
+        raise ValueError("give both --model-factory and --data, or neither (the demo)")
+    if model_factory is None and (layer is not None or class_names is not None):
+        raise ValueError("--layer and --class-names apply to --model-factory's model, not the demo")
+    if classes is not None:
+        classes = [check_int(c, "classes", 0) for c in classes]
+    if model_factory is None:
+        from .demo import mnist_setup
+
+        s = mnist_setup(random_state)
+        inputs = ReportInputs(
+            s.model,
+            s.layer,
+            s.head,
+            s.references,
+            s.heldout,
+            s.reference_labels,
+            s.heldout_labels,
+            list(classes) if classes is not None else [0, 1, 2],
+            "Audit report: small CNN on MNIST-5k",
+            s.class_names,
+        )
+    else:
+        built = _call_without_arguments(model_factory, "model_factory")
+        raw = _call_without_arguments(data, "data")
+        refs, held, ref_labels, held_labels = resolve_data(raw)
+        model, split, head = resolve_model(built, layer, refs)
+        # an ImageFolder's folder names (replaced by class_names when given)
+        names = getattr(getattr(raw[0], "dataset", raw[0]), "classes", None)
+        if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+            names = None
+        inputs = ReportInputs(
+            model,
+            split,
+            head,
+            refs,
+            held,
+            ref_labels,
+            held_labels,
+            classes,
+            f"Audit report: {model_factory}",
+            None if names is None else list(names),
+        )
+    if inputs.classes is None and class_names is None:
+        return inputs
+    present = _predicted_classes(inputs.model, inputs.heldout)
+    if class_names is not None:
+        inputs.class_names = _class_names(class_names, present)
+    if inputs.classes is not None:
+        if not present.intersection(inputs.classes):
+            raise ValueError(
+                f"classes: none of {inputs.classes} is predicted on the held-out images "
+                f"(predicted: {sorted(present)})"
+            )
+    return inputs
