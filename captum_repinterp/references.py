@@ -365,6 +365,16 @@ def _warn_if_read_differently(references: Any, example: Example) -> None:
     )
 
 
+#: What the first reference's features differing alone and in a batch mean, and the way
+#: out (said by fit's warning and by a store's error alike)
+_BATCH_MIXING = (
+    "the model mixes the examples of a batch before the layer (batch norm with batch "
+    "statistics, such as BatchNorm2d(track_running_stats=False), which eval mode does not "
+    "switch off)"
+)
+_BATCH_MIXING_FIX = "use running statistics, or fit(..., batch_size=1)"
+
+
 def _rows_close(now: Tensor, kept: Tensor, dtype: torch.dtype) -> bool:
     """Recomputed features or outputs equal to the kept ones, to the model's rounding.
 
@@ -448,12 +458,9 @@ def _warn_if_batch_dependent(
     gap = float((alone - kept).abs().max())
     warnings.warn(
         "fit: the first reference's features at the layer differ when it runs alone and "
-        f"in its batch (largest difference {gap:.3g}): the model mixes the examples of a "
-        "batch before the layer (batch norm with batch statistics, such as "
-        "BatchNorm2d(track_running_stats=False), which eval mode does not switch off). "
-        "The references' features and predictions then depend on batch_size, while "
-        "seeds, contains and the maps read one image at a time; use running "
-        "statistics, or fit(..., batch_size=1)",
+        f"in its batch (largest difference {gap:.3g}): {_BATCH_MIXING}. The references' "
+        "features and predictions then depend on batch_size, while seeds, contains and "
+        f"the maps read one image at a time; {_BATCH_MIXING_FIX}",
         UserWarning,
         stacklevel=caller_stacklevel(),
     )
@@ -503,11 +510,8 @@ def _check_store_rows(
         if alone is not None and alone.shape == rows[:1].shape and not close(alone, rows[:1]):
             raise ValueError(
                 "store: the first reference's features at the layer differ when it runs "
-                "alone and in a batch: the model mixes the examples of a batch before the "
-                "layer (batch norm with batch statistics, such as "
-                "BatchNorm2d(track_running_stats=False), which eval mode does not switch "
-                "off), so the stored features depend on batch_size; use running "
-                "statistics, or fit(..., batch_size=1)"
+                f"alone and in a batch: {_BATCH_MIXING}, so the stored features depend on "
+                f"batch_size; {_BATCH_MIXING_FIX}"
             )
         raise ValueError(
             f"store: {os.fspath(store)!r} holds the features of other references, another "

@@ -343,7 +343,7 @@ def choose_heatmap_layer(
                     verdict += " on most references, though lower on average"
                 break
     # the smallest p the exact test can give, on the references whose scores differ
-    differ = int(((at_input.double() - at_layer.double()).abs() > SCORE_TIE).sum())
+    differ = _untied_differences(at_input, at_layer).size
     if chosen is None and differ and 0.5**differ >= level:
         some = f" ({differ} of {done} score differently)" if differ < done else ""
         verdict = f"too few references to decide on{some}: the split layer is kept"
@@ -438,8 +438,16 @@ def input_better_p_value(at_input: Tensor, at_layer: Tensor) -> float:
     every pair is tied)."""
     from scipy.stats import wilcoxon
 
-    d = (at_input.double() - at_layer.double()).cpu().numpy()
-    d = d[np.abs(d) > SCORE_TIE]  # left out before the call: with zeros in ``d``, scipy
-    if d.size == 0:  # takes the normal approximation, p = .023 for 4 of 4 (exact .0625)
+    # ties are left out before the call: with zeros in ``d``, scipy takes the normal
+    # approximation, p = .023 for 4 of 4 (exact .0625)
+    d = _untied_differences(at_input, at_layer)
+    if d.size == 0:
         return 1.0
     return float(wilcoxon(d, alternative="greater").pvalue)
+
+
+def _untied_differences(at_input: Tensor, at_layer: Tensor) -> np.ndarray:
+    """The per-image differences ``at_input - at_layer`` that are not ties (larger than
+    :data:`SCORE_TIE` in magnitude), float64."""
+    d = (at_input.double() - at_layer.double()).cpu().numpy()
+    return d[np.abs(d) > SCORE_TIE]
