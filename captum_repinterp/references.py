@@ -196,7 +196,7 @@ def fit_references(
             "load_state_dict)"
         )
     with eval_mode(forward_func, layer, head, warn=True):
-        ref_store = None
+        ref_store, start = None, 0
         if store is None:
             recorder = OutputRecorder(forward_func)
             features, predictions, layout, example = extract_features(
@@ -211,7 +211,8 @@ def fit_references(
             )
             logits = _recorded_logits(recorder, features.shape[0], layout.dim)
         else:
-            ref_store, example = fit_to_store(
+            written = append or not ReferenceStore.exists(store)  # rows checked below
+            ref_store, example, start = fit_to_store(
                 forward_func,
                 layer,
                 references,
@@ -231,10 +232,11 @@ def fit_references(
             _warn_if_batch_dependent(
                 forward_func, layer, example, features, layout, attribute_to_layer_input
             )
-        if ref_store is not None and not append:
+        if ref_store is not None:  # with append, the rows written by this call
             _check_store_rows(
-                forward_func, layer, example, features, layout, store,
-                attribute_to_layer_input, device, logits,
+                forward_func, layer, example, features[start:], layout, store,
+                attribute_to_layer_input, device, None if logits is None else logits[start:],
+                just_written=written,
             )  # fmt: skip
         if not all_finite(features):
             warnings.warn(
@@ -466,6 +468,17 @@ def _warn_if_batch_dependent(
     )
 
 
+def _not_reproducible(store: str | os.PathLike, what: str) -> str:
+    """The error for rows that this fit wrote and could not reproduce."""
+    return (
+        f"store: the model's {what} on the first references just written differ when they "
+        "run again (the model does not give the same values from one run to the next, "
+        f"e.g. random operations in forward); {os.fspath(store)!r} now "
+        "holds rows that seeds and maps cannot reproduce: make the model deterministic "
+        "and fit to a new path"
+    )
+
+
 def _check_store_rows(
     forward_func: Callable,
     layer: nn.Module,
@@ -476,8 +489,13 @@ def _check_store_rows(
     attribute_to_layer_input: bool,
     device: torch.device | None,
     logits: Tensor | None = None,
+    just_written: bool = False,
 ) -> None:
     """Refuse a store whose first rows are not these references at this layer.
+
+    With ``just_written`` (a new store, or ``fit(..., append=True)``), ``features`` and
+    ``logits`` start at the rows this call wrote, so a difference means a model that
+    mixes the batch or gives other values each run, not a stale store.
 
     A finished store is reused (and an interrupted one resumed) on its row count alone;
     recomputing the first few references catches another model, layer or reference set
@@ -513,6 +531,8 @@ def _check_store_rows(
                 f"alone and in a batch: {_BATCH_MIXING}, so the stored features depend on "
                 f"batch_size; {_BATCH_MIXING_FIX}"
             )
+        if just_written:
+            raise ValueError(_not_reproducible(store, "features at the layer"))
         raise ValueError(
             f"store: {os.fspath(store)!r} holds the features of other references, another "
             "model or another layer (its first rows differ from these references' "
@@ -522,6 +542,8 @@ def _check_store_rows(
     if logits is not None and k:
         now = None if outputs is None else outputs[:k].to(torch.float64)
         if not close(now, logits[:k].to(torch.float64)):
+            if just_written:
+                raise ValueError(_not_reproducible(store, "outputs"))
             raise ValueError(
                 f"store: {os.fspath(store)!r} holds the outputs of another model (its first "
                 "rows' features match these references' but the model's outputs on them "

@@ -433,7 +433,7 @@ def fit_to_store(
     attribute_to_layer_input: bool = False,
     device: torch.device | None = None,
     progress: bool = True,
-) -> tuple[ReferenceStore, Example]:
+) -> tuple[ReferenceStore, Example, int]:
     """Stream the references' features, predictions and logits (when small, see
     :func:`keep_logits`) into the store at ``path``.
 
@@ -453,9 +453,10 @@ def fit_to_store(
 
     Returns
     -------
-    (store, example)
-        The store, and the first reference (read and checked also when a finished
-        store is reused without running the model).
+    (store, example, start)
+        The store; the first reference (read and checked also when a finished store is
+        reused without running the model); and ``start``, the store's row of that first
+        reference (0, or with ``append`` the number of rows stored before).
     """
     if not isinstance(append, bool):
         raise TypeError(f"append must be a bool, got {type(append).__name__}")
@@ -473,7 +474,7 @@ def fit_to_store(
     )
     store = ReferenceStore.open(path) if ReferenceStore.exists(path) else None
     fingerprint = model_fingerprint(forward_func)
-    skip = 0
+    skip = start = 0
     if store is not None:
         _check_fingerprint(store, fingerprint, path)
         if store.attribute_to_layer_input != attribute_to_layer_input:
@@ -485,7 +486,7 @@ def fit_to_store(
             m = rows_read(references, n)
             if store.complete:
                 if m is not None and m == store.n:
-                    return store, example
+                    return store, example, 0
                 raise ValueError(
                     f"store: {os.fspath(path)!r} already holds a finished fit of {store.n} "
                     "references; pass append=True to add these, or use a new path"
@@ -496,6 +497,8 @@ def fit_to_store(
                     f"store: {os.fspath(path)!r} holds {skip} rows but only {m} references "
                     "were given to resume with"
                 )
+        else:
+            start = store.n
     for rows, preds, layout in run(skip):
         if store is None:
             store = ReferenceStore.create(path, layout, n or 1024, attribute_to_layer_input)
@@ -509,4 +512,4 @@ def fit_to_store(
     if store is None or store.n == 0:
         raise ValueError("references: the reference set is empty")
     store.mark_complete()
-    return store, example
+    return store, example, start

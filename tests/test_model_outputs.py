@@ -292,3 +292,54 @@ def test_a_store_of_a_batch_dependent_model_says_why(tiny, one_thread, tmp_path)
         warnings.simplefilter("error", UserWarning)
         ri.fit(refs, batch_size=1, progress=False, store=tmp_path / "b")
     assert ri.features_.shape[0] == 40
+
+
+def test_appended_rows_of_a_batch_dependent_model_are_checked(tiny, one_thread, tmp_path):
+    """fit(..., append=True) ran neither the batch-dependence warning nor the check of
+    the store's rows, so a model with batch statistics appended rows that depend on
+    batch_size without a word. The rows this call wrote are now recomputed and
+    compared, as for a new store; an append in batches of one passes."""
+    _, x = tiny
+    torch.manual_seed(0)
+    model = _BatchStatsCNN().eval()
+    refs = x[:40]
+    _spread(model, refs)
+    ri = RepresentativeInterpretation(model, model.features)
+    ri.fit(refs[:20], batch_size=1, progress=False, store=tmp_path / "s")
+    with pytest.raises(ValueError, match="store: .*mixes the examples of a batch"):
+        ri.fit(refs[20:], batch_size=16, progress=False, store=tmp_path / "s", append=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ri.fit(refs[20:], batch_size=1, progress=False, store=tmp_path / "t")
+        ri.fit(refs[:20], batch_size=1, progress=False, store=tmp_path / "t", append=True)
+    assert ri.features_.shape[0] == 40
+
+
+class _NoisyCNN(_BatchMeanCNN):
+    """Noise added to the inputs in forward: other features on every run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + 0.1 * torch.randn_like(x))
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_rows_a_fit_cannot_reproduce_are_not_called_stale(tiny, one_thread, tmp_path, append):
+    """A model that gives other features each run failed a new store's check with
+    "holds the features of other references ... use a new path", which points at a stale
+    store that does not exist (and an append was not checked at all). Rows this call
+    wrote now get their own error, naming the model's randomness."""
+    _, x = tiny
+    torch.manual_seed(0)
+    model = _NoisyCNN(mix=False).eval()
+    refs = x[:40]
+    _spread(model, refs)
+    path = tmp_path / "s"
+    if append:
+        still = _BatchMeanCNN(mix=False).eval()
+        still.load_state_dict(model.state_dict())  # same weights: the fingerprint agrees
+        RepresentativeInterpretation(still, still.features).fit(
+            refs[:20], progress=False, store=path
+        )
+    ri = RepresentativeInterpretation(model, model.features)
+    with pytest.raises(ValueError, match="does not give the same values from one run"):
+        ri.fit(refs[20:], batch_size=16, progress=False, store=path, append=append)
