@@ -5,12 +5,18 @@ errors do: the ``ValueError`` / ``TypeError`` raised while the arguments are res
 (loading ``--model-factory`` and ``--data``, checking ``--classes``) are turned into
 ``parser.error``. Errors raised later, while the job runs, are not argument errors and
 keep their traceback.
+
+Warnings given while a command runs are printed as ``captum-repinterp: UserWarning:
+message``, without Python's source location: the package's warnings point at the
+caller's line, which for a command is the interpreter's entry (``<frozen runpy>``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -225,11 +231,24 @@ QUICK_NOTE = (
 )
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command: the message without a source location."""
+    print(f"captum-repinterp: {category.__name__}: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``captum-repinterp`` command; returns the exit status."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        _run(args)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Run the parsed command."""
     if args.command == "evaluate":
         from .evaluation import run_evaluation
 
@@ -269,7 +288,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         run_demo(args.out, seeds=args.seeds, random_state=args.random_state)
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,7 @@
 """The command line: bad arguments end in a one-line usage error (exit status 2)."""
 
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -440,3 +441,27 @@ def test_cli_random_state_out_of_range_is_a_usage_error(capsys, command, seed):
         main([command, "--random-state", seed])
     assert info.value.code == 2
     assert "--random-state/--seed: must be an int in [0, 2**32)" in capsys.readouterr().err
+
+
+def test_warnings_of_a_command_name_the_command_not_runpy(tmp_path):
+    """A package warning raised while ``python -m captum_repinterp`` runs pointed at
+    ``<frozen runpy>`` (the first frame outside the package) with the line
+    ``warnings.warn(...)``; the command now prints it as ``captum-repinterp:
+    UserWarning: message`` on stderr."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import runpy, sys\n"
+        "import captum_repinterp.demo as demo\n"
+        "from captum_repinterp.features import warn_training\n"
+        "demo.run_demo = lambda *a, **k: warn_training()\n"
+        f"sys.argv = ['captum-repinterp', 'demo', '--out', {str(tmp_path / 'o')!r}]\n"
+        "runpy.run_module('captum_repinterp', run_name='__main__')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "always", str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "training mode" in line]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("captum-repinterp: UserWarning: the model is in training mode")
+    assert "runpy" not in done.stderr
