@@ -80,11 +80,11 @@ def test_oracle_solver_equals_packed_solver(n, m, seed, refine, delta):
 
 
 def test_missing_ray_names_the_extra(monkeypatch):
-    from captum_repinterp import distributed
+    from captum_repinterp.distributed.actor import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install captum_repinterp\[ray\]"):
-        distributed._ray()
+        import_ray()
 
 
 # ----------------------------------------------------- argument errors (before any cluster starts)
@@ -116,12 +116,12 @@ def test_distributed_argument_errors_do_not_start_ray(tiny):
 
 # ---------------------------------------------------------------------- a local cluster
 ray = pytest.importorskip("ray")
-from captum_repinterp import distributed  # noqa: E402
 from captum_repinterp.distributed import (  # noqa: E402
     ShardLostError,
     fit_sharded,
     shard_references,
 )
+from captum_repinterp.distributed.sharding import split_points  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -406,5 +406,5 @@ def test_sessions_are_rebuilt_after_eviction(local_and_sharded, tiny):
     finally:
         ray.get([a.configure.remote(16) for a in refs.actors])
     assert all(m["sessions"] == 0 for m in refs.memory())
-    assert distributed._split_points(300, 3) == [0, 100, 200]
-    assert distributed._split_points(5, 5) == [0, 1, 2, 3, 4]
+    assert split_points(300, 3) == [0, 100, 200]
+    assert split_points(5, 5) == [0, 1, 2, 3, 4]
