@@ -44,7 +44,7 @@ from .attribution import RepresentativeInterpretation
 from .auditing import AuditRegion, ClassAudit, audit
 from .features import caller_stacklevel
 from .interpretation import Interpretation
-from .report_inputs import ReportInputs, _labels, prepare_report
+from .report_inputs import ReportInputs, checked_labels, prepare_report
 from .visualization import SEM_DIST, plot_audit, plot_images, plot_region
 
 __all__ = [
@@ -341,7 +341,7 @@ def label_order_mismatch(
 
 
 def _label_order_warning(
-    labels: Tensor, predictions: Tensor, class_names: Sequence[str] | None, what: str
+    labels: Tensor, predictions: Tensor, class_names: Sequence[str] | None
 ) -> str:
     """The report's warning for :func:`label_order_mismatch` (empty when none, or when
     fewer than :data:`LABEL_ORDER_MIN_IMAGES` images are labelled)."""
@@ -355,7 +355,7 @@ def _label_order_warning(
         f"{_class_name(a, class_names)} -> class {b}" for a, b in list(moved.items())[:8]
     ) + (", ..." if len(moved) > 8 else "")
     return (
-        f"{what}: the true labels look numbered in another order than the model's classes: "
+        f"labels: the true labels look numbered in another order than the model's classes: "
         f"read as {shown} (label -> class) they agree with the model's predictions on "
         f"{best:.0%} of the images, as given on {given:.0%}. An ImageFolder numbers its "
         "folders in sorted order; name them in the model's class order (0_cat, 1_dog, ...) "
@@ -579,8 +579,8 @@ def build_report(
     if not isinstance(references, Tensor) or not isinstance(heldout, Tensor):
         raise TypeError("references and heldout must be tensors of images (batch first)")
     check_int(members_shown, "members_shown")
-    ref_labels = _labels(reference_labels, references, "reference_labels")
-    held_labels = _labels(heldout_labels, heldout, "heldout_labels")
+    ref_labels = checked_labels(reference_labels, references, "reference_labels")
+    held_labels = checked_labels(heldout_labels, heldout, "heldout_labels")
     has_labels = ref_labels is not None or held_labels is not None
     start = time.perf_counter()
     out = Path(out_dir)
@@ -605,7 +605,7 @@ def build_report(
         given = [(ref_labels, ref_preds), (held_labels, preds)]
         labels = torch.cat([a.cpu() for a, _ in given if a is not None])
         predicted = torch.cat([b.cpu() for a, b in given if a is not None])
-        label_warning = _label_order_warning(labels, predicted, class_names, "labels")
+        label_warning = _label_order_warning(labels, predicted, class_names)
         if label_warning:
             warnings.warn(label_warning, UserWarning, stacklevel=caller_stacklevel())
 

@@ -27,6 +27,7 @@ from .features import eval_mode
 
 __all__ = [
     "ReportInputs",
+    "checked_labels",
     "load_callable",
     "prepare_report",
     "resolve_data",
@@ -118,7 +119,28 @@ def resolve_model(
     return model, split, head
 
 
-def _labels(value: Any, images: Tensor, name: str) -> Tensor | None:
+def checked_labels(value: Any, images: Tensor, name: str) -> Tensor | None:
+    """True labels of ``images`` as a tensor, checked (the report's and the command's check).
+
+    Parameters
+    ----------
+    value : array-like of int, shape ``(N,)``, or None
+        Class indices ``>= 0``, one per image.
+    images : Tensor
+        The images they label, ``N x ...``.
+    name : str
+        The argument's name in error messages (``reference_labels``, ``heldout_labels``).
+
+    Returns
+    -------
+    Tensor or None
+        ``torch.as_tensor(value)``, or None when ``value`` is None.
+
+    Raises
+    ------
+    ValueError
+        Naming ``data: <name>``: not ``N`` integer labels, or a negative label.
+    """
     if value is None:
         return None
     labels = torch.as_tensor(value)
@@ -176,8 +198,8 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
     return (
         refs,
         held,
-        _labels(obj[2], refs, "reference_labels"),
-        _labels(obj[3], held, "heldout_labels"),
+        checked_labels(obj[2], refs, "reference_labels"),
+        checked_labels(obj[3], held, "heldout_labels"),
     )
 
 

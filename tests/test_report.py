@@ -406,8 +406,8 @@ def test_label_order_warning_needs_enough_labelled_images():
 
     preds = torch.arange(LABEL_ORDER_MIN_IMAGES) % 4
     labels = (preds + 1) % 4
-    assert _label_order_warning(labels[:-1], preds[:-1], None, "labels") == ""
-    said = _label_order_warning(labels, preds, None, "labels")
+    assert _label_order_warning(labels[:-1], preds[:-1], None) == ""
+    said = _label_order_warning(labels, preds, None)
     assert said.startswith("labels: the true labels look numbered in another order")
     assert "1 -> class 0" in said and "on 100% of the images, as given on 0%" in said
 
