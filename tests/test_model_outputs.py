@@ -198,17 +198,21 @@ class _BatchStatsCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def _batch_stats_model(refs: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """A :class:`_BatchStatsCNN` (seed 0) whose predictions are spread over ``refs``."""
+    torch.manual_seed(0)
+    model = _BatchStatsCNN().eval()
+    _spread(model, refs)
+    return model, refs
+
+
 def test_features_that_depend_on_the_batch_are_warned_about(tiny, one_thread):
     """With batch statistics before the layer a reference's features depend on its
     batch: fits with batch_size 40 and 8 differ, and so do one image's features read
     alone and in a batch (transform), while seeds are read one at a time. fit warned of
     nothing; it now compares the first reference alone with its row of the first batch.
     The same model with running statistics, and a fit in batches of one, get no warning."""
-    _, x = tiny
-    torch.manual_seed(0)
-    model = _BatchStatsCNN().eval()
-    refs = x[:40]
-    _spread(model, refs)
+    model, refs = _batch_stats_model(tiny[1][:40])
     with pytest.warns(UserWarning, match="differ when it runs alone and in its batch"):
         big = RepresentativeInterpretation(model, model.features).fit(
             refs, batch_size=40, progress=False
@@ -280,11 +284,7 @@ def test_a_store_of_a_batch_dependent_model_says_why(tiny, one_thread, tmp_path)
     rows (recomputed in a batch of four) with "holds the features of other references
     ... use a new path", which a new path does not cure; it now names the batch mixing,
     and a fit in batches of one works."""
-    _, x = tiny
-    torch.manual_seed(0)
-    model = _BatchStatsCNN().eval()
-    refs = x[:40]
-    _spread(model, refs)
+    model, refs = _batch_stats_model(tiny[1][:40])
     ri = RepresentativeInterpretation(model, model.features)
     with pytest.raises(ValueError, match="store: .*mixes the examples of a batch"):
         ri.fit(refs, batch_size=16, progress=False, store=tmp_path / "a")
@@ -299,11 +299,7 @@ def test_appended_rows_of_a_batch_dependent_model_are_checked(tiny, one_thread, 
     the store's rows, so a model with batch statistics appended rows that depend on
     batch_size without a word. The rows this call wrote are now recomputed and
     compared, as for a new store; an append in batches of one passes."""
-    _, x = tiny
-    torch.manual_seed(0)
-    model = _BatchStatsCNN().eval()
-    refs = x[:40]
-    _spread(model, refs)
+    model, refs = _batch_stats_model(tiny[1][:40])
     ri = RepresentativeInterpretation(model, model.features)
     ri.fit(refs[:20], batch_size=1, progress=False, store=tmp_path / "s")
     with pytest.raises(ValueError, match="store: .*mixes the examples of a batch"):
