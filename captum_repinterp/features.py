@@ -116,7 +116,8 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
     cannot be listed in advance: a global forward pre-hook puts each module in eval mode
     right before it runs, for the duration of the block, so batch-norm statistics never
     change and dropout is off. Flags are restored module by module (not with
-    ``.train()``, which would overwrite submodules set differently on purpose). A
+    ``.train()``, which would overwrite submodules set differently on purpose). Autocast
+    is off inside the block (the model runs in its own dtypes, as it did in ``fit``). A
     compiled module (:func:`is_compiled`) runs eagerly inside the block: its compiled
     graph would skip the hooks the package registers on its layers.
 
@@ -163,7 +164,7 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
             m.training = False
         if warn and saved:
             warn_training()
-        with eager:
+        with eager, _no_autocast():
             yield bool(saved)
     finally:
         if handle is not None:
@@ -172,6 +173,29 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
             m.training = True
     if warn and switched and not saved:
         warn_training()
+
+
+#: Device types whose autocast :func:`_no_autocast` switches off for a call.
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _no_autocast() -> contextlib.ExitStack:
+    """A block with autocast off on every device type where the caller switched it on.
+
+    Under ``torch.autocast`` the model would run in bfloat16 / float16, not in the
+    dtypes it was fitted in: the boundary search (bisection to ``2 ** -20``), the
+    memberships and the maps would silently differ from those of the same call outside
+    the block. The caller's autocast state is restored on leaving.
+    """
+    stack = contextlib.ExitStack()
+    for device_type in _AUTOCAST_DEVICES:
+        try:
+            enabled = torch.is_autocast_enabled(device_type)
+        except RuntimeError:  # a device type this build of torch does not know
+            continue
+        if enabled:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 #: Frames a warning should not point at: this package's, and the context managers and
