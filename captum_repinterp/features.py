@@ -326,11 +326,27 @@ def forward_with_layer(
         return parts[0]
 
     own_errors: list[BaseException] = []
+    # gradients to ``replace`` are wanted: the model must not switch them off at the layer
+    wants_grad = replace is not None and replace.requires_grad and torch.is_grad_enabled()
+
+    def check_grad_at_layer() -> None:
+        if wants_grad and not torch.is_grad_enabled():
+            exc = ValueError(
+                "layer: forward_func runs the layer with gradients off (torch.no_grad() "
+                "or torch.inference_mode() around it inside the model's forward, as for a "
+                "frozen backbone), so the head's gradient at the layer, which the boundary "
+                "search and the maps need, cannot be taken; split at a layer that runs "
+                "with gradients on, or pass head= (the part of the model after the layer, "
+                "as a callable) to RepresentativeInterpretation"
+            )
+            own_errors.append(exc)
+            raise exc
 
     def fwd_hook(module: nn.Module, inp: Any, out: Any) -> Any:
         tensors, was_tuple = _as_tuple(out)
         seen.append((tuple(copy(t) for t in tensors), was_tuple))
         if replace is not None:
+            check_grad_at_layer()
             try:
                 return _replacement(tensors, was_tuple, type(out))
             except Exception as exc:
@@ -344,6 +360,7 @@ def forward_with_layer(
         was_tuple = len(tensors) > 1
         seen.append((tuple(copy(t) for t in tensors), was_tuple))
         if replace is not None:
+            check_grad_at_layer()
             return tuple(p.clone() for p in layout.unflatten(replace))  # type: ignore[union-attr]
         return None
 
