@@ -77,7 +77,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     piecewise linear gets a :class:`~captum_repinterp.layers.NonPiecewiseLinearWarning`.
     A model in training mode runs in eval mode for each call, with a warning. The calls
     take gradients, so under ``torch.inference_mode()`` they raise a RuntimeError
-    (``torch.no_grad()`` is fine). Source:
+    (``torch.no_grad()`` is fine); a model whose forward runs the layer under
+    ``torch.no_grad()`` (a frozen backbone) needs ``head``. Calls made under
+    ``torch.autocast`` run with it off, in the model's own dtypes. Source:
     "Finding Representative Interpretations on Convolutional Neural Networks", ICCV 2021
     (arXiv 2108.06384).
     """

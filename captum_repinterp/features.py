@@ -116,7 +116,8 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
     cannot be listed in advance: a global forward pre-hook puts each module in eval mode
     right before it runs, for the duration of the block, so batch-norm statistics never
     change and dropout is off. Flags are restored module by module (not with
-    ``.train()``, which would overwrite submodules set differently on purpose). A
+    ``.train()``, which would overwrite submodules set differently on purpose). Autocast
+    is off inside the block (the model runs in its own dtypes, as it did in ``fit``). A
     compiled module (:func:`is_compiled`) runs eagerly inside the block: its compiled
     graph would skip the hooks the package registers on its layers.
 
@@ -163,7 +164,7 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
             m.training = False
         if warn and saved:
             warn_training()
-        with eager:
+        with eager, _no_autocast():
             yield bool(saved)
     finally:
         if handle is not None:
@@ -172,6 +173,29 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
             m.training = True
     if warn and switched and not saved:
         warn_training()
+
+
+#: Device types whose autocast :func:`_no_autocast` switches off for a call.
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _no_autocast() -> contextlib.ExitStack:
+    """A block with autocast off on every device type where the caller switched it on.
+
+    Under ``torch.autocast`` the model would run in bfloat16 / float16, not in the
+    dtypes it was fitted in: the boundary search (bisection to ``2 ** -20``), the
+    memberships and the maps would silently differ from those of the same call outside
+    the block. The caller's autocast state is restored on leaving.
+    """
+    stack = contextlib.ExitStack()
+    for device_type in _AUTOCAST_DEVICES:
+        try:
+            enabled = torch.is_autocast_enabled(device_type)
+        except RuntimeError:  # a device type this build of torch does not know
+            continue
+        if enabled:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 #: Frames a warning should not point at: this package's, and the context managers and
@@ -302,11 +326,27 @@ def forward_with_layer(
         return parts[0]
 
     own_errors: list[BaseException] = []
+    # gradients to ``replace`` are wanted: the model must not switch them off at the layer
+    wants_grad = replace is not None and replace.requires_grad and torch.is_grad_enabled()
+
+    def check_grad_at_layer() -> None:
+        if wants_grad and not torch.is_grad_enabled():
+            exc = ValueError(
+                "layer: forward_func runs the layer with gradients off (torch.no_grad() "
+                "or torch.inference_mode() around it inside the model's forward, as for a "
+                "frozen backbone), so the head's gradient at the layer, which the boundary "
+                "search and the maps need, cannot be taken; split at a layer that runs "
+                "with gradients on, or pass head= (the part of the model after the layer, "
+                "as a callable) to RepresentativeInterpretation"
+            )
+            own_errors.append(exc)
+            raise exc
 
     def fwd_hook(module: nn.Module, inp: Any, out: Any) -> Any:
         tensors, was_tuple = _as_tuple(out)
         seen.append((tuple(copy(t) for t in tensors), was_tuple))
         if replace is not None:
+            check_grad_at_layer()
             try:
                 return _replacement(tensors, was_tuple, type(out))
             except Exception as exc:
@@ -320,6 +360,7 @@ def forward_with_layer(
         was_tuple = len(tensors) > 1
         seen.append((tuple(copy(t) for t in tensors), was_tuple))
         if replace is not None:
+            check_grad_at_layer()
             return tuple(p.clone() for p in layout.unflatten(replace))  # type: ignore[union-attr]
         return None
 

@@ -1,4 +1,5 @@
-"""bfloat16 and float16 models on the CPU: the sampler, match and solver run on them."""
+"""bfloat16 and float16 models on the CPU: the sampler, match and solver run on them;
+calls made under ``torch.autocast`` run in the model's own dtypes."""
 
 import pytest
 import torch
@@ -63,3 +64,33 @@ def test_bfloat16_crossings_bracket_the_decision():
     b = sample_boundaries(head, pts[0], ends, cls, n_steps=12)
     assert len(b) > 0 and b.weight.dtype == torch.float32
     assert ((b.weight @ pts[0].float() + b.bias) > 0).all()
+
+
+def test_autocast_is_off_inside_every_call(one_thread):
+    """A float32 model called under ``torch.autocast("cpu", dtype=torch.bfloat16)``: the
+    boundary search needs the model's own precision, so every call runs with autocast
+    off and gives exactly what it gives outside the block (maps in float32, the same
+    regions, features, memberships and distances), and the block is still on after."""
+    model, x = _model_and_inputs(torch.float32)
+    ri = RepresentativeInterpretation(model, model[3]).fit(x[:100], progress=False)
+    seeds, new = x[100:103], x[103:120]
+    attr = ri.attribute(seeds, heatmap_layer=None)
+    at_input = ri.attribute(seeds, heatmap_layer="input")
+    regions = ri.interpret(seeds)
+    feats = ri.transform(new)[0]
+    dist = regions[0].distance(new)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        refit = RepresentativeInterpretation(model, model[3]).fit(x[:100], progress=False)
+        attr_ac = ri.attribute(seeds, heatmap_layer=None)
+        at_input_ac = ri.attribute(seeds, heatmap_layer="input")
+        regions_ac = ri.interpret(seeds)
+        feats_ac = ri.transform(new)[0]
+        dist_ac = regions[0].distance(new)
+        contains_ac = regions[0].contains(new)
+        assert torch.is_autocast_enabled("cpu")
+    assert torch.equal(refit.features_, ri.features_)
+    assert attr_ac.dtype == torch.float32 and torch.equal(attr_ac, attr)
+    assert torch.equal(at_input_ac, at_input)
+    assert regions_ac == regions
+    assert torch.equal(feats_ac, feats) and torch.equal(dist_ac, dist)
+    assert torch.equal(contains_ac, regions[0].contains(new))

@@ -1,8 +1,8 @@
 """What the model returns and how it computes: one score per example, a tuple or a dict,
 NaN logits for some references or a seed, a final log_softmax, affine map or softmax
 (whose boundary normals are in probabilities, said by ProbabilityOutputWarning), a model
-on the meta device, and batch statistics before the layer (features that depend on the
-batch, warned about)."""
+on the meta device, batch statistics before the layer (features that depend on the
+batch, warned about), and a frozen backbone run under ``torch.no_grad()`` in forward."""
 
 from __future__ import annotations
 
@@ -339,3 +339,41 @@ def test_rows_a_fit_cannot_reproduce_are_not_called_stale(tiny, one_thread, tmp_
     ri = RepresentativeInterpretation(model, model.features)
     with pytest.raises(ValueError, match="does not give the same values from one run"):
         ri.fit(refs[20:], batch_size=16, progress=False, store=path, append=append)
+
+
+class FrozenBackbone(nn.Module):
+    """The tiny CNN with its convolutional part run under ``torch.no_grad()`` in forward
+    (a frozen feature extractor): the same logits, no gradient at the last block."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.inner.features(x)
+        return self.inner.head(z)
+
+
+def test_a_layer_run_without_gradients_is_named_and_head_is_the_way_out(tiny, one_thread):
+    """Split inside a ``torch.no_grad()`` block of the model's forward, the boundary
+    search got autograd's "differentiated Tensor ... not used in the graph"; now a
+    ValueError naming ``layer`` says why and what to do, and with ``head=`` the regions
+    are those of the plain model."""
+    model, x = tiny
+    frozen = FrozenBackbone(model).eval()
+    layer = model.features[-1]
+    ri = fit(frozen, layer, x[:200], ignore_warnings=Warning)
+    for call in (
+        lambda: ri.interpret(x[200:201], n_boundaries=12),
+        lambda: ri.attribute(x[200:202], n_boundaries=12, heatmap_layer=None),
+    ):
+        with pytest.raises(ValueError, match="^layer: forward_func runs the layer with gradients"):
+            call()
+    assert all(p.grad is None for p in model.parameters())
+    with_head = RepresentativeInterpretation(frozen, layer, head=model.head).fit(
+        x[:200], progress=False
+    )
+    plain = fit(model, layer, x[:200], ignore_warnings=Warning)
+    kw = {"n_boundaries": 12, "heatmap_layer": None}
+    assert with_head.interpret(x[200:202], **kw) == plain.interpret(x[200:202], **kw)

@@ -67,6 +67,27 @@ def test_transform_warns_about_training_mode_like_the_other_calls(tiny):
         model.eval()
 
 
+def test_audit_warns_about_training_mode_once_per_call(tiny):
+    """An audit runs the reader and one interpret per region: it gave the warning once
+    for each of them (five times here), not once per call like the other entry points."""
+    from captum_repinterp import audit
+
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    images = x[200:260]
+    target = int(model(images[:1]).argmax())
+    model.train()
+    try:
+        for call in (
+            lambda: audit(ri, images, target=target, max_subgroups=1, **NB),
+            lambda: ri.audit(images, target=target, max_subgroups=1, **NB),
+        ):
+            assert _warned_here(call, UserWarning) == [__file__]
+        assert all(m.training for m in model.modules())
+    finally:
+        model.eval()
+
+
 def _tanh_head(model):
     curved = copy.deepcopy(model)
     curved.head[2] = nn.Tanh()
