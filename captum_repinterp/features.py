@@ -175,6 +175,16 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
         warn_training()
 
 
+#: The error for a model whose forward runs the layer with gradients off.
+LAYER_WITHOUT_GRADIENTS = (
+    "layer: forward_func runs the layer with gradients off (torch.no_grad() or "
+    "torch.inference_mode() around it inside the model's forward, as for a frozen "
+    "backbone), so the head's gradient at the layer, which the boundary search and the "
+    "maps need, cannot be taken; split at a layer that runs with gradients on, or pass "
+    "head= (the part of the model after the layer, as a callable) to "
+    "RepresentativeInterpretation"
+)
+
 #: Device types whose autocast :func:`_no_autocast` switches off for a call.
 _AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
@@ -331,14 +341,7 @@ def forward_with_layer(
 
     def check_grad_at_layer() -> None:
         if wants_grad and not torch.is_grad_enabled():
-            exc = ValueError(
-                "layer: forward_func runs the layer with gradients off (torch.no_grad() "
-                "or torch.inference_mode() around it inside the model's forward, as for a "
-                "frozen backbone), so the head's gradient at the layer, which the boundary "
-                "search and the maps need, cannot be taken; split at a layer that runs "
-                "with gradients on, or pass head= (the part of the model after the layer, "
-                "as a callable) to RepresentativeInterpretation"
-            )
+            exc = ValueError(LAYER_WITHOUT_GRADIENTS)
             own_errors.append(exc)
             raise exc
 

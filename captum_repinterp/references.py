@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ._checks import check_choice
 from .cuts import check_cut, cut_check_examples, warn_or_raise_not_cut
 from .features import (
+    LAYER_WITHOUT_GRADIENTS,
     Example,
     LayerLayout,
     caller_stacklevel,
@@ -238,6 +239,8 @@ def fit_references(
                 attribute_to_layer_input, device, None if logits is None else logits[start:],
                 just_written=written,
             )  # fmt: skip
+        if head is None:
+            _check_layer_gradients(forward_func, layer, example, attribute_to_layer_input)
         if not all_finite(features):
             warnings.warn(
                 "fit: some reference features are NaN or inf; they are kept but can never "
@@ -466,6 +469,38 @@ def _warn_if_batch_dependent(
         UserWarning,
         stacklevel=caller_stacklevel(),
     )
+
+
+def _check_layer_gradients(
+    forward_func: Callable, layer: nn.Module, example: Example, attribute_to_layer_input: bool
+) -> None:
+    """Refuse a model whose forward runs ``layer`` with gradients off (a frozen backbone
+    under ``torch.no_grad()``): without ``head`` every seed needs the gradient there.
+
+    ``fit`` reads the references without gradients, so one forward pass of the first
+    reference with gradients on records whether they are still on at the layer; a model
+    that fails on one example is left to the other checks.
+    """
+    states: list[bool] = []
+
+    def record(*_: Any) -> None:
+        states.append(torch.is_grad_enabled())
+
+    handle = (
+        layer.register_forward_pre_hook(record)
+        if attribute_to_layer_input
+        else layer.register_forward_hook(record)
+    )
+    try:
+        with torch.enable_grad():
+            args = example.additional_forward_args or ()
+            forward_func(*example.inputs, *args)
+    except (RuntimeError, ValueError, TypeError):
+        return
+    finally:
+        handle.remove()
+    if states and not any(states):
+        raise ValueError(LAYER_WITHOUT_GRADIENTS)
 
 
 def _not_reproducible(store: str | os.PathLike, what: str) -> str:

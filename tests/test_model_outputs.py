@@ -18,6 +18,7 @@ from captum_repinterp import (
     ProbabilityOutputWarning,
     RepresentativeInterpretation,
 )
+from captum_repinterp.features import forward_with_layer
 
 NB = {"n_boundaries": 10}
 
@@ -343,33 +344,39 @@ def test_rows_a_fit_cannot_reproduce_are_not_called_stale(tiny, one_thread, tmp_
 
 class FrozenBackbone(nn.Module):
     """The tiny CNN with its convolutional part run under ``torch.no_grad()`` in forward
-    (a frozen feature extractor): the same logits, no gradient at the last block."""
+    (a frozen feature extractor) while ``frozen``: the same logits, no gradient at the
+    last block."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
+        self.frozen = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             z = self.inner.features(x)
         return self.inner.head(z)
 
 
 def test_a_layer_run_without_gradients_is_named_and_head_is_the_way_out(tiny, one_thread):
-    """Split inside a ``torch.no_grad()`` block of the model's forward, the boundary
-    search got autograd's "differentiated Tensor ... not used in the graph"; now a
-    ValueError naming ``layer`` says why and what to do, and with ``head=`` the regions
-    are those of the plain model."""
+    """Split inside a ``torch.no_grad()`` block of the model's forward, fit accepted the
+    model and the boundary search then got autograd's "differentiated Tensor ... not
+    used in the graph"; now fit refuses it with a ValueError naming ``layer`` that says
+    why and what to do (also under the caller's no_grad), so does a seed's head through
+    the model (a model frozen after fit, when the head needs the model), and with
+    ``head=`` the regions are those of the plain model."""
     model, x = tiny
     frozen = FrozenBackbone(model).eval()
     layer = model.features[-1]
-    ri = fit(frozen, layer, x[:200], ignore_warnings=Warning)
-    for call in (
-        lambda: ri.interpret(x[200:201], n_boundaries=12),
-        lambda: ri.attribute(x[200:202], n_boundaries=12, heatmap_layer=None),
-    ):
-        with pytest.raises(ValueError, match="^layer: forward_func runs the layer with gradients"):
-            call()
+    message = "^layer: forward_func runs the layer with gradients off"
+    with pytest.raises(ValueError, match=message):
+        RepresentativeInterpretation(frozen, layer).fit(x[:200], progress=False)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        RepresentativeInterpretation(frozen, layer).fit(x[:200], progress=False)
+    z = torch.zeros(1, model.features(x[:1]).numel(), requires_grad=True)
+    layout = RepresentativeInterpretation(model, layer).fit(x[:200], progress=False).layout_
+    with pytest.raises(ValueError, match=message):  # what a seed's head runs
+        forward_with_layer(frozen, layer, (x[:1],), None, replace=z, layout=layout)
     assert all(p.grad is None for p in model.parameters())
     with_head = RepresentativeInterpretation(frozen, layer, head=model.head).fit(
         x[:200], progress=False
