@@ -444,9 +444,14 @@ def _check_rows(
         for a in additional_forward_args
     )
     if batched:
+        arg_rows = sorted(
+            {a.shape[0] for a in additional_forward_args if isinstance(a, Tensor) and a.dim()}
+        )
         raise ValueError(
-            f"additional_forward_args: for {b} example(s) the layer and the model gave "
-            f"{sorted(set(rows))} rows; give a per-example tensor one row per example of "
+            f"additional_forward_args: a tensor of {arg_rows} rows did not match the "
+            "examples of inputs, so it was passed whole (images are run one at a time or "
+            f"in batches: here {b} example(s), and the layer and the model gave "
+            f"{sorted(set(rows))} rows); give a per-example tensor one row per example of "
             "inputs (the same rows, in the same order)"
         )
     raise ValueError(

@@ -196,6 +196,21 @@ def test_wrong_additional_forward_args_name_the_argument(tiny):
         _fit(scaled, model.features, refs)
 
 
+def test_a_per_example_argument_of_another_length_says_so(tiny):
+    """A per-example tensor argument with 3 rows for 2 seeds is passed whole (Captum
+    slices only tensors with one row per example) and broadcast against each seed; the
+    error said "for 1 example(s) the layer and the model gave [3] rows", which named
+    neither the tensor's length nor why 1. It now gives both."""
+    model, x = tiny
+    scaled = _Scaled(model).eval()
+    refs = x[:80]
+    ri = _fit(scaled, model.features, refs, additional_forward_args=(torch.ones(80, 1, 1, 1),))
+    with pytest.raises(ValueError, match=r"^additional_forward_args: a tensor of \[3\] rows"):
+        ri.interpret(x[200:202], additional_forward_args=(torch.ones(3, 1, 1, 1),), **RANDOM_STATE)
+    ok = ri.interpret(x[200:202], additional_forward_args=(torch.ones(2, 1, 1, 1),), **RANDOM_STATE)
+    assert len(ok) == 2
+
+
 def test_find_layer_bad_example_input_names_it(tiny):
     from captum_repinterp import find_layer
 
