@@ -162,7 +162,7 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
     try:
         for m in saved:
             m.training = False
-        if warn and saved:
+        if warn and _behaves_differently(saved):
             warn_training()
         with eager, _no_autocast():
             yield bool(saved)
@@ -171,8 +171,26 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
             handle.remove()
         for m in (*saved, *switched):
             m.training = True
-    if warn and switched and not saved:
+    if warn and _behaves_differently(switched) and not _behaves_differently(saved):
         warn_training()
+
+
+def _behaves_differently(modules: list[nn.Module]) -> bool:
+    """Whether a module among ``modules`` (found in training mode) may compute otherwise
+    in eval mode: any but the plain containers, whose forward never reads the flag. A
+    slice ``model.head[:-1]`` or an ``nn.DataParallel`` wrapper is a new container in
+    training mode around modules in eval mode, and gave a training-mode warning
+    although nothing changed."""
+    return any(not _plain_container(m) for m in modules)
+
+
+def _plain_container(module: nn.Module) -> bool:
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return True
+    for kind in (nn.Sequential, nn.DataParallel):
+        if isinstance(module, kind) and type(module).forward is kind.forward:
+            return True
+    return False
 
 
 #: The error for a model whose forward runs the layer with gradients off.

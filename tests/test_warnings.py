@@ -88,6 +88,31 @@ def test_audit_warns_about_training_mode_once_per_call(tiny):
         model.eval()
 
 
+def test_a_new_container_around_an_eval_model_is_not_training_mode(tiny):
+    """``nn.DataParallel(model)``, ``nn.Sequential(model)`` and a slice ``model.head[:]``
+    for ``head=`` are new containers in training mode around modules in eval mode: the
+    training-mode warning came although nothing computes otherwise. Containers alone no
+    longer warn; a module inside them in training mode still does."""
+    import warnings
+
+    model, x = tiny
+    wrappers = {
+        "DataParallel": (nn.DataParallel(model), None),
+        "Sequential": (nn.Sequential(model), None),
+        "sliced head": (model, model.head[:]),
+    }
+    for name, (wrapper, head) in wrappers.items():
+        assert wrapper.training or head.training, name
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*training mode")
+            ri = RepresentativeInterpretation(wrapper, model.features[-1], head=head)
+            ri.fit(x[:200], progress=False).interpret(x[200:201], **NB)
+    noisy = nn.Sequential(model, nn.Dropout(0.5))
+    with pytest.warns(UserWarning, match="training mode"):
+        RepresentativeInterpretation(noisy, model.features[-1]).fit(x[:200], progress=False)
+    assert noisy.training and noisy[1].training and not model.training
+
+
 def _tanh_head(model):
     curved = copy.deepcopy(model)
     curved.head[2] = nn.Tanh()
