@@ -7,8 +7,9 @@ errors do: the ``ValueError`` / ``TypeError`` raised while the arguments are res
 keep their traceback.
 
 Warnings given while a command runs are printed as ``captum-repinterp: UserWarning:
-message``, without Python's source location: the package's warnings point at the
-caller's line, which for a command is the interpreter's entry (``<frozen runpy>``).
+message``, each message once, without Python's source location: the package's warnings
+point at the caller's line, which for a command is the interpreter's entry (``<frozen
+runpy>``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -167,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PKG.MOD:FN",
         help="function returning (reference_images, heldout_images), or those and "
-        "(reference_labels, heldout_labels) after them",
+        "(reference_labels, heldout_labels) after them; the explainer is fitted on the "
+        "references and each class is audited on the held-out images it is predicted "
+        "for, so a shortcut shows only when held-out images carry it",
     )
     rep.add_argument(
         "--classes",
@@ -231,9 +234,18 @@ QUICK_NOTE = (
 )
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warnings.showwarning`` for the command: the message without a source location."""
-    print(f"captum-repinterp: {category.__name__}: {message}", file=file or sys.stderr)
+def _warning_printer() -> Callable[..., None]:
+    """A ``warnings.showwarning`` for the command: each message once, without a source
+    location (the report's fit, audit and maps each gave the same curved-head warning)."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = f"captum-repinterp: {category.__name__}: {message}"
+        if text not in shown:
+            shown.add(text)
+            print(text, file=file or sys.stderr)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _warning_printer()
         _run(args)
     return 0
 

@@ -111,6 +111,9 @@ class FittedReferences:
         What ``fit`` was given (a handle, not a copy), when it was one image tensor, a
         ``Dataset`` or a ``DataLoader`` (not with ``append``): ``heatmap_layer="auto"``
         reads a sample of reference images from it.
+    progress : bool
+        ``fit``'s ``progress``: also shows the progress of the one-off
+        ``heatmap_layer="auto"`` choice, which runs at the first map.
     """
 
     features: Tensor
@@ -127,6 +130,7 @@ class FittedReferences:
     affine: AffineHead | None = None
     logits: Tensor | None = field(default=None, repr=False, compare=False)
     source: Any = field(default=None, repr=False, compare=False)
+    progress: bool = field(default=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -278,6 +282,7 @@ def fit_references(
         leading=study.leading,
         affine=study.affine,
         logits=study.logits,
+        progress=progress,
     )
 
 
@@ -794,6 +799,7 @@ class FittedState:
                 getattr(fitted, "source", None),
                 reader.attribute_to_layer_input,
                 device=reader.device,
+                progress=bool(getattr(fitted, "progress", False)),
             )
         if not choice.scores:
             warnings.warn(

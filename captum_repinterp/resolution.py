@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from tqdm.auto import tqdm
 
 from ._checks import check_grad_mode, check_int
 from .features import eval_mode
@@ -233,6 +234,7 @@ def choose_heatmap_layer(
     random_state: int = 0,
     device: torch.device | None = None,
     alpha: float = 0.05,
+    progress: bool = False,
 ) -> ResolutionChoice:
     """Choose the resolution of ``heatmap_layer="auto"`` on the references (see the
     module's text). Each reference scored costs one forward pass, one forward and backward
@@ -264,6 +266,9 @@ def choose_heatmap_layer(
         Level of the choice, split over the looks: at each look a one-sided Wilcoxon
         signed-rank test at ``alpha / looks`` decides for the input, another for the
         split layer.
+    progress : bool
+        Show a tqdm progress bar over the references scored (``fit``'s ``progress``
+        when the choice runs for ``heatmap_layer="auto"``).
 
     Returns
     -------
@@ -305,7 +310,13 @@ def choose_heatmap_layer(
     per_image: dict[str, list[Tensor]] = {"layer": [], "input": []}
     done = 0
     chosen, verdict = None, "no clear difference: the split layer is kept"
-    with eval_mode(forward_func, layer, warn=True):
+    bar = tqdm(
+        total=looks[-1],
+        desc='heatmap_layer="auto": scoring both maps on references (once per fit)',
+        unit="image",
+        disable=not progress,
+    )
+    with bar, eval_mode(forward_func, layer, warn=True):
         for size in looks:
             try:
                 images = reference_rows(references, order[done:size]).detach()
@@ -328,6 +339,7 @@ def choose_heatmap_layer(
             )
             if failed:
                 return ResolutionChoice(None, reason=failed)
+            bar.update(size - done)
             done = size
             at_input, at_layer = torch.cat(per_image["input"]), torch.cat(per_image["layer"])
             p_value = input_better_p_value(at_input, at_layer)
@@ -342,6 +354,8 @@ def choose_heatmap_layer(
                 if at_layer.mean() <= at_input.mean():
                     verdict += " on most references, though lower on average"
                 break
+        bar.total = done  # a clear answer ends the sample early
+        bar.refresh()
     # the smallest p the exact test can give, on the references whose scores differ
     differ = _untied_differences(at_input, at_layer).size
     if chosen is None and differ and 0.5**differ >= level:

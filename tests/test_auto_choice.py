@@ -350,3 +350,21 @@ def test_integer_references_say_why_auto_keeps_the_split_layer(one_thread):
     assert choice.heatmap_layer is None
     assert "floating-point inputs" in choice.reason
     assert ri.attribute(images[:2]).shape == (2, 1, 8, 8)
+
+
+def test_the_choice_shows_its_progress_when_fit_did(tiny, capsys):
+    """The one-off choice ran inside the first map call with no sign of it (a new user
+    waited 95 s on a ResNet-50 at 112 px in an attribute call that looks like
+    LayerGradCam's). It now shows a progress bar when fit showed one (fit's default),
+    counting the references scored, and none after fit(progress=False)."""
+    model, x = tiny
+    quiet = _fit(model, x[:200])
+    assert quiet.heatmap_resolution_.n_images > 0
+    assert "scoring both maps" not in capsys.readouterr().err
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200])
+    capsys.readouterr()
+    choice = ri.heatmap_resolution_
+    err = capsys.readouterr().err
+    assert 'heatmap_layer="auto": scoring both maps on references' in err
+    assert f"{choice.n_images}/{choice.n_images}" in err
+    assert choice == quiet.heatmap_resolution_

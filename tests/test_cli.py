@@ -447,13 +447,14 @@ def test_warnings_of_a_command_name_the_command_not_runpy(tmp_path):
     """A package warning raised while ``python -m captum_repinterp`` runs pointed at
     ``<frozen runpy>`` (the first frame outside the package) with the line
     ``warnings.warn(...)``; the command now prints it as ``captum-repinterp:
-    UserWarning: message`` on stderr."""
+    UserWarning: message`` on stderr, once however often it is given (the report's fit,
+    audit and maps each gave the same curved-head warning)."""
     script = tmp_path / "run.py"
     script.write_text(
         "import runpy, sys\n"
         "import captum_repinterp.demo as demo\n"
         "from captum_repinterp.features import warn_training\n"
-        "demo.run_demo = lambda *a, **k: warn_training()\n"
+        "demo.run_demo = lambda *a, **k: [warn_training() for _ in range(3)]\n"
         f"sys.argv = ['captum-repinterp', 'demo', '--out', {str(tmp_path / 'o')!r}]\n"
         "runpy.run_module('captum_repinterp', run_name='__main__')\n"
     )
