@@ -440,6 +440,9 @@ class Interpretation:
     def save(self, path: str | os.PathLike) -> None:
         """Save as one ``.npz`` file: the tensors as arrays and the metadata as JSON.
 
+        The file is written at ``path`` as given: no ``.npz`` suffix is added (unlike
+        ``numpy.savez``), so :meth:`load` takes the same path.
+
         Raises
         ------
         TypeError

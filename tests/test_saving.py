@@ -34,6 +34,9 @@ def test_interpretations_compare_by_value(last_block_fit, tmp_path):
     changed = copy.deepcopy(region)
     changed.members = changed.members.flip(0)
     assert changed != region
+    region.save(tmp_path / "plain")  # the path as given, as the docstring says
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "r.npz"]
+    assert Interpretation.load(tmp_path / "plain") == region
 
 
 @pytest.mark.usefixtures("one_thread")
