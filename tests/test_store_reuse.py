@@ -111,4 +111,6 @@ def test_a_finished_store_of_a_loader_reading_some_rows_is_reused(
         finally:
             hook.remove()
     assert torch.equal(torch.as_tensor(again.features_), torch.as_tensor(first.features_))
-    assert sum(rows_run) < 32  # the first rows checked, nothing recomputed
+    # the first rows checked (batches of up to four and single images), nothing
+    # recomputed: a refit runs all 80-96 rows
+    assert sum(rows_run) < 40
