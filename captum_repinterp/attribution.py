@@ -69,7 +69,8 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         output replaced, the modules before the layer answering with their outputs
         recorded once per seed, so a given head saves little (a new user measured the
         same times on a ResNet-18 split at ``layer3``); give one when the model cannot
-        be run that way.
+        be run that way, e.g. when its forward runs the layer under ``torch.no_grad()``
+        (a frozen backbone), which :meth:`fit` refuses without ``head``.
 
     Notes
     -----
@@ -78,7 +79,8 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     A model in training mode runs in eval mode for each call, with a warning. The calls
     take gradients, so under ``torch.inference_mode()`` they raise a RuntimeError
     (``torch.no_grad()`` is fine); a model whose forward runs the layer under
-    ``torch.no_grad()`` (a frozen backbone) needs ``head``. Calls made under
+    ``torch.no_grad()`` (a frozen backbone) is refused at :meth:`fit` (a ValueError
+    naming ``layer``) unless ``head`` is given. Calls made under
     ``torch.autocast`` run with it off, in the model's own dtypes. Source:
     "Finding Representative Interpretations on Convolutional Neural Networks", ICCV 2021
     (arXiv 2108.06384).
@@ -138,7 +140,12 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             called again with the same references; a finished store of as many rows is
             reused (its first rows recomputed and compared, same checks and results).
         append : bool
-            With ``store``: add these references after the ones already stored.
+            With ``store``: add these references after the ones already stored. The rows
+            this call appends are checked as a new store's first rows are (a few are
+            recomputed and compared, so a model whose features depend on the batch or
+            differ from run to run is refused). ``heatmap_layer="auto"`` cannot read the
+            references of an appended store back: it then draws at the split layer, with
+            a warning (pass ``heatmap_layer`` yourself).
         cut_check : {"raise", "warn", "off"}
             When the first references show that ``layer`` is not a cut (a skip path or
             an extra input bypasses it, see :mod:`captum_repinterp.cuts`): raise
@@ -156,7 +163,10 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         ------
         TypeError, ValueError
             Naming the argument: references empty, not batch first, NaN, failing in the
-            model or of one predicted class; a bad ``store`` path or store.
+            model or of one predicted class; a bad ``store`` path or store; ``layer``
+            when the model's forward runs it with gradients off (pass ``head``).
+        NotACutError
+            (a ValueError) With ``cut_check="raise"``, when ``layer`` is not a cut.
         """
         fitted = fit_references(
             self.forward_func,
@@ -260,8 +270,10 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             model's input (input times gradient, one value per pixel); ``"auto"``, the
             split layer or the input, whichever keeps more class evidence on the
             references (:attr:`heatmap_resolution_`, chosen once per fit; see
-            :mod:`captum_repinterp.resolution`). Other rules draw at the split layer
-            with ``"auto"``.
+            :mod:`captum_repinterp.resolution`). ``"region-score"`` and
+            ``"region-members"`` also take an earlier layer (its channels), not the
+            input; ``"channel"`` only the split layer; with ``"auto"`` these rules draw
+            at the split layer.
 
         Returns
         -------

@@ -72,8 +72,8 @@ class Interpretation:
         1; ``"channel-members"`` uses them away from the split layer); None for the other
         rules.
     heatmap_layer : nn.Module, "input" or None
-        Draw the elementwise map at this earlier layer, or at the input (``"input"``),
-        instead of the split layer (see
+        Draw the map at this earlier layer, or at the input (``"input"``), instead of
+        the split layer (see
         :func:`~captum_repinterp.heatmap.pulled_back_heatmap`); None: the split layer.
         ``interpret(heatmap_layer="auto")`` stores what ``"auto"`` resolved to.
     reader : LayerReader or None
@@ -110,9 +110,9 @@ class Interpretation:
 
     @property
     def has_boundaries(self) -> bool:
-        """False when no boundary was selected (a :class:`~captum_repinterp.region.
-        NoBoundaryWarning` was given): the region is then every reference and the map
-        zero."""
+        """False when no boundary was selected (a
+        :class:`~captum_repinterp.region.NoBoundaryWarning` was given): the region is then
+        every reference and the map zero."""
         return self.n_boundaries > 0
 
     @property

@@ -1,10 +1,12 @@
 """Figures that explain themselves, headless-safe, built on matplotlib and Captum.
 
-Every function returns a ``matplotlib.figure.Figure`` created without pyplot (so nothing
-needs a display and no global figure state is touched); save it with
+Every ``plot_*`` function returns a ``matplotlib.figure.Figure`` created without pyplot
+(so nothing needs a display and no global figure state is touched), and
+:func:`compare_methods` returns one with the attributions; save it with
 ``fig.savefig(path)``. Every figure has a one-line title, a caption under the panels,
-a colour bar saying what its colours measure, and the predicted (and, when given, the
-true) class on its image panels.
+a colour bar saying what its colours measure when it draws heat maps (``plot_audit``
+with ``scale="row"`` gives each row's maximum in its title instead), and the predicted
+(and, when given, the true) class on its image panels.
 
 Heat maps are upsampled with Captum's ``LayerAttribution.interpolate`` and drawn the way
 pytorch-grad-cam's ``show_cam_on_image`` draws them: a jet colour map blended half and

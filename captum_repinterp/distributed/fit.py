@@ -156,8 +156,10 @@ def fit_sharded(
         The column of a Ray Dataset with the inputs (default: its only column).
     attribute_to_layer_input : bool
         Split at the layer's input instead of its output.
-    spill_dir, max_restarts, actor_options, progress
+    spill_dir, max_restarts, actor_options
         As in :func:`shard_references`.
+    progress : bool
+        Ray Data's progress bars during the fit, then as in :func:`shard_references`.
     concurrency : int, optional
         Most model workers of ``map_batches`` (default ``n_actors``; fewer start when
         the cluster has fewer free CPUs).

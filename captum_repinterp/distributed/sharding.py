@@ -149,7 +149,8 @@ def shard_references(
         More ``ray.remote`` options of the actors (``num_cpus`` defaults to 0,
         ``resources``, ``scheduling_strategy``...).
     progress : bool
-        Progress bars over seed and class tasks.
+        A progress bar over the class tasks of ``audit`` (a batch of seeds shows one
+        when ``interpret`` or ``attribute`` is called with ``progress=True``).
 
     Returns
     -------
