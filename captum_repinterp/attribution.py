@@ -102,7 +102,12 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
     def has_convergence_delta(self) -> bool:
         return False
 
-    multiplies_by_inputs = property(lambda self: False, doc="False: maps are not x inputs.")
+    multiplies_by_inputs = property(
+        lambda self: False,
+        doc="False, as for ``LayerGradCam``: the maps weight the layer's activations by the "
+        "region's direction (at the input resolution: input times gradient of the "
+        "region's score); they are not completeness-style attributions.",
+    )
 
     # ------------------------------------------------------------------ fit
     def fit(

@@ -286,7 +286,9 @@ def choose_heatmap_layer(
     check_grad_mode('heatmap_layer="auto" (the choice on the references)')
     if not isinstance(references, (Tensor, Dataset, DataLoader)):
         return ResolutionChoice(
-            None, reason="fit was not given one image tensor, Dataset or DataLoader"
+            None,
+            reason="fit was not given one image tensor, Dataset or DataLoader it can read "
+            "back (e.g. references appended to a store)",
         )
     source = references.dataset if isinstance(references, DataLoader) else references
     try:
@@ -395,10 +397,15 @@ def _score_both(
     if out.shape[1] < 2:
         return "the model has fewer than two outputs"
     top, runner_up = out.topk(2, dim=1).indices.unbind(1)
+    grad_at_layer: list[bool] = []  # whether the model runs the layer with gradients on
+    hook = layer.register_forward_hook(lambda *_: grad_at_layer.append(torch.is_grad_enabled()))
     try:
-        at_layer, at_input = margin_maps(
-            forward_func, layer, images, top, runner_up, attribute_to_layer_input
-        )
+        try:
+            at_layer, at_input = margin_maps(
+                forward_func, layer, images, top, runner_up, attribute_to_layer_input
+            )
+        finally:
+            hook.remove()
         if at_layer.dim() != 4:
             return "the split layer has no spatial layout"
         for name, m in (("layer", at_layer), ("input", at_input)):
@@ -409,6 +416,12 @@ def _score_both(
     except torch.OutOfMemoryError:
         raise  # not the model's nature: a choice kept for the whole fit must not hang on it
     except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+        if grad_at_layer and not any(grad_at_layer):
+            return (
+                "the model runs the split layer with gradients off (torch.no_grad() in its "
+                "forward; the regions use head=), so the input's maps (input times gradient "
+                "through the model) cannot be drawn"
+            )
         return f"the maps could not be scored ({exc})"
     return ""
 

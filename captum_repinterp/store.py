@@ -28,7 +28,9 @@ Resume and append (see :meth:`RepresentativeInterpretation.fit`):
   skips the ``n`` references already written and continues with the rest; the
   references must be the same sequence as in the interrupted call.
 - append: ``fit(more, store=path, append=True)`` adds ``more`` after the rows already
-  stored (the file grows by doubling its capacity, copied in chunks).
+  stored (the file grows by doubling its capacity, copied in chunks); the rows it
+  appends are checked as a new store's first rows are, so a model that mixes a batch or
+  gives other values from run to run is refused.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ def test_docs_build_strict(tmp_path):
         "Interpretation",
         "greedy_cover",
         "sample_boundaries",
-        "layer_heatmap",
+        "pulled_back_heatmap",
+        "HeatmapRule",
         "plot_region",
         "build_report",
     ):

@@ -384,3 +384,9 @@ def test_a_layer_run_without_gradients_is_named_and_head_is_the_way_out(tiny, on
     plain = fit(model, layer, x[:200], ignore_warnings=Warning)
     kw = {"n_boundaries": 12, "heatmap_layer": None}
     assert with_head.interpret(x[200:202], **kw) == plain.interpret(x[200:202], **kw)
+    # "auto" cannot draw the input's maps through such a model and says why (it gave
+    # autograd's "One of the differentiated Tensors does not require grad")
+    with pytest.warns(UserWarning, match="runs the split layer with gradients off"):
+        assert with_head.heatmap_resolution_.heatmap_layer is None
+    maps = with_head.attribute(x[200:202], n_boundaries=12)
+    assert maps.shape == (2, 1, *model.features(x[:1]).shape[2:])

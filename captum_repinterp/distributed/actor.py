@@ -141,7 +141,8 @@ class Shard:
 
     def rows(self, local: np.ndarray, which: str) -> np.ndarray:
         table = self.features if which == "features" else self.projected
-        return table[torch.from_numpy(np.asarray(local, np.int64))].numpy()
+        # a copy: arrays from the object store are read-only, which torch warns about
+        return table[torch.from_numpy(np.array(local, np.int64))].numpy()
 
     # ---------------------------------------------------------------- per-seed session
     def _session(self, token: str, boxed: list, target: int) -> dict[str, Any]:

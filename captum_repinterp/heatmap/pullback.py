@@ -65,7 +65,7 @@ def pulled_back_heatmap(
     layout : LayerLayout
         Shapes of ``layer``'s tensors.
     attribute_to_layer_input, relu, attr_dim_summation : bool
-        As in :func:`layer_heatmap`.
+        As in :meth:`HeatmapRule.draw` (``relu`` is ``relu_attributions``).
 
     Returns
     -------
