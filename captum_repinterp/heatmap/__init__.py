@@ -31,6 +31,10 @@ references through a :class:`RegionContext`: only references, never held-out ima
 
 Outputs follow ``LayerGradCam``'s layout: the layer's shape with dimension 1 summed to 1
 (``attr_dim_summation=True``), one tensor per layer output.
+
+Modules: ``base`` (:class:`HeatmapRule`, the registry, :class:`RegionContext`),
+``rules`` (the rules that need no forward pass), ``region_score`` (``region-score`` and
+``region-members``), ``pullback`` (maps drawn at an earlier layer or the input).
 """
 
 from .base import (
