@@ -30,7 +30,11 @@ Resume and append (see :meth:`RepresentativeInterpretation.fit`):
 - append: ``fit(more, store=path, append=True)`` adds ``more`` after the rows already
   stored (the file grows by doubling its capacity, copied in chunks); the rows it
   appends are checked as a new store's first rows are, so a model that mixes a batch or
-  gives other values from run to run is refused.
+  gives other values from run to run is refused. An interrupted append is resumed the
+  same way, by calling it again (the same references, ``append=True``): ``meta.json``
+  keeps the row it started at (``"append_from"``) until it finishes. An interrupted fit
+  is resumed with the ``append`` it was called with; the other is refused, as it would
+  skip or repeat rows.
 """
 
 from __future__ import annotations
@@ -357,6 +361,7 @@ class ReferenceStore:
         """Record that the fit that wrote this store finished."""
         self._close()
         self.meta["complete"] = True
+        self.meta.pop("append_from", None)
         self._save_meta()
 
     # ------------------------------------------------------------------ reading
@@ -446,7 +451,10 @@ def fit_to_store(
       rows as ``fit`` reads from the references (a finished fit of the same references;
       a DataLoader's sampler or ``drop_last`` can read fewer than its dataset holds),
       otherwise ``ValueError``;
-    - ``append=True``: write all references after the rows already stored.
+    - ``append=True``: write all references after the rows already stored; on a store
+      whose append was interrupted, resume that append (same references expected);
+    - an incomplete store and the other ``append`` than the interrupted call's:
+      ``ValueError`` (resuming it would skip or repeat rows).
 
     The store keeps a fingerprint of the model's weights (:func:`model_fingerprint`); a
     store written by a model with other weights is refused in every case (its rows would
@@ -484,8 +492,20 @@ def fit_to_store(
                 f"store: {os.fspath(path)!r} was fitted with attribute_to_layer_input="
                 f"{store.attribute_to_layer_input}"
             )
+        since = store.meta.get("append_from")  # the first row of an interrupted append
+        if not store.complete and append != (since is not None):
+            if append:
+                raise ValueError(
+                    f"store: {os.fspath(path)!r} holds an interrupted fit ({store.n} rows "
+                    "written); resume it first (the same references, append=False), then "
+                    "append"
+                )
+            raise ValueError(
+                f"store: {os.fspath(path)!r} holds an interrupted append (rows {since} to "
+                f"{store.n}); resume it with the same references and append=True"
+            )
+        m = rows_read(references, n)
         if not append:
-            m = rows_read(references, n)
             if store.complete:
                 if m is not None and m == store.n:
                     return store, example, 0
@@ -499,8 +519,18 @@ def fit_to_store(
                     f"store: {os.fspath(path)!r} holds {skip} rows but only {m} references "
                     "were given to resume with"
                 )
-        else:
+        elif store.complete:
             start = store.n
+        else:  # resume the interrupted append
+            start = int(since)
+            skip = store.n - start
+            if m is not None and skip > m:
+                raise ValueError(
+                    f"store: {os.fspath(path)!r} holds {skip} rows of an interrupted append "
+                    f"but only {m} references were given to resume it with"
+                )
+        if append:
+            store.meta["append_from"] = start  # saved with the first rows written
     for rows, preds, layout in run(skip):
         if store is None:
             store = ReferenceStore.create(path, layout, n or 1024, attribute_to_layer_input)

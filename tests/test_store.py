@@ -325,3 +325,37 @@ def test_store_resumed_inside_a_batch_with_another_batch_size_equals_ram(relu_fi
         torch.testing.assert_close(a.weight, b.weight)
         torch.testing.assert_close(a.heatmap(x[130:133]), b.heatmap(x[130:133]))
     assert ri.heatmap_resolution_ == ram.heatmap_resolution_
+
+
+def test_interrupted_append_resumes_with_append_true(tmp_path):
+    """An append interrupted part-way is resumed by the same call (``append=True``, same
+    references): the store then equals one fitted in one go, with no row written twice;
+    resuming it without ``append``, or appending to an interrupted first fit, is refused
+    (either would mix or skip rows)."""
+    from conftest import Interrupted, interrupt_on_call
+
+    model = _model()
+    a, b = _refs(150), _refs(300, seed=3)
+    whole = RepresentativeInterpretation(model, model[0]).fit(
+        torch.cat([a, b]), batch_size=64, progress=False
+    )
+    path = tmp_path / "s"
+    ri = RepresentativeInterpretation(model, model[0])
+    ri.fit(a, batch_size=64, progress=False, store=path)
+    with interrupt_on_call(model[0], 3), pytest.raises(Interrupted):
+        ri.fit(b, batch_size=64, progress=False, store=path, append=True)
+    partial = ReferenceStore.open(path)
+    assert partial.n == 150 + 2 * 64 and not partial.complete
+    with pytest.raises(ValueError, match=r"store: .*interrupted append.*append=True"):
+        ri.fit(b, batch_size=64, progress=False, store=path)
+    assert ReferenceStore.open(path).n == 150 + 2 * 64  # nothing written
+    ri.fit(b, batch_size=100, progress=False, store=path, append=True)
+    assert ri.store_.n == 450 and ri.store_.complete
+    assert torch.equal(ri.features_, whole.features_)
+    assert torch.equal(ri.predictions_, whole.predictions_)
+    # an interrupted first fit is resumed before anything is appended
+    with interrupt_on_call(model[0], 2), pytest.raises(Interrupted):
+        ri.fit(a, batch_size=64, progress=False, store=tmp_path / "t")
+    with pytest.raises(ValueError, match=r"store: .*interrupted fit.*append=False"):
+        ri.fit(b, batch_size=64, progress=False, store=tmp_path / "t", append=True)
+    assert ReferenceStore.open(tmp_path / "t").n == 64
