@@ -167,18 +167,61 @@ class ReferenceStore:
         Raises
         ------
         ValueError
-            When ``path`` holds no store of this format.
+            When ``path`` holds no store of this format, or a damaged one: ``meta.json``
+            unreadable or inconsistent, an array missing, truncated, or of another type
+            or shape than ``meta.json`` says (checked from the files' headers and sizes).
         """
         meta_path = Path(path) / "meta.json"
         if not meta_path.is_file():
             raise ValueError(f"store: no reference store at {os.fspath(path)!r}")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise _damaged(path, f"meta.json cannot be read: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise _damaged(path, "meta.json does not hold an object")
         if meta.get("format") != STORE_FORMAT:
             raise ValueError(
                 f"store: {os.fspath(path)!r} has format {meta.get('format')!r}, "
                 f"expected {STORE_FORMAT!r}"
             )
-        return cls(path, meta)
+        store = cls(path, meta)
+        store._validate()
+        return store
+
+    def _validate(self) -> None:
+        """Check ``meta.json`` against itself and the arrays' headers and file sizes (no
+        data is read): a damaged store raises ``ValueError`` naming ``store``."""
+        meta = self.meta
+        n, cap, dim = meta.get("n"), meta.get("capacity"), meta.get("dim")
+        if not all(type(v) is int for v in (n, cap, dim)) or not 0 <= n <= cap or dim < 1:
+            raise _damaged(self.path, f"meta.json has n={n!r}, capacity={cap!r}, dim={dim!r}")
+        try:
+            layout = LayerLayout.from_json(meta["layout"])
+            flags = (meta["attribute_to_layer_input"], meta["complete"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _damaged(self.path, f"meta.json's layout or flags: {exc!r}") from exc
+        if layout.dim != dim or not all(isinstance(f, bool) for f in flags):
+            raise _damaged(self.path, "meta.json's layout, dim or flags do not agree")
+        arrays = [(self._feat_path, np.float32, (dim,)), (self._pred_path, np.int64, ())]
+        info = meta.get("logits")
+        if info is not None and self._logits_path.is_file():
+            try:
+                arrays.append((self._logits_path, np.dtype(info["dtype"]), (info["classes"],)))
+            except (KeyError, TypeError) as exc:
+                raise _damaged(self.path, f"meta.json's logits: {exc!r}") from exc
+        for file, dtype, row in arrays:
+            try:  # maps the file (checks its header and size), reads nothing
+                arr = np.load(file, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as exc:
+                raise _damaged(self.path, f"{file.name}: {exc}") from exc
+            if arr.dtype != dtype or arr.shape[1:] != row or arr.shape[0] < n:
+                raise _damaged(
+                    self.path,
+                    f"{file.name} is {arr.dtype} of shape {arr.shape}, expected "
+                    f"{np.dtype(dtype)} of at least {n} rows of shape {row}",
+                )
+            del arr
 
     @classmethod
     def create(
@@ -391,6 +434,12 @@ class ReferenceStore:
     def all_finite(self, chunk_size: int = _COPY_CHUNK) -> bool:
         """Whether every stored feature is finite (streamed in chunks)."""
         return all_finite(self.features(), chunk_elements=chunk_size * self.layout.dim)
+
+
+def _damaged(path: Any, what: str) -> ValueError:
+    return ValueError(
+        f"store: {os.fspath(path)!r} is damaged ({what}); delete it and fit to it again"
+    )
 
 
 def tensor_sha1(t: Tensor) -> str:

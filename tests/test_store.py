@@ -359,3 +359,56 @@ def test_interrupted_append_resumes_with_append_true(tmp_path):
     with pytest.raises(ValueError, match=r"store: .*interrupted fit.*append=False"):
         ri.fit(b, batch_size=64, progress=False, store=tmp_path / "t", append=True)
     assert ReferenceStore.open(tmp_path / "t").n == 64
+
+
+def _edit_meta(path, **changes):
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(changes)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def _truncate(name, nbytes):
+    def cut(path):
+        with open(path / name, "r+b") as f:
+            f.truncate((path / name).stat().st_size - nbytes)
+
+    return cut
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: (p / "meta.json").write_text('{"format": "captum_repinterp.refer'),
+        lambda p: (p / "meta.json").write_text(""),
+        lambda p: (p / "meta.json").write_text("[1, 2]"),
+        _truncate("features.npy", 4 * 24 * 10),
+        _truncate("predictions.npy", 8 * 10),
+        _truncate("logits.npy", 4 * 3 * 10),
+        lambda p: (p / "predictions.npy").unlink(),
+        lambda p: (p / "features.npy").write_bytes(b"not an array"),
+        lambda p: np.save(p / "features.npy", np.zeros((200, 24), np.float64)),
+        lambda p: np.save(p / "features.npy", np.zeros((200, 12), np.float32)),
+        lambda p: _edit_meta(p, n=201),
+        lambda p: _edit_meta(p, n=-1),
+        lambda p: _edit_meta(p, dim=12),
+        lambda p: _edit_meta(p, layout=None),
+    ],
+)
+@pytest.mark.parametrize("complete", [True, False])
+def test_damaged_store_is_refused(tmp_path, damage, complete):
+    """A store whose meta.json or arrays are damaged (truncated, missing, of another
+    shape or type, or counting rows it lacks) is refused with a ValueError naming
+    ``store``, when reused and when resumed; never read as it is."""
+    model = _model()
+    refs = _refs(200)
+    path = tmp_path / "s"
+    ri = RepresentativeInterpretation(model, model[0])
+    ri.fit(refs, batch_size=64, progress=False, store=path)
+    assert ri.store_.has_logits
+    if not complete:
+        _edit_meta(path, complete=False, n=128)
+    damage(path)
+    with pytest.raises(ValueError, match=r"store: .* is damaged"):
+        RepresentativeInterpretation(model, model[0]).fit(
+            refs, batch_size=64, progress=False, store=path
+        )
