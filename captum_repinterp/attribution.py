@@ -150,7 +150,8 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             recomputed and compared, so a model whose features depend on the batch or
             differ from run to run is refused). ``heatmap_layer="auto"`` cannot read the
             references of an appended store back: it then draws at the split layer, with
-            a warning (pass ``heatmap_layer`` yourself).
+            a warning (pass ``heatmap_layer`` yourself). An interrupted append resumes
+            when called again with the same references and ``append=True``.
         cut_check : {"raise", "warn", "off"}
             When the first references show that ``layer`` is not a cut (a skip path or
             an extra input bypasses it, see :mod:`captum_repinterp.cuts`): raise

@@ -30,7 +30,11 @@ Resume and append (see :meth:`RepresentativeInterpretation.fit`):
 - append: ``fit(more, store=path, append=True)`` adds ``more`` after the rows already
   stored (the file grows by doubling its capacity, copied in chunks); the rows it
   appends are checked as a new store's first rows are, so a model that mixes a batch or
-  gives other values from run to run is refused.
+  gives other values from run to run is refused. An interrupted append is resumed the
+  same way, by calling it again (the same references, ``append=True``): ``meta.json``
+  keeps the row it started at (``"append_from"``) until it finishes. An interrupted fit
+  is resumed with the ``append`` it was called with; the other is refused, as it would
+  skip or repeat rows.
 """
 
 from __future__ import annotations
@@ -163,18 +167,61 @@ class ReferenceStore:
         Raises
         ------
         ValueError
-            When ``path`` holds no store of this format.
+            When ``path`` holds no store of this format, or a damaged one: ``meta.json``
+            unreadable or inconsistent, an array missing, truncated, or of another type
+            or shape than ``meta.json`` says (checked from the files' headers and sizes).
         """
         meta_path = Path(path) / "meta.json"
         if not meta_path.is_file():
             raise ValueError(f"store: no reference store at {os.fspath(path)!r}")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise _damaged(path, f"meta.json cannot be read: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise _damaged(path, "meta.json does not hold an object")
         if meta.get("format") != STORE_FORMAT:
             raise ValueError(
                 f"store: {os.fspath(path)!r} has format {meta.get('format')!r}, "
                 f"expected {STORE_FORMAT!r}"
             )
-        return cls(path, meta)
+        store = cls(path, meta)
+        store._validate()
+        return store
+
+    def _validate(self) -> None:
+        """Check ``meta.json`` against itself and the arrays' headers and file sizes (no
+        data is read): a damaged store raises ``ValueError`` naming ``store``."""
+        meta = self.meta
+        n, cap, dim = meta.get("n"), meta.get("capacity"), meta.get("dim")
+        if not all(type(v) is int for v in (n, cap, dim)) or not 0 <= n <= cap or dim < 1:
+            raise _damaged(self.path, f"meta.json has n={n!r}, capacity={cap!r}, dim={dim!r}")
+        try:
+            layout = LayerLayout.from_json(meta["layout"])
+            flags = (meta["attribute_to_layer_input"], meta["complete"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _damaged(self.path, f"meta.json's layout or flags: {exc!r}") from exc
+        if layout.dim != dim or not all(isinstance(f, bool) for f in flags):
+            raise _damaged(self.path, "meta.json's layout, dim or flags do not agree")
+        arrays = [(self._feat_path, np.float32, (dim,)), (self._pred_path, np.int64, ())]
+        info = meta.get("logits")
+        if info is not None and self._logits_path.is_file():
+            try:
+                arrays.append((self._logits_path, np.dtype(info["dtype"]), (info["classes"],)))
+            except (KeyError, TypeError) as exc:
+                raise _damaged(self.path, f"meta.json's logits: {exc!r}") from exc
+        for file, dtype, row in arrays:
+            try:  # maps the file (checks its header and size), reads nothing
+                arr = np.load(file, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as exc:
+                raise _damaged(self.path, f"{file.name}: {exc}") from exc
+            if arr.dtype != dtype or arr.shape[1:] != row or arr.shape[0] < n:
+                raise _damaged(
+                    self.path,
+                    f"{file.name} is {arr.dtype} of shape {arr.shape}, expected "
+                    f"{np.dtype(dtype)} of at least {n} rows of shape {row}",
+                )
+            del arr
 
     @classmethod
     def create(
@@ -357,6 +404,7 @@ class ReferenceStore:
         """Record that the fit that wrote this store finished."""
         self._close()
         self.meta["complete"] = True
+        self.meta.pop("append_from", None)
         self._save_meta()
 
     # ------------------------------------------------------------------ reading
@@ -386,6 +434,12 @@ class ReferenceStore:
     def all_finite(self, chunk_size: int = _COPY_CHUNK) -> bool:
         """Whether every stored feature is finite (streamed in chunks)."""
         return all_finite(self.features(), chunk_elements=chunk_size * self.layout.dim)
+
+
+def _damaged(path: Any, what: str) -> ValueError:
+    return ValueError(
+        f"store: {os.fspath(path)!r} is damaged ({what}); delete it and fit to it again"
+    )
 
 
 def tensor_sha1(t: Tensor) -> str:
@@ -446,7 +500,10 @@ def fit_to_store(
       rows as ``fit`` reads from the references (a finished fit of the same references;
       a DataLoader's sampler or ``drop_last`` can read fewer than its dataset holds),
       otherwise ``ValueError``;
-    - ``append=True``: write all references after the rows already stored.
+    - ``append=True``: write all references after the rows already stored; on a store
+      whose append was interrupted, resume that append (same references expected);
+    - an incomplete store and the other ``append`` than the interrupted call's:
+      ``ValueError`` (resuming it would skip or repeat rows).
 
     The store keeps a fingerprint of the model's weights (:func:`model_fingerprint`); a
     store written by a model with other weights is refused in every case (its rows would
@@ -484,8 +541,20 @@ def fit_to_store(
                 f"store: {os.fspath(path)!r} was fitted with attribute_to_layer_input="
                 f"{store.attribute_to_layer_input}"
             )
+        since = store.meta.get("append_from")  # the first row of an interrupted append
+        if not store.complete and append != (since is not None):
+            if append:
+                raise ValueError(
+                    f"store: {os.fspath(path)!r} holds an interrupted fit ({store.n} rows "
+                    "written); resume it first (the same references, append=False), then "
+                    "append"
+                )
+            raise ValueError(
+                f"store: {os.fspath(path)!r} holds an interrupted append (rows {since} to "
+                f"{store.n}); resume it with the same references and append=True"
+            )
+        m = rows_read(references, n)
         if not append:
-            m = rows_read(references, n)
             if store.complete:
                 if m is not None and m == store.n:
                     return store, example, 0
@@ -499,8 +568,18 @@ def fit_to_store(
                     f"store: {os.fspath(path)!r} holds {skip} rows but only {m} references "
                     "were given to resume with"
                 )
-        else:
+        elif store.complete:
             start = store.n
+        else:  # resume the interrupted append
+            start = int(since)
+            skip = store.n - start
+            if m is not None and skip > m:
+                raise ValueError(
+                    f"store: {os.fspath(path)!r} holds {skip} rows of an interrupted append "
+                    f"but only {m} references were given to resume it with"
+                )
+        if append:
+            store.meta["append_from"] = start  # saved with the first rows written
     for rows, preds, layout in run(skip):
         if store is None:
             store = ReferenceStore.create(path, layout, n or 1024, attribute_to_layer_input)

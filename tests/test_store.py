@@ -325,3 +325,90 @@ def test_store_resumed_inside_a_batch_with_another_batch_size_equals_ram(relu_fi
         torch.testing.assert_close(a.weight, b.weight)
         torch.testing.assert_close(a.heatmap(x[130:133]), b.heatmap(x[130:133]))
     assert ri.heatmap_resolution_ == ram.heatmap_resolution_
+
+
+def test_interrupted_append_resumes_with_append_true(tmp_path):
+    """An append interrupted part-way is resumed by the same call (``append=True``, same
+    references): the store then equals one fitted in one go, with no row written twice;
+    resuming it without ``append``, or appending to an interrupted first fit, is refused
+    (either would mix or skip rows)."""
+    from conftest import Interrupted, interrupt_on_call
+
+    model = _model()
+    a, b = _refs(150), _refs(300, seed=3)
+    whole = RepresentativeInterpretation(model, model[0]).fit(
+        torch.cat([a, b]), batch_size=64, progress=False
+    )
+    path = tmp_path / "s"
+    ri = RepresentativeInterpretation(model, model[0])
+    ri.fit(a, batch_size=64, progress=False, store=path)
+    with interrupt_on_call(model[0], 3), pytest.raises(Interrupted):
+        ri.fit(b, batch_size=64, progress=False, store=path, append=True)
+    partial = ReferenceStore.open(path)
+    assert partial.n == 150 + 2 * 64 and not partial.complete
+    with pytest.raises(ValueError, match=r"store: .*interrupted append.*append=True"):
+        ri.fit(b, batch_size=64, progress=False, store=path)
+    assert ReferenceStore.open(path).n == 150 + 2 * 64  # nothing written
+    ri.fit(b, batch_size=100, progress=False, store=path, append=True)
+    assert ri.store_.n == 450 and ri.store_.complete
+    assert torch.equal(ri.features_, whole.features_)
+    assert torch.equal(ri.predictions_, whole.predictions_)
+    # an interrupted first fit is resumed before anything is appended
+    with interrupt_on_call(model[0], 2), pytest.raises(Interrupted):
+        ri.fit(a, batch_size=64, progress=False, store=tmp_path / "t")
+    with pytest.raises(ValueError, match=r"store: .*interrupted fit.*append=False"):
+        ri.fit(b, batch_size=64, progress=False, store=tmp_path / "t", append=True)
+    assert ReferenceStore.open(tmp_path / "t").n == 64
+
+
+def _edit_meta(path, **changes):
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(changes)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def _truncate(name, nbytes):
+    def cut(path):
+        with open(path / name, "r+b") as f:
+            f.truncate((path / name).stat().st_size - nbytes)
+
+    return cut
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: (p / "meta.json").write_text('{"format": "captum_repinterp.refer'),
+        lambda p: (p / "meta.json").write_text(""),
+        lambda p: (p / "meta.json").write_text("[1, 2]"),
+        _truncate("features.npy", 4 * 24 * 10),
+        _truncate("predictions.npy", 8 * 10),
+        _truncate("logits.npy", 4 * 3 * 10),
+        lambda p: (p / "predictions.npy").unlink(),
+        lambda p: (p / "features.npy").write_bytes(b"not an array"),
+        lambda p: np.save(p / "features.npy", np.zeros((200, 24), np.float64)),
+        lambda p: np.save(p / "features.npy", np.zeros((200, 12), np.float32)),
+        lambda p: _edit_meta(p, n=201),
+        lambda p: _edit_meta(p, n=-1),
+        lambda p: _edit_meta(p, dim=12),
+        lambda p: _edit_meta(p, layout=None),
+    ],
+)
+@pytest.mark.parametrize("complete", [True, False])
+def test_damaged_store_is_refused(tmp_path, damage, complete):
+    """A store whose meta.json or arrays are damaged (truncated, missing, of another
+    shape or type, or counting rows it lacks) is refused with a ValueError naming
+    ``store``, when reused and when resumed; never read as it is."""
+    model = _model()
+    refs = _refs(200)
+    path = tmp_path / "s"
+    ri = RepresentativeInterpretation(model, model[0])
+    ri.fit(refs, batch_size=64, progress=False, store=path)
+    assert ri.store_.has_logits
+    if not complete:
+        _edit_meta(path, complete=False, n=128)
+    damage(path)
+    with pytest.raises(ValueError, match=r"store: .* is damaged"):
+        RepresentativeInterpretation(model, model[0]).fit(
+            refs, batch_size=64, progress=False, store=path
+        )
