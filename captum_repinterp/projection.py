@@ -469,6 +469,16 @@ def _checked_zhead(
     return zhead
 
 
+def _depends_on(output: Tensor, leaf: Tensor) -> bool:
+    """Whether ``output`` is computed from ``leaf`` (autograd reaches it)."""
+    if output.grad_fn is None:
+        return output is leaf
+    (grad,) = torch.autograd.grad(
+        output, leaf, torch.ones_like(output), retain_graph=True, allow_unused=True
+    )
+    return grad is not None
+
+
 def find_leading_map(
     head: Callable[..., Tensor], modules: nn.Module, features: Tensor
 ) -> LeadingMap | None:
@@ -503,10 +513,15 @@ def find_leading_map(
         for point in points:
             calls.clear()
             with torch.enable_grad():
-                head(point[None].clone().requires_grad_(True))
-            if not calls:
+                row = point[None].clone().requires_grad_(True)
+                head(row)
+                # inputs that require grad through the parameters alone (a Linear run
+                # before the split, the split layer itself when the head runs the whole
+                # model) do not depend on the features
+                fed = next((c for c in calls if _depends_on(c[1], row)), None)
+            if fed is None:
                 return None
-            found.append(calls[0])
+            found.append(fed)
     except (RuntimeError, ValueError, TypeError):
         return None
     finally:

@@ -94,3 +94,23 @@ def test_autocast_is_off_inside_every_call(one_thread):
     assert regions_ac == regions
     assert torch.equal(feats_ac, feats) and torch.equal(dist_ac, dist)
     assert torch.equal(contains_ac, regions[0].contains(new))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_leading_linear_layer_is_one_the_features_feed(one_thread, dtype):
+    """Split at a Linear layer, the head's "first Linear fed by the features" was taken
+    to be the split layer itself (its input requires grad through the parameters when
+    the head runs the whole model): in float64 fit kept it and every interpret failed
+    with "shape '[3, -1]' is invalid for input of size 64". The layer is now the first
+    whose input depends on the features: none after the split Linear (a ReLU comes
+    first), the last Linear after the ReLU."""
+    model, x = _model_and_inputs(torch.float32)
+    model, x = model.to(dtype), x.to(dtype)
+    at_linear = RepresentativeInterpretation(model, model[6]).fit(x, progress=False)
+    assert at_linear.references_.leading is None
+    region = at_linear.interpret(x[:1], n_boundaries=10)
+    assert region.members.numel() > 0
+    at_relu = RepresentativeInterpretation(model, model[7]).fit(x, progress=False)
+    assert at_relu.references_.leading is not None
+    assert at_relu.references_.leading.module is model[8]
+    assert at_relu.interpret(x[:1], n_boundaries=10).members.numel() > 0
