@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -307,12 +308,16 @@ def build_projection(
         for s in range(0, shape[0], chunk_size):
             projected[s : s + chunk_size] = features[s : s + chunk_size].to(torch.float32) @ a32.T
     else:
-        mm = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
+        # written next to it, then moved into place: an explainer still mapping the old
+        # file (an earlier fit of the same store) keeps reading it intact
+        tmp = Path(out_path).with_name(Path(out_path).stem + ".tmp.npy")
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         for s in range(0, shape[0], chunk_size):
             rows = features[s : s + chunk_size].to(torch.float32)
             mm[s : s + chunk_size] = (rows @ a32.T).numpy()
         mm.flush()
         del mm
+        os.replace(tmp, out_path)
         projected = torch.from_numpy(np.load(out_path, mmap_mode="c"))
     return Projection(basis, gram, projected, module=module, offset=offset)
 

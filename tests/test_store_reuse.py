@@ -56,10 +56,18 @@ def test_second_fit_on_a_finished_store_warns_and_checks_like_the_first(tmp_path
 
 
 def test_second_fit_on_a_finished_store_keeps_the_projection(tmp_path):
+    """The second fit writes projected.npy anew; it rewrote the file in place, under the
+    first explainer's memory map (a read during the rewrite could fault). It now writes
+    a new file and moves it into place: the first explainer keeps its own."""
     x = torch.randn(60, 1, 6, 6, generator=torch.Generator().manual_seed(2))
     model = LinearHeadNet().eval()
     first, _ = _fit(model, x, tmp_path / "s")
+    inode = (tmp_path / "s" / "projected.npy").stat().st_ino
+    kept = first.projection_.projected.clone()
     second, _ = _fit(model, x, tmp_path / "s")
+    assert (tmp_path / "s" / "projected.npy").stat().st_ino != inode
+    assert not list((tmp_path / "s").glob("*.tmp.npy"))
+    assert torch.equal(first.projection_.projected, kept)
     assert first.projection_ is not None and second.projection_ is not None
     assert torch.equal(first.projection_.projected, second.projection_.projected)
     a, b = first.interpret(x[:3]), second.interpret(x[:3])
