@@ -369,6 +369,13 @@ def _class_name(c: int, class_names: Sequence[str] | None) -> str:
     return str(c)
 
 
+def _figure_names(class_names: Sequence[str] | None) -> list[str] | None:
+    """Class names for the figures: matplotlib reads text between two ``$`` as math
+    (``"$_$"`` fails to parse when the figure is saved), so each ``$`` is escaped and
+    the figures show the names as given."""
+    return None if class_names is None else [n.replace("$", r"\$") for n in class_names]
+
+
 def _sizes(row: RegionRow) -> str:
     sizes = row.subgroup_sizes
     return "1" if len(sizes) <= 1 else f"{len(sizes)} ({', '.join(map(str, sizes))})"
@@ -612,6 +619,11 @@ def build_report(
     def name(c: int) -> str:
         return _class_name(c, class_names)
 
+    figure_names = _figure_names(class_names)
+
+    def fig_name(c: int) -> str:
+        return _class_name(c, figure_names)
+
     odd: dict[str, list[_Odd]] = {}
     views = []
     for k, r in enumerate(rows):
@@ -622,10 +634,10 @@ def build_report(
             seed_img,
             references,
             k=members_shown,
-            class_names=class_names,
+            class_names=figure_names,
             seed_label=None if held_labels is None else int(held_labels[r.seed_index]),
             reference_labels=ref_labels,
-            title=f"{r.label}, region of class {name(r.target)}",
+            title=f"{r.label}, region of class {fig_name(r.target)}",
         )
         r.figure = f"region_{k + 1:02d}_class{r.target}.png"
         fig.savefig(out / r.figure, dpi=90)
@@ -651,15 +663,15 @@ def build_report(
             maps = maps[0] if isinstance(maps, tuple) else maps
             titles = []
             for o in shown:
-                text = f"{o.source} #{o.index}\npred {name(o.pred)}"
-                titles.append(text + ("" if o.true is None else f"\ntrue {name(o.true)}"))
+                text = f"{o.source} #{o.index}\npred {fig_name(o.pred)}"
+                titles.append(text + ("" if o.true is None else f"\ntrue {fig_name(o.true)}"))
             intruder_figure = f"region_{k + 1:02d}_intruders.png"
             plot_images(
                 imgs,
                 titles,
                 maps=maps,
                 bad=[True] * len(shown),
-                title=f"{r.label} (class {name(r.target)}): images inside that the model "
+                title=f"{r.label} (class {fig_name(r.target)}): images inside that the model "
                 "puts in another class, or whose true label is another",
                 caption="Under the region's heat map: the region's one direction applied to "
                 "each image's activations (not each image's own explanation; a coarse layer "
@@ -711,7 +723,7 @@ def build_report(
             class_audit,
             heldout,
             n_exemplars=members_shown,
-            class_names=class_names,
+            class_names=figure_names,
             region_labels=[v["label"] for v in mine],
             labels=held_labels,
         ).savefig(out / png, dpi=80)
@@ -730,7 +742,7 @@ def build_report(
             }
         )
     summary = "summary.png"
-    _summary_figure(rows, audits, odd, class_names, has_labels).savefig(out / summary, dpi=90)
+    _summary_figure(rows, audits, odd, figure_names, has_labels).savefig(out / summary, dpi=90)
     accuracy = []
     if ref_labels is not None:
         accuracy.append(("on the references", float((ref_preds == ref_labels).float().mean())))

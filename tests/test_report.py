@@ -441,3 +441,26 @@ def test_label_order_mismatch_with_label_numbers_far_beyond_the_classes():
         float((labels == preds).float().mean())
     )
     assert moved[0] == 3 and moved[3] == 0
+
+
+def test_report_class_names_with_dollar_signs(fitted, tmp_path):
+    # matplotlib reads text between two "$" as mathtext: "$_$" fails to parse at savefig
+    # and "$x$" would be drawn as an italic x; the figures must show the names as given
+    model, refs, held, _ = fitted
+    names = ["$_$", "$5 and $10", "two", "three"]
+    index = build_report(
+        tmp_path / "rep",
+        model,
+        model.features[-1],
+        refs,
+        held,
+        head=model.head,
+        classes=[0, 1],
+        regions_per_class=1,
+        n_boundaries=4,
+        members_shown=2,
+        class_names=names,
+        reference_labels=torch.arange(len(refs)) % 4,
+    )
+    page = index.read_text()
+    assert "0 ($_$)" in page and "1 ($5 and $10)" in page  # the page shows them unchanged
