@@ -143,7 +143,13 @@ def checked_labels(value: Any, images: Tensor, name: str) -> Tensor | None:
     """
     if value is None:
         return None
-    labels = torch.as_tensor(value)
+    try:
+        labels = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):  # strings, objects, ragged lists
+        raise ValueError(
+            f"data: {name} must be {images.shape[0]} integer labels (class indices), got "
+            f"{type(value).__name__} {str(value)[:60]}"
+        ) from None
     if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
         raise ValueError(
             f"data: {name} must be {images.shape[0]} integer labels, got shape "
@@ -164,7 +170,9 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
     ``(reference_images, heldout_images, reference_labels, heldout_labels)`` (either
     label entry may be None). The images may be tensors, or Datasets / DataLoaders of
     images or ``(image, label, ...)`` items (an ``ImageFolder``), which are stacked into
-    tensors (the report indexes its images, so it holds them in memory); the items'
+    tensors (the report indexes its images, so it holds them in memory; a DataLoader
+    that shuffles is read in its dataset's order, one with another random sampler is
+    refused, and images of different sizes are a ValueError); the items'
     integer labels are the true labels unless labels are given.
     """
     if not isinstance(obj, (tuple, list)) or len(obj) not in (2, 4):
@@ -203,6 +211,53 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
     )
 
 
+_RESIZE = (
+    "the report stacks them into one tensor: resize them to one size in the dataset's "
+    "transform (e.g. torchvision's transforms.Resize((h, w)))"
+)
+
+
+def _in_dataset_order(loader: Any, what: str) -> Any:
+    """``loader``, or when it shuffles (``shuffle=True``) a loader of the same dataset,
+    batch size and collate function that reads it in order: the page numbers images
+    by their place in the set (``#i``), which must be the dataset's index and the same
+    on every run. Other random samplers (with replacement, a weighted or random subset)
+    draw other images each time and are refused."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    sampler = loader.sampler
+    if not _draws_at_random(loader):
+        return loader
+    if (
+        type(sampler) is RandomSampler
+        and not sampler.replacement
+        and sampler.num_samples == len(loader.dataset)
+        and loader.batch_size is not None
+    ):
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+    raise ValueError(
+        f"data: {what} is a DataLoader with a random sampler ({type(sampler).__name__}): "
+        "the report numbers images by their place in the set (#i), so it reads them in a "
+        "fixed order; pass the Dataset (or a torch.utils.data.Subset of it), or a DataLoader "
+        "with shuffle=False"
+    )
+
+
+def _draws_at_random(loader: Any) -> bool:
+    """Whether ``loader`` reads its items in a random order (one of torch's random
+    samplers, as its sampler or its batch sampler's)."""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    random = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+    inner = getattr(loader.batch_sampler, "sampler", None)
+    return isinstance(loader.sampler, random) or isinstance(inner, random)
+
+
 def _as_images(value: Any, what: str) -> tuple[Any, Tensor | None]:
     """A Dataset or DataLoader of images (an ``ImageFolder``) as one tensor, and the
     integer labels its items carry (``(image, label)``), else None; anything else is
@@ -214,13 +269,30 @@ def _as_images(value: Any, what: str) -> tuple[Any, Tensor | None]:
     if isinstance(value, Dataset) and not hasattr(value, "__len__"):
         raise TypeError(f"data: {what} is a dataset without a length; pass a tensor")
     loader = value if isinstance(value, DataLoader) else DataLoader(value, batch_size=64)
+    loader = _in_dataset_order(loader, what)
     images, labels = [], []
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except RuntimeError as exc:  # default_collate stacking images of other sizes
+            if "equal size" not in str(exc):
+                raise
+            raise ValueError(
+                f"data: {what}: the images differ in size ({exc}); {_RESIZE}"
+            ) from None
         first = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(first, Tensor):
             raise TypeError(
                 f"data: the items of {what} must be images or (image, label, ...) "
                 f"tuples, got {type(first).__name__}"
+            )
+        if images and first.shape[1:] != images[0].shape[1:]:
+            raise ValueError(
+                f"data: {what}: the images differ in size ({tuple(images[0].shape[1:])} and "
+                f"{tuple(first.shape[1:])} in different batches); {_RESIZE}"
             )
         images.append(first)
         second = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None

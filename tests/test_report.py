@@ -464,3 +464,62 @@ def test_report_class_names_with_dollar_signs(fitted, tmp_path):
     )
     page = index.read_text()
     assert "0 ($_$)" in page and "1 ($5 and $10)" in page  # the page shows them unchanged
+
+
+class _Items(torch.utils.data.Dataset):
+    """Images ``i`` filled with the value ``i`` and label ``i % 3``; ``sizes`` gives the
+    side of each image (one side for all by default)."""
+
+    def __init__(self, n, sizes=None):
+        self.n, self.sizes = n, sizes or [4] * n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        s = self.sizes[i]
+        return torch.full((1, s, s), float(i)), i % 3
+
+
+def test_resolve_data_reads_a_shuffling_loader_in_dataset_order():
+    # the page names images by their place in the set (#i): a loader that shuffles would
+    # give them another number on every run, none of them the dataset's
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    torch.manual_seed(0)
+    loader = DataLoader(_Items(20), batch_size=6, shuffle=True)
+    refs, held, rl, hl = resolve_data((loader, DataLoader(_Items(7), batch_size=3, shuffle=True)))
+    assert refs[:, 0, 0, 0].tolist() == list(range(20)) and rl.tolist() == [
+        i % 3 for i in range(20)
+    ]
+    assert held[:, 0, 0, 0].tolist() == list(range(7))
+    # a sampler that draws another set of images each time cannot be put in order
+    weighted = DataLoader(_Items(20), sampler=WeightedRandomSampler([1.0] * 20, 10))
+    with pytest.raises(ValueError, match="reference_images is a DataLoader with a random"):
+        resolve_data((weighted, torch.zeros(3, 1, 4, 4)))
+    batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(_Items(9)), 4, False)
+    with pytest.raises(ValueError, match="heldout_images is a DataLoader with a random"):
+        resolve_data((torch.zeros(3, 1, 4, 4), DataLoader(_Items(9), batch_sampler=batches)))
+
+
+def test_resolve_data_images_of_different_sizes_name_the_argument():
+    from torch.utils.data import DataLoader
+
+    x = torch.zeros(3, 1, 4, 4)
+    ragged = _Items(6, sizes=[4, 4, 5, 4, 4, 4])
+    with pytest.raises(ValueError, match="heldout_images: the images differ in size"):
+        resolve_data((x, ragged))  # within one batch
+    by_batch = DataLoader(_Items(6, sizes=[4, 4, 4, 5, 5, 5]), batch_size=3)
+    with pytest.raises(ValueError, match="reference_images: the images differ in size"):
+        resolve_data((by_batch, x))  # from one batch to the next
+
+
+def test_resolve_data_labels_that_are_not_numbers_name_the_argument():
+    import numpy as np
+
+    x = torch.zeros(3, 1, 4, 4)
+    for labels in (["a", "b", "c"], np.array(["a", "b", "c"], dtype=object)):
+        with pytest.raises(ValueError, match="reference_labels must be 3 integer labels"):
+            resolve_data((x, x, labels, None))
+    refs, held, rl, hl = resolve_data((x, x, np.array([0, 2, 1], dtype=np.uint8), [1, 0, 2]))
+    assert rl.tolist() == [0, 2, 1] and hl.tolist() == [1, 0, 2] and rl.dtype == torch.long
