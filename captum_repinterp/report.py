@@ -1,8 +1,9 @@
 """A static HTML audit report: the regions that cover each class of a model.
 
 ``captum-repinterp report --out DIR`` writes ``DIR/index.html`` and one PNG per figure
-next to it (no server, no JavaScript library, nothing downloaded). For every audited
-class the report runs :func:`captum_repinterp.auditing.audit` on the held-out images
+next to it (no server, no JavaScript library, nothing downloaded); the figures that
+an earlier report in ``DIR`` linked are removed first, so none is left behind. For every
+audited class the report runs :func:`captum_repinterp.auditing.audit` on the held-out images
 predicted as that class: the most central held-out image not yet inside a region is the
 next seed, its region is scored as a rule on the held-out images, the images it contains
 are marked covered, and this repeats (at most ``regions_per_class`` times).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -516,6 +518,27 @@ def _summary_figure(
     return fig
 
 
+#: The names of the report's figures (``index.html`` links nothing else).
+_FIGURE_NAME = re.compile(r"(summary|class\d+_audit|region_\d+_(class\d+|intruders))\.png")
+
+
+def _remove_earlier_figures(out: Path) -> None:
+    """Delete the figures that a report written to ``out`` before links: a run with
+    fewer classes or regions would leave them behind, unlinked, beside the new page.
+    Only files that ``out/index.html`` links and that carry the report's own figure
+    names are removed; nothing else in the folder is touched."""
+    index = out / "index.html"
+    if not index.is_file():
+        return
+    try:
+        page = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    for src in set(re.findall(r'<img src="([^"/\\]+)"', page)):
+        if _FIGURE_NAME.fullmatch(src) and (out / src).is_file():
+            (out / src).unlink()
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("captum_repinterp", "templates"),
@@ -592,6 +615,7 @@ def build_report(
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_earlier_figures(out)
     ri = RepresentativeInterpretation(model, layer, head=head)
     ri.fit(references, batch_size=256, progress=progress)
     feats, preds = ri.transform(heldout)

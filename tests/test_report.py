@@ -523,3 +523,34 @@ def test_resolve_data_labels_that_are_not_numbers_name_the_argument():
             resolve_data((x, x, labels, None))
     refs, held, rl, hl = resolve_data((x, x, np.array([0, 2, 1], dtype=np.uint8), [1, 0, 2]))
     assert rl.tolist() == [0, 2, 1] and hl.tolist() == [1, 0, 2] and rl.dtype == torch.long
+
+
+def test_report_into_a_folder_of_an_earlier_report_leaves_no_stale_figures(fitted, tmp_path):
+    # the figures of a report written there before, and no longer linked, are removed
+    # (only those: other files in the folder are left alone)
+    model, refs, held, _ = fitted
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "notes.png").write_bytes(b"mine")
+    labels = torch.arange(len(refs)) % 4
+    common = dict(head=model.head, regions_per_class=1, n_boundaries=4, members_shown=2)
+    first = build_report(
+        out,
+        model,
+        model.features[-1],
+        refs,
+        held,
+        classes=[0, 1, 2],
+        **common,
+        reference_labels=labels,
+    )
+    before = set(re.findall(r'<img src="([^"]+)"', first.read_text()))
+    assert {"region_03_class2.png", "class2_audit.png"} <= before
+    second = build_report(out, model, model.features[-1], refs, held, classes=[1], **common)
+    linked = set(re.findall(r'<img src="([^"]+)"', second.read_text()))
+    assert {p.name for p in out.glob("*.png")} == linked | {"notes.png"}
+    assert linked - {"region_01_intruders.png"} == {
+        "summary.png",
+        "class1_audit.png",
+        "region_01_class1.png",
+    }
