@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, describe_value
-from .features import eval_mode
+from .features import eval_mode, model_device
 
 __all__ = [
     "ReportInputs",
@@ -321,12 +321,34 @@ class ReportInputs:
 
 def _predicted_classes(model: nn.Module, images: Tensor, batch_size: int = 512) -> set[int]:
     """The classes ``model`` predicts on ``images`` (run in eval mode; modes restored)."""
+    device = model_device(model, model)
+    batches = (images[s : s + batch_size] for s in range(0, len(images), batch_size))
     with eval_mode(model), torch.no_grad():
         return {
             int(c)
-            for s in range(0, len(images), batch_size)
-            for c in model(images[s : s + batch_size]).argmax(1).unique()
+            for batch in batches
+            for c in model(batch if device is None else batch.to(device)).argmax(1).unique()
         }
+
+
+def _check_model_takes(model: nn.Module, references: Tensor, heldout: Tensor) -> None:
+    """Run ``model`` on the first reference and the first held-out image (eval mode,
+    modes restored): images of a dtype or shape it cannot take (integer images, another
+    number of channels) are a ValueError/TypeError naming the data argument, found
+    before any work rather than as a traceback from ``fit``."""
+    from .inputs import translate_forward_error
+
+    device = model_device(model, model)
+    for images, what in ((references, "reference_images"), (heldout, "heldout_images")):
+        one = images[:1] if device is None else images[:1].to(device)
+        try:
+            with eval_mode(model), torch.no_grad():
+                model(one)
+        except Exception as exc:  # noqa: BLE001 - translated, or raised as it was
+            translated = translate_forward_error(exc, (one,), f"data: {what}", None)
+            if translated is None:
+                raise
+            raise translated from exc
 
 
 def _named_layer(model: nn.Module, name: str, references: Tensor) -> nn.Module:
@@ -412,6 +434,10 @@ def prepare_report(
         built = _call_without_arguments(model_factory, "model_factory")
         raw = _call_without_arguments(data, "data")
         refs, held, ref_labels, held_labels = resolve_data(raw)
+        if isinstance(built, nn.Module) or (
+            isinstance(built, (tuple, list)) and built and isinstance(built[0], nn.Module)
+        ):
+            _check_model_takes(built if isinstance(built, nn.Module) else built[0], refs, held)
         model, split, head = resolve_model(built, layer, refs)
         # an ImageFolder's folder names (replaced by class_names when given)
         names = getattr(getattr(raw[0], "dataset", raw[0]), "classes", None)
