@@ -28,6 +28,7 @@ from .features import eval_mode, model_device
 __all__ = [
     "ReportInputs",
     "checked_labels",
+    "folder_names",
     "load_callable",
     "prepare_report",
     "resolve_data",
@@ -173,7 +174,9 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
     tensors (the report indexes its images, so it holds them in memory; a DataLoader
     that shuffles is read in its dataset's order, one with another random sampler is
     refused, and images of different sizes are a ValueError); the items'
-    integer labels are the true labels unless labels are given.
+    integer labels are the true labels unless labels are given (a held-out
+    ``ImageFolder`` with fewer class folders than the references' has its labels
+    renumbered to the reference folders' numbers, by folder name).
     """
     if not isinstance(obj, (tuple, list)) or len(obj) not in (2, 4):
         raise ValueError(
@@ -202,13 +205,44 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
             f"vs {tuple(held.shape[1:])}"
         )
     if len(obj) == 2:
-        obj = (*obj, item_ref_labels, item_held_labels)
+        obj = (*obj, item_ref_labels, _renumbered(item_held_labels, obj[1], obj[0]))
     return (
         refs,
         held,
         checked_labels(obj[2], refs, "reference_labels"),
         checked_labels(obj[3], held, "heldout_labels"),
     )
+
+
+def folder_names(value: Any) -> list[str] | None:
+    """The class names of an ``ImageFolder`` (its ``classes``), also behind a DataLoader
+    or a ``Subset``; None when ``value`` has none."""
+    for _ in range(3):  # DataLoader -> Subset -> ImageFolder
+        names = getattr(value, "classes", None)
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            return list(names)
+        value = getattr(value, "dataset", None)
+    return None
+
+
+def _renumbered(labels: Tensor | None, heldout: Any, references: Any) -> Tensor | None:
+    """Held-out item labels in the reference folders' numbers. An ``ImageFolder``
+    numbers the folders it finds, so a held-out folder without one of the reference
+    classes numbers the later ones differently; they are renumbered by folder name."""
+    held_names, ref_names = folder_names(heldout), folder_names(references)
+    if labels is None or held_names is None or ref_names is None or held_names == ref_names:
+        return labels
+    missing = [n for n in held_names if n not in ref_names]
+    if missing:
+        raise ValueError(
+            f"data: heldout_images: its folders {missing} are not among the reference "
+            f"folders {ref_names}, so its labels cannot be given the references' numbers; "
+            "give both sets the same class folders, or give the labels"
+        )
+    index = torch.tensor([ref_names.index(n) for n in held_names])
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(index):
+        return labels
+    return index[labels]
 
 
 _RESIZE = (
@@ -440,9 +474,7 @@ def prepare_report(
             _check_model_takes(built if isinstance(built, nn.Module) else built[0], refs, held)
         model, split, head = resolve_model(built, layer, refs)
         # an ImageFolder's folder names (replaced by class_names when given)
-        names = getattr(getattr(raw[0], "dataset", raw[0]), "classes", None)
-        if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
-            names = None
+        names = folder_names(raw[0])
         inputs = ReportInputs(
             model,
             split,

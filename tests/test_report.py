@@ -554,3 +554,29 @@ def test_report_into_a_folder_of_an_earlier_report_leaves_no_stale_figures(fitte
         "class1_audit.png",
         "region_01_class1.png",
     }
+
+
+class _Folder(torch.utils.data.TensorDataset):
+    """(image, label) items and folder names, as an ImageFolder gives."""
+
+    def __init__(self, images, labels, classes):
+        super().__init__(images, labels)
+        self.classes = classes
+
+
+def test_resolve_data_heldout_folder_with_fewer_classes_is_renumbered():
+    # ImageFolder numbers the folders it finds: a held-out folder without "bee" numbers
+    # "cat" 1, which is "bee" in the references (and the model); the labels must follow
+    # the reference folders' numbers
+    x = torch.zeros(6, 1, 4, 4)
+    refs = _Folder(x, torch.tensor([0, 1, 2, 0, 1, 2]), ["ant", "bee", "cat"])
+    held = _Folder(x[:4], torch.tensor([0, 1, 1, 0]), ["ant", "cat"])
+    _, _, rl, hl = resolve_data((refs, torch.utils.data.DataLoader(held, batch_size=3)))
+    assert rl.tolist() == [0, 1, 2, 0, 1, 2] and hl.tolist() == [0, 2, 2, 0]
+    # a held-out folder that the references do not have cannot be numbered
+    odd = _Folder(x[:2], torch.tensor([0, 1]), ["ant", "dog"])
+    with pytest.raises(ValueError, match="heldout_images: its folders .*'dog'"):
+        resolve_data((refs, odd))
+    # labels given explicitly are taken as they are
+    _, _, _, hl = resolve_data((refs, held, None, torch.tensor([0, 1, 1, 0])))
+    assert hl.tolist() == [0, 1, 1, 0]
