@@ -580,3 +580,31 @@ def test_resolve_data_heldout_folder_with_fewer_classes_is_renumbered():
     # labels given explicitly are taken as they are
     _, _, _, hl = resolve_data((refs, held, None, torch.tensor([0, 1, 1, 0])))
     assert hl.tolist() == [0, 1, 1, 0]
+
+
+def test_report_on_a_model_in_training_mode_warns_once_and_restores_it(fitted, tmp_path):
+    model, refs, held, _ = fitted
+    model.train()
+    model.head.eval()  # a module set apart on purpose keeps its own mode
+    before = {n: m.training for n, m in model.named_modules()}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_report(
+                tmp_path / "rep",
+                model,
+                model.features[-1],
+                refs,
+                held,
+                head=model.head,
+                classes=[0, 1],
+                regions_per_class=1,
+                n_boundaries=4,
+                members_shown=2,
+            )
+        after = {n: m.training for n, m in model.named_modules()}
+    finally:
+        model.eval()
+    said = [str(w.message) for w in caught if "training mode" in str(w.message)]
+    assert len(said) == 1, said
+    assert after == before
