@@ -296,13 +296,17 @@ def _as_images(value: Any, what: str) -> tuple[Any, Tensor | None]:
     """A Dataset or DataLoader of images (an ``ImageFolder``) as one tensor, and the
     integer labels its items carry (``(image, label)``), else None; anything else is
     returned as it is. The report indexes its images, so they are held in memory."""
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
 
     if not isinstance(value, (Dataset, DataLoader)):
         return value, None
     if isinstance(value, Dataset) and not hasattr(value, "__len__"):
         raise TypeError(f"data: {what} is a dataset without a length; pass a tensor")
     loader = value if isinstance(value, DataLoader) else DataLoader(value, batch_size=64)
+    if loader.batch_size is None and loader.batch_sampler is None:
+        # batch_size=None: items one by one, without a batch dimension; read in batches
+        order = {} if isinstance(loader.dataset, IterableDataset) else {"sampler": loader.sampler}
+        loader = DataLoader(loader.dataset, batch_size=64, num_workers=loader.num_workers, **order)
     loader = _in_dataset_order(loader, what)
     images, labels = [], []
     batches = iter(loader)

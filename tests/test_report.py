@@ -608,3 +608,14 @@ def test_report_on_a_model_in_training_mode_warns_once_and_restores_it(fitted, t
     said = [str(w.message) for w in caught if "training mode" in str(w.message)]
     assert len(said) == 1, said
     assert after == before
+
+
+def test_resolve_data_loader_without_batching_gives_one_image_per_item():
+    # DataLoader(batch_size=None) yields items one by one, without a batch dimension: 10
+    # images 3 x 8 x 8 must not become 30 "images" 8 x 8
+    from torch.utils.data import DataLoader
+
+    ds = torch.utils.data.TensorDataset(torch.rand(10, 3, 8, 8), torch.arange(10) % 2)
+    refs, held, rl, hl = resolve_data((DataLoader(ds, batch_size=None), ds))
+    assert refs.shape == held.shape == (10, 3, 8, 8) and torch.equal(refs, ds.tensors[0])
+    assert rl.tolist() == hl.tolist() == (torch.arange(10) % 2).tolist()
