@@ -95,9 +95,13 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     (
         "purity",
         "share of the members that the model puts in the region's class (measured "
-        "on the references the region was fitted on).",
+        "on the references the region was fitted on; n/a for a region with no member).",
     ),
-    ("coverage", "share of the references the model puts in the class that are members."),
+    (
+        "coverage",
+        "share of the references the model puts in the class that are members (n/a when "
+        "the model puts no reference in the class: its regions were fitted without one).",
+    ),
     ("held-out inside", "held-out images inside the region, the seed not counted."),
     (
         "held-out precision",
@@ -741,6 +745,9 @@ def build_report(
                 "class_name": name(r.target),
                 "seed_index": r.seed_index,
                 "interpretation": it,
+                # of no member / no reference of the class: undefined, shown as n/a
+                "purity": it.purity if len(it) else math.nan,
+                "coverage": it.coverage if bool((ref_preds == r.target).any()) else math.nan,
                 "heldout_inside": r.heldout_inside,
                 "heldout_precision": r.heldout_precision,
                 "heldout_coverage": r.heldout_coverage,

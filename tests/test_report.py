@@ -619,3 +619,29 @@ def test_resolve_data_loader_without_batching_gives_one_image_per_item():
     refs, held, rl, hl = resolve_data((DataLoader(ds, batch_size=None), ds))
     assert refs.shape == held.shape == (10, 3, 8, 8) and torch.equal(refs, ds.tensors[0])
     assert rl.tolist() == hl.tolist() == (torch.arange(10) % 2).tolist()
+
+
+def test_report_class_that_no_reference_is_predicted_as(fitted, tmp_path):
+    # a class predicted on held-out images but on no reference: its regions have no
+    # member of the class, so their coverage (and the purity of an empty region) is
+    # undefined: n/a, not 1.000 / 0.000
+    model, refs, held, _ = fitted
+    with torch.no_grad():
+        keep = model(refs).argmax(1) != 3
+    index = build_report(
+        tmp_path / "rep",
+        model,
+        model.features[-1],
+        refs[keep],
+        held,
+        head=model.head,
+        classes=[3],
+        regions_per_class=1,
+        n_boundaries=4,
+        members_shown=2,
+    )
+    page = index.read_text()
+    cells = _region_rows(page)["R1"]
+    members, purity, coverage = cells[5:8]
+    assert coverage == "n/a" and purity == ("n/a" if members == "0" else "0.000"), cells
+    assert f"{members} members, purity {purity},\ncoverage n/a;" in page
