@@ -664,6 +664,16 @@ def build_report(
     def name(c: int) -> str:
         return _class_name(c, class_names)
 
+    unfitted = [c for c in audits if not bool((ref_preds == c).any())]
+    reference_warning = ""
+    if unfitted:
+        reference_warning = (
+            f"references: the model puts no reference image in class(es) "
+            f"{', '.join(name(c) for c in unfitted)}, so their regions were fitted without "
+            "one image of the class (coverage n/a); add references of these classes"
+        )
+        warnings.warn(reference_warning, UserWarning, stacklevel=caller_stacklevel())
+
     figure_names = _figure_names(class_names)
 
     def fig_name(c: int) -> str:
@@ -807,6 +817,7 @@ def build_report(
             layer_name=_module_name(ri.forward_func, ri.layer),
             accuracy=accuracy,
             label_warning=label_warning,
+            reference_warning=reference_warning,
             audited=[name(c) for c in audits],
             elapsed=time.perf_counter() - start,
             glossary=GLOSSARY,

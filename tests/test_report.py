@@ -628,19 +628,21 @@ def test_report_class_that_no_reference_is_predicted_as(fitted, tmp_path):
     model, refs, held, _ = fitted
     with torch.no_grad():
         keep = model(refs).argmax(1) != 3
-    index = build_report(
-        tmp_path / "rep",
-        model,
-        model.features[-1],
-        refs[keep],
-        held,
-        head=model.head,
-        classes=[3],
-        regions_per_class=1,
-        n_boundaries=4,
-        members_shown=2,
-    )
+    with pytest.warns(UserWarning, match=r"no reference image in class\(es\) 3, so"):
+        index = build_report(
+            tmp_path / "rep",
+            model,
+            model.features[-1],
+            refs[keep],
+            held,
+            head=model.head,
+            classes=[3],
+            regions_per_class=1,
+            n_boundaries=4,
+            members_shown=2,
+        )
     page = index.read_text()
+    assert '<p class="warn" id="no-references">references: the model puts no' in page
     cells = _region_rows(page)["R1"]
     members, purity, coverage = cells[5:8]
     assert coverage == "n/a" and purity == ("n/a" if members == "0" else "0.000"), cells
