@@ -1,8 +1,9 @@
 """A static HTML audit report: the regions that cover each class of a model.
 
 ``captum-repinterp report --out DIR`` writes ``DIR/index.html`` and one PNG per figure
-next to it (no server, no JavaScript library, nothing downloaded). For every audited
-class the report runs :func:`captum_repinterp.auditing.audit` on the held-out images
+next to it (no server, no JavaScript library, nothing downloaded); the figures that
+an earlier report in ``DIR`` linked are removed first, so none is left behind. For every
+audited class the report runs :func:`captum_repinterp.auditing.audit` on the held-out images
 predicted as that class: the most central held-out image not yet inside a region is the
 next seed, its region is scored as a rule on the held-out images, the images it contains
 are marked covered, and this repeats (at most ``regions_per_class`` times).
@@ -24,8 +25,10 @@ the small CNN on MNIST-5k.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,7 +45,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .attribution import RepresentativeInterpretation
 from .auditing import AuditRegion, ClassAudit, audit
-from .features import caller_stacklevel
+from .features import caller_stacklevel, eval_mode
 from .interpretation import Interpretation
 from .report_inputs import ReportInputs, checked_labels, prepare_report
 from .visualization import SEM_DIST, plot_audit, plot_images, plot_region
@@ -92,9 +95,13 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     (
         "purity",
         "share of the members that the model puts in the region's class (measured "
-        "on the references the region was fitted on).",
+        "on the references the region was fitted on; n/a for a region with no member).",
     ),
-    ("coverage", "share of the references the model puts in the class that are members."),
+    (
+        "coverage",
+        "share of the references the model puts in the class that are members (n/a when "
+        "the model puts no reference in the class: its regions were fitted without one).",
+    ),
     ("held-out inside", "held-out images inside the region, the seed not counted."),
     (
         "held-out precision",
@@ -369,6 +376,13 @@ def _class_name(c: int, class_names: Sequence[str] | None) -> str:
     return str(c)
 
 
+def _figure_names(class_names: Sequence[str] | None) -> list[str] | None:
+    """Class names for the figures: matplotlib reads text between two ``$`` as math
+    (``"$_$"`` fails to parse when the figure is saved), so each ``$`` is escaped and
+    the figures show the names as given."""
+    return None if class_names is None else [n.replace("$", r"\$") for n in class_names]
+
+
 def _sizes(row: RegionRow) -> str:
     sizes = row.subgroup_sizes
     return "1" if len(sizes) <= 1 else f"{len(sizes)} ({', '.join(map(str, sizes))})"
@@ -509,6 +523,27 @@ def _summary_figure(
     return fig
 
 
+#: The names of the report's figures (``index.html`` links nothing else).
+_FIGURE_NAME = re.compile(r"(summary|class\d+_audit|region_\d+_(class\d+|intruders))\.png")
+
+
+def _remove_earlier_figures(out: Path) -> None:
+    """Delete the figures that a report written to ``out`` before links: a run with
+    fewer classes or regions would leave them behind, unlinked, beside the new page.
+    Only files that ``out/index.html`` links and that carry the report's own figure
+    names are removed; nothing else in the folder is touched."""
+    index = out / "index.html"
+    if not index.is_file():
+        return
+    try:
+        page = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    for src in set(re.findall(r'<img src="([^"/\\]+)"', page)):
+        if _FIGURE_NAME.fullmatch(src) and (out / src).is_file():
+            (out / src).unlink()
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("captum_repinterp", "templates"),
@@ -521,6 +556,22 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def _one_training_warning(fn: Callable[..., Path]) -> Callable[..., Path]:
+    """Run ``build_report`` with its model, layer and head in eval mode: one
+    training-mode warning for the whole report (fit, the audits and the figures would
+    each give theirs), every module's mode restored after."""
+
+    @functools.wraps(fn)
+    def wrapper(out_dir: Any, model: Any, layer: Any, *args: Any, **kwargs: Any) -> Path:
+        head = kwargs.get("head", args[2] if len(args) > 2 else None)
+        roots = [r for r in (model, layer, head) if r is not None]
+        with eval_mode(*roots, warn=True):
+            return fn(out_dir, model, layer, *args, **kwargs)
+
+    return wrapper
+
+
+@_one_training_warning
 def build_report(
     out_dir: str | os.PathLike,
     model: nn.Module,
@@ -585,6 +636,7 @@ def build_report(
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_earlier_figures(out)
     ri = RepresentativeInterpretation(model, layer, head=head)
     ri.fit(references, batch_size=256, progress=progress)
     feats, preds = ri.transform(heldout)
@@ -612,6 +664,21 @@ def build_report(
     def name(c: int) -> str:
         return _class_name(c, class_names)
 
+    unfitted = [c for c in audits if not bool((ref_preds == c).any())]
+    reference_warning = ""
+    if unfitted:
+        reference_warning = (
+            f"references: the model puts no reference image in class(es) "
+            f"{', '.join(name(c) for c in unfitted)}, so their regions were fitted without "
+            "one image of the class (coverage n/a); add references of these classes"
+        )
+        warnings.warn(reference_warning, UserWarning, stacklevel=caller_stacklevel())
+
+    figure_names = _figure_names(class_names)
+
+    def fig_name(c: int) -> str:
+        return _class_name(c, figure_names)
+
     odd: dict[str, list[_Odd]] = {}
     views = []
     for k, r in enumerate(rows):
@@ -622,10 +689,10 @@ def build_report(
             seed_img,
             references,
             k=members_shown,
-            class_names=class_names,
+            class_names=figure_names,
             seed_label=None if held_labels is None else int(held_labels[r.seed_index]),
             reference_labels=ref_labels,
-            title=f"{r.label}, region of class {name(r.target)}",
+            title=f"{r.label}, region of class {fig_name(r.target)}",
         )
         r.figure = f"region_{k + 1:02d}_class{r.target}.png"
         fig.savefig(out / r.figure, dpi=90)
@@ -651,15 +718,15 @@ def build_report(
             maps = maps[0] if isinstance(maps, tuple) else maps
             titles = []
             for o in shown:
-                text = f"{o.source} #{o.index}\npred {name(o.pred)}"
-                titles.append(text + ("" if o.true is None else f"\ntrue {name(o.true)}"))
+                text = f"{o.source} #{o.index}\npred {fig_name(o.pred)}"
+                titles.append(text + ("" if o.true is None else f"\ntrue {fig_name(o.true)}"))
             intruder_figure = f"region_{k + 1:02d}_intruders.png"
             plot_images(
                 imgs,
                 titles,
                 maps=maps,
                 bad=[True] * len(shown),
-                title=f"{r.label} (class {name(r.target)}): images inside that the model "
+                title=f"{r.label} (class {fig_name(r.target)}): images inside that the model "
                 "puts in another class, or whose true label is another",
                 caption="Under the region's heat map: the region's one direction applied to "
                 "each image's activations (not each image's own explanation; a coarse layer "
@@ -688,6 +755,9 @@ def build_report(
                 "class_name": name(r.target),
                 "seed_index": r.seed_index,
                 "interpretation": it,
+                # of no member / no reference of the class: undefined, shown as n/a
+                "purity": it.purity if len(it) else math.nan,
+                "coverage": it.coverage if bool((ref_preds == r.target).any()) else math.nan,
                 "heldout_inside": r.heldout_inside,
                 "heldout_precision": r.heldout_precision,
                 "heldout_coverage": r.heldout_coverage,
@@ -711,7 +781,7 @@ def build_report(
             class_audit,
             heldout,
             n_exemplars=members_shown,
-            class_names=class_names,
+            class_names=figure_names,
             region_labels=[v["label"] for v in mine],
             labels=held_labels,
         ).savefig(out / png, dpi=80)
@@ -730,7 +800,7 @@ def build_report(
             }
         )
     summary = "summary.png"
-    _summary_figure(rows, audits, odd, class_names, has_labels).savefig(out / summary, dpi=90)
+    _summary_figure(rows, audits, odd, figure_names, has_labels).savefig(out / summary, dpi=90)
     accuracy = []
     if ref_labels is not None:
         accuracy.append(("on the references", float((ref_preds == ref_labels).float().mean())))
@@ -747,6 +817,7 @@ def build_report(
             layer_name=_module_name(ri.forward_func, ri.layer),
             accuracy=accuracy,
             label_warning=label_warning,
+            reference_warning=reference_warning,
             audited=[name(c) for c in audits],
             elapsed=time.perf_counter() - start,
             glossary=GLOSSARY,

@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, describe_value
-from .features import eval_mode
+from .features import eval_mode, model_device
 
 __all__ = [
     "ReportInputs",
     "checked_labels",
+    "folder_names",
     "load_callable",
     "prepare_report",
     "resolve_data",
@@ -143,7 +144,13 @@ def checked_labels(value: Any, images: Tensor, name: str) -> Tensor | None:
     """
     if value is None:
         return None
-    labels = torch.as_tensor(value)
+    try:
+        labels = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):  # strings, objects, ragged lists
+        raise ValueError(
+            f"data: {name} must be {images.shape[0]} integer labels (class indices), got "
+            f"{type(value).__name__} {str(value)[:60]}"
+        ) from None
     if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
         raise ValueError(
             f"data: {name} must be {images.shape[0]} integer labels, got shape "
@@ -164,8 +171,12 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
     ``(reference_images, heldout_images, reference_labels, heldout_labels)`` (either
     label entry may be None). The images may be tensors, or Datasets / DataLoaders of
     images or ``(image, label, ...)`` items (an ``ImageFolder``), which are stacked into
-    tensors (the report indexes its images, so it holds them in memory); the items'
-    integer labels are the true labels unless labels are given.
+    tensors (the report indexes its images, so it holds them in memory; a DataLoader
+    that shuffles is read in its dataset's order, one with another random sampler is
+    refused, and images of different sizes are a ValueError); the items'
+    integer labels are the true labels unless labels are given (a held-out
+    ``ImageFolder`` with fewer class folders than the references' has its labels
+    renumbered to the reference folders' numbers, by folder name).
     """
     if not isinstance(obj, (tuple, list)) or len(obj) not in (2, 4):
         raise ValueError(
@@ -194,7 +205,7 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
             f"vs {tuple(held.shape[1:])}"
         )
     if len(obj) == 2:
-        obj = (*obj, item_ref_labels, item_held_labels)
+        obj = (*obj, item_ref_labels, _renumbered(item_held_labels, obj[1], obj[0]))
     return (
         refs,
         held,
@@ -203,24 +214,123 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
     )
 
 
+def folder_names(value: Any) -> list[str] | None:
+    """The class names of an ``ImageFolder`` (its ``classes``), also behind a DataLoader
+    or a ``Subset``; None when ``value`` has none."""
+    for _ in range(3):  # DataLoader -> Subset -> ImageFolder
+        names = getattr(value, "classes", None)
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            return list(names)
+        value = getattr(value, "dataset", None)
+    return None
+
+
+def _renumbered(labels: Tensor | None, heldout: Any, references: Any) -> Tensor | None:
+    """Held-out item labels in the reference folders' numbers. An ``ImageFolder``
+    numbers the folders it finds, so a held-out folder without one of the reference
+    classes numbers the later ones differently; they are renumbered by folder name."""
+    held_names, ref_names = folder_names(heldout), folder_names(references)
+    if labels is None or held_names is None or ref_names is None or held_names == ref_names:
+        return labels
+    missing = [n for n in held_names if n not in ref_names]
+    if missing:
+        raise ValueError(
+            f"data: heldout_images: its folders {missing} are not among the reference "
+            f"folders {ref_names}, so its labels cannot be given the references' numbers; "
+            "give both sets the same class folders, or give the labels"
+        )
+    index = torch.tensor([ref_names.index(n) for n in held_names])
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(index):
+        return labels
+    return index[labels]
+
+
+_RESIZE = (
+    "the report stacks them into one tensor: resize them to one size in the dataset's "
+    "transform (e.g. torchvision's transforms.Resize((h, w)))"
+)
+
+
+def _in_dataset_order(loader: Any, what: str) -> Any:
+    """``loader``, or when it shuffles (``shuffle=True``) a loader of the same dataset,
+    batch size and collate function that reads it in order: the page numbers images
+    by their place in the set (``#i``), which must be the dataset's index and the same
+    on every run. Other random samplers (with replacement, a weighted or random subset)
+    draw other images each time and are refused."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    sampler = loader.sampler
+    if not _draws_at_random(loader):
+        return loader
+    if (
+        type(sampler) is RandomSampler
+        and not sampler.replacement
+        and sampler.num_samples == len(loader.dataset)
+        and loader.batch_size is not None
+    ):
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+    raise ValueError(
+        f"data: {what} is a DataLoader with a random sampler ({type(sampler).__name__}): "
+        "the report numbers images by their place in the set (#i), so it reads them in a "
+        "fixed order; pass the Dataset (or a torch.utils.data.Subset of it), or a DataLoader "
+        "with shuffle=False"
+    )
+
+
+def _draws_at_random(loader: Any) -> bool:
+    """Whether ``loader`` reads its items in a random order (one of torch's random
+    samplers, as its sampler or its batch sampler's)."""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    random = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+    inner = getattr(loader.batch_sampler, "sampler", None)
+    return isinstance(loader.sampler, random) or isinstance(inner, random)
+
+
 def _as_images(value: Any, what: str) -> tuple[Any, Tensor | None]:
     """A Dataset or DataLoader of images (an ``ImageFolder``) as one tensor, and the
     integer labels its items carry (``(image, label)``), else None; anything else is
     returned as it is. The report indexes its images, so they are held in memory."""
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
 
     if not isinstance(value, (Dataset, DataLoader)):
         return value, None
     if isinstance(value, Dataset) and not hasattr(value, "__len__"):
         raise TypeError(f"data: {what} is a dataset without a length; pass a tensor")
     loader = value if isinstance(value, DataLoader) else DataLoader(value, batch_size=64)
+    if loader.batch_size is None and loader.batch_sampler is None:
+        # batch_size=None: items one by one, without a batch dimension; read in batches
+        order = {} if isinstance(loader.dataset, IterableDataset) else {"sampler": loader.sampler}
+        loader = DataLoader(loader.dataset, batch_size=64, num_workers=loader.num_workers, **order)
+    loader = _in_dataset_order(loader, what)
     images, labels = [], []
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except RuntimeError as exc:  # default_collate stacking images of other sizes
+            if "equal size" not in str(exc):
+                raise
+            raise ValueError(
+                f"data: {what}: the images differ in size ({exc}); {_RESIZE}"
+            ) from None
         first = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(first, Tensor):
             raise TypeError(
                 f"data: the items of {what} must be images or (image, label, ...) "
                 f"tuples, got {type(first).__name__}"
+            )
+        if images and first.shape[1:] != images[0].shape[1:]:
+            raise ValueError(
+                f"data: {what}: the images differ in size ({tuple(images[0].shape[1:])} and "
+                f"{tuple(first.shape[1:])} in different batches); {_RESIZE}"
             )
         images.append(first)
         second = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
@@ -249,12 +359,34 @@ class ReportInputs:
 
 def _predicted_classes(model: nn.Module, images: Tensor, batch_size: int = 512) -> set[int]:
     """The classes ``model`` predicts on ``images`` (run in eval mode; modes restored)."""
+    device = model_device(model, model)
+    batches = (images[s : s + batch_size] for s in range(0, len(images), batch_size))
     with eval_mode(model), torch.no_grad():
         return {
             int(c)
-            for s in range(0, len(images), batch_size)
-            for c in model(images[s : s + batch_size]).argmax(1).unique()
+            for batch in batches
+            for c in model(batch if device is None else batch.to(device)).argmax(1).unique()
         }
+
+
+def _check_model_takes(model: nn.Module, references: Tensor, heldout: Tensor) -> None:
+    """Run ``model`` on the first reference and the first held-out image (eval mode,
+    modes restored): images of a dtype or shape it cannot take (integer images, another
+    number of channels) are a ValueError/TypeError naming the data argument, found
+    before any work rather than as a traceback from ``fit``."""
+    from .inputs import translate_forward_error
+
+    device = model_device(model, model)
+    for images, what in ((references, "reference_images"), (heldout, "heldout_images")):
+        one = images[:1] if device is None else images[:1].to(device)
+        try:
+            with eval_mode(model), torch.no_grad():
+                model(one)
+        except Exception as exc:  # noqa: BLE001 - translated, or raised as it was
+            translated = translate_forward_error(exc, (one,), f"data: {what}", None)
+            if translated is None:
+                raise
+            raise translated from exc
 
 
 def _named_layer(model: nn.Module, name: str, references: Tensor) -> nn.Module:
@@ -340,11 +472,13 @@ def prepare_report(
         built = _call_without_arguments(model_factory, "model_factory")
         raw = _call_without_arguments(data, "data")
         refs, held, ref_labels, held_labels = resolve_data(raw)
+        if isinstance(built, nn.Module) or (
+            isinstance(built, (tuple, list)) and built and isinstance(built[0], nn.Module)
+        ):
+            _check_model_takes(built if isinstance(built, nn.Module) else built[0], refs, held)
         model, split, head = resolve_model(built, layer, refs)
         # an ImageFolder's folder names (replaced by class_names when given)
-        names = getattr(getattr(raw[0], "dataset", raw[0]), "classes", None)
-        if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
-            names = None
+        names = folder_names(raw[0])
         inputs = ReportInputs(
             model,
             split,

@@ -57,6 +57,21 @@ USER_MODULE = textwrap.dedent(
         return data()[0]
 
 
+    def uint8_data():
+        x, y = data()
+        return (x * 50 + 128).clamp(0, 255).byte(), y
+
+
+    def uint8_heldout():
+        x, y = data()
+        return x, (y * 50 + 128).clamp(0, 255).byte()
+
+
+    def three_channels():
+        x, y = data()
+        return x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+
+
     class Folder(torch.utils.data.TensorDataset):
         # (image, label) items and folder names, as an ImageFolder gives
         classes = ["ant", "bee", "cat"]
@@ -247,6 +262,26 @@ def test_report_argument_errors(capsys, tmp_path, user_module, argv, message):
     assert line.startswith("captum-repinterp report: error: ")
     assert message in line
     assert not (tmp_path / "o").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(
+    ("data", "classes", "message"),
+    [
+        ("uint8_data", [], "data: reference_images: the model failed on tensor(s) (1, 1, 10, 10)"),
+        ("uint8_heldout", [], "data: heldout_images: the model failed on tensor(s)"),
+        ("uint8_heldout", ["--classes", "0"], "data: heldout_images: the model failed on"),
+        ("three_channels", [], "data: reference_images: the model failed on a batch"),
+    ],
+)
+def test_report_images_the_model_cannot_take_are_a_usage_error(
+    capsys, tmp_path, user_module, data, classes, message
+):
+    """Images of another dtype or channel count than the model takes: one line naming the
+    data argument, found on one image before any work (not a traceback from fit)."""
+    argv = ["--model-factory", "ri_user_mod:factory", "--data", f"ri_user_mod:{data}"]
+    line = _usage_error(capsys, ["report", "--out", str(tmp_path / "o"), *argv, *classes])
+    assert message in line, line
+    assert not (tmp_path / "o" / "index.html").exists()
 
 
 def test_report_factory_layer_that_is_not_a_cut_is_a_usage_error(capsys, tmp_path, user_module):

@@ -441,3 +441,209 @@ def test_label_order_mismatch_with_label_numbers_far_beyond_the_classes():
         float((labels == preds).float().mean())
     )
     assert moved[0] == 3 and moved[3] == 0
+
+
+def test_report_class_names_with_dollar_signs(fitted, tmp_path):
+    # matplotlib reads text between two "$" as mathtext: "$_$" fails to parse at savefig
+    # and "$x$" would be drawn as an italic x; the figures must show the names as given
+    model, refs, held, _ = fitted
+    names = ["$_$", "$5 and $10", "two", "three"]
+    index = build_report(
+        tmp_path / "rep",
+        model,
+        model.features[-1],
+        refs,
+        held,
+        head=model.head,
+        classes=[0, 1],
+        regions_per_class=1,
+        n_boundaries=4,
+        members_shown=2,
+        class_names=names,
+        reference_labels=torch.arange(len(refs)) % 4,
+    )
+    page = index.read_text()
+    assert "0 ($_$)" in page and "1 ($5 and $10)" in page  # the page shows them unchanged
+
+
+class _Items(torch.utils.data.Dataset):
+    """Images ``i`` filled with the value ``i`` and label ``i % 3``; ``sizes`` gives the
+    side of each image (one side for all by default)."""
+
+    def __init__(self, n, sizes=None):
+        self.n, self.sizes = n, sizes or [4] * n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        s = self.sizes[i]
+        return torch.full((1, s, s), float(i)), i % 3
+
+
+def test_resolve_data_reads_a_shuffling_loader_in_dataset_order():
+    # the page names images by their place in the set (#i): a loader that shuffles would
+    # give them another number on every run, none of them the dataset's
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    torch.manual_seed(0)
+    loader = DataLoader(_Items(20), batch_size=6, shuffle=True)
+    refs, held, rl, hl = resolve_data((loader, DataLoader(_Items(7), batch_size=3, shuffle=True)))
+    assert refs[:, 0, 0, 0].tolist() == list(range(20)) and rl.tolist() == [
+        i % 3 for i in range(20)
+    ]
+    assert held[:, 0, 0, 0].tolist() == list(range(7))
+    # a sampler that draws another set of images each time cannot be put in order
+    weighted = DataLoader(_Items(20), sampler=WeightedRandomSampler([1.0] * 20, 10))
+    with pytest.raises(ValueError, match="reference_images is a DataLoader with a random"):
+        resolve_data((weighted, torch.zeros(3, 1, 4, 4)))
+    batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(_Items(9)), 4, False)
+    with pytest.raises(ValueError, match="heldout_images is a DataLoader with a random"):
+        resolve_data((torch.zeros(3, 1, 4, 4), DataLoader(_Items(9), batch_sampler=batches)))
+
+
+def test_resolve_data_images_of_different_sizes_name_the_argument():
+    from torch.utils.data import DataLoader
+
+    x = torch.zeros(3, 1, 4, 4)
+    ragged = _Items(6, sizes=[4, 4, 5, 4, 4, 4])
+    with pytest.raises(ValueError, match="heldout_images: the images differ in size"):
+        resolve_data((x, ragged))  # within one batch
+    by_batch = DataLoader(_Items(6, sizes=[4, 4, 4, 5, 5, 5]), batch_size=3)
+    with pytest.raises(ValueError, match="reference_images: the images differ in size"):
+        resolve_data((by_batch, x))  # from one batch to the next
+
+
+def test_resolve_data_labels_that_are_not_numbers_name_the_argument():
+    import numpy as np
+
+    x = torch.zeros(3, 1, 4, 4)
+    for labels in (["a", "b", "c"], np.array(["a", "b", "c"], dtype=object)):
+        with pytest.raises(ValueError, match="reference_labels must be 3 integer labels"):
+            resolve_data((x, x, labels, None))
+    refs, held, rl, hl = resolve_data((x, x, np.array([0, 2, 1], dtype=np.uint8), [1, 0, 2]))
+    assert rl.tolist() == [0, 2, 1] and hl.tolist() == [1, 0, 2] and rl.dtype == torch.long
+
+
+def test_report_into_a_folder_of_an_earlier_report_leaves_no_stale_figures(fitted, tmp_path):
+    # the figures of a report written there before, and no longer linked, are removed
+    # (only those: other files in the folder are left alone)
+    model, refs, held, _ = fitted
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "notes.png").write_bytes(b"mine")
+    labels = torch.arange(len(refs)) % 4
+    common = dict(head=model.head, regions_per_class=1, n_boundaries=4, members_shown=2)
+    first = build_report(
+        out,
+        model,
+        model.features[-1],
+        refs,
+        held,
+        classes=[0, 1, 2],
+        **common,
+        reference_labels=labels,
+    )
+    before = set(re.findall(r'<img src="([^"]+)"', first.read_text()))
+    assert {"region_03_class2.png", "class2_audit.png"} <= before
+    second = build_report(out, model, model.features[-1], refs, held, classes=[1], **common)
+    linked = set(re.findall(r'<img src="([^"]+)"', second.read_text()))
+    assert {p.name for p in out.glob("*.png")} == linked | {"notes.png"}
+    assert linked - {"region_01_intruders.png"} == {
+        "summary.png",
+        "class1_audit.png",
+        "region_01_class1.png",
+    }
+
+
+class _Folder(torch.utils.data.TensorDataset):
+    """(image, label) items and folder names, as an ImageFolder gives."""
+
+    def __init__(self, images, labels, classes):
+        super().__init__(images, labels)
+        self.classes = classes
+
+
+def test_resolve_data_heldout_folder_with_fewer_classes_is_renumbered():
+    # ImageFolder numbers the folders it finds: a held-out folder without "bee" numbers
+    # "cat" 1, which is "bee" in the references (and the model); the labels must follow
+    # the reference folders' numbers
+    x = torch.zeros(6, 1, 4, 4)
+    refs = _Folder(x, torch.tensor([0, 1, 2, 0, 1, 2]), ["ant", "bee", "cat"])
+    held = _Folder(x[:4], torch.tensor([0, 1, 1, 0]), ["ant", "cat"])
+    _, _, rl, hl = resolve_data((refs, torch.utils.data.DataLoader(held, batch_size=3)))
+    assert rl.tolist() == [0, 1, 2, 0, 1, 2] and hl.tolist() == [0, 2, 2, 0]
+    # a held-out folder that the references do not have cannot be numbered
+    odd = _Folder(x[:2], torch.tensor([0, 1]), ["ant", "dog"])
+    with pytest.raises(ValueError, match="heldout_images: its folders .*'dog'"):
+        resolve_data((refs, odd))
+    # labels given explicitly are taken as they are
+    _, _, _, hl = resolve_data((refs, held, None, torch.tensor([0, 1, 1, 0])))
+    assert hl.tolist() == [0, 1, 1, 0]
+
+
+def test_report_on_a_model_in_training_mode_warns_once_and_restores_it(fitted, tmp_path):
+    model, refs, held, _ = fitted
+    model.train()
+    model.head.eval()  # a module set apart on purpose keeps its own mode
+    before = {n: m.training for n, m in model.named_modules()}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_report(
+                tmp_path / "rep",
+                model,
+                model.features[-1],
+                refs,
+                held,
+                head=model.head,
+                classes=[0, 1],
+                regions_per_class=1,
+                n_boundaries=4,
+                members_shown=2,
+            )
+        after = {n: m.training for n, m in model.named_modules()}
+    finally:
+        model.eval()
+    said = [str(w.message) for w in caught if "training mode" in str(w.message)]
+    assert len(said) == 1, said
+    assert after == before
+
+
+def test_resolve_data_loader_without_batching_gives_one_image_per_item():
+    # DataLoader(batch_size=None) yields items one by one, without a batch dimension: 10
+    # images 3 x 8 x 8 must not become 30 "images" 8 x 8
+    from torch.utils.data import DataLoader
+
+    ds = torch.utils.data.TensorDataset(torch.rand(10, 3, 8, 8), torch.arange(10) % 2)
+    refs, held, rl, hl = resolve_data((DataLoader(ds, batch_size=None), ds))
+    assert refs.shape == held.shape == (10, 3, 8, 8) and torch.equal(refs, ds.tensors[0])
+    assert rl.tolist() == hl.tolist() == (torch.arange(10) % 2).tolist()
+
+
+def test_report_class_that_no_reference_is_predicted_as(fitted, tmp_path):
+    # a class predicted on held-out images but on no reference: its regions have no
+    # member of the class, so their coverage (and the purity of an empty region) is
+    # undefined: n/a, not 1.000 / 0.000
+    model, refs, held, _ = fitted
+    with torch.no_grad():
+        keep = model(refs).argmax(1) != 3
+    with pytest.warns(UserWarning, match=r"no reference image in class\(es\) 3, so"):
+        index = build_report(
+            tmp_path / "rep",
+            model,
+            model.features[-1],
+            refs[keep],
+            held,
+            head=model.head,
+            classes=[3],
+            regions_per_class=1,
+            n_boundaries=4,
+            members_shown=2,
+        )
+    page = index.read_text()
+    assert '<p class="warn" id="no-references">references: the model puts no' in page
+    cells = _region_rows(page)["R1"]
+    members, purity, coverage = cells[5:8]
+    assert coverage == "n/a" and purity == ("n/a" if members == "0" else "0.000"), cells
+    assert f"{members} members, purity {purity},\ncoverage n/a;" in page
