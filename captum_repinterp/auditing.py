@@ -19,11 +19,9 @@ The sub-groups are clustered with scikit-learn (``pip install captum_repinterp[a
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +31,7 @@ from torch import Tensor
 
 from ._captum_compat import _format_additional_forward_args
 from ._checks import check_int
-from .features import eval_mode
+from .features import in_eval_mode
 from .inputs import slice_args
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
@@ -373,22 +371,14 @@ def _check_fraction(value: Any, name: str) -> float:
     return float(value)
 
 
-def _one_training_warning(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn(ri, ...)`` with ``ri``'s model in eval mode: one training-mode warning
-    per audit, like the other entry points (the reader and each region's ``interpret``
-    then find the model in eval mode), every module's mode restored after."""
-
-    @functools.wraps(fn)
-    def wrapper(ri: Any, *args: Any, **kwargs: Any) -> Any:
-        roots = (getattr(ri, "forward_func", None), getattr(ri, "layer", None))
-        with eval_mode(*(r for r in roots if r is not None), warn=True):
-            return fn(ri, *args, **kwargs)
-
-    return wrapper
+def _explainer_modules(ri: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """The model and layer of ``audit``'s explainer (run in eval mode for the whole
+    audit: one training-mode warning, as the other entry points give)."""
+    return getattr(ri, "forward_func", None), getattr(ri, "layer", None)
 
 
 # ---------------------------------------------------------------------- audit
-@_one_training_warning
+@in_eval_mode(_explainer_modules)
 def audit(
     ri: Any,
     images: Tensor,

@@ -12,12 +12,13 @@ over a reference set.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -173,6 +174,26 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
             m.training = True
     if warn and _behaves_differently(switched) and not _behaves_differently(saved):
         warn_training()
+
+
+def in_eval_mode(
+    roots_of: Callable[..., Iterable[Any]],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: run the function with the modules ``roots_of(*args, **kwargs)`` names
+    (None entries skipped) in eval mode, for an entry point that runs many stages: one
+    training-mode warning per call, pointing at the caller (the stages then find the
+    model in eval mode), every module's mode restored after."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            roots = [r for r in roots_of(*args, **kwargs) if r is not None]
+            with eval_mode(*roots, warn=True):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def _behaves_differently(modules: list[nn.Module]) -> bool:

@@ -25,7 +25,6 @@ the small CNN on MNIST-5k.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .attribution import RepresentativeInterpretation
 from .auditing import AuditRegion, ClassAudit, audit
-from .features import caller_stacklevel, eval_mode
+from .features import caller_stacklevel, in_eval_mode
 from .interpretation import Interpretation
 from .report_inputs import ReportInputs, checked_labels, prepare_report
 from .visualization import SEM_DIST, plot_audit, plot_images, plot_region
@@ -556,22 +555,13 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _one_training_warning(fn: Callable[..., Path]) -> Callable[..., Path]:
-    """Run ``build_report`` with its model, layer and head in eval mode: one
-    training-mode warning for the whole report (fit, the audits and the figures would
-    each give theirs), every module's mode restored after."""
-
-    @functools.wraps(fn)
-    def wrapper(out_dir: Any, model: Any, layer: Any, *args: Any, **kwargs: Any) -> Path:
-        head = kwargs.get("head", args[2] if len(args) > 2 else None)
-        roots = [r for r in (model, layer, head) if r is not None]
-        with eval_mode(*roots, warn=True):
-            return fn(out_dir, model, layer, *args, **kwargs)
-
-    return wrapper
+def _report_modules(out_dir: Any, model: Any, layer: Any, *args: Any, **kwargs: Any) -> tuple:
+    """``build_report``'s model, layer and head (run in eval mode for the whole report:
+    one training-mode warning, where fit, the audits and the figures gave one each)."""
+    return model, layer, kwargs.get("head", args[2] if len(args) > 2 else None)
 
 
-@_one_training_warning
+@in_eval_mode(_report_modules)
 def build_report(
     out_dir: str | os.PathLike,
     model: nn.Module,
