@@ -647,3 +647,17 @@ def test_report_class_that_no_reference_is_predicted_as(fitted, tmp_path):
     members, purity, coverage = cells[5:8]
     assert coverage == "n/a" and purity == ("n/a" if members == "0" else "0.000"), cells
     assert f"{members} members, purity {purity},\ncoverage n/a;" in page
+
+
+def test_report_counts_one_image_in_the_singular(fitted, tmp_path):
+    """A held-out set of one image read "1 held-out images ... 1 held-out images are
+    predicted"."""
+    model, refs, held, _ = fitted
+    c = int(model(held[:1]).argmax())
+    index = build_report(
+        tmp_path / "rep", model, model.features[-1], refs, held[:1], head=model.head,
+        classes=[c], regions_per_class=1, n_boundaries=4, members_shown=2,
+    )  # fmt: skip
+    page = index.read_text()
+    assert f"{len(refs)} reference images, 1 held-out image;" in page
+    assert "1 held-out image is predicted" in page and "1 held-out images" not in page
