@@ -160,7 +160,7 @@ def _plain(text: Any) -> str:
 def _panel_text(text: str, panel_size: float) -> str:
     """A panel's title wrapped to the panel's width (at font size 7) and drawn as
     written; a long class name ran across the neighbouring panels."""
-    width = max(12, int(panel_size * 16))
+    width = max(12, int(panel_size * 20))
     lines = [textwrap.fill(line, width, break_on_hyphens=False) for line in text.split("\n")]
     return _plain("\n".join(lines))
 
