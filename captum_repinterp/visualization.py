@@ -160,7 +160,7 @@ def _plain(text: Any) -> str:
 def _panel_text(text: str, panel_size: float) -> str:
     """A panel's title wrapped to the panel's width (at font size 7) and drawn as
     written; a long class name ran across the neighbouring panels."""
-    width = max(12, int(panel_size * 20))
+    width = max(12, int(panel_size * 16))
     lines = [textwrap.fill(line, width, break_on_hyphens=False) for line in text.split("\n")]
     return _plain("\n".join(lines))
 
@@ -844,7 +844,7 @@ def plot_audit(
             drawn = show_heatmap(axes[r][0], mean_img, hm, top if top > 0 else None)
             mappable = _keep(mappable, drawn)
             if scale == "row":
-                text += f", max {row_max[r]:.3g}"
+                text += f"\nmax {row_max[r]:.3g}"
         else:
             show_heatmap(axes[r][0], mean_img, None)
         axes[r][0].set_title(_panel_text(text, panel_size), fontsize=7)

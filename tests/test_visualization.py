@@ -343,7 +343,7 @@ def test_class_names_are_shown_as_written_and_long_ones_wrapped(fitted):
     )
     titles = [ax.get_title() for ax in _panels(fig)]
     assert "a\\$b\\$" in titles[1] and "\\$x\\$" in titles[2]  # rows: image, method
-    assert all(len(line) <= 32 for t in titles for line in t.split("\n"))
+    assert all(len(line) <= 30 for t in titles for line in t.split("\n"))
     assert long in titles[0].replace("\n", "")
 
 
