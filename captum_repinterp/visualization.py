@@ -19,10 +19,20 @@ default (its rows can come from different regions, whose maps differ by orders o
 magnitude), or per column on request; input attributions (Integrated Gradients) go
 through ``captum.attr.visualization.visualize_image_attr``, which scales each image on
 its own (Captum's 2% outlier clipping).
+
+Images are shown stretched to their own minimum and maximum (all channels together, see
+:func:`to_hwc`): images normalised ImageNet-style (negative values), uint8 images and
+images in [0, 1] all show as the picture they hold, with its contrast stretched; only
+three-channel images are drawn in colour, others (1, 4, ... channels) in grey (their
+channel mean). Class names, titles and labels are drawn as written (a ``$`` does not
+start math text) and wrapped to the panel's width. Images and maps must be tensors
+holding no NaN or infinite value.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,6 +45,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from .features import in_eval_mode
 from .inputs import check_against_references, reads_in_order, reference_rows
 from .interpretation import Interpretation
 
@@ -65,7 +76,13 @@ _BAD = "tab:red"
 
 
 def to_hwc(image: Tensor) -> np.ndarray:
-    """A ``C x H x W`` (or ``H x W``) image tensor as an ``H x W x C`` array in [0, 1]."""
+    """A ``C x H x W`` (or ``H x W``) image tensor as an ``H x W x C`` array in [0, 1].
+
+    The image is stretched to its own minimum and maximum over all channels (one
+    affine map, so colours keep their balance): normalised (ImageNet-style, negative
+    values), uint8 and [0, 1] images of one picture give the same array up to that
+    stretch; a constant image gives zeros. One channel is repeated to three.
+    """
     img = image.detach().cpu().double()
     if img.dim() == 2:
         img = img[None]
@@ -124,15 +141,71 @@ def _label(
 
 
 def _caption(fig: Figure, text: str) -> None:
-    """A caption under the panels, wrapped to the figure's width."""
+    """A caption under the panels, wrapped to the figure's width, drawn as written."""
     width = max(40, int(fig.get_figwidth() * 19))
     lines = [textwrap.fill(part, width) for part in text.split("\n")]
-    fig.supxlabel("\n".join(lines), fontsize=6)
+    fig.supxlabel(_plain("\n".join(lines)), fontsize=6)
 
 
 def _blank(ax: Any) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _plain(text: Any) -> str:
+    """``text`` drawn as written: matplotlib reads a pair of ``$`` as math text."""
+    return str(text).replace("$", r"\$")
+
+
+def _panel_text(text: str, panel_size: float) -> str:
+    """A panel's title wrapped to the panel's width (at font size 7) and drawn as
+    written; a long class name ran across the neighbouring panels."""
+    width = max(12, int(panel_size * 16))
+    lines = [textwrap.fill(line, width, break_on_hyphens=False) for line in text.split("\n")]
+    return _plain("\n".join(lines))
+
+
+def _check_panel_size(panel_size: Any) -> float:
+    if (
+        isinstance(panel_size, bool)
+        or not isinstance(panel_size, numbers.Real)
+        or not math.isfinite(panel_size)
+        or panel_size <= 0
+    ):
+        raise ValueError(f"panel_size must be a positive number of inches, got {panel_size!r}")
+    return float(panel_size)
+
+
+def _check_images(images: Any, name: str = "images") -> Tensor:
+    """A non-empty ``N x C x H x W`` (or ``N x H x W``) tensor with finite values."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{name} must be a tensor (N x C x H x W), got {type(images).__name__}")
+    if images.dim() not in (3, 4):
+        raise ValueError(f"{name} must be N x C x H x W, got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{name} has NaN or infinite values")
+    return images
+
+
+def _check_maps(maps: Any, n: int, name: str) -> Tensor:
+    """``N x c x h x w`` (or ``N x h x w``) maps, one per image, with finite values."""
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"{name} must be a tensor (N x c x h x w), got {type(maps).__name__}")
+    if maps.dim() not in (3, 4):
+        raise ValueError(f"{name} must be N x c x h x w, got shape {tuple(maps.shape)}")
+    if maps.shape[0] != n:
+        raise ValueError(f"{name} has {maps.shape[0]} rows for {n} images")
+    if not bool(torch.isfinite(maps).all()):
+        raise ValueError(f"{name} has NaN or infinite values")
+    return maps
+
+
+def _aspect(images: Tensor) -> float:
+    """Height over width of the images, bounded (a panel's height per inch of width)."""
+    h, w = images.shape[-2:]
+    return min(max(h / w, 0.25), 4.0)
 
 
 def show_heatmap(ax: Any, image: Tensor, attr: Tensor | None, vmax: float | None = None) -> Any:
@@ -149,7 +222,22 @@ def show_heatmap(ax: Any, image: Tensor, attr: Tensor | None, vmax: float | None
     -------
     matplotlib.image.AxesImage or None
         The heat-map layer (for a colour bar), None when nothing was drawn.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an ``image`` or ``attr`` that is not a tensor, is not ``c x h x w`` or
+        ``h x w``, or holds NaN or infinite values.
     """
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image must be a tensor (C x H x W), got {type(image).__name__}")
+    if attr is not None:
+        if not isinstance(attr, Tensor):
+            raise TypeError(f"attr must be a tensor (c x h x w), got {type(attr).__name__}")
+        if attr.dim() not in (2, 3):
+            raise ValueError(f"attr must be c x h x w or h x w, got shape {tuple(attr.shape)}")
+        if not bool(torch.isfinite(attr).all()):
+            raise ValueError("attr has NaN or infinite values")
     img = to_hwc(image)
     _blank(ax)
     if attr is None:  # the image itself, in its own colours (a colour shortcut shows)
@@ -277,6 +365,12 @@ def plot_region(
     title : str, optional
         First line of the title (default: ``"region of class <name>"``).
     """
+    if not isinstance(interpretation, Interpretation):
+        raise TypeError(
+            "interpretation must be an Interpretation (from ri.interpret(seed)), got "
+            f"{type(interpretation).__name__}"
+        )
+    panel_size = _check_panel_size(panel_size)
     interpretation.similar(k)  # checks k
     members = torch.as_tensor(interpretation.similar(k + 1))
     rows = _reference_rows(reference_images, members)
@@ -294,6 +388,8 @@ def plot_region(
             f"seed_image: shape {tuple(seed_image.shape)}, but the reference images are "
             f"{tuple(rows.shape[1:])}; pass the seed as given to interpret (x[0] or x[:1])"
         )
+    if seed_image.is_floating_point() and rows.is_floating_point():
+        seed_image = seed_image.to(rows.device, rows.dtype)  # drawn in one batch with them
     # a seed taken from the references is its own nearest member: not shown twice
     is_seed = (rows == seed_image.to(rows.device, rows.dtype)).flatten(1).all(1)
     shown = torch.nonzero(~is_seed.cpu()).flatten()[:k]
@@ -315,7 +411,8 @@ def plot_region(
     preds = _predict(interpretation, images)
     vmax = _shared_max(images, maps)
     fig = Figure(
-        figsize=(panel_size * images.shape[0] + 1.2, panel_size * 1.8), layout="constrained"
+        figsize=(panel_size * images.shape[0] + 1.2, panel_size * (_aspect(images) + 0.8)),
+        layout="constrained",
     )
     axes = fig.subplots(1, images.shape[0], squeeze=False)[0]
     mappable = None
@@ -334,16 +431,20 @@ def plot_region(
             bad = True
         mappable = _keep(mappable, show_heatmap(ax, images[j], maps[j], vmax))
         ax.set_title(
-            f"{head}\n{label}" if label else head, fontsize=7, color=_BAD if bad else "black"
+            _panel_text(f"{head}\n{label}" if label else head, panel_size),
+            fontsize=7,
+            color=_BAD if bad else "black",
         )
     if mappable is not None:
         fig.colorbar(mappable, ax=list(axes), shrink=0.8, pad=0.02).set_label(
             "RI heat (logit units)", fontsize=7
         )
     fig.suptitle(
-        f"{title or f'region of class {name}'}: seed and its {len(members)} nearest of "
-        f"{len(interpretation)} members, purity {interpretation.purity:.2f}, coverage "
-        f"{interpretation.coverage:.2f} (references)",
+        _plain(
+            f"{title or f'region of class {name}'}: seed and its {len(members)} nearest of "
+            f"{len(interpretation)} members, purity {interpretation.purity:.2f}, coverage "
+            f"{interpretation.coverage:.2f} (references)"
+        ),
         fontsize=8,
     )
     where = _where(maps, images, isinstance(interpretation.heatmap_layer, str))
@@ -383,16 +484,26 @@ def plot_images(
         A line under the panels.
     bad : sequence of bool, optional
         Panels whose title is drawn in red.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For ``images`` or ``maps`` that are not tensors or hold NaN or infinite values,
+        ``maps`` of another number of rows than ``images``, ``titles`` of another length,
+        or a ``panel_size`` that is not a positive number.
     """
+    images = _check_images(images)
     n = int(images.shape[0])
     if len(titles) != n:
         raise ValueError(f"titles has {len(titles)} entries for {n} images")
-    if n == 0:
-        raise ValueError("images is empty")
+    if maps is not None:
+        maps = _check_maps(maps, n, "maps")
+    panel_size = _check_panel_size(panel_size)
     cols = min(n, max_cols)
     rows = -(-n // cols)
     fig = Figure(
-        figsize=(panel_size * cols + 1.2, panel_size * 1.3 * rows + 0.6), layout="constrained"
+        figsize=(panel_size * cols + 1.2, panel_size * (_aspect(images) + 0.3) * rows + 0.6),
+        layout="constrained",
     )
     axes = fig.subplots(rows, cols, squeeze=False)
     vmax = _shared_max(images, maps) if maps is not None else None
@@ -405,12 +516,12 @@ def plot_images(
             mappable, show_heatmap(ax, images[i], None if maps is None else maps[i], vmax)
         )
         red = bad is not None and bad[i]
-        ax.set_title(titles[i], fontsize=7, color=_BAD if red else "black")
+        ax.set_title(_panel_text(titles[i], panel_size), fontsize=7, color=_BAD if red else "black")
     if mappable is not None:
         fig.colorbar(mappable, ax=list(axes.flat), shrink=0.8, pad=0.02).set_label(
             colorbar_label, fontsize=7
         )
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(_plain(title), fontsize=8)
     if caption:
         _caption(fig, caption)
     return fig
@@ -456,32 +567,47 @@ def plot_comparison(
     column's, so the colour bar is in the method's units and magnitudes compare down a
     column. Methods named in ``per_image`` (input attributions such as Integrated
     Gradients, which may be signed) are drawn by absolute value through Captum's
-    ``visualize_image_attr``, scaled per image. A panel whose map is all ``<= 0`` says
-    so instead of looking empty.
+    ``visualize_image_attr``, scaled per image (a string is one name). A panel whose
+    map is all ``<= 0`` says so instead of looking empty.
 
     Raises
     ------
+    TypeError
+        When ``images`` or an attribution is not a tensor, or ``attributions`` is not
+        a mapping.
     ValueError
-        When ``images`` is empty, an attribution has another number of rows than
-        ``images`` or NaN or infinite values, ``titles`` or ``bad`` another length, or
-        ``scale`` is not ``"image"`` or ``"column"``.
+        When ``images`` is empty, an attribution is not ``N x c x h x w`` (or
+        ``N x h x w``), has another number of rows than ``images`` or NaN or infinite
+        values (so do the images), ``titles`` or ``bad`` another length, ``per_image``
+        names no method of ``attributions``, ``scale`` is not ``"image"`` or
+        ``"column"``, or ``panel_size`` is not a positive number.
     """
     if scale not in ("image", "column"):
         raise ValueError(f'scale must be "image" or "column", got {scale!r}')
+    images = _check_images(images)
     n = images.shape[0]
-    if n == 0:
-        raise ValueError("images is empty")
+    panel_size = _check_panel_size(panel_size)
     for arg, values in (("titles", titles), ("bad", bad)):
         if values is not None and len(values) != n:
             raise ValueError(f"{arg} has {len(values)} entries for {n} images")
+    if not isinstance(attributions, Mapping):
+        raise TypeError(
+            "attributions must be a mapping from method name to its N x c x h x w "
+            f"attributions, got {type(attributions).__name__}"
+        )
     for name, attr in attributions.items():
-        if attr.shape[0] != n:
-            raise ValueError(f"attributions[{name!r}] has {attr.shape[0]} rows for {n} images")
-        if not bool(torch.isfinite(attr).all()):
-            raise ValueError(f"attributions[{name!r}] has NaN or infinite values")
+        _check_maps(attr, n, f"attributions[{name!r}]")
+    per_image = (per_image,) if isinstance(per_image, str) else tuple(per_image)
+    unknown = [p for p in per_image if p not in attributions]
+    if unknown:
+        raise ValueError(
+            f"per_image names {unknown}, which attributions does not have (its methods: "
+            f"{list(attributions)})"
+        )
     cols = 1 + len(attributions)
     fig = Figure(
-        figsize=(panel_size * cols + 0.4, panel_size * n * 1.15 + 1.4), layout="constrained"
+        figsize=(panel_size * cols + 0.4, panel_size * n * (_aspect(images) + 0.15) + 1.4),
+        layout="constrained",
     )
     axes = fig.subplots(n, cols, squeeze=False)
     size = tuple(images.shape[-2:])
@@ -489,7 +615,7 @@ def plot_comparison(
         show_heatmap(axes[i][0], images[i], None)
         red = bad is not None and bad[i]
         axes[i][0].set_title(
-            titles[i] if titles is not None else f"image {i}",
+            _panel_text(titles[i] if titles is not None else f"image {i}", panel_size),
             fontsize=7,
             color=_BAD if red else "black",
         )
@@ -512,12 +638,12 @@ def plot_comparison(
                 unit = attr[i] / top if top > 0 else attr[i]
                 mappable = _keep(mappable, show_heatmap(ax, images[i], unit, 1.0))
             label = "share of the panel's maximum"
-        column[0].set_title(f"{name}\n{res} map", fontsize=7)
+        column[0].set_title(_panel_text(f"{name}\n{res} map", panel_size), fontsize=7)
         if mappable is not None:
             cbar = fig.colorbar(mappable, ax=column, location="bottom", shrink=0.9, pad=0.01)
             cbar.set_label(label, fontsize=6)
             cbar.ax.tick_params(labelsize=6)
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(_plain(title), fontsize=8)
     _caption(
         fig,
         "Each map blended over the grey image (jet colour map), upsampled to "
@@ -533,6 +659,12 @@ def plot_comparison(
     return fig
 
 
+def _compare_modules(model: Any = None, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """The model compare_methods runs (in eval mode, see :func:`compare_methods`)."""
+    return (model,) if isinstance(model, torch.nn.Module) else ()
+
+
+@in_eval_mode(_compare_modules)
 def compare_methods(
     model: torch.nn.Module,
     layer: torch.nn.Module,
@@ -548,10 +680,35 @@ def compare_methods(
     ``target`` defaults to the model's predictions (the same classes for every method).
     Row titles give the predicted class (``class_names`` when given) and the true class
     when ``labels`` are given. Returns the figure and the attributions by method name.
+
+    The model runs in eval mode throughout (as RI runs it), with a warning when it was
+    in training mode, and every module's mode is restored afterwards: in training mode,
+    Grad-CAM's and IG's forward passes would update batch-norm running statistics and
+    could predict other classes than RI sees.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a ``model`` or ``layer`` that is not a module, ``images`` that are not a
+        non-empty batch shaped like the references, or ``labels`` of another length.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(layer, torch.nn.Module):
+        raise TypeError(
+            f"layer must be a torch.nn.Module of model (as for LayerGradCam), got "
+            f"{type(layer).__name__}"
+        )
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a tensor, got {type(images).__name__}")
     check_against_references((images,), ri.reader_.input_spec, "images")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty")
+    if labels is not None and len(labels) != images.shape[0]:
+        raise ValueError(
+            f"labels: {len(labels)} labels for {images.shape[0]} images; pass one true "
+            "class per image"
+        )
     with torch.no_grad():
         preds = model(images).argmax(dim=1)
     tgt = preds if target is None else target
@@ -631,6 +788,7 @@ def plot_audit(
     """
     if scale not in ("shared", "row"):
         raise ValueError(f'scale must be "shared" or "row", got {scale!r}')
+    panel_size = _check_panel_size(panel_size)
     if not hasattr(class_audit, "regions") or not hasattr(class_audit, "target"):
         raise TypeError(
             "class_audit must be the ClassAudit of one class, result[c] for "
@@ -668,7 +826,8 @@ def plot_audit(
     n_class = max(int(class_audit.indices.numel()), 1)
     cols = 1 + n_exemplars
     fig = Figure(
-        figsize=(panel_size * cols + 1.2, panel_size * 1.3 * len(rows) + 0.8), layout="constrained"
+        figsize=(panel_size * cols + 1.2, panel_size * (_aspect(images) + 0.3) * len(rows) + 0.8),
+        layout="constrained",
     )
     axes = fig.subplots(len(rows), cols, squeeze=False)
     heat = [_layer_maps(group.mean_heatmap) for _, _, group in rows]
@@ -678,17 +837,17 @@ def plot_audit(
     mappable = None
     for r, (label, _region, group) in enumerate(rows):
         hm = heat[r]
-        mean_img = images[group.members].mean(dim=0) if group.size else images[0] * 0
+        mean_img = images[group.members].double().mean(dim=0) if group.size else images[0] * 0
         text = f"{label}: {group.size} images\n({group.size / n_class:.0%} of class), mean"
         if hm.dim() >= 2:
             top = vmax if scale == "shared" else row_max[r]
             drawn = show_heatmap(axes[r][0], mean_img, hm, top if top > 0 else None)
             mappable = _keep(mappable, drawn)
             if scale == "row":
-                text += f", max {row_max[r]:.3g}"
+                text += f"\nmax {row_max[r]:.3g}"
         else:
             show_heatmap(axes[r][0], mean_img, None)
-        axes[r][0].set_title(text, fontsize=7)
+        axes[r][0].set_title(_panel_text(text, panel_size), fontsize=7)
         for c in range(1, cols):
             ax = axes[r][c]
             if c - 1 < len(group.exemplars):
@@ -697,7 +856,7 @@ def plot_audit(
                 show_heatmap(ax, images[idx], None)
                 tl, _ = _label(None, true, class_names)
                 ax.set_title(
-                    f"#{idx}" + (f"\n{tl}" if tl else ""),
+                    _panel_text(f"#{idx}" + (f"\n{tl}" if tl else ""), panel_size),
                     fontsize=7,
                     color=_BAD if true is not None and true != target else "black",
                 )
@@ -708,8 +867,10 @@ def plot_audit(
             mappable, ax=axes[:, 0].tolist(), location="left", shrink=0.8, pad=0.02
         ).set_label("mean RI heat (logit units)", fontsize=7)
     fig.suptitle(
-        f"Audit of class {name}: {n_regions} region(s), {class_audit.uncovered_share:.0%} "
-        "of the class left uncovered",
+        _plain(
+            f"Audit of class {name}: {n_regions} region(s), "
+            f"{class_audit.uncovered_share:.0%} of the class left uncovered"
+        ),
         fontsize=8,
     )
     _caption(

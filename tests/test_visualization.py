@@ -1,5 +1,8 @@
 """Figures: headless, self-explaining (colour bars, captions, labels), saved as PNG."""
 
+import copy
+import io
+
 import matplotlib
 import numpy as np
 import pytest
@@ -318,3 +321,123 @@ def test_comparison_checks_titles_bad_and_empty_images():
     with pytest.raises(ValueError, match="images"):
         plot_comparison(images[:0], {"RI": maps["RI"][:0]})
     plot_comparison(images, maps, titles=["a", "b", "c"], bad=[False, True, False])
+
+
+# ------------------------------------------------------------ found by trying to break them
+def test_class_names_are_shown_as_written_and_long_ones_wrapped(fitted):
+    """A ``$`` in a name switched matplotlib to math text ("a$b$" read "ab", in italics);
+    an 80-character name ran across the neighbouring panels and off the figure."""
+    ri, _model, x = fitted
+    region = ri.interpret(x[200:201])
+    long = "x" * 80
+    names = ["a$b$", "c_d", "été", long, "a$b$"]
+    names[region.target] = "a$b$"
+    fig = plot_region(region, x[200], x[:200], k=2, class_names=names)
+    fig.savefig(io.BytesIO(), format="png")
+    assert "class a\\$b\\$" in fig._suptitle.get_text()
+    seed_title = _panels(fig)[0].get_title()
+    assert "pred a\\$b\\$" in seed_title  # the seed is predicted as the region's class
+    images = x[:2]
+    fig = plot_comparison(
+        images, {"a$b$": torch.rand(2, 1, 3, 3)}, titles=[f"true {long}", "$x$"], panel_size=1.6
+    )
+    titles = [ax.get_title() for ax in _panels(fig)]
+    assert "a\\$b\\$" in titles[1] and "\\$x\\$" in titles[2]  # rows: image, method
+    assert all(len(line) <= 30 for t in titles for line in t.split("\n"))
+    assert long in titles[0].replace("\n", "")
+
+
+def test_comparison_refuses_maps_that_are_not_tensors_and_checks_per_image():
+    images = torch.rand(2, 1, 12, 12)
+    with pytest.raises(TypeError, match="attributions"):
+        plot_comparison(images, [torch.rand(2, 1, 6, 6)])
+    with pytest.raises(TypeError, match=r"attributions\['M'\]"):
+        plot_comparison(images, {"M": np.random.rand(2, 1, 6, 6)})
+    with pytest.raises(ValueError, match=r"attributions\['M'\].*N x c x h x w"):
+        plot_comparison(images, {"M": torch.rand(2, 6)})
+    # a name of per_image that is no method is a typo: IG would be drawn as a ReLU'd map
+    with pytest.raises(ValueError, match="per_image"):
+        plot_comparison(images, {"IG": torch.rand(2, 1, 6, 6)}, per_image=("Integrated",))
+    # a string is one name, not its letters ("I" in "IG")
+    fig = plot_comparison(
+        images, {"I": torch.rand(2, 1, 6, 6), "IG": torch.randn(2, 1, 12, 12)}, per_image="IG"
+    )
+    assert "share of the panel's maximum" in _texts(fig)
+    with pytest.raises(TypeError, match="images"):
+        plot_comparison(images.numpy(), {"M": torch.rand(2, 1, 6, 6)})
+    with pytest.raises(ValueError, match="panel_size"):
+        plot_comparison(images, {"M": torch.rand(2, 1, 6, 6)}, panel_size=-1)
+
+
+def test_plot_images_and_show_heatmap_check_their_maps():
+    """plot_images took maps of another batch size (IndexError, or rows silently
+    dropped) and NaN maps (a NaN map was labelled 'all values <= 0')."""
+    images = torch.rand(2, 3, 12, 12)
+    for maps in (torch.rand(1, 1, 6, 6), torch.rand(3, 1, 6, 6)):
+        with pytest.raises(ValueError, match="maps.*rows"):
+            plot_images(images, ["a", "b"], "t", maps=maps)
+    nan = torch.rand(2, 1, 6, 6)
+    nan[0, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="maps.*NaN"):
+        plot_images(images, ["a", "b"], "t", maps=nan)
+    with pytest.raises(ValueError, match="images.*NaN"):
+        plot_images(images * float("nan"), ["a", "b"], "t")
+    with pytest.raises(TypeError, match="images"):
+        plot_images(images.numpy(), ["a", "b"], "t")
+    fig = matplotlib.figure.Figure()
+    ax = fig.subplots()
+    with pytest.raises(ValueError, match="attr.*NaN"):
+        show_heatmap(ax, images[0], nan[0])
+    with pytest.raises(ValueError, match="attr"):
+        show_heatmap(ax, images[0], torch.rand(6))
+    with pytest.raises(TypeError, match="attr"):
+        show_heatmap(ax, images[0], np.random.rand(1, 6, 6))
+
+
+def test_compare_methods_leaves_a_training_model_as_it_was(fitted):
+    """Grad-CAM, IG and the predictions ran the model in training mode: a batch-norm
+    model's running statistics were updated by drawing a figure (and its predictions
+    differed from RI's, which runs in eval mode)."""
+    ri, model, x = fitted
+    model = copy.deepcopy(model)  # not the module's shared fixture
+    bn = nn.Sequential(model, nn.Unflatten(1, (1, 4)), nn.BatchNorm1d(1), nn.Flatten())
+    bn.train()
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    ri_bn = RepresentativeInterpretation(bn.eval(), model.features[-1]).fit(x[:60], progress=False)
+    bn.train()
+    with pytest.warns(UserWarning, match="training mode"):
+        compare_methods(bn, model.features[-1], ri_bn, x[200:203])
+    assert bn.training and all(m.training for m in bn.modules())
+    after = bn.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_compare_methods_checks_its_arguments(fitted):
+    ri, model, x = fitted
+    with pytest.raises(ValueError, match="labels"):
+        compare_methods(model, model.features[-1], ri, x[200:204], labels=[0, 1])
+    with pytest.raises(ValueError, match="images"):
+        compare_methods(model, model.features[-1], ri, x[:0])
+    with pytest.raises(TypeError, match="layer"):
+        compare_methods(model, "features", ri, x[200:202])
+    with pytest.raises(TypeError, match="model"):
+        compare_methods(None, model.features[-1], ri, x[200:202])
+
+
+def test_plot_region_and_audit_check_their_arguments(fitted):
+    ri, _model, x = fitted
+    region = ri.interpret(x[200:201])
+    with pytest.raises(TypeError, match="interpretation"):
+        plot_region("region", x[200], x[:200])
+    with pytest.raises(ValueError, match="panel_size"):
+        plot_region(region, x[200], x[:200], panel_size=0)
+    # a seed in another float dtype is compared and drawn as the references
+    fig = plot_region(region, x[200].double(), x[:200], k=2)
+    assert len(_panels(fig)) == 3
+    result = audit(ri, x[200:], target=int(ri.transform(x[200:201])[1][0]), max_regions=1)
+    ca = next(iter(result))
+    # uint8 images: the mean image of a group failed inside torch
+    as_bytes = (x[200:] * 40 + 128).clamp(0, 255).to(torch.uint8)
+    assert len(_panels(plot_audit(ca, as_bytes, n_exemplars=2))) >= 3
+    with pytest.raises(ValueError, match="panel_size"):
+        plot_audit(ca, x[200:], panel_size=float("nan"))
