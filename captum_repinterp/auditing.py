@@ -209,8 +209,9 @@ class ClassAudit:
         """
         n = int(self.indices.numel())
         plural = "" if len(self.regions) == 1 else "s"
+        images = "image" if n == 1 else "images"
         lines = [
-            f"class {self.target}: {n} images, {len(self.regions)} region{plural}, "
+            f"class {self.target}: {n} {images}, {len(self.regions)} region{plural}, "
             f"{int(self.uncovered.numel())} uncovered ({self.uncovered_share:.1%}), "
             f"{self.seconds:.1f} s"
         ]

@@ -838,7 +838,8 @@ def plot_audit(
     for r, (label, _region, group) in enumerate(rows):
         hm = heat[r]
         mean_img = images[group.members].double().mean(dim=0) if group.size else images[0] * 0
-        text = f"{label}: {group.size} images\n({group.size / n_class:.0%} of class), mean"
+        count = f"{group.size} image" + ("s" if group.size != 1 else "")
+        text = f"{label}: {count}\n({group.size / n_class:.0%} of class), mean"
         if hm.dim() >= 2:
             top = vmax if scale == "shared" else row_max[r]
             drawn = show_heatmap(axes[r][0], mean_img, hm, top if top > 0 else None)
