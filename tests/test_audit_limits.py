@@ -89,7 +89,7 @@ def test_audit_of_a_class_with_one_image_and_heldout_without_the_class():
     (region,) = result[c].regions
     assert region.members.tolist() == [0] and region.purity == 1.0
     assert region.heldout["n_inside"] == 0 or region.heldout_precision == 0.0
-    assert f"class {c}: 1 images, 1 region, 0 uncovered" in result.summary()
+    assert f"class {c}: 1 image, 1 region, 0 uncovered" in result.summary()
 
 
 def test_audit_refuses_a_nan_min_silhouette():
