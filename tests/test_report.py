@@ -193,6 +193,17 @@ def test_load_callable_and_resolve_model(tiny):
         resolve_model(("model", model.features[0]))
 
 
+def _small_report(fitted, out, references=None, heldout=None, **options):
+    """``build_report`` on the fitted model split at its last block (with its head), one
+    small region per class unless ``options`` say otherwise."""
+    model, refs, held, _ = fitted
+    kw = {"head": model.head, "regions_per_class": 1, "n_boundaries": 4, "members_shown": 2}
+    return build_report(
+        out, model, model.features[-1], refs if references is None else references,
+        held if heldout is None else heldout, **(kw | options),
+    )  # fmt: skip
+
+
 def test_report_in_browser(fitted, tmp_path):
     model, refs, held, _ = fitted
     index = build_report(
@@ -446,19 +457,12 @@ def test_label_order_mismatch_with_label_numbers_far_beyond_the_classes():
 def test_report_class_names_with_dollar_signs(fitted, tmp_path):
     # matplotlib reads text between two "$" as mathtext: "$_$" fails to parse at savefig
     # and "$x$" would be drawn as an italic x; the figures must show the names as given
-    model, refs, held, _ = fitted
+    refs = fitted[1]
     names = ["$_$", "$5 and $10", "two", "three"]
-    index = build_report(
+    index = _small_report(
+        fitted,
         tmp_path / "rep",
-        model,
-        model.features[-1],
-        refs,
-        held,
-        head=model.head,
         classes=[0, 1],
-        regions_per_class=1,
-        n_boundaries=4,
-        members_shown=2,
         class_names=names,
         reference_labels=torch.arange(len(refs)) % 4,
     )
@@ -583,25 +587,14 @@ def test_resolve_data_heldout_folder_with_fewer_classes_is_renumbered():
 
 
 def test_report_on_a_model_in_training_mode_warns_once_and_restores_it(fitted, tmp_path):
-    model, refs, held, _ = fitted
+    model = fitted[0]
     model.train()
     model.head.eval()  # a module set apart on purpose keeps its own mode
     before = {n: m.training for n, m in model.named_modules()}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            build_report(
-                tmp_path / "rep",
-                model,
-                model.features[-1],
-                refs,
-                held,
-                head=model.head,
-                classes=[0, 1],
-                regions_per_class=1,
-                n_boundaries=4,
-                members_shown=2,
-            )
+            _small_report(fitted, tmp_path / "rep", classes=[0, 1])
         after = {n: m.training for n, m in model.named_modules()}
     finally:
         model.eval()
@@ -625,22 +618,11 @@ def test_report_class_that_no_reference_is_predicted_as(fitted, tmp_path):
     # a class predicted on held-out images but on no reference: its regions have no
     # member of the class, so their coverage (and the purity of an empty region) is
     # undefined: n/a, not 1.000 / 0.000
-    model, refs, held, _ = fitted
+    model, refs = fitted[:2]
     with torch.no_grad():
         keep = model(refs).argmax(1) != 3
     with pytest.warns(UserWarning, match=r"no reference image in class\(es\) 3, so"):
-        index = build_report(
-            tmp_path / "rep",
-            model,
-            model.features[-1],
-            refs[keep],
-            held,
-            head=model.head,
-            classes=[3],
-            regions_per_class=1,
-            n_boundaries=4,
-            members_shown=2,
-        )
+        index = _small_report(fitted, tmp_path / "rep", references=refs[keep], classes=[3])
     page = index.read_text()
     assert '<p class="warn" id="no-references">references: the model puts no' in page
     cells = _region_rows(page)["R1"]
@@ -654,10 +636,7 @@ def test_report_counts_one_image_in_the_singular(fitted, tmp_path):
     predicted"."""
     model, refs, held, _ = fitted
     c = int(model(held[:1]).argmax())
-    index = build_report(
-        tmp_path / "rep", model, model.features[-1], refs, held[:1], head=model.head,
-        classes=[c], regions_per_class=1, n_boundaries=4, members_shown=2,
-    )  # fmt: skip
+    index = _small_report(fitted, tmp_path / "rep", heldout=held[:1], classes=[c])
     page = index.read_text()
     assert f"{len(refs)} reference images, 1 held-out image;" in page
     assert "1 held-out image is predicted" in page and "1 held-out images" not in page
