@@ -58,6 +58,21 @@ def _int_list(text: str) -> list[int]:
 
 
 def _name_list(text: str) -> list[str]:
+    """``--class-names``: comma-separated names, or ``@FILE`` with one name per line (for
+    names that hold commas, as ImageNet's "tench, Tinca tinca")."""
+    if text.startswith("@"):
+        try:
+            lines = Path(text[1:]).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]!r}: {exc}") from None
+        while lines and not lines[-1].strip():
+            lines.pop()  # trailing blank lines
+        names = [line.strip() for line in lines]
+        if not names or not all(names):
+            raise argparse.ArgumentTypeError(
+                f"{text[1:]!r} must hold one non-empty name per line (class 0 first)"
+            )
+        return names
     names = [p.strip() for p in text.split(",")]
     if not all(names):
         raise argparse.ArgumentTypeError(f"must be comma-separated non-empty names, got {text!r}")
@@ -192,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-names",
         type=_name_list,
         default=None,
-        metavar="NAME,NAME,...",
+        metavar="NAME,NAME,...|@FILE",
         help="comma-separated names of classes 0, 1, ... of --model-factory's model, shown "
-        "next to the class indices",
+        "next to the class indices; @FILE reads one name per line (names with commas)",
     )
     rep.add_argument(
         "--regions", type=_positive_int, default=2, help="at most this many regions per class"

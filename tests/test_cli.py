@@ -1,5 +1,6 @@
 """The command line: bad arguments end in a one-line usage error (exit status 2)."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -166,6 +167,7 @@ _USER = ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:data"]
         (["--layer", "features"], "--layer and --class-names apply to --model-factory's"),
         (["--class-names", "a,b,c"], "--layer and --class-names apply to --model-factory's"),
         ([*_USER, "--class-names", "a,,c"], "--class-names: must be comma-separated non-empty"),
+        ([*_USER, "--class-names", "@no-such-file.txt"], "--class-names: cannot read"),
         ([*_USER, "--class-names", "a"], "class_names: 1 names, but the model predicts class"),
         (
             ["--model-factory", "ri_user_mod:with_head", "--data", "ri_user_mod:data"]
@@ -217,6 +219,18 @@ def test_report_with_layer_and_class_names(tmp_path, user_module):
     page = (out / "index.html").read_text()
     assert "2 (cat)" in page
     assert "features.0" in page  # the split layer the report names
+
+
+def test_class_names_with_commas_come_from_a_file(tmp_path, capsys):
+    """Names such as ImageNet's "tench, Tinca tinca" hold commas, which the
+    comma-separated form splits; ``@FILE`` reads one name per line."""
+    names = tmp_path / "names.txt"
+    names.write_text("tench, Tinca tinca\n goldfish \ngreat white shark\n\n", encoding="utf-8")
+    assert cli._name_list(f"@{names}") == ["tench, Tinca tinca", "goldfish", "great white shark"]
+    assert cli._name_list("a, b") == ["a", "b"]
+    names.write_text("a\n\nc\n", encoding="utf-8")
+    with pytest.raises(argparse.ArgumentTypeError, match="one non-empty name per line"):
+        cli._name_list(f"@{names}")
 
 
 @pytest.mark.parametrize(
