@@ -216,11 +216,7 @@ def fit_references(
             )
             logits = _recorded_logits(recorder, features.shape[0], layout.dim)
         else:
-            # rows this call writes first (not resumed ones) are checked below as such
-            written = not ReferenceStore.exists(store) or (
-                append and ReferenceStore.open(store).complete
-            )
-            ref_store, example, start = fit_to_store(
+            ref_store, example, start, written = fit_to_store(
                 forward_func,
                 layer,
                 references,

@@ -489,7 +489,7 @@ def fit_to_store(
     attribute_to_layer_input: bool = False,
     device: torch.device | None = None,
     progress: bool = True,
-) -> tuple[ReferenceStore, Example, int]:
+) -> tuple[ReferenceStore, Example, int, bool]:
     """Stream the references' features, predictions and logits (when small, see
     :func:`keep_logits`) into the store at ``path``.
 
@@ -512,10 +512,12 @@ def fit_to_store(
 
     Returns
     -------
-    (store, example, start)
+    (store, example, start, written)
         The store; the first reference (read and checked also when a finished store is
-        reused without running the model); and ``start``, the store's row of that first
-        reference (0, or with ``append`` the number of rows stored before).
+        reused without running the model); ``start``, the store's row of that first
+        reference (0, or with ``append`` the number of rows stored before); and
+        ``written``, whether this call wrote that row (not when it resumed past it or
+        reused a finished store).
     """
     if not isinstance(append, bool):
         raise TypeError(f"append must be a bool, got {type(append).__name__}")
@@ -554,29 +556,23 @@ def fit_to_store(
                 f"{store.n}); resume it with the same references and append=True"
             )
         m = rows_read(references, n)
-        if not append:
-            if store.complete:
-                if m is not None and m == store.n:
-                    return store, example, 0
-                raise ValueError(
-                    f"store: {os.fspath(path)!r} already holds a finished fit of {store.n} "
-                    "references; pass append=True to add these, or use a new path"
-                )
-            skip = store.n  # resume
-            if m is not None and skip > m:
-                raise ValueError(
-                    f"store: {os.fspath(path)!r} holds {skip} rows but only {m} references "
-                    "were given to resume with"
-                )
-        elif store.complete:
+        if store.complete and not append:
+            if m is not None and m == store.n:
+                return store, example, 0, False
+            raise ValueError(
+                f"store: {os.fspath(path)!r} already holds a finished fit of {store.n} "
+                "references; pass append=True to add these, or use a new path"
+            )
+        if store.complete:  # append after the stored rows
             start = store.n
-        else:  # resume the interrupted append
-            start = int(since)
+        else:  # resume the interrupted fit (from row 0) or append (from its first row)
+            start = 0 if since is None else int(since)
             skip = store.n - start
             if m is not None and skip > m:
+                what, it = ("", "") if since is None else (" of an interrupted append", " it")
                 raise ValueError(
-                    f"store: {os.fspath(path)!r} holds {skip} rows of an interrupted append "
-                    f"but only {m} references were given to resume it with"
+                    f"store: {os.fspath(path)!r} holds {skip} rows{what} but only {m} "
+                    f"references were given to resume{it} with"
                 )
         if append:
             store.meta["append_from"] = start  # saved with the first rows written
@@ -593,4 +589,4 @@ def fit_to_store(
     if store is None or store.n == 0:
         raise ValueError("references: the reference set is empty")
     store.mark_complete()
-    return store, example, start
+    return store, example, start, skip == 0
