@@ -214,6 +214,26 @@ def _plain_container(module: nn.Module) -> bool:
     return False
 
 
+@contextmanager
+def grad_mode_at(layer: nn.Module, at_input: bool = False) -> Iterator[list[bool]]:
+    """Record, each time ``layer`` runs inside the block, whether gradients are on there
+    (``torch.is_grad_enabled()`` at its input or output): all False for a model whose
+    forward runs the layer under ``torch.no_grad()``. The hook is removed on leaving."""
+    states: list[bool] = []
+
+    def record(*_: Any) -> None:
+        states.append(torch.is_grad_enabled())
+
+    if at_input:
+        handle = layer.register_forward_pre_hook(record)
+    else:
+        handle = layer.register_forward_hook(record)
+    try:
+        yield states
+    finally:
+        handle.remove()
+
+
 #: The error for a model whose forward runs the layer with gradients off.
 LAYER_WITHOUT_GRADIENTS = (
     "layer: forward_func runs the layer with gradients off (torch.no_grad() or "

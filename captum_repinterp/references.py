@@ -37,6 +37,7 @@ from .features import (
     eval_mode,
     extract_features,
     forward_with_layer,
+    grad_mode_at,
     model_device,
 )
 from .heads import make_head
@@ -485,24 +486,11 @@ def _check_layer_gradients(
     reference with gradients on records whether they are still on at the layer; a model
     that fails on one example is left to the other checks.
     """
-    states: list[bool] = []
-
-    def record(*_: Any) -> None:
-        states.append(torch.is_grad_enabled())
-
-    handle = (
-        layer.register_forward_pre_hook(record)
-        if attribute_to_layer_input
-        else layer.register_forward_hook(record)
-    )
     try:
-        with torch.enable_grad():
-            args = example.additional_forward_args or ()
-            forward_func(*example.inputs, *args)
+        with grad_mode_at(layer, attribute_to_layer_input) as states, torch.enable_grad():
+            forward_func(*example.inputs, *(example.additional_forward_args or ()))
     except (RuntimeError, ValueError, TypeError):
         return
-    finally:
-        handle.remove()
     if states and not any(states):
         raise ValueError(LAYER_WITHOUT_GRADIENTS)
 

@@ -49,7 +49,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from tqdm.auto import tqdm
 
 from ._checks import check_grad_mode, check_int
-from .features import eval_mode
+from .features import eval_mode, grad_mode_at
 from .inputs import reference_rows
 from .masking import mask_images, softmax_scores, upsample
 
@@ -397,15 +397,11 @@ def _score_both(
     if out.shape[1] < 2:
         return "the model has fewer than two outputs"
     top, runner_up = out.topk(2, dim=1).indices.unbind(1)
-    grad_at_layer: list[bool] = []  # whether the model runs the layer with gradients on
-    hook = layer.register_forward_hook(lambda *_: grad_at_layer.append(torch.is_grad_enabled()))
     try:
-        try:
+        with grad_mode_at(layer, attribute_to_layer_input) as grad_at_layer:
             at_layer, at_input = margin_maps(
                 forward_func, layer, images, top, runner_up, attribute_to_layer_input
             )
-        finally:
-            hook.remove()
         if at_layer.dim() != 4:
             return "the split layer has no spatial layout"
         for name, m in (("layer", at_layer), ("input", at_input)):
