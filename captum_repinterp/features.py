@@ -498,14 +498,14 @@ def _check_rows(
     rows = [t.shape[0] for t in (*tensors, output) if t.dim() > 0]
     if all(r == b for r in rows):
         return
-    batched = additional_forward_args is not None and any(
-        isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] not in (1, b)
-        for a in additional_forward_args
-    )
-    if batched:
-        arg_rows = sorted(
-            {a.shape[0] for a in additional_forward_args if isinstance(a, Tensor) and a.dim()}
-        )
+    arg_rows = sorted(
+        {
+            a.shape[0]
+            for a in additional_forward_args or ()
+            if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] not in (1, b)
+        }
+    )  # the lengths of extra tensors that were passed whole, broadcast against the inputs
+    if arg_rows:
         raise ValueError(
             f"additional_forward_args: a tensor of {arg_rows} rows did not match the "
             "examples of inputs, so it was passed whole (images are run one at a time or "
