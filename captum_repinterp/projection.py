@@ -226,10 +226,7 @@ def leading_affine_basis(
                 p = point.detach().clone().requires_grad_(True)
                 head(p)
                 for module, x in calls:
-                    if not x.requires_grad:
-                        continue
-                    (g,) = torch.autograd.grad(x.sum(), p, retain_graph=True, allow_unused=True)
-                    if g is None:
+                    if not _depends_on(x, p):
                         continue  # a linear layer before the split, not fed by psi
                     w1 = module.weight.detach()
                     if w1.shape[0] >= p.shape[1] or x.shape[0] != 1:
