@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -434,6 +435,16 @@ def _odd_images(
     return out
 
 
+def _segment_colours(n: int) -> list:
+    """``n`` colours, all different: matplotlib's cycle (``C0``-``C9``) up to 10, then
+    ``tab20`` up to 20, then evenly spaced ``turbo`` colours."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    if n <= 20:
+        return [matplotlib.colormaps["tab20"](i) for i in range(n)]
+    return [matplotlib.colormaps["turbo"](v) for v in np.linspace(0.05, 0.95, n)]
+
+
 def _summary_figure(
     rows: list[RegionRow],
     audits: dict[int, ClassAudit],
@@ -447,16 +458,14 @@ def _summary_figure(
         figsize=(10, max(2.4, 0.45 * max(n_classes, len(rows)) + 1.4)), layout="constrained"
     )
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
-    colours = [f"C{i % 10}" for i in range(len(rows))]
     ylabels = []
     for y, (c, ca) in enumerate(audits.items()):
         n = max(int(ca.indices.numel()), 1)
         start = 0.0
-        for k, r in enumerate(rows):
-            if r.target != c:
-                continue
+        own = [r for r in rows if r.target == c]
+        for r, colour in zip(own, _segment_colours(len(own))):
             share = r.newly_covered / n
-            left.barh(y, share, left=start, color=colours[k], edgecolor="white")
+            left.barh(y, share, left=start, color=colour, edgecolor="white")
             if share >= 0.06:
                 left.text(
                     start + share / 2,
@@ -480,7 +489,8 @@ def _summary_figure(
                 fontsize=7,
                 color="#555",
             )
-        ylabels.append(f"class {_class_name(c, class_names)}\n({n} images)")
+        count = int(ca.indices.numel())
+        ylabels.append(f"class {_class_name(c, class_names)}\n({count} image{'s' * (count != 1)})")
     left.set_yticks(range(n_classes), ylabels, fontsize=7)
     left.invert_yaxis()
     left.set_xlim(0, 1)

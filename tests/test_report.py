@@ -23,6 +23,7 @@ from captum_repinterp import (
 from captum_repinterp.cli import main
 from captum_repinterp.report import (
     LABEL_ORDER_MARGIN,
+    RegionRow,
     audit_regions,
     build_report,
     label_order_mismatch,
@@ -640,3 +641,31 @@ def test_report_counts_one_image_in_the_singular(fitted, tmp_path):
     page = index.read_text()
     assert f"{len(refs)} reference images, 1 held-out image;" in page
     assert "1 held-out image is predicted" in page and "1 held-out images" not in page
+
+
+def test_summary_chart_segments_of_a_class_have_different_colours():
+    """A class with many regions: every segment of its bar has its own colour (the cycle
+    of 10 used to repeat), and the class's label counts its images in the singular."""
+    from matplotlib.colors import to_rgba
+
+    from captum_repinterp.auditing import ClassAudit
+    from captum_repinterp.report import _summary_figure
+
+    for n_regions in (3, 12, 25):
+        rows = [
+            RegionRow(0, i, None, 0, math.nan, 0.0, 1, label=f"R{i + 1}") for i in range(n_regions)
+        ]
+        audits = {
+            0: ClassAudit(0, torch.arange(n_regions + 1), [], torch.tensor([n_regions]), 0.0),
+            1: ClassAudit(1, torch.tensor([7]), [], torch.tensor([7]), 0.0),
+        }
+        odd = {r.label: [] for r in rows}
+        fig = _summary_figure(rows, audits, odd, None, False)
+        left = fig.axes[0]
+        bars = [p for p in left.patches if abs(p.get_y() + p.get_height() / 2) < 1e-9]
+        region_colours = [to_rgba(p.get_facecolor()) for p in bars if p.get_width() > 0][:n_regions]
+        assert len(region_colours) == n_regions
+        assert len(set(region_colours)) == n_regions
+        labels = [t.get_text() for t in left.get_yticklabels()]
+        assert labels[0].endswith(f"({n_regions + 1} images)")
+        assert labels[1].endswith("(1 image)")
