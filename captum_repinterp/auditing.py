@@ -311,7 +311,9 @@ def _split(
     of 1000 members above that. Splits with a group smaller than ``min_size`` are skipped.
     A silhouette needs 2 to ``m - 1`` groups among the ``m`` members it is taken on, so
     ``k`` stops at ``n - 1``, and a split of which the subsample holds one group only
-    (a small group it missed) is skipped.
+    (a small group it missed) is skipped. ``k`` also stops at the members' distinct rows
+    (k-means finds no more groups; every map of a 1 x 1 layer is the same) and at
+    ``n // min_size`` (a group would be smaller): no split those skip could be kept.
     Groups are numbered by size (largest first), ties by their smallest member index.
     """
     n = x.shape[0]
@@ -323,7 +325,8 @@ def _split(
     if n > _SILHOUETTE_SAMPLE:
         rows = np.random.RandomState(random_state).permutation(n)[:_SILHOUETTE_SAMPLE]
     best, best_score = one, -np.inf
-    for k in range(2, min(max_groups, n - 1) + 1):
+    most = min(max_groups, n - 1, n // min_size, len(np.unique(x, axis=0)))
+    for k in range(2, most + 1):
         labels = kmeans(n_clusters=k, n_init=4, random_state=random_state).fit_predict(x)
         sizes = np.bincount(labels, minlength=k)
         if sizes.min() < min_size:
