@@ -496,7 +496,7 @@ def audit(
     Raises
     ------
     NotFittedError
-        If ``ri`` is not fitted.
+        If ``ri`` is not fitted (a TypeError if it is no explainer at all).
     ImportError
         If scikit-learn is missing and ``subgroup_by`` is not ``"none"``.
     TypeError, ValueError
@@ -510,6 +510,10 @@ def audit(
     >>> [(r.size, r.purity, [g.size for g in r.subgroups]) for r in result[7].regions]
     """
     start = time.perf_counter()
+    if not hasattr(type(ri), "features_"):
+        raise TypeError(
+            f"ri must be a fitted RepresentativeInterpretation, got {type(ri).__name__}"
+        )
     if not hasattr(ri, "features_") or not hasattr(ri, "layout_"):
         raise NotFittedError("ri is not fitted yet: call ri.fit(reference_images) before audit()")
     if not isinstance(images, Tensor):

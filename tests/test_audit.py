@@ -258,6 +258,15 @@ def test_not_fitted(tiny):
         audit(ri, x)
 
 
+def test_ri_that_is_no_explainer_names_ri(tiny):
+    """The model itself (or anything that is no explainer) is a TypeError naming ``ri``,
+    not a NotFittedError telling to call a ``fit`` that it does not have."""
+    model, x = tiny
+    for wrong in (model, "ri", None):
+        with pytest.raises(TypeError, match="^ri must be a fitted RepresentativeInterpretation"):
+            audit(wrong, x)
+
+
 def test_random_state_reaches_interpret(fitted):
     ri, x = fitted
     c = int(ri.predictions_[0])
