@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -30,12 +30,12 @@ import torch
 from torch import Tensor
 
 from ._captum_compat import _format_additional_forward_args
-from ._checks import check_int
+from ._checks import check_grad_mode, check_int
 from .features import in_eval_mode
 from .inputs import slice_args
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
-from .options import AUTO
+from .options import AUTO, InterpretOptions
 from .references import NotFittedError
 
 __all__ = ["AUDIT_HEATMAP_RULE", "AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
@@ -516,6 +516,7 @@ def audit(
         )
     if not hasattr(ri, "features_") or not hasattr(ri, "layout_"):
         raise NotFittedError("ri is not fitted yet: call ri.fit(reference_images) before audit()")
+    check_grad_mode("audit")
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a tensor, got {type(images).__name__}")
     coverage_target = _check_fraction(coverage_target, "coverage_target")
@@ -537,9 +538,10 @@ def audit(
         raise TypeError(f"min_silhouette must be a number, got {min_silhouette!r}")
     if not math.isfinite(min_silhouette):
         raise ValueError(f"min_silhouette must be finite, got {min_silhouette!r}")
-    for bad in ("target", "inputs"):
-        if bad in interpret_kwargs:
-            raise TypeError(f"audit() got an unexpected keyword argument {bad!r}")
+    known = {f.name for f in fields(InterpretOptions)} | {"additional_forward_args"}
+    for name in interpret_kwargs:
+        if name not in known:  # target and inputs are audit's own (per class, per seed)
+            raise TypeError(f"audit() got an unexpected keyword argument {name!r}")
     # "auto", interpret's default, and the split layer itself are taken as leaving it out
     layer = interpret_kwargs.get("heatmap_layer")
     at_split = layer is None or layer is ri.layer or (isinstance(layer, str) and layer == AUTO)
@@ -557,6 +559,7 @@ def audit(
         "heatmap_layer": None,
     }
     extra = _format_additional_forward_args(interpret_kwargs.pop("additional_forward_args", None))
+    InterpretOptions(**interpret_kwargs)  # checked before any work, not at the first region
     n_images = int(images.shape[0])
     if n_images == 0:
         raise ValueError("images: empty (no examples); audit needs images of the class")
