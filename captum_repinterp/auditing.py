@@ -67,8 +67,42 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join([*(c.rjust(w) for c, w in zip(r, widths)), r[-1]]) for r in [header, *rows]]
 
 
-@dataclass(repr=False)
-class AuditGroup:
+def _same(a: Any, b: Any) -> bool:
+    """Equal by value: tensors exactly (values and dtype), NaN equal to NaN, lists,
+    tuples and dicts item by item (interpretations with their own ``==``)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
+
+
+class _ByValue:
+    """``==`` by value (:func:`_same`) over the dataclass fields that are compared: the
+    times are not, so a re-run or a pickled copy equals the original. Unhashable, as
+    the objects are mutable."""
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(
+            _same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self) if f.compare
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(repr=False, eq=False)
+class AuditGroup(_ByValue):
     """A group of audited images that share a decision logic.
 
     Attributes
@@ -99,7 +133,7 @@ class AuditGroup:
         return f"AuditGroup(size={self.size}, exemplars={_indices(self.exemplars)})"
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class AuditRegion(AuditGroup):
     """One peeled-off region of a class (an :class:`AuditGroup` of its new members).
 
@@ -161,8 +195,8 @@ def _subgroups_text(region: AuditRegion) -> str:
     return "1"
 
 
-@dataclass(repr=False)
-class ClassAudit:
+@dataclass(repr=False, eq=False)
+class ClassAudit(_ByValue):
     """The audit of one predicted class.
 
     Attributes
@@ -185,7 +219,7 @@ class ClassAudit:
     indices: Tensor
     regions: list[AuditRegion]
     uncovered: Tensor
-    seconds: float
+    seconds: float = field(compare=False)
 
     @property
     def uncovered_share(self) -> float:
@@ -245,8 +279,8 @@ class ClassAudit:
         return "\n".join(lines)
 
 
-@dataclass(repr=False)
-class AuditResult:
+@dataclass(repr=False, eq=False)
+class AuditResult(_ByValue):
     """Audits by class, with the features they were computed from.
 
     Index it by class: ``result[c]`` is a :class:`ClassAudit`. ``print(result)`` gives
@@ -256,7 +290,7 @@ class AuditResult:
     classes: dict[int, ClassAudit]
     features: Tensor = field(repr=False)
     predictions: Tensor = field(repr=False)
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, compare=False)
 
     def __getitem__(self, target: int) -> ClassAudit:
         return self.classes[target]

@@ -327,6 +327,32 @@ def test_repr_is_short_and_summary_is_a_table(fitted, result):
         assert ca.summary() in summary
 
 
+def test_results_compare_by_value(fitted):
+    """``==`` on an audit and its parts compares by value (it raised "Boolean value of
+    Tensor with more than one value is ambiguous"): a pickled, a deep-copied and a re-run
+    audit equal the first (NaN scores equal, the times are not compared); a change does
+    not."""
+    import copy
+    import pickle
+
+    ri, x = fitted
+    kw = {"coverage_target": 1.0, "max_regions": 6, "random_state": 0, "heldout": x[:20]}
+    result, again = audit(ri, x, **kw, **FAST), audit(ri, x, **kw, **FAST)
+    assert any(np.isnan(r.split_score) for ca in again for r in ca.regions)
+    for other in (pickle.loads(pickle.dumps(result)), copy.deepcopy(result), again):
+        assert other == result and not other != result
+        for a, b in zip(other, result):
+            assert a == b and a.regions == b.regions
+            assert [g for r in a.regions for g in r.subgroups] == [
+                g for r in b.regions for g in r.subgroups
+            ]
+    changed = copy.deepcopy(result)
+    region = next(iter(changed)).regions[0]
+    region.members = region.members.flip(0)
+    assert changed != result and region != next(iter(result)).regions[0]
+    assert result != "result" and region.subgroups[0] != region
+
+
 def test_summary_with_heldout_precision(fitted):
     ri, x = fitted
     c = int(ri.predictions_[0])
