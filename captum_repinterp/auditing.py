@@ -602,6 +602,19 @@ def audit(
     per_example = extra is not None and any(
         isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n_images > 1 for a in extra
     )
+    if target is not None:
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+            raise TypeError(f"target must be an int or None, got {target!r}")
+        target = int(target)
+    if heldout is not None:
+        if not isinstance(heldout, Tensor):
+            raise TypeError(f"heldout must be a tensor or None, got {type(heldout).__name__}")
+        if per_example:
+            raise ValueError(
+                "additional_forward_args: its per-example tensors (one row per image of "
+                "images) cannot be given to heldout; pass extra arguments that hold for "
+                "every example, or leave heldout out"
+            )
 
     if features is None:
         feats, preds = ri.reader_.features(
@@ -624,14 +637,6 @@ def audit(
     preds = preds.detach().cpu().long()
     held = None
     if heldout is not None:
-        if not isinstance(heldout, Tensor):
-            raise TypeError(f"heldout must be a tensor or None, got {type(heldout).__name__}")
-        if per_example:
-            raise ValueError(
-                "additional_forward_args: its per-example tensors (one row per image of "
-                "images) cannot be given to heldout; pass extra arguments that hold for "
-                "every example, or leave heldout out"
-            )
         held = ri.reader_.features(
             heldout, batch_size, additional_forward_args=extra, name="heldout"
         )
@@ -639,9 +644,6 @@ def audit(
     if target is None:
         classes = [int(c) for c in torch.unique(preds)]
     else:
-        if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
-            raise TypeError(f"target must be an int or None, got {target!r}")
-        target = int(target)
         if not bool((preds == target).any()):
             raise ValueError(f"target: no image in images is predicted as class {target}")
         classes = [target]
