@@ -594,6 +594,8 @@ def audit(
     }
     extra = _format_additional_forward_args(interpret_kwargs.pop("additional_forward_args", None))
     InterpretOptions(**interpret_kwargs)  # checked before any work, not at the first region
+    if images.dim() == 0:
+        raise ValueError("images: tensors need a batch dimension (got a 0-d tensor)")
     n_images = int(images.shape[0])
     if n_images == 0:
         raise ValueError("images: empty (no examples); audit needs images of the class")
@@ -632,6 +634,18 @@ def audit(
             raise ValueError(
                 f"features: expected shapes ({images.shape[0]}, {ri.layout_.dim}) and "
                 f"({images.shape[0]},), got {tuple(feats.shape)} and {tuple(preds.shape)}"
+            )
+        if preds.is_floating_point() or preds.is_complex():
+            raise TypeError(
+                f"features: the predictions must be integer classes, got {preds.dtype} "
+                "(ri.transform(images) gives them as int64)"
+            )
+        finite = torch.isfinite(feats).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten()
+            raise ValueError(
+                f"features: NaN or inf in the features of example(s) {_indices(bad, 10)[1:-1]} "
+                "(ri.transform(images) gives them finite)"
             )
     feats = feats.detach().cpu().float()
     preds = preds.detach().cpu().long()

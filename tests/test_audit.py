@@ -163,12 +163,23 @@ def test_limits(fitted):
         ({"random_state": 1.5}, TypeError, "random_state"),
         ({"features": (torch.zeros(3, 2), torch.zeros(3))}, ValueError, "features"),
         ({"heldout": [1, 2]}, TypeError, "heldout"),
+        ({"images": torch.tensor(1.0)}, ValueError, "^images: tensors need a batch dimension"),
+        ({"features": "nan"}, ValueError, r"^features: NaN or inf .* example\(s\) 3 "),
+        ({"features": "float"}, TypeError, "^features: the predictions must be integer"),
     ],
 )
 def test_bad_arguments(fitted, kwargs, err, word):
+    """(A 0-d ``images`` raised an IndexError; features with NaN and predictions with
+    fractions were taken, the fractions cut off.)"""
     ri, x = fitted
+    if kwargs.get("features") == "nan":
+        feats = ri.features_.clone()
+        feats[3, 0] = float("nan")
+        kwargs = {"features": (feats, ri.predictions_)}
+    elif kwargs.get("features") == "float":
+        kwargs = {"features": (ri.features_, ri.predictions_ + 0.5)}
     with pytest.raises(err, match=word):
-        audit(ri, x, **kwargs)
+        audit(ri, **{"images": x, **kwargs})
 
 
 def test_images_must_be_a_tensor(fitted):
