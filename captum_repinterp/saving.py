@@ -150,7 +150,10 @@ def load_interpretation(
     _check_path(path)
     reader = _reader_of(explainer)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # np.save's one array (.npy)
+            raise ValueError(f"one {type(data).__name__}, not an .npz archive")
+        with data:
             meta = json.loads(str(data["metadata"]))
             tensors = {name: torch.from_numpy(data[name].copy()) for name in TENSORS}
             if "channel_weights" in data.files:

@@ -127,7 +127,9 @@ def test_load_of_a_file_that_is_no_interpretation_names_path(tiny, tmp_path):
     with np.load(good) as data:
         arrays = dict(data)
     np.savez(odd_meta, **{**arrays, "metadata": np.array("[1, 2]")})
-    for path in (text, torch_file, other_npz, odd_meta):
+    npy = tmp_path / "array.npy"  # np.save's one array: a TypeError from `with` before
+    np.save(npy, np.zeros(3))
+    for path in (text, torch_file, other_npz, odd_meta, npy):
         with pytest.raises(ValueError, match="^path: "):
             Interpretation.load(path, explainer=ri)
     with pytest.raises(FileNotFoundError):
