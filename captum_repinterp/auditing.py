@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -30,12 +30,12 @@ import torch
 from torch import Tensor
 
 from ._captum_compat import _format_additional_forward_args
-from ._checks import check_int
+from ._checks import check_grad_mode, check_int
 from .features import in_eval_mode
 from .inputs import slice_args
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
-from .options import AUTO
+from .options import AUTO, InterpretOptions
 from .references import NotFittedError
 
 __all__ = ["AUDIT_HEATMAP_RULE", "AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
@@ -67,8 +67,42 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join([*(c.rjust(w) for c, w in zip(r, widths)), r[-1]]) for r in [header, *rows]]
 
 
-@dataclass(repr=False)
-class AuditGroup:
+def _same(a: Any, b: Any) -> bool:
+    """Equal by value: tensors exactly (values and dtype), NaN equal to NaN, lists,
+    tuples and dicts item by item (interpretations with their own ``==``)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
+
+
+class _ByValue:
+    """``==`` by value (:func:`_same`) over the dataclass fields that are compared: the
+    times are not, so a re-run or a pickled copy equals the original. Unhashable, as
+    the objects are mutable."""
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(
+            _same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self) if f.compare
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(repr=False, eq=False)
+class AuditGroup(_ByValue):
     """A group of audited images that share a decision logic.
 
     Attributes
@@ -99,7 +133,7 @@ class AuditGroup:
         return f"AuditGroup(size={self.size}, exemplars={_indices(self.exemplars)})"
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class AuditRegion(AuditGroup):
     """One peeled-off region of a class (an :class:`AuditGroup` of its new members).
 
@@ -161,8 +195,8 @@ def _subgroups_text(region: AuditRegion) -> str:
     return "1"
 
 
-@dataclass(repr=False)
-class ClassAudit:
+@dataclass(repr=False, eq=False)
+class ClassAudit(_ByValue):
     """The audit of one predicted class.
 
     Attributes
@@ -185,7 +219,7 @@ class ClassAudit:
     indices: Tensor
     regions: list[AuditRegion]
     uncovered: Tensor
-    seconds: float
+    seconds: float = field(compare=False)
 
     @property
     def uncovered_share(self) -> float:
@@ -245,8 +279,8 @@ class ClassAudit:
         return "\n".join(lines)
 
 
-@dataclass(repr=False)
-class AuditResult:
+@dataclass(repr=False, eq=False)
+class AuditResult(_ByValue):
     """Audits by class, with the features they were computed from.
 
     Index it by class: ``result[c]`` is a :class:`ClassAudit`. ``print(result)`` gives
@@ -256,7 +290,7 @@ class AuditResult:
     classes: dict[int, ClassAudit]
     features: Tensor = field(repr=False)
     predictions: Tensor = field(repr=False)
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, compare=False)
 
     def __getitem__(self, target: int) -> ClassAudit:
         return self.classes[target]
@@ -311,7 +345,9 @@ def _split(
     of 1000 members above that. Splits with a group smaller than ``min_size`` are skipped.
     A silhouette needs 2 to ``m - 1`` groups among the ``m`` members it is taken on, so
     ``k`` stops at ``n - 1``, and a split of which the subsample holds one group only
-    (a small group it missed) is skipped.
+    (a small group it missed) is skipped. ``k`` also stops at the members' distinct rows
+    (k-means finds no more groups; every map of a 1 x 1 layer is the same) and at
+    ``n // min_size`` (a group would be smaller): no split those skip could be kept.
     Groups are numbered by size (largest first), ties by their smallest member index.
     """
     n = x.shape[0]
@@ -323,7 +359,8 @@ def _split(
     if n > _SILHOUETTE_SAMPLE:
         rows = np.random.RandomState(random_state).permutation(n)[:_SILHOUETTE_SAMPLE]
     best, best_score = one, -np.inf
-    for k in range(2, min(max_groups, n - 1) + 1):
+    most = min(max_groups, n - 1, n // min_size, len(np.unique(x, axis=0)))
+    for k in range(2, most + 1):
         labels = kmeans(n_clusters=k, n_init=4, random_state=random_state).fit_predict(x)
         sizes = np.bincount(labels, minlength=k)
         if sizes.min() < min_size:
@@ -493,7 +530,7 @@ def audit(
     Raises
     ------
     NotFittedError
-        If ``ri`` is not fitted.
+        If ``ri`` is not fitted (a TypeError if it is no explainer at all).
     ImportError
         If scikit-learn is missing and ``subgroup_by`` is not ``"none"``.
     TypeError, ValueError
@@ -507,8 +544,13 @@ def audit(
     >>> [(r.size, r.purity, [g.size for g in r.subgroups]) for r in result[7].regions]
     """
     start = time.perf_counter()
+    if not hasattr(type(ri), "features_"):
+        raise TypeError(
+            f"ri must be a fitted RepresentativeInterpretation, got {type(ri).__name__}"
+        )
     if not hasattr(ri, "features_") or not hasattr(ri, "layout_"):
         raise NotFittedError("ri is not fitted yet: call ri.fit(reference_images) before audit()")
+    check_grad_mode("audit")
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a tensor, got {type(images).__name__}")
     coverage_target = _check_fraction(coverage_target, "coverage_target")
@@ -530,9 +572,10 @@ def audit(
         raise TypeError(f"min_silhouette must be a number, got {min_silhouette!r}")
     if not math.isfinite(min_silhouette):
         raise ValueError(f"min_silhouette must be finite, got {min_silhouette!r}")
-    for bad in ("target", "inputs"):
-        if bad in interpret_kwargs:
-            raise TypeError(f"audit() got an unexpected keyword argument {bad!r}")
+    known = {f.name for f in fields(InterpretOptions)} | {"additional_forward_args"}
+    for name in interpret_kwargs:
+        if name not in known:  # target and inputs are audit's own (per class, per seed)
+            raise TypeError(f"audit() got an unexpected keyword argument {name!r}")
     # "auto", interpret's default, and the split layer itself are taken as leaving it out
     layer = interpret_kwargs.get("heatmap_layer")
     at_split = layer is None or layer is ri.layer or (isinstance(layer, str) and layer == AUTO)
@@ -550,6 +593,9 @@ def audit(
         "heatmap_layer": None,
     }
     extra = _format_additional_forward_args(interpret_kwargs.pop("additional_forward_args", None))
+    InterpretOptions(**interpret_kwargs)  # checked before any work, not at the first region
+    if images.dim() == 0:
+        raise ValueError("images: tensors need a batch dimension (got a 0-d tensor)")
     n_images = int(images.shape[0])
     if n_images == 0:
         raise ValueError("images: empty (no examples); audit needs images of the class")
@@ -558,6 +604,19 @@ def audit(
     per_example = extra is not None and any(
         isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n_images > 1 for a in extra
     )
+    if target is not None:
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+            raise TypeError(f"target must be an int or None, got {target!r}")
+        target = int(target)
+    if heldout is not None:
+        if not isinstance(heldout, Tensor):
+            raise TypeError(f"heldout must be a tensor or None, got {type(heldout).__name__}")
+        if per_example:
+            raise ValueError(
+                "additional_forward_args: its per-example tensors (one row per image of "
+                "images) cannot be given to heldout; pass extra arguments that hold for "
+                "every example, or leave heldout out"
+            )
 
     if features is None:
         feats, preds = ri.reader_.features(
@@ -576,18 +635,22 @@ def audit(
                 f"features: expected shapes ({images.shape[0]}, {ri.layout_.dim}) and "
                 f"({images.shape[0]},), got {tuple(feats.shape)} and {tuple(preds.shape)}"
             )
+        if preds.is_floating_point() or preds.is_complex():
+            raise TypeError(
+                f"features: the predictions must be integer classes, got {preds.dtype} "
+                "(ri.transform(images) gives them as int64)"
+            )
+        finite = torch.isfinite(feats).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten()
+            raise ValueError(
+                f"features: NaN or inf in the features of example(s) {_indices(bad, 10)[1:-1]} "
+                "(ri.transform(images) gives them finite)"
+            )
     feats = feats.detach().cpu().float()
     preds = preds.detach().cpu().long()
     held = None
     if heldout is not None:
-        if not isinstance(heldout, Tensor):
-            raise TypeError(f"heldout must be a tensor or None, got {type(heldout).__name__}")
-        if per_example:
-            raise ValueError(
-                "additional_forward_args: its per-example tensors (one row per image of "
-                "images) cannot be given to heldout; pass extra arguments that hold for "
-                "every example, or leave heldout out"
-            )
         held = ri.reader_.features(
             heldout, batch_size, additional_forward_args=extra, name="heldout"
         )
@@ -595,9 +658,6 @@ def audit(
     if target is None:
         classes = [int(c) for c in torch.unique(preds)]
     else:
-        if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
-            raise TypeError(f"target must be an int or None, got {target!r}")
-        target = int(target)
         if not bool((preds == target).any()):
             raise ValueError(f"target: no image in images is predicted as class {target}")
         classes = [target]

@@ -462,9 +462,10 @@ class Interpretation:
         ------
         ValueError
             For a file of another format version, an explainer whose layer is shaped
-            unlike the interpretation's or that was fitted on fewer references than the
-            members' indices need, or a map drawn at a layer the given model does not
-            have. (The model's weights are not compared: pass the explainer the
+            unlike the interpretation's, that reads the other side of it
+            (``attribute_to_layer_input``) or that was fitted on fewer references than
+            the members' indices need, or a map drawn at a layer the given model does
+            not have. (The model's weights are not compared: pass the explainer the
             interpretation was made with.)
         TypeError, NotFittedError
             For an ``explainer`` that is not a (fitted) explainer or reader; a ``path``

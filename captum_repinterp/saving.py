@@ -42,6 +42,8 @@ def metadata(region: Interpretation) -> dict[str, Any]:
         "n_boundaries": region.n_boundaries,
         "n_members": len(region),
         "layout": region.layout.to_json(),
+        # which side of the layer (None: not known, an interpretation loaded without model)
+        "attribute_to_layer_input": getattr(region.reader, "attribute_to_layer_input", None),
         "heatmap_rule": region.heatmap_rule,
         "combine": region.combine,
         "heatmap_layer": _heatmap_layer_name(region),
@@ -135,9 +137,10 @@ def load_interpretation(
     ------
     ValueError
         For a file not written by :func:`save_interpretation` or of another format
-        version, an explainer whose layer is shaped unlike the interpretation's or
-        that was fitted on fewer references than the members' indices need, or a map
-        drawn at a layer the given model does not have.
+        version, an explainer whose layer is shaped unlike the interpretation's, that
+        reads the other side of it (``attribute_to_layer_input``) or that was fitted on
+        fewer references than the members' indices need, or a map drawn at a layer the
+        given model does not have.
     TypeError
         For an ``explainer`` that is neither an explainer nor a reader, or a ``path``
         that is not a str or os.PathLike.
@@ -147,7 +150,10 @@ def load_interpretation(
     _check_path(path)
     reader = _reader_of(explainer)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # np.save's one array (.npy)
+            raise ValueError(f"one {type(data).__name__}, not an .npz archive")
+        with data:
             meta = json.loads(str(data["metadata"]))
             tensors = {name: torch.from_numpy(data[name].copy()) for name in TENSORS}
             if "channel_weights" in data.files:
@@ -166,6 +172,13 @@ def load_interpretation(
             f"explainer: its layer gives tensors shaped {reader.layout.shapes}, but the "
             f"interpretation was found at a layer giving {layout.shapes}; pass the explainer "
             "(model and layer) the interpretation was made with"
+        )
+    side = meta.get("attribute_to_layer_input")  # None in files written before it was kept
+    if reader is not None and side is not None and reader.attribute_to_layer_input != side:
+        raise ValueError(
+            f"explainer: it reads its layer's {'output' if side else 'input'}, but the "
+            f"interpretation was found with attribute_to_layer_input={side} (shaped alike, "
+            "other features); pass the explainer the interpretation was made with"
         )
     _check_members(tensors["members"], explainer)
     heatmap_layer = INPUT if meta.get("heatmap_at_input") else None

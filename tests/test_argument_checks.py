@@ -129,6 +129,40 @@ def test_audit_refuses_heatmap_layer_before_any_region(last_block_fit):
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("kwargs", "err", "word"),
+    [
+        ({"n_boundaries": 0}, ValueError, "^n_boundaries"),
+        ({"heatmap_rule": "pixels"}, ValueError, "^heatmap_rule"),
+        ({"delta": -1}, ValueError, "^delta"),
+        ({"refine": "all"}, ValueError, "^refine"),
+        ({"n_boundary": 10}, TypeError, r"^audit\(\) got an unexpected keyword argument"),
+        ({"heldout": [1, 2]}, TypeError, "^heldout"),
+        ({"target": "cat"}, TypeError, "^target"),
+        ({"target": None, "heldout": 3}, TypeError, "^heldout"),
+    ],
+)
+def test_audit_checks_interpret_options_before_reading_the_images(
+    last_block_fit, kwargs, err, word
+):
+    """The options passed on to ``interpret`` are checked before the images are read
+    (they were checked at the first region, after a forward pass over every image, and a
+    misspelt one was named as ``interpret()``'s), as are the types of ``target`` and
+    ``heldout``; under ``torch.inference_mode()`` audit is refused first too."""
+    ri, model, x = last_block_fit
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(err, match=word):
+            audit(ri, x[200:260], **{"target": 0, **kwargs})
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="^audit takes gradients"):
+            audit(ri, x[200:260], target=0, **NB)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_audit_features_of_the_wrong_type_are_named(last_block_fit):
     ri, _, x = last_block_fit
     with pytest.raises(TypeError, match="features"):

@@ -163,12 +163,23 @@ def test_limits(fitted):
         ({"random_state": 1.5}, TypeError, "random_state"),
         ({"features": (torch.zeros(3, 2), torch.zeros(3))}, ValueError, "features"),
         ({"heldout": [1, 2]}, TypeError, "heldout"),
+        ({"images": torch.tensor(1.0)}, ValueError, "^images: tensors need a batch dimension"),
+        ({"features": "nan"}, ValueError, r"^features: NaN or inf .* example\(s\) 3 "),
+        ({"features": "float"}, TypeError, "^features: the predictions must be integer"),
     ],
 )
 def test_bad_arguments(fitted, kwargs, err, word):
+    """(A 0-d ``images`` raised an IndexError; features with NaN and predictions with
+    fractions were taken, the fractions cut off.)"""
     ri, x = fitted
+    if kwargs.get("features") == "nan":
+        feats = ri.features_.clone()
+        feats[3, 0] = float("nan")
+        kwargs = {"features": (feats, ri.predictions_)}
+    elif kwargs.get("features") == "float":
+        kwargs = {"features": (ri.features_, ri.predictions_ + 0.5)}
     with pytest.raises(err, match=word):
-        audit(ri, x, **kwargs)
+        audit(ri, **{"images": x, **kwargs})
 
 
 def test_images_must_be_a_tensor(fitted):
@@ -258,6 +269,15 @@ def test_not_fitted(tiny):
         audit(ri, x)
 
 
+def test_ri_that_is_no_explainer_names_ri(tiny):
+    """The model itself (or anything that is no explainer) is a TypeError naming ``ri``,
+    not a NotFittedError telling to call a ``fit`` that it does not have."""
+    model, x = tiny
+    for wrong in (model, "ri", None):
+        with pytest.raises(TypeError, match="^ri must be a fitted RepresentativeInterpretation"):
+            audit(wrong, x)
+
+
 def test_random_state_reaches_interpret(fitted):
     ri, x = fitted
     c = int(ri.predictions_[0])
@@ -316,6 +336,32 @@ def test_repr_is_short_and_summary_is_a_table(fitted, result):
             else:
                 assert cells[6] == "1"
         assert ca.summary() in summary
+
+
+def test_results_compare_by_value(fitted):
+    """``==`` on an audit and its parts compares by value (it raised "Boolean value of
+    Tensor with more than one value is ambiguous"): a pickled, a deep-copied and a re-run
+    audit equal the first (NaN scores equal, the times are not compared); a change does
+    not."""
+    import copy
+    import pickle
+
+    ri, x = fitted
+    kw = {"coverage_target": 1.0, "max_regions": 6, "random_state": 0, "heldout": x[:20]}
+    result, again = audit(ri, x, **kw, **FAST), audit(ri, x, **kw, **FAST)
+    assert any(np.isnan(r.split_score) for ca in again for r in ca.regions)
+    for other in (pickle.loads(pickle.dumps(result)), copy.deepcopy(result), again):
+        assert other == result and not other != result
+        for a, b in zip(other, result):
+            assert a == b and a.regions == b.regions
+            assert [g for r in a.regions for g in r.subgroups] == [
+                g for r in b.regions for g in r.subgroups
+            ]
+    changed = copy.deepcopy(result)
+    region = next(iter(changed)).regions[0]
+    region.members = region.members.flip(0)
+    assert changed != result and region != next(iter(result)).regions[0]
+    assert result != "result" and region.subgroups[0] != region
 
 
 def test_summary_with_heldout_precision(fitted):

@@ -239,3 +239,43 @@ def test_audit_of_small_classes_with_groups_of_one(fitted, tiny):
             assert [g.members.tolist() for g in r.subgroups] == [
                 g.members.tolist() for g in s.subgroups
             ]
+
+
+def test_split_tries_only_the_k_that_can_be_kept(monkeypatch):
+    """k-means is run for no k that cannot give a kept split: not above the members'
+    distinct rows (identical maps, as every map of a 1 x 1 layer scaled to unit mass:
+    scikit-learn warned "Number of distinct clusters (1) found smaller than n_clusters"
+    once per k per region) nor above ``n // min_size`` (some group would be smaller than
+    ``min_size``: a huge ``max_subgroups`` ran k-means up to ``n - 1`` times)."""
+    from sklearn.cluster import KMeans
+
+    tried: list[int] = []
+
+    class Counting(KMeans):
+        def fit_predict(self, x, *args, **kwargs):
+            tried.append(self.n_clusters)
+            return super().fit_predict(x, *args, **kwargs)
+
+    monkeypatch.setattr("sklearn.cluster.KMeans", Counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels, score = _split(np.ones((40, 3)), 3, 5, 0.25, random_state=0)
+    assert labels.tolist() == [0] * 40 and np.isnan(score) and tried == []
+    # two distinct rows: k = 2 only, and the split found is the one kept
+    x = np.repeat(np.array([[0.0, 1.0], [1.0, 0.0]]), 20, axis=0)
+    labels, score = _split(x, 3, 5, 0.25, random_state=0)
+    assert tried == [2] and labels.tolist() == [0] * 20 + [1] * 20 and score == 1.0
+    tried.clear()
+    rng = np.random.default_rng(0)
+    _split(rng.normal(size=(60, 4)), 10**9, 5, 0.25, random_state=0)
+    assert tried == list(range(2, 60 // 5 + 1))
+
+
+def test_audit_at_a_1x1_layer_gives_no_clustering_warning():
+    """At a split layer whose output is 1 x 1 every member's map scaled to unit mass is
+    the same: the region is one group, without scikit-learn's warnings."""
+    _, ri, x = _fitted(1, 4, 2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = audit(ri, x, max_regions=2, **FAST)
+    assert all(len(r.subgroups) == 1 for ca in result for r in ca.regions)

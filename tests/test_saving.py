@@ -49,6 +49,45 @@ def test_load_with_the_explainer_of_another_layer_is_refused(last_block_fit, tmp
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_load_with_the_explainer_of_the_other_side_of_the_layer_is_refused(tiny, tmp_path):
+    """A ReLU's input and output are shaped alike: a region found on the layer's input
+    (``attribute_to_layer_input=True``) loaded with an explainer reading its output was
+    taken, and 4% of 100 new images got another rule decision. A file without the key
+    (written before it was saved) is checked as before."""
+    import json
+
+    import numpy as np
+
+    model, x = tiny
+    relu = model.features[-1][1]
+    before = RepresentativeInterpretation(model, relu)
+    before.fit(x[:200], progress=False, attribute_to_layer_input=True)
+    after = RepresentativeInterpretation(model, relu).fit(x[:200], progress=False)
+    assert before.layout_ == after.layout_
+    region = before.interpret(x[250:251], heatmap_layer=None, **NB)
+    region.save(tmp_path / "r.npz")
+    assert region.metadata()["attribute_to_layer_input"] is True
+    with pytest.raises(ValueError, match="^explainer: .*attribute_to_layer_input=True"):
+        Interpretation.load(tmp_path / "r.npz", explainer=after)
+    with pytest.raises(ValueError, match="^explainer: .*attribute_to_layer_input=True"):
+        Interpretation.load(tmp_path / "r.npz", explainer=after.reader_)
+    back = Interpretation.load(tmp_path / "r.npz", explainer=before)
+    assert back == region and back.metadata() == region.metadata()
+    assert torch.equal(back.contains(x[200:300]), region.contains(x[200:300]))
+    # without an explainer nothing is known of the side; saved again, nothing is claimed
+    orphan = Interpretation.load(tmp_path / "r.npz")
+    assert orphan.metadata()["attribute_to_layer_input"] is None
+    orphan.save(tmp_path / "o.npz")
+    assert Interpretation.load(tmp_path / "o.npz", explainer=after) == region
+    with np.load(tmp_path / "r.npz") as data:
+        arrays = dict(data)
+    meta = json.loads(str(arrays["metadata"]))
+    del meta["attribute_to_layer_input"]
+    np.savez(tmp_path / "old.npz", **{**arrays, "metadata": np.array(json.dumps(meta))})
+    assert Interpretation.load(tmp_path / "old.npz", explainer=after) == region
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_load_with_a_wrong_or_unfitted_explainer_names_it(last_block_fit, tmp_path):
     ri, model, x = last_block_fit
     ri.interpret(x[200:201], **NB).save(tmp_path / "r.npz")
@@ -88,7 +127,9 @@ def test_load_of_a_file_that_is_no_interpretation_names_path(tiny, tmp_path):
     with np.load(good) as data:
         arrays = dict(data)
     np.savez(odd_meta, **{**arrays, "metadata": np.array("[1, 2]")})
-    for path in (text, torch_file, other_npz, odd_meta):
+    npy = tmp_path / "array.npy"  # np.save's one array: a TypeError from `with` before
+    np.save(npy, np.zeros(3))
+    for path in (text, torch_file, other_npz, odd_meta, npy):
         with pytest.raises(ValueError, match="^path: "):
             Interpretation.load(path, explainer=ri)
     with pytest.raises(FileNotFoundError):
