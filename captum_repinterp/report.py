@@ -291,6 +291,31 @@ def audit_regions(
     return rows, audits
 
 
+def _unaudited_classes(
+    ref_preds: Tensor,
+    preds: Tensor,
+    classes: Sequence[int] | None,
+    name: Callable[[int], str],
+) -> str:
+    """The page's note on the classes left out because no held-out image is predicted as
+    them (seeds come from the held-out images), with their numbers of references; ``""``
+    when there are none. Without ``classes``, every class predicted on the references."""
+    wanted = set(ref_preds.unique().tolist()) if classes is None else set(classes)
+    missing = sorted(wanted - set(preds.unique().tolist()))
+    if not missing:
+        return ""
+    counts = ", ".join(
+        f"{name(c)} ({n} reference{'s' * (n != 1)})"
+        for c in missing
+        for n in [int((ref_preds == c).sum())]
+    )
+    return (
+        f"heldout: the model puts no held-out image in class(es) {counts}, so they are not "
+        "audited (seeds come from the held-out images); a shortcut shows only when held-out "
+        "images carry it: add held-out images of these classes"
+    )
+
+
 #: A relabelling of the true labels must agree with the model's predictions on at least
 #: this share more of the images than the labels as given to be reported as their order.
 LABEL_ORDER_MARGIN = 0.25
@@ -673,6 +698,9 @@ def build_report(
             "one image of the class (coverage n/a); add references of these classes"
         )
         warnings.warn(reference_warning, UserWarning, stacklevel=caller_stacklevel())
+    heldout_warning = _unaudited_classes(ref_preds, preds, classes, name)
+    if heldout_warning and classes is None:  # audit_regions warned of the classes given
+        warnings.warn(heldout_warning, UserWarning, stacklevel=caller_stacklevel())
 
     figure_names = _figure_names(class_names)
 
@@ -818,6 +846,7 @@ def build_report(
             accuracy=accuracy,
             label_warning=label_warning,
             reference_warning=reference_warning,
+            heldout_warning=heldout_warning,
             audited=[name(c) for c in audits],
             elapsed=time.perf_counter() - start,
             glossary=GLOSSARY,

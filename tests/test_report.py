@@ -669,3 +669,27 @@ def test_summary_chart_segments_of_a_class_have_different_colours():
         labels = [t.get_text() for t in left.get_yticklabels()]
         assert labels[0].endswith(f"({n_regions + 1} images)")
         assert labels[1].endswith("(1 image)")
+
+
+def test_report_names_the_classes_it_could_not_audit(fitted, tmp_path):
+    """A class the references hold but no held-out image is predicted as has no seed: the
+    page and a warning say so, with its number of references (it was silently missing)."""
+    model, refs, held, ri = fitted
+    held_preds = model(held).argmax(1)
+    gone = int(held_preds.mode().values)
+    kept = held[held_preds != gone]
+    n_refs = int((ri.predictions_ == gone).sum())
+    with pytest.warns(UserWarning, match=rf"no held-out image in class\(es\) {gone} \({n_refs} "):
+        index = _small_report(fitted, tmp_path / "rep", heldout=kept)
+    page = index.read_text()
+    note = re.search(r'<p class="warn" id="not-audited">(.*?)</p>', page, re.S)
+    assert note and f"{gone} ({n_refs} references)" in note.group(1)
+    assert (
+        f"Audited classes: {', '.join(str(c) for c in sorted(set(held_preds.tolist()) - {gone}))}."
+        in page
+    )
+    # every class present: no note
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        page = _small_report(fitted, tmp_path / "all").read_text()
+    assert 'id="not-audited"' not in page
