@@ -238,8 +238,11 @@ class ClassAudit(_ByValue):
         """A table of the regions: seed, size, purity, held-out precision, sub-groups.
 
         ``size`` counts the region's new members, ``inside`` every audited image inside
-        it; ``sub-groups`` lists the group sizes and the silhouette of the split (or of
-        the best split tried, when it was too weak to keep).
+        it, ``held-out inside`` (with held-out images) the held-out images inside it, of
+        which the held-out precision is taken (n/a when none: no held-out image of the
+        class reaches the region, itself a finding); ``sub-groups`` lists the group sizes
+        and the silhouette of the split (or of the best split tried, when it was too weak
+        to keep).
         """
         n = int(self.indices.numel())
         plural = "" if len(self.regions) == 1 else "s"
@@ -249,6 +252,7 @@ class ClassAudit(_ByValue):
             f"{int(self.uncovered.numel())} uncovered ({self.uncovered_share:.1%}), "
             f"{self.seconds:.1f} s"
         ]
+        held = any(r.heldout is not None for r in self.regions)
         rows = [
             [
                 str(i),
@@ -256,6 +260,7 @@ class ClassAudit(_ByValue):
                 str(r.size),
                 str(r.n_inside),
                 _num(r.purity),
+                *([str(int(r.heldout["n_inside"])) if r.heldout else "-"] if held else []),
                 _num(r.heldout_precision),
                 _subgroups_text(r),
             ]
@@ -268,6 +273,7 @@ class ClassAudit(_ByValue):
                 "size",
                 "inside",
                 "purity",
+                *(["held-out inside"] if held else []),
                 "held-out precision",
                 "sub-groups",
             ]

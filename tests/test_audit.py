@@ -368,9 +368,15 @@ def test_summary_with_heldout_precision(fitted):
     ri, x = fitted
     c = int(ri.predictions_[0])
     res = audit(ri, x, target=c, max_regions=2, heldout=x[:100], **FAST)
-    row = res[c].summary().splitlines()[2].split()
+    header, row = (line.split() for line in res[c].summary().splitlines()[1:3])
+    assert header[5:9] == ["held-out", "inside", "held-out", "precision"]
     prec = res[c].regions[0].heldout["precision"]
-    assert row[5] == ("n/a" if prec != prec else f"{prec:.3f}")
+    assert row[5] == str(res[c].regions[0].heldout["n_inside"])  # n/a below says 0 or not
+    assert row[6] == ("n/a" if prec != prec else f"{prec:.3f}")
+    # a region no held-out image reaches: 0 inside, precision n/a
+    empty = audit(ri, x, target=c, max_regions=1, heldout=x[:1] + 100.0, **FAST)[c]
+    assert empty.regions[0].heldout["n_inside"] == 0
+    assert empty.summary().splitlines()[2].split()[5:7] == ["0", "n/a"]
 
 
 def test_plot_audit(fitted, result):
