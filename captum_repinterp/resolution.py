@@ -313,7 +313,7 @@ def choose_heatmap_layer(
     done = 0
     chosen, verdict = None, "no clear difference: the split layer is kept"
     bar = tqdm(
-        total=looks[-1],
+        total=looks[0],  # raised to the next look's size only when that look is taken
         desc='heatmap_layer="auto": scoring both maps on references (once per fit)',
         unit="image",
         disable=not progress,
@@ -336,6 +336,9 @@ def choose_heatmap_layer(
                 return ResolutionChoice(None, reason=reason)
             if device is not None:
                 images = images.to(device)
+            if bar.total != size:
+                bar.total = size
+                bar.refresh()
             failed = _score_both(
                 forward_func, layer, images, attribute_to_layer_input, shares, baseline, per_image
             )

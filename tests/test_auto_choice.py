@@ -5,6 +5,7 @@ same under ``torch.no_grad()``, and is only made when the rule can use it."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -367,4 +368,8 @@ def test_the_choice_shows_its_progress_when_fit_did(tiny, capsys):
     err = capsys.readouterr().err
     assert 'heatmap_layer="auto": scoring both maps on references' in err
     assert f"{choice.n_images}/{choice.n_images}" in err
+    # the bar's total is the sample taken so far (16, then 32, 64 when the maps are
+    # close), never the largest sample it may not reach ("0/64" ending at "16/16")
+    totals = {int(t) for t in re.findall(r"\| *\d+/(\d+) ", err)}
+    assert totals <= {16, 32, 64} and max(totals) == choice.n_images, err
     assert choice == quiet.heatmap_resolution_
