@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from ._captum_compat import _format_additional_forward_args
 from ._checks import check_grad_mode, check_int
-from .features import in_eval_mode
+from .features import caller_stacklevel, in_eval_mode
 from .inputs import slice_args
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
@@ -466,7 +467,9 @@ def audit(
        mean silhouette (``silhouette_score``, on a seeded subsample of 1000 members when
        there are more) is kept if it is at least ``min_silhouette`` and every group has at
        least ``min_subgroup_size`` members; otherwise the region is one group. Groups are
-       numbered by size. Each has its own mean heat map and exemplars. (Measured with a
+       numbered by size. Each has its own mean heat map and exemplars. At a split layer
+       of one position per example (1 x 1) every member's map is the same once scaled,
+       so nothing can split by heat map: a ``UserWarning`` says so. (Measured with a
        SmallCNN on MNIST-5k's 80% split: the best splits of 7 of the 10 classes scored
        0.20-0.24, so they stay whole, digits 1, 5 and 6 split at 0.25-0.32; a class where
        60% of the images carry a planted corner patch split at 0.69 into patched and clean
@@ -574,6 +577,16 @@ def audit(
         raise ValueError(f"subgroup_by must be one of {_SUBGROUP_BY}, got {subgroup_by!r}")
     if subgroup_by != "none":
         _sklearn()  # fail before any region is computed
+    if subgroup_by == "heatmap" and all(math.prod(s[1:]) == 1 for s in ri.layout_.shapes):
+        warnings.warn(
+            f"subgroup_by='heatmap': the split layer gives one position per example "
+            f"({' + '.join('x'.join(map(str, s)) for s in ri.layout_.shapes)}), so every "
+            "member's heat map is one value, the same once scaled to unit mass, and no "
+            "region can be split by where its evidence is; split at an earlier layer "
+            "(4 x 4 positions or more) or pass subgroup_by='margins'",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
     if isinstance(min_silhouette, bool) or not isinstance(min_silhouette, numbers.Real):
         raise TypeError(f"min_silhouette must be a number, got {min_silhouette!r}")
     if not math.isfinite(min_silhouette):

@@ -6,6 +6,7 @@ image, a repeated class, a model left in training mode, and subgroups of one ima
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 
@@ -273,9 +274,20 @@ def test_split_tries_only_the_k_that_can_be_kept(monkeypatch):
 
 def test_audit_at_a_1x1_layer_gives_no_clustering_warning():
     """At a split layer whose output is 1 x 1 every member's map scaled to unit mass is
-    the same: the region is one group, without scikit-learn's warnings."""
+    the same: the region is one group, without scikit-learn's warnings, and one warning
+    of ours says that no region can split by heat map there (audit said nothing)."""
     _, ri, x = _fitted(1, 4, 2, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = audit(ri, x, max_regions=2, **FAST)
     assert all(len(r.subgroups) == 1 for ca in result for r in ca.regions)
+    (only,) = caught
+    assert only.category is UserWarning and only.filename == __file__
+    assert re.search(
+        r"one position per example \(8x1x1\).*subgroup_by='margins'", str(only.message)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        audit(ri, x, target=0, max_regions=1, subgroup_by="margins", **FAST)
+        _, ri, x = _fitted()  # 3 x 3 positions
+        audit(ri, x, target=0, max_regions=1, **FAST)
