@@ -492,7 +492,7 @@ def audit(
         A fitted explainer.
     images : Tensor
         The images to audit, ``n x ...`` as given to ``fit`` (they may be the references).
-    target : int, optional
+    target : int or one-element integer Tensor, optional
         The class to audit; ``None`` audits every class predicted in ``images``.
     coverage_target : float
         Share of a class to cover, in ``(0, 1]``.
@@ -624,6 +624,8 @@ def audit(
         isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n_images > 1 for a in extra
     )
     if target is not None:
+        if isinstance(target, Tensor) and target.numel() == 1 and not target.is_floating_point():
+            target = target.item()  # a one-element integer tensor, as interpret takes
         if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
             raise TypeError(f"target must be an int or None, got {target!r}")
         target = int(target)

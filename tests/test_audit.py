@@ -160,6 +160,9 @@ def test_limits(fitted):
         ({"subgroup_by": "pixels"}, ValueError, "subgroup_by"),
         ({"target": 99}, ValueError, "target"),
         ({"target": 1.0}, TypeError, "target"),
+        ({"target": torch.tensor(1.0)}, TypeError, "target"),
+        ({"target": torch.tensor([0, 1])}, TypeError, "target"),
+        ({"target": torch.tensor(True)}, TypeError, "target"),
         ({"random_state": 1.5}, TypeError, "random_state"),
         ({"features": (torch.zeros(3, 2), torch.zeros(3))}, ValueError, "features"),
         ({"heldout": [1, 2]}, TypeError, "heldout"),
@@ -575,3 +578,14 @@ def test_audit_draws_position_by_position_unless_told(fitted):
     chosen = audit(ri, x, c, max_regions=1, heatmap_rule="channel", **FAST)[c].regions[0]
     assert chosen.interpretation.heatmap_rule == "channel"
     assert not torch.allclose(default.mean_heatmap, chosen.mean_heatmap)
+
+
+def test_target_as_a_one_element_integer_tensor(fitted):
+    """``target=torch.tensor(c)`` (as ``interpret`` takes it, and as a label read from a
+    tensor is) audits class ``c``; it was a TypeError."""
+    ri, x = fitted
+    c = int(ri.predictions_[0])
+    kw = {"max_regions": 1, "random_state": 0, **FAST}
+    expected = audit(ri, x, target=c, **kw)
+    for t in (torch.tensor(c), torch.tensor([c]), torch.tensor(c, dtype=torch.int32)):
+        assert audit(ri, x, target=t, **kw) == expected
