@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .datasets import _atomic_savez
 from .features import LayerLayout
 from .heatmap import INPUT
 
@@ -72,7 +74,8 @@ def _check_path(path: Any) -> None:
 
 
 def save_interpretation(region: Interpretation, path: str | os.PathLike) -> None:
-    """Write ``region`` to ``path`` (see the module docstring).
+    """Write ``region`` to ``path`` (see the module docstring), through a temporary file
+    in the same folder renamed at the end (an interrupted save leaves ``path`` as it was).
 
     Raises
     ------
@@ -84,8 +87,8 @@ def save_interpretation(region: Interpretation, path: str | os.PathLike) -> None
     if region.channel_weights is not None:
         arrays["channel_weights"] = region.channel_weights.detach().cpu().numpy()
     arrays["metadata"] = np.array(json.dumps(metadata(region)))
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+    # through a temporary file: an interrupted save leaves any earlier file as it was
+    _atomic_savez(Path(path), **arrays)
 
 
 def _reader_of(explainer: Any) -> Any:

@@ -156,3 +156,27 @@ def test_saving_to_an_int_is_refused_and_writes_nothing(tiny, one_thread, tmp_pa
         os.close(write_end)
     region.save(tmp_path / "r.npz")  # a path still works
     assert Interpretation.load(str(tmp_path / "r.npz"), explainer=ri) == region
+
+
+def test_an_interrupted_save_leaves_the_earlier_file(last_block_fit, tmp_path, monkeypatch):
+    """``save`` wrote in place: a save interrupted part-way left a truncated file, which
+    ``load`` then refused. Now the earlier file stays whole and no temporary is left."""
+    import numpy as np
+
+    ri, _, x = last_block_fit
+    first, second = ri.interpret(x[200:201], **NB), ri.interpret(x[201:202], **NB)
+    path = tmp_path / "region.npz"
+    first.save(path)
+    before = path.read_bytes()
+
+    def interrupted(fh, **arrays):
+        fh.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        second.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["region.npz"]
+    assert Interpretation.load(path, ri) == first
