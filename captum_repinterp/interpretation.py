@@ -456,7 +456,10 @@ class Interpretation:
 
         Pass the fitted :class:`RepresentativeInterpretation` (or its ``reader_``) as
         ``explainer`` to use the methods that need the model (``contains``,
-        ``heatmap``, ``distance``).
+        ``heatmap``, ``distance``). The file keeps a fingerprint of the model's weights
+        (SHA-1 of its parameters and buffers) and the split layer's name; an explainer
+        whose model has other weights, or whose layer has another name, is taken with a
+        ``UserWarning`` (a model wrapped or renamed may be the same one).
 
         Raises
         ------
@@ -465,8 +468,7 @@ class Interpretation:
             unlike the interpretation's, that reads the other side of it
             (``attribute_to_layer_input``) or that was fitted on fewer references than
             the members' indices need, or a map drawn at a layer the given model does
-            not have. (The model's weights are not compared: pass the explainer the
-            interpretation was made with.)
+            not have.
         TypeError, NotFittedError
             For an ``explainer`` that is not a (fitted) explainer or reader; a ``path``
             that is not a str or os.PathLike is a TypeError too.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from .datasets import _atomic_savez
-from .features import LayerLayout
+from .features import LayerLayout, caller_stacklevel
 from .heatmap import INPUT
+from .store import model_fingerprint
 
 if TYPE_CHECKING:
     from .interpretation import Interpretation
@@ -46,11 +48,44 @@ def metadata(region: Interpretation) -> dict[str, Any]:
         "layout": region.layout.to_json(),
         # which side of the layer (None: not known, an interpretation loaded without model)
         "attribute_to_layer_input": getattr(region.reader, "attribute_to_layer_input", None),
+        # the model's weights and the split layer's name, compared at load (None: unknown)
+        "model": model_fingerprint(getattr(region.reader, "forward_func", None)),
+        "layer": _split_layer_name(region.reader),
         "heatmap_rule": region.heatmap_rule,
         "combine": region.combine,
         "heatmap_layer": _heatmap_layer_name(region),
         "heatmap_at_input": region.heatmap_layer == INPUT,
     }
+
+
+def _split_layer_name(reader: Any) -> str | None:
+    """The qualified name of ``reader``'s layer in its model (None when not found)."""
+    model = getattr(reader, "forward_func", None)
+    if not isinstance(model, nn.Module):
+        return None
+    return next((n for n, m in model.named_modules() if m is reader.layer), None)
+
+
+def _check_same_model(meta: dict[str, Any], reader: Any) -> None:
+    """Warn when ``reader``'s model has other weights, or its layer another name, than
+    the model the interpretation was saved with (files without them pass)."""
+    if reader is None:
+        return
+    saved, layer = meta.get("model"), meta.get("layer")
+    ours = model_fingerprint(reader.forward_func) if saved is not None else None
+    if ours is not None and ours != saved:
+        what = "a model with other weights (or other parameter names)"
+    elif layer is not None and _split_layer_name(reader) not in (None, layer):
+        what = f"another layer ({_split_layer_name(reader)!r}, saved at {layer!r})"
+    else:
+        return
+    warnings.warn(
+        f"explainer: the interpretation was saved with its model split at {layer!r}, and "
+        f"this explainer has {what}: its boundaries are that model's, so the rule and the "
+        "maps may not hold here; pass the explainer the interpretation was made with",
+        UserWarning,
+        stacklevel=caller_stacklevel(),
+    )
 
 
 def _heatmap_layer_name(region: Interpretation) -> str | None:
@@ -184,6 +219,7 @@ def load_interpretation(
             "other features); pass the explainer the interpretation was made with"
         )
     _check_members(tensors["members"], explainer)
+    _check_same_model(meta, reader)
     heatmap_layer = INPUT if meta.get("heatmap_at_input") else None
     if meta.get("heatmap_layer") is not None:
         model = getattr(reader, "forward_func", None)

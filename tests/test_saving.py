@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -180,3 +181,31 @@ def test_an_interrupted_save_leaves_the_earlier_file(last_block_fit, tmp_path, m
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["region.npz"]
     assert Interpretation.load(path, ri) == first
+
+
+def test_load_with_another_model_or_layer_of_the_same_shape_warns(last_block_fit, tmp_path):
+    """Shapes alone let a region load into another model with a layer shaped alike, or
+    into the conv before the saved ReLU, and silently give other rule decisions; the
+    file now keeps the model's fingerprint and the layer's name, compared at load."""
+    ri, model, x = last_block_fit
+    region = ri.interpret(x[200:201], **NB)
+    region.save(tmp_path / "r.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Interpretation.load(tmp_path / "r.npz", ri) == region  # same explainer
+        twin = copy.deepcopy(model)  # same weights, another object
+        same = _fit(twin, twin.features[-1], x[:200])
+        assert Interpretation.load(tmp_path / "r.npz", same).contains(x[:20]).tolist() == (
+            region.contains(x[:20]).tolist()
+        )
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.head[-1].bias.add_(0.5)
+    other = _fit(changed, changed.features[-1], x[:200])
+    with pytest.warns(UserWarning, match=r"^explainer: .*a model with other weights"):
+        Interpretation.load(tmp_path / "r.npz", other)
+    conv = _fit(model, model.features[-1][0], x[:200], ignore_warnings=UserWarning)
+    with pytest.warns(
+        UserWarning, match=r"another layer \('features.1.0', saved at 'features.1'\)"
+    ):
+        Interpretation.load(tmp_path / "r.npz", conv)
