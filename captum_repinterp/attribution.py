@@ -376,6 +376,10 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         relu_attributions = check_bool(relu_attributions, "relu_attributions")
         attr_dim_summation = check_bool(attr_dim_summation, "attr_dim_summation")
         fitted_to_input = self.attribute_to_layer_input_
+        if attribute_to_layer_input is not None:
+            attribute_to_layer_input = check_bool(
+                attribute_to_layer_input, "attribute_to_layer_input"
+            )
         if attribute_to_layer_input is not None and attribute_to_layer_input != fitted_to_input:
             raise ValueError(
                 f"attribute_to_layer_input={attribute_to_layer_input} but fit used "

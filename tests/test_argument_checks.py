@@ -36,6 +36,27 @@ def test_random_state_out_of_range_names_it(last_block_fit, seed):
         ri.interpret(x[200:201], random_state=seed, **NB)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("heatmap_rule", ["elementwise"], ValueError),
+        ("heatmap_rule", {"elementwise": 1}, ValueError),
+        ("attribute_to_layer_input", 0, TypeError),
+        ("attribute_to_layer_input", "no", TypeError),
+    ],
+)
+def test_options_of_another_type_are_named(last_block_fit, name, value, error):
+    """An unhashable heatmap_rule is named as other unknown rules are (it failed in the
+    registry's lookup); attribute_to_layer_input must be a bool as in fit (0 was taken
+    as False, "no" was compared with fit's value)."""
+    ri, _, x = last_block_fit
+    with pytest.raises(error, match=name):
+        ri.attribute(x[200:201], **{name: value}, **NB)
+    if name == "heatmap_rule":
+        with pytest.raises(error, match=name):
+            ri.interpret(x[200:201], **{name: value}, **NB)
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_similar_takes_numpy_ints_and_names_k(last_block_fit):
     import numpy as np

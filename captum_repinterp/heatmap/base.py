@@ -40,7 +40,7 @@ def get_heatmap_rule(name: str, layer: nn.Module | str | None = None) -> Heatmap
     ValueError
         For an unknown name, or a layer given to a rule that cannot be drawn elsewhere.
     """
-    if name not in HEATMAP_RULES:
+    if not isinstance(name, str) or name not in HEATMAP_RULES:
         raise ValueError(f"heatmap_rule must be one of {tuple(HEATMAP_RULES)}, got {name!r}")
     return HEATMAP_RULES[name](layer)
 
