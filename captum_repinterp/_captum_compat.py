@@ -8,7 +8,6 @@ them from here, so that such an upgrade touches one file.
 from __future__ import annotations
 
 from captum._utils.common import (
-    _expand_additional_forward_args,
     _format_additional_forward_args,
     _format_output,
     _format_tensor_into_tuples,
@@ -22,7 +21,6 @@ __all__ = [
     "GradientAttribution",
     "LayerAttribution",
     "TargetType",
-    "_expand_additional_forward_args",
     "_format_additional_forward_args",
     "_format_output",
     "_format_tensor_into_tuples",

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ._captum_compat import _expand_additional_forward_args
 from .features import LayerLayout, flatten_logits, forward_with_layer
+from .inputs import expand_args
 
 __all__ = ["HookHead", "UserHead", "make_head"]
 
@@ -213,7 +213,7 @@ class HookHead:
         inputs, extra = self.inputs, self.additional_forward_args
         if repeat and b > 1:
             inputs = tuple(t.expand(b, *t.shape[1:]).contiguous() for t in inputs)
-            extra = _expand_additional_forward_args(extra, b)
+            extra = expand_args(extra, b)
             out = self._forward(psi, inputs, extra)
         elif self._trunk_ok(psi):
             assert self.trunk is not None

@@ -321,6 +321,21 @@ def slice_args(args: tuple | None, n: int | None, start: int, stop: int) -> tupl
     )
 
 
+def expand_args(args: tuple | None, b: int) -> tuple | None:
+    """The extra arguments of one example (as :func:`slice_args` cut them) for a batch of
+    ``b`` points derived from it: tensors of one row repeated ``b`` times; others, the
+    tensors passed whole, unchanged (Captum's expansion repeats every tensor, which turned
+    a tensor shared by the batch, e.g. one value per class, into ``b`` copies of it)."""
+    if args is None:
+        return None
+    return tuple(
+        a.expand(b, *a.shape[1:]).contiguous()
+        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == 1
+        else a
+        for a in args
+    )
+
+
 def format_inputs(inputs: Any, name: str = "inputs") -> tuple[Tensor, ...]:
     """Captum's tuple format for a tensor or tuple of tensors, validated."""
     if isinstance(inputs, Tensor):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._captum_compat import _expand_additional_forward_args, _format_additional_forward_args
+from ._captum_compat import _format_additional_forward_args
 from ._checks import check_grad_mode
 from .features import (
     LayerLayout,
@@ -29,6 +29,7 @@ from .heatmap import pulled_back_heatmap
 from .inputs import (
     InputSpec,
     check_against_references,
+    expand_args,
     format_inputs,
     slice_args,
     translate_forward_error,
@@ -178,7 +179,7 @@ class LayerReader:
     def features_of(self, batch: Tensor, additional_forward_args: tuple | None = None) -> Tensor:
         """Features (``B x D``) of a batch of single-tensor inputs, extra arguments of one
         example broadcast to the batch (no checks: for inputs derived from a seed)."""
-        args = _expand_additional_forward_args(additional_forward_args, batch.shape[0])
+        args = expand_args(additional_forward_args, batch.shape[0])
         with torch.no_grad():
             tensors, _, _ = forward_with_layer(
                 self.forward_func, self.layer, (batch,), args, self.attribute_to_layer_input

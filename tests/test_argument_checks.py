@@ -101,12 +101,45 @@ def test_extra_argument_of_another_length_is_named(tiny):
         ri.attribute(x[i : i + 1], additional_forward_args=(scale[i : i + 1],), **NB)
         for i in range(200, 204)
     ]
-    # at the input (the default) the batched backward pass rounds differently
-    torch.testing.assert_close(good, torch.cat(one_by_one), rtol=1e-5, atol=1e-7)
+    assert torch.equal(good, torch.cat(one_by_one))  # each image's map drawn alone
     with pytest.raises(ValueError, match="^additional_forward_args"):
         ri.attribute(x[200:204], additional_forward_args=(scale[200:203],), **NB)
     with pytest.raises(ValueError, match="^additional_forward_args"):
         ri.transform(x[:8], additional_forward_args=(scale[:3],), batch_size=1)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("rule", ["channel-members", "region-score"])
+def test_an_extra_tensor_that_is_not_per_example_is_passed_whole(tiny, rule):
+    """An extra tensor of another length than the batch is passed whole (fit's rule, and
+    LayerGradCam's), also where the model runs a seed's batch of points: it was
+    repeated once per point (Captum's expansion, for per-example tensors) and the model
+    failed with a size mismatch deep in the boundary search."""
+    model, x = tiny
+
+    class ClassBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return self.inner(z) + bias  # one value per class, shared by the batch
+
+    net = ClassBias().eval()
+    bias = torch.tensor([0.0, 0.3, -0.3, 0.1])
+    ri = RepresentativeInterpretation(net, model.features[-1])
+    # cut_check="off": the cut check runs four references, so it takes a tensor of
+    # four entries for one row per example
+    ri.fit(x[:200], additional_forward_args=(bias,), progress=False, cut_check="off")
+    opts = {"heatmap_layer": None, "heatmap_rule": rule, **NB}
+    maps = ri.attribute(x[200:203], additional_forward_args=(bias,), **opts)
+    one = [
+        ri.attribute(x[i : i + 1], additional_forward_args=(bias,), **opts) for i in range(200, 203)
+    ]
+    assert torch.equal(maps, torch.cat(one))
+    regions = ri.interpret(x[200:203], additional_forward_args=(bias,), **opts)
+    with torch.no_grad():
+        assert [r.target for r in regions] == net(x[200:203], bias).argmax(1).tolist()
 
 
 @pytest.mark.usefixtures("one_thread")
