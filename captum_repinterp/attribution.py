@@ -242,7 +242,10 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             The class to explain per seed, in any Captum form (default: the predicted
             class; another class gives its side of the boundaries, without the seed).
         additional_forward_args : any, optional
-            Extra arguments of ``forward_func``.
+            Extra arguments of ``forward_func``. Each seed runs alone: a tensor whose first
+            dimension is the number of seeds is cut to the seed's row; any other argument
+            is passed whole (so a tensor shared by the batch must not have as many rows
+            as there are seeds: give it a leading dimension of 1).
         n_boundaries : int
             Candidate boundaries sampled per seed (``|Q|``, 50 in the paper).
         delta : int, float or None
