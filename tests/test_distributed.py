@@ -150,11 +150,12 @@ def _fit(model, layer, x):
 
 def _same(a, b):
     """Everything an Interpretation holds, compared exactly; the members' distances to
-    float32 rounding (each shard's BLAS call has other sizes than the local one)."""
+    float32 rounding (each shard's BLAS call has other sizes than the local one: up to
+    9 ulp seen, 1.05e-6 relative with OMP_NUM_THREADS=1, so 1e-5 leaves room)."""
     assert a.target == b.target and a.seed_in_class == b.seed_in_class
     for name in ("weight", "bias", "runner_up", "members", "seed_margins"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    torch.testing.assert_close(a.member_distances, b.member_distances, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(a.member_distances, b.member_distances, rtol=1e-5, atol=1e-9)
     for name in ("purity", "coverage", "delta", "reached", "n_sampled"):
         assert getattr(a, name) == getattr(b, name), name
     if a.channel_weights is None:
