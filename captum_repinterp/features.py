@@ -564,6 +564,35 @@ class Example:
 Batches = Callable[[int], Iterator[tuple[Tensor, Tensor, LayerLayout]]]
 
 
+def check_inputs_kept(inputs: tuple[Tensor, ...], kept: tuple[Tensor, ...]) -> None:
+    """Refuse a model that changed its input tensors in place (``kept``: their copies
+    from before the call), after putting the values back.
+
+    A model whose forward runs ``x.div_(255)``, ``x.sub_(mean)`` or an in-place
+    activation on its input changes the caller's images, and every later pass on the
+    same tensor (the search runs the seed many times) would see other inputs.
+
+    Raises
+    ------
+    ValueError
+        Naming ``forward_func``.
+    """
+    changed = [i for i, (t, k) in enumerate(zip(inputs, kept)) if not torch.equal(t, k)]
+    if not changed:
+        return
+    with torch.no_grad():
+        for i in changed:
+            inputs[i].copy_(kept[i])
+    which = "its input" if len(inputs) == 1 else f"its input tensor(s) {changed}"
+    raise ValueError(
+        f"forward_func changed {which} in place (e.g. x.div_(255), x.sub_(mean) or an "
+        "in-place activation on the input): your images would be changed, and each later "
+        "pass on the same image would see other values. Make the model's first "
+        "operations out of place, or pass forward_func=lambda x: model(x.clone()) (and "
+        "the layer as before)"
+    )
+
+
 def feature_batches(
     forward_func: Callable,
     layer: nn.Module,
@@ -657,6 +686,7 @@ def feature_batches(
                 if device is not None:
                     inputs = tuple(t.to(device) for t in inputs)
                 copies.start_batch()
+                kept = tuple(t.clone() for t in inputs) if layout is None else None
                 tensors, was_tuple, out = forward_with_layer(
                     forward_func,
                     layer,
@@ -667,6 +697,8 @@ def feature_batches(
                     expected=spec_expected,
                     copy=copies,
                 )
+                if kept is not None:  # the first batch run
+                    check_inputs_kept(inputs, kept)
                 if spec_expected is None:
                     spec_expected = spec
                 this_layout = LayerLayout.from_outputs(tensors, was_tuple)

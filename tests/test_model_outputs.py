@@ -2,17 +2,19 @@
 NaN logits for some references or a seed, a final log_softmax, affine map or softmax
 (whose boundary normals are in probabilities, said by ProbabilityOutputWarning), a model
 on the meta device, batch statistics before the layer (features that depend on the
-batch, warned about), and a frozen backbone run under ``torch.no_grad()`` in forward."""
+batch, warned about), a frozen backbone run under ``torch.no_grad()`` in forward, and a
+model that changes its input in place."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from functools import partial
 
 import pytest
 import torch
 from conftest import fit, refit_last_linear
-from torch import nn
+from torch import Tensor, nn
 
 from captum_repinterp import (
     ProbabilityOutputWarning,
@@ -390,3 +392,43 @@ def test_a_layer_run_without_gradients_is_named_and_head_is_the_way_out(tiny, on
         assert with_head.heatmap_resolution_.heatmap_layer is None
     maps = with_head.attribute(x[200:202], n_boundaries=12)
     assert maps.shape == (2, 1, *model.features(x[:1]).shape[2:])
+
+
+class _ChangesItsInput(nn.Module):
+    """conv -> ReLU(inplace) -> linear, after ``first`` applied to the input itself."""
+
+    def __init__(self, first: Callable) -> None:
+        super().__init__()
+        self.first = first
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)  # in place on an inner tensor: fine
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.relu(self.conv(self.first(x))))
+
+
+@pytest.mark.parametrize(
+    "first",
+    [lambda t: t.mul_(2), nn.LeakyReLU(0.1, inplace=True), lambda t: t.sub_(t.mean())],
+    ids=["mul_", "LeakyReLU(inplace)", "sub_"],
+)
+def test_a_model_that_changes_its_input_in_place_is_refused(first):
+    """fit changed the user's references (and the search would run each seed on changed
+    values), with only a misleading not-a-cut warning; now a ValueError naming
+    forward_func, the references left as they were."""
+    torch.manual_seed(0)
+    model = _ChangesItsInput(first).eval()
+    x = torch.randn(60, 1, 8, 8)
+    before = x.clone()
+    with pytest.raises(ValueError, match=r"^forward_func changed its input in place .*x\.clone"):
+        RepresentativeInterpretation(model, model.relu).fit(x, progress=False)
+    assert torch.equal(x, before)
+    # the way out the message gives works, and in-place operations inside the model are fine
+    wrapped = RepresentativeInterpretation(lambda t: model(t.clone()), model.relu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a plain callable: modes not managed
+        wrapped.fit(x, progress=False)
+    assert torch.equal(x, before)
+    plain = _ChangesItsInput(nn.Identity()).eval()
+    RepresentativeInterpretation(plain, plain.relu).fit(x, progress=False)
