@@ -123,6 +123,7 @@ class ChannelMembers(hm.ElementwiseMembersRule):
 
     name = "trial-channel-members"
     supports_layer = False
+    supports_input = False
 
     def cam_weights(self, direction, activation, channel_weights):
         d = direction.mean(dim=tuple(range(2, direction.dim())), keepdim=True)
@@ -134,6 +135,7 @@ class PositiveMembers(hm.ElementwiseMembersRule):
 
     name = "trial-positive-members"
     supports_layer = False
+    supports_input = False
 
     def cam_weights(self, direction, activation, channel_weights):
         return super().cam_weights(direction.clamp_min(0), activation, channel_weights)
@@ -144,6 +146,7 @@ class MaxMembers(hm.ElementwiseMembersRule):
 
     name = "trial-max-members"
     supports_layer = False
+    supports_input = False
 
     def channel_levels(self, activations):
         return activations.flatten(2).amax(dim=2)
