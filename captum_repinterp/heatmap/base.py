@@ -158,7 +158,10 @@ class HeatmapRule:
     def cam_weights(
         self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
     ) -> Tensor:
-        """Weights multiplied into ``activation`` position by position.
+        """Weights multiplied into ``activation`` position by position (:meth:`draw`
+        then sums the product over channels and applies ``relu``; a rule that transforms
+        the product itself, such as ``|v * A|``, overrides :meth:`draw` or returns
+        ``|v| * sign(A)``).
 
         Parameters
         ----------
