@@ -18,8 +18,8 @@ reuse) with rules that try to get the same channel weights for less:
   other channels get weight 0.
 - ``trial-top16-members``: the same on the seed and its 8 nearest members (``9 T``).
 
-And variants of the default ``elementwise-members`` (no forward pass):
-``trial-channel-members`` (one weight per channel, ``mean_p v[k, p] / s_k``),
+And variants of ``elementwise-members`` (the default when these trials ran; no forward
+pass): ``trial-channel-members`` (one weight per channel, ``mean_p v[k, p] / s_k``),
 ``trial-positive-members`` (``max(v, 0) / s_k``) and ``trial-max-members`` (``s_k`` the
 channel's largest level over the seed and members instead of its mean).
 
