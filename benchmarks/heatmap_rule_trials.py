@@ -18,8 +18,8 @@ reuse) with rules that try to get the same channel weights for less:
   other channels get weight 0.
 - ``trial-top16-members``: the same on the seed and its 8 nearest members (``9 T``).
 
-And variants of the default ``elementwise-members`` (no forward pass):
-``trial-channel-members`` (one weight per channel, ``mean_p v[k, p] / s_k``),
+And variants of ``elementwise-members`` (the default when these trials ran; no forward
+pass): ``trial-channel-members`` (one weight per channel, ``mean_p v[k, p] / s_k``),
 ``trial-positive-members`` (``max(v, 0) / s_k``) and ``trial-max-members`` (``s_k`` the
 channel's largest level over the seed and members instead of its mean).
 
@@ -123,6 +123,7 @@ class ChannelMembers(hm.ElementwiseMembersRule):
 
     name = "trial-channel-members"
     supports_layer = False
+    supports_input = False
 
     def cam_weights(self, direction, activation, channel_weights):
         d = direction.mean(dim=tuple(range(2, direction.dim())), keepdim=True)
@@ -134,6 +135,7 @@ class PositiveMembers(hm.ElementwiseMembersRule):
 
     name = "trial-positive-members"
     supports_layer = False
+    supports_input = False
 
     def cam_weights(self, direction, activation, channel_weights):
         return super().cam_weights(direction.clamp_min(0), activation, channel_weights)
@@ -144,6 +146,7 @@ class MaxMembers(hm.ElementwiseMembersRule):
 
     name = "trial-max-members"
     supports_layer = False
+    supports_input = False
 
     def channel_levels(self, activations):
         return activations.flatten(2).amax(dim=2)

@@ -584,3 +584,64 @@ def test_choose_default_checks_max_sanity():
     for bad in ("0.5", True):
         with pytest.raises(TypeError, match="max_sanity"):
             choose_default(report, max_sanity=bad)
+
+
+# ---------------------------------------------------------------- the registry
+def _rule_class(name, base=None, **attrs):
+    """A new rule class (not registered) named ``name``, ``elementwise``'s map."""
+    base = base or get_heatmap_rule("elementwise").__class__
+    return type("ScratchRule", (base,), {"name": name, **attrs})
+
+
+@pytest.fixture
+def registry():
+    """The registry restored after the test, whatever it registered."""
+    saved = dict(HEATMAP_RULES)
+    yield HEATMAP_RULES
+    HEATMAP_RULES.clear()
+    HEATMAP_RULES.update(saved)
+
+
+def test_register_refuses_a_taken_name_and_what_is_not_a_rule(registry):
+    """A second class under a built-in's name is refused (it replaced the built-in
+    silently); registering a class again, or a class redefined under the same module
+    and name (a re-run notebook cell), is not."""
+    from captum_repinterp.heatmap import ChannelRule, register_heatmap_rule
+
+    with pytest.raises(ValueError, match="'channel' is taken by .*ChannelRule"):
+        register_heatmap_rule(_rule_class("channel"))
+    assert HEATMAP_RULES["channel"] is ChannelRule
+    assert register_heatmap_rule(ChannelRule) is ChannelRule
+    register_heatmap_rule(_rule_class("scratch-rule"))
+    again = register_heatmap_rule(_rule_class("scratch-rule"))  # redefined
+    assert HEATMAP_RULES["scratch-rule"] is again
+    with pytest.raises(TypeError, match="HeatmapRule subclass"):
+        register_heatmap_rule(object)
+    with pytest.raises(ValueError, match="non-empty name"):
+        register_heatmap_rule(_rule_class(""))
+
+
+def test_register_refuses_input_without_layer(registry):
+    """The input is drawn by the same pull-back as an earlier layer, so a rule drawn at
+    the input is drawn at a layer too: a subclass that turned ``supports_layer`` off and
+    kept its parent's ``supports_input`` was refused only when ``"auto"`` chose the
+    input, with a message about a ``heatmap_layer`` the user had not passed."""
+    from captum_repinterp.heatmap import ElementwiseMembersRule, register_heatmap_rule
+
+    split_only = _rule_class("scratch-split", ElementwiseMembersRule, supports_layer=False)
+    with pytest.raises(TypeError, match="scratch-split.*supports_input"):
+        register_heatmap_rule(split_only)
+    assert "scratch-split" not in HEATMAP_RULES
+
+
+def test_refusals_name_the_rules_that_take_the_layer():
+    """The messages list the registered rules drawn at the input or at an earlier layer
+    (they said "the elementwise rules", which left out ``channel-members`` and the
+    region-scored rules, and would name a new ``elementwise-*`` rule drawn only at the
+    split layer)."""
+    with pytest.raises(ValueError, match=r"^heatmap_layer='input'.*'channel-members'") as e:
+        get_heatmap_rule("channel", "input")
+    assert "'region-score'" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^heatmap_layer.*'region-score'.*") as e:
+        get_heatmap_rule("channel", torch.nn.Identity())
+    assert "'channel'," not in str(e.value)

@@ -34,7 +34,9 @@ Outputs follow ``LayerGradCam``'s layout: the layer's shape with dimension 1 sum
 
 Modules: ``base`` (:class:`HeatmapRule`, the registry, :class:`RegionContext`),
 ``rules`` (the rules that need no forward pass), ``region_score`` (``region-score`` and
-``region-members``), ``pullback`` (maps drawn at an earlier layer or the input).
+``region-members``), ``pullback`` (maps drawn at an earlier layer or the input). A rule
+is registered when its module is imported: a rule in a new module is imported here
+(``docs/choices.md``, "Structure of the package", lists what else names the rules).
 """
 
 from .base import (

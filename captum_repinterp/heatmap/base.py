@@ -20,11 +20,47 @@ HEATMAP_RULES: dict[str, type[HeatmapRule]] = {}
 
 
 def register_heatmap_rule(cls: type[HeatmapRule]) -> type[HeatmapRule]:
-    """Class decorator: make a :class:`HeatmapRule` subclass available by its ``name``."""
-    if not cls.name:
+    """Class decorator: make a :class:`HeatmapRule` subclass available by its ``name``.
+
+    The rule is selectable once the module that defines it is imported (the package's
+    own rules are imported by ``heatmap/__init__.py``).
+
+    Raises
+    ------
+    TypeError
+        When ``cls`` is not a :class:`HeatmapRule` subclass, or sets ``supports_input``
+        without ``supports_layer`` (the input is drawn by the same pull-back as an
+        earlier layer; a subclass that turns ``supports_layer`` off must turn
+        ``supports_input`` off too).
+    ValueError
+        For an empty name, or a name another rule class holds (a class redefined under
+        the same module and name, as a re-run notebook cell does, replaces it).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, HeatmapRule)):
+        raise TypeError(f"register_heatmap_rule takes a HeatmapRule subclass, got {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name:
         raise ValueError("a heat-map rule needs a non-empty name")
+    if cls.supports_input and not cls.supports_layer:
+        raise TypeError(
+            f"heat-map rule {cls.name!r} sets supports_input without supports_layer (the "
+            "input is drawn as an earlier layer is); set supports_input = False too"
+        )
+    taken = HEATMAP_RULES.get(cls.name)
+    if taken is not None and _qualified(taken) != _qualified(cls):
+        raise ValueError(
+            f"heat-map rule name {cls.name!r} is taken by {_qualified(taken)}; choose another name"
+        )
     HEATMAP_RULES[cls.name] = cls
     return cls
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _rules_with(flag: str) -> tuple[str, ...]:
+    """The registered rules whose class attribute ``flag`` is true, by name."""
+    return tuple(name for name, cls in HEATMAP_RULES.items() if getattr(cls, flag))
 
 
 #: ``heatmap_layer`` value that draws the map at the model's input.
@@ -90,10 +126,12 @@ class HeatmapRule:
         The same as a number: extra forward passes per seed per channel of the layer
         (0 for the rules that need none).
     supports_layer : bool
-        Whether the rule can be drawn at another layer than the split layer.
+        Whether the rule can be drawn at another layer than the split layer (gradient
+        times activation of :meth:`score_direction`'s score there).
     supports_input : bool
         Whether it can be drawn at the input (``heatmap_layer="input"``: input times
-        gradient of the rule's score).
+        gradient of the rule's score); requires ``supports_layer``. With the default
+        ``heatmap_layer="auto"`` the rules without it draw at the split layer.
     """
 
     name: ClassVar[str] = ""
@@ -106,19 +144,24 @@ class HeatmapRule:
         if isinstance(layer, str) and (layer != INPUT or not self.supports_input):
             raise ValueError(
                 f"heatmap_layer={layer!r} cannot be combined with heatmap_rule={self.name!r}"
-                " (the input takes the elementwise rules); pass heatmap_layer=None"
+                f" (the rules drawn at the input: {_rules_with('supports_input')}); pass "
+                "heatmap_layer=None"
             )
         if layer is not None and not self.supports_layer:
             raise ValueError(
-                f"heatmap_layer draws the elementwise rules at another layer; it cannot be "
-                f"combined with heatmap_rule={self.name!r}; pass heatmap_layer=None"
+                f"heatmap_layer (another layer than the split layer) cannot be combined "
+                f"with heatmap_rule={self.name!r} (the rules drawn at another layer: "
+                f"{_rules_with('supports_layer')}); pass heatmap_layer=None"
             )
         self.layer = layer
 
     def cam_weights(
         self, direction: Tensor, activation: Tensor, channel_weights: Tensor | None
     ) -> Tensor:
-        """Weights multiplied into ``activation`` position by position.
+        """Weights multiplied into ``activation`` position by position (:meth:`draw`
+        then sums the product over channels and applies ``relu``; a rule that transforms
+        the product itself, such as ``|v * A|``, overrides :meth:`draw` or returns
+        ``|v| * sign(A)``).
 
         Parameters
         ----------
