@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/evaluate.py [--setups mnist faces digits ...] [--out DIR] [--quick]
                                   [--keep 0.2 0.5] [--update-docs]
+    python benchmarks/evaluate.py --from-results docs/evaluation_results.json [--update-docs]
 
 By default every setup runs: the three bundled ones and the four check setups on which,
 with them, the default heat map is chosen (``docs/choices.md``).
@@ -13,11 +14,15 @@ Writes ``results.json`` and ``evaluation.md`` to ``--out`` (default
 copied to ``docs/evaluation.md`` and ``docs/evaluation_results.json`` (never after
 ``--quick``, whose one seed per class cannot carry the published tables). The full run
 takes a while on 2 CPU cores; ``--quick`` is a smoke test of a few minutes.
+``--from-results`` runs nothing: it recomputes the intervals and win / loss calls of a
+``results.json`` from its per-seed values (for results written with the percentile
+bootstrap intervals of earlier versions) and writes the report again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -27,7 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from captum_repinterp.evaluation import ALL_SETUPS, run_evaluation  # noqa: E402
+from captum_repinterp.evaluation import (  # noqa: E402
+    ALL_SETUPS,
+    markdown_report,
+    recompute_intervals,
+    run_evaluation,
+)
 
 DOCS = ROOT / "docs"
 
@@ -58,13 +68,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also copy the results to docs/evaluation.md and docs/evaluation_results.json",
     )
+    parser.add_argument(
+        "--from-results",
+        metavar="FILE",
+        help="run nothing: recompute the intervals of this results.json and rewrite the report",
+    )
     args = parser.parse_args(argv)
     if args.update_docs and args.quick:
         parser.error("--update-docs needs the full run: drop --quick")
     out = Path(args.out)
-    report = run_evaluation(
-        args.setups, out, seed=args.seed, quick=args.quick, fractions=tuple(args.keep)
-    )
+    if args.from_results:
+        report = recompute_intervals(json.loads(Path(args.from_results).read_text()))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(report, indent=1))
+        (out / "evaluation.md").write_text(markdown_report(report))
+    else:
+        report = run_evaluation(
+            args.setups, out, seed=args.seed, quick=args.quick, fractions=tuple(args.keep)
+        )
     print((out / "evaluation.md").read_text())
     if args.update_docs:
         shutil.copy(out / "evaluation.md", DOCS / "evaluation.md")

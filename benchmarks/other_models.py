@@ -10,7 +10,7 @@ and 1), a head of another kind. For each it prints what ``heatmap_layer="auto"``
 of the same rule at the split layer (``ri@layer``), of two other rules
 (``elementwise-positive`` at the input, ``region-members`` at the split layer) and of
 the four baselines, on the protocol of ``benchmarks/evaluate.py``. With 2 seeds per
-class the bootstrap intervals are not computed (see ``docs/evaluation_notes.md``), so
+class the intervals are not computed (see ``docs/evaluation_notes.md``), so
 these are point values.
 
 Run (about 10 minutes on one thread)::

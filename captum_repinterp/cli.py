@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 QUICK_NOTE = (
-    "note: --quick uses one seed per class, so the bootstrap intervals collapse and the "
+    "note: --quick uses one seed per class, so there are no intervals and the "
     "better/worse marks in evaluation.md are not evidence; run without --quick to compare "
     "methods."
 )

@@ -17,10 +17,10 @@ The protocol is described in ``docs/method.md``; the results are in
 from .methods import ChannelWeightMethod, channel_weight_methods, gradcam_package_available
 from .metrics import (
     average_drop_increase,
-    bootstrap_ci,
     drop_increase,
     mask_images,
     rank_correlation,
+    stratified_t_ci,
     top_fraction_mask,
     upsample,
 )
@@ -31,6 +31,7 @@ from .protocol import (
     interval_estimable,
     keep_key,
     randomise,
+    recompute_intervals,
 )
 from .selection import choose_default
 from .setups import ALL_SETUPS, CHECK_SETUPS, SETUPS, load_setup, markdown_report, run_evaluation
@@ -43,7 +44,6 @@ __all__ = [
     "EvalConfig",
     "Setup",
     "average_drop_increase",
-    "bootstrap_ci",
     "channel_weight_methods",
     "choose_default",
     "drop_increase",
@@ -56,7 +56,9 @@ __all__ = [
     "mask_images",
     "randomise",
     "rank_correlation",
+    "recompute_intervals",
     "run_evaluation",
+    "stratified_t_ci",
     "top_fraction_mask",
     "upsample",
 ]

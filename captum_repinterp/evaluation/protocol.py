@@ -37,7 +37,7 @@ from .methods import (
     channel_weight_methods,
     integrated_gradients_maps,
 )
-from .metrics import average_drop_increase, bootstrap_ci, rank_correlation, upsample
+from .metrics import average_drop_increase, rank_correlation, stratified_t_ci, upsample
 
 __all__ = [
     "MIN_SEEDS_FOR_INTERVAL",
@@ -48,12 +48,12 @@ __all__ = [
     "interval_estimable",
     "keep_key",
     "randomise",
+    "recompute_intervals",
 ]
 
 
-#: Paired seeds needed (in classes with at least two of them) before a bootstrap interval
-#: is reported; with fewer, the class-stratified resampling has (almost) nothing to resample
-#: and the interval collapses onto the mean.
+#: Paired seeds needed (in classes with at least two of them) before an interval is
+#: reported; with fewer, the within-class variance rests on (almost) nothing.
 MIN_SEEDS_FOR_INTERVAL = 5
 
 
@@ -131,9 +131,10 @@ class EvalConfig:
     masking metric is reported per keep share, on the same maps. ``ri_variants`` maps a
     variant name to RI ``interpret`` keyword arguments that differ from ``ri_kwargs``
     (whose ``heatmap_rule`` is the package's default); variants that only change
-    ``heatmap_rule``/``combine`` reuse the regions. Confidence intervals are percentile
-    bootstraps over seeds (``n_boot`` resamples, stratified by class), reported only with
-    at least ``MIN_SEEDS_FOR_INTERVAL`` seeds in classes that have two or more;
+    ``heatmap_rule``/``combine`` reuse the regions. Confidence intervals are stratified t
+    intervals over seeds (:func:`~captum_repinterp.evaluation.metrics.stratified_t_ci`,
+    strata the seeds' classes), reported only with at least ``MIN_SEEDS_FOR_INTERVAL``
+    seeds in classes that have two or more;
     ``layer_sweep`` reruns the reuse protocol on the setup's ``other_layers`` for the RI
     configs in ``layer_sweep_variants`` and every baseline; ``no_reuse``, ``sanity`` and
     ``fidelity`` switch those parts off. ``heatmap_layer_rules`` names
@@ -171,7 +172,6 @@ class EvalConfig:
     layer_sweep: bool = True
     layer_sweep_variants: tuple[str, ...] = ("ri", "ri[region-score]")
     heatmap_layer_rules: tuple[str, ...] = ()
-    n_boot: int = 2000
 
 
 def _mean(values: Sequence[float] | Tensor) -> float:
@@ -405,6 +405,7 @@ class _Runner:
                     "layer": name,
                     "shape": list(ri.layout_.shapes[0]),
                     "keep": res["keep"],
+                    "seed_targets": res["seed_targets"],
                     "seconds": round(layer_time.seconds, 2),
                 }
             )
@@ -461,7 +462,7 @@ class _Runner:
             targets.tolist(),
             cfg,
         )
-        return {"images": idx, "keep": keep}
+        return {"images": idx, "image_targets": targets.tolist(), "keep": keep}
 
     # -------------------------------------------------------------- 4: sanity check
     def sanity(self) -> dict:
@@ -621,11 +622,10 @@ def _fidelity_metrics(
 
 
 def interval_estimable(values: Sequence[float], strata: Sequence[int]) -> bool:
-    """Whether a class-stratified bootstrap interval of ``values`` means anything.
+    """Whether a class-stratified interval of ``values`` means anything.
 
-    Resampling within a class only varies the mean when the class has two or more values
-    (NaN dropped): with one seed per class every resample is the sample itself and the
-    interval collapses onto the mean. Estimable when at least
+    Only classes with two or more values (NaN dropped) give a within-class variance: with
+    one seed per class there is none. Estimable when at least
     :data:`MIN_SEEDS_FOR_INTERVAL` values lie in such classes.
     """
     x = np.asarray(values, dtype=float).ravel()
@@ -637,8 +637,8 @@ def interval_estimable(values: Sequence[float], strata: Sequence[int]) -> bool:
 def _interval(
     values: Sequence[float], strata: Sequence[int], cfg: EvalConfig
 ) -> tuple[float, float, float]:
-    """``bootstrap_ci`` with NaN bounds when the interval is not estimable."""
-    mean, lo, hi = bootstrap_ci(values, strata, cfg.n_boot, seed=cfg.seed)
+    """``stratified_t_ci`` with NaN bounds when the interval is not estimable."""
+    mean, lo, hi = stratified_t_ci(values, strata)
     if not interval_estimable(values, strata):
         lo = hi = float("nan")
     return mean, lo, hi
@@ -654,7 +654,7 @@ def _aggregate(
 ) -> dict:
     """mAD/mAI per method: mean over images of each seed, then over seeds with images.
 
-    Each metric also gets a 95% bootstrap interval over seeds (stratified by the seed's
+    Each metric also gets a 95% interval over seeds (stratified t, by the seed's
     class; NaN bounds when :func:`interval_estimable` says too few seeds) and the
     per-seed values (``None`` for a seed without images).
     """
@@ -696,7 +696,7 @@ def _compare(
     strata: Sequence[int],
     cfg: EvalConfig,
 ) -> list[dict]:
-    """Paired per-seed differences (RI config minus baseline) with bootstrap intervals.
+    """Paired per-seed differences (RI config minus baseline) with stratified t intervals.
 
     ``win_AD`` / ``win_AI`` is True when the interval shows RI better (lower AD, higher
     AI), False when it shows it worse, None when it contains 0 or cannot be estimated.
@@ -721,6 +721,69 @@ def _compare(
             row["estimable"] = interval_estimable(diff, strata)
             out.append(row)
     return out
+
+
+def _block_strata(seed_targets: Sequence[int], n: int, where: str) -> list[int]:
+    """The classes of ``n`` values picked as :func:`_pick_seeds` picks them (the same
+    number per class, classes in order), for results written before the classes were
+    kept; refused unless the setup's own seeds were picked that way."""
+    classes = sorted(set(seed_targets))
+    per = len(seed_targets) // len(classes)
+    if [c for c in classes for _ in range(per)] != list(seed_targets) or n % len(classes):
+        raise ValueError(
+            f"report: {where} does not keep its classes and they cannot be rebuilt "
+            "(the seeds are not the same number per class); run the evaluation again"
+        )
+    return [c for c in classes for _ in range(n // len(classes))]
+
+
+def _recompute_keep(keep: dict[str, Any], strata: Sequence[int]) -> None:
+    for part in keep.values():
+        table = part["metrics"]
+        for row in table.values():
+            for metric in ("AD", "AI"):
+                _, lo, hi = _interval(row[f"per_seed_{metric}"], strata, EvalConfig())
+                row[f"m{metric}_ci"] = [lo, hi]
+        for row in part.get("comparisons", []):
+            fresh = _compare(table, [row["ri"]], [row["baseline"]], strata, EvalConfig())[0]
+            row.update(fresh)
+
+
+def recompute_intervals(report: dict[str, Any]) -> dict[str, Any]:
+    """Recompute every interval and win/loss of a report (``results.json`` of
+    :func:`~captum_repinterp.evaluation.run_evaluation`) from its per-seed values, in
+    place: for results written with another interval (the percentile bootstrap of
+    earlier versions). Nothing is run again: the per-seed values stay as they are.
+
+    Returns
+    -------
+    dict
+        ``report`` itself, with ``"intervals_recomputed"`` set to today's date (the
+        markdown report says so).
+
+    Raises
+    ------
+    ValueError
+        Naming ``report``, when a part's classes are neither kept nor rebuildable.
+    """
+    report["intervals_recomputed"] = time.strftime("%Y-%m-%d")
+    for name, res in report["setups"].items():
+        reuse = res["reuse"]
+        strata = reuse["seed_targets"]
+        _recompute_keep(reuse["keep"], strata)
+        for layer in res.get("layers") or []:
+            n = len(next(iter(layer["keep"].values()))["metrics"]["ri"]["per_seed_AD"])
+            where = f"setup {name!r}, layer {layer['layer']!r}"
+            layer_strata = layer.get("seed_targets") or _block_strata(strata, n, where)
+            _recompute_keep(layer["keep"], layer_strata)
+        plain = res.get("no_reuse")
+        if plain:
+            n = len(plain["images"])
+            where = f"setup {name!r}, the maps without reuse"
+            _recompute_keep(
+                plain["keep"], plain.get("image_targets") or _block_strata(strata, n, where)
+            )
+    return report
 
 
 def _rule_summary(rules: list[dict]) -> dict:

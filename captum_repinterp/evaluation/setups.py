@@ -253,7 +253,7 @@ def default_config(name: str, quick: bool = False) -> EvalConfig:
     if quick:
         cfg.seeds_per_class, cfg.k, cfg.n_explain_per_class = 1, 4, 1
         cfg.n_sanity, cfg.n_fidelity, cfg.n_perturb = 2, 2, 2
-        cfg.n_boot, cfg.layer_sweep = 200, False
+        cfg.layer_sweep = False
     return cfg
 
 
@@ -376,7 +376,7 @@ def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "Paired per-seed differences, RI config minus baseline, dAD / dAI: **bold** when "
-        "the 95% bootstrap interval shows RI better, (worse) when it shows it worse, "
+        "the 95% interval shows RI better, (worse) when it shows it worse, "
         f"plain when it contains 0 ({TOO_FEW}: the classes hold too few seeds). The "
         "intervals are in `evaluation_results.json`.",
         "",
@@ -487,6 +487,14 @@ def markdown_report(report: dict[str, Any]) -> str:
         "`captum_repinterp/evaluation/`.",
         "",
     ]
+    if report.get("intervals_recomputed"):
+        lines += [
+            "The intervals and the win / loss / tie calls were recomputed from the run's "
+            "per-seed values (stratified t intervals; the run itself printed percentile "
+            f"bootstrap intervals): {report['intervals_recomputed']}. Nothing else was "
+            "run again.",
+            "",
+        ]
     lines += _selection_section(report)
     for name, res in report["setups"].items():
         cfg = res["config"]
@@ -518,8 +526,8 @@ def markdown_report(report: dict[str, Any]) -> str:
                 "images). `ri[map@L]`, `ri[<rule>@L]`: the RI map drawn at the earlier "
                 "layer L (`heatmap_layer=`, elementwise or the named rule; the region "
                 "stays at the split layer, the baselines stay there too). Brackets: 95% "
-                "bootstrap interval over seeds, "
-                "stratified by class (n/a: too few seeds per class).",
+                "stratified t interval over seeds, by class "
+                "(n/a: too few seeds per class).",
                 "",
             ]
             lines += _metric_table(part["metrics"])
