@@ -210,9 +210,7 @@ class LayerReader:
         attr_dim_summation: bool = True,
     ) -> tuple[Tensor, ...]:
         """Maps of ``directions`` drawn at ``heatmap_layer`` (see
-        :func:`~captum_repinterp.heatmap.pulled_back_heatmap`), one example at a time
-        as in :meth:`read` (a batched gradient rounds otherwise, so an image's map
-        would depend on its batch).
+        :func:`~captum_repinterp.heatmap.pulled_back_heatmap`).
 
         Inputs are checked against the references as in :meth:`read`, and a model
         failure on wrongly shaped or typed inputs is translated the same way.
@@ -225,28 +223,20 @@ class LayerReader:
         if device is not None:
             inputs_t = tuple(t.to(device) for t in inputs_t)
             directions = directions.to(device)
-        n = inputs_t[0].shape[0]
-
-        def maps(rows: slice) -> tuple[Tensor, ...]:
-            return pulled_back_heatmap(
-                self.forward_func,
-                self.layer,
-                heatmap_layer,
-                tuple(t[rows] for t in inputs_t),
-                slice_args(extra, n, rows.start, rows.stop),
-                directions[rows] if directions.dim() == 2 else directions,
-                self.layout,
-                self.attribute_to_layer_input,
-                relu,
-                attr_dim_summation,
-            )
-
         with eval_mode(self.forward_func, self.layer, heatmap_layer, warn=True):
             try:
-                if n == 0:
-                    return maps(slice(0, 0))
-                parts = [maps(slice(i, i + 1)) for i in range(n)]
-                return tuple(torch.cat(p) for p in zip(*parts))
+                return pulled_back_heatmap(
+                    self.forward_func,
+                    self.layer,
+                    heatmap_layer,
+                    inputs_t,
+                    extra,
+                    directions,
+                    self.layout,
+                    self.attribute_to_layer_input,
+                    relu,
+                    attr_dim_summation,
+                )
             except (RuntimeError, TypeError) as exc:
                 translated = translate_forward_error(exc, inputs_t, "inputs", self.input_spec)
                 if translated is None:

@@ -96,23 +96,6 @@ def test_batch_equals_per_sample_and_seed_determinism(fitted):
         assert torch.equal(reg.weight, one.weight)
 
 
-@pytest.mark.parametrize("where", ["input", "earlier layer"])
-def test_maps_away_from_the_split_layer_are_those_of_one_image_at_a_time(fitted, where):
-    """Maps drawn at the input or an earlier layer are exactly (not only up to float
-    rounding) what each image gives alone, in ``attribute`` and in ``heatmap``: each
-    image is run alone, as at the split layer (a batched gradient rounds otherwise)."""
-    ri, model, x = fitted
-    layer = "input" if where == "input" else model.features[0]
-    seeds = x[240:246]
-    opts = {"n_boundaries": 8, "heatmap_layer": layer}
-    batch = ri.attribute(seeds, **opts)
-    one = torch.cat([ri.attribute(seeds[i : i + 1], **opts) for i in range(6)])
-    assert torch.equal(batch, one)
-    region = ri.interpret(seeds[:1], **opts)
-    many = region.heatmap(seeds)
-    assert torch.equal(many, torch.cat([region.heatmap(seeds[i : i + 1]) for i in range(6)]))
-
-
 def test_interpretation_counts_against_hand_computation(fitted):
     ri, model, x = fitted
     reg = ri.interpret(x[241:242], random_state=0)
