@@ -217,3 +217,22 @@ def test_input_map_takes_the_score_at_the_layer_before_in_place_ops(to_layer_inp
     torch.testing.assert_close(region.heatmap(x[:4]), hand)
     attr = ri.attribute(x[:1], **kw)
     torch.testing.assert_close(attr, hand[:1])
+
+
+@pytest.mark.parametrize("heatmap_layer", ["input", "features.0"])
+def test_batched_maps_equal_each_images_own_map_to_rounding(tiny, heatmap_layer):
+    """Maps at the input or an earlier layer take one batched gradient (one per image
+    was 6x slower): a batch's maps equal each image's own map up to float rounding, for
+    ``attribute`` (a region per seed) and for one region's ``heatmap`` on many images."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    layer = heatmap_layer if heatmap_layer == "input" else model.features[0]
+    kw = {"heatmap_layer": layer, "n_boundaries": 12}
+    batch = ri.attribute(x[200:206], **kw)
+    alone = torch.cat([ri.attribute(x[i : i + 1], **kw) for i in range(200, 206)])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
+    region = ri.interpret(x[200:201], **kw)
+    maps = region.heatmap(x[:40])
+    own = torch.cat([region.heatmap(x[i : i + 1]) for i in range(40)])
+    torch.testing.assert_close(maps, own, rtol=1e-5, atol=1e-6)
+    assert maps.abs().sum() > 0
