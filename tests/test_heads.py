@@ -140,3 +140,40 @@ def test_read_records_no_trunk_where_the_head_would_not_use_it() -> None:
             trunks: list = []
             reader.read(inputs, None, trunks=trunks)
             assert trunks == []
+
+
+class InPlaceAfterLayerNet(nn.Module):
+    """The layer is an in-place ReLU (its output is the stem's tensor) and the model
+    writes into the layer's output after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(self.stem(x))
+        y.mul_(2.0)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_the_read_records_what_the_head_records() -> None:
+    """Nothing after the layer writes into the recorded outputs during the read: the
+    trunk it keeps is the one the head's own recording run keeps."""
+    torch.manual_seed(0)
+    model = InPlaceAfterLayerNet().eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        acts, was_tuple, _ = forward_with_layer(model, model.layer, (x,), None)
+        layout = LayerLayout.from_outputs(acts, was_tuple)
+        psi = acts[0].reshape(1, -1)
+        own = HookHead(model, model.layer, (x,), None, layout)
+        own(psi)
+        trunks: list = []
+        _, out = LayerReader(model, model.layer, layout, None).read((x,), None, trunks=trunks)
+        assert torch.equal(out, model(x))
+    (trunk,) = trunks
+    assert trunk.modules.keys() == own.trunk.modules.keys()
+    for key, outs in own.trunk.outputs.items():
+        assert all(torch.equal(a, b) for a, b in zip(outs, trunk.outputs[key]))
