@@ -9,7 +9,8 @@ evaluated. Both take ``B x D`` features and return ``B x C`` logits.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,45 @@ from torch import Tensor, nn
 from .features import LayerLayout, flatten_logits, forward_with_layer
 from .inputs import expand_args
 
-__all__ = ["HookHead", "UserHead", "make_head"]
+__all__ = ["HookHead", "UserHead", "make_head", "record_trunk", "trunk_decided"]
+
+
+class _Recording:
+    """Context that records every module call of ``root`` (start, end and detached
+    output, in call order): what :class:`_Trunk` keeps from a run."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.events: list[tuple[bool, nn.Module, object]] = []  # (is_start, module, output)
+        self.failed = False  # an output could not be kept: the recording is not whole
+
+    def __enter__(self) -> _Recording:
+        events = self.events
+
+        def pre(module: nn.Module, args: tuple) -> None:
+            events.append((True, module, None))
+
+        def post(module: nn.Module, args: tuple, out: object) -> None:
+            try:
+                kept = _detach(out)
+            except Exception:  # an output type that cannot be rebuilt (a namedtuple)
+                self.failed, kept = True, None
+            events.append((False, module, kept))
+
+        self.handles = []
+        try:
+            for m in self.root.modules():
+                self.handles.append(m.register_forward_pre_hook(pre))
+                self.handles.append(m.register_forward_hook(post))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 class _Trunk:
@@ -33,24 +72,20 @@ class _Trunk:
     """
 
     def __init__(self, root: nn.Module, layer: nn.Module, run: Callable[[], object]) -> None:
-        events: list[tuple[bool, nn.Module, object]] = []  # (is_start, module, output)
-        handles = []
+        with _Recording(root) as recording, torch.no_grad():
+            run()
+        if recording.failed:
+            raise TypeError("a module's output could not be recorded")
+        self._keep(layer, recording.events)
 
-        def pre(module: nn.Module, args: tuple) -> None:
-            events.append((True, module, None))
+    @classmethod
+    def from_events(cls, layer: nn.Module, events: list[tuple[bool, nn.Module, object]]) -> _Trunk:
+        """The trunk of a run recorded by :class:`_Recording` (one example, no gradients)."""
+        trunk = cls.__new__(cls)
+        trunk._keep(layer, events)
+        return trunk
 
-        def post(module: nn.Module, args: tuple, out: object) -> None:
-            events.append((False, module, _detach(out)))
-
-        for m in root.modules():
-            handles.append(m.register_forward_pre_hook(pre))
-            handles.append(m.register_forward_hook(post))
-        try:
-            with torch.no_grad():
-                run()
-        finally:
-            for h in handles:
-                h.remove()
+    def _keep(self, layer: nn.Module, events: list[tuple[bool, nn.Module, object]]) -> None:
         # the calls open when the layer starts are its ancestors
         stack: list[nn.Module] = []
         ancestors: list[nn.Module] | None = None
@@ -169,7 +204,9 @@ class HookHead:
 
     - the part of the model before the layer is not run again: the modules that finish
       before the layer return their outputs recorded on the example (``nn.Module``
-      models only);
+      models only); ``trunk``, recorded while the seed was read (see
+      :func:`record_trunk`), stands in for the recording run once the check has passed
+      for this model and layer;
     - the example is not repeated ``B`` times: only the layer's output carries the batch
       (the rest of the model broadcasts or never looks at the input again).
     """
@@ -182,6 +219,7 @@ class HookHead:
         additional_forward_args: tuple | None,
         layout: LayerLayout,
         attribute_to_layer_input: bool = False,
+        trunk: _Trunk | None = None,
     ) -> None:
         if any(t.shape[0] != 1 for t in inputs):
             raise ValueError("HookHead needs the inputs of exactly one example")
@@ -195,6 +233,7 @@ class HookHead:
         self.trunk: _Trunk | None = None
         self.trunk_checked = False
         self._recorded: Tensor | None = None  # see _take_recorded
+        self._read_trunk = trunk  # recorded while the seed was read, see _trunk_ok
 
     def _forward(self, psi: Tensor, inputs: tuple[Tensor, ...], extra: tuple | None) -> Tensor:
         _, _, out = forward_with_layer(
@@ -262,6 +301,11 @@ class HookHead:
         decided = self._decided()
         if decided.get("trunk") is False:
             return False
+        read_trunk, self._read_trunk = self._read_trunk, None
+        if decided.get("trunk") and read_trunk is not None:
+            # the seed's read was the recording run: no run of the whole model here
+            self.trunk = read_trunk
+            return True
         probe = psi[:1].detach()
         recorded: list[Tensor] = []
 
@@ -314,6 +358,59 @@ class HookHead:
         return full
 
 
+def trunk_decided(
+    forward_func: Callable, layer: nn.Module, attribute_to_layer_input: bool = False
+) -> bool:
+    """Whether :class:`HookHead` has found, for this model and layer, that the recorded
+    trunk stands in for running it (then a trunk recorded elsewhere is used as is)."""
+    if not isinstance(forward_func, nn.Module) or attribute_to_layer_input:
+        return False
+    for ref, key, decisions in _DECIDED.get(layer, []):
+        if ref() is forward_func and key == attribute_to_layer_input:
+            return decisions.get("trunk") is True
+    return False
+
+
+@contextmanager
+def record_trunk(root: nn.Module, layer: nn.Module) -> Iterator[list[_Trunk]]:
+    """Record the trunk of the one-example run of ``root`` inside the block, as
+    :class:`HookHead`'s recording run would (the list yielded gets it at the end).
+
+    The layer's output goes on as a copy (same values and strides), as the recording
+    run's replaced output does, so that nothing after the layer writes into the
+    recorded tensors.
+    """
+    found: list[_Trunk] = []
+
+    def fresh_output(module: nn.Module, args: tuple, out: object) -> object:
+        return _fresh_same_strides(out)
+
+    with _Recording(root) as recording:
+        handle = layer.register_forward_hook(fresh_output)
+        try:
+            yield found
+        finally:
+            handle.remove()
+    if recording.failed:
+        return
+    try:
+        found.append(_Trunk.from_events(layer, recording.events))
+    except ValueError:  # the layer was not reached: nothing to keep
+        pass
+
+
+def _fresh_same_strides(out: object) -> object:
+    """A copy of the layer's output (a tensor, or a plain tuple or list of them) whose
+    tensors have the same strides; None (keep the output) for anything else."""
+    tensors = out if type(out) in (tuple, list) else (out,)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return None
+    copies = [t.clone() for t in tensors]
+    if any(c.stride() != t.stride() for c, t in zip(copies, tensors)):
+        return None
+    return copies[0] if isinstance(out, Tensor) else type(out)(copies)
+
+
 class UserHead:
     """Wraps a user-given ``head(layer_output) -> logits`` to take ``B x D`` features."""
 
@@ -338,11 +435,18 @@ def make_head(
     inputs: tuple[Tensor, ...],
     additional_forward_args: tuple | None,
     attribute_to_layer_input: bool = False,
+    trunk: _Trunk | None = None,
 ) -> HookHead | UserHead:
     """The head for one seed: the user's ``head`` when given, else a :class:`HookHead`
-    anchored at ``inputs`` (one example)."""
+    anchored at ``inputs`` (one example; ``trunk``: recorded when it was read)."""
     if head is not None:
         return UserHead(head, layout)
     return HookHead(
-        forward_func, layer, inputs, additional_forward_args, layout, attribute_to_layer_input
+        forward_func,
+        layer,
+        inputs,
+        additional_forward_args,
+        layout,
+        attribute_to_layer_input,
+        trunk=trunk,
     )

@@ -9,6 +9,7 @@ reader, so that a saved region can be used as a rule on new images.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from .features import (
     forward_with_layer,
     model_device,
 )
-from .heads import HookHead, UserHead, make_head
+from .heads import HookHead, UserHead, make_head, record_trunk, trunk_decided
 from .heatmap import pulled_back_heatmap
 from .inputs import (
     InputSpec,
@@ -79,12 +80,19 @@ class LayerReader:
         return model_device(self.forward_func, self.layer)
 
     def read(
-        self, inputs: Any, additional_forward_args: Any = None
+        self,
+        inputs: Any,
+        additional_forward_args: Any = None,
+        trunks: list[Any] | None = None,
     ) -> tuple[tuple[Tensor, ...], Tensor]:
         """Layer tensors and model output of new inputs, one example at a time.
 
         One example per forward pass, so that an example's features (and everything
         decided from them) do not depend on which batch it came in.
+
+        ``trunks``: a list that gets, when there is one example, the trunk recorded
+        during its run for the seed's head (see :func:`~captum_repinterp.heads.record_trunk`),
+        where the head would record one itself; else nothing (the head records it).
 
         Returns
         -------
@@ -107,20 +115,28 @@ class LayerReader:
             return empty, torch.zeros(0, 0, device=device)
         acts: list[tuple[Tensor, ...]] = []
         outs: list[Tensor] = []
+        # one example only: a batch would hold a trunk per example at once
+        record = trunks is not None and n == 1 and self._head_records_trunk()
         with eval_mode(self.forward_func, self.layer, warn=True), torch.no_grad():
             for i in range(n):
                 one = tuple(t[i : i + 1].detach() for t in inputs_t)
                 if device is not None:
                     one = tuple(t.to(device) for t in one)
-                tensors, was_tuple, out = forward_with_layer(
-                    self.forward_func,
-                    self.layer,
-                    one,
-                    slice_args(extra, n, i, i + 1),
-                    self.attribute_to_layer_input,
-                    name="inputs",
-                    expected=self.input_spec,
+                recording = (
+                    record_trunk(self.forward_func, self.layer)
+                    if record
+                    else contextlib.nullcontext([])
                 )
+                with recording as found:
+                    tensors, was_tuple, out = forward_with_layer(
+                        self.forward_func,
+                        self.layer,
+                        one,
+                        slice_args(extra, n, i, i + 1),
+                        self.attribute_to_layer_input,
+                        name="inputs",
+                        expected=self.input_spec,
+                    )
                 layout = LayerLayout.from_outputs(tensors, was_tuple)
                 if layout != self.layout:
                     given = ", ".join(str(tuple(t.shape[1:])) for t in inputs_t)
@@ -136,8 +152,17 @@ class LayerReader:
                     )
                 acts.append(tensors)
                 outs.append(out)
+        if record and found and trunks is not None:
+            trunks.extend(found)
         activations = tuple(torch.cat(parts) for parts in zip(*acts))
         return activations, torch.cat(outs)
+
+    def _head_records_trunk(self) -> bool:
+        """Whether the seed's head would record the trunk in a run of its own and use
+        it (the model's head, a module, the check passed for this layer)."""
+        return self.head is None and trunk_decided(
+            self.forward_func, self.layer, self.attribute_to_layer_input
+        )
 
     def features(
         self,
@@ -187,9 +212,13 @@ class LayerReader:
         return self.layout.flatten(tensors)
 
     def head_for(
-        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple | None
+        self,
+        inputs: tuple[Tensor, ...],
+        additional_forward_args: tuple | None,
+        trunk: Any = None,
     ) -> HookHead | UserHead:
-        """The head ``B x D -> B x C`` for one seed (``inputs``: one example)."""
+        """The head ``B x D -> B x C`` for one seed (``inputs``: one example; ``trunk``:
+        recorded when it was read, see :meth:`read`)."""
         return make_head(
             self.forward_func,
             self.layer,
@@ -198,6 +227,7 @@ class LayerReader:
             inputs,
             additional_forward_args,
             self.attribute_to_layer_input,
+            trunk=trunk,
         )
 
     def pulled_back(

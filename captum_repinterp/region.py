@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -107,6 +107,10 @@ class Seed:
         The class explained.
     activations : tuple of Tensor
         Its layer tensors, without the batch dimension.
+    trunk : object or None
+        The model's outputs before the layer, recorded when the seed was read, for its
+        head (see :meth:`~captum_repinterp.reader.LayerReader.read`); None when the head
+        records them itself.
     """
 
     inputs: tuple[Tensor, ...]
@@ -115,6 +119,7 @@ class Seed:
     logits: Tensor
     target: int
     activations: tuple[Tensor, ...]
+    trunk: Any = field(default=None, repr=False, compare=False)
 
 
 def read_seeds(
@@ -137,7 +142,13 @@ def read_seeds(
         if not any(m is options.heatmap_layer for m in model.modules()):
             raise ValueError("heatmap_layer: the layer is not part of forward_func")
     inputs_t = format_inputs(inputs)
-    activations, outputs = reader.read(inputs_t, additional_forward_args)
+    # the seed's read records what its head would record in a run of its own, unless
+    # the head is affine and its exact boundaries come from the kept logits (no head call)
+    exact = getattr(references, "affine", None) is not None and (
+        getattr(references, "logits", None) is not None
+    )
+    trunks: list[Any] | None = None if exact else []
+    activations, outputs = reader.read(inputs_t, additional_forward_args, trunks=trunks)
     if isinstance(options.heatmap_layer, str):  # after read's checks against the references
         check_input_dtypes(inputs_t)
     if outputs.shape[0] == 0:
@@ -156,6 +167,7 @@ def read_seeds(
             outputs[i : i + 1].reshape(1, -1),
             int(targets[i]),
             tuple(a[i] for a in activations),
+            trunks[0] if trunks and n == 1 else None,
         )
         for i in range(n)
     ]
@@ -175,7 +187,7 @@ def interpret_seed(
     with eval_mode(reader.forward_func, reader.layer):
         one = seed.inputs if device is None else tuple(t.to(device) for t in seed.inputs)
         extra = seed.additional_forward_args
-        head = reader.head_for(one, extra)
+        head = reader.head_for(one, extra, trunk=seed.trunk)
         args = (reader, head, seed.features, seed.logits, seed.target, options)
         region = own(*args) if own is not None else find_region(references, *args)
         region.channel_weights = options.rule.region_weights(

@@ -13,6 +13,7 @@ from torch import nn
 from captum_repinterp import RepresentativeInterpretation
 from captum_repinterp.features import forward_with_layer
 from captum_repinterp.heads import HookHead
+from captum_repinterp.reader import LayerReader
 from captum_repinterp.sampler import choose_candidates, find_crossings, sample_boundaries
 
 
@@ -229,3 +230,32 @@ def test_hook_head_one_row_call_takes_the_trunk_recording_run(tiny, one_thread):
         assert torch.equal(out2.detach(), full)
     finally:
         handle.remove()
+
+
+def test_seeds_read_once_and_results_unchanged(tiny, one_thread, monkeypatch):
+    """A seed's read records the trunk its head uses (the model's start runs once per
+    seed, not twice), and every result is bitwise what the head's own recording run gave."""
+    model, x = tiny
+    ri = _plain(tiny)
+    ri.interpret(x[200:201], random_state=0)  # the head's checks, decided once
+    runs: list[int] = []
+    handle = model.features[0][0].register_forward_hook(lambda m, a, o: runs.append(1))
+
+    def interpret_all():
+        runs.clear()
+        out = [ri.interpret(x[i : i + 1], random_state=0) for i in range(201, 221)]
+        out += ri.interpret(x[221:224], random_state=0)  # a batch: each head records
+        return out, len(runs)
+
+    try:
+        new, new_runs = interpret_all()
+        monkeypatch.setattr(LayerReader, "_head_records_trunk", lambda self: False)
+        old, old_runs = interpret_all()
+    finally:
+        handle.remove()
+    assert (new_runs, old_runs) == (20 + 6, 40 + 6)
+    names = ["weight", "bias", "runner_up", "members", "member_distances", "seed_margins"]
+    for a, b in zip(new, old):
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in names)
+        assert (a.purity, a.coverage, a.n_sampled) == (b.purity, b.coverage, b.n_sampled)
+    assert sum(a.weight.shape[0] for a in new) > 20
