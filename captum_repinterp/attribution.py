@@ -402,7 +402,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
                 raise ValueError("inputs: an empty batch has no maps at heatmap_layer")
             dim = self.layout_.dim
             directions = (
-                torch.stack([r.direction for r in regions]) if regions else torch.zeros(0, dim)
+                torch.stack([r.direction for r in regions])
+                if regions
+                else torch.zeros(0, dim, dtype=activations[0].dtype)  # an empty batch
             )
             weights = [r.channel_weights for r in regions] or [None]
             maps = options.rule.maps(

@@ -110,9 +110,14 @@ class LayerReader:
         extra = _format_additional_forward_args(additional_forward_args)
         device = self.device
         n = inputs_t[0].shape[0]
-        if n == 0:  # nothing to run: empty tensors shaped like the layer's
-            empty = tuple(torch.zeros(0, *s, device=device) for s in self.layout.shapes)
-            return empty, torch.zeros(0, 0, device=device)
+        if n == 0:  # nothing to run: empty tensors shaped like the layer's, in the
+            # inputs' floating-point type (float64 inputs gave float32 maps before)
+            first = inputs_t[0]
+            dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
+            empty = tuple(
+                torch.zeros(0, *s, device=device, dtype=dtype) for s in self.layout.shapes
+            )
+            return empty, torch.zeros(0, 0, device=device, dtype=dtype)
         acts: list[tuple[Tensor, ...]] = []
         outs: list[Tensor] = []
         # one example only: a batch would hold a trunk per example at once

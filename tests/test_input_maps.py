@@ -80,14 +80,17 @@ def test_empty_batch_at_the_input_of_a_vector_model():
     assert ri.attribute(x[:0], heatmap_layer="input").shape == (0, 1)
 
 
-def test_empty_batch_at_the_input_keeps_float64(tiny):
+@pytest.mark.parametrize("heatmap_layer", ["input", None])
+def test_empty_batch_keeps_float64(tiny, heatmap_layer):
+    """(At the split layer an empty batch of a float64 model gave float32 maps.)"""
     model, x = tiny
     m64 = type(model)().double().eval()
     m64.load_state_dict(model.state_dict())
     ri = RepresentativeInterpretation(m64, m64.features[-1]).fit(x[:200].double(), progress=False)
-    full = ri.attribute(x[:1].double(), heatmap_layer="input", n_boundaries=5)
-    empty = ri.attribute(x[:0].double(), heatmap_layer="input")
+    full = ri.attribute(x[:1].double(), heatmap_layer=heatmap_layer, n_boundaries=5)
+    empty = ri.attribute(x[:0].double(), heatmap_layer=heatmap_layer)
     assert full.dtype == empty.dtype == torch.float64
+    assert empty.shape == (0, *full.shape[1:])
 
 
 @pytest.mark.parametrize("heatmap_layer", ["input", None])
