@@ -376,17 +376,29 @@ def record_trunk(root: nn.Module, layer: nn.Module) -> Iterator[list[_Trunk]]:
     """Record the trunk of the one-example run of ``root`` inside the block, as
     :class:`HookHead`'s recording run would (the list yielded gets it at the end).
 
-    The layer's output goes on as a copy (same values and strides), as the recording
-    run's replaced output does, so that nothing after the layer writes into the
-    recorded tensors.
+    The run itself is not changed (the layer's output goes on as it is, so the model's
+    output is its own, also when the layer's output aliases a tensor the model uses
+    after it). Instead, when the layer ends, the recorded outputs that share memory with
+    the layer's output are replaced by copies, so that what the model writes into the
+    layer's output after it does not reach the trunk: the recording run's layer output
+    is a replacement, which nothing recorded shares memory with.
     """
     found: list[_Trunk] = []
 
-    def fresh_output(module: nn.Module, args: tuple, out: object) -> object:
-        return _fresh_same_strides(out)
-
     with _Recording(root) as recording:
-        handle = layer.register_forward_hook(fresh_output)
+        events = recording.events
+
+        def protect(module: nn.Module, args: tuple, out: object) -> None:
+            shared = _storages(out)
+            if shared is None:  # memory that cannot be told apart (a sparse tensor)
+                recording.failed = True  # no trunk: the head records its own
+                return
+            for i, (is_start, m, kept) in enumerate(events):
+                if shared and not is_start and (_storages(kept) or set()) & shared:
+                    events[i] = (is_start, m, _map_tensors(kept, _copy_if(shared)))
+
+        # after the recording's own hook, so that the layer's end is among the events
+        handle = layer.register_forward_hook(protect)
         try:
             yield found
         finally:
@@ -399,16 +411,36 @@ def record_trunk(root: nn.Module, layer: nn.Module) -> Iterator[list[_Trunk]]:
         pass
 
 
-def _fresh_same_strides(out: object) -> object:
-    """A copy of the layer's output (a tensor, or a plain tuple or list of them) whose
-    tensors have the same strides; None (keep the output) for anything else."""
-    tensors = out if type(out) in (tuple, list) else (out,)
-    if not all(isinstance(t, Tensor) for t in tensors):
+def _storages(out: object) -> set[int] | None:
+    """The addresses of the memory of the tensors in ``out`` (nested tuples and lists);
+    None when a tensor has no memory of its own to tell (a sparse tensor)."""
+    found: set[int] = set()
+    unknown: list[Tensor] = []
+
+    def add(t: Tensor) -> Tensor:
+        ptr = _storage(t)
+        if ptr is None:
+            unknown.append(t)
+        elif ptr:  # empty tensors share nothing
+            found.add(ptr)
+        return t
+
+    _map_tensors(out, add)
+    return None if unknown else found
+
+
+def _storage(t: Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
         return None
-    copies = [t.clone() for t in tensors]
-    if any(c.stride() != t.stride() for c, t in zip(copies, tensors)):
-        return None
-    return copies[0] if isinstance(out, Tensor) else type(out)(copies)
+
+
+def _copy_if(shared: set[int]) -> Callable[[Tensor], Tensor]:
+    def copy(t: Tensor) -> Tensor:
+        return t.clone() if _storage(t) in shared else t
+
+    return copy
 
 
 class UserHead:

@@ -177,3 +177,76 @@ def test_the_read_records_what_the_head_records() -> None:
     assert trunk.modules.keys() == own.trunk.modules.keys()
     for key, outs in own.trunk.outputs.items():
         assert all(torch.equal(a, b) for a, b in zip(outs, trunk.outputs[key]))
+
+
+class SameTensorTwice(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = x.relu()
+        return r, r
+
+
+class AliasedLayerNet(nn.Module):
+    """The layer's tensors alias each other (one tensor returned twice) and the model
+    writes into one of them after the layer, which the other one sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer = SameTensorTwice()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.layer(self.stem(x))
+        a.mul_(2.0)
+        return self.fc(torch.cat([a, b], 1).mean((2, 3)))
+
+
+class InPlaceSkipNet(nn.Module):
+    """The layer is an in-place ReLU of the stem's tensor, which the model uses again
+    after writing into the layer's output (not a cut: fitted with a warning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        y = self.layer(s)
+        y.mul_(-1.0)
+        return self.fc((y + 2.0 * s).mean((2, 3)) + s.mean((2, 3)))
+
+
+@pytest.mark.parametrize("net", [AliasedLayerNet, InPlaceSkipNet])
+def test_a_recorded_read_gives_the_models_own_output(net: type) -> None:
+    """Recording the trunk does not change what the model computes after the layer: the
+    read's output is the model's (the seed's logits and predicted class), also when the
+    layer's output aliases a tensor the model uses after it; the trunk is the head's."""
+    torch.manual_seed(0)
+    model = net().eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        acts, was_tuple, _ = forward_with_layer(model, model.layer, (x,), None)
+        layout = LayerLayout.from_outputs(acts, was_tuple)
+        own = HookHead(model, model.layer, (x,), None, layout)
+        own(layout.flatten(acts))
+        assert own.trunk is not None
+        trunks: list = []
+        read_acts, out = LayerReader(model, model.layer, layout, None).read(
+            (x,), None, trunks=trunks
+        )
+        assert len(trunks) == 1
+        assert torch.equal(out, model(x))
+        assert all(torch.equal(a, b) for a, b in zip(read_acts, acts))
+    (trunk,) = trunks
+    assert trunk.modules.keys() == own.trunk.modules.keys()
+    for key, outs in own.trunk.outputs.items():
+        assert len(outs) == len(trunk.outputs[key])
+        for a, b in zip(outs, trunk.outputs[key]):
+            a, b = _as_tuple(a), _as_tuple(b)
+            assert len(a) == len(b) and all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def _as_tuple(out: object) -> tuple:
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
