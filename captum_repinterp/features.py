@@ -552,6 +552,9 @@ class Example:
     batch, batch_args : tuple of Tensor, tuple or None
         The first (up to four) references and their extra arguments, on the model's
         device: what the cut check runs on.
+    per_example : tuple of int
+        Positions in ``batch_args`` of the tensors that had one row per reference in the
+        first batch (cut to ``batch``'s rows); the others are passed whole.
     """
 
     spec: InputSpec
@@ -559,6 +562,26 @@ class Example:
     additional_forward_args: tuple | None
     batch: tuple[Tensor, ...] = ()
     batch_args: tuple | None = None
+    per_example: tuple[int, ...] = ()
+
+    def check_batch(self) -> tuple[tuple[Tensor, ...], tuple | None]:
+        """:attr:`batch` and :attr:`batch_args` cut to a number of rows that no extra
+        tensor passed whole has (4, else 3, else 2): the cut check tells per-example
+        tensors by their length, and took a tensor shared by the batch with as many
+        entries as the rows (e.g. one value for each of 4 classes) for a per-example one,
+        then warned that it entered the model after the layer."""
+        m = self.batch[0].shape[0] if self.batch else 0
+        args = self.batch_args or ()
+        shared = {
+            int(a.shape[0])
+            for i, a in enumerate(args)
+            if isinstance(a, Tensor) and a.dim() > 0 and i not in self.per_example
+        }
+        k = next((j for j in range(m, 1, -1) if j not in shared), m)
+        if k == m:
+            return self.batch, self.batch_args
+        cut = tuple(a[:k] if i in self.per_example else a for i, a in enumerate(args))
+        return tuple(t[:k] for t in self.batch), cut
 
 
 Batches = Callable[[int], Iterator[tuple[Tensor, Tensor, LayerLayout]]]
@@ -660,6 +683,11 @@ def feature_batches(
         slice_args(first[1], b, 0, 1),
         on_device(t[:4] for t in first[0]),
         slice_args(first[1], b, 0, 4),
+        tuple(
+            i
+            for i, a in enumerate(first[1] or ())
+            if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == b
+        ),
     )
 
     def run(skip: int = 0) -> Iterator[tuple[Tensor, Tensor, LayerLayout]]:

@@ -636,7 +636,7 @@ def study_head(
         attribute_to_layer_input,
     )  # fmt: skip
     if cut_check != "off":
-        pairs, pair_args = cut_check_examples(example.batch, example.batch_args)
+        pairs, pair_args = cut_check_examples(*example.check_batch())
         check = check_cut(
             forward_func, layer, pairs, pair_args, attribute_to_layer_input, head=head
         )

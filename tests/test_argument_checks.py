@@ -128,9 +128,7 @@ def test_an_extra_tensor_that_is_not_per_example_is_passed_whole(tiny, rule):
     net = ClassBias().eval()
     bias = torch.tensor([0.0, 0.3, -0.3, 0.1])
     ri = RepresentativeInterpretation(net, model.features[-1])
-    # cut_check="off": the cut check runs four references, so it takes a tensor of
-    # four entries for one row per example
-    ri.fit(x[:200], additional_forward_args=(bias,), progress=False, cut_check="off")
+    ri.fit(x[:200], additional_forward_args=(bias,), progress=False)
     opts = {"heatmap_layer": None, "heatmap_rule": rule, **NB}
     maps = ri.attribute(x[200:203], additional_forward_args=(bias,), **opts)
     one = [
@@ -487,3 +485,45 @@ def test_heatmap_from_activations_checks_the_activations(last_block_fit):
             region.heatmap_from_activations(bad)
     with pytest.raises(TypeError, match="activations must be a tensor or a tuple"):
         region.heatmap_from_activations(acts.numpy())
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("lengths", [(4,), (4, 3), (2,)])
+def test_the_cut_check_tells_a_shared_extra_tensor_from_a_per_example_one(tiny, lengths):
+    """The cut check runs four references and took a shared extra tensor of 4 entries
+    (one value per class) for one row per example, then warned that it entered the
+    model after the layer. It now runs a number of references no shared tensor's
+    length equals; a real bypass (a per-example tensor added to the logits) is still
+    caught."""
+    model, x = tiny
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+            out = self.inner(z)
+            # shared by the batch, order-dependent (a permutation of its entries shows)
+            return out + sum((e * torch.arange(len(e))).sum() * 0.01 for e in extra)
+
+    shared = tuple(torch.linspace(-1, 1, n) for n in lengths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RepresentativeInterpretation(Shared().eval(), model.features[-1]).fit(
+            x[:200], additional_forward_args=shared, progress=False
+        )
+
+    class Bypass(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z: torch.Tensor, shift: torch.Tensor, bias: torch.Tensor):
+            return self.inner(z) + shift[:, None] + bias
+
+    shift = torch.randn(200)  # per example, enters after the layer: not a cut
+    with pytest.raises(ValueError, match="not a cut"):
+        RepresentativeInterpretation(Bypass().eval(), model.features[-1]).fit(
+            x[:200], additional_forward_args=(shift, torch.zeros(4)), progress=False
+        )
