@@ -33,7 +33,7 @@ from torch import Tensor
 from ._captum_compat import _format_additional_forward_args
 from ._checks import check_grad_mode, check_int
 from .features import caller_stacklevel, in_eval_mode
-from .inputs import slice_args
+from .inputs import per_example, slice_args
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
 from .options import AUTO, InterpretOptions
@@ -620,9 +620,7 @@ def audit(
         raise ValueError("images: empty (no examples); audit needs images of the class")
     if isinstance(heldout, Tensor) and heldout.dim() > 0 and heldout.shape[0] == 0:
         raise ValueError("heldout: empty (no examples); pass None to leave it out")
-    per_example = extra is not None and any(
-        isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n_images > 1 for a in extra
-    )
+    per_example_args = n_images > 1 and bool(per_example(extra, n_images))
     if target is not None:
         if isinstance(target, Tensor) and target.numel() == 1 and not target.is_floating_point():
             target = target.item()  # a one-element integer tensor, as interpret takes
@@ -632,7 +630,7 @@ def audit(
     if heldout is not None:
         if not isinstance(heldout, Tensor):
             raise TypeError(f"heldout must be a tensor or None, got {type(heldout).__name__}")
-        if per_example:
+        if per_example_args:
             raise ValueError(
                 "additional_forward_args: its per-example tensors (one row per image of "
                 "images) cannot be given to heldout; pass extra arguments that hold for "

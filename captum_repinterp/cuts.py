@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .features import caller_stacklevel, eval_mode, model_device, not_scores
-from .inputs import format_inputs, uncompiled
+from .inputs import format_inputs, per_example, uncompiled
 from .tracing import _trace, _Tracer
 
 __all__ = [
@@ -59,7 +59,7 @@ def cut_check_examples(
     size = inputs[0].shape[0]
     if size >= 2:
         keep = torch.arange(min(size, n))
-        ex = None if extra is None else _take(extra, keep, _per_example(extra, size))
+        ex = None if extra is None else _take(extra, keep, per_example(extra, size))
         return tuple(t[keep] for t in inputs), ex
     gen = torch.Generator().manual_seed(0)
 
@@ -75,7 +75,7 @@ def cut_check_examples(
     ex = (
         None
         if extra is None
-        else tuple(second(a) if i in _per_example(extra, 1) else a for i, a in enumerate(extra))
+        else tuple(second(a) if i in per_example(extra, 1) else a for i, a in enumerate(extra))
     )
     return tuple(second(t) for t in inputs), ex
 
@@ -233,11 +233,6 @@ def _flat_output(output: Any, n: int) -> Tensor:
             f"{tuple(output.shape)} for {n} examples"
         )
     return output.detach().reshape(n, -1)
-
-
-def _per_example(args: tuple, n: int) -> list[int]:
-    """Positions of the additional arguments that are tensors with one row per example."""
-    return [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.dim() and a.shape[0] == n]
 
 
 def _take(values: tuple, index: Tensor, positions: list[int] | None = None) -> tuple:
@@ -411,7 +406,7 @@ def check_cut(
         )
     m = min(n_all, max(2, n_pairs))
     first = torch.arange(m)
-    per_ex = _per_example(extra, n_all)
+    per_ex = per_example(extra, n_all)
     device = model_device(forward_func, layer)
     xs = tuple(t[first] for t in inputs)
     ex = _take(extra, first, per_ex)

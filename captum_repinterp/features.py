@@ -39,6 +39,7 @@ from .inputs import (
     input_spec,
     is_compiled,
     iter_reference_batches,
+    per_example,
     slice_args,
     translate_forward_error,
 )
@@ -683,11 +684,7 @@ def feature_batches(
         slice_args(first[1], b, 0, 1),
         on_device(t[:4] for t in first[0]),
         slice_args(first[1], b, 0, 4),
-        tuple(
-            i
-            for i, a in enumerate(first[1] or ())
-            if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == b
-        ),
+        tuple(per_example(first[1], b)),
     )
 
     def run(skip: int = 0) -> Iterator[tuple[Tensor, Tensor, LayerLayout]]:

@@ -312,13 +312,23 @@ def iter_reference_batches(
     return n, gen_loader()
 
 
+def per_example(args: tuple | None, n: int | None) -> list[int]:
+    """Positions in ``args`` of the tensors with one row per example (first dimension
+    ``n``): Captum's rule for extra arguments; the others are passed whole."""
+    return [
+        i
+        for i, a in enumerate(args or ())
+        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n
+    ]
+
+
 def slice_args(args: tuple | None, n: int | None, start: int, stop: int) -> tuple | None:
+    """Rows ``start:stop`` of the extra arguments with one row per example
+    (:func:`per_example`); the others unchanged."""
     if args is None:
         return None
-    return tuple(
-        a[start:stop] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a
-        for a in args
-    )
+    rows = per_example(args, n)
+    return tuple(a[start:stop] if i in rows else a for i, a in enumerate(args))
 
 
 def expand_args(args: tuple | None, b: int) -> tuple | None:
