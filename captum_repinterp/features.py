@@ -54,6 +54,7 @@ __all__ = [
     "flatten_logits",
     "forward_with_layer",
     "model_device",
+    "module_name",
     "not_scores",
     "warn_training",
 ]
@@ -310,6 +311,15 @@ def model_device(forward_func: Callable, layer: nn.Module) -> torch.device | Non
             for b in root.buffers():
                 return b.device
     return None
+
+
+def module_name(model: Any, module: Any) -> str | None:
+    """``module``'s qualified name in ``model`` (``"layer4"``, ``"features.7"``; ``""``
+    for ``model`` itself), or None when ``model`` is no ``nn.Module`` or does not hold
+    it."""
+    if not isinstance(model, nn.Module):
+        return None
+    return next((n for n, m in model.named_modules() if m is module), None)
 
 
 def _detached_copy(t: Any) -> Any:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .attribution import RepresentativeInterpretation
 from .auditing import AuditRegion, ClassAudit, audit
-from .features import caller_stacklevel, in_eval_mode
+from .features import caller_stacklevel, in_eval_mode, module_name
 from .interpretation import Interpretation
 from .report_inputs import ReportInputs, checked_labels, prepare_report
 from .visualization import SEM_DIST, plot_audit, plot_images, plot_region
@@ -193,13 +193,6 @@ class RegionRow:
         if self.region is None:
             return []
         return [g.size for g in self.region.subgroups] or [self.region.size]
-
-
-def _module_name(model: Any, layer: Any) -> str | None:
-    """``layer``'s qualified name in ``model`` (``"layer4"``, ``"features.7"``), or None."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    return next((n for n, m in model.named_modules() if m is layer and n), None)
 
 
 def audit_regions(
@@ -842,7 +835,7 @@ def build_report(
             n_references=ri.n_references_,
             n_heldout=int(heldout.shape[0]),
             dim=ri.layout_.dim,
-            layer_name=_module_name(ri.forward_func, ri.layer),
+            layer_name=module_name(ri.forward_func, ri.layer) or None,
             accuracy=accuracy,
             label_warning=label_warning,
             reference_warning=reference_warning,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .datasets import _atomic_savez
-from .features import LayerLayout, caller_stacklevel
+from .features import LayerLayout, caller_stacklevel, module_name
 from .heatmap import INPUT
 from .store import model_fingerprint
 
@@ -50,20 +50,14 @@ def metadata(region: Interpretation) -> dict[str, Any]:
         "attribute_to_layer_input": getattr(region.reader, "attribute_to_layer_input", None),
         # the model's weights and the split layer's name, compared at load (None: unknown)
         "model": model_fingerprint(getattr(region.reader, "forward_func", None)),
-        "layer": _split_layer_name(region.reader),
+        "layer": module_name(
+            getattr(region.reader, "forward_func", None), getattr(region.reader, "layer", None)
+        ),
         "heatmap_rule": region.heatmap_rule,
         "combine": region.combine,
         "heatmap_layer": _heatmap_layer_name(region),
         "heatmap_at_input": region.heatmap_layer == INPUT,
     }
-
-
-def _split_layer_name(reader: Any) -> str | None:
-    """The qualified name of ``reader``'s layer in its model (None when not found)."""
-    model = getattr(reader, "forward_func", None)
-    if not isinstance(model, nn.Module):
-        return None
-    return next((n for n, m in model.named_modules() if m is reader.layer), None)
 
 
 def _check_same_model(meta: dict[str, Any], reader: Any) -> None:
@@ -73,10 +67,11 @@ def _check_same_model(meta: dict[str, Any], reader: Any) -> None:
         return
     saved, layer = meta.get("model"), meta.get("layer")
     ours = model_fingerprint(reader.forward_func) if saved is not None else None
+    name = module_name(reader.forward_func, reader.layer)
     if ours is not None and ours != saved:
         what = "a model with other weights (or other parameter names)"
-    elif layer is not None and _split_layer_name(reader) not in (None, layer):
-        what = f"another layer ({_split_layer_name(reader)!r}, saved at {layer!r})"
+    elif layer is not None and name not in (None, layer):
+        what = f"another layer ({name!r}, saved at {layer!r})"
     else:
         return
     warnings.warn(
@@ -91,11 +86,9 @@ def _check_same_model(meta: dict[str, Any], reader: Any) -> None:
 def _heatmap_layer_name(region: Interpretation) -> str | None:
     if region.heatmap_layer is None or region.heatmap_layer == INPUT:
         return None
-    model = getattr(region.reader, "forward_func", None)
-    if isinstance(model, nn.Module):
-        for name, module in model.named_modules():
-            if module is region.heatmap_layer:
-                return name
+    name = module_name(getattr(region.reader, "forward_func", None), region.heatmap_layer)
+    if name is not None:
+        return name
     raise ValueError(
         "heatmap_layer: cannot name it for saving (it is not a submodule of the model)"
     )

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..features import eval_mode, extract_features, model_device
+from ..features import eval_mode, extract_features, model_device, module_name
 from ..references import study_head
 from ..tracing import warn_probability_output
 from .actor import import_ray
@@ -100,10 +100,9 @@ def _as_dataset(ray: Any, references: Any, batch_size: int, column: str | None) 
 
 
 def _layer_name(model: Any, layer: nn.Module) -> str:
-    if isinstance(model, nn.Module):
-        for name, module in model.named_modules():
-            if module is layer:
-                return name
+    name = module_name(model, layer)
+    if name is not None:
+        return name
     raise TypeError(
         "fit_sharded needs forward_func to be an nn.Module that contains the layer, so "
         "that the layer can be found by name in the model built on the workers"
