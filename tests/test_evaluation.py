@@ -234,8 +234,7 @@ def test_aggregate_and_paired_comparison_by_hand():
     owner = [("ri", 0), ("ri", 0), ("ri", 1), ("ri", 2), ("b", 0), ("b", 1)]
     ad = torch.tensor([0.2, 0.4, 0.1, 0.5, 0.6, 0.1])
     ai = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
-    cfg = EvalConfig()
-    table = _aggregate(owner, ad, ai, 3, [0, 1, 1], cfg)
+    table = _aggregate(owner, ad, ai, 3, [0, 1, 1])
     assert table["ri"]["per_seed_AD"] == pytest.approx([0.3, 0.1, 0.5])
     assert table["ri"]["mAD"] == pytest.approx(0.3) and table["ri"]["mAI"] == pytest.approx(0.5)
     assert table["ri"]["n_images"] == 4 and table["ri"]["n_seeds"] == 3
@@ -243,7 +242,7 @@ def test_aggregate_and_paired_comparison_by_hand():
     assert table["b"]["mAD"] == pytest.approx(0.35)
     # three seeds: too few for an interval (reported as NaN, "n/a" in the tables)
     assert all(math.isnan(v) for v in table["ri"]["mAD_ci"] + table["ri"]["mAI_ci"])
-    (row,) = _compare(table, ["ri"], ["b"], [0, 1, 1], cfg)
+    (row,) = _compare(table, ["ri"], ["b"], [0, 1, 1])
     # paired over the seeds both have: (0.3 - 0.6, 0.1 - 0.1) -> mean -0.15
     assert row["dAD"] == pytest.approx(-0.15)
     assert row["dAI"] == pytest.approx(0.25)  # (0.5 - 0, 0 - 0)
@@ -263,19 +262,18 @@ def test_paired_comparison_with_enough_seeds_by_hand():
     owner = [("ri", j) for j in range(6)] + [("b", j) for j in range(6)]
     ad = torch.tensor([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.6, 0.6, 0.6, 0.1, 0.1, 0.1])
     ai = torch.zeros(12)
-    cfg = EvalConfig()
-    table = _aggregate(owner, ad, ai, 6, strata, cfg)
+    table = _aggregate(owner, ad, ai, 6, strata)
     assert table["ri"]["mAD"] == pytest.approx(0.2)
     assert table["ri"]["mAD_ci"] == pytest.approx([0.2, 0.2])  # constant within each class
-    (row,) = _compare(table, ["ri"], ["b"], strata, cfg)
+    (row,) = _compare(table, ["ri"], ["b"], strata)
     assert row["estimable"] is True and row["n_paired"] == 6
     assert row["dAD_ci"] == pytest.approx([-0.15, -0.15]) and row["win_AD"] is True
     assert row["dAI_ci"] == pytest.approx([0.0, 0.0]) and row["win_AI"] is None
     # worse: swap the roles
-    (rev,) = _compare(table, ["b"], ["ri"], strata, cfg)
+    (rev,) = _compare(table, ["b"], ["ri"], strata)
     assert rev["win_AD"] is False
     # the same six differences, one seed per class: no interval, no winner
-    (alone,) = _compare(table, ["ri"], ["b"], [0, 1, 2, 3, 4, 5], cfg)
+    (alone,) = _compare(table, ["ri"], ["b"], [0, 1, 2, 3, 4, 5])
     assert alone["estimable"] is False and alone["win_AD"] is None
     assert alone["dAD"] == pytest.approx(-0.15)
 
@@ -526,9 +524,8 @@ def test_recompute_intervals_gives_what_a_fresh_aggregate_gives():
     owner = [(m, j) for m in ("ri", "b") for j in range(12)]
     ad = torch.from_numpy(rng.uniform(0, 1, 24))
     ai = torch.from_numpy(rng.integers(0, 2, 24).astype(float))
-    cfg = EvalConfig()
-    table = _aggregate(owner, ad, ai, 12, strata, cfg)
-    comparisons = _compare(table, ["ri"], ["b"], strata, cfg)
+    table = _aggregate(owner, ad, ai, 12, strata)
+    comparisons = _compare(table, ["ri"], ["b"], strata)
     stale = copy.deepcopy(table)
     for row in stale.values():
         row["mAD_ci"] = row["mAI_ci"] = [0.0, 0.0]

@@ -560,13 +560,11 @@ def _masking_tables(
     keep = {}
     for fraction in cfg.fractions:
         ad, ai = average_drop_increase(model, images, maps, targets, fraction, cfg.baseline)
-        table = _aggregate(owner, ad, ai, n_seeds, strata, cfg)
+        table = _aggregate(owner, ad, ai, n_seeds, strata)
         keep[keep_key(fraction)] = {"metrics": table}
         if baselines is not None:
             ri_names = [n for n in table if n.startswith("ri")]
-            keep[keep_key(fraction)]["comparisons"] = _compare(
-                table, ri_names, baselines, strata, cfg
-            )
+            keep[keep_key(fraction)]["comparisons"] = _compare(table, ri_names, baselines, strata)
     return keep
 
 
@@ -634,9 +632,7 @@ def interval_estimable(values: Sequence[float], strata: Sequence[int]) -> bool:
     return int(counts[counts >= 2].sum()) >= MIN_SEEDS_FOR_INTERVAL
 
 
-def _interval(
-    values: Sequence[float], strata: Sequence[int], cfg: EvalConfig
-) -> tuple[float, float, float]:
+def _interval(values: Sequence[float], strata: Sequence[int]) -> tuple[float, float, float]:
     """``stratified_t_ci`` with NaN bounds when the interval is not estimable."""
     mean, lo, hi = stratified_t_ci(values, strata)
     if not interval_estimable(values, strata):
@@ -650,7 +646,6 @@ def _aggregate(
     ai: Tensor,
     n_seeds: int,
     strata: Sequence[int],
-    cfg: EvalConfig,
 ) -> dict:
     """mAD/mAI per method: mean over images of each seed, then over seeds with images.
 
@@ -670,8 +665,8 @@ def _aggregate(
                 per_seed_ad[j] = float(ad[sel].mean())
                 per_seed_ai[j] = float(ai[sel].mean())
                 n_img += len(sel)
-        m_ad, lo_ad, hi_ad = _interval(per_seed_ad, strata, cfg)
-        m_ai, lo_ai, hi_ai = _interval(per_seed_ai, strata, cfg)
+        m_ad, lo_ad, hi_ad = _interval(per_seed_ad, strata)
+        m_ai, lo_ai, hi_ai = _interval(per_seed_ai, strata)
         table[name] = {
             "mAD": m_ad,
             "mAD_ci": [lo_ad, hi_ad],
@@ -694,7 +689,6 @@ def _compare(
     ri_names: Sequence[str],
     base_names: Sequence[str],
     strata: Sequence[int],
-    cfg: EvalConfig,
 ) -> list[dict]:
     """Paired per-seed differences (RI config minus baseline) with stratified t intervals.
 
@@ -711,7 +705,7 @@ def _compare(
                 diff = np.asarray(table[r][f"per_seed_{metric}"]) - np.asarray(
                     table[b][f"per_seed_{metric}"]
                 )
-                mean, lo, hi = _interval(diff, strata, cfg)
+                mean, lo, hi = _interval(diff, strata)
                 row[f"d{metric}"] = mean
                 row[f"d{metric}_ci"] = [lo, hi]
                 # float32 round-off is not a difference; NaN bounds compare False
@@ -742,10 +736,10 @@ def _recompute_keep(keep: dict[str, Any], strata: Sequence[int]) -> None:
         table = part["metrics"]
         for row in table.values():
             for metric in ("AD", "AI"):
-                _, lo, hi = _interval(row[f"per_seed_{metric}"], strata, EvalConfig())
+                _, lo, hi = _interval(row[f"per_seed_{metric}"], strata)
                 row[f"m{metric}_ci"] = [lo, hi]
         for row in part.get("comparisons", []):
-            fresh = _compare(table, [row["ri"]], [row["baseline"]], strata, EvalConfig())[0]
+            fresh = _compare(table, [row["ri"]], [row["baseline"]], strata)[0]
             row.update(fresh)
 
 
