@@ -48,7 +48,7 @@ from .auditing import AuditRegion, ClassAudit, audit
 from .features import caller_stacklevel, in_eval_mode, module_name
 from .interpretation import Interpretation
 from .report_inputs import ReportInputs, checked_labels, prepare_report
-from .visualization import SEM_DIST, plot_audit, plot_images, plot_region
+from .visualization import SEM_DIST, _plain, plot_audit, plot_images, plot_region
 
 __all__ = [
     "GLOSSARY",
@@ -394,13 +394,6 @@ def _class_name(c: int, class_names: Sequence[str] | None) -> str:
     return str(c)
 
 
-def _figure_names(class_names: Sequence[str] | None) -> list[str] | None:
-    """Class names for the figures: matplotlib reads text between two ``$`` as math
-    (``"$_$"`` fails to parse when the figure is saved), so each ``$`` is escaped and
-    the figures show the names as given."""
-    return None if class_names is None else [n.replace("$", r"\$") for n in class_names]
-
-
 def _sizes(row: RegionRow) -> str:
     sizes = row.subgroup_sizes
     return "1" if len(sizes) <= 1 else f"{len(sizes)} ({', '.join(map(str, sizes))})"
@@ -508,7 +501,9 @@ def _summary_figure(
                 color="#555",
             )
         count = int(ca.indices.numel())
-        ylabels.append(f"class {_class_name(c, class_names)}\n({count} image{'s' * (count != 1)})")
+        ylabels.append(
+            _plain(f"class {_class_name(c, class_names)}\n({count} image{'s' * (count != 1)})")
+        )
     left.set_yticks(range(n_classes), ylabels, fontsize=7)
     left.invert_yaxis()
     left.set_xlim(0, 1)
@@ -538,7 +533,9 @@ def _summary_figure(
             label="misclassified (true label another class)",
         )
     right.set_yticks(
-        y, [f"{r.label} (class {_class_name(r.target, class_names)})" for r in rows], fontsize=7
+        y,
+        [_plain(f"{r.label} (class {_class_name(r.target, class_names)})") for r in rows],
+        fontsize=7,
     )
     right.invert_yaxis()
     right.tick_params(axis="x", labelsize=7)
@@ -695,11 +692,6 @@ def build_report(
     if heldout_warning and classes is None:  # audit_regions warned of the classes given
         warnings.warn(heldout_warning, UserWarning, stacklevel=caller_stacklevel())
 
-    figure_names = _figure_names(class_names)
-
-    def fig_name(c: int) -> str:
-        return _class_name(c, figure_names)
-
     odd: dict[str, list[_Odd]] = {}
     views = []
     for k, r in enumerate(rows):
@@ -710,10 +702,10 @@ def build_report(
             seed_img,
             references,
             k=members_shown,
-            class_names=figure_names,
+            class_names=class_names,
             seed_label=None if held_labels is None else int(held_labels[r.seed_index]),
             reference_labels=ref_labels,
-            title=f"{r.label}, region of class {fig_name(r.target)}",
+            title=f"{r.label}, region of class {name(r.target)}",
         )
         r.figure = f"region_{k + 1:02d}_class{r.target}.png"
         fig.savefig(out / r.figure, dpi=90)
@@ -739,15 +731,15 @@ def build_report(
             maps = maps[0] if isinstance(maps, tuple) else maps
             titles = []
             for o in shown:
-                text = f"{o.source} #{o.index}\npred {fig_name(o.pred)}"
-                titles.append(text + ("" if o.true is None else f"\ntrue {fig_name(o.true)}"))
+                text = f"{o.source} #{o.index}\npred {name(o.pred)}"
+                titles.append(text + ("" if o.true is None else f"\ntrue {name(o.true)}"))
             intruder_figure = f"region_{k + 1:02d}_intruders.png"
             plot_images(
                 imgs,
                 titles,
                 maps=maps,
                 bad=[True] * len(shown),
-                title=f"{r.label} (class {fig_name(r.target)}): images inside that the model "
+                title=f"{r.label} (class {name(r.target)}): images inside that the model "
                 "puts in another class, or whose true label is another",
                 caption="Under the region's heat map: the region's one direction applied to "
                 "each image's activations (not each image's own explanation; a coarse layer "
@@ -802,7 +794,7 @@ def build_report(
             class_audit,
             heldout,
             n_exemplars=members_shown,
-            class_names=figure_names,
+            class_names=class_names,
             region_labels=[v["label"] for v in mine],
             labels=held_labels,
         ).savefig(out / png, dpi=80)
@@ -821,7 +813,7 @@ def build_report(
             }
         )
     summary = "summary.png"
-    _summary_figure(rows, audits, odd, figure_names, has_labels).savefig(out / summary, dpi=90)
+    _summary_figure(rows, audits, odd, class_names, has_labels).savefig(out / summary, dpi=90)
     accuracy = []
     if ref_labels is not None:
         accuracy.append(("on the references", float((ref_preds == ref_labels).float().mean())))

@@ -455,9 +455,21 @@ def test_label_order_mismatch_with_label_numbers_far_beyond_the_classes():
     assert moved[0] == 3 and moved[3] == 0
 
 
-def test_report_class_names_with_dollar_signs(fitted, tmp_path):
+def test_report_class_names_with_dollar_signs(fitted, tmp_path, monkeypatch):
     # matplotlib reads text between two "$" as mathtext: "$_$" fails to parse at savefig
     # and "$x$" would be drawn as an italic x; the figures must show the names as given
+    # (the report escaped them and the figures escaped them again: "\$_\$" was drawn)
+    from matplotlib.figure import Figure
+
+    drawn: list[str] = []
+    save = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        for text in fig.findobj(lambda o: hasattr(o, "_preprocess_math")):
+            drawn.append(text._preprocess_math(text.get_text())[0])
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
     refs = fitted[1]
     names = ["$_$", "$5 and $10", "two", "three"]
     index = _small_report(
@@ -469,6 +481,9 @@ def test_report_class_names_with_dollar_signs(fitted, tmp_path):
     )
     page = index.read_text()
     assert "0 ($_$)" in page and "1 ($5 and $10)" in page  # the page shows them unchanged
+    shown = "\n".join(drawn)
+    assert "$_$" in shown and "$5 and $10" in shown  # region, audit and summary figures
+    assert "\\$" not in shown
 
 
 class _Items(torch.utils.data.Dataset):
