@@ -359,8 +359,6 @@ def choose_heatmap_layer(
                 if at_layer.mean() <= at_input.mean():
                     verdict += " on most references, though lower on average"
                 break
-        bar.total = done  # a clear answer ends the sample early
-        bar.refresh()
     # the smallest p the exact test can give, on the references whose scores differ
     differ = _untied_differences(at_input, at_layer).size
     if chosen is None and differ and 0.5**differ >= level:
