@@ -278,7 +278,7 @@ def _zhead_matching(
             out = zhead(z)
     except (RuntimeError, ValueError, TypeError):
         return None, None
-    if not close_logits(out.detach().to("cpu", torch.float64), known):
+    if not close_logits(out.detach().to("cpu", torch.float64), known, through=module):
         return None, None
     return zhead, out
 

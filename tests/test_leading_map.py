@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from captum_repinterp import RepresentativeInterpretation, boundaries
-from captum_repinterp.projection import LeadingMap, find_leading_map
+from captum_repinterp.features import LayerLayout
+from captum_repinterp.heads import UserHead
+from captum_repinterp.projection import LeadingMap, find_leading_map, sum_rounding
 
 
 class WideHeadCNN(nn.Module):
@@ -145,3 +147,38 @@ def test_split_at_the_input_of_the_heads_leading_linear():
     psi = mlp[1](mlp[0](x[:5])).detach()
     expect = (psi @ region.direction).clamp_min(0)[:, None]
     torch.testing.assert_close(region.heatmap(x[:5]), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_sum_rounding_is_the_probabilistic_bound_of_the_layers_sums():
+    # 4 u sqrt(n), u = 2^-24 the float32 unit roundoff (hand computation)
+    assert sum_rounding(nn.Linear(25088, 2)) == pytest.approx(4 * 2.0**-24 * 25088**0.5)
+    assert sum_rounding(nn.Linear(1152, 2)) < 1e-5  # the small heads keep 1e-5
+    assert sum_rounding(nn.Linear(16, 2).double()) == pytest.approx(4 * 2.0**-53 * 4)
+    assert sum_rounding(nn.ReLU()) == 0.0
+
+
+@pytest.mark.parametrize("width, accepted", [(25088, True), (72, False)])
+def test_leading_check_allows_the_rounding_of_a_wide_layer(width, accepted):
+    """The logits `fit` kept and the head on the leading layer's output sum the layer's
+    products in different orders; on a VGG (25,088 inputs) they differ by about 2e-5 of
+    the logits' scale. That is rounding, not a different function: accepted for a wide
+    layer, still refused for a narrow one, and a real difference (1e-3) always."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    psi = torch.randn(5, width)
+    with torch.no_grad():
+        head[2].weight.mul_(20.0)  # logits of a few units, as a VGG's
+        z = head[0](psi)
+        logits = head(psi).double()
+    scale = float(logits.abs().max())
+    assert scale > 1.0
+    nudged = logits.clone()
+    nudged[:, 0] += 2e-5 * scale
+    user = UserHead(head, LayerLayout(((width,),), False))
+    zhead, out = boundaries._zhead_matching(user, head[0], psi[0], z, nudged)
+    assert (zhead is not None) is accepted
+    if accepted:
+        torch.testing.assert_close(out.double(), logits, rtol=1e-5, atol=1e-5 * scale)
+    far = logits.clone()
+    far[:, 0] += 1e-3 * scale
+    assert boundaries._zhead_matching(user, head[0], psi[0], z, far) == (None, None)
