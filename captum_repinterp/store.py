@@ -51,7 +51,7 @@ import torch
 from numpy.lib.format import open_memmap
 from torch import Tensor, nn
 
-from .features import Example, LayerLayout, feature_batches
+from .features import Example, LayerLayout, feature_batches, module_name
 from .inputs import all_finite, rows_read
 
 __all__ = [
@@ -478,6 +478,18 @@ def _check_fingerprint(store: ReferenceStore, fingerprint: str | None, path: Any
         )
 
 
+def _check_layer(store: ReferenceStore, name: str | None, path: Any) -> None:
+    """Refuse a store fitted at another layer of the model (stores without the name, or
+    a model that does not name its layer, pass): a layer of the same shape (a conv and
+    the ReLU after it) would otherwise mix two layers' features when appending."""
+    stored = store.meta.get("layer")
+    if name is not None and stored is not None and stored != name:
+        raise ValueError(
+            f"store: {os.fspath(path)!r} was fitted at the model's layer {stored!r}, not "
+            f"at {name!r}; its rows cannot be mixed with these or reused: use a new path"
+        )
+
+
 def fit_to_store(
     forward_func: Any,
     layer: Any,
@@ -505,9 +517,10 @@ def fit_to_store(
     - an incomplete store and the other ``append`` than the interrupted call's:
       ``ValueError`` (resuming it would skip or repeat rows).
 
-    The store keeps a fingerprint of the model's weights (:func:`model_fingerprint`); a
-    store written by a model with other weights is refused in every case (its rows would
-    be mixed with, or stand for, this model's). Only one batch of features is in memory
+    The store keeps a fingerprint of the model's weights (:func:`model_fingerprint`) and
+    the split layer's name; a store written by a model with other weights, or at another
+    layer, is refused in every case (its rows would be mixed with, or stand for, this
+    model's at this layer). Only one batch of features is in memory
     at a time.
 
     Returns
@@ -535,9 +548,11 @@ def fit_to_store(
     )
     store = ReferenceStore.open(path) if ReferenceStore.exists(path) else None
     fingerprint = model_fingerprint(forward_func)
+    layer_name = module_name(forward_func, layer)
     skip = start = 0
     if store is not None:
         _check_fingerprint(store, fingerprint, path)
+        _check_layer(store, layer_name, path)
         if store.attribute_to_layer_input != attribute_to_layer_input:
             raise ValueError(
                 f"store: {os.fspath(path)!r} was fitted with attribute_to_layer_input="
@@ -580,6 +595,7 @@ def fit_to_store(
         if store is None:
             store = ReferenceStore.create(path, layout, n or 1024, attribute_to_layer_input)
             store.meta["model"] = fingerprint
+            store.meta["layer"] = layer_name
         elif layout != store.layout:
             raise ValueError(
                 f"references: the layer's output shapes {layout.shapes} differ from the "

@@ -263,6 +263,22 @@ def test_store_of_other_references_is_refused(tiny, tmp_path):
         _fit(model, model.features, x[60:120], store=tmp_path)
 
 
+def test_append_at_another_layer_of_the_same_shape_is_refused(tiny, tmp_path):
+    """Appending at another layer of the same model whose output has the store's shape
+    (the conv before the ReLU the store was fitted at) would mix two layers' features in
+    one reference set: refused before a row is written. The same layer (another
+    explainer) still appends."""
+    model, x = tiny
+    block = model.features[-1]  # conv -> ReLU
+    _fit(model, block, x[:40], store=tmp_path)
+    before = (tmp_path / "meta.json").read_text()
+    with pytest.raises(ValueError, match=r"store: .*'features\.1'.*'features\.1\.0'"):
+        _fit(model, block[0], x[40:60], store=tmp_path, append=True)
+    assert (tmp_path / "meta.json").read_text() == before
+    ri = _fit(model, block, x[40:60], store=tmp_path, append=True)
+    assert ri.n_references_ == 60
+
+
 def test_store_append_still_works(tiny, tmp_path):
     model, x = tiny
     _fit(model, model.features, x[:40], store=tmp_path)
