@@ -279,6 +279,42 @@ def test_append_at_another_layer_of_the_same_shape_is_refused(tiny, tmp_path):
     assert ri.n_references_ == 60
 
 
+def test_a_store_being_written_is_refused_to_a_second_fit(tiny, one_thread, tmp_path):
+    """Two fits writing one store at once (two processes appending) took each other's
+    running append for an interrupted one and wrote into it: rows of both sets mixed in
+    one store. The store is locked while a fit writes: a second fit meanwhile is refused
+    (here run from inside the first, as another process would); the first one's rows
+    are those of a fit in one go, and the second succeeds once the first has finished."""
+    model, x = tiny
+    twin = copy.deepcopy(model)  # the other writer (no hook of the first on it)
+    path = tmp_path / "s"
+    _fit(model, model.features, x[:40], store=path)
+    errors: list[Exception] = []
+    calls = [0]
+
+    def second_writer(*_: object) -> None:
+        calls[0] += 1
+        if calls[0] == 3:  # the first call's second batch of rows
+            for append in (True, False):
+                try:
+                    _fit(twin, twin.features, x[100:160], store=path, append=append)
+                except ValueError as exc:
+                    errors.append(exc)
+
+    handle = model.features.register_forward_hook(second_writer)
+    try:
+        first = _fit(model, model.features, x[40:100], store=path, append=True, batch_size=20)
+    finally:
+        handle.remove()
+    assert len(errors) == 2
+    assert all("is being written by another fit" in str(e) for e in errors)
+    with torch.no_grad():
+        assert torch.equal(first.predictions_, model(x[:100]).argmax(1))
+        torch.testing.assert_close(first.features_, model.features(x[:100]).flatten(1))
+    again = _fit(twin, twin.features, x[100:160], store=path, append=True)
+    assert again.n_references_ == 160
+
+
 def test_store_append_still_works(tiny, tmp_path):
     model, x = tiny
     _fit(model, model.features, x[:40], store=tmp_path)
