@@ -109,8 +109,14 @@ def save_interpretation(region: Interpretation, path: str | os.PathLike) -> None
     ------
     TypeError
         For a ``path`` that is not a str or os.PathLike.
+    ValueError
+        For an empty ``path`` or a directory.
     """
     _check_path(path)
+    if not os.fspath(path):
+        raise ValueError("path: an empty path; give the file to write")
+    if Path(path).is_dir():
+        raise ValueError(f"path: {os.fspath(path)!r} is a directory; give a file in it")
     arrays = {name: getattr(region, name).detach().cpu().numpy() for name in TENSORS}
     if region.channel_weights is not None:
         arrays["channel_weights"] = region.channel_weights.detach().cpu().numpy()

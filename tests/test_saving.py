@@ -159,6 +159,19 @@ def test_saving_to_an_int_is_refused_and_writes_nothing(tiny, one_thread, tmp_pa
     assert Interpretation.load(str(tmp_path / "r.npz"), explainer=ri) == region
 
 
+def test_saving_to_an_empty_path_or_a_directory_names_path(last_block_fit, tmp_path):
+    """``save("")`` raised ``ValueError: PosixPath('.') has an empty name`` and
+    ``save(folder)`` an ``IsADirectoryError`` naming a temporary file the user never
+    gave; both are now a ValueError naming ``path``, and nothing is written."""
+    ri, _, x = last_block_fit
+    region = ri.interpret(x[200:201], n_boundaries=10, heatmap_layer=None)
+    with pytest.raises(ValueError, match="path: an empty path"):
+        region.save("")
+    with pytest.raises(ValueError, match=r"path: .* is a directory"):
+        region.save(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_interrupted_save_leaves_the_earlier_file(last_block_fit, tmp_path, monkeypatch):
     """``save`` wrote in place: a save interrupted part-way left a truncated file, which
     ``load`` then refused. Now the earlier file stays whole and no temporary is left."""
