@@ -493,6 +493,24 @@ def _check_layer(store: ReferenceStore, name: str | None, path: Any) -> None:
         )
 
 
+#: Descriptors of the store locks this process holds; a forked child (a DataLoader
+#: worker) closes its copies at once, so that it cannot keep a lock after the fit ends.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class StoreLock:
     """An exclusive advisory lock (``flock``) on a store's directory, held while a fit
     writes to it, so that two processes cannot write one store at once (the second would
@@ -530,9 +548,11 @@ class StoreLock:
                 "this or another process); wait until it finishes, then call fit again"
             ) from None
         self._fd = fd
+        _HELD_LOCKS.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_LOCKS.discard(self._fd)
             os.close(self._fd)
             self._fd = None
 

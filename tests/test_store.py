@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import mmap
+import os
 import sys
 
 import numpy as np
@@ -464,3 +465,40 @@ def test_damaged_store_is_refused(tmp_path, damage, complete):
         RepresentativeInterpretation(model, model[0]).fit(
             refs, batch_size=64, progress=False, store=path
         )
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_fit_does_not_keep_the_store_locked(tiny, tmp_path):
+    """A process forked while a fit holds the store's lock (a DataLoader worker started
+    during the fit, kept with ``persistent_workers``) shared the lock, so a later fit of
+    the store was refused while the child lived. A forked child now drops its copy."""
+    model, x = tiny
+    path = tmp_path / "s"
+    _fit(model, model.features, x[:40], store=path)
+    calls, children = [0], []
+
+    def fork_a_worker(*_: object) -> None:
+        calls[0] += 1
+        if calls[0] == 3:  # while the append below writes
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child waits until the parent closes the pipe
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0)
+            os.close(r)
+            children.append((pid, w))
+
+    handle = model.features.register_forward_hook(fork_a_worker)
+    try:
+        _fit(model, model.features, x[40:100], store=path, append=True, batch_size=20)
+    finally:
+        handle.remove()
+    try:
+        assert children
+        again = _fit(model, model.features, x[100:120], store=path, append=True)
+        assert again.n_references_ == 120
+    finally:
+        for pid, w in children:
+            os.close(w)
+            os.waitpid(pid, 0)
