@@ -456,6 +456,8 @@ class Interpretation:
         ------
         TypeError
             For a ``path`` that is not a str or os.PathLike.
+        ValueError
+            For an empty ``path`` or a directory.
         """
         save_interpretation(self, path)
 

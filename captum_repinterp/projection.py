@@ -14,6 +14,7 @@ otherwise the caller falls back to the full product.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,15 +308,22 @@ def build_projection(
             projected[s : s + chunk_size] = features[s : s + chunk_size].to(torch.float32) @ a32.T
     else:
         # written next to it, then moved into place: an explainer still mapping the old
-        # file (an earlier fit of the same store) keeps reading it intact
-        tmp = Path(out_path).with_name(Path(out_path).stem + ".tmp.npy")
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        for s in range(0, shape[0], chunk_size):
-            rows = features[s : s + chunk_size].to(torch.float32)
-            mm[s : s + chunk_size] = (rows @ a32.T).numpy()
-        mm.flush()
-        del mm
-        os.replace(tmp, out_path)
+        # file (an earlier fit of the same store) keeps reading it intact; the temporary
+        # name is this writer's own, so two fits of one store (two processes) cannot
+        # truncate or move each other's half-written file
+        stem = f"{Path(out_path).stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp = Path(out_path).with_name(stem + ".tmp.npy")
+        try:
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            for s in range(0, shape[0], chunk_size):
+                rows = features[s : s + chunk_size].to(torch.float32)
+                mm[s : s + chunk_size] = (rows @ a32.T).numpy()
+            mm.flush()
+            del mm
+            os.replace(tmp, out_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         projected = torch.from_numpy(np.load(out_path, mmap_mode="c"))
     return Projection(basis, gram, projected, module=module, offset=offset)
 

@@ -22,7 +22,7 @@ from ._checks import check_finite_outputs, check_grad_mode
 from .boundaries import sample_and_match
 from .features import caller_stacklevel, eval_mode
 from .heatmap import RegionContext, check_input_dtypes
-from .inputs import format_inputs, slice_args
+from .inputs import check_against_references, format_inputs, slice_args
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
 from .match import margins, semantic_distance
@@ -137,10 +137,6 @@ def read_seeds(
     TypeError, ValueError
         Naming ``inputs``, ``target`` or ``heatmap_layer``.
     """
-    model = reader.forward_func
-    if isinstance(options.heatmap_layer, nn.Module) and isinstance(model, nn.Module):
-        if not any(m is options.heatmap_layer for m in model.modules()):
-            raise ValueError("heatmap_layer: the layer is not part of forward_func")
     inputs_t = format_inputs(inputs)
     # the seed's read records what its head would record in a run of its own, unless
     # the head is affine and its exact boundaries come from the kept logits (no head call)
@@ -201,6 +197,36 @@ def interpret_seed(
     return region
 
 
+def check_heatmap_layer(
+    reader: LayerReader, inputs: Any, additional_forward_args: Any, heatmap_layer: Any
+) -> None:
+    """Refuse, before any region is searched, a ``heatmap_layer`` module the maps cannot
+    be drawn at: not a module of the model, not on the path to the split layer (e.g.
+    after it) or run more than once per forward pass. The last two are found by drawing
+    a zero direction's map on the first input (one forward and one backward pass), so
+    the error is the one the map would give.
+
+    Raises
+    ------
+    ValueError
+        Naming ``heatmap_layer`` (or ``inputs``, for inputs unlike the references).
+    """
+    if not isinstance(heatmap_layer, nn.Module):
+        return
+    model = reader.forward_func
+    if isinstance(model, nn.Module) and not any(m is heatmap_layer for m in model.modules()):
+        raise ValueError("heatmap_layer: the layer is not part of forward_func")
+    inputs_t = format_inputs(inputs)
+    check_against_references(inputs_t, reader.input_spec, "inputs")
+    n = inputs_t[0].shape[0]
+    if n == 0:  # no image to draw on (attribute names the empty batch)
+        return
+    extra = _format_additional_forward_args(additional_forward_args)
+    first = tuple(t[:1] for t in inputs_t)
+    zero = torch.zeros(reader.layout.dim)
+    reader.pulled_back(first, slice_args(extra, n, 0, 1), zero, heatmap_layer)
+
+
 def find_regions(
     references: FittedReferences,
     reader: LayerReader,
@@ -217,6 +243,7 @@ def find_regions(
     :mod:`captum_repinterp.distributed`) is handed the call.
     """
     check_grad_mode("interpret")
+    check_heatmap_layer(reader, inputs, additional_forward_args, options.heatmap_layer)
     run = getattr(references, "find_regions", None)
     if run is not None:
         return run(reader, inputs, target, additional_forward_args, options)

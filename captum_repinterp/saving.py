@@ -86,7 +86,13 @@ def _check_same_model(meta: dict[str, Any], reader: Any) -> None:
 def _heatmap_layer_name(region: Interpretation) -> str | None:
     if region.heatmap_layer is None or region.heatmap_layer == INPUT:
         return None
-    name = module_name(getattr(region.reader, "forward_func", None), region.heatmap_layer)
+    model = getattr(region.reader, "forward_func", None)
+    if region.reader is not None and not isinstance(model, nn.Module):
+        raise ValueError(
+            "heatmap_layer: cannot name it for saving: forward_func is not an nn.Module "
+            "(wrap the model in one, or draw the map at heatmap_layer=None or 'input')"
+        )
+    name = module_name(model, region.heatmap_layer)
     if name is not None:
         return name
     raise ValueError(
@@ -109,8 +115,14 @@ def save_interpretation(region: Interpretation, path: str | os.PathLike) -> None
     ------
     TypeError
         For a ``path`` that is not a str or os.PathLike.
+    ValueError
+        For an empty ``path`` or a directory.
     """
     _check_path(path)
+    if not os.fspath(path):
+        raise ValueError("path: an empty path; give the file to write")
+    if Path(path).is_dir():
+        raise ValueError(f"path: {os.fspath(path)!r} is a directory; give a file in it")
     arrays = {name: getattr(region, name).detach().cpu().numpy() for name in TENSORS}
     if region.channel_weights is not None:
         arrays["channel_weights"] = region.channel_weights.detach().cpu().numpy()

@@ -35,6 +35,8 @@ Resume and append (see :meth:`RepresentativeInterpretation.fit`):
   keeps the row it started at (``"append_from"``) until it finishes. An interrupted fit
   is resumed with the ``append`` it was called with; the other is refused, as it would
   skip or repeat rows.
+- one writer at a time: the directory is locked (:class:`StoreLock`) while a fit writes,
+  and a second fit of the store meanwhile (another process) is refused.
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ import torch
 from numpy.lib.format import open_memmap
 from torch import Tensor, nn
 
-from .features import Example, LayerLayout, feature_batches
+from .features import Example, LayerLayout, feature_batches, module_name
 from .inputs import all_finite, rows_read
 
 __all__ = [
     "OutputRecorder",
     "ReferenceStore",
+    "StoreLock",
     "STORE_FILES",
     "STORE_FORMAT",
     "keep_logits",
@@ -478,6 +481,82 @@ def _check_fingerprint(store: ReferenceStore, fingerprint: str | None, path: Any
         )
 
 
+def _check_layer(store: ReferenceStore, name: str | None, path: Any) -> None:
+    """Refuse a store fitted at another layer of the model (stores without the name, or
+    a model that does not name its layer, pass): a layer of the same shape (a conv and
+    the ReLU after it) would otherwise mix two layers' features when appending."""
+    stored = store.meta.get("layer")
+    if name is not None and stored is not None and stored != name:
+        raise ValueError(
+            f"store: {os.fspath(path)!r} was fitted at the model's layer {stored!r}, not "
+            f"at {name!r}; its rows cannot be mixed with these or reused: use a new path"
+        )
+
+
+#: Descriptors of the store locks this process holds; a forked child (a DataLoader
+#: worker) closes its copies at once, so that it cannot keep a lock after the fit ends.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+class StoreLock:
+    """An exclusive advisory lock (``flock``) on a store's directory, held while a fit
+    writes to it, so that two processes cannot write one store at once (the second would
+    take the first's running fit or append for an interrupted one and write into it).
+    A no-op where ``fcntl`` is missing (Windows) or the directory does not exist yet."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock (once; later calls do nothing).
+
+        Raises
+        ------
+        ValueError
+            Naming ``store``, when another fit holds it.
+        """
+        if self._fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover (Windows)
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # no directory yet: taken again once the store is created
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(
+                f"store: {os.fspath(self.path)!r} is being written by another fit (in "
+                "this or another process); wait until it finishes, then call fit again"
+            ) from None
+        self._fd = fd
+        _HELD_LOCKS.add(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            _HELD_LOCKS.discard(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
 def fit_to_store(
     forward_func: Any,
     layer: Any,
@@ -505,10 +584,13 @@ def fit_to_store(
     - an incomplete store and the other ``append`` than the interrupted call's:
       ``ValueError`` (resuming it would skip or repeat rows).
 
-    The store keeps a fingerprint of the model's weights (:func:`model_fingerprint`); a
-    store written by a model with other weights is refused in every case (its rows would
-    be mixed with, or stand for, this model's). Only one batch of features is in memory
-    at a time.
+    The store keeps a fingerprint of the model's weights (:func:`model_fingerprint`) and
+    the split layer's name; a store written by a model with other weights, or at another
+    layer, is refused in every case (its rows would be mixed with, or stand for, this
+    model's at this layer). The store's directory is locked while this call writes
+    (:class:`StoreLock`): a second fit of the same store meanwhile, in this or another
+    process, is refused with a ``ValueError`` instead of writing into it. Only one batch
+    of features is in memory at a time.
 
     Returns
     -------
@@ -533,11 +615,39 @@ def fit_to_store(
         progress,
         desc="fit: reference features (store)",
     )
+    lock = StoreLock(path)
+    try:
+        if ReferenceStore.exists(path):
+            lock.acquire()
+        return _write_store(
+            forward_func, layer, recorder, (n, example, run), lock, path, append, references,
+            attribute_to_layer_input,
+        )  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _write_store(
+    forward_func: Any,
+    layer: Any,
+    recorder: OutputRecorder,
+    batches: tuple[int | None, Example, Any],
+    lock: StoreLock,
+    path: str | os.PathLike,
+    append: bool,
+    references: Any,
+    attribute_to_layer_input: bool,
+) -> tuple[ReferenceStore, Example, int, bool]:
+    """:func:`fit_to_store` after the references' first example was read, under ``lock``
+    (taken here once a new store is created)."""
+    n, example, run = batches
     store = ReferenceStore.open(path) if ReferenceStore.exists(path) else None
     fingerprint = model_fingerprint(forward_func)
+    layer_name = module_name(forward_func, layer)
     skip = start = 0
     if store is not None:
         _check_fingerprint(store, fingerprint, path)
+        _check_layer(store, layer_name, path)
         if store.attribute_to_layer_input != attribute_to_layer_input:
             raise ValueError(
                 f"store: {os.fspath(path)!r} was fitted with attribute_to_layer_input="
@@ -580,6 +690,8 @@ def fit_to_store(
         if store is None:
             store = ReferenceStore.create(path, layout, n or 1024, attribute_to_layer_input)
             store.meta["model"] = fingerprint
+            store.meta["layer"] = layer_name
+            lock.acquire()
         elif layout != store.layout:
             raise ValueError(
                 f"references: the layer's output shapes {layout.shapes} differ from the "

@@ -409,7 +409,9 @@ def plot_region(
     maps = _layer_maps(interpretation.heatmap(images))
     name = _name(interpretation.target, class_names)
     preds = _predict(interpretation, images)
-    vmax = _shared_max(images, maps)
+    # an N x D split layer gives one value per image (N x 1): no positions to draw
+    spatial = maps.dim() >= 3
+    vmax = _shared_max(images, maps) if spatial else None
     fig = Figure(
         figsize=(panel_size * images.shape[0] + 1.2, panel_size * (_aspect(images) + 0.8)),
         layout="constrained",
@@ -429,7 +431,7 @@ def plot_region(
         label, bad = _label(preds[j] if preds else None, true, class_names)
         if preds and preds[j] != interpretation.target:
             bad = True
-        mappable = _keep(mappable, show_heatmap(ax, images[j], maps[j], vmax))
+        mappable = _keep(mappable, show_heatmap(ax, images[j], maps[j] if spatial else None, vmax))
         ax.set_title(
             _panel_text(f"{head}\n{label}" if label else head, panel_size),
             fontsize=7,
@@ -447,12 +449,18 @@ def plot_region(
         ),
         fontsize=8,
     )
-    where = _where(maps, images, isinstance(interpretation.heatmap_layer, str))
     again = f" The seed is reference #{seed_ref[0]}, not shown again." if seed_ref else ""
+    if spatial:
+        where = _where(maps, images, isinstance(interpretation.heatmap_layer, str))
+        about = f"One heat map for every panel (the region's, {where}; one colour scale)."
+    else:
+        about = (
+            "No heat map: the split layer has no positions (one value per image); draw "
+            "the region's map at heatmap_layer='input' or at an earlier layer."
+        )
     _caption(
         fig,
-        f"One heat map for every panel (the region's, {where}; one colour scale). "
-        f"Red: predicted not {name}, or true label differs.{again}\n{SEM_DIST}.",
+        f"{about} Red: predicted not {name}, or true label differs.{again}\n{SEM_DIST}.",
     )
     return fig
 

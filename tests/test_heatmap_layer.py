@@ -77,11 +77,9 @@ def test_bad_heatmap_layers_and_no_side_effects(fitted):
         ri.interpret(x[200:201], heatmap_layer=model.features[0], heatmap_rule="channel")
     with pytest.raises(ValueError, match="not part of forward_func"):
         ri.interpret(x[200:201], heatmap_layer=nn.Conv2d(1, 2, 3), heatmap_rule=EW)
-    after = ri.interpret(
-        x[200:201], heatmap_layer=model.head[1], heatmap_rule=EW
-    )  # after the split
-    with pytest.raises(ValueError, match="heatmap_layer"):
-        after.heatmap(x[210:212])
+    # after the split: refused by interpret too, not only by the map drawn later
+    with pytest.raises(ValueError, match="heatmap_layer: the score at layer does not depend"):
+        ri.interpret(x[200:201], heatmap_layer=model.head[1], heatmap_rule=EW)
     reg = ri.interpret(x[200:201], heatmap_layer=model.features[0], heatmap_rule=EW)
     with pytest.raises(ValueError, match="heatmap"):
         reg.heatmap_from_activations((torch.zeros(1, 8, 6, 6),))
@@ -138,3 +136,54 @@ def test_audit_takes_the_split_layer_as_heatmap_layer(tiny):
         assert a.interpretation == b.interpretation
     with pytest.raises(ValueError, match="heatmap_layer"):
         ri.audit(x[240:300], target=0, progress=False, heatmap_layer=model.features[0])
+
+
+class _SharedReLU(nn.Module):
+    """conv -> ReLU -> conv -> the same ReLU (split) -> linear: the ReLU runs twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.act, self.split = nn.ReLU(), nn.Identity()
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(4 * 12 * 12, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.split(self.act(self.c2(self.act(self.c1(x))))))
+
+
+@pytest.mark.parametrize("where", ["after the split", "run twice"])
+def test_a_layer_the_map_cannot_be_drawn_at_is_refused_before_the_search(
+    fitted, tiny, monkeypatch, where
+):
+    """A ``heatmap_layer`` after the split layer (or one the model runs twice) was
+    accepted by ``interpret`` (the error came later, from ``heatmap``) and refused by
+    ``attribute`` only after every seed's region had been searched. Both now refuse it
+    before any region search, with the error the map would give; nothing is left on
+    the model."""
+    from captum_repinterp import region as region_module
+
+    if where == "after the split":
+        model, x, ri = fitted
+        layer, match = model.head[1], "does not depend on heatmap_layer's output"
+    else:
+        torch.manual_seed(0)
+        model = _SharedReLU().eval()
+        _, x = tiny
+        with torch.no_grad():
+            out = model(x[:200])
+            model.fc[1].bias.sub_(out.mean(0))  # every class predicted somewhere
+        ri = RepresentativeInterpretation(model, model.split).fit(x[:200], progress=False)
+        layer, match = model.act, "runs 2 times per forward pass"
+    searched = []
+    real = region_module.find_region
+    monkeypatch.setattr(
+        region_module, "find_region", lambda *a, **k: searched.append(1) or real(*a, **k)
+    )
+    for call in (ri.interpret, ri.attribute):
+        with pytest.raises(ValueError, match=match):
+            call(x[200:203], heatmap_layer=layer, heatmap_rule=EW)
+    assert not searched
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    ri.interpret(x[200:201], heatmap_layer=None)
+    assert searched  # the search itself is the one counted

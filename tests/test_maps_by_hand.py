@@ -267,7 +267,9 @@ def test_heatmap_layer_running_twice_is_refused():
     model = SharedReLU().eval()
     x = torch.randn(140, 1, 8, 8)
     ri = _fit(model, model.pool, x[:120])
-    with pytest.raises(ValueError, match="runs once per forward pass"):  # region-score
+    with pytest.raises(
+        ValueError, match="heatmap_layer: the layer runs 2 times per forward pass"
+    ):  # region-score
         ri.attribute(x[130:131], heatmap_rule="region-score", heatmap_layer=model.act)
     with pytest.raises(ValueError, match="heatmap_layer"):
         ri.attribute(x[130:132], heatmap_rule="elementwise", heatmap_layer=model.act)

@@ -134,3 +134,37 @@ def test_sampling_in_z_is_refused_when_the_head_reads_features_again(monkeypatch
     ri.projection_ = None
     for a, b in zip(regs, ri.interpret(feats[:4])):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.members, b.members)
+
+
+def test_two_writers_of_one_projection_file_do_not_collide(tmp_path):
+    """Two fits of one finished store (two processes reading the same references) both
+    write ``projected.npy``. They wrote it through the same temporary name: the second
+    truncated the first's half-written file and moved it into place, and the first then
+    failed with FileNotFoundError. Each writer now has its own temporary file."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(48, 4), nn.ReLU(), nn.Linear(4, 3))
+    features = torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
+    out = tmp_path / "projected.npy"
+    expected = build_projection(head, head, features)
+    assert expected is not None
+
+    class OtherWriterMidway:
+        """``features``, running a whole second build when the first reads its second
+        chunk (as another process would, part-way through the first's writes)."""
+
+        shape = features.shape
+
+        def __init__(self) -> None:
+            self.chunks = 0
+
+        def __getitem__(self, index):
+            if isinstance(index, slice) and index.start == 16:  # the write loop's 2nd chunk
+                self.chunks += 1
+                if self.chunks == 1:
+                    other = build_projection(head, head, features, chunk_size=16, out_path=out)
+                    torch.testing.assert_close(other.projected, expected.projected)
+            return features[index]
+
+    first = build_projection(head, head, OtherWriterMidway(), chunk_size=16, out_path=out)
+    torch.testing.assert_close(first.projected, expected.projected)
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "projected.npy"]

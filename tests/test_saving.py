@@ -159,6 +159,36 @@ def test_saving_to_an_int_is_refused_and_writes_nothing(tiny, one_thread, tmp_pa
     assert Interpretation.load(str(tmp_path / "r.npz"), explainer=ri) == region
 
 
+def test_saving_to_an_empty_path_or_a_directory_names_path(last_block_fit, tmp_path):
+    """``save("")`` raised ``ValueError: PosixPath('.') has an empty name`` and
+    ``save(folder)`` an ``IsADirectoryError`` naming a temporary file the user never
+    gave; both are now a ValueError naming ``path``, and nothing is written."""
+    ri, _, x = last_block_fit
+    region = ri.interpret(x[200:201], n_boundaries=10, heatmap_layer=None)
+    with pytest.raises(ValueError, match="path: an empty path"):
+        region.save("")
+    with pytest.raises(ValueError, match=r"path: .* is a directory"):
+        region.save(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_saving_a_layer_map_of_a_plain_function_says_why(tiny, one_thread, tmp_path):
+    """With ``forward_func`` a plain function (not an ``nn.Module``) a map drawn at a
+    module of the model works but cannot be saved by name; the error said the layer "is
+    not a submodule of the model", which it is. It now names ``forward_func``, nothing
+    is written, and maps at the split layer or the input still save."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(lambda z: model(z), model.features[-1])
+    ri.fit(x[:120], progress=False)
+    region = ri.interpret(x[200:201], n_boundaries=10, heatmap_layer=model.features[0])
+    with pytest.raises(ValueError, match="heatmap_layer: .*forward_func is not an nn.Module"):
+        region.save(tmp_path / "r.npz")
+    assert not list(tmp_path.iterdir())
+    region = ri.interpret(x[200:201], n_boundaries=10, heatmap_layer="input")
+    region.save(tmp_path / "r.npz")
+    assert Interpretation.load(tmp_path / "r.npz", explainer=ri) == region
+
+
 def test_an_interrupted_save_leaves_the_earlier_file(last_block_fit, tmp_path, monkeypatch):
     """``save`` wrote in place: a save interrupted part-way left a truncated file, which
     ``load`` then refused. Now the earlier file stays whole and no temporary is left."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import mmap
+import os
 import sys
 
 import numpy as np
@@ -263,6 +264,58 @@ def test_store_of_other_references_is_refused(tiny, tmp_path):
         _fit(model, model.features, x[60:120], store=tmp_path)
 
 
+def test_append_at_another_layer_of_the_same_shape_is_refused(tiny, tmp_path):
+    """Appending at another layer of the same model whose output has the store's shape
+    (the conv before the ReLU the store was fitted at) would mix two layers' features in
+    one reference set: refused before a row is written. The same layer (another
+    explainer) still appends."""
+    model, x = tiny
+    block = model.features[-1]  # conv -> ReLU
+    _fit(model, block, x[:40], store=tmp_path)
+    before = (tmp_path / "meta.json").read_text()
+    with pytest.raises(ValueError, match=r"store: .*'features\.1'.*'features\.1\.0'"):
+        _fit(model, block[0], x[40:60], store=tmp_path, append=True)
+    assert (tmp_path / "meta.json").read_text() == before
+    ri = _fit(model, block, x[40:60], store=tmp_path, append=True)
+    assert ri.n_references_ == 60
+
+
+def test_a_store_being_written_is_refused_to_a_second_fit(tiny, one_thread, tmp_path):
+    """Two fits writing one store at once (two processes appending) took each other's
+    running append for an interrupted one and wrote into it: rows of both sets mixed in
+    one store. The store is locked while a fit writes: a second fit meanwhile is refused
+    (here run from inside the first, as another process would); the first one's rows
+    are those of a fit in one go, and the second succeeds once the first has finished."""
+    model, x = tiny
+    twin = copy.deepcopy(model)  # the other writer (no hook of the first on it)
+    path = tmp_path / "s"
+    _fit(model, model.features, x[:40], store=path)
+    errors: list[Exception] = []
+    calls = [0]
+
+    def second_writer(*_: object) -> None:
+        calls[0] += 1
+        if calls[0] == 3:  # the first call's second batch of rows
+            for append in (True, False):
+                try:
+                    _fit(twin, twin.features, x[100:160], store=path, append=append)
+                except ValueError as exc:
+                    errors.append(exc)
+
+    handle = model.features.register_forward_hook(second_writer)
+    try:
+        first = _fit(model, model.features, x[40:100], store=path, append=True, batch_size=20)
+    finally:
+        handle.remove()
+    assert len(errors) == 2
+    assert all("is being written by another fit" in str(e) for e in errors)
+    with torch.no_grad():
+        assert torch.equal(first.predictions_, model(x[:100]).argmax(1))
+        torch.testing.assert_close(first.features_, model.features(x[:100]).flatten(1))
+    again = _fit(twin, twin.features, x[100:160], store=path, append=True)
+    assert again.n_references_ == 160
+
+
 def test_store_append_still_works(tiny, tmp_path):
     model, x = tiny
     _fit(model, model.features, x[:40], store=tmp_path)
@@ -412,3 +465,40 @@ def test_damaged_store_is_refused(tmp_path, damage, complete):
         RepresentativeInterpretation(model, model[0]).fit(
             refs, batch_size=64, progress=False, store=path
         )
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_fit_does_not_keep_the_store_locked(tiny, tmp_path):
+    """A process forked while a fit holds the store's lock (a DataLoader worker started
+    during the fit, kept with ``persistent_workers``) shared the lock, so a later fit of
+    the store was refused while the child lived. A forked child now drops its copy."""
+    model, x = tiny
+    path = tmp_path / "s"
+    _fit(model, model.features, x[:40], store=path)
+    calls, children = [0], []
+
+    def fork_a_worker(*_: object) -> None:
+        calls[0] += 1
+        if calls[0] == 3:  # while the append below writes
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child waits until the parent closes the pipe
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0)
+            os.close(r)
+            children.append((pid, w))
+
+    handle = model.features.register_forward_hook(fork_a_worker)
+    try:
+        _fit(model, model.features, x[40:100], store=path, append=True, batch_size=20)
+    finally:
+        handle.remove()
+    try:
+        assert children
+        again = _fit(model, model.features, x[100:120], store=path, append=True)
+        assert again.n_references_ == 120
+    finally:
+        for pid, w in children:
+            os.close(w)
+            os.waitpid(pid, 0)

@@ -299,6 +299,24 @@ def test_plot_region_caption_of_a_full_resolution_split_layer(tiny):
     assert "at the input's 12x12 resolution" in texts["input"]
 
 
+def test_plot_region_of_a_split_layer_without_positions(fitted):
+    """Split at an ``N x D`` layer (a linear layer of the head) the map at the split
+    layer is one value per image (``N x 1``, as ``LayerGradCam``'s). ``plot_region``
+    (and so ``captum-repinterp report --layer head.1``) failed in torch's interpolate
+    ("spatial dimensions of []"); it now shows the images without a map and says why."""
+    _, model, x = fitted
+    ri = RepresentativeInterpretation(model, model.head[1]).fit(x[:200], progress=False)
+    region = ri.interpret(x[250:251], n_boundaries=5, heatmap_layer=None)
+    assert region.heatmap(x[250:252]).shape == (2, 1)
+    fig = plot_region(region, x[250:251], x[:200])
+    text = _texts(fig)
+    assert "one value per image" in text and "heatmap_layer='input'" in text
+    assert not _colorbars(fig)
+    # drawn at the input, the same region has a map
+    region = ri.interpret(x[250:251], n_boundaries=5, heatmap_layer="input")
+    assert "at the input's 12x12 resolution" in _texts(plot_region(region, x[250:251], x[:200]))
+
+
 @pytest.mark.parametrize("scale", ["image", "column"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("per_image", [(), ("M",)])
