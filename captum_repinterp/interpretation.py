@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._captum_compat import _format_output
 from ._checks import check_bool
-from .features import LayerLayout
+from .features import LayerLayout, module_name
 from .heatmap import HeatmapRule, combine_normals, get_heatmap_rule
 from .match import margins, semantic_distance
 from .saving import load_interpretation, metadata, save_interpretation
@@ -130,10 +130,13 @@ class Interpretation:
 
     def __eq__(self, other: object) -> bool:
         """Same region, members, ranking and map settings (tensors compared with
-        ``torch.equal`` and their dtypes; the model, its reader and ``heatmap_layer``
-        are not compared). A loaded interpretation equals the one saved."""
+        ``torch.equal`` and their dtypes), drawn at the same place: the split layer, the
+        input, or a layer of the same qualified name in its model. The model and its
+        reader are not compared, so a loaded interpretation equals the one saved."""
         if not isinstance(other, Interpretation):
             return NotImplemented
+        if self._map_site() != other._map_site():
+            return False
         for f in fields(self):
             if not f.compare:
                 continue
@@ -152,6 +155,16 @@ class Interpretation:
         return True
 
     __hash__ = None  # type: ignore[assignment]  (mutable, compared by value)
+
+    def _map_site(self) -> Any:
+        """Where the map is drawn, comparable across models: None (the split layer),
+        ``"input"``, or the layer's qualified name in the model (its identity when the
+        model does not name it)."""
+        layer = self.heatmap_layer
+        if layer is None or isinstance(layer, str):
+            return layer
+        name = module_name(getattr(self.reader, "forward_func", None), layer)
+        return ("layer", name if name is not None else id(layer))
 
     def __repr__(self) -> str:
         return (

@@ -1,5 +1,7 @@
 """The elementwise rule drawn at an earlier layer (``heatmap_layer=``)."""
 
+import copy
+
 import pytest
 import torch
 from captum.attr import LayerGradCam
@@ -101,6 +103,13 @@ def test_save_and_load_keep_the_heatmap_layer(fitted, tmp_path):
     torch.testing.assert_close(back.heatmap(x[210:214]), reg.heatmap(x[210:214]))
     with pytest.raises(ValueError, match="explainer"):
         Interpretation.load(tmp_path / "r.npz")
+    # compared where the map is drawn: same region, other layer or the input differ
+    assert back == reg and copy.deepcopy(reg) == reg
+    at_split = ri.interpret(x[200:201], heatmap_layer=None, heatmap_rule=EW)
+    at_input = ri.interpret(x[200:201], heatmap_layer="input", heatmap_rule=EW)
+    at_other = ri.interpret(x[200:201], heatmap_layer=model.features[1], heatmap_rule=EW)
+    assert torch.equal(at_split.members, reg.members)  # the region is the same
+    assert reg != at_split and reg != at_input and reg != at_other and at_split != at_input
 
 
 # ---------------------------------------------------------- the split layer named as heatmap_layer
