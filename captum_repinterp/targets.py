@@ -49,6 +49,7 @@ def resolve_targets(output: Tensor, target: TargetType) -> Tensor:
         raise TypeError("target must be an int, a tuple, a list or an integer tensor, not bool")
     if isinstance(target, Tensor) and target.is_floating_point():
         raise TypeError(f"target must be an integer tensor, got dtype {target.dtype}")
+    _check_type(target)
     if isinstance(target, list) and len(target) != n:
         raise ValueError(f"target: list of length {len(target)} for {n} inputs")
     if isinstance(target, Tensor) and target.numel() not in (1, n):
@@ -71,6 +72,33 @@ def resolve_targets(output: Tensor, target: TargetType) -> Tensor:
             f"shaped {tuple(output.shape)}"
         )
     return selected.long()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_index(value: Any) -> bool:
+    """An int, or a tuple of ints (a class of an output with more than two dimensions)."""
+    return _is_int(value) or (isinstance(value, tuple) and all(_is_int(v) for v in value))
+
+
+def _check_type(target: Any) -> None:
+    """Refuse the types no Captum target form has (a float, a string, a list of floats)
+    with a ``TypeError``; values are left to Captum's ``_select_targets``."""
+    if isinstance(target, Tensor) or _is_index(target):
+        return
+    if isinstance(target, list):
+        bad = next((v for v in target if not _is_index(v)), None)
+        if bad is None:
+            return
+        got = f"a list holding {type(bad).__name__} ({bad!r})"
+    else:
+        got = type(target).__name__
+    raise TypeError(
+        "target must be an int, a tuple of ints, an integer tensor or a list of ints or "
+        f"tuples (one per input), got {got}"
+    )
 
 
 def _integral(value: Any) -> bool:

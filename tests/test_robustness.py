@@ -276,7 +276,10 @@ def test_bad_targets(fitted):
         (torch.tensor([0, 1, 9]), ValueError, "target"),
         (torch.tensor([1.0, 0.0, 2.0]), TypeError, "target must be an integer tensor"),
         (True, TypeError, "target must be an int.*not bool"),
-        ("cat", ValueError, "target"),
+        ("cat", TypeError, "target must be an int, a tuple of ints.*got str"),
+        (1.0, TypeError, "target must be an int.*got float"),
+        ([0, 1.0, 2], TypeError, r"got a list holding float \(1.0\)"),
+        ((0.0,), TypeError, "got tuple"),
     ]
     for target, exc_type, pattern in cases:
         for call in (ri.attribute, ri.interpret):
