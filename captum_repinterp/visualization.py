@@ -698,7 +698,8 @@ def compare_methods(
     ------
     TypeError, ValueError
         For a ``model`` or ``layer`` that is not a module, ``images`` that are not a
-        non-empty batch shaped like the references, or ``labels`` of another length.
+        non-empty batch shaped like the references, ``labels`` of another length, or a
+        ``layer`` or RI map without spatial positions (an ``N x D`` output).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -720,11 +721,24 @@ def compare_methods(
     with torch.no_grad():
         preds = model(images).argmax(dim=1)
     tgt = preds if target is None else target
+    # Grad-CAM first (one pass): a layer without positions is named before RI's search
+    grad_cam = LayerGradCam(model, layer).attribute(images, target=tgt, relu_attributions=True)
+    if grad_cam.dim() < 3:
+        raise ValueError(
+            f"layer: its output has no spatial positions (Grad-CAM's map is shaped "
+            f"{tuple(grad_cam.shape)}); the figure draws maps over the images: pass a "
+            "layer with an N x C x H x W output"
+        )
+    ri_maps = ri.attribute(images, target=tgt, **ri_kwargs)
+    if ri_maps.dim() < 3:
+        raise ValueError(
+            f"ri: its maps have no spatial positions (shaped {tuple(ri_maps.shape)}: the "
+            "split layer's output is N x D); pass heatmap_layer='input' or an earlier "
+            "convolutional layer"
+        )
     attrs = {
-        "RI": ri.attribute(images, target=tgt, **ri_kwargs),
-        "Grad-CAM": LayerGradCam(model, layer).attribute(
-            images, target=tgt, relu_attributions=True
-        ),
+        "RI": ri_maps,
+        "Grad-CAM": grad_cam,
         "Integrated Gradients": IntegratedGradients(model).attribute(
             images, target=tgt, n_steps=32
         ),

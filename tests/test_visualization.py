@@ -440,6 +440,13 @@ def test_compare_methods_checks_its_arguments(fitted):
         compare_methods(model, "features", ri, x[200:202])
     with pytest.raises(TypeError, match="model"):
         compare_methods(None, model.features[-1], ri, x[200:202])
+    # a layer without positions is named (it failed later on 'attributions' the user
+    # never passed), the split layer's by the RI maps it gives
+    with pytest.raises(ValueError, match="layer: its output has no spatial positions"):
+        compare_methods(model, model.head[2], ri, x[200:202])
+    flat = RepresentativeInterpretation(model, model.head[2]).fit(x[:200], progress=False)
+    with pytest.raises(ValueError, match="ri: its maps have no spatial positions"):
+        compare_methods(model, model.features[-1], flat, x[200:202], heatmap_layer=None)
 
 
 def test_plot_region_and_audit_check_their_arguments(fitted):
