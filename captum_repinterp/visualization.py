@@ -45,6 +45,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ._captum_compat import _format_additional_forward_args
 from .features import in_eval_mode
 from .inputs import check_against_references, reads_in_order, reference_rows
 from .interpretation import Interpretation
@@ -681,6 +682,7 @@ def compare_methods(
     target: Any = None,
     class_names: Sequence[str] | None = None,
     labels: Sequence[int] | Tensor | None = None,
+    additional_forward_args: Any = None,
     **ri_kwargs: Any,
 ) -> tuple[Figure, dict[str, Tensor]]:
     """RI, ``LayerGradCam`` and ``IntegratedGradients`` on the same images, side by side.
@@ -688,6 +690,9 @@ def compare_methods(
     ``target`` defaults to the model's predictions (the same classes for every method).
     Row titles give the predicted class (``class_names`` when given) and the true class
     when ``labels`` are given. Returns the figure and the attributions by method name.
+    ``additional_forward_args`` (the model's extra arguments after the images, as in
+    Captum) go to the prediction and to all three methods; ``ri_kwargs`` to
+    ``ri.attribute`` only.
 
     The model runs in eval mode throughout (as RI runs it), with a warning when it was
     in training mode, and every module's mode is restored afterwards: in training mode,
@@ -718,18 +723,23 @@ def compare_methods(
             f"labels: {len(labels)} labels for {images.shape[0]} images; pass one true "
             "class per image"
         )
+    extra = _format_additional_forward_args(additional_forward_args)
     with torch.no_grad():
-        preds = model(images).argmax(dim=1)
+        preds = model(images, *(extra or ())).argmax(dim=1)
     tgt = preds if target is None else target
     # Grad-CAM first (one pass): a layer without positions is named before RI's search
-    grad_cam = LayerGradCam(model, layer).attribute(images, target=tgt, relu_attributions=True)
+    grad_cam = LayerGradCam(model, layer).attribute(
+        images, target=tgt, additional_forward_args=extra, relu_attributions=True
+    )
     if grad_cam.dim() < 3:
         raise ValueError(
             f"layer: its output has no spatial positions (Grad-CAM's map is shaped "
             f"{tuple(grad_cam.shape)}); the figure draws maps over the images: pass a "
             "layer with an N x C x H x W output"
         )
-    ri_maps = ri.attribute(images, target=tgt, **ri_kwargs)
+    ri_maps = ri.attribute(
+        images, target=tgt, additional_forward_args=additional_forward_args, **ri_kwargs
+    )
     if ri_maps.dim() < 3:
         raise ValueError(
             f"ri: its maps have no spatial positions (shaped {tuple(ri_maps.shape)}: the "
@@ -740,7 +750,7 @@ def compare_methods(
         "RI": ri_maps,
         "Grad-CAM": grad_cam,
         "Integrated Gradients": IntegratedGradients(model).attribute(
-            images, target=tgt, n_steps=32
+            images, target=tgt, additional_forward_args=extra, n_steps=32
         ),
     }
     titles, bad = [], []

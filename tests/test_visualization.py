@@ -7,6 +7,8 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from captum.attr import LayerGradCam
+from matplotlib.figure import Figure
 from torch import nn
 
 from captum_repinterp import RepresentativeInterpretation
@@ -466,3 +468,38 @@ def test_plot_region_and_audit_check_their_arguments(fitted):
     assert len(_panels(plot_audit(ca, as_bytes, n_exemplars=2))) >= 3
     with pytest.raises(ValueError, match="panel_size"):
         plot_audit(ca, x[200:], panel_size=float("nan"))
+
+
+def test_compare_methods_passes_additional_forward_args_to_every_method():
+    # a model with a per-example extra argument: it went to RI only, and Grad-CAM's
+    # call of the model then failed with the model's own TypeError
+    torchvision = pytest.importorskip("torchvision")
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torchvision.models.resnet18(weights=None, num_classes=3)
+
+        def forward(self, x, scale):
+            return self.net(x * scale[:, :, None, None])  # enters before the layer
+
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    x = torch.rand(16, 3, 32, 32)
+    scale = torch.linspace(0.5, 2.0, 16)[:, None]
+    layer = model.net.layer4
+    ri = RepresentativeInterpretation(model, layer)
+    ri.fit(x, additional_forward_args=(scale,), progress=False)
+    extra = (scale[:3],)
+    fig, attrs = compare_methods(
+        model, layer, ri, x[:3], additional_forward_args=extra, heatmap_layer=None
+    )
+    assert isinstance(fig, Figure)
+    target = model(x[:3], *extra).argmax(1)
+    gc = LayerGradCam(model, layer).attribute(
+        x[:3], target=target, additional_forward_args=extra, relu_attributions=True
+    )
+    torch.testing.assert_close(attrs["Grad-CAM"], gc)
+    ri_maps = ri.attribute(x[:3], additional_forward_args=extra, heatmap_layer=None)
+    torch.testing.assert_close(attrs["RI"], ri_maps)
+    assert attrs["Integrated Gradients"].shape == x[:3].shape
