@@ -30,6 +30,7 @@ from .features import eval_mode
 from .inputs import check_model, uncompiled
 from .interpretation import Interpretation
 from .layers import warn_nonlinear_head
+from .model_watch import ModelWatch
 from .options import AUTO, DEFAULT_HEATMAP_LAYER, DEFAULT_HEATMAP_RULE, InterpretOptions
 from .reader import LayerReader
 from .references import FittedState, NotFittedError, fit_references
@@ -163,7 +164,12 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             With ``references_``, ``reader_``, ``features_`` (``N x D`` float32, CPU),
             ``predictions_`` (``N`` int64), ``layout_``, ``projection_``, ``store_``,
             ``affine_`` (the head as an affine map when it is one at every reference:
-            then the regions are exact, else None and they are sampled).
+            then the regions are exact, else None and they are sampled). What was
+            learned belongs to the model's current weights: ``interpret``,
+            ``attribute``, ``transform`` and ``audit`` raise a ``ValueError`` naming
+            ``forward_func`` once they change in place (an optimizer step,
+            ``load_state_dict`` of other values, a forward pass in training mode);
+            call ``fit`` again (:mod:`captum_repinterp.model_watch`).
 
         Raises
         ------
@@ -188,6 +194,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             cut_check,
         )
         self._references = fitted
+        self._watch = ModelWatch.of(self.forward_func)
         self._reader = LayerReader(
             self.forward_func,
             self.layer,
@@ -212,9 +219,10 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
         For scoring interpretations on many held-out images with
         :meth:`Interpretation.contains_features`; accepts what :meth:`fit` accepts.
         """
-        return self.reader_.features(
-            inputs, batch_size, additional_forward_args, check_bool(progress, "progress")
-        )
+        with self._watching():
+            return self.reader_.features(
+                inputs, batch_size, additional_forward_args, check_bool(progress, "progress")
+            )
 
     # ------------------------------------------------------------------ interpret
     def interpret(
@@ -302,7 +310,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             bisection_steps, progress, self._split_layer_as_none(heatmap_layer),
         )  # fmt: skip
         # one training-mode warning per call (the stages' own blocks then find eval mode)
-        with eval_mode(self.forward_func, self.layer, warn=True):
+        with self._watching(), eval_mode(self.forward_func, self.layer, warn=True):
             options = self._resolve(options)
             results, _ = find_regions(
                 self.references_, self.reader_, inputs, target, additional_forward_args, options
@@ -393,7 +401,7 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             bisection_steps, progress, self._split_layer_as_none(heatmap_layer),
         )  # fmt: skip
         # one training-mode warning per call (the stages' own blocks then find eval mode)
-        with eval_mode(self.forward_func, self.layer, warn=True):
+        with self._watching(), eval_mode(self.forward_func, self.layer, warn=True):
             options = self._resolve(options)
             regions, activations = find_regions(
                 self.references_, self.reader_, inputs, target, additional_forward_args, options

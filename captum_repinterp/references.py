@@ -14,6 +14,7 @@ per-seed search takes them for the segments' ends instead of evaluating the head
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -752,6 +753,12 @@ class FittedState:
                 "fit(reference_images) before attribute() or interpret()"
             )
         return fitted
+
+    def _watching(self) -> contextlib.AbstractContextManager[None]:
+        """Refuse a model changed after :meth:`fit` on entry (see
+        :mod:`captum_repinterp.model_watch`), re-stamp it on exit."""
+        watch = self.__dict__.get("_watch")
+        return contextlib.nullcontext() if watch is None else watch.watching()
 
     @property
     def reader_(self) -> LayerReader:
