@@ -162,11 +162,12 @@ def eval_mode(*roots: Any, warn: bool = False) -> Iterator[bool]:
     # (torch.compiler.set_stance came with torch 2.6)
     stance = getattr(torch.compiler, "set_stance", None)
     eager = stance("force_eager") if compiled and stance else contextlib.nullcontext()
+    where = _training_part(roots, saved) if warn else None  # before switching
     try:
         for m in saved:
             m.training = False
         if warn and _behaves_differently(saved):
-            warn_training()
+            warn_training(where=where)
         with eager, _no_autocast():
             yield bool(saved)
     finally:
@@ -289,12 +290,30 @@ def caller_stacklevel() -> int:
     return level
 
 
-def warn_training(stacklevel: int | None = None) -> None:
+def _training_part(roots: tuple[Any, ...], saved: list[nn.Module]) -> str | None:
+    """Which part of the model was in training mode, for the warning: None for the whole
+    model, else the qualified names of the outermost modules in training mode (up to 3)."""
+    model = next((r for r in roots if isinstance(r, nn.Module)), None)
+    if model is None or model.training or not saved:
+        return None
+    training = {id(m) for m in saved}
+    names = []
+    for name, module in model.named_modules():  # parents come before their children
+        if id(module) in training and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"modules of the model are in training mode ({shown})"
+
+
+def warn_training(stacklevel: int | None = None, where: str | None = None) -> None:
     """The warning given when a call finds the model in training mode (pointing at the
-    user's call unless ``stacklevel`` is given)."""
+    user's call unless ``stacklevel`` is given); ``where`` names the part of the model
+    in training mode when it is not the whole model."""
     warnings.warn(
-        "the model is in training mode; RepresentativeInterpretation runs every module "
-        "it calls in eval mode for the duration of the call (dropout off, batch-norm "
+        f"{where or 'the model is in training mode'}; RepresentativeInterpretation runs "
+        "every module it calls in eval mode for the duration of the call (dropout off, batch-norm "
         "running statistics, which are never updated) and restores each module's mode "
         "afterwards",
         UserWarning,

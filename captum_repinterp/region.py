@@ -69,11 +69,16 @@ def _warn_seed_on_boundary(seed_margins: Tensor, target: int) -> None:
 
 
 def _warn_no_boundary(n_sampled: int, n_candidates: int, target: int) -> None:
-    if n_sampled == 0:
+    if n_sampled == 0 and n_candidates == 0:
+        why = (
+            f"no reference lies on the other side of the class-{target} decision (with "
+            f"the seed predicted as {target}: every reference is; with another target: no "
+            f"reference is predicted as {target}), so there is no segment to search"
+        )
+    elif n_sampled == 0:
         why = (
             f"none of the {n_candidates} segments from the seed to references on the other "
-            f"side of the class-{target} decision changed the decision (or no such "
-            "reference exists)"
+            f"side of the class-{target} decision changed the decision"
         )
     else:
         why = (

@@ -154,3 +154,25 @@ def test_no_boundary_warning_points_at_the_users_call(tiny):
     assert _warned_here(lambda: ri.interpret(x[200:201], target=3, **NB), NoBoundaryWarning) == [
         __file__
     ]
+    # and says why: there is no segment at all (it said "none of the 0 segments")
+    with pytest.warns(NoBoundaryWarning, match="no reference is predicted as 3") as seen:
+        ri.interpret(x[200:201], target=3, **NB)
+    assert "none of the 0 segments" not in str(seen[0].message)
+
+
+def test_training_warning_names_the_modules_in_training_mode(tiny):
+    """A model in eval mode with some modules in training mode: the warning names them
+    (it said "the model is in training mode"); the whole model still gets the old text."""
+    model, x = tiny
+    ri = RepresentativeInterpretation(model, model.features[-1]).fit(x[:200], progress=False)
+    try:
+        model.features[0].train()
+        model.head[1].train()
+        with pytest.warns(UserWarning, match=r"modules of the model are in training mode "
+                          r"\(features\.0, head\.1\)"):  # fmt: skip
+            ri.interpret(x[200:201], **NB)
+        model.train()
+        with pytest.warns(UserWarning, match="^the model is in training mode"):
+            ri.interpret(x[200:201], **NB)
+    finally:
+        model.eval()
