@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -38,6 +39,7 @@ from .interpretation import Interpretation
 from .match import margins, semantic_distance
 from .options import AUTO, InterpretOptions
 from .references import NotFittedError
+from .saving import load_audit, save_audit
 
 __all__ = ["AUDIT_HEATMAP_RULE", "AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
 
@@ -318,6 +320,73 @@ class AuditResult(_ByValue):
         """:meth:`ClassAudit.summary` of every class, after a one-line total."""
         parts = [repr(self)] + [ca.summary() for ca in self.classes.values()]
         return "\n\n".join(parts)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the audit as one ``.npz`` file, to be loaded with :meth:`load`.
+
+        Everything is kept: the features and predictions, each class's images and
+        uncovered images, and each region with its members, exemplars, mean heat map,
+        sub-groups, scores (NaN included), held-out scores and its interpretation (as
+        :meth:`Interpretation.save` writes one, with the model's fingerprint and the
+        split layer's name), and the times. No pickle: a pickled audit carries the whole
+        model through each interpretation's reader, and unpickling a file runs code, so
+        only a trusted one can be opened. The file is written through a temporary file
+        renamed at the end (an interrupted save leaves an earlier file whole), at
+        ``path`` as given (no ``.npz`` suffix is added).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file to write.
+
+        Raises
+        ------
+        TypeError
+            For a ``path`` that is not a str or os.PathLike.
+        ValueError
+            For an empty ``path`` or a directory.
+        """
+        save_audit(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, explainer: Any = None) -> AuditResult:
+        """Load an audit written by :meth:`save` (``allow_pickle=False``: no code is run).
+
+        The loaded audit equals the saved one (``==``) and gives the same
+        :meth:`summary`. The regions' interpretations need the model for ``contains``,
+        ``distance`` and ``heatmap``: pass the fitted explainer the audit was made with
+        (or its ``reader_``) as ``explainer``; it is checked as
+        :meth:`Interpretation.load` checks it, and a model with other weights, or a layer
+        of another name, gives one ``UserWarning`` for the whole audit. Without it
+        everything else works (the ``*_features`` methods, the summary,
+        :func:`~captum_repinterp.visualization.plot_audit`).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A file written by :meth:`save`.
+        explainer : RepresentativeInterpretation or LayerReader, optional
+            The fitted explainer the audit was made with, or its ``reader_``.
+
+        Returns
+        -------
+        AuditResult
+
+        Raises
+        ------
+        ValueError
+            Naming ``path`` for a file that is not an audit (an interpretation's file,
+            another archive, not an archive) or of another format version; naming
+            ``explainer`` for an explainer whose layer is shaped unlike the regions',
+            that reads the other side of it, or that was fitted on fewer references than
+            the regions' members need.
+        TypeError, NotFittedError
+            For an ``explainer`` that is not a (fitted) explainer or reader; a ``path``
+            that is not a str or os.PathLike is a TypeError too.
+        FileNotFoundError
+            For a ``path`` that does not exist.
+        """
+        return load_audit(cls, path, explainer)
 
 
 # ---------------------------------------------------------------------- clustering
