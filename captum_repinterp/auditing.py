@@ -33,13 +33,13 @@ from torch import Tensor
 
 from ._captum_compat import _format_additional_forward_args
 from ._checks import check_grad_mode, check_int
+from .audit_saving import load_audit, save_audit
 from .features import caller_stacklevel, in_eval_mode
 from .inputs import per_example, slice_args
 from .interpretation import Interpretation
 from .match import margins, semantic_distance
 from .options import AUTO, InterpretOptions
 from .references import NotFittedError
-from .saving import load_audit, save_audit
 
 __all__ = ["AUDIT_HEATMAP_RULE", "AuditGroup", "AuditRegion", "ClassAudit", "AuditResult", "audit"]
 
