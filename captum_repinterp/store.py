@@ -41,6 +41,7 @@ Resume and append (see :meth:`RepresentativeInterpretation.fit`):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -515,7 +516,8 @@ class StoreLock:
     """An exclusive advisory lock (``flock``) on a store's directory, held while a fit
     writes to it, so that two processes cannot write one store at once (the second would
     take the first's running fit or append for an interrupted one and write into it).
-    A no-op where ``fcntl`` is missing (Windows) or the directory does not exist yet."""
+    A no-op where ``fcntl`` is missing (Windows), where the file system refuses locks
+    (some network mounts), or where the directory does not exist yet."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = path
@@ -541,8 +543,10 @@ class StoreLock:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return  # a file system without locks (some network mounts): unlocked
             raise ValueError(
                 f"store: {os.fspath(self.path)!r} is being written by another fit (in "
                 "this or another process); wait until it finishes, then call fit again"

@@ -502,3 +502,27 @@ def test_a_child_forked_during_a_fit_does_not_keep_the_store_locked(tiny, tmp_pa
         for pid, w in children:
             os.close(w)
             os.waitpid(pid, 0)
+
+
+def test_a_file_system_without_locks_leaves_the_store_unlocked(tmp_path, monkeypatch):
+    """flock failing for another reason than a held lock (ENOLCK on some network mounts)
+    is no other fit: the store is written without a lock instead of refused."""
+    import errno
+    import fcntl
+
+    from captum_repinterp.store import StoreLock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = StoreLock(tmp_path)
+    lock.acquire()  # no ValueError
+    lock.release()
+
+    def held(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(ValueError, match="store: .* is being written by another fit"):
+        StoreLock(tmp_path).acquire()
