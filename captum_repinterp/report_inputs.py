@@ -102,6 +102,8 @@ def resolve_model(
             )
     else:
         model = obj
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model factory must return an nn.Module, got {type(model).__name__}")
         if layer is None:
             features = getattr(model, "features", None)
             if not isinstance(features, nn.Sequential) or len(features) == 0:
@@ -199,6 +201,10 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
                 f"data: {what} must be a non-empty tensor of images (batch first), a "
                 f"Dataset or a DataLoader of them; got {got}{hint}"
             )
+    for value, what in ((refs, "reference_images"), (held, "heldout_images")):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            # found here, not as a traceback from fit
+            raise ValueError(f"data: {what} contain NaN or inf values")
     if refs.shape[1:] != held.shape[1:]:
         raise ValueError(
             f"data: reference and held-out images differ in shape: {tuple(refs.shape[1:])} "

@@ -58,6 +58,18 @@ USER_MODULE = textwrap.dedent(
         return data()[0]
 
 
+    def nan_data():
+        x, y = data()
+        x[3, 0, 2, 2] = float("nan")
+        return x, y
+
+
+    def inf_heldout():
+        x, y = data()
+        y[0, 0, 0, 0] = float("inf")
+        return x, y
+
+
     def uint8_data():
         x, y = data()
         return (x * 50 + 128).clamp(0, 255).byte(), y
@@ -250,7 +262,15 @@ def test_class_names_with_commas_come_from_a_file(tmp_path, capsys):
         ),
         (
             ["--model-factory", "ri_user_mod:not_a_model", "--data", "ri_user_mod:data"],
-            "model factory: the model has no non-empty nn.Sequential .features",
+            "model factory must return an nn.Module, got str",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:nan_data"],
+            "data: reference_images contain NaN or inf values",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:inf_heldout"],
+            "data: heldout_images contain NaN or inf values",
         ),
         (
             ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:bad_data"],
