@@ -483,6 +483,13 @@ def prepare_report(
         ):
             _check_model_takes(built if isinstance(built, nn.Module) else built[0], refs, held)
         model, split, head = resolve_model(built, layer, refs)
+        ref_classes = _predicted_classes(model, refs)
+        if len(ref_classes) < 2:  # fit's own check, found here as an argument error
+            raise ValueError(
+                f"data: reference_images: the model predicts a single class "
+                f"({min(ref_classes)}) for every reference; representative interpretations "
+                "need references of at least two predicted classes"
+            )
         # an ImageFolder's folder names (replaced by class_names when given)
         names = folder_names(raw[0])
         inputs = ReportInputs(

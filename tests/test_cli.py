@@ -64,6 +64,11 @@ USER_MODULE = textwrap.dedent(
         return x, y
 
 
+    def one_class():
+        x, y = data()
+        return x[:1].repeat(120, 1, 1, 1), y
+
+
     def inf_heldout():
         x, y = data()
         y[0, 0, 0, 0] = float("inf")
@@ -271,6 +276,10 @@ def test_class_names_with_commas_come_from_a_file(tmp_path, capsys):
         (
             ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:inf_heldout"],
             "data: heldout_images contain NaN or inf values",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:one_class"],
+            "data: reference_images: the model predicts a single class",
         ),
         (
             ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:bad_data"],
