@@ -544,3 +544,36 @@ def test_warnings_of_a_command_name_the_command_not_runpy(tmp_path):
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("captum-repinterp: UserWarning: the model is in training mode")
     assert "runpy" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "evaluate", "report"])
+def test_out_folder_that_cannot_be_made_is_a_usage_error(
+    capsys, tmp_path, monkeypatch, user_module, command
+):
+    """``--out`` on a read-only mount (or under /proc as root, where os.access says yes):
+    one line naming --out and status 2, not a FileNotFoundError / OSError traceback."""
+    import errno
+    import pathlib
+
+    import captum_repinterp.demo as demo
+    import captum_repinterp.evaluation as evaluation
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if "ro_out" in str(self):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the job ran")
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    monkeypatch.setattr(demo, "run_demo", never)
+    monkeypatch.setattr(evaluation, "run_evaluation", never)
+    argv = [command, "--out", str(tmp_path / "ro_out")]
+    if command == "report":
+        argv += ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:data"]
+    line = _usage_error(capsys, argv)
+    assert line.startswith(f"captum-repinterp {command}: error: argument --out: ")
+    assert "Read-only file system" in line
