@@ -328,9 +328,12 @@ def _run(args: argparse.Namespace) -> None:
         except NotACutError as exc:  # the factory's layer: an argument error, found at fit
             args.subparser.error(f"model-factory: {exc}")
     elif args.command == "demo":
-        from .demo import run_demo
+        from .demo import SeedsError, run_demo
 
-        run_demo(args.out, seeds=args.seeds, random_state=args.random_state)
+        try:
+            run_demo(args.out, seeds=args.seeds, random_state=args.random_state)
+        except SeedsError as exc:  # an index beyond the held-out images, found before the fit
+            args.subparser.error(str(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

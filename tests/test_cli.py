@@ -577,3 +577,18 @@ def test_out_folder_that_cannot_be_made_is_a_usage_error(
     line = _usage_error(capsys, argv)
     assert line.startswith(f"captum-repinterp {command}: error: argument --out: ")
     assert "Read-only file system" in line
+
+
+def test_demo_seed_index_beyond_the_heldout_images_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    """``demo --seeds 999999,``: one line, status 2, found before the fit (was a traceback)."""
+    import types
+
+    import captum_repinterp.demo as demo
+
+    def never(*args, **kwargs):
+        raise AssertionError("the setup ran")
+
+    monkeypatch.setattr(demo, "mnist_setup", lambda rs: types.SimpleNamespace(heldout=[0] * 10))
+    monkeypatch.setattr(demo, "run_setup", never)
+    line = _usage_error(capsys, ["demo", "--out", str(tmp_path / "d"), "--seeds", "3,999999"])
+    assert "seeds: held-out indices must lie in 0..9, got [3, 999999]" in line
