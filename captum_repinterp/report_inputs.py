@@ -402,6 +402,8 @@ def _named_layer(model: nn.Module, name: str, references: Tensor) -> nn.Module:
 
         return find_layer(model, references[:4])
     try:
+        if not name.strip():  # get_submodule("") is the model itself: no split at all
+            raise AttributeError(name)
         return model.get_submodule(name)
     except AttributeError:
         names = [n for n, _ in model.named_children()]

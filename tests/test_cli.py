@@ -180,6 +180,8 @@ _USER = ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:data"]
     ("argv", "message"),
     [
         ([*_USER, "--layer", "nope"], "layer: the model has no submodule 'nope'"),
+        ([*_USER, "--layer", ""], "layer: the model has no submodule ''"),
+        ([*_USER, "--layer", " "], "layer: the model has no submodule ' '"),
         ([*_USER, "--layer", "features.9"], "layer: the model has no submodule 'features.9'"),
         (["--layer", "features"], "--layer and --class-names apply to --model-factory's"),
         (["--class-names", "a,b,c"], "--layer and --class-names apply to --model-factory's"),
