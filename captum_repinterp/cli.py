@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit, interpret a few seeds and draw the figures on MNIST-5k and on "
         "the faces; print the table and save it as table.txt.",
     )
+    demo.set_defaults(subparser=demo)
     demo.add_argument(
         "--out", type=_out_dir, default="out", help="folder for the PNG figures and table.txt"
     )
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the reuse protocol against the CAM baselines; write results.json "
         "and evaluation.md to --out.",
     )
+    ev.set_defaults(subparser=ev)
     ev.add_argument(
         "--setup",
         action="append",
@@ -274,8 +276,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _make_out(args: argparse.Namespace) -> None:
+    """Make ``--out`` once the other arguments are resolved, before the job runs: a
+    folder that cannot be made (a read-only mount; ``os.access`` in :func:`_out_dir`
+    says yes to root everywhere) is a usage error, not an OSError traceback."""
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        args.subparser.error(f"argument --out: cannot make the folder {args.out!r}: {reason}")
+
+
 def _run(args: argparse.Namespace) -> None:
     """Run the parsed command."""
+    if args.command != "report":  # the report's folder is made after its inputs load
+        _make_out(args)
     if args.command == "evaluate":
         from .evaluation import run_evaluation
 
@@ -300,6 +315,7 @@ def _run(args: argparse.Namespace) -> None:
             )
         except (ValueError, TypeError) as exc:
             args.subparser.error(str(exc))
+        _make_out(args)
         from .cuts import NotACutError
 
         try:
@@ -312,9 +328,12 @@ def _run(args: argparse.Namespace) -> None:
         except NotACutError as exc:  # the factory's layer: an argument error, found at fit
             args.subparser.error(f"model-factory: {exc}")
     elif args.command == "demo":
-        from .demo import run_demo
+        from .demo import SeedsError, run_demo
 
-        run_demo(args.out, seeds=args.seeds, random_state=args.random_state)
+        try:
+            run_demo(args.out, seeds=args.seeds, random_state=args.random_state)
+        except SeedsError as exc:  # an index beyond the held-out images, found before the fit
+            args.subparser.error(str(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

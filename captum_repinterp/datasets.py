@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import numbers
 import os
 import uuid
 from collections.abc import Callable
@@ -111,11 +112,14 @@ def load_digits(size: int = 28) -> tuple[Tensor, Tensor]:
     ------
     ImportError
         If scikit-learn is not installed.
+    ValueError
+        If ``size`` is not a positive int.
     """
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError as err:
         raise _missing("sklearn", "scikit-learn") from err
+    size = check_int(size, "size")
     bunch = _sk_load_digits()
     images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)
     images = _resize(images.unsqueeze(1), size).clamp_(0.0, 1.0).contiguous()
@@ -224,11 +228,14 @@ def load_faces(size: int = 48) -> tuple[Tensor, Tensor]:
     ------
     ImportError
         If scikit-image is not installed.
+    ValueError
+        If ``size`` is not a positive int.
     """
     try:
         from skimage.data import lfw_subset
     except ImportError as err:
         raise _missing("skimage", "scikit-image") from err
+    size = check_int(size, "size")
     raw = np.asarray(lfw_subset())
     grey = raw.astype(np.float32)
     if np.issubdtype(raw.dtype, np.integer):
@@ -330,10 +337,25 @@ def split_indices(
     -------
     train, test : torch.Tensor
         Sorted, disjoint ``int64`` index tensors whose union is ``range(n)``.
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is not an int ``>= 0``, ``test_fraction`` not a number in ``(0, 1)`` or
+        ``stratify`` not of length ``n``.
+    TypeError
+        If ``seed`` is not an int.
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    gen = torch.Generator().manual_seed(seed)
+    n = check_int(n, "n", minimum=0)
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, numbers.Real)
+        or not 0.0 < test_fraction < 1.0
+    ):
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    gen = torch.Generator().manual_seed(int(seed))
     if stratify is None:
         groups = [torch.arange(n)]
     else:

@@ -106,6 +106,18 @@ def _pick_seeds(predictions: Tensor, n: int) -> list[int]:
     return sorted(seen.values())
 
 
+class SeedsError(ValueError):
+    """Held-out indices given as ``seeds`` that the held-out images do not have (the
+    command line turns it into a usage error)."""
+
+
+def _check_indices(seeds: Sequence[int], n: int) -> list[int]:
+    out = [int(i) for i in seeds]
+    if not out or any(not 0 <= i < n for i in out):
+        raise SeedsError(f"seeds: held-out indices must lie in 0..{n - 1}, got {list(seeds)}")
+    return out
+
+
 def _seed_indices(seeds: int | Sequence[int], predictions: Tensor) -> list[int]:
     """A count (one seed per predicted class) or explicit held-out indices."""
     if isinstance(seeds, bool):
@@ -114,12 +126,7 @@ def _seed_indices(seeds: int | Sequence[int], predictions: Tensor) -> list[int]:
         if seeds < 1:
             raise ValueError(f"seeds must be at least 1, got {seeds}")
         return _pick_seeds(predictions, seeds)
-    out = [int(i) for i in seeds]
-    n = len(predictions)
-    bad = [i for i in out if not 0 <= i < n]
-    if not out or bad:
-        raise ValueError(f"seeds: held-out indices must lie in 0..{n - 1}, got {list(seeds)}")
-    return out
+    return _check_indices(seeds, len(predictions))
 
 
 def run_setup(
@@ -261,7 +268,10 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = run_setup(mnist_setup(random_state), seeds, out, random_state)
+    mnist = mnist_setup(random_state)
+    if not isinstance(seeds, int):  # checked before the fit
+        _check_indices(seeds, len(mnist.heldout))
+    rows = run_setup(mnist, seeds, out, random_state)
     rows += run_setup(faces_setup(random_state), 2, out, random_state)
     elapsed = time.perf_counter() - start
     table = format_table(rows)

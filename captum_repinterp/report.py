@@ -651,7 +651,6 @@ def build_report(
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_earlier_figures(out)
     ri = RepresentativeInterpretation(model, layer, head=head)
     ri.fit(references, batch_size=256, progress=progress)
     feats, preds = ri.transform(heldout)
@@ -692,6 +691,9 @@ def build_report(
     if heldout_warning and classes is None:  # audit_regions warned of the classes given
         warnings.warn(heldout_warning, UserWarning, stacklevel=caller_stacklevel())
 
+    # only now that the fit and the audit went through: a run that fails before leaves
+    # the earlier report in ``out`` whole
+    _remove_earlier_figures(out)
     odd: dict[str, list[_Odd]] = {}
     views = []
     for k, r in enumerate(rows):

@@ -102,6 +102,8 @@ def resolve_model(
             )
     else:
         model = obj
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model factory must return an nn.Module, got {type(model).__name__}")
         if layer is None:
             features = getattr(model, "features", None)
             if not isinstance(features, nn.Sequential) or len(features) == 0:
@@ -199,6 +201,10 @@ def resolve_data(obj: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None
                 f"data: {what} must be a non-empty tensor of images (batch first), a "
                 f"Dataset or a DataLoader of them; got {got}{hint}"
             )
+    for value, what in ((refs, "reference_images"), (held, "heldout_images")):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            # found here, not as a traceback from fit
+            raise ValueError(f"data: {what} contain NaN or inf values")
     if refs.shape[1:] != held.shape[1:]:
         raise ValueError(
             f"data: reference and held-out images differ in shape: {tuple(refs.shape[1:])} "
@@ -396,6 +402,8 @@ def _named_layer(model: nn.Module, name: str, references: Tensor) -> nn.Module:
 
         return find_layer(model, references[:4])
     try:
+        if not name.strip():  # get_submodule("") is the model itself: no split at all
+            raise AttributeError(name)
         return model.get_submodule(name)
     except AttributeError:
         names = [n for n, _ in model.named_children()]
@@ -477,6 +485,13 @@ def prepare_report(
         ):
             _check_model_takes(built if isinstance(built, nn.Module) else built[0], refs, held)
         model, split, head = resolve_model(built, layer, refs)
+        ref_classes = _predicted_classes(model, refs)
+        if len(ref_classes) < 2:  # fit's own check, found here as an argument error
+            raise ValueError(
+                f"data: reference_images: the model predicts a single class "
+                f"({min(ref_classes)}) for every reference; representative interpretations "
+                "need references of at least two predicted classes"
+            )
         # an ImageFolder's folder names (replaced by class_names when given)
         names = folder_names(raw[0])
         inputs = ReportInputs(

@@ -58,6 +58,23 @@ USER_MODULE = textwrap.dedent(
         return data()[0]
 
 
+    def nan_data():
+        x, y = data()
+        x[3, 0, 2, 2] = float("nan")
+        return x, y
+
+
+    def one_class():
+        x, y = data()
+        return x[:1].repeat(120, 1, 1, 1), y
+
+
+    def inf_heldout():
+        x, y = data()
+        y[0, 0, 0, 0] = float("inf")
+        return x, y
+
+
     def uint8_data():
         x, y = data()
         return (x * 50 + 128).clamp(0, 255).byte(), y
@@ -163,6 +180,8 @@ _USER = ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:data"]
     ("argv", "message"),
     [
         ([*_USER, "--layer", "nope"], "layer: the model has no submodule 'nope'"),
+        ([*_USER, "--layer", ""], "layer: the model has no submodule ''"),
+        ([*_USER, "--layer", " "], "layer: the model has no submodule ' '"),
         ([*_USER, "--layer", "features.9"], "layer: the model has no submodule 'features.9'"),
         (["--layer", "features"], "--layer and --class-names apply to --model-factory's"),
         (["--class-names", "a,b,c"], "--layer and --class-names apply to --model-factory's"),
@@ -250,7 +269,19 @@ def test_class_names_with_commas_come_from_a_file(tmp_path, capsys):
         ),
         (
             ["--model-factory", "ri_user_mod:not_a_model", "--data", "ri_user_mod:data"],
-            "model factory: the model has no non-empty nn.Sequential .features",
+            "model factory must return an nn.Module, got str",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:nan_data"],
+            "data: reference_images contain NaN or inf values",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:inf_heldout"],
+            "data: heldout_images contain NaN or inf values",
+        ),
+        (
+            ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:one_class"],
+            "data: reference_images: the model predicts a single class",
         ),
         (
             ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:bad_data"],
@@ -515,3 +546,51 @@ def test_warnings_of_a_command_name_the_command_not_runpy(tmp_path):
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("captum-repinterp: UserWarning: the model is in training mode")
     assert "runpy" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "evaluate", "report"])
+def test_out_folder_that_cannot_be_made_is_a_usage_error(
+    capsys, tmp_path, monkeypatch, user_module, command
+):
+    """``--out`` on a read-only mount (or under /proc as root, where os.access says yes):
+    one line naming --out and status 2, not a FileNotFoundError / OSError traceback."""
+    import errno
+    import pathlib
+
+    import captum_repinterp.demo as demo
+    import captum_repinterp.evaluation as evaluation
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if "ro_out" in str(self):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the job ran")
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    monkeypatch.setattr(demo, "run_demo", never)
+    monkeypatch.setattr(evaluation, "run_evaluation", never)
+    argv = [command, "--out", str(tmp_path / "ro_out")]
+    if command == "report":
+        argv += ["--model-factory", "ri_user_mod:factory", "--data", "ri_user_mod:data"]
+    line = _usage_error(capsys, argv)
+    assert line.startswith(f"captum-repinterp {command}: error: argument --out: ")
+    assert "Read-only file system" in line
+
+
+def test_demo_seed_index_beyond_the_heldout_images_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    """``demo --seeds 999999,``: one line, status 2, found before the fit (was a traceback)."""
+    import types
+
+    import captum_repinterp.demo as demo
+
+    def never(*args, **kwargs):
+        raise AssertionError("the setup ran")
+
+    monkeypatch.setattr(demo, "mnist_setup", lambda rs: types.SimpleNamespace(heldout=[0] * 10))
+    monkeypatch.setattr(demo, "run_setup", never)
+    line = _usage_error(capsys, ["demo", "--out", str(tmp_path / "d"), "--seeds", "3,999999"])
+    assert "seeds: held-out indices must lie in 0..9, got [3, 999999]" in line

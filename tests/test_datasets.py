@@ -242,3 +242,30 @@ def test_make_shapes_takes_numpy_ints_and_checks_its_seed():
             make_shapes(3, 32, bad)
     with pytest.raises(ValueError, match="size"):
         make_shapes(3, 16.0)
+
+
+@pytest.mark.parametrize("size", [0, -2, 2.5, True, "28"])
+def test_loaders_check_size(size) -> None:
+    """A size that is not a positive int names ``size`` (was a RuntimeError or TypeError
+    from ``interpolate``, after the data were read)."""
+    pytest.importorskip("sklearn")
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        load_digits(size)
+    pytest.importorskip("skimage")
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        load_faces(size)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((-3,), "n must be an int >= 0"),
+        ((2.5,), "n must be an int >= 0"),
+        ((10, "0.2"), "test_fraction must be a number in"),
+        ((10, 0.2, 2.5), "seed must be an int"),
+        ((10, 0.2, "1"), "seed must be an int"),
+    ],
+)
+def test_split_indices_checks_argument_types(args, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        split_indices(*args)

@@ -708,3 +708,15 @@ def test_report_names_the_classes_it_could_not_audit(fitted, tmp_path):
         warnings.simplefilter("error", UserWarning)
         page = _small_report(fitted, tmp_path / "all").read_text()
     assert 'id="not-audited"' not in page
+
+
+def test_report_that_fails_keeps_the_earlier_report_in_its_folder_whole(fitted, tmp_path):
+    # a run that fails (here: no requested class is predicted, found after the fit) must
+    # not leave the earlier index.html linking figures it has already deleted
+    out = tmp_path / "rep"
+    first = _small_report(fitted, out, classes=[1])
+    linked = set(re.findall(r'<img src="([^"]+)"', first.read_text()))
+    assert linked
+    with pytest.raises(ValueError, match="classes"):
+        _small_report(fitted, out, classes=[97])
+    assert all((out / name).is_file() for name in linked)
