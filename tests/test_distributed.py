@@ -409,3 +409,30 @@ def test_sessions_are_rebuilt_after_eviction(local_and_sharded, tiny):
     assert all(m["sessions"] == 0 for m in refs.memory())
     assert split_points(300, 3) == [0, 100, 200]
     assert split_points(5, 5) == [0, 1, 2, 3, 4]
+
+
+def test_fit_sharded_refuses_a_model_changed_after_it(tiny, cluster, one_thread):
+    """As a local fit does: the shards hold the old weights' features."""
+    import copy
+
+    model, x = tiny
+    model = copy.deepcopy(model)  # the session's model stays as it is
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def factory():
+        from conftest import TinyCNN
+
+        m = TinyCNN()
+        m.load_state_dict(state)
+        return m.eval()
+
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    fit_sharded(ri, x[:200], factory, n_actors=2, batch_size=64, progress=False)
+    try:
+        ri.interpret(x[200:201], n_boundaries=12)
+        with torch.no_grad():
+            model.head[3].bias.add_(1.0)
+        with pytest.raises(ValueError, match="forward_func: the model's parameters"):
+            ri.interpret(x[200:201], n_boundaries=12)
+    finally:
+        ri.references_.shutdown()

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..attribution import RepresentativeInterpretation
 from ..features import LayerLayout
 from ..layers import warn_nonlinear_head
+from ..model_watch import ModelWatch
 from ..projection import AffineHead, LeadingMap, Projection
 from ..reader import LayerReader
 from .actor import Shard, import_ray
@@ -114,6 +115,7 @@ def attach_shards(
             "interpretations need references of at least two predicted classes"
         )
     ri._references = refs
+    ri._watch = ModelWatch.of(ri.forward_func)  # a model changed after this is refused
     ri._reader = reader or LayerReader(
         ri.forward_func, ri.layer, layout, example.spec, refs.attribute_to_layer_input, ri.head
     )
