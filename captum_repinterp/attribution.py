@@ -194,7 +194,9 @@ class RepresentativeInterpretation(FittedState, LayerAttribution, GradientAttrib
             cut_check,
         )
         self._references = fitted
-        self._watch = ModelWatch.of(self.forward_func)
+        # a store's fit has hashed the weights already (to write or check the store)
+        stored = None if fitted.store is None else fitted.store.meta.get("model")
+        self._watch = ModelWatch.of(self.forward_func, stored)
         self._reader = LayerReader(
             self.forward_func,
             self.layer,

@@ -628,8 +628,7 @@ def audit(
         )
     if not hasattr(ri, "features_") or not hasattr(ri, "layout_"):
         raise NotFittedError("ri is not fitted yet: call ri.fit(reference_images) before audit()")
-    with ri._watching():  # a model changed after fit, refused before any work
-        pass
+    ri._check_model()  # a model changed after fit, refused before any work
     check_grad_mode("audit")
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a tensor, got {type(images).__name__}")

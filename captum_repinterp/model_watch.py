@@ -34,16 +34,18 @@ class ModelWatch:
     """The stamp and the weights' hash (:func:`~captum_repinterp.store.model_fingerprint`)
     of a model, taken at ``fit``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fingerprint: str | None = None) -> None:
         self.model = model
-        self.fingerprint = model_fingerprint(model)
+        # the on-disk store's record of the same weights, when fit just wrote or checked it
+        self.fingerprint = fingerprint or model_fingerprint(model)
         self.stamp = _stamp(model)
 
     @classmethod
-    def of(cls, model: Any) -> ModelWatch | None:
-        """A watch of ``model``, or None when it is not an ``nn.Module`` (a plain
-        function's weights cannot be listed)."""
-        return cls(model) if isinstance(model, nn.Module) else None
+    def of(cls, model: Any, fingerprint: str | None = None) -> ModelWatch | None:
+        """A watch of ``model`` (``fingerprint``: its weights' hash when already known),
+        or None when it is not an ``nn.Module`` (a plain function's weights cannot be
+        listed)."""
+        return cls(model, fingerprint) if isinstance(model, nn.Module) else None
 
     def check(self) -> None:
         """Raise when the weights differ from those at ``fit``.

@@ -760,6 +760,12 @@ class FittedState:
         watch = self.__dict__.get("_watch")
         return contextlib.nullcontext() if watch is None else watch.watching()
 
+    def _check_model(self) -> None:
+        """Refuse a model changed after :meth:`fit` (see :meth:`_watching`)."""
+        watch = self.__dict__.get("_watch")
+        if watch is not None:
+            watch.check()
+
     @property
     def reader_(self) -> LayerReader:
         """Reads the split layer on new inputs (:class:`~captum_repinterp.reader.LayerReader`)."""

@@ -121,3 +121,18 @@ def test_a_model_that_writes_a_buffer_itself_is_not_refused(tiny):
         counting.model.head[3].bias.add_(1.0)
     with pytest.raises(ValueError, match=CHANGED):
         ri.interpret(x[200:201], **NB)
+
+
+def test_a_store_fit_takes_the_stores_hash_and_refuses_a_change(tiny, tmp_path):
+    from captum_repinterp.store import model_fingerprint
+
+    model, x = tiny
+    model = copy.deepcopy(model)
+    ri = RepresentativeInterpretation(model, model.features[-1])
+    ri.fit(x[:200], progress=False, store=tmp_path / "s")
+    assert ri._watch.fingerprint == model_fingerprint(model) == ri.store_.meta["model"]
+    ri.interpret(x[200:201], **NB)
+    with torch.no_grad():
+        model.head[3].bias.add_(1.0)
+    with pytest.raises(ValueError, match=CHANGED):
+        ri.interpret(x[200:201], **NB)
