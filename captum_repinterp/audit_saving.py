@@ -24,6 +24,7 @@ from .saving import (
     _check_save_path,
     _open_npz,
     _reader_of,
+    array_tensor,
     build_interpretation,
     interpretation_arrays,
     read_interpretation,
@@ -138,22 +139,18 @@ def save_audit(result: Any, path: str | os.PathLike) -> None:
     _atomic_savez(Path(path), **arrays)
 
 
-def _tensor(data: Any, name: str) -> torch.Tensor:
-    return torch.from_numpy(data[name].copy())
-
-
 def _read_maps(data: Any, prefix: str, parts: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
     if parts is None:
-        return _tensor(data, prefix)
-    return tuple(_tensor(data, f"{prefix}/{k}") for k in range(int(parts)))
+        return array_tensor(data, prefix)
+    return tuple(array_tensor(data, f"{prefix}/{k}") for k in range(int(parts)))
 
 
 def _read_group(data: Any, prefix: str, parts: Any) -> dict[str, Any]:
     """The tensors of an :class:`~captum_repinterp.auditing.AuditGroup` under ``prefix``."""
     return {
-        "members": _tensor(data, prefix + "members"),
+        "members": array_tensor(data, prefix + "members"),
         "mean_heatmap": _read_maps(data, prefix + "mean_heatmap", parts),
-        "exemplars": _tensor(data, prefix + "exemplars"),
+        "exemplars": array_tensor(data, prefix + "exemplars"),
     }
 
 
@@ -175,8 +172,8 @@ def _read_audit(data: Any, path: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             f"of captum_repinterp reads version {AUDIT_FORMAT_VERSION}"
         )
     arrays: dict[str, Any] = {
-        "features": _tensor(data, "features"),
-        "predictions": _tensor(data, "predictions"),
+        "features": array_tensor(data, "features"),
+        "predictions": array_tensor(data, "predictions"),
         "classes": [],
     }
     for i, ca in enumerate(meta["classes"]):
@@ -200,8 +197,8 @@ def _read_audit(data: Any, path: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             )
         arrays["classes"].append(
             {
-                "indices": _tensor(data, prefix + "indices"),
-                "uncovered": _tensor(data, prefix + "uncovered"),
+                "indices": array_tensor(data, prefix + "indices"),
+                "uncovered": array_tensor(data, prefix + "uncovered"),
                 "regions": regions,
             }
         )
@@ -211,6 +208,13 @@ def _read_audit(data: Any, path: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 #: What reading an audit file that is not what it should be raises (turned into a ValueError
 #: naming ``path``).
 _NOT_OURS = (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
+
+
+def _not_an_audit(path: Any, exc: BaseException) -> ValueError:
+    return ValueError(
+        f"path: {os.fspath(path)!r} is not an audit written by AuditResult.save "
+        f"({type(exc).__name__}: {exc})"
+    )
 
 
 def load_audit(cls: type, path: str | os.PathLike, explainer: Any = None) -> Any:
@@ -234,17 +238,14 @@ def load_audit(cls: type, path: str | os.PathLike, explainer: Any = None) -> Any
     from .interpretation import Interpretation
 
     _check_path(path)
-    _reader_of(explainer)  # a wrong or unfitted explainer, before the file is read
+    reader = _reader_of(explainer)  # a wrong or unfitted explainer, before the file is read
     try:
         with _open_npz(path) as data:
             meta, arrays = _read_audit(data, path)
     except _NOT_OURS as exc:
         if str(exc).startswith("path: "):
             raise
-        raise ValueError(
-            f"path: {os.fspath(path)!r} is not an audit written by AuditResult.save "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+        raise _not_an_audit(path, exc) from exc
     checked = False  # the model is compared once, with the first interpretation's record
     classes = {}
     try:
@@ -258,7 +259,7 @@ def load_audit(cls: type, path: str | os.PathLike, explainer: Any = None) -> Any
                         Interpretation, i_meta, tensors, explainer, check_model=False
                     )
                     if not checked:
-                        _check_same_model(i_meta, _reader_of(explainer))
+                        _check_same_model(i_meta, reader)
                         checked = True
                 regions.append(
                     AuditRegion(
@@ -284,8 +285,5 @@ def load_audit(cls: type, path: str | os.PathLike, explainer: Any = None) -> Any
             )
         seconds = float(meta["seconds"])
     except (KeyError, TypeError) as exc:  # a field of the JSON missing or mistyped
-        raise ValueError(
-            f"path: {os.fspath(path)!r} is not an audit written by AuditResult.save "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+        raise _not_an_audit(path, exc) from exc
     return cls(classes, arrays["features"], arrays["predictions"], seconds)

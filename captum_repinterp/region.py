@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ._captum_compat import TargetType, _format_additional_forward_args
 from ._checks import check_finite_outputs, check_grad_mode
 from .boundaries import sample_and_match
-from .features import caller_stacklevel, eval_mode
+from .features import caller_stacklevel, eval_mode, module_name
 from .heatmap import RegionContext, check_input_dtypes
 from .inputs import check_against_references, format_inputs, slice_args
 from .interpretation import Interpretation
@@ -219,7 +219,7 @@ def check_heatmap_layer(
     if not isinstance(heatmap_layer, nn.Module):
         return
     model = reader.forward_func
-    if isinstance(model, nn.Module) and not any(m is heatmap_layer for m in model.modules()):
+    if isinstance(model, nn.Module) and module_name(model, heatmap_layer) is None:
         raise ValueError("heatmap_layer: the layer is not part of forward_func")
     inputs_t = format_inputs(inputs)
     check_against_references(inputs_t, reader.input_spec, "inputs")

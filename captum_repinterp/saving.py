@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "TENSORS",
+    "array_tensor",
     "build_interpretation",
     "interpretation_arrays",
     "load_interpretation",
@@ -70,9 +71,7 @@ def metadata(region: Interpretation, fingerprint: Any = _COMPUTE) -> dict[str, A
         "attribute_to_layer_input": getattr(region.reader, "attribute_to_layer_input", None),
         # the model's weights and the split layer's name, compared at load (None: unknown)
         "model": model_fingerprint(model) if fingerprint is _COMPUTE else fingerprint,
-        "layer": module_name(
-            getattr(region.reader, "forward_func", None), getattr(region.reader, "layer", None)
-        ),
+        "layer": module_name(model, getattr(region.reader, "layer", None)),
         "heatmap_rule": region.heatmap_rule,
         "combine": region.combine,
         "heatmap_layer": _heatmap_layer_name(region),
@@ -178,6 +177,11 @@ def _open_npz(path: str | os.PathLike) -> Any:
     return data
 
 
+def array_tensor(data: Any, name: str) -> torch.Tensor:
+    """The array ``name`` of an open ``.npz`` archive as a tensor of its own memory."""
+    return torch.from_numpy(data[name].copy())
+
+
 def read_interpretation(data: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
     """The metadata and tensors of the interpretation under ``prefix`` in ``data`` (an
     open ``.npz`` archive), unchecked: :func:`build_interpretation` checks and builds it.
@@ -188,9 +192,9 @@ def read_interpretation(data: Any, prefix: str = "") -> tuple[Any, dict[str, tor
         When an array is missing or the metadata is not JSON.
     """
     meta = json.loads(str(data[prefix + "metadata"]))
-    tensors = {name: torch.from_numpy(data[prefix + name].copy()) for name in TENSORS}
+    tensors = {name: array_tensor(data, prefix + name) for name in TENSORS}
     if prefix + "channel_weights" in data.files:
-        tensors["channel_weights"] = torch.from_numpy(data[prefix + "channel_weights"].copy())
+        tensors["channel_weights"] = array_tensor(data, prefix + "channel_weights")
     return meta, tensors
 
 
